@@ -1,0 +1,4 @@
+# setup.py only wires the cffi build scripts; all metadata lives in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["cffi_build/checksum_build.py:ffibuilder"])

@@ -1,0 +1,119 @@
+"""The single-threaded event loop: one select.epoll, a timer heap, end-of-iteration flush hooks.
+
+Every wake-up runs the ready fd callbacks, then the expired timers, then every flush hook
+(so links write out what the handlers queued in one syscall per iteration, not per packet).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import select
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FdCallback = Callable[[int], None]  # called with the epoll event mask
+Callback = Callable[[], None]
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLET = select.EPOLLET
+
+
+class Timer:
+    """A scheduled callback; `cancel()` makes it a no-op (it stays in the heap until due)."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fds: dict[int, FdCallback] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._flush_hooks: list[Callback] = []
+        self._running = False
+        self.now = time.monotonic()
+
+    # fds
+    def add_fd(self, fd: int, events: int, callback: FdCallback) -> None:
+        self._epoll.register(fd, events)
+        self._fds[fd] = callback
+
+    def modify_fd(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def remove_fd(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # fd already closed: the kernel dropped it from the set
+
+    # timers
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self.call_at(time.monotonic() + delay, callback)
+
+    def call_at(self, when: float, callback: Callback) -> Timer:
+        timer = Timer(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        return timer
+
+    # flush hooks
+    def add_flush_hook(self, callback: Callback) -> None:
+        self._flush_hooks.append(callback)
+
+    def remove_flush_hook(self, callback: Callback) -> None:
+        if callback in self._flush_hooks:
+            self._flush_hooks.remove(callback)
+
+    # running
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            self.run_once()
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        timeout = max_wait
+        if self._timers:
+            timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+        try:
+            events = self._epoll.poll(timeout, 64)
+        except InterruptedError:
+            events = []
+        self.now = time.monotonic()
+        for fd, mask in events:
+            callback = self._fds.get(fd)
+            if callback is not None:
+                callback(mask)
+        self._run_timers()
+        for hook in list(self._flush_hooks):
+            hook()
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
+
+    def close(self) -> None:
+        self._epoll.close()

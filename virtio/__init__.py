@@ -1,0 +1,1 @@
+"""vhost-user device back-end library (virtqueues, guest memory); knows nothing about IP."""
