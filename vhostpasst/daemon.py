@@ -1,0 +1,112 @@
+"""The daemon: wire the configuration, the loop, the guest link and the dispatcher, then run.
+
+Start-up order follows passt: logging, capture file, listening socket, the start-up summary,
+then (unless --foreground) fork so that the parent exits 0 only once the socket is listening
+and the pid file holds the child's pid. SIGTERM and SIGQUIT end the loop and exit with 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from vhostpasst import __version__
+from vhostpasst.conf import Config, summary
+from vhostpasst.dispatch import Dispatcher
+from vhostpasst.link.stream import StreamListener
+from vhostpasst.log import setup_logging
+from vhostpasst.loop import Loop
+from vhostpasst.pcap import PcapWriter
+
+log = logging.getLogger("vhostpasst")
+
+
+class _Terminate(Exception):
+    """Raised from the SIGTERM/SIGQUIT handler to leave the loop at once."""
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    raise _Terminate(signum)
+
+
+def qemu_hint(path: str) -> str:
+    return (
+        "You can now start qemu (>= 7.2, with commit 13c6be96618c):\n"
+        "    kvm ... -device virtio-net-pci,netdev=s "
+        f"-netdev stream,id=s,server=off,addr.type=unix,addr.path={path}"
+    )
+
+
+def _write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def _daemonize(pid_file: str | None) -> None:
+    """Fork: the parent writes the child's pid and exits 0; the child detaches."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        if pid_file:
+            _write_pid(pid_file, pid)
+        os._exit(0)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def run(config: Config) -> int:
+    prog = "pasta" if config.mode == "pasta" else "passt"
+    setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
+                  config.log_file, config.log_size)
+    log.debug("vhostpasst %s starting", __version__)
+    pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
+    loop = Loop()
+    dispatcher = Dispatcher(config)
+    exit_status = 0
+
+    def on_exit() -> None:
+        loop.stop()
+
+    try:
+        if config.fd is not None:
+            listener = StreamListener.from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
+                                              on_exit=on_exit)
+        else:
+            listener = StreamListener(loop, config.socket_path, dispatcher.on_frames, pcap=pcap,
+                                      one_off=config.one_off, on_exit=on_exit)
+    except OSError as e:
+        log.error("cannot set up the guest link: %s", e)
+        return 1
+    dispatcher.link = listener
+
+    if not config.quiet:
+        for line in summary(config):
+            log.info("%s", line)
+        if config.fd is None:
+            log.info("%s", qemu_hint(listener.path))
+    if not config.foreground:
+        _daemonize(config.pid_file)
+    elif config.pid_file:
+        _write_pid(config.pid_file, os.getpid())
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGQUIT, _on_signal)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        loop.run()
+    except _Terminate as e:
+        log.info("exiting on signal %d", e.args[0])
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    finally:
+        listener.close()
+        if pcap is not None:
+            pcap.close()
+        loop.close()
+    return exit_status
