@@ -105,3 +105,15 @@ class Config:
     no_splice: bool = False
     target_pid: int | None = None
     command: tuple[str, ...] = ()
+
+
+class ConfigError(Exception):
+    """A bad option value or a configuration the host cannot satisfy.
+
+    `option` names what the user typed (e.g. "--mtu"), so the message can point at it.
+    """
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"{option}: {reason}")
+        self.option = option
+        self.reason = reason
