@@ -1,0 +1,7 @@
+"""`python -m vhostpasst`: the passt personality (the name "__main__" picks no mode)."""
+
+import sys
+
+from vhostpasst.cli import main
+
+sys.exit(main())
