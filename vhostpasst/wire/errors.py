@@ -20,6 +20,8 @@ def as_view(buf: Buffer) -> memoryview:
     """
     try:
         view = memoryview(buf)
+        if not view.c_contiguous:
+            raise Malformed("not a contiguous byte buffer")
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
     except (TypeError, ValueError) as e:
