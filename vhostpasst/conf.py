@@ -7,11 +7,13 @@ protocols read only `Config`. Every field has a default so tests can build one d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+import socket
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vhostpasst.cli import Options
     from vhostpasst.fwd import PortForwards
 
 DEFAULT_MAC = bytes.fromhex("9a559a559a55")
@@ -31,6 +33,8 @@ class Ip4Conf:
     map_guest_addr: IPv4Address | None = None  # guest -> this address reaches the host's addr
     outbound: IPv4Address | None = None  # -o: bind outbound sockets to this source
     outbound_if: str | None = None  # --outbound-if4
+    ifname: str | None = None  # template interface for IPv4 (None in local mode)
+    ifindex: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class Ip6Conf:
     map_guest_addr: IPv6Address | None = None
     outbound: IPv6Address | None = None
     outbound_if: str | None = None
+    ifname: str | None = None  # template interface for IPv6 (None in local mode)
+    ifindex: int = 0
+    addr_ll: IPv6Address | None = None  # the host's link-local address on it
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class Config:
     no_splice: bool = False
     target_pid: int | None = None
     command: tuple[str, ...] = ()
+    no_copy_routes: bool = False  # pasta, deprecated
+    no_copy_addrs: bool = False  # pasta, deprecated
+    host_lo_to_ns_lo: bool = False  # pasta, deprecated
 
 
 class ConfigError(Exception):
@@ -117,3 +127,553 @@ class ConfigError(Exception):
         super().__init__(f"{option}: {reason}")
         self.option = option
         self.reason = reason
+
+
+# -- host detection (netlink) -----------------------------------------------------------------
+#
+# Everything below the dataclasses is how `build_config()` fills them: the template interface
+# per family, its address, prefix and default gateway, then DNS from resolv.conf, then the
+# defaults that depend on what was found (DHCP off without a gateway, map-host-loopback =
+# gateway, local mode when nothing routes at all).
+
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+IFF_LOOPBACK = 0x8
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+
+LOCAL_ADDR4 = IPv4Address("169.254.2.1")
+LOCAL_GW4 = IPv4Address("169.254.2.2")
+LOCAL_PREFIX4 = 16
+LOCAL_LL6 = IPv6Address("fe80::1")
+MAXNS = 3  # nameservers per family taken from resolv.conf
+MAX_SEARCH = 5  # domains taken from the first search line
+RESOLV_CONF = "/etc/resolv.conf"
+
+IPAddr = IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True)
+class HostFamily:
+    """What the host has for one address family on its template interface."""
+
+    ifindex: int
+    ifname: str
+    addr: IPAddr | None = None  # IPv4: longest prefix; IPv6: global scope, longest prefix
+    prefix_len: int = 0
+    gateway: IPAddr | None = None  # default route via this interface (best multipath hop)
+    link_local: IPv6Address | None = None  # IPv6 only
+    # every (address, prefix length) of the family there, so -a can find its prefix
+    addrs: tuple[tuple[IPAddr, int], ...] = ()
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def _is_ll_dst(dst: str | None, dst_len: int) -> bool:
+    if dst is None or dst_len == 0:
+        return False
+    net = ip_network(f"{dst}/{dst_len}", strict=False)
+    return net.is_link_local
+
+
+def _best_hop(route: Any, ifindex: int | None = None) -> tuple[int, str | None] | None:
+    """(oif, gateway) of a route; for multipath, the nexthop with the most weight ("hops")."""
+    hops = _attr(route, "RTA_MULTIPATH")
+    if not hops:
+        oif = _attr(route, "RTA_OIF")
+        if oif is None or (ifindex is not None and oif != ifindex):
+            return None
+        return oif, _attr(route, "RTA_GATEWAY")
+    best: tuple[int, str | None] | None = None
+    best_weight = -1
+    for nh in hops:
+        oif = nh.get("oif")
+        if ifindex is not None and oif != ifindex:
+            continue
+        if nh.get("hops", 0) > best_weight:  # ties: the first one listed
+            best_weight = nh.get("hops", 0)
+            best = (oif, nh.get_attr("RTA_GATEWAY"))
+    return best
+
+
+class HostNetlink:
+    """The few netlink queries host detection needs, on one IPRoute socket."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute  # imported here: `--help` must not need netlink
+
+        self.ipr = IPRoute()
+        self.links = {ln["index"]: ln for ln in self.ipr.get_links()}
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def __enter__(self) -> HostNetlink:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def ifindex(self, name: str) -> int | None:
+        for index, link in self.links.items():
+            if link.get_attr("IFLA_IFNAME") == name:
+                return index
+        return None
+
+    def ifname(self, index: int) -> str:
+        link = self.links.get(index)
+        return str(link.get_attr("IFLA_IFNAME")) if link is not None else f"if{index}"
+
+    def _loopback(self, index: int) -> bool:
+        link = self.links.get(index)
+        return link is not None and bool(link["flags"] & IFF_LOOPBACK)
+
+    def routes(self, family: int) -> list[Any]:
+        """Main-table unicast routes, minus link-local destinations and loopback devices."""
+        out = []
+        for r in self.ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if r["type"] != RTN_UNICAST or _attr(r, "RTA_TABLE") not in (None, RT_TABLE_MAIN):
+                continue
+            if _is_ll_dst(_attr(r, "RTA_DST"), r["dst_len"]):
+                continue
+            hop = _best_hop(r)
+            if hop is None or self._loopback(hop[0]):
+                continue
+            out.append(r)
+        return out
+
+    def template(self, family: int) -> int | None:
+        """The first default route's interface, else the first interface with any route."""
+        routes = self.routes(family)
+        for r in routes:
+            if r["dst_len"] == 0:
+                hop = _best_hop(r)
+                assert hop is not None
+                return hop[0]
+        if routes:
+            hop = _best_hop(routes[0])
+            assert hop is not None
+            return hop[0]
+        return None
+
+    def has_route(self, family: int, ifindex: int) -> bool:
+        return any(_best_hop(r, ifindex) is not None for r in self.routes(family))
+
+    def gateway(self, family: int, ifindex: int) -> IPAddr | None:
+        for r in self.routes(family):
+            if r["dst_len"] != 0:
+                continue
+            hop = _best_hop(r, ifindex)
+            if hop is not None and hop[1]:
+                return ip_address(hop[1])
+        return None
+
+    def family(self, family: int, ifindex: int) -> HostFamily:
+        best: tuple[int, IPAddr] | None = None
+        link_local: IPv6Address | None = None
+        addrs: list[tuple[IPAddr, int]] = []
+        # usable (not tentative/deprecated/failed) addresses first, so they win ties
+        msgs = sorted(
+            self.ipr.get_addr(family=family, index=ifindex),
+            key=lambda m: bool(_addr_flags(m) & (IFA_F_DEPRECATED | IFA_F_TENTATIVE)),
+        )
+        for m in msgs:
+            flags = _addr_flags(m)
+            if flags & IFA_F_DADFAILED:
+                continue
+            text = _attr(m, "IFA_LOCAL") or _attr(m, "IFA_ADDRESS")
+            if text is None:
+                continue
+            addr = ip_address(text)
+            plen = m["prefixlen"]
+            if isinstance(addr, IPv6Address):
+                if m["scope"] == RT_SCOPE_LINK:
+                    link_local = link_local or addr
+                    continue
+                if m["scope"] != RT_SCOPE_UNIVERSE:
+                    continue
+            addrs.append((addr, plen))
+            if best is None or plen > best[0]:
+                best = (plen, addr)
+        return HostFamily(
+            ifindex=ifindex,
+            ifname=self.ifname(ifindex),
+            addr=best[1] if best else None,
+            prefix_len=best[0] if best else 0,
+            gateway=self.gateway(family, ifindex),
+            link_local=link_local,
+            addrs=tuple(addrs),
+        )
+
+
+def _addr_flags(msg: Any) -> int:
+    flags = _attr(msg, "IFA_FLAGS")
+    return int(flags if flags is not None else msg["flags"])
+
+
+def _classful_prefix(addr: IPv4Address) -> int:
+    first = int(addr) >> 24
+    if first < 128:
+        return 8
+    if first < 192:
+        return 16
+    return 24
+
+
+# -- resolv.conf --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvConf:
+    nameservers: tuple[IPAddr, ...] = ()
+    search: tuple[str, ...] = ()
+
+
+def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
+    """`nameserver X[%if]` lines and the first `search` line; unreadable means empty."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ResolvConf()
+    servers: list[IPAddr] = []
+    search: tuple[str, ...] | None = None
+    for line in lines:
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) < 2:
+            continue
+        if words[0] == "nameserver":
+            try:
+                addr = ip_address(words[1].split("%", 1)[0])  # the scope is not ours to pass
+            except ValueError:
+                continue
+            if addr not in servers:
+                servers.append(addr)
+        elif words[0] == "search" and search is None:
+            search = tuple(words[1 : 1 + MAX_SEARCH])
+    return ResolvConf(tuple(servers), search or ())
+
+
+@dataclass(frozen=True)
+class _Dns:
+    advertised: tuple[IPAddr, ...] = ()
+    match: IPAddr | None = None
+    host: IPAddr | None = None
+
+
+def _dns_family(
+    servers: list[IPAddr], map_host_loopback: IPAddr | None, dns_forward: IPAddr | None,
+    dns_host: IPAddr | None,
+) -> _Dns:
+    """What the guest is told, and the dns_match -> dns_host redirect, for one family.
+
+    A loopback nameserver (say systemd-resolved's 127.0.0.53) is unreachable from the guest:
+    the guest is told the map-host-loopback address instead, and queries to that address are
+    redirected to the loopback nameserver itself (not to 127.0.0.1, which mapping alone gives).
+    """
+    advertised: list[IPAddr] = []
+    match = dns_forward
+    first: IPAddr | None = None
+    first_loopback: IPAddr | None = None
+    for ns in servers:
+        if len(advertised) >= MAXNS:
+            break
+        if ns.is_loopback:
+            if map_host_loopback is None:
+                continue  # nothing the guest could reach it through
+            first_loopback = first_loopback or ns
+            match = match or map_host_loopback
+            shown = map_host_loopback
+        else:
+            first = first or ns
+            shown = ns
+        if shown not in advertised:
+            advertised.append(shown)
+    return _Dns(tuple(advertised), match, dns_host or first_loopback or first)
+
+
+# -- build_config -------------------------------------------------------------------------------
+
+
+def _pick_template(
+    nl: HostNetlink, family: int, opts: Options, out_if: str | None, out_flag: str
+) -> tuple[int | None, bool]:
+    """(ifindex, explicit): -i, else --outbound-if4/6, else what the routes say."""
+    for name, flag in ((opts.ifname, "--interface"), (out_if, out_flag)):
+        if name:
+            index = nl.ifindex(name)
+            if index is None:
+                raise ConfigError(flag, f"no such interface '{name}'")
+            return index, True
+    return nl.template(family), False
+
+
+def build_config(
+    opts: Options, *, resolv_conf: str = RESOLV_CONF, netlink: HostNetlink | None = None
+) -> Config:
+    """Options plus what the host says, as passt's first parsing pass leaves them."""
+    from vhostpasst import fwd  # fwd imports this module: import at call time
+
+    pasta = opts.mode == "pasta"
+    want4 = not opts.ipv6_only
+    want6 = not opts.ipv4_only
+    nl = netlink or HostNetlink()
+    try:
+        host4: HostFamily | None = None
+        host6: HostFamily | None = None
+        explicit = False
+        if want4:
+            idx, explicit4 = _pick_template(
+                nl, socket.AF_INET, opts, opts.outbound_if4, "--outbound-if4"
+            )
+            explicit |= explicit4
+            if idx is not None and (explicit4 or nl.has_route(socket.AF_INET, idx)):
+                host4 = nl.family(socket.AF_INET, idx)
+                if host4.addr is None and opts.addr4 is None:
+                    host4 = None  # nothing to give the guest
+        if want6:
+            idx, explicit6 = _pick_template(
+                nl, socket.AF_INET6, opts, opts.outbound_if6, "--outbound-if6"
+            )
+            explicit |= explicit6
+            if idx is not None and (explicit6 or nl.has_route(socket.AF_INET6, idx)):
+                host6 = nl.family(socket.AF_INET6, idx)
+                if host6.addr is None and host6.link_local is None and opts.addr6 is None:
+                    host6 = None
+    finally:
+        if netlink is None:
+            nl.close()
+
+    local_mode = host4 is None and host6 is None
+    if local_mode and explicit:
+        name = opts.ifname or opts.outbound_if4 or opts.outbound_if6
+        raise ConfigError(
+            "--interface" if opts.ifname else "--outbound-if4/6",
+            f"'{name}' has no usable IPv4 or IPv6 address",
+        )
+
+    ip4: Ip4Conf | None = None
+    if want4 and (host4 is not None or local_mode):
+        ip4 = _ip4_conf(opts, host4)
+    ip6: Ip6Conf | None = None
+    if want6 and (host6 is not None or local_mode):
+        ip6 = _ip6_conf(opts, host6)
+
+    need_servers = not opts.dns_none
+    need_search = not opts.search and not opts.search_none
+    rc = read_resolv_conf(resolv_conf) if need_servers or need_search else ResolvConf()
+    search = rc.search if need_search else tuple(opts.search)
+    if opts.dns_none:  # no DNS at all, not even the redirect
+        ip4 = replace(ip4, dns=(), dns_match=None, dns_host=None) if ip4 else None
+        ip6 = replace(ip6, dns=(), dns_match=None, dns_host=None) if ip6 else None
+    else:
+        ip4, ip6 = _apply_dns(opts, ip4, ip6, rc)
+
+    template = host4 or host6
+    default_fwd = fwd.AUTO if pasta else fwd.NONE
+    return Config(
+        mode=opts.mode,
+        vhost_user=opts.vhost_user,
+        foreground=opts.foreground or bool(pasta and opts.command),
+        debug=opts.debug or opts.trace,
+        trace=opts.trace,
+        quiet=opts.quiet,
+        log_file=opts.log_file,
+        log_size=opts.log_size if opts.log_size is not None else Config.log_size,
+        pid_file=opts.pid_file,
+        pcap_file=opts.pcap_file,
+        runas=opts.runas,
+        socket_path=opts.socket_path,
+        fd=opts.fd,
+        one_off=opts.one_off or opts.fd is not None,
+        mtu=opts.mtu if opts.mtu is not None else DEFAULT_MTU,
+        our_mac=opts.mac or DEFAULT_MAC,
+        ifname=template.ifname if template else None,
+        ifindex=template.ifindex if template else 0,
+        local_mode=local_mode,
+        ip4=ip4,
+        ip6=ip6,
+        search=search,
+        hostname=opts.hostname,
+        fqdn=opts.fqdn,
+        no_dhcp=opts.no_dhcp or ip4 is None or ip4.gateway is None,
+        no_ndp=opts.no_ndp or ip6 is None,
+        no_dhcpv6=opts.no_dhcpv6 or ip6 is None or ip6.addr is None,
+        no_ra=opts.no_ra or ip6 is None or (pasta and opts.config_net),
+        no_tcp=opts.no_tcp,
+        no_udp=opts.no_udp,
+        no_icmp=opts.no_icmp,
+        # pasta does not advertise DNS unless asked to; passt does unless told not to
+        no_dhcp_dns=(not opts.dhcp_dns) if pasta else opts.no_dhcp_dns,
+        no_dhcp_search=(not opts.dhcp_search) if pasta else opts.no_dhcp_search,
+        no_map_gw=opts.no_map_gw,
+        freebind=opts.freebind,
+        tcp_in=opts.tcp_in or default_fwd,
+        udp_in=opts.udp_in or default_fwd,
+        tcp_out=(opts.tcp_out or fwd.AUTO) if pasta else None,
+        udp_out=(opts.udp_out or fwd.AUTO) if pasta else None,
+        ns_ifname=(opts.ns_ifname or (template.ifname if template else "tap0")) if pasta else None,
+        ns_mac=opts.ns_mac,
+        config_net=opts.config_net,
+        netns=opts.netns,
+        userns=opts.userns,
+        netns_only=opts.netns_only,
+        no_netns_quit=opts.no_netns_quit,
+        no_splice=opts.no_splice,
+        target_pid=opts.target_pid,
+        command=opts.command,
+        no_copy_routes=opts.no_copy_routes,
+        no_copy_addrs=opts.no_copy_addrs,
+        host_lo_to_ns_lo=opts.host_lo_to_ns_lo,
+    )
+
+
+def _ip4_conf(opts: Options, host: HostFamily | None) -> Ip4Conf:
+    if host is None:  # local mode
+        addr, prefix, gateway = LOCAL_ADDR4, LOCAL_PREFIX4, LOCAL_GW4
+    else:
+        addr = host.addr
+        prefix = host.prefix_len
+        gateway = host.gateway
+    if opts.addr4 is not None:
+        # the prefix of the host address -a names, if it is one, else classful
+        known = dict(host.addrs) if host is not None else {}
+        prefix = known.get(opts.addr4, _classful_prefix(opts.addr4))
+        addr = opts.addr4
+    if opts.prefix_len4 is not None:
+        prefix = opts.prefix_len4
+    gateway = opts.gateway4 or gateway
+    assert gateway is None or isinstance(gateway, IPv4Address)
+    assert addr is None or isinstance(addr, IPv4Address)
+    mhl: IPv4Address | None = opts.map_host_loopback4
+    if mhl is None and not opts.no_map_gw and not opts.map_host_loopback_none:
+        mhl = gateway
+    return Ip4Conf(
+        addr=addr,
+        prefix_len=prefix,
+        gateway=gateway,
+        our_tap_addr=gateway,
+        map_host_loopback=mhl,
+        map_guest_addr=opts.map_guest_addr4,
+        outbound=opts.outbound4,
+        outbound_if=opts.outbound_if4,
+        ifname=host.ifname if host else None,
+        ifindex=host.ifindex if host else 0,
+    )
+
+
+def _ip6_conf(opts: Options, host: HostFamily | None) -> Ip6Conf:
+    addr = opts.addr6 or (host.addr if host else None)
+    assert addr is None or isinstance(addr, IPv6Address)
+    gateway = opts.gateway6 or (host.gateway if host else LOCAL_LL6)
+    assert gateway is None or isinstance(gateway, IPv6Address)
+    if gateway is not None and gateway.is_link_local:
+        our_ll = gateway  # the guest's router answers from the address it expects
+    elif host is not None and host.link_local is not None:
+        our_ll = host.link_local
+    else:
+        our_ll = LOCAL_LL6
+    mhl: IPv6Address | None = opts.map_host_loopback6
+    if mhl is None and not opts.no_map_gw and not opts.map_host_loopback_none:
+        mhl = gateway
+    return Ip6Conf(
+        addr=addr,
+        prefix_len=opts.prefix_len6 if opts.prefix_len6 is not None else 64,
+        gateway=gateway,
+        our_tap_ll=our_ll,
+        map_host_loopback=mhl,
+        map_guest_addr=opts.map_guest_addr6,
+        outbound=opts.outbound6,
+        outbound_if=opts.outbound_if6,
+        ifname=host.ifname if host else None,
+        ifindex=host.ifindex if host else 0,
+        addr_ll=host.link_local if host else None,
+    )
+
+
+def _apply_dns(
+    opts: Options, ip4: Ip4Conf | None, ip6: Ip6Conf | None, rc: ResolvConf
+) -> tuple[Ip4Conf | None, Ip6Conf | None]:
+    """Per family: -D servers verbatim if any were given for it, else resolv.conf's."""
+    if ip4 is not None:
+        d = _dns_family(
+            [a for a in rc.nameservers if isinstance(a, IPv4Address)],
+            ip4.map_host_loopback, opts.dns_forward4, opts.dns_host4,
+        )
+        given4 = tuple(a for a in opts.dns if isinstance(a, IPv4Address))
+        if given4:
+            d = _Dns(given4, opts.dns_forward4, d.host)
+        ip4 = replace(ip4, dns=d.advertised, dns_match=d.match, dns_host=d.host)
+    if ip6 is not None:
+        d = _dns_family(
+            [a for a in rc.nameservers if isinstance(a, IPv6Address)],
+            ip6.map_host_loopback, opts.dns_forward6, opts.dns_host6,
+        )
+        given6 = tuple(a for a in opts.dns if isinstance(a, IPv6Address))
+        if given6:
+            d = _Dns(given6, opts.dns_forward6, d.host)
+        ip6 = replace(ip6, dns=d.advertised, dns_match=d.match, dns_host=d.host)
+    return ip4, ip6
+
+
+# -- start-up summary ---------------------------------------------------------------------------
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def _mask_text(prefix_len: int) -> str:
+    return str(IPv4Address((0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF))
+
+
+def summary(config: Config) -> list[str]:
+    """The lines passt logs at start: what the guest will be told, per service."""
+    lines: list[str] = []
+    ip4, ip6 = config.ip4, config.ip6
+    fams = ((ip4, "IPv4"), (ip6, "IPv6"))
+    if config.local_mode:
+        lines.append("No routable interface: local mode")
+    else:
+        parts = [f"{c.ifname} ({fam})" for c, fam in fams if c and c.ifname]
+        lines.append("Template interface: " + ", ".join(parts))
+    outs = [f"{c.outbound_if} ({fam})" for c, fam in fams if c and c.outbound_if]
+    if outs:
+        lines.append("Outbound interface: " + ", ".join(outs))
+    if config.mode == "pasta" and config.ns_ifname:
+        lines.append(f"Namespace interface: {config.ns_ifname}")
+    lines += ["MAC:", f"    host: {_mac_text(config.our_mac)}"]
+    search_shown = False
+
+    def dns_lines(servers: tuple[IPAddr, ...]) -> None:
+        nonlocal search_shown
+        if servers and not config.no_dhcp_dns:
+            lines.append("DNS:")
+            lines.extend(f"    {a}" for a in servers)
+        if config.search and not config.no_dhcp_search and not search_shown:
+            lines.append("DNS search list:")
+            lines.extend(f"    {d}" for d in config.search)
+            search_shown = True
+
+    if ip4 is not None and not config.no_dhcp and ip4.addr is not None:
+        lines += ["DHCP:", f"    assign: {ip4.addr}", f"    mask: {_mask_text(ip4.prefix_len)}"]
+        lines.append(f"    router: {ip4.gateway}")
+        if ip4.map_host_loopback is not None:
+            lines.append(f"    NAT to host 127.0.0.1: {ip4.map_host_loopback}")
+        dns_lines(ip4.dns)
+    if ip6 is not None and (not config.no_ndp or not config.no_dhcpv6):
+        lines.append("NDP/DHCPv6:")
+        if ip6.addr is not None:
+            lines.append(f"    assign: {ip6.addr}")
+        if ip6.gateway is not None:
+            lines.append(f"    router: {ip6.gateway}")
+        lines.append(f"    our link-local: {ip6.our_tap_ll}")
+        if ip6.map_host_loopback is not None:
+            lines.append(f"    NAT to host ::1: {ip6.map_host_loopback}")
+        dns_lines(ip6.dns)
+    return lines
