@@ -441,10 +441,13 @@ def build_config(
                 nl, socket.AF_INET6, opts, opts.outbound_if6, "--outbound-if6"
             )
             explicit |= explicit6
-            if idx is not None and (explicit6 or nl.has_route(socket.AF_INET6, idx)):
+            routed = idx is not None and nl.has_route(socket.AF_INET6, idx)
+            if idx is not None and (explicit6 or routed):
                 host6 = nl.family(socket.AF_INET6, idx)
-                if host6.addr is None and host6.link_local is None and opts.addr6 is None:
-                    host6 = None
+                # link-local alone is enough only where a route says IPv6 is in use
+                if host6.addr is None and opts.addr6 is None:
+                    if not (routed and host6.link_local is not None):
+                        host6 = None
     finally:
         if netlink is None:
             nl.close()
