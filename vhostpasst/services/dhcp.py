@@ -259,7 +259,8 @@ def _static_options(config: Config) -> dict[int, bytes]:
         opts[OPT_CLASSLESS_ROUTES] = (_route(32, gw, IPv4Address(0))
                                       + _route(0, IPv4Address(0), gw))
     if config.hostname:
-        opts[OPT_HOSTNAME] = config.hostname.encode()[:255]
+        # "replace": a name from argv may hold lone surrogates; never fail on it
+        opts[OPT_HOSTNAME] = config.hostname.encode("utf-8", "replace")[:255]
     if config.fqdn:
         name = _dns_name(config.fqdn)
         if name is not None:
