@@ -81,6 +81,10 @@ _DEFAULT_ORDER = (OPT_NETMASK, OPT_ROUTER, OPT_LEASE, OPT_SERVER_ID, OPT_MTU, OP
                   OPT_SEARCH, OPT_CLASSLESS_ROUTES, OPT_HOSTNAME, OPT_FQDN, OPT_RAPID_COMMIT)
 
 
+class _Ignored(Exception):
+    """A well-formed request we do not answer (the message says why)."""
+
+
 class DhcpServer:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -96,49 +100,50 @@ class DhcpServer:
 
     def handle(self, frame: Buffer) -> bytes | None:
         """The reply frame for the DHCP request in `frame`, or None (see `last_error`)."""
-        self.last_error = None
         try:
-            return self._handle(as_view(frame))
+            reply = self._handle(as_view(frame))
+            self.last_error = None
+            return reply
+        except _Ignored as e:
+            reason = str(e)
         except Malformed as e:
-            return self._drop(f"malformed request: {e}")
+            reason = f"malformed request: {e}"
         except Exception as e:  # never let guest input raise; keep the cause for debugging
             log.debug("DHCP: unexpected error", exc_info=True)
-            return self._drop(f"internal error: {e!r}")
-
-    def _drop(self, reason: str) -> None:
+            reason = f"internal error: {e!r}"
         self.last_error = reason
         log.debug("DHCP: request dropped: %s", reason)
         return None
 
-    def _handle(self, frame: memoryview) -> bytes | None:
+    def _handle(self, frame: memoryview) -> bytes:
         ip4 = self.config.ip4
         if self.config.no_dhcp or ip4 is None or ip4.addr is None:
-            return self._drop("DHCP disabled or no IPv4 address to give")
+            raise _Ignored("DHCP disabled or no IPv4 address to give")
         if self._server is None:
-            return self._drop("no server address (neither our_tap_addr nor gateway)")
+            raise _Ignored("no server address (neither our_tap_addr nor gateway)")
         eth = parse_eth(frame)
         if eth.ethertype != ETH_P_IP:
-            return self._drop("not IPv4")
+            raise _Ignored("not IPv4")
         packet = parse_ipv4(eth.payload)
         if packet.is_fragment:
-            return self._drop("fragmented request")
+            raise _Ignored("fragmented request")
         if packet.proto != IPPROTO_UDP:
-            return self._drop("not UDP")
+            raise _Ignored("not UDP")
         datagram = parse_udp(packet.payload)
         if datagram.dport != SERVER_PORT:
-            return self._drop(f"UDP port {datagram.dport}, not {SERVER_PORT}")
+            raise _Ignored(f"UDP port {datagram.dport}, not {SERVER_PORT}")
         msg = datagram.payload
         if len(msg) < _OPTS_OFFSET:
             raise Malformed(f"BOOTP message of {len(msg)} bytes, need {_OPTS_OFFSET}")
         (op, htype, hlen, _hops, xid, _secs, flags, ciaddr, _yiaddr, _siaddr, giaddr, chaddr,
          _sname, _file, cookie) = _BOOTP.unpack_from(msg)
         if op != BOOTREQUEST:
-            return self._drop(f"BOOTP op {op} is not BOOTREQUEST")
+            raise _Ignored(f"BOOTP op {op} is not BOOTREQUEST")
         if cookie != MAGIC_COOKIE:
-            return self._drop(f"bad magic cookie 0x{cookie:08x}")
+            raise _Ignored(f"bad magic cookie 0x{cookie:08x}")
         opts = parse_options(msg[_OPTS_OFFSET:])
         if OPT_OVERLOAD in opts:  # options in sname/file: we never need them, don't guess
-            return self._drop("option overload (52) not supported")
+            raise _Ignored("option overload (52) not supported")
 
         mtype = opts.get(OPT_MSG_TYPE)
         rapid = False
@@ -153,7 +158,7 @@ class DhcpServer:
             elif mtype[0] == DHCPREQUEST:
                 reply_type = DHCPACK
             else:
-                return self._drop(f"message type {mtype[0]} ignored")
+                raise _Ignored(f"message type {mtype[0]} ignored")
 
         options = dict(self._static)
         if rapid:
