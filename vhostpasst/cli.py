@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -277,7 +278,8 @@ def _ip(option: str, text: str) -> IPAddr:
 
 
 def _is_v4_compat(addr: IPAddr) -> bool:
-    return isinstance(addr, IPv6Address) and int(addr) >> 32 == 0
+    # ::a.b.c.d (deprecated); :: and ::1 are not
+    return isinstance(addr, IPv6Address) and int(addr) >> 32 == 0 and int(addr) > 1
 
 
 def _unicast(option: str, text: str, *, loopback: bool = False) -> IPAddr:
@@ -374,15 +376,18 @@ def _lookup_long(name: str) -> _Opt:
     raise ConfigError(f"--{name}", f"ambiguous option (could be {choices})")
 
 
-def _getopt(argv: list[str], mode: str) -> tuple[list[tuple[_Opt, str | None]], list[str]]:
-    """Split argv into (option, value) pairs and the remaining operands."""
-    out: list[tuple[_Opt, str | None]] = []
+def _getopt(argv: list[str], mode: str, rest: list[str]) -> Iterator[tuple[_Opt, str | None]]:
+    """Yield (option, value) pairs in order; the operands left over go into `rest`.
+
+    A generator, so that an option acting at once (--help) stops before later errors.
+    """
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg == "--":
-            return out, argv[i:]
+            rest.extend(argv[i:])
+            return
         if arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
             opt = _lookup_long(name)
@@ -393,10 +398,11 @@ def _getopt(argv: list[str], mode: str) -> tuple[list[tuple[_Opt, str | None]], 
                 i += 1
             elif not opt.arg and eq:
                 raise ConfigError(_flag(opt), "option does not take an argument")
-            out.append((opt, value if opt.arg else None))
+            yield opt, (value if opt.arg else None)
             continue
         if not arg.startswith("-") or arg == "-":
-            return out, argv[i - 1 :]  # "+": stop at the first operand
+            rest.extend(argv[i - 1 :])  # "+": stop at the first operand
+            return
         pos = 1
         while pos < len(arg):
             ch = arg[pos]
@@ -408,17 +414,16 @@ def _getopt(argv: list[str], mode: str) -> tuple[list[tuple[_Opt, str | None]], 
                     raise ConfigError(f"-{ch}", f"only valid in {other} mode")
                 raise ConfigError(f"-{ch}", "invalid option")
             if not short.arg:
-                out.append((short, None))
+                yield short, None
                 continue
             if pos < len(arg):
-                out.append((short, arg[pos:]))
+                yield short, arg[pos:]
             elif i < len(argv):
-                out.append((short, argv[i]))
                 i += 1
+                yield short, argv[i - 1]
             else:
                 raise ConfigError(f"-{ch}", "option requires an argument")
             break
-    return out, []
 
 
 # -- option handlers -----------------------------------------------------------------------
@@ -709,8 +714,8 @@ def parse_args(argv: list[str], mode: str) -> Options:
     if mode not in BOTH:
         raise ValueError(f"mode must be 'passt' or 'pasta', not {mode!r}")
     parser = _Parser(mode)
-    pairs, rest = _getopt(argv, mode)
-    for opt, value in pairs:
+    rest: list[str] = []
+    for opt, value in _getopt(argv, mode, rest):
         if not parser.handle(opt, value):
             return parser.o
     parser.operands(rest)
