@@ -238,6 +238,35 @@ def test_echo_from_inside_the_handler(h: Harness, listener: StreamListener) -> N
     c.close()
 
 
+def test_pcap_on_disk_after_each_iteration(h: Harness, tmp_path: Path) -> None:
+    pcap = PcapWriter(str(tmp_path / "s.pcap"), flush_every=1000)  # no loop of its own
+    lst = StreamListener(h.loop, str(tmp_path / "s"), h.on_frames, pcap=pcap)
+    c = attached(h, lst)
+    c.sendall(framed(frame(1, 64)))
+    h.run_until(lambda: h.frames)
+    lst.send(frame(2, 70))
+    h.loop.run_once(0.0)
+    assert recv_frames(c, 1) == [frame(2, 70)]
+    assert (tmp_path / "s.pcap").stat().st_size == 24 + 16 + 64 + 16 + 70
+    c.close()
+    lst.close()
+    pcap.close()
+
+
+def test_listener_is_a_link_too(h: Harness, listener: StreamListener) -> None:
+    assert not listener.connected
+    assert not listener.send(frame(1))
+    c = attached(h, listener)
+    assert listener.connected
+    bufs = listener.rx_buffers(2)
+    bufs[0][:60] = frame(2)
+    listener.commit([60])
+    assert listener.send(frame(3))
+    listener.flush()
+    assert recv_frames(c, 2) == [frame(2), frame(3)]
+    c.close()
+
+
 def test_send_without_client(h: Harness, listener: StreamListener) -> None:
     assert not listener.link.connected
     assert not listener.link.send(frame(1))
@@ -472,9 +501,18 @@ def test_from_fd(h: Harness) -> None:
     link.close()
 
 
+def test_from_fd_static_method(h: Harness) -> None:
+    a, b = socket.socketpair()
+    link = StreamListener.from_fd(h.loop, a.detach(), h.on_frames, on_exit=h.on_exit)
+    assert isinstance(link, StreamLink) and link.connected
+    b.close()
+    h.run_until(lambda: h.exits == 1)
+    link.close()
+
+
 def test_from_fd_rejects_datagram_socket(h: Harness) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with pytest.raises(StreamSetupError):
+    with pytest.raises(OSError):  # StreamSetupError is an OSError
         stream_link_from_fd(h.loop, a.fileno(), h.on_frames)
     a.close()
     b.close()

@@ -117,15 +117,16 @@ def test_tx_one_write_per_frame(pair: tuple[Harness, TapLink, socket.socket]) ->
 def test_pcap_both_directions(tmp_path: Path) -> None:
     h = Harness()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pcap = PcapWriter(str(tmp_path / "tap.pcap"))
+    pcap = PcapWriter(str(tmp_path / "tap.pcap"), flush_every=1000)  # no loop of its own
     link = TapLink(h.loop, a.detach(), h.on_frames, pcap=pcap)
     b.send(frame(1, 64))
     h.run_until(lambda: h.frames)
     link.send(frame(2, 70))
     h.loop.run_once(0.0)
-    pcap.close()
     assert pcap.frames == 2
+    # the link's flush hook put both on disk, before any close
     assert (tmp_path / "tap.pcap").stat().st_size == 24 + 16 + 64 + 16 + 70
+    pcap.close()
     link.close()
     b.close()
     h.loop.close()

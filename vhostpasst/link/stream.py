@@ -56,8 +56,9 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 ExitCallback = Callable[[], None]
 
 
-class StreamSetupError(RuntimeError):
-    """The socket path can't be used (taken, not a socket, no free path...)."""
+class StreamSetupError(OSError):
+    """The socket path or --fd can't be used (taken, not a socket, no free path...).
+    An OSError, so callers handling socket errors at start-up catch it too."""
 
 
 class FramePool:
@@ -277,16 +278,17 @@ class StreamLink(Link):
 
     def flush(self) -> None:
         pool = self._pool
-        if not pool.queued:
-            return
-        if self._sock is None:
-            pool.clear()
-            return
-        slots = [i for i, length in enumerate(pool.lengths) if length]
-        try:
-            self._send_slots(slots)
-        finally:
-            pool.clear()
+        if pool.queued:
+            if self._sock is None:
+                pool.clear()
+            else:
+                slots = [i for i, length in enumerate(pool.lengths) if length]
+                try:
+                    self._send_slots(slots)
+                finally:
+                    pool.clear()
+        if self.pcap is not None:
+            self.pcap.flush()  # both directions on disk once per loop iteration
 
     def _send_slots(self, slots: list[int]) -> None:
         pool, sock = self._pool, self._sock
@@ -424,8 +426,11 @@ def _take_path(path: str, explicit: bool) -> socket.socket | None:
         return None  # lost a race with another process probing the same path
 
 
-class StreamListener:
+class StreamListener(Link):
     """A UNIX stream listener feeding one StreamLink (`.link`), one client at a time.
+
+    The listener is itself a Link that forwards to `.link`, so either can be handed to the
+    dispatcher.
 
     With `path` None the first free `probe_pattern.format(n)`, n = 1..probe_count, is taken
     (tests pass their own pattern so they never touch a real passt's /tmp/passt_N.socket).
@@ -445,6 +450,7 @@ class StreamListener:
         probe_pattern: str = DEFAULT_PROBE_PATTERN,
         probe_count: int = DEFAULT_PROBE_COUNT,
     ) -> None:
+        super().__init__(on_frames, pcap)
         self._loop = loop
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
@@ -470,13 +476,36 @@ class StreamListener:
         self._sock = sock
         self._ino = os.stat(path).st_ino  # so close() only unlinks our own socket
         loop.add_fd(sock.fileno(), EPOLLIN, self._on_listen)
-        log.info("UNIX domain socket bound at %s", path)
-        log.info(
-            "You can now start qemu (>= 7.2, with commit 13c6be96618c):\n"
-            "    kvm ... -device virtio-net-pci,netdev=s "
-            "-netdev stream,id=s,server=off,addr.type=unix,addr.path=%s",
-            path,
-        )
+        log.info("UNIX domain socket bound at %s", path)  # the qemu hint is the daemon's
+
+    @staticmethod
+    def from_fd(
+        loop: Loop,
+        fd: int,
+        on_frames: FrameHandler,
+        pcap: PcapWriter | None = None,
+        on_exit: ExitCallback | None = None,
+    ) -> StreamLink:
+        """`--fd N`: no listener, the link of an already connected socket (see
+        stream_link_from_fd)."""
+        return stream_link_from_fd(loop, fd, on_frames, pcap, on_exit)
+
+    # Link interface, forwarded to the current link
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        return self.link.rx_buffers(count)
+
+    def commit(self, lengths: Sequence[int]) -> None:
+        self.link.commit(lengths)
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        return self.link.send(frame)
+
+    def flush(self) -> None:
+        self.link.flush()
 
     def _on_listen(self, mask: int) -> None:
         for _ in range(ACCEPT_BATCH):

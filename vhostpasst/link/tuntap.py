@@ -149,16 +149,17 @@ class TapLink(Link):
 
     def flush(self) -> None:
         pool = self._pool
-        if not pool.queued:
-            return
-        try:
-            for i, length in enumerate(pool.lengths):
-                if not self._open:
-                    break
-                if length:
-                    self._write(pool.slot(i))
-        finally:
-            pool.clear()
+        if pool.queued:
+            try:
+                for i, length in enumerate(pool.lengths):
+                    if not self._open:
+                        break
+                    if length:
+                        self._write(pool.slot(i))
+            finally:
+                pool.clear()
+        if self.pcap is not None:
+            self.pcap.flush()  # both directions on disk once per loop iteration
 
     def _write(self, frame: memoryview) -> None:
         while True:
