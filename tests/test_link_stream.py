@@ -70,7 +70,7 @@ class Harness:
     def on_exit(self) -> None:
         self.exits += 1
 
-    def run_until(self, cond: Callable[[], bool], timeout: float = 3.0) -> None:
+    def run_until(self, cond: Callable[[], object], timeout: float = 3.0) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             assert time.monotonic() < deadline, "condition not met in time"

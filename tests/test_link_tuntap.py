@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,7 +185,7 @@ def _can_netns() -> str | None:
     return None
 
 
-def run_in_netns(scenario: str, timeout: float = 30) -> dict[str, object]:
+def run_in_netns(scenario: str, timeout: float = 30) -> dict[str, Any]:
     """Run `scenario` (a function below) in a child under `unshare -n`; its JSON result."""
     reason = _can_netns()
     if reason:

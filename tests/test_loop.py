@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -18,7 +19,7 @@ def loop() -> Iterator[Loop]:
     lp.close()
 
 
-def run_until(loop: Loop, cond, timeout: float = 2.0) -> None:
+def run_until(loop: Loop, cond: Callable[[], object], timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -38,7 +39,7 @@ def test_same_deadline_keeps_insertion_order(loop: Loop) -> None:
     fired: list[int] = []
     when = time.monotonic() + 0.01
     for i in range(5):
-        loop.call_at(when, lambda i=i: fired.append(i))
+        loop.call_at(when, functools.partial(fired.append, i))
     run_until(loop, lambda: len(fired) == 5)
     assert fired == [0, 1, 2, 3, 4]
 
