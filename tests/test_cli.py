@@ -516,3 +516,12 @@ def test_console_scripts(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "vhostpasst", "--version"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == f"vhostpasst {__version__}\n"
+
+
+def test_man_page_lists_every_option() -> None:
+    page = (Path(__file__).resolve().parent.parent / "doc" / "vhostpasst.1").read_text()
+    text = page.replace("\\-", "-")
+    for long in cli._LONG:
+        assert f"--{long}" in text, long
+    for short in cli._BY_SHORT:
+        assert f"-{short}" in text, short
