@@ -57,7 +57,7 @@ def l4_ipv4(src: IPv4Address | bytes, dst: IPv4Address | bytes, proto: int,
 
 def l4_ipv6(src: IPv6Address | bytes, dst: IPv6Address | bytes, proto: int,
             segment: Buffer) -> int:
-    """TCP/UDP/ICMPv6 checksum over `segment` (checksum field zeroed) with the IPv6 pseudo-header."""
+    """TCP/UDP/ICMPv6 checksum over `segment` (checksum zeroed), IPv6 pseudo-header."""
     return fold(partial(segment, pseudo6(src, dst, proto, len(segment))))
 
 
