@@ -205,8 +205,8 @@ def test_pasta_operands() -> None:
 BAD: list[tuple[str, list[str], str, str]] = [
     ("passt", ["--mtu", "70000"], "--mtu", "70000 is out of range 68..65535"),
     ("passt", ["-m", "67"], "--mtu", "out of range"),
-    ("passt", ["-m", "-1"], "--mtu", "not a number"),
-    ("passt", ["-m", "15x"], "--mtu", "not a number"),
+    ("passt", ["-m", "-1"], "--mtu", "not a non-negative integer"),
+    ("passt", ["-m", "15x"], "--mtu", "not a non-negative integer"),
     ("passt", ["--mtu"], "--mtu", "requires an argument"),
     ("passt", ["-m"], "-m", "requires an argument"),
     ("passt", ["-a", "0.0.0.0"], "--address", "unspecified"),
@@ -251,11 +251,11 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("passt", ["-H", "two words"], "--hostname", "not a valid host name"),
     ("passt", ["--fqdn", "-bad-.example"], "--fqdn", "not a valid domain name"),
     ("passt", ["--log-size", "1000"], "--log-size", "below the minimum"),
-    ("passt", ["--log-size", "1M"], "--log-size", "not a number"),
+    ("passt", ["--log-size", "1M"], "--log-size", "not a non-negative integer"),
     ("passt", ["-l", ""], "--log-file", "empty path"),
     ("passt", ["-s", "/tmp/" + "x" * 120], "--socket", "path longer than 107 bytes"),
-    ("passt", ["-F", "-1"], "--fd", "not a number"),
-    ("passt", ["-F", "three"], "--fd", "not a number"),
+    ("passt", ["-F", "-1"], "--fd", "not a non-negative integer"),
+    ("passt", ["-F", "three"], "--fd", "not a non-negative integer"),
     ("passt", ["--runas", "a:b:c"], "--runas", "UID[:GID]"),
     ("passt", ["-4", "-6"], "--ipv4-only", "conflicts with --ipv6-only"),
     ("passt", ["-4", "-a", "2001:db8::1"], "--address", "conflicts with --ipv4-only"),
@@ -287,6 +287,7 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("passt", ["-z"], "-z", "invalid option"),
     ("passt", ["--no-d"], "--no-d", "ambiguous"),
     ("passt", ["--v"], "--v", "ambiguous"),
+    ("passt", ["--=x"], "--", "unrecognized option"),
     ("passt", ["--foreground=yes"], "--foreground", "does not take an argument"),
 ]
 

@@ -247,7 +247,7 @@ def _int(option: str, text: str) -> int:
             return int(t, 10)
     except ValueError:
         pass
-    raise ConfigError(option, f"'{text}' is not a number")
+    raise ConfigError(option, f"'{text}' is not a non-negative integer")
 
 
 def _path(option: str, text: str, limit: int = PATH_MAX) -> str:
@@ -367,6 +367,8 @@ def _runas(option: str, text: str) -> str:
 def _lookup_long(name: str) -> _Opt:
     if name in _LONG:
         return _LONG[name]
+    if not name:
+        raise ConfigError("--", "unrecognized option")
     matches = {o.name: o for key, o in _LONG.items() if key.startswith(name)}
     if len(matches) == 1:
         return next(iter(matches.values()))
