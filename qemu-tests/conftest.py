@@ -1,0 +1,121 @@
+"""pytest fixtures for the real-guest tests: image, host namespace, daemon, guest.
+
+Run with `python -m pytest qemu-tests -n 2`. Needs root (network namespaces), qemu and apt
+(see README.md). Every object is torn down by its fixture; on failure the console, qemu and
+daemon logs are attached to the report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import QEMU, Daemon, Guest, GuestNet, HostNetns, make_workdir
+from image import Image, ImageError, build_image
+
+QEMU_TEST_TIMEOUT = 300  # pyproject's 120 s is for unit tests; a TCG boot alone takes ~5 s
+_LOGS = pytest.StashKey[list[tuple[str, Path]]]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(QEMU_TEST_TIMEOUT))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    # Attach the logs of whatever this test started, so a failure explains itself.
+    if report.failed and report.when in ("setup", "call"):
+        for name, path in item.stash.get(_LOGS, []):
+            if path.exists():
+                text = path.read_bytes()[-20000:].decode(errors="replace").replace("\r\n", "\n")
+                report.sections.append((f"vpt {name}", text))
+    return report
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0 and shutil.which("ip"):
+        HostNetns.reap_stale()
+
+
+@pytest.fixture(scope="session")
+def image() -> Image:
+    if os.geteuid() != 0:
+        pytest.skip("qemu tests need root (network namespaces)")
+    if not shutil.which(QEMU):
+        pytest.skip(f"{QEMU} not installed (run .ci/install-qemu.sh)")
+    try:
+        return build_image()
+    except ImageError as e:
+        pytest.fail(f"guest image build failed: {e}")
+
+
+@pytest.fixture
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    path = make_workdir()
+    request.node.stash[_LOGS] = []
+    yield path
+    if not os.environ.get("VPT_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _track(request: pytest.FixtureRequest, name: str, path: Path) -> None:
+    request.node.stash.setdefault(_LOGS, []).append((name, path))
+
+
+@pytest.fixture
+def host_netns() -> Iterator[HostNetns]:
+    ns = HostNetns()
+    yield ns
+    ns.close()
+
+
+@pytest.fixture
+def guest(image: Image, workdir: Path, request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """A guest with no network at all (the smoke test)."""
+    _track(request, "console", workdir / "console.log")
+    g = Guest(image, workdir)
+    yield g
+    g.close()
+
+
+@dataclass
+class Setup:
+    netns: HostNetns
+    daemon: Daemon
+    guest: Guest
+
+
+SetupFactory = Callable[..., Setup]
+
+
+@pytest.fixture
+def passt_setup(
+    image: Image, workdir: Path, host_netns: HostNetns, request: pytest.FixtureRequest
+) -> Iterator[SetupFactory]:
+    """Factory: `passt_setup(kind="stream", args=[...])` starts the daemon in the host
+    namespace and boots a guest attached to it. Torn down guest first, then the daemon."""
+    started: list[Daemon | Guest] = []
+
+    def start(kind: str = "stream", args: tuple[str, ...] = ()) -> Setup:
+        _track(request, "daemon log", workdir / "daemon.log")
+        _track(request, "console", workdir / "console.log")
+        _track(request, "qemu stderr", workdir / "qemu.log")
+        daemon = Daemon(workdir, host_netns, args, vhost_user=(kind == "vhost-user"))
+        started.append(daemon)
+        guest = Guest(image, workdir, GuestNet(kind, daemon.socket), host_netns)
+        started.append(guest)
+        return Setup(host_netns, daemon, guest)
+
+    yield start
+    for obj in reversed(started):
+        obj.close()
