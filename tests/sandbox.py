@@ -47,6 +47,9 @@ DEFAULT_RESOLV = (
     "search example.org test.example\n"
 )
 DEFAULT_MAC = "9a:55:9a:55:9a:55"
+# DHCP client scripts report the lease as environment variables (ip, dns, ...): start the
+# clients with an empty environment so that nothing of ours can be mistaken for the lease
+CLEAN_ENV = ("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
 _counter = 0  # per process: with os.getpid() it makes namespace names unique across workers
 
@@ -139,6 +142,7 @@ class Sandbox:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_pid: int | None = None  # the serving process (the child without -f)
         self.daemon_returncode: int | None = None  # set by stop_daemon() / teardown
+        self.daemon_killed = False  # stop_daemon() had to use SIGKILL
         self.relay: subprocess.Popen[bytes] | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._daemon_runs = 0
@@ -307,6 +311,7 @@ class Sandbox:
             else:
                 wait_until(lambda: not _pid_alive(pid), timeout, f"daemon pid {pid} to exit")
         except (subprocess.TimeoutExpired, TimeoutError):
+            self.daemon_killed = True
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             if proc is not None:
@@ -396,7 +401,7 @@ class Sandbox:
         script = self._script("udhcpc.sh",
                               f'#!/bin/sh\n[ "$1" = bound ] && env > {out}.tmp && '
                               f"mv {out}.tmp {out}\nexit 0\n")
-        r = self.guest("busybox", "udhcpc", "-i", self.config.tap, "-f", "-q", "-n",
+        r = self.guest(*CLEAN_ENV, "busybox", "udhcpc", "-i", self.config.tap, "-f", "-q", "-n",
                        "-t", "5", "-T", "1", "-s", script, "-O", "search", "-O", "mtu", *extra,
                        timeout=timeout)
         if r.returncode != 0 or not out.exists():
@@ -417,12 +422,21 @@ class Sandbox:
             "request subnet-mask, broadcast-address, routers, domain-name,\n"
             "        domain-name-servers, domain-search, interface-mtu, host-name;\n")
         pid_file = self.dir / "dhclient.pid"
-        r = self.guest("timeout", str(int(timeout)), "dhclient", "-4", "-1", "-v",
+        r = self.guest(*CLEAN_ENV, "timeout", str(int(timeout)), "dhclient", "-4", "-1", "-v",
                        "-cf", str(conf), "-sf", script, "-lf", str(self.dir / "dhclient.leases"),
                        "-pf", str(pid_file), self.config.tap, timeout=timeout + 5)
-        # after BOUND dhclient goes to the background to renew: we only wanted the lease
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+        # after BOUND dhclient forks to the background to renew, and the child writes the pid
+        # file: stop it so it cannot answer for the guest later (teardown kills it otherwise)
+        def bg_pid() -> int | None:
+            with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+                pid = int(pid_file.read_text().split()[0])
+                return pid if _pid_alive(pid) else None
+            return None
+
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            pid = wait_until(bg_pid, 2 if r.returncode == 0 else 0, "dhclient's pid file")
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not _pid_alive(pid), 3, "dhclient to exit")
         if r.returncode != 0 or not out.exists():
             raise AssertionError(f"dhclient got no lease (exit {r.returncode})\n{r.stdout}"
                                  f"{r.stderr}\n{self.daemon_log()}")
@@ -479,13 +493,14 @@ class Sandbox:
             attempt(f"delete {ns}", lambda ns=ns: self._ip("netns", "delete", ns))
         self._made.clear()
         attempt("remove /etc/netns entry", lambda: shutil.rmtree(self.etc_dir, True))
+        logs = []  # read before the directory goes; printed last (pytest shows it on failure)
         if self.daemon_stderr_text():
-            print(self.daemon_log())
+            logs.append(self.daemon_log())
         if getattr(self, "relay_stderr", None):
-            print(self.relay_log())
+            logs.append(self.relay_log())
         attempt("remove sandbox dir", lambda: shutil.rmtree(self.dir))
-        for p in problems:
-            print(f"sandbox teardown: {p}")
+        with contextlib.suppress(OSError):  # a closed stdout must not undo the cleanup
+            print("\n".join(logs + [f"sandbox teardown: {p}" for p in problems]))
         return problems
 
     def daemon_stderr_text(self) -> str:
