@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import QEMU, Daemon, Guest, GuestNet, HostNetns, make_workdir
+from harness import DAEMON, QEMU, Daemon, Guest, GuestNet, HostNetns, make_workdir
 from image import Image, ImageError, build_image
 
 QEMU_TEST_TIMEOUT = 300  # pyproject's 120 s is for unit tests; a TCG boot alone takes ~5 s
@@ -88,6 +89,17 @@ def guest(image: Image, workdir: Path, request: pytest.FixtureRequest) -> Iterat
     g.close()
 
 
+def daemon_has_vhost_user() -> bool:
+    """False while the daemon's --help marks --vhost-user "not supported yet": the vhost-user
+    cases then skip, and start running by themselves once the back end lands."""
+    try:
+        res = subprocess.run([*DAEMON, "--help"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "--vhost-user" in ln]
+    return bool(lines) and not any("not supported" in ln for ln in lines)
+
+
 @dataclass
 class Setup:
     netns: HostNetns
@@ -107,6 +119,8 @@ def passt_setup(
     started: list[Daemon | Guest] = []
 
     def start(kind: str = "stream", args: tuple[str, ...] = ()) -> Setup:
+        if kind == "vhost-user" and not daemon_has_vhost_user():
+            pytest.skip(f"{DAEMON[0]} --help says vhost-user is not supported yet")
         _track(request, "daemon log", workdir / "daemon.log")
         _track(request, "console", workdir / "console.log")
         _track(request, "qemu stderr", workdir / "qemu.log")

@@ -146,7 +146,9 @@ class HostNetns:
 
     @staticmethod
     def reap_stale() -> None:
-        """Delete namespaces left behind by dead test processes (names embed the pid)."""
+        """Delete namespaces and work directories left behind by dead test processes (their
+        names embed the pid), e.g. after a SIGKILL: qemu and the daemon die with their parent
+        (PR_SET_PDEATHSIG), these do not."""
         res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)
         for line in res.stdout.splitlines():
             name = line.split(" ", 1)[0]
@@ -154,6 +156,13 @@ class HostNetns:
             if m and not Path(f"/proc/{m.group(1)}").exists():
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
                 shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+        # Work directories (make_workdir) of dead processes too, unless asked to keep logs.
+        if os.environ.get("VPT_KEEP"):
+            return
+        for d in Path("/tmp").glob(f"{NS_PREFIX}-*-*-*"):
+            m = re.fullmatch(rf"{NS_PREFIX}-[^-]+-(\d+)-[^/]+", d.name)
+            if m and d.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class Daemon:

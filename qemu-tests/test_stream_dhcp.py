@@ -1,4 +1,5 @@
-"""A real guest on the qemu stream socket: DHCPv4 lease and the ARP proxy.
+"""A real guest on the qemu stream socket (and vhost-user, once the daemon has it): DHCPv4
+lease and the ARP proxy.
 
 Mirrors passt's test/passt/dhcp (address == host address, route == host gateway, MTU == 65520,
 DNS == host resolv.conf), with busybox udhcpc in place of dhclient.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import SetupFactory
 from harness import DNS4, HOST_ADDR4, HOST_GW4, HOST_PREFIX4, Guest
 
 OUR_MAC = "9a:55:9a:55:9a:55"  # passt's default MAC on the guest link (no -M)
+KINDS = pytest.mark.parametrize("kind", ["stream", "vhost-user"])
 
 
 def _lease(guest: Guest) -> dict[str, str]:
@@ -25,8 +28,9 @@ def _lease(guest: Guest) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
 
 
-def test_dhcp_lease(passt_setup: SetupFactory) -> None:
-    guest = passt_setup("stream").guest
+@KINDS
+def test_dhcp_lease(passt_setup: SetupFactory, kind: str) -> None:
+    guest = passt_setup(kind).guest
     lease = _lease(guest)
     assert lease["ip"] == HOST_ADDR4
     assert lease["mask"] == str(HOST_PREFIX4)
@@ -45,8 +49,9 @@ def test_dhcp_lease(passt_setup: SetupFactory) -> None:
     assert f"default via {HOST_GW4} dev eth0" in route
 
 
-def test_arp_proxy(passt_setup: SetupFactory) -> None:
-    guest = passt_setup("stream").guest
+@KINDS
+def test_arp_proxy(passt_setup: SetupFactory, kind: str) -> None:
+    guest = passt_setup(kind).guest
     _lease(guest)
     # The gateway and any other address on the link answer with our MAC.
     for target in (HOST_GW4, "192.0.2.77"):
