@@ -67,7 +67,7 @@ def run(config: Config) -> int:
     log.debug("vhostpasst %s starting", __version__)
     pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
     loop = Loop()
-    dispatcher = Dispatcher(config)
+    dispatcher = Dispatcher(config, loop)
     exit_status = 0
 
     def on_exit() -> None:
@@ -105,6 +105,7 @@ def run(config: Config) -> int:
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
+        dispatcher.close()
         listener.close()
         if pcap is not None:
             pcap.close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.conf import Config
+from vhostpasst.flow import Context, FlowTable, LoopFds
+from vhostpasst.icmp import IcmpHandler
 from vhostpasst.link.base import Link
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.services import arp
@@ -25,16 +27,43 @@ DHCP_SERVER_PORT = 67
 
 
 class Dispatcher:
-    def __init__(self, config: Config) -> None:
+    """`loop` is needed for the socket protocols (ICMP, UDP); without one (service tests)
+    only ARP and DHCP are answered."""
+
+    def __init__(self, config: Config, loop: LoopFds | None = None,
+                 flows: FlowTable | None = None) -> None:
         self.config = config
-        self.link: Link | None = None
         ip4 = config.ip4
         self.dhcp = DhcpServer(config) if ip4 is not None and not config.no_dhcp else None
         self.guest_addr4: IPv4Address | None = ip4.addr if ip4 is not None else None
+        self.ctx: Context | None = None
+        self.icmp: IcmpHandler | None = None
+        if loop is not None:
+            self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop))
+            if not config.no_icmp:
+                self.icmp = IcmpHandler(self.ctx)
+        self._link: Link | None = None
         self.guest_mac: bytes | None = None  # learned from the source of every guest frame
         self.addr4_seen: IPv4Address | None = None
+        self.addr6_seen: IPv6Address | None = None
+        self.addr6_ll_seen: IPv6Address | None = None
         self._drops = RateLimitedLog(log)
         self.dropped = 0
+
+    @property
+    def link(self) -> Link | None:
+        return self._link
+
+    @link.setter
+    def link(self, link: Link | None) -> None:
+        self._link = link
+        if self.ctx is not None:
+            self.ctx.link = link
+
+    def close(self) -> None:
+        """Close every flow (and so every host socket)."""
+        if self.ctx is not None:
+            self.ctx.flows.close_all()
 
     def on_frames(self, frames: Sequence[memoryview]) -> None:
         for frame in frames:
@@ -58,13 +87,15 @@ class Dispatcher:
         header = eth.parse_eth(frame)
         if not header.src[0] & 1:  # multicast sources are bogus; don't learn them
             self.guest_mac = bytes(header.src)
+            if self.ctx is not None:
+                self.ctx.guest.mac = self.guest_mac
         if header.ethertype == eth.ETH_P_ARP:
             if self.config.ip4 is not None:
                 self._reply(arp.reply(frame, self.config.our_mac, self.guest_addr4))
         elif header.ethertype == eth.ETH_P_IP:
             self._handle_ipv4(frame, header.payload)
         elif header.ethertype == eth.ETH_P_IPV6:
-            self._drop("ipv6", "IPv6 frame dropped: IPv6 is not supported yet")
+            self._handle_ipv6(frame, header.payload)
         else:
             self._drop(f"ethertype-{header.ethertype:04x}",
                        f"frame with EtherType 0x{header.ethertype:04x} dropped")
@@ -73,13 +104,58 @@ class Dispatcher:
         if self.config.ip4 is None:
             return
         header = ip.parse_ipv4(packet)
-        if header.src != IPv4Address(0) and not header.src.is_loopback:
+        if header.src.is_loopback or header.dst.is_loopback:
+            self._drop("loopback4", "IPv4 packet with a loopback address dropped")
+            return
+        if header.src != IPv4Address(0):
             self.addr4_seen = header.src
-        if header.proto == ip.IPPROTO_UDP:
+            if self.ctx is not None:
+                self.ctx.guest.addr4_seen = header.src
+        if header.proto == ip.IPPROTO_UDP and not header.is_fragment:
             datagram = udp.parse_udp(header.payload)
             if datagram.dport == DHCP_SERVER_PORT:
                 if self.dhcp is not None:
                     self._reply(self.dhcp.handle(frame))
                 return
+        if header.is_fragment:
+            self._drop("frag4", "IPv4 fragment dropped: fragments are not reassembled")
+            return
+        if header.proto == ip.IPPROTO_ICMP:
+            if self.icmp is not None:
+                self.icmp.tap4(header)
+            return
         self._drop(f"proto-{header.proto}",
                    f"IPv4 protocol {header.proto} dropped: not supported yet")
+
+    def _handle_ipv6(self, frame: memoryview, packet: memoryview) -> None:
+        if self.config.ip6 is None:
+            return
+        header = ip.parse_ipv6(packet)
+        if header.src.is_loopback or header.dst.is_loopback:
+            self._drop("loopback6", "IPv6 packet with a loopback address dropped")
+            return
+        self._learn6(header.src)
+        if header.is_fragment:
+            self._drop("frag6", "IPv6 fragment dropped: fragments are not reassembled")
+            return
+        if header.proto == ip.IPPROTO_ICMPV6:
+            if self.icmp is not None:
+                self.icmp.tap6(header)
+            return
+        self._drop(f"proto6-{header.proto}",
+                   f"IPv6 next header {header.proto} dropped: not supported yet")
+
+    def _learn6(self, src: IPv6Address) -> None:
+        """Reference 4.2: a link-local source is the guest's link-local address (and its
+        address until it has another); any other specified source is its address."""
+        if src.is_unspecified or src.is_multicast:
+            return
+        if src.is_link_local:
+            self.addr6_ll_seen = src
+            if self.addr6_seen is None:
+                self.addr6_seen = src
+        else:
+            self.addr6_seen = src
+        if self.ctx is not None:
+            self.ctx.guest.addr6_seen = self.addr6_seen
+            self.ctx.guest.addr6_ll_seen = self.addr6_ll_seen

@@ -1,0 +1,183 @@
+"""The flow table: every translated conversation (ping, UDP, later TCP), looked up by key.
+
+A flow registers one or more hashable keys (the guest-side tuple it answers to, and for
+host-initiated flows the host-side tuple) and is found by any of them. Expiry is driven by
+loop timers, lazily: each flow has one timer set for `last_active + timeout`; when it fires
+early activity has moved the deadline, so it is simply set again. That costs one timer per
+flow per timeout period instead of one per packet, and nothing walks the table.
+
+TCP will subclass `Flow` too, with its own `timeout` (or none) and `close()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from vhostpasst.nat import GuestAddrs
+
+if TYPE_CHECKING:
+    from vhostpasst.conf import Config
+    from vhostpasst.link.base import Link
+
+log = logging.getLogger(__name__)
+
+FLOW_MAX = 65536  # a guest must not make us hold unbounded sockets
+BROADCAST_MAC = b"\xff" * 6
+# Frames a host socket may turn into per wake-up: bounded so one busy socket cannot starve
+# the others (and the guest link's own reads) in a single loop iteration.
+RX_BATCH = 32
+
+
+class TimerLike(Protocol):
+    def cancel(self) -> None: ...
+
+
+class LoopLike(Protocol):
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerLike: ...
+
+
+class Flow:
+    """Base class. Subclasses set `timeout` (seconds without activity; None: never expires)
+    and override `close()` to release their sockets."""
+
+    timeout: float | None = None
+
+    def __init__(self) -> None:
+        self.keys: list[Hashable] = []
+        self.last_active = 0.0
+        self.closed = False
+        self._timer: TimerLike | None = None
+        self._table: FlowTable | None = None
+
+    def touch(self, now: float | None = None) -> None:
+        """Note activity (either direction): pushes expiry back."""
+        if now is None:
+            now = self._table.clock() if self._table is not None else time.monotonic()
+        self.last_active = now
+
+    def close(self) -> None:
+        """Release resources; called once, on removal."""
+
+    def remove(self) -> None:
+        if self._table is not None:
+            self._table.remove(self)
+
+
+class FlowTable:
+    def __init__(self, loop: LoopLike, clock: Callable[[], float] = time.monotonic,
+                 max_flows: int = FLOW_MAX) -> None:
+        self.loop = loop
+        self.clock = clock
+        self.max_flows = max_flows
+        self._by_key: dict[Hashable, Flow] = {}
+        self._flows: set[Flow] = set()
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows))
+
+    def full(self) -> bool:
+        return len(self._flows) >= self.max_flows
+
+    def lookup(self, key: Hashable) -> Flow | None:
+        return self._by_key.get(key)
+
+    def add(self, flow: Flow, *keys: Hashable) -> bool:
+        """Insert `flow` under `keys` (existing keys: False, nothing inserted)."""
+        if self.full() or any(k in self._by_key for k in keys):
+            return False
+        flow.keys = list(keys)
+        flow._table = self
+        for k in keys:
+            self._by_key[k] = flow
+        self._flows.add(flow)
+        flow.touch(self.clock())
+        self._arm(flow)
+        return True
+
+    def add_key(self, flow: Flow, key: Hashable) -> bool:
+        if key in self._by_key or flow not in self._flows:
+            return False
+        self._by_key[key] = flow
+        flow.keys.append(key)
+        return True
+
+    def remove(self, flow: Flow) -> None:
+        if flow not in self._flows:
+            return
+        self._flows.discard(flow)
+        for k in flow.keys:
+            if self._by_key.get(k) is flow:
+                del self._by_key[k]
+        if flow._timer is not None:
+            flow._timer.cancel()
+            flow._timer = None
+        flow._table = None
+        if not flow.closed:
+            flow.closed = True
+            try:
+                flow.close()
+            except Exception:  # closing one flow must not stop the others or the loop
+                log.exception("error closing a flow")
+
+    def close_all(self) -> None:
+        for flow in list(self._flows):
+            self.remove(flow)
+
+    def _arm(self, flow: Flow) -> None:
+        if flow.timeout is None:
+            return
+        flow._timer = self.loop.call_at(flow.last_active + flow.timeout,
+                                        lambda: self._expire(flow))
+
+    def _expire(self, flow: Flow) -> None:
+        flow._timer = None
+        if flow not in self._flows or flow.timeout is None:
+            return
+        if self.clock() >= flow.last_active + flow.timeout:
+            log.debug("flow %r expired", flow)
+            self.remove(flow)
+        else:
+            self._arm(flow)  # activity since: wait for the new deadline
+
+
+class LoopFds(LoopLike, Protocol):
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def remove_fd(self, fd: int) -> None: ...
+
+
+@dataclass
+class Context:
+    """What protocol handlers share: configuration, loop, flow table, guest state, link."""
+
+    config: Config
+    loop: LoopFds
+    flows: FlowTable
+    guest: GuestAddrs = field(default_factory=GuestAddrs)
+    link: Link | None = None
+
+    def guest_mac(self) -> bytes:
+        """Where frames to the guest go: its learned MAC, broadcast until we saw one."""
+        return self.guest.mac or BROADCAST_MAC
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        """Link buffers to fill in place; empty if no guest is attached."""
+        link = self.link
+        if link is None or not link.connected:
+            return []
+        return link.rx_buffers(count)
+
+    def commit(self, lengths: list[int]) -> None:
+        if self.link is not None:
+            self.link.commit(lengths)
+
+    @property
+    def max_l3(self) -> int:
+        """Largest IP packet the guest takes (its MTU; 0 means 'not advertised')."""
+        return self.config.mtu or 65520

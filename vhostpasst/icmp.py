@@ -1,0 +1,182 @@
+"""ICMP/ICMPv6 echo through unprivileged ping sockets (reference §4.7).
+
+A guest Echo Request opens (or reuses) a `socket(AF, SOCK_DGRAM, IPPROTO_ICMP[V6])` per
+(guest source, guest destination, echo identifier) and is sent whole with sendto(); the kernel
+picks the echo identifier, so replies get the guest's identifier back before they are written,
+in place, into a link buffer. Flows expire after 60 s without a request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from ipaddress import IPv4Address, IPv6Address
+
+from vhostpasst import nat
+from vhostpasst.flow import RX_BATCH, Context, Flow
+from vhostpasst.log import RateLimitedLog
+from vhostpasst.loop import EPOLLIN
+from vhostpasst.wire import icmp as wicmp
+from vhostpasst.wire.ip import ETH_IP4_HLEN, ETH_IP6_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT = 60.0
+_SCRATCH = bytearray(65536)  # replies read while no guest is attached are discarded here
+
+
+class PingFlow(Flow):
+    timeout = PING_TIMEOUT
+
+    def __init__(self, ctx: Context, sock: socket.socket, six: bool, gsrc: IPv4Address |
+                 IPv6Address, gdst: IPv4Address | IPv6Address, ident: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.sock = sock
+        self.six = six
+        self.gsrc = gsrc  # the guest's address: replies go there
+        self.gdst = gdst  # what the guest pinged: replies come from there
+        self.ident = ident  # the guest's echo identifier, restored on replies
+
+    def __repr__(self) -> str:
+        return f"<ping {self.gsrc} -> {self.gdst} id {self.ident}>"
+
+    def close(self) -> None:
+        self.ctx.loop.remove_fd(self.sock.fileno())
+        self.sock.close()
+
+
+class IcmpHandler:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._log = RateLimitedLog(log)
+        self._warned_perm = False
+
+    # guest -> host
+
+    def tap4(self, packet: Ipv4) -> None:
+        msg = wicmp.parse_icmp(packet.payload)
+        if msg.type != wicmp.ICMP_ECHO or msg.code != 0:
+            self._log.debug("icmp4-type", "ICMP type %d from the guest dropped", msg.type)
+            return
+        self._request(False, packet.src, packet.dst, msg.ident, packet.payload)
+
+    def tap6(self, packet: Ipv6) -> None:
+        msg = wicmp.parse_icmpv6(packet.l4)
+        if msg.type != wicmp.ICMPV6_ECHO_REQUEST or msg.code != 0:
+            self._log.debug("icmp6-type", "ICMPv6 type %d from the guest dropped", msg.type)
+            return
+        self._request(True, packet.src, packet.dst, msg.ident, packet.l4)
+
+    def _request(self, six: bool, src: IPv4Address | IPv6Address,
+                 dst: IPv4Address | IPv6Address, ident: int, message: memoryview) -> None:
+        ctx = self.ctx
+        key = ("ping6" if six else "ping4", src, dst, ident)
+        flow = ctx.flows.lookup(key)
+        if not isinstance(flow, PingFlow):
+            flow = self._new_flow(six, src, dst, ident)
+            if flow is None:
+                return
+            if not ctx.flows.add(flow, key):
+                flow.close()
+                return
+        flow.touch()
+        target = nat.from_tap(ctx.config, False, dst, 0)
+        if target is None:
+            return
+        addr: tuple[str, int] | tuple[str, int, int, int]
+        if six:
+            scope = ctx.config.ip6.ifindex if ctx.config.ip6 is not None else 0
+            addr = (str(target), 0, 0, scope if target.is_link_local else 0)
+        else:
+            addr = (str(target), 0)
+        try:
+            flow.sock.sendto(message, addr)
+        except OSError as e:
+            self._log.debug(("ping-send", e.errno), "ping to %s failed: %s", target, e)
+
+    def _new_flow(self, six: bool, src: IPv4Address | IPv6Address,
+                  dst: IPv4Address | IPv6Address, ident: int) -> PingFlow | None:
+        ctx = self.ctx
+        if ctx.flows.full():
+            self._log.warning("ping-full", "flow table full: echo request dropped")
+            return None
+        if nat.from_tap(ctx.config, False, dst, 0) is None:
+            self._log.debug(("ping-nat", dst), "echo request to %s dropped", dst)
+            return None
+        family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if six
+                         else (socket.AF_INET, socket.IPPROTO_ICMP))
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC, proto)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM) and not self._warned_perm:
+                self._warned_perm = True
+                log.warning("cannot open ICMP echo (ping) sockets: %s. Allow them with: "
+                            "sysctl -w net.ipv4.ping_group_range='0 2147483647'", e)
+            else:
+                self._log.warning(("ping-socket", e.errno), "ping socket: %s", e)
+            return None
+        _bind_outbound(ctx, sock, six)
+        flow = PingFlow(ctx, sock, six, src, dst, ident)
+        ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda _mask: self._on_reply(flow))
+        return flow
+
+    # host -> guest
+
+    def _on_reply(self, flow: PingFlow) -> None:
+        try:
+            self._read_replies(flow)
+        except Exception:  # a bug must not stop the loop
+            log.exception("error reading a ping socket")
+
+    def _read_replies(self, flow: PingFlow) -> None:
+        ctx = self.ctx
+        hlen = ETH_IP6_HLEN if flow.six else ETH_IP4_HLEN
+        room = ctx.max_l3 - (IPV6_HLEN if flow.six else IPV4_HLEN)
+        for _ in range(RX_BATCH):
+            bufs = ctx.rx_buffers(1)
+            if bufs:
+                view = bufs[0][hlen:hlen + room]
+            else:
+                view = memoryview(_SCRATCH)
+            try:
+                n, _anc, flags, _addr = flow.sock.recvmsg_into([view])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._log.debug(("ping-recv", e.errno), "ping socket: %s", e)
+                return
+            if not bufs or n < wicmp.ICMP_HLEN or flags & socket.MSG_TRUNC:
+                continue
+            buf = bufs[0]
+            mac = ctx.guest_mac()
+            our = ctx.config.our_mac
+            if flow.six:
+                if buf[hlen] != wicmp.ICMPV6_ECHO_REPLY:
+                    continue
+                length = wicmp.write_eth_ipv6_icmp_headers(buf, mac, our, flow.gdst, flow.gsrc,
+                                                           n, ident=flow.ident)
+            else:
+                if buf[hlen] != wicmp.ICMP_ECHOREPLY:
+                    continue
+                length = wicmp.write_eth_ipv4_icmp_headers(buf, mac, our, flow.gdst, flow.gsrc,
+                                                           n, ident=flow.ident)
+            ctx.commit([length])
+
+
+def _bind_outbound(ctx: Context, sock: socket.socket, six: bool) -> None:
+    """-o / --outbound-if: pick the source address or interface of host-side sockets.
+    Failures are tolerated (passt does the same for ping sockets)."""
+    conf = ctx.config.ip6 if six else ctx.config.ip4
+    if conf is None:
+        return
+    try:
+        if conf.outbound_if:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                            conf.outbound_if.encode())
+        if conf.outbound is not None:
+            sock.bind((str(conf.outbound), 0))
+    except OSError as e:
+        log.debug("binding a ping socket to the outbound address/interface: %s", e)
