@@ -131,5 +131,13 @@ def passt_setup(
         return Setup(host_netns, daemon, guest)
 
     yield start
+    # A daemon that died during the test (a crash the test did not notice) is a failure too.
+    dead = [
+        f"daemon exited with status {o.proc.returncode} during the test\n{o.log_text()}"
+        for o in started
+        if isinstance(o, Daemon) and o.proc is not None and o.proc.poll() is not None
+    ]
     for obj in reversed(started):
         obj.close()
+    if dead:
+        pytest.fail(dead[0])

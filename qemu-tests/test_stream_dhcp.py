@@ -11,7 +11,7 @@ import re
 
 import pytest
 from conftest import SetupFactory
-from harness import DNS4, HOST_ADDR4, HOST_GW4, HOST_PREFIX4, Guest
+from harness import DNS4, HOST_ADDR4, HOST_GW4, HOST_PREFIX4, SEARCH, Guest
 
 OUR_MAC = "9a:55:9a:55:9a:55"  # passt's default MAC on the guest link (no -M)
 KINDS = pytest.mark.parametrize("kind", ["stream", "vhost-user"])
@@ -39,6 +39,8 @@ def test_dhcp_lease(passt_setup: SetupFactory, kind: str) -> None:
     assert lease["mtu"] == "65520"
     assert lease["dns"].split() == [DNS4]  # the IPv4 nameserver of the test resolv.conf
     assert lease["serverid"] == HOST_GW4
+    assert lease["search"] == SEARCH  # option 119, from the resolv.conf search line
+    assert lease["lease"] == "4294967295"  # passt leases are infinite
 
     # The udhcpc script applied the lease: address, MTU, default route.
     _, addr = guest.run("ip -4 addr show dev eth0")
