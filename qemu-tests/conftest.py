@@ -10,12 +10,21 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from harness import DAEMON, QEMU, Daemon, Guest, GuestNet, HostNetns, make_workdir
+from harness import (
+    DAEMON,
+    QEMU,
+    Daemon,
+    Guest,
+    GuestNet,
+    HostNetns,
+    Setup,
+    SetupFactory,
+    make_workdir,
+)
 from image import Image, ImageError, build_image
 
 QEMU_TEST_TIMEOUT = 300  # pyproject's 120 s is for unit tests; a TCG boot alone takes ~5 s
@@ -98,16 +107,6 @@ def daemon_has_vhost_user() -> bool:
         return False
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if "--vhost-user" in ln]
     return bool(lines) and not any("not supported" in ln for ln in lines)
-
-
-@dataclass
-class Setup:
-    netns: HostNetns
-    daemon: Daemon
-    guest: Guest
-
-
-SetupFactory = Callable[..., Setup]
 
 
 @pytest.fixture

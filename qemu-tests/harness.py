@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -380,3 +380,16 @@ class Guest:
 def make_workdir() -> Path:
     """A short per-test directory: UNIX socket paths must stay under 108 bytes."""
     return Path(tempfile.mkdtemp(prefix=f"vpt-{worker_tag()}-", dir="/tmp"))
+
+
+@dataclass
+class Setup:
+    """What the `passt_setup` fixture starts: namespace, daemon and the guest attached to it."""
+
+    netns: HostNetns
+    daemon: Daemon
+    guest: Guest
+
+
+# passt_setup(kind="stream" | "vhost-user", args=(...extra daemon options...)) -> Setup
+SetupFactory = Callable[..., Setup]

@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import SetupFactory
-from harness import DNS4, HOST_ADDR4, HOST_GW4, HOST_PREFIX4, SEARCH, Guest
+from harness import DNS4, HOST_ADDR4, HOST_GW4, HOST_PREFIX4, SEARCH, Guest, SetupFactory
 
 OUR_MAC = "9a:55:9a:55:9a:55"  # passt's default MAC on the guest link (no -M)
 KINDS = pytest.mark.parametrize("kind", ["stream", "vhost-user"])
