@@ -6,12 +6,13 @@ PYTEST_ARGS ?=
 
 setup:
 	./scripts/setup-debian.sh
+	./.ci/install-qemu.sh
 
 lint: setup
 	$(PYTHON) -m ruff check .
 
 test: setup lint
-	$(PYTHON) -m pytest -n 2 -p no:cacheprovider tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n 2 -p no:cacheprovider tests qemu-tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PYTHON) scripts/demo.py
