@@ -1,4 +1,9 @@
 # setup.py only wires the cffi build scripts; all metadata lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["cffi_build/checksum_build.py:ffibuilder"])
+setup(
+    cffi_modules=[
+        "cffi_build/checksum_build.py:ffibuilder",
+        "cffi_build/ring_build.py:ffibuilder",
+    ]
+)

@@ -1,0 +1,338 @@
+"""Split virtqueue (virtio 1.2, 2.7), device side.
+
+The descriptor table is read with struct from a memoryview; the avail/used indices and event
+fields go through RingAccess (C, with the barriers). Buffers are returned as memoryviews into
+guest memory (zero copy): readable ones to parse, writable ones to fill in place.
+
+Anything the driver gets wrong (a head or next index out of range, a descriptor loop, a buffer
+outside guest memory, an avail index that jumps by more than the queue size) raises
+VirtQueueError and marks the queue broken: it is not processed again until it is reset, as the
+spec allows ("the device MAY ... stop processing"), and the error eventfd is signalled.
+
+Notification rules for a device using this class: pop() until it returns None (an empty pop
+re-arms the driver's kick with EVENT_IDX), or come back later on its own; push() each used
+chain, then flush() once per batch, which publishes used->idx and signals the call eventfd if
+the driver wants it (VRING_AVAIL_F_NO_INTERRUPT, or used_event with EVENT_IDX).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from .memory import GuestMemory, GuestMemoryError
+from .message import VringAddr
+from .ring import RingAccess, avail_size, used_size
+
+log = logging.getLogger(__name__)
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC_SIZE = DESC.size  # 16
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768  # the split-ring limit (virtio 1.2, 2.7)
+MAX_INDIRECT = 32768  # entries in one indirect table; bounds the walk
+
+
+class VirtQueueError(Exception):
+    """The driver broke the ring's rules, or the ring cannot be set up as asked."""
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event: did used idx move past `event_idx` going from old to new?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass(slots=True)
+class Chain:
+    """One available descriptor chain: device-readable buffers, then device-writable ones."""
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    @property
+    def read_len(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def write_len(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+
+class VirtQueue:
+    def __init__(self, index: int, memory: GuestMemory, max_size: int = 1024) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE:
+            raise ValueError("max_size out of range")
+        self.index = index
+        self.memory = memory
+        self.max_size = max_size
+        self.event_idx = False  # VIRTIO_RING_F_EVENT_IDX negotiated
+        self.indirect = False  # VIRTIO_RING_F_INDIRECT_DESC negotiated
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.started = False
+        self._ring: RingAccess | None = None
+        self._desc: memoryview | None = None
+        self.reset()
+
+    # --- configuration (from the vhost-user messages) --------------------------------------
+    def reset(self) -> None:
+        """Back to the initial state (rings unmapped, indices 0); fds are the owner's to close."""
+        self.unmap()
+        self.num = 0
+        self.addr: VringAddr | None = None
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.inflight = 0
+        self.broken = False
+        self.started = False
+        self.enabled = False
+        self._pending = 0
+        self._notify = True
+
+    def set_num(self, num: int) -> None:
+        if not 1 <= num <= self.max_size or num & (num - 1):
+            raise VirtQueueError(f"queue {self.index}: size {num} is not a power of two "
+                                 f"<= {self.max_size}")
+        self.num = num
+        self.unmap()
+
+    def set_addr(self, addr: VringAddr) -> None:
+        """Record the ring addresses (front-end virtual) and map them now."""
+        if self.num == 0:
+            raise VirtQueueError(f"queue {self.index}: ring address before ring size")
+        if addr.desc % 16 or addr.avail % 2 or addr.used % 4:
+            raise VirtQueueError(f"queue {self.index}: misaligned ring address")
+        self.addr = addr
+        self.map()
+
+    def set_base(self, base: int) -> None:
+        if base > 0xFFFF:
+            raise VirtQueueError(f"queue {self.index}: base {base} out of range for a split ring")
+        self.last_avail_idx = self.used_idx = base
+        self.signalled_used_valid = False
+        self.inflight = 0
+
+    def map(self) -> None:
+        """(Re)translate the ring addresses, e.g. after the memory table changed.
+
+        On failure the queue stays unmapped (and cannot be processed) and VirtQueueError says
+        why; the caller decides whether that is an error for the front end.
+        """
+        self.unmap()
+        if self.addr is None or self.num == 0:
+            return
+        try:
+            desc = self.memory.uva(self.addr.desc, DESC_SIZE * self.num)
+            avail = self.memory.uva(self.addr.avail, avail_size(self.num))
+            used = self.memory.uva(self.addr.used, used_size(self.num))
+        except GuestMemoryError as e:
+            raise VirtQueueError(f"queue {self.index}: ring not in guest memory: {e}") from None
+        self._desc = desc
+        self._ring = RingAccess(avail, used, self.num)
+
+    def unmap(self) -> None:
+        if self._ring is not None:
+            self._ring.release()
+            self._ring = None
+        if self._desc is not None:
+            self._desc.release()
+            self._desc = None
+
+    @property
+    def mapped(self) -> bool:
+        return self._ring is not None
+
+    @property
+    def ready(self) -> bool:
+        """Started, mapped and not broken: the device may pop and push."""
+        return self.started and self._ring is not None and not self.broken
+
+    def start(self) -> None:
+        self.started = True
+        if self._ring is not None and self.event_idx and not self.broken:
+            # After SET_VRING_BASE the avail_event in guest memory may be stale.
+            self._ring.avail_event_set(self.last_avail_idx)
+
+    def stop(self) -> int:
+        """Stop processing (GET_VRING_BASE); returns the index to resume from."""
+        self.started = False
+        return self.last_avail_idx
+
+    # --- driver → device --------------------------------------------------------------------
+    def _fail(self, why: str) -> VirtQueueError:
+        self.broken = True
+        log.warning("virtqueue %d broken: %s", self.index, why)
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
+        return VirtQueueError(f"queue {self.index}: {why}")
+
+    def _ring_or_fail(self) -> RingAccess:
+        ring = self._ring
+        if ring is None or self.broken:
+            raise VirtQueueError(f"queue {self.index} is not usable "
+                                 f"({'broken' if self.broken else 'not mapped'})")
+        return ring
+
+    def available(self) -> int:
+        """How many chains the driver has made available that we have not popped."""
+        ring = self._ring_or_fail()
+        pending = (ring.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if pending > self.num:
+            raise self._fail(f"avail idx moved by {pending} > queue size {self.num}")
+        return pending
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None if the ring is empty."""
+        ring = self._ring_or_fail()
+        pending = self.available()
+        if pending == 0:
+            if not (self.event_idx and self._notify):
+                return None
+            # Ask for a kick at the next entry, then look again: the driver may have added
+            # one between our read and the event store (the fence in C orders the two).
+            ring.avail_event_set(self.last_avail_idx)
+            if self.available() == 0:
+                return None
+        head = ring.avail_head(self.last_avail_idx)
+        if head >= self.num:
+            raise self._fail(f"head {head} >= queue size {self.num}")
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.inflight += 1
+        return chain
+
+    def _walk(self, head: int) -> Chain:
+        assert self._desc is not None
+        table = self._desc
+        table_len = self.num
+        in_indirect = False
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        idx = head
+        count = 0
+        while True:
+            count += 1
+            if count > table_len:
+                raise self._fail(f"descriptor chain from head {head} loops or is too long")
+            addr, length, flags, nxt = DESC.unpack_from(table, idx * DESC_SIZE)
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise self._fail("indirect descriptor without INDIRECT_DESC")
+                if in_indirect or count != 1 or flags & DESC_F_NEXT:
+                    raise self._fail("indirect descriptor must be a lone head of the main table")
+                entries = length // DESC_SIZE
+                if length % DESC_SIZE or not 1 <= entries <= MAX_INDIRECT:
+                    raise self._fail(f"bad indirect table length {length}")
+                try:
+                    table = self.memory.gpa(addr, length)
+                except GuestMemoryError as e:
+                    raise self._fail(f"indirect table outside guest memory: {e}") from None
+                table_len = entries
+                in_indirect = True
+                idx = 0
+                count = 0
+                continue
+            try:
+                buf = self.memory.gpa(addr, length)
+            except GuestMemoryError as e:
+                raise self._fail(f"descriptor buffer outside guest memory: {e}") from None
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                raise self._fail("device-readable descriptor after a device-writable one")
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= table_len:
+                raise self._fail(f"next index {nxt} out of range {table_len}")
+            idx = nxt
+
+    def rewind(self, count: int) -> None:
+        """Give back the last `count` popped chains unused (e.g. RX data did not come)."""
+        if not 0 <= count <= self.inflight:
+            raise ValueError("rewinding more chains than are in flight")
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+        self.inflight -= count
+
+    # --- device → driver --------------------------------------------------------------------
+    def push(self, head: int, length: int) -> None:
+        """Return a popped chain as used, `length` bytes written into its writable buffers."""
+        ring = self._ring_or_fail()
+        if self.inflight <= 0:
+            raise ValueError("push without a popped chain")
+        ring.used_put(self.used_idx, head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.inflight -= 1
+        self._pending += 1
+
+    def flush(self) -> bool:
+        """Publish pushed entries (one used->idx store) and notify if needed; True if notified."""
+        if self._pending == 0 or self._ring is None:
+            return False
+        self._ring.used_publish(self.used_idx)
+        self._pending = 0
+        if self._should_notify():
+            self.signal()
+            return True
+        return False
+
+    def _should_notify(self) -> bool:
+        assert self._ring is not None
+        if not self.event_idx:
+            return not self._ring.avail_flags() & AVAIL_F_NO_INTERRUPT
+        old, new = self.signalled_used, self.used_idx
+        valid = self.signalled_used_valid
+        self.signalled_used = new
+        self.signalled_used_valid = True
+        return not valid or need_event(self._ring.used_event(), new, old)
+
+    def signal(self) -> None:
+        if self.call_fd is not None:
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError as e:
+                log.debug("queue %d: call eventfd: %s", self.index, e)
+
+    # --- notification suppression (driver → device kicks) -----------------------------------
+    def disable_notifications(self) -> None:
+        """Tell the driver not to kick (we are polling / busy)."""
+        self._notify = False
+        if self._ring is not None and not self.event_idx:
+            self._ring.used_flags_set(USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if chains arrived meanwhile (process them, no kick comes)."""
+        self._notify = True
+        ring = self._ring_or_fail()
+        if self.event_idx:
+            ring.avail_event_set(self.last_avail_idx)
+        else:
+            ring.used_flags_set(0)
+        return self.available() > 0
+
+    def drain_kick(self) -> bool:
+        """Consume the kick eventfd's counter; False if the fd is at EOF or broken."""
+        if self.kick_fd is None:
+            return False
+        try:
+            return len(os.read(self.kick_fd, 8)) > 0
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
