@@ -74,6 +74,12 @@ def run(config: Config) -> int:
         loop.stop()
 
     try:
+        dispatcher.listen()
+    except OSError as e:
+        log.error("cannot forward ports: %s", e)
+        dispatcher.close()
+        return 1
+    try:
         if config.fd is not None:
             listener = StreamListener.from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
                                               on_exit=on_exit)
@@ -82,6 +88,7 @@ def run(config: Config) -> int:
                                       one_off=config.one_off, on_exit=on_exit)
     except OSError as e:
         log.error("cannot set up the guest link: %s", e)
+        dispatcher.close()
         return 1
     dispatcher.link = listener
 

@@ -18,6 +18,7 @@ from vhostpasst.link.base import Link
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.services import arp
 from vhostpasst.services.dhcp import DhcpServer
+from vhostpasst.udp import UdpHandler
 from vhostpasst.wire import eth, ip, udp
 from vhostpasst.wire.errors import Malformed
 
@@ -38,10 +39,13 @@ class Dispatcher:
         self.guest_addr4: IPv4Address | None = ip4.addr if ip4 is not None else None
         self.ctx: Context | None = None
         self.icmp: IcmpHandler | None = None
+        self.udp: UdpHandler | None = None
         if loop is not None:
             self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop))
             if not config.no_icmp:
                 self.icmp = IcmpHandler(self.ctx)
+            if not config.no_udp:
+                self.udp = UdpHandler(self.ctx)
         self._link: Link | None = None
         self.guest_mac: bytes | None = None  # learned from the source of every guest frame
         self.addr4_seen: IPv4Address | None = None
@@ -64,6 +68,13 @@ class Dispatcher:
         """Close every flow (and so every host socket)."""
         if self.ctx is not None:
             self.ctx.flows.close_all()
+        if self.udp is not None:
+            self.udp.close()
+
+    def listen(self) -> None:
+        """Bind the -u listening sockets (OSError if an explicit port cannot be bound)."""
+        if self.udp is not None:
+            self.udp.listen(self.config.udp_in)
 
     def on_frames(self, frames: Sequence[memoryview]) -> None:
         for frame in frames:
@@ -124,6 +135,10 @@ class Dispatcher:
             if self.icmp is not None:
                 self.icmp.tap4(header)
             return
+        if header.proto == ip.IPPROTO_UDP:
+            if self.udp is not None:
+                self.udp.tap4(header)
+            return
         self._drop(f"proto-{header.proto}",
                    f"IPv4 protocol {header.proto} dropped: not supported yet")
 
@@ -141,6 +156,10 @@ class Dispatcher:
         if header.proto == ip.IPPROTO_ICMPV6:
             if self.icmp is not None:
                 self.icmp.tap6(header)
+            return
+        if header.proto == ip.IPPROTO_UDP:
+            if self.udp is not None:
+                self.udp.tap6(header)
             return
         self._drop(f"proto6-{header.proto}",
                    f"IPv6 next header {header.proto} dropped: not supported yet")

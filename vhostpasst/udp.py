@@ -1,0 +1,457 @@
+"""UDP: guest datagrams to per-flow host sockets and back, `-u` inbound forwarding, and ICMP
+errors relayed to the guest (reference §4.6, §4.8, §4.9).
+
+Guest -> host: a flow per (guest address and port, destination and port) owns a socket bound
+to the guest's source port where the host allows it (so servers see the port the guest used)
+and connected to the translated destination; payloads go out with send(). Replies are read
+with recvmsg_into straight into link buffers after the room for the headers, which are then
+written in place: one copy from the socket to the guest.
+
+Host -> guest (`-u`): listening sockets per forwarded port. A datagram from a new host source
+makes a flow towards the guest's address and the mapped port; what the guest answers goes back
+out of the listening socket, so the source port is the one the host peer talked to.
+
+Errors: every socket has IP_RECVERR / IPV6_RECVERR. What the kernel queues (port unreachable,
+fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the datagram as
+the guest sent it, rate-limited. passt only logs these; a guest that is told gets
+ECONNREFUSED at once instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from vhostpasst import fwd, nat
+from vhostpasst.flow import RX_BATCH, Context, Flow
+from vhostpasst.log import RateLimitedLog
+from vhostpasst.loop import EPOLLERR, EPOLLIN
+from vhostpasst.wire import checksum, eth, icmp, ip, udp
+from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
+
+log = logging.getLogger(__name__)
+
+IPAddr = IPv4Address | IPv6Address
+
+UDP_TIMEOUT = 180.0
+# Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
+TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
+
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
+ICMP4_ERR_MAX = 576  # RFC 1812 4.3.2.3: an ICMP error packet stays within 576 bytes
+ICMP6_ERR_MAX = 1280  # RFC 4443 2.4(c): within the minimum IPv6 MTU
+ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
+ICMP_ERR_BURST = 20.0
+
+_SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are discarded here
+
+
+def flow_timeout() -> float:
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, UDP_TIMEOUT))
+    except ValueError:
+        return UDP_TIMEOUT
+    return value if value > 0 else UDP_TIMEOUT
+
+
+class UdpFlow(Flow):
+    """One pseudo-connection. Guest side: (gaddr, gport) is the guest, (faddr, fport) the
+    far end as the guest sees it. Host side: `sock`, connected (outbound flows, owned) or
+    a shared listening socket with `peer` the host source (inbound flows)."""
+
+    def __init__(self, ctx: Context, six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr,
+                 fport: int, sock: socket.socket, peer: tuple[object, ...] | None,
+                 timeout: float) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.six = six
+        self.gaddr, self.gport, self.faddr, self.fport = gaddr, gport, faddr, fport
+        self.sock = sock
+        self.peer = peer  # None: `sock` is ours and connected
+        self.target: IPAddr | None = None  # outbound: the translated destination
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        kind = "out" if self.peer is None else "in"
+        return f"<udp {kind} {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport}>"
+
+    def close(self) -> None:
+        if self.peer is None:
+            self.ctx.loop.remove_fd(self.sock.fileno())
+            self.sock.close()
+
+
+class Listener:
+    """One `-u` listening socket: host port -> guest port."""
+
+    def __init__(self, sock: socket.socket, six: bool, guest_port: int) -> None:
+        self.sock = sock
+        self.six = six
+        self.guest_port = guest_port
+
+
+def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
+    return ("udp", six, gaddr, gport, faddr, fport)
+
+
+def _set_recverr(sock: socket.socket, six: bool) -> None:
+    if six:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+
+
+class UdpHandler:
+    def __init__(self, ctx: Context, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctx = ctx
+        self.clock = clock
+        self.timeout = flow_timeout()
+        self.listeners: list[Listener] = []
+        self._log = RateLimitedLog(log)
+        self._tokens = ICMP_ERR_BURST
+        self._tokens_at = clock()
+        self.errors_relayed = 0
+
+    def close(self) -> None:
+        for lst in self.listeners:
+            self.ctx.loop.remove_fd(lst.sock.fileno())
+            lst.sock.close()
+        self.listeners.clear()
+
+    # --- guest -> host ----------------------------------------------------------------------
+
+    def tap4(self, packet: ip.Ipv4) -> None:
+        self._tap(False, packet.src, packet.dst, udp.parse_udp(packet.payload))
+
+    def tap6(self, packet: ip.Ipv6) -> None:
+        self._tap(True, packet.src, packet.dst, udp.parse_udp(packet.l4))
+
+    def _tap(self, six: bool, src: IPAddr, dst: IPAddr, dgram: udp.Udp) -> None:
+        if dgram.sport == 0 or dgram.dport == 0:
+            self._log.debug("udp-port0", "UDP datagram with port 0 from the guest dropped")
+            return
+        if src.is_unspecified or src.is_multicast or dst.is_unspecified or dst.is_multicast \
+                or dst == IPv4Address("255.255.255.255"):
+            self._log.debug(("udp-addr", dst), "UDP from %s to %s dropped", src, dst)
+            return
+        key = _tap_key(six, src, dgram.sport, dst, dgram.dport)
+        flow = self.ctx.flows.lookup(key)
+        if not isinstance(flow, UdpFlow):
+            flow = self._new_outbound(six, src, dgram.sport, dst, dgram.dport)
+            if flow is None:
+                return
+            if not self.ctx.flows.add(flow, key):
+                flow.close()
+                return
+        flow.touch()
+        try:
+            if flow.peer is None:
+                flow.sock.send(dgram.payload)
+            else:
+                flow.sock.sendto(dgram.payload, flow.peer)
+        except BlockingIOError:
+            self._log.debug("udp-send-full", "UDP socket buffer full: datagram dropped")
+        except OSError as e:
+            # ECONNREFUSED etc. report an earlier ICMP error (relayed from the error queue)
+            self._log.debug(("udp-send", e.errno), "UDP send for %r: %s", flow, e)
+
+    def _new_outbound(self, six: bool, src: IPAddr, sport: int, dst: IPAddr,
+                      dport: int) -> UdpFlow | None:
+        ctx = self.ctx
+        if ctx.flows.full():
+            self._log.warning("udp-full", "flow table full: UDP datagram dropped")
+            return None
+        target = nat.from_tap(ctx.config, True, dst, dport)
+        if target is None:
+            self._log.debug(("udp-nat", dst), "UDP to %s dropped", dst)
+            return None
+        conf = ctx.config.ip6 if six else ctx.config.ip4
+        family = socket.AF_INET6 if six else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_recverr(sock, six)
+            if conf is not None and conf.outbound_if:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                conf.outbound_if.encode())
+            local = str(conf.outbound) if conf is not None and conf.outbound else ""
+            try:
+                sock.bind((local, sport))  # keep the guest's source port (reference 4.6)
+            except OSError as e:
+                # taken (by a socket without SO_REUSEADDR) or privileged: any port will do
+                self._log.debug(("udp-bind", sport), "UDP source port %d: %s", sport, e)
+                sock.bind((local, 0))
+            if six:
+                scope = conf.ifindex if conf is not None and target.is_link_local else 0
+                sock.connect((str(target), dport, 0, scope))
+            else:
+                sock.connect((str(target), dport))
+        except OSError as e:
+            sock.close()
+            self._log.debug(("udp-sock", e.errno), "UDP flow to %s:%d: %s", target, dport, e)
+            return None
+        flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout)
+        flow.target = target
+        ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda mask: self._on_flow_sock(flow, mask))
+        return flow
+
+    # --- host -> guest ----------------------------------------------------------------------
+
+    def _on_flow_sock(self, flow: UdpFlow, mask: int) -> None:
+        try:
+            if mask & EPOLLERR:
+                self._drain_errors(flow.sock, flow.six, lambda _addr: flow)
+            if not flow.closed:
+                self._read(flow.sock, flow.six, lambda _addr: flow)
+        except Exception:  # a bug must not stop the loop
+            log.exception("error reading a UDP flow socket")
+
+    def _on_listener(self, lst: Listener, mask: int) -> None:
+        try:
+            if mask & EPOLLERR:
+                self._drain_errors(lst.sock, lst.six, lambda addr: self._inbound_flow(
+                    lst, addr, create=False))
+            self._read(lst.sock, lst.six, lambda addr: self._inbound_flow(lst, addr))
+        except Exception:
+            log.exception("error reading a UDP listening socket")
+
+    def _read(self, sock: socket.socket, six: bool,
+              flow_for: Callable[[tuple], UdpFlow | None]) -> None:
+        """Up to RX_BATCH datagrams, each straight into a link buffer after the header room;
+        headers are written in place and all frames committed at once."""
+        ctx = self.ctx
+        off = udp.UDP6_PAYLOAD_OFFSET if six else udp.UDP4_PAYLOAD_OFFSET
+        room = ctx.max_l3 - (IPV6_HLEN if six else IPV4_HLEN) - udp.UDP_HLEN
+        bufs = ctx.rx_buffers(RX_BATCH)
+        lengths: list[int] = []
+        mac, our = ctx.guest_mac(), ctx.config.our_mac
+        for _ in range(RX_BATCH):
+            i = len(lengths)
+            view = bufs[i][off:off + room] if i < len(bufs) else memoryview(_SCRATCH)
+            try:
+                n, _anc, flags, addr = sock.recvmsg_into([view])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # a pending ICMP error (ECONNREFUSED...): keep reading
+                self._log.debug(("udp-recv", e.errno), "UDP recv: %s", e)
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                   errno.EMSGSIZE, errno.ETIMEDOUT):
+                    break
+                continue
+            if i >= len(bufs):
+                continue  # no guest, or no buffer: dropped
+            if flags & socket.MSG_TRUNC:
+                self._log.debug("udp-trunc", "UDP datagram larger than the guest MTU dropped")
+                continue
+            flow = flow_for(addr)
+            if flow is None:
+                continue
+            flow.touch()
+            buf = bufs[i]
+            if six:
+                length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr, flow.gaddr,
+                                                        flow.fport, flow.gport, n)
+            else:
+                length = udp.write_eth_ipv4_udp_headers(buf, mac, our, flow.faddr, flow.gaddr,
+                                                        flow.fport, flow.gport, n)
+            lengths.append(length)
+        if lengths:
+            ctx.commit(lengths)
+
+    def _inbound_flow(self, lst: Listener, addr: tuple, create: bool = True) -> UdpFlow | None:
+        try:
+            host_src = ip_address(addr[0].split("%")[0])
+            host_port = int(addr[1])
+        except (ValueError, IndexError, TypeError, AttributeError):
+            return None
+        key = ("udpin", lst.sock.fileno(), host_src, host_port)
+        flow = self.ctx.flows.lookup(key)
+        if isinstance(flow, UdpFlow) or not create:
+            return flow if isinstance(flow, UdpFlow) else None
+        if host_port == 0 or host_src.is_multicast or host_src.is_unspecified:
+            return None
+        if self.ctx.flows.full():
+            self._log.warning("udp-full", "flow table full: inbound UDP datagram dropped")
+            return None
+        sides = nat.from_host(self.ctx.config, self.ctx.guest, host_src)
+        if sides is None:
+            self._log.debug(("udp-in-nat", host_src), "UDP from %s: no guest address to use",
+                            host_src)
+            return None
+        shown, gdst = sides
+        six = isinstance(gdst, IPv6Address)
+        if six != lst.six:
+            return None
+        flow = UdpFlow(self.ctx, six, gdst, lst.guest_port, shown, host_port, lst.sock,
+                       tuple(addr), self.timeout)
+        if not self.ctx.flows.add(flow, key, _tap_key(six, gdst, lst.guest_port, shown,
+                                                      host_port)):
+            return None
+        return flow
+
+    # --- -u: listening sockets ----------------------------------------------------------------
+
+    def listen(self, forwards: fwd.PortForwards | None) -> None:
+        """Bind every `-u` mapping. Raises OSError for a port that an explicit spec asked
+        for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
+        tolerant_tried = tolerant_ok = 0
+        config = self.ctx.config
+        for m in fwd.mappings(forwards, fwd.ephemeral_range()):
+            families = []
+            if m.addr is not None:
+                families.append(isinstance(m.addr, IPv6Address))
+            else:
+                if config.ip4 is not None:
+                    families.append(False)
+                if config.ip6 is not None:
+                    families.append(True)
+            for six in families:
+                if m.tolerant:
+                    tolerant_tried += 1
+                try:
+                    sock = self._listen_one(six, m.addr, m.ifname, m.host_port)
+                except OSError as e:
+                    if m.tolerant and e.errno not in (errno.EMFILE, errno.ENFILE):
+                        continue
+                    where = f"{m.addr or ('[::]' if six else '0.0.0.0')}"
+                    raise OSError(e.errno, f"UDP port {m.host_port} on {where}"
+                                           f"{'%' + m.ifname if m.ifname else ''}: "
+                                           f"{e.strerror}") from None
+                if m.tolerant:
+                    tolerant_ok += 1
+                lst = Listener(sock, six, m.guest_port)
+                self.listeners.append(lst)
+                self.ctx.loop.add_fd(sock.fileno(), EPOLLIN,
+                                     lambda mask, lst=lst: self._on_listener(lst, mask))
+        if tolerant_tried and not tolerant_ok and not self.listeners:
+            raise OSError(errno.EADDRINUSE, "no UDP port could be forwarded")
+
+    def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
+                    port: int) -> socket.socket:
+        family = socket.AF_INET6 if six else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _set_recverr(sock, six)
+            if ifname:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            sock.bind((str(addr) if addr is not None else "", port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    # --- ICMP errors to the guest -------------------------------------------------------------
+
+    def _allow_error(self) -> bool:
+        now = self.clock()
+        self._tokens = min(ICMP_ERR_BURST, self._tokens + (now - self._tokens_at) * ICMP_ERR_RATE)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _drain_errors(self, sock: socket.socket, six: bool,
+                      flow_for: Callable[[tuple], UdpFlow | None]) -> None:
+        for _ in range(RX_BATCH):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(ICMP6_ERR_MAX, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._log.debug(("udp-errq", e.errno), "UDP error queue: %s", e)
+                return
+            for level, ctype, cdata in anc:
+                if (level, ctype) not in ((socket.IPPROTO_IP, IP_RECVERR),
+                                          (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+                    continue
+                flow = flow_for(addr)
+                if flow is None or flow.closed:
+                    continue
+                self.relay_error(flow, cdata, data)
+
+    def relay_error(self, flow: UdpFlow, ee_data: bytes, payload: bytes) -> None:
+        """Turn one `struct sock_extended_err` (+ offender) about a datagram of `flow` into
+        an ICMP error for the guest, quoting the datagram as the guest sent it."""
+        if len(ee_data) < _EE.size:
+            return
+        _errno, origin, type_, code, _pad, info, _data = _EE.unpack_from(ee_data)
+        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
+            return  # a local error (e.g. EMSGSIZE): nothing was received from the network
+        if (origin == SO_EE_ORIGIN_ICMP6) != flow.six:
+            return
+        src = self._error_source(flow, ee_data[_EE.size:])
+        if src is None or not self._allow_error():
+            if src is not None:
+                self._log.debug("icmp-err-rate", "ICMP error to the guest rate-limited")
+            return
+        frame = build_error_frame(self.ctx, flow, type_, code, info, payload, src)
+        if frame is not None and self.ctx.link is not None:
+            if self.ctx.link.send(frame):
+                self.errors_relayed += 1
+
+    def _error_source(self, flow: UdpFlow, offender: bytes) -> IPAddr | None:
+        """Who the guest is told sent the error: the far end itself if it was the
+        destination we talked to, else the offender as the guest may see it."""
+        off: IPAddr | None = None
+        try:
+            if not flow.six and len(offender) >= 8 and offender[0:2] == \
+                    struct.pack("=H", socket.AF_INET):
+                off = IPv4Address(offender[4:8])
+            elif flow.six and len(offender) >= 24 and offender[0:2] == \
+                    struct.pack("=H", socket.AF_INET6):
+                off = IPv6Address(offender[8:24])
+        except ValueError:
+            off = None
+        if off is None:
+            return flow.faddr
+        if flow.peer is None and off == flow.target:
+            return flow.faddr
+        if flow.peer is not None and off == ip_address(str(flow.peer[0]).split("%")[0]):
+            return flow.faddr
+        shown = nat.guest_source(self.ctx.config, self.ctx.guest, off)
+        return shown if shown is not None else flow.faddr
+
+
+def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: int,
+                      payload: bytes, src: IPAddr) -> bytes | None:
+    """An Ethernet frame carrying an ICMP(v6) error about the guest's datagram of `flow`."""
+    mac, our = ctx.guest_mac(), ctx.config.our_mac
+    ulen = udp.UDP_HLEN + len(payload)
+    if flow.six:
+        limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
+        quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
+        quoted = ip.build_ipv6(flow.gaddr, flow.faddr, ip.IPPROTO_UDP, b"")
+        quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
+        quoted = quoted[:limit]
+        rest = struct.pack("!I", info if type_ == icmp.ICMPV6_PKT_TOOBIG else 0)
+        msg = icmp.build_icmpv6(src, flow.gaddr, type_, code, rest + quoted)
+        return eth.build_eth(mac, our, eth.ETH_P_IPV6,
+                             ip.build_ipv6(src, flow.gaddr, ip.IPPROTO_ICMPV6, msg))
+    limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
+    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
+    inner = bytearray(ip.build_ipv4(flow.gaddr, flow.faddr, ip.IPPROTO_UDP, b"", ttl=64))
+    struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
+    struct.pack_into("!H", inner, 10, 0)
+    struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
+    quoted = (bytes(inner) + quoted_udp)[:limit]
+    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == 4
+    rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
+    msg = icmp.build_icmp(type_, code, rest + quoted)
+    return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(src, flow.gaddr, ip.IPPROTO_ICMP,
+                                                               msg))
