@@ -444,8 +444,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
         ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
         ("vhostpasst", ["-t", "22"],
          "vhostpasst: --tcp-ports (port forwarding) is not supported yet"),
-        ("vhostpasst", ["-u", "~53"],
-         "vhostpasst: --udp-ports (port forwarding) is not supported yet"),
     ],
 )
 def test_not_supported_yet(
