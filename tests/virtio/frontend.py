@@ -98,6 +98,7 @@ class DriverRing:
         self.avail_idx = 0
         self.last_used = 0
         self.kicked_at = 0  # avail idx at the last kick decision
+        self.rearm = True  # get_used() re-arms used_event, as a NAPI driver does
         self.free = list(range(num))
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -177,6 +178,8 @@ class DriverRing:
             out.append((head, length))
             self.last_used = (self.last_used + 1) & 0xFFFF
             self.free.extend(self.ids.pop(head, []))
+        if self.event_idx and self.rearm:
+            self.set_used_event(self.last_used)  # "call me for the next one" (Linux's enable_cb)
         return out
 
     def written(self, head: int, length: int) -> bytes:

@@ -123,6 +123,7 @@ def test_event_idx_suppresses_calls_until_used_event():
     setup = Setup(event_idx=True)
     try:
         ring, vq = setup.ring, setup.vq
+        ring.rearm = False
         ring.set_used_event(2)  # "call me when used idx passes 2"
         for expected_call in (True, False, True, False):
             ring.add([b"x"])

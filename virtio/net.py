@@ -1,0 +1,129 @@
+"""virtio-net specifics (virtio 1.2, 5.1): the 12-byte header and mergeable RX buffers.
+
+With VERSION_1 the header is always virtio_net_hdr_mrg_rxbuf (12 bytes, num_buffers included,
+whether or not MRG_RXBUF is negotiated). On RX with MRG_RXBUF one frame may span several
+descriptor chains; num_buffers in the first chain's header says how many.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .backend import Device
+from .virtqueue import Chain, VirtQueue
+
+F_CSUM = 1 << 0
+F_GUEST_CSUM = 1 << 1
+F_MTU = 1 << 3
+F_MAC = 1 << 5
+F_MRG_RXBUF = 1 << 15
+F_STATUS = 1 << 16
+
+HDR_F_NEEDS_CSUM = 1
+HDR_F_DATA_VALID = 2
+GSO_NONE = 0
+
+HEADER = struct.Struct("<BBHHHHH")
+HDR_LEN = HEADER.size  # 12
+NUM_BUFFERS_OFFSET = 10
+
+RX_QUEUE = 0  # even queue indices receive (device → driver), odd ones transmit
+TX_QUEUE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NetHeader:
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+
+    @classmethod
+    def unpack(cls, buf: bytes | memoryview) -> NetHeader:
+        if len(buf) < HDR_LEN:
+            raise ValueError("virtio-net header truncated")
+        return cls(*HEADER.unpack_from(buf))
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                           self.csum_start, self.csum_offset, self.num_buffers)
+
+    def pack_into(self, buf: memoryview, offset: int = 0) -> None:
+        HEADER.pack_into(buf, offset, self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                         self.csum_start, self.csum_offset, self.num_buffers)
+
+
+def tx_frame(chain: Chain) -> tuple[NetHeader, list[memoryview]]:
+    """Split a TX chain into its header and the frame's pieces (views, no copy)."""
+    pieces: list[memoryview] = []
+    need = HDR_LEN
+    head = bytearray()
+    for buf in chain.readable:
+        if need:
+            take = min(need, len(buf))
+            head += buf[:take]
+            need -= take
+            buf = buf[take:]
+        if len(buf):
+            pieces.append(buf)
+    if need:
+        raise ValueError("TX chain shorter than the virtio-net header")
+    return NetHeader.unpack(head), pieces
+
+
+def _copy_into(bufs: Sequence[memoryview], data: bytes | memoryview) -> int:
+    done = 0
+    for buf in bufs:
+        n = min(len(buf), len(data) - done)
+        buf[:n] = data[done:done + n]
+        done += n
+        if done == len(data):
+            break
+    return done
+
+
+def rx_put(vq: VirtQueue, frame: bytes | memoryview, header: NetHeader | None = None,
+           mergeable: bool = True) -> bool:
+    """Copy one frame, after a header, into the driver's RX buffers; False if there is no room.
+
+    Pops chains until the header and frame fit (only one chain unless `mergeable`), pushes
+    each with the bytes it got and sets num_buffers. On shortage the chains go back (rewind)
+    and nothing is pushed. The caller flushes the queue once per batch.
+    """
+    header = header or NetHeader(flags=HDR_F_DATA_VALID)
+    total = HDR_LEN + len(frame)
+    chains: list[Chain] = []
+    room = 0
+    while room < total:
+        chain = vq.pop()
+        if chain is None or (chains and not mergeable):
+            if chain is not None:
+                chains.append(chain)
+            vq.rewind(len(chains))
+            return False
+        chains.append(chain)
+        room += chain.write_len
+    data = memoryview(
+        NetHeader(header.flags, header.gso_type, header.hdr_len, header.gso_size,
+                  header.csum_start, header.csum_offset, len(chains)).pack() + bytes(frame))
+    offset = 0
+    for chain in chains:
+        n = _copy_into(chain.writable, data[offset:])
+        vq.push(chain.head, n)
+        offset += n
+    return True
+
+
+class NetDevice(Device):
+    """A virtio-net device: one RX/TX queue pair, mergeable RX buffers."""
+
+    features = F_MRG_RXBUF
+    num_queues = 2
+
+    def queue_num(self) -> int:
+        return self.num_queues // 2  # qemu's vhost-user-net reads this as queue pairs
