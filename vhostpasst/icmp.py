@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst import nat
@@ -50,6 +51,8 @@ class PingFlow(Flow):
 class IcmpHandler:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        # tests substitute fake sockets here, so fuzzing never touches a real network
+        self.socket_factory: Callable[..., socket.socket] = socket.socket
         self._log = RateLimitedLog(log)
         self._warned_perm = False
 
@@ -108,7 +111,7 @@ class IcmpHandler:
         family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if six
                          else (socket.AF_INET, socket.IPPROTO_ICMP))
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+            sock = self.socket_factory(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC, proto)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM) and not self._warned_perm:

@@ -114,6 +114,8 @@ def _set_recverr(sock: socket.socket, six: bool) -> None:
 class UdpHandler:
     def __init__(self, ctx: Context, clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
+        # tests substitute fake sockets here, so fuzzing never touches a real network
+        self.socket_factory: Callable[..., socket.socket] = socket.socket
         self.clock = clock
         self.timeout = flow_timeout()
         self.listeners: list[Listener] = []
@@ -177,7 +179,7 @@ class UdpHandler:
             return None
         conf = ctx.config.ip6 if six else ctx.config.ip4
         family = socket.AF_INET6 if six else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+        sock = self.socket_factory(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -340,7 +342,7 @@ class UdpHandler:
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
         family = socket.AF_INET6 if six else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+        sock = self.socket_factory(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
