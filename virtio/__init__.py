@@ -1,1 +1,10 @@
-"""vhost-user device back-end library (virtqueues, guest memory); knows nothing about IP."""
+"""vhost-user device back-end library (virtqueues, guest memory); knows nothing about IP.
+
+- `message`: the wire codec (header, per-request size/fd rules, `MessageReader`, replies).
+- `memory.GuestMemory`: regions mmap'd from the front end's fds; `gpa()` / `uva()` views.
+- `virtqueue.VirtQueue`: split ring: `pop() -> Chain | None`, `push(head, len)`, `flush()`,
+  `rewind(n)`, notification control; ordered index accesses in C (`ring`, `_ring`).
+- `backend.VhostUserBackend(sock, loop, device)`: the protocol state machine; a `Device`
+  subclass supplies features/queues and gets started/stopped/enabled/kicked callbacks.
+- `net`: virtio-net header, `tx_frame()`, mergeable `rx_put()`, `NetDevice`.
+"""

@@ -14,6 +14,7 @@ the connection, since the front end would carry on believing it succeeded. A bro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -349,7 +350,7 @@ class VhostUserBackend:
             vq.kick_fd = None
         if fd is not None:
             try:
-                self.loop.add_fd(fd, select.EPOLLIN, lambda mask, vq=vq: self._on_kick(vq))
+                self.loop.add_fd(fd, select.EPOLLIN, functools.partial(self._on_kick, vq))
             except OSError as e:
                 _close(fd)
                 raise RequestError(f"kick fd cannot be polled: {e}") from None
@@ -358,7 +359,7 @@ class VhostUserBackend:
             vq.start()
             self._callback(self.device.queue_started, vq)
 
-    def _on_kick(self, vq: VirtQueue) -> None:
+    def _on_kick(self, vq: VirtQueue, mask: int = 0) -> None:
         if not vq.drain_kick():
             log.warning("queue %d: kick fd at EOF or failing; no longer watched", vq.index)
             if vq.kick_fd is not None:

@@ -44,7 +44,7 @@ class NetHeader:
     num_buffers: int = 0
 
     @classmethod
-    def unpack(cls, buf: bytes | memoryview) -> NetHeader:
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> NetHeader:
         if len(buf) < HDR_LEN:
             raise ValueError("virtio-net header truncated")
         return cls(*HEADER.unpack_from(buf))
