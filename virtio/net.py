@@ -8,7 +8,6 @@ descriptor chains; num_buffers in the first chain's header says how many.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .backend import Device
@@ -76,24 +75,14 @@ def tx_frame(chain: Chain) -> tuple[NetHeader, list[memoryview]]:
     return NetHeader.unpack(head), pieces
 
 
-def _copy_into(bufs: Sequence[memoryview], data: bytes | memoryview) -> int:
-    done = 0
-    for buf in bufs:
-        n = min(len(buf), len(data) - done)
-        buf[:n] = data[done:done + n]
-        done += n
-        if done == len(data):
-            break
-    return done
-
-
-def rx_put(vq: VirtQueue, frame: bytes | memoryview, header: NetHeader | None = None,
-           mergeable: bool = True) -> bool:
+def rx_put(vq: VirtQueue, frame: bytes | bytearray | memoryview,
+           header: NetHeader | None = None, mergeable: bool = True) -> bool:
     """Copy one frame, after a header, into the driver's RX buffers; False if there is no room.
 
     Pops chains until the header and frame fit (only one chain unless `mergeable`), pushes
     each with the bytes it got and sets num_buffers. On shortage the chains go back (rewind)
-    and nothing is pushed. The caller flushes the queue once per batch.
+    and nothing is pushed. The caller flushes the queue once per batch. The frame is copied
+    once, straight into guest memory (no intermediate header+frame buffer).
     """
     header = header or NetHeader(flags=HDR_F_DATA_VALID)
     total = HDR_LEN + len(frame)
@@ -108,14 +97,27 @@ def rx_put(vq: VirtQueue, frame: bytes | memoryview, header: NetHeader | None = 
             return False
         chains.append(chain)
         room += chain.write_len
-    data = memoryview(
-        NetHeader(header.flags, header.gso_type, header.hdr_len, header.gso_size,
-                  header.csum_start, header.csum_offset, len(chains)).pack() + bytes(frame))
-    offset = 0
+    head = NetHeader(header.flags, header.gso_type, header.hdr_len, header.gso_size,
+                     header.csum_start, header.csum_offset, len(chains)).pack()
+    sources = [memoryview(head), memoryview(frame)]
+    si = so = 0  # source index and offset in it
     for chain in chains:
-        n = _copy_into(chain.writable, data[offset:])
-        vq.push(chain.head, n)
-        offset += n
+        written = 0
+        for buf in chain.writable:
+            bo = 0
+            while bo < len(buf) and si < len(sources):
+                src = sources[si]
+                n = min(len(buf) - bo, len(src) - so)
+                buf[bo:bo + n] = src[so:so + n]
+                bo += n
+                so += n
+                written += n
+                if so == len(src):
+                    si += 1
+                    so = 0
+            if si == len(sources):
+                break
+        vq.push(chain.head, written)
     return True
 
 

@@ -426,16 +426,85 @@ def _take_path(path: str, explicit: bool) -> socket.socket | None:
         return None  # lost a race with another process probing the same path
 
 
+class UnixListener:
+    """A listening UNIX socket at `path` (or the first free probed path) that hands accepted
+    connections to `on_accept(conn, pid)`, one client at a time: while `busy()` is true,
+    further connections are accepted and closed at once. Shared by the stream-socket and the
+    vhost-user listeners, which differ only in what they do with a connection.
+
+    With `path` None the first free `probe_pattern.format(n)`, n = 1..probe_count, is taken
+    (tests pass their own pattern so they never touch a real passt's /tmp/passt_N.socket).
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        path: str | None,
+        on_accept: Callable[[socket.socket, int | None], None],
+        busy: Callable[[], bool],
+        *,
+        probe_pattern: str = DEFAULT_PROBE_PATTERN,
+        probe_count: int = DEFAULT_PROBE_COUNT,
+    ) -> None:
+        self._loop = loop
+        self.on_accept = on_accept
+        self.busy = busy
+        sock: socket.socket | None = None
+        if path is not None:
+            sock = _take_path(path, explicit=True)
+        else:
+            for n in range(1, probe_count + 1):
+                candidate = probe_pattern.format(n)
+                sock = _take_path(candidate, explicit=False)
+                if sock is not None:
+                    path = candidate
+                    break
+            else:
+                raise StreamSetupError(
+                    f"no free socket path: {probe_pattern.format(1)} .. "
+                    f"{probe_pattern.format(probe_count)} all in use"
+                )
+        assert sock is not None and path is not None
+        self.path: str = path
+        self._sock = sock
+        self._ino = os.stat(path).st_ino  # so close() only unlinks our own socket
+        loop.add_fd(sock.fileno(), EPOLLIN, self._on_listen)
+        log.info("UNIX domain socket bound at %s", path)  # the qemu hint is the daemon's
+
+    def _on_listen(self, mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ECONNABORTED, EMFILE...: keep listening
+                _ratelimited.warning("accept", "accept() on %s failed: %s", self.path, e)
+                return
+            pid = _peer_pid(conn)
+            if self.busy():
+                log.info("another client connected (pid %s): refused, one client at a time", pid)
+                conn.close()
+                continue
+            log.info("client connected (pid %s)", pid)
+            self.on_accept(conn, pid)
+
+    def close(self) -> None:
+        self._loop.remove_fd(self._sock.fileno())
+        self._sock.close()
+        try:
+            if os.stat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except OSError:
+            pass  # already gone, or not ours any more
+
+
 class StreamListener(Link):
     """A UNIX stream listener feeding one StreamLink (`.link`), one client at a time.
 
     The listener is itself a Link that forwards to `.link`, so either can be handed to the
-    dispatcher.
-
-    With `path` None the first free `probe_pattern.format(n)`, n = 1..probe_count, is taken
-    (tests pass their own pattern so they never touch a real passt's /tmp/passt_N.socket).
-    When the client goes away the link waits for the next one, or with `one_off` calls
-    `on_exit` (default: stop the loop).
+    dispatcher. The socket path is probed and bound by UnixListener (see there). When the
+    client goes away the link waits for the next one, or with `one_off` calls `on_exit`
+    (default: stop the loop).
     """
 
     def __init__(
@@ -455,28 +524,16 @@ class StreamListener(Link):
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
         self.link = StreamLink(loop, on_frames, pcap, on_disconnect=self._client_gone)
-        sock: socket.socket | None = None
-        if path is not None:
-            sock = _take_path(path, explicit=True)
-        else:
-            for n in range(1, probe_count + 1):
-                candidate = probe_pattern.format(n)
-                sock = _take_path(candidate, explicit=False)
-                if sock is not None:
-                    path = candidate
-                    break
-            else:
-                self.link.close()
-                raise StreamSetupError(
-                    f"no free socket path: {probe_pattern.format(1)} .. "
-                    f"{probe_pattern.format(probe_count)} all in use"
-                )
-        assert sock is not None and path is not None
-        self.path: str = path
-        self._sock = sock
-        self._ino = os.stat(path).st_ino  # so close() only unlinks our own socket
-        loop.add_fd(sock.fileno(), EPOLLIN, self._on_listen)
-        log.info("UNIX domain socket bound at %s", path)  # the qemu hint is the daemon's
+        try:
+            self._listener = UnixListener(
+                loop, path, lambda conn, _pid: self.link.attach(conn),
+                lambda: self.link.connected,
+                probe_pattern=probe_pattern, probe_count=probe_count,
+            )
+        except BaseException:
+            self.link.close()
+            raise
+        self.path: str = self._listener.path
 
     @staticmethod
     def from_fd(
@@ -507,23 +564,6 @@ class StreamListener(Link):
     def flush(self) -> None:
         self.link.flush()
 
-    def _on_listen(self, mask: int) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # ECONNABORTED, EMFILE...: keep listening
-                _ratelimited.warning("accept", "accept() on %s failed: %s", self.path, e)
-                return
-            pid = _peer_pid(conn)
-            if self.link.connected:
-                log.info("another client connected (pid %s): refused, one client at a time", pid)
-                conn.close()
-                continue
-            log.info("client connected (pid %s)", pid)
-            self.link.attach(conn)
-
     def _client_gone(self) -> None:
         if self.one_off:
             log.info("client gone and --one-off given: exiting")
@@ -531,13 +571,7 @@ class StreamListener(Link):
 
     def close(self) -> None:
         self.link.close()
-        self._loop.remove_fd(self._sock.fileno())
-        self._sock.close()
-        try:
-            if os.stat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
-        except OSError:
-            pass  # already gone, or not ours any more
+        self._listener.close()
 
 
 def stream_link_from_fd(

@@ -1,0 +1,457 @@
+"""The vhost-user link driven by the Python front end (tests/virtio/frontend.py), as qemu would:
+DHCP over the rings, zero-copy and bounced RX buffers, mergeable RX, RX kicks waking waiters,
+TX batching, checksum offload flags, reconnect, one-off / --fd, hostile front ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from ipaddress import IPv4Address as A4
+from pathlib import Path
+
+import pytest
+
+from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
+from vhostpasst.conf import Config, Ip4Conf
+from vhostpasst.dispatch import Dispatcher
+from vhostpasst.link.base import ETH_MAX_FRAME
+from vhostpasst.link.stream import StreamSetupError
+from vhostpasst.link.vhost import VhostUserLink, VhostUserListener, vhost_link_from_fd
+from vhostpasst.loop import Loop
+from vhostpasst.wire import eth, ip, udp
+from virtio import message as m
+from virtio import net
+from virtio.backend import F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
+from virtio.message import Request as R
+from virtio.virtqueue import DESC_F_NEXT
+
+GW4, HOST4 = A4("192.0.2.1"), A4("192.0.2.2")
+GUEST_MAC = bytes.fromhex("020000000001")
+OUR_MAC = bytes.fromhex("9a559a559a55")
+BASE = F_VERSION_1 | F_PROTOCOL_FEATURES | net.F_MRG_RXBUF
+ALL = BASE | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC | net.F_CSUM | net.F_GUEST_CSUM
+
+
+def discover() -> bytes:
+    zero, bcast = A4("0.0.0.0"), A4("255.255.255.255")
+    bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128sI", 1, 1, 6, 0, 0x1234, 0, 0, zero.packed,
+                        zero.packed, zero.packed, zero.packed, GUEST_MAC, b"", b"", 0x63825363)
+    msg = bootp + b"\x35\x01\x01\xff"
+    return eth.build_eth(eth.BROADCAST_MAC, GUEST_MAC, eth.ETH_P_IP, ip.build_ipv4(
+        zero, bcast, ip.IPPROTO_UDP, udp.build_udp4(zero, bcast, 68, 67, msg)))
+
+
+def is_offer(frame: bytes) -> bool:
+    return (frame[12:14] == b"\x08\x00" and frame[14 + 9] == ip.IPPROTO_UDP
+            and frame[14 + 20 + 2:14 + 20 + 4] == b"\x00\x44" and b"\x35\x01\x02" in frame)
+
+
+class Guest:
+    """The driver side: one front end connection, guest memory, RX and TX rings."""
+
+    def __init__(self, sock: socket.socket, loop: Loop, queue_size: int = 16) -> None:
+        self.fe = Frontend(sock, lambda: loop.run_once(0))
+        self.dmem = DriverMemory((1 << 20,))
+        self.rx = DriverRing(self.dmem, queue_size)
+        self.tx = DriverRing(self.dmem, queue_size)
+
+    def bring_up(self, features: int = ALL) -> None:
+        offered = self.fe.get_u64(R.GET_FEATURES)
+        assert features & offered == features
+        self.fe.request(R.SET_OWNER)
+        pf = self.fe.get_u64(R.GET_PROTOCOL_FEATURES)
+        self.fe.request(R.SET_PROTOCOL_FEATURES, m.encode_u64(pf))
+        assert self.fe.ack(R.SET_FEATURES, m.encode_u64(features)) == 0
+        self.rx.event_idx = self.tx.event_idx = bool(features & F_RING_EVENT_IDX)
+        assert self.fe.ack(R.SET_MEM_TABLE, m.encode_mem_table(self.dmem.table()),
+                           self.dmem.fds()) == 0
+        self.fe.setup_queue(0, self.rx)
+        self.fe.setup_queue(1, self.tx)
+        for i in (0, 1):
+            assert self.fe.ack(R.SET_VRING_ENABLE, m.encode_state(i, 1)) == 0
+
+    def transmit(self, frame: bytes, split: int | None = None) -> None:
+        hdr = bytes(net.HDR_LEN)
+        out = [hdr + frame] if split is None else [hdr + frame[:split], frame[split:]]
+        self.tx.add(out)
+        self.tx.kick()
+        self.fe.pump()
+
+    def post_rx(self, count: int, size: int = 2048) -> None:
+        for _ in range(count):
+            self.rx.add([], [size])
+        self.rx.kick()
+
+    def received(self) -> list[tuple[net.NetHeader, bytes]]:
+        """Frames the device put on the RX ring (mergeable chains joined)."""
+        out = []
+        used = self.rx.get_used()
+        i = 0
+        while i < len(used):
+            head, length = used[i]
+            data = self.rx.written(head, length)
+            hdr = net.NetHeader.unpack(data)
+            for h2, l2 in used[i + 1:i + hdr.num_buffers]:
+                data += self.rx.written(h2, l2)
+            out.append((hdr, data[net.HDR_LEN:]))
+            i += max(hdr.num_buffers, 1)
+        return out
+
+    def close(self) -> None:
+        self.fe.sock.close()
+        self.rx.close()
+        self.tx.close()
+        self.dmem.close()
+
+
+class Harness:
+    """A VhostUserLink feeding a Dispatcher (ARP and DHCP only: no loop for sockets)."""
+
+    def __init__(self, frame_max: int = ETH_MAX_FRAME, queue_size: int = 16,
+                 tx_batch: int = 256) -> None:
+        self.loop = Loop()
+        config = Config(ip4=Ip4Conf(addr=HOST4, gateway=GW4, our_tap_addr=GW4, dns=(GW4,)))
+        self.dispatcher = Dispatcher(config)
+        self.delivered: list[bytes] = []
+        self.disconnects = 0
+        self.link = VhostUserLink(self.loop, self._on_frames, on_disconnect=self._gone,
+                                  frame_max=frame_max, tx_batch=tx_batch)
+        self.dispatcher.link = self.link
+        self.queue_size = queue_size
+        self.guest = self.connect()
+
+    def _on_frames(self, frames: list[memoryview]) -> None:
+        self.delivered += [bytes(f) for f in frames]
+        self.dispatcher.on_frames(frames)
+
+    def _gone(self) -> None:
+        self.disconnects += 1
+
+    def connect(self) -> Guest:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.link.attach(b)
+        return Guest(a, self.loop, self.queue_size)
+
+    def pump(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.loop.run_once(0)
+
+    def close(self) -> None:
+        self.link.close()
+        self.guest.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def h():
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+# --- features ---------------------------------------------------------------------------------
+
+def test_features_offered(h: Harness) -> None:
+    offered = h.guest.fe.get_u64(R.GET_FEATURES)
+    for bit in (F_VERSION_1, net.F_MRG_RXBUF, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
+                net.F_CSUM, net.F_GUEST_CSUM):
+        assert offered & bit, hex(bit)
+    assert not h.link.connected
+
+
+@pytest.mark.parametrize("features", [BASE, ALL], ids=["plain", "all"])
+def test_connected_and_csum_offload_follow_negotiation(h: Harness, features: int) -> None:
+    h.guest.bring_up(features)
+    assert h.link.connected
+    assert h.link.csum_offload == bool(features & net.F_GUEST_CSUM)
+
+
+# --- TX and RX through the dispatcher ----------------------------------------------------------
+
+@pytest.mark.parametrize("features", [BASE, ALL], ids=["plain", "all"])
+def test_dhcp_discover_on_tx_gets_offer_on_rx(h: Harness, features: int) -> None:
+    h.guest.bring_up(features)
+    h.guest.post_rx(4)
+    h.guest.transmit(discover())
+    h.pump()
+    assert h.delivered == [discover()]
+    assert h.guest.tx.get_used() and h.guest.tx.calls() >= 1  # TX chain returned, guest told
+    [(hdr, frame)] = h.guest.received()
+    assert is_offer(frame)
+    assert hdr.num_buffers == 1
+    assert hdr.flags == (net.HDR_F_DATA_VALID if features & net.F_GUEST_CSUM else 0)
+    assert h.guest.rx.calls() >= 1
+
+
+def test_tx_frame_in_two_pieces_is_joined(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(2)
+    h.guest.transmit(discover(), split=40)
+    h.pump()
+    assert h.delivered == [discover()]
+    assert is_offer(h.guest.received()[0][1])
+
+
+def test_tx_frame_with_needs_csum_is_accepted(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(2)
+    hdr = net.NetHeader(flags=net.HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6).pack()
+    h.guest.tx.add([hdr + discover()])
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == [discover()]
+
+
+def test_tx_gso_frame_and_runt_are_dropped(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.tx.add([net.NetHeader(gso_type=1).pack() + discover()])
+    h.guest.tx.add([bytes(net.HDR_LEN) + b"short"])
+    h.guest.tx.add([b"tiny"])  # not even a virtio-net header
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == []
+    assert len(h.guest.tx.get_used()) == 3 and h.link.connected
+
+
+def test_tx_batch_limit_comes_back_without_a_kick() -> None:
+    h = Harness(tx_batch=4, queue_size=16)
+    try:
+        h.guest.bring_up()
+        for _ in range(10):
+            h.guest.tx.add([bytes(net.HDR_LEN) + discover()])
+        h.guest.tx.kick()
+        h.pump(1)  # the kick, then the zero-delay timer after the other fds: 4 + 4
+        assert len(h.delivered) == 8
+        h.pump(4)
+        assert len(h.delivered) == 10
+        assert len(h.guest.tx.get_used()) == 10
+    finally:
+        h.close()
+
+
+# --- RX buffers --------------------------------------------------------------------------------
+
+def test_rx_buffers_point_into_guest_memory_when_big_enough() -> None:
+    h = Harness(frame_max=1514)
+    try:
+        h.guest.bring_up()
+        h.guest.post_rx(3, size=1536)  # what Linux posts with mergeable buffers
+        bufs = h.link.rx_buffers(2)
+        assert [len(b) for b in bufs] == [1536 - net.HDR_LEN] * 2
+        frame = eth.build_eth(GUEST_MAC, OUR_MAC, eth.ETH_P_IP, bytes(range(100)))
+        bufs[0][:len(frame)] = frame
+        h.link.commit([len(frame)])  # the second buffer goes back to the ring
+        h.link.flush()
+        assert h.link.tx_zero_copy == 1
+        [(hdr, got)] = h.guest.received()
+        assert got == frame and hdr.num_buffers == 1
+        assert h.guest.rx.calls() >= 1
+        # Both unused chains are still there: two more frames fit.
+        assert len(h.link.rx_buffers(4)) == 2
+        h.link.flush()  # uncommitted: rewound
+        assert len(h.link.rx_buffers(4)) == 2
+    finally:
+        h.close()
+
+
+def test_frame_bigger_than_one_rx_buffer_uses_mergeable_buffers(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(12, size=256)
+    frame = eth.build_eth(GUEST_MAC, OUR_MAC, eth.ETH_P_IP, bytes(i & 0xFF for i in range(1000)))
+    assert h.link.send(frame)
+    bufs = h.link.rx_buffers(1)  # 256-byte buffers can't hold a frame: a bounce buffer
+    assert len(bufs) == 1 and len(bufs[0]) >= ETH_MAX_FRAME
+    bufs[0][:len(frame)] = frame
+    h.link.commit([len(frame)])
+    h.link.flush()
+    got = h.guest.received()
+    assert [f for _, f in got] == [frame, frame]
+    assert [hdr.num_buffers for hdr, _ in got] == [5, 5]  # 12 + 1014 bytes in 256-byte chains
+    assert h.link.tx_zero_copy == 0 and h.link.tx_frames == 2
+
+
+def test_frame_dropped_when_mergeable_buffers_not_negotiated(h: Harness) -> None:
+    h.guest.bring_up(BASE & ~net.F_MRG_RXBUF)
+    h.guest.post_rx(8, size=256)
+    assert not h.link.send(bytes(1000))
+    assert h.link.send(bytes(200))
+    h.link.flush()
+    [(hdr, _)] = h.guest.received()
+    assert hdr.num_buffers == 1
+
+
+def test_no_rx_buffers_then_rx_kick_wakes_the_waiter(h: Harness) -> None:
+    h.guest.bring_up()
+    woken: list[int] = []
+    h.link.on_rx_ready.append(lambda: woken.append(len(h.link.rx_buffers(8))))
+    assert h.link.rx_buffers(4) == []
+    assert not h.link.send(discover())
+    h.pump()
+    assert woken == []
+    h.guest.post_rx(2)  # the kick: EVENT_IDX was re-armed by the empty pop
+    h.pump()
+    assert woken == [2]
+    h.link.flush()
+    h.guest.post_rx(1)  # not starved any more: no wake-up
+    h.pump()
+    assert woken == [2]
+
+
+def test_send_while_buffers_are_out_is_deferred(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(4)
+    bufs = h.link.rx_buffers(2)
+    assert h.link.send(b"A" * 60)
+    bufs[0][:60] = b"B" * 60
+    h.link.commit([60])
+    h.link.flush()
+    assert [f for _, f in h.guest.received()] == [b"B" * 60, b"A" * 60]
+
+
+def test_commit_more_than_handed_out_is_an_error(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(2)
+    h.link.rx_buffers(1)
+    with pytest.raises(ValueError):
+        h.link.commit([60, 60])
+    assert len(h.link.rx_buffers(2)) == 2  # the chain went back
+
+
+def test_nothing_handed_out_before_the_rings_run(h: Harness) -> None:
+    assert h.link.rx_buffers(4) == [] and not h.link.send(b"x" * 60)
+
+
+# --- connections -------------------------------------------------------------------------------
+
+def test_reconnect_after_the_front_end_leaves(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.close()
+    h.pump()
+    assert h.disconnects == 1 and h.link.backend is None and not h.link.connected
+    h.guest = h.connect()
+    h.guest.bring_up(BASE)  # a fresh device: nothing of the old negotiation remains
+    assert not h.link.csum_offload
+    h.guest.post_rx(2)
+    h.guest.transmit(discover())
+    h.pump()
+    assert is_offer(h.guest.received()[0][1])
+
+
+def test_hostile_tx_descriptor_disconnects(h: Harness) -> None:
+    h.guest.bring_up()
+    tx = h.guest.tx
+    tx.write_desc(0, 0xDEAD0000, 64, 0, 0)  # outside guest memory
+    tx.publish(0)
+    tx.kick()
+    h.pump()
+    assert h.disconnects == 1 and h.guest.fe.is_closed()
+
+
+def test_hostile_rx_descriptor_loop_disconnects(h: Harness) -> None:
+    h.guest.bring_up()
+    rx = h.guest.rx
+    buf = h.guest.dmem.alloc(64)
+    rx.write_desc(0, buf, 64, DESC_F_NEXT | 2, 1)
+    rx.write_desc(1, buf, 64, DESC_F_NEXT | 2, 0)
+    rx.publish(0)
+    assert h.link.rx_buffers(1) == []
+    assert h.disconnects == 1
+
+
+def _listener_guest(loop: Loop, path: str) -> Guest:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    loop.run_once(0)  # accept
+    return Guest(sock, loop)
+
+
+def test_listener_serves_the_next_front_end_after_a_hostile_one(tmp_path: Path) -> None:
+    loop = Loop()
+    config = Config(ip4=Ip4Conf(addr=HOST4, gateway=GW4, our_tap_addr=GW4, dns=(GW4,)))
+    d = Dispatcher(config)
+    exits: list[int] = []
+    lst = VhostUserListener(loop, str(tmp_path / "vu.sock"), d.on_frames,
+                            on_exit=lambda: exits.append(1))
+    d.link = lst
+    try:
+        bad = _listener_guest(loop, lst.path)
+        bad.bring_up()
+        # A second front end while one is served is refused.
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.connect(lst.path)
+        loop.run_once(0)
+        assert other.recv(1) == b""
+        other.close()
+        bad.tx.write_desc(0, 0xDEAD0000, 64, 0, 0)
+        bad.tx.publish(0)
+        bad.tx.kick()
+        loop.run_once(0)
+        assert bad.fe.is_closed() and not lst.connected
+        bad.close()
+        good = _listener_guest(loop, lst.path)
+        good.bring_up()
+        assert lst.connected and lst.csum_offload
+        good.post_rx(2)
+        good.transmit(discover())
+        loop.run_once(0)
+        assert is_offer(good.received()[0][1])
+        good.close()
+        loop.run_once(0)
+        assert exits == []  # not one-off: waiting for the next one
+    finally:
+        lst.close()
+        loop.close()
+    assert not os.path.exists(tmp_path / "vu.sock")
+
+
+def test_listener_one_off_exits_when_the_front_end_leaves(tmp_path: Path) -> None:
+    loop = Loop()
+    exits: list[int] = []
+    lst = VhostUserListener(loop, None, lambda frames: None, one_off=True,
+                            on_exit=lambda: exits.append(1),
+                            probe_pattern=str(tmp_path / "p_{}.sock"), probe_count=3)
+    try:
+        assert lst.path == str(tmp_path / "p_1.sock")
+        g = _listener_guest(loop, lst.path)
+        g.bring_up()
+        g.close()
+        loop.run_once(0)
+        assert exits == [1]
+    finally:
+        lst.close()
+        loop.close()
+
+
+def test_from_fd_socketpair_and_exit() -> None:
+    loop = Loop()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    exits: list[int] = []
+    link = vhost_link_from_fd(loop, b.detach(), lambda frames: None,
+                              on_exit=lambda: exits.append(1))
+    g = Guest(a, loop)
+    try:
+        g.bring_up()
+        assert link.connected
+        g.close()
+        loop.run_once(0)
+        assert exits == [1]
+    finally:
+        link.close()
+        loop.close()
+
+
+def test_from_fd_refuses_what_is_not_a_unix_stream_socket(tmp_path: Path) -> None:
+    loop = Loop()
+    r, w = os.pipe()
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with pytest.raises(StreamSetupError):
+            vhost_link_from_fd(loop, r, lambda frames: None)
+        with pytest.raises(StreamSetupError):
+            vhost_link_from_fd(loop, d.fileno(), lambda frames: None)
+    finally:
+        os.close(r)
+        os.close(w)
+        d.close()
+        loop.close()

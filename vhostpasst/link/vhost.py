@@ -1,0 +1,514 @@
+"""The vhost-user link: the guest's virtqueues, through virtio.VhostUserBackend + NetDevice.
+
+qemu (`-chardev socket` + `-netdev vhost-user`, or `-netdev passt,vhost-user=on` handing us a
+connected socketpair with `--fd`) speaks vhost-user on a UNIX socket; the guest's RAM is mapped
+from the memfds it passes. One front end is served at a time; when it goes away the device is
+reset (rings, memory, features) and the next connection starts clean, or with one-off / --fd the
+daemon exits.
+
+TX (guest -> us): on a TX kick, up to TX_BATCH chains are popped, the 12-byte virtio-net
+header is skipped and the frames are handed to the dispatcher as memoryviews *into guest
+memory* (no copy). A frame split across several readable buffers (header and data apart are
+not "split"; data in several pieces is, e.g. a Linux skb with page fragments) is joined by one
+copy. Then every chain goes back used (len 0), with one used-index store and at most one call.
+If the batch limit was hit, the rest is processed on the next loop iteration.
+
+RX (us -> guest): `rx_buffers(n)` pops RX chains and hands out the first writable buffer of
+each, past the 12 bytes of header room, when it holds a whole frame of the guest's MTU (Linux
+posts 1536-byte mergeable buffers: enough at MTU 1500, not at 65520). Otherwise it hands out
+bounce buffers from a pool, and `commit()` copies each frame with `virtio.net.rx_put()` over as
+many chains as it needs (mergeable RX). `commit()` writes the headers in place (DATA_VALID when
+the guest negotiated GUEST_CSUM, num_buffers) and pushes used entries; chains handed out but not
+committed go back to the ring (rewind). The loop's flush hook publishes the used index and
+notifies the guest once per iteration.
+
+When the guest has no RX buffer left, `rx_buffers()` returns fewer (or none) and the link
+remembers it was starved; the guest's next RX kick (it posts buffers) calls every callback in
+`on_rx_ready`, so data waiting in host sockets moves at once instead of on a timer.
+
+A front end that breaks the ring rules (descriptors outside its memory, loops...) is
+disconnected: the listener then serves the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from vhostpasst.link.base import ETH_MAX_FRAME, FrameHandler, Link
+from vhostpasst.link.stream import (
+    DEFAULT_PROBE_COUNT,
+    DEFAULT_PROBE_PATTERN,
+    ETH_HLEN,
+    ExitCallback,
+    StreamSetupError,
+    UnixListener,
+)
+from vhostpasst.log import RateLimitedLog
+from vhostpasst.loop import Loop
+from vhostpasst.pcap import PcapWriter
+from virtio import net
+from virtio.backend import VhostUserBackend
+from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
+
+log = logging.getLogger(__name__)
+_ratelimited = RateLimitedLog(log)
+
+TX_BATCH = 256  # guest frames handled per wake-up; more wait for the next loop iteration
+BOUNCE_SLOTS = 64  # frames per rx_buffers() when the guest's buffers are too small
+HDR = net.HEADER
+
+# What we offer on top of the ring features (VERSION_1, EVENT_IDX, INDIRECT_DESC) the back end
+# adds. CSUM: guest frames may carry a partial L4 checksum (NEEDS_CSUM); nothing here checks
+# L4 checksums (payloads go to host sockets), so they are accepted as they are. GUEST_CSUM: we
+# mark frames DATA_VALID and the guest skips verifying them. No MTU/STATUS: qemu emulates the
+# link status itself and takes the MTU from its own host_mtu= property.
+NET_FEATURES = net.F_MRG_RXBUF | net.F_CSUM | net.F_GUEST_CSUM
+
+
+class _Device(net.NetDevice):
+    """The virtio-net device the back end drives; every event goes to the link."""
+
+    features = NET_FEATURES
+
+    def __init__(self, link: VhostUserLink) -> None:
+        self.link = link
+        self.acked = 0
+
+    def features_set(self, features: int) -> None:
+        self.acked = features
+        self.link._features_set(features)
+
+    def queue_started(self, vq: VirtQueue) -> None:
+        self.link._state_changed()
+
+    def queue_stopped(self, vq: VirtQueue) -> None:
+        self.link._queue_stopped(vq)
+
+    def queue_enabled(self, vq: VirtQueue, enabled: bool) -> None:
+        self.link._state_changed()
+
+    def queue_kicked(self, vq: VirtQueue) -> None:
+        if vq.index == net.TX_QUEUE:
+            self.link._on_tx()
+        elif vq.index == net.RX_QUEUE:
+            self.link._on_rx_kick()
+
+
+class VhostUserLink(Link):
+    """One vhost-user front end (or none). Like StreamLink, the object outlives its front ends:
+    each new connection is attached to the same link with a fresh device."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        on_frames: FrameHandler,
+        pcap: PcapWriter | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        *,
+        frame_max: int = ETH_MAX_FRAME,
+        tx_batch: int = TX_BATCH,
+        bounce_slots: int = BOUNCE_SLOTS,
+    ) -> None:
+        super().__init__(on_frames, pcap)
+        self._loop = loop
+        self.on_disconnect = on_disconnect
+        self.on_rx_ready: list[Callable[[], None]] = []
+        self.frame_max = frame_max  # Ethernet header + guest MTU: what a zero-copy buffer holds
+        self.tx_batch = tx_batch
+        self.backend: VhostUserBackend | None = None
+        self.device: _Device | None = None
+        self.csum_offload = False  # GUEST_CSUM: frames to the guest need no L4 checksum
+        self._mergeable = False
+        self._was_connected = False
+        self._starved = False
+        self._tx_scheduled = False
+        self._handed: list[Chain] = []  # zero-copy chains of the last rx_buffers()
+        self._bounced = 0  # bounce slots handed out after them
+        self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
+        self._bounce = memoryview(self._bounce_buf)
+        self._bounce_slots = bounce_slots
+        self._deferred: list[bytes] = []  # send() while buffers are handed out
+        # counters, for logs and tests (rx: from the guest, tx: to the guest, as StreamLink)
+        self.rx_frames = 0
+        self.tx_frames = 0
+        self.tx_dropped = 0
+        self.tx_zero_copy = 0  # frames to the guest written in place (no bounce)
+        self.resets = 0
+        loop.add_flush_hook(self.flush)
+
+    # --- front end management ------------------------------------------------------------
+    def attach(self, sock: socket.socket) -> None:
+        """Serve the vhost-user front end on `sock` (a connected UNIX stream socket)."""
+        if self.backend is not None:
+            raise RuntimeError("vhost-user link already has a front end")
+        sock.setblocking(False)
+        self._reset_state()
+        self.device = _Device(self)
+        self.backend = VhostUserBackend(sock, self._loop, self.device, on_close=self._closed)
+
+    def disconnect(self, reason: str = "closed") -> None:
+        """Drop the front end (if any); on_disconnect is then called (by _closed)."""
+        if self.backend is not None:
+            self.backend.close(reason)
+
+    def _closed(self, reason: str) -> None:
+        # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
+        self.backend = None
+        self.device = None
+        self._reset_state()
+        self.resets += 1
+        if self.on_disconnect is not None:
+            self.on_disconnect()
+
+    def _reset_state(self) -> None:
+        self._handed = []
+        self._bounced = 0
+        self._deferred.clear()
+        self._starved = False
+        self._was_connected = False
+        self.csum_offload = False
+        self._mergeable = False
+
+    def close(self) -> None:
+        """Drop the front end without calling on_disconnect; unhook from the loop."""
+        self.on_disconnect = None
+        if self.backend is not None:
+            self.backend.close("link closed")
+        self._loop.remove_flush_hook(self.flush)
+
+    def _queue(self, index: int) -> VirtQueue | None:
+        backend = self.backend
+        if backend is None or backend.closed:
+            return None
+        vq = backend.queues[index]
+        return vq if vq.ready and vq.enabled else None
+
+    @property
+    def connected(self) -> bool:
+        return self._queue(net.RX_QUEUE) is not None and self._queue(net.TX_QUEUE) is not None
+
+    def _features_set(self, features: int) -> None:
+        self.csum_offload = bool(features & net.F_GUEST_CSUM)
+        self._mergeable = bool(features & net.F_MRG_RXBUF)
+
+    def _state_changed(self) -> None:
+        now = self.connected
+        if now and not self._was_connected:
+            log.info("vhost-user device running (features %#x)",
+                     self.backend.acked_features if self.backend else 0)
+            self._was_connected = True
+            self._wake()  # data may have waited for the guest
+            self._on_tx()  # and the guest may have queued frames before enabling the ring
+        elif not now:
+            self._was_connected = False
+
+    def _queue_stopped(self, vq: VirtQueue) -> None:
+        if vq.index == net.RX_QUEUE:
+            # The chains are the front end's again (GET_VRING_BASE reported the index).
+            self._handed = []
+            self._bounced = 0
+        self._state_changed()
+
+    def _broken(self, where: str, e: Exception) -> None:
+        log.warning("vhost-user %s: %s: disconnecting the front end", where, e)
+        self.disconnect(f"{where}: {e}")
+
+    # --- TX: frames from the guest -------------------------------------------------------
+    def _on_tx(self) -> None:
+        vq = self._queue(net.TX_QUEUE)
+        if vq is None:
+            return
+        backend = self.backend
+        heads: list[int] = []
+        frames: list[memoryview] = []
+        try:
+            for _ in range(self.tx_batch):
+                chain = vq.pop()
+                if chain is None:
+                    break
+                heads.append(chain.head)
+                frame = self._tx_frame(chain)
+                if frame is not None:
+                    frames.append(frame)
+        except VirtQueueError as e:
+            self._broken("TX queue", e)
+            return
+        try:
+            if frames:
+                self.rx_frames += len(frames)
+                self._deliver(frames)
+        finally:
+            # The frames were only valid during the call: now the buffers go back.
+            if self.backend is backend and vq.ready:
+                for head in heads:
+                    vq.push(head, 0)
+                vq.flush()
+        if len(heads) == self.tx_batch and not self._tx_scheduled:
+            self._tx_scheduled = True  # the ring may hold more: no kick will say so
+            self._loop.call_later(0, self._tx_again)
+
+    def _tx_again(self) -> None:
+        self._tx_scheduled = False
+        self._on_tx()
+
+    def _tx_frame(self, chain: Chain) -> memoryview | None:
+        try:
+            hdr, pieces = net.tx_frame(chain)
+        except ValueError as e:
+            _ratelimited.debug("vu-tx-short", "dropped a guest frame: %s", e)
+            return None
+        if hdr.gso_type != net.GSO_NONE:  # no GSO feature was offered
+            _ratelimited.debug("vu-tx-gso", "dropped a GSO frame (gso_type %d)", hdr.gso_type)
+            return None
+        # With NEEDS_CSUM (CSUM negotiated) the L4 checksum field holds only the pseudo-header
+        # sum; payloads go to host sockets and pcap shows it as is, so nothing to do.
+        if len(pieces) == 1:
+            frame = pieces[0]
+        else:
+            frame = memoryview(b"".join(pieces))  # the one copy of a scattered frame
+        if len(frame) < ETH_HLEN:
+            return None
+        return frame
+
+    # --- RX: frames to the guest ---------------------------------------------------------
+    def _header(self, num_buffers: int = 1) -> net.NetHeader:
+        return net.NetHeader(flags=net.HDR_F_DATA_VALID if self.csum_offload else 0,
+                             num_buffers=num_buffers)
+
+    def _release(self) -> None:
+        """Give back chains handed out by rx_buffers() and never committed."""
+        if self._handed:
+            vq = self._queue(net.RX_QUEUE)
+            if vq is not None:
+                vq.rewind(len(self._handed))
+            self._handed = []
+        self._bounced = 0
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        self._release()
+        vq = self._queue(net.RX_QUEUE)
+        if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
+            return []
+        need = net.HDR_LEN + self.frame_max
+        out: list[memoryview] = []
+        too_small = False
+        try:
+            while len(out) < count:
+                chain = vq.pop()
+                if chain is None:
+                    self._starved = True  # pop() re-armed the kick (EVENT_IDX)
+                    break
+                if not chain.writable or len(chain.writable[0]) < need:
+                    vq.rewind(1)
+                    too_small = True
+                    break
+                self._handed.append(chain)
+                out.append(chain.writable[0][net.HDR_LEN:])
+            if too_small:
+                # One chain per frame at least: frames are copied over chains at commit().
+                n = min(count - len(out), self._bounce_slots, vq.available())
+                out += [self._bounce[i * ETH_MAX_FRAME:(i + 1) * ETH_MAX_FRAME]
+                        for i in range(n)]
+                self._bounced = n
+        except VirtQueueError as e:
+            self._handed = []
+            self._bounced = 0
+            self._broken("RX queue", e)
+            return []
+        return out
+
+    def commit(self, lengths: Sequence[int]) -> None:
+        handed, bounced = self._handed, self._bounced
+        self._handed, self._bounced = [], 0
+        vq = self._queue(net.RX_QUEUE)
+        if vq is None:
+            return
+        if len(lengths) > len(handed) + bounced:
+            vq.rewind(len(handed))
+            raise ValueError(f"commit of {len(lengths)} buffers, "
+                             f"{len(handed) + bounced} handed out")
+        for length in lengths:
+            if not 0 <= length <= ETH_MAX_FRAME:
+                vq.rewind(len(handed))
+                raise ValueError(f"bad frame length {length}")
+        hdr = self._header()
+        in_place = min(len(lengths), len(handed))
+        try:
+            for chain, length in zip(handed, lengths, strict=False):
+                buf = chain.writable[0]
+                if length:
+                    hdr.pack_into(buf)
+                    if self.pcap is not None:
+                        self.pcap.write(buf[net.HDR_LEN:net.HDR_LEN + length])
+                    vq.push(chain.head, net.HDR_LEN + length)
+                    self.tx_frames += 1
+                    self.tx_zero_copy += 1
+                else:
+                    # "Skip this one": not the last popped, so it can't be rewound; an empty
+                    # used buffer, which the guest drops and reposts.
+                    vq.push(chain.head, 0)
+            vq.rewind(len(handed) - in_place)
+            for i, length in enumerate(lengths[in_place:]):
+                if length:
+                    self._put(vq, self._bounce[i * ETH_MAX_FRAME:i * ETH_MAX_FRAME + length])
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+
+    def _put(self, vq: VirtQueue, frame: bytes | bytearray | memoryview) -> bool:
+        """Copy one frame into the guest's RX chains (mergeable if negotiated)."""
+        if not net.rx_put(vq, frame, self._header(), self._mergeable):
+            self._starved = True
+            self.tx_dropped += 1
+            _ratelimited.debug("vu-rx-full", "guest RX ring full: frame dropped")
+            return False
+        self.tx_frames += 1
+        if self.pcap is not None:
+            self.pcap.write(frame)
+        return True
+
+    def _put_deferred(self, vq: VirtQueue) -> bool:
+        """Write frames queued by send() while buffers were out; False if the ring filled."""
+        frames, self._deferred = self._deferred, []
+        ok = True
+        for frame in frames:
+            ok = self._put(vq, frame) and ok
+        return ok
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        """One frame (ARP, DHCP...) copied straight into the guest's RX chains."""
+        vq = self._queue(net.RX_QUEUE)
+        if vq is None:
+            return False
+        if len(frame) > ETH_MAX_FRAME:
+            return False
+        if self._handed or self._bounced:
+            # rx_buffers() chains are out: popping more now would make them impossible to
+            # rewind. Written at the next commit()/flush().
+            self._deferred.append(bytes(frame))
+            return True
+        try:
+            return self._put(vq, frame)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+            return False
+
+    def flush(self) -> None:
+        vq = self._queue(net.RX_QUEUE)
+        try:
+            self._release()
+            if vq is not None:
+                if self._deferred:
+                    self._put_deferred(vq)
+                vq.flush()
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+        if self.pcap is not None:
+            self.pcap.flush()
+
+    def _on_rx_kick(self) -> None:
+        """The guest posted RX buffers: wake whoever found the ring empty."""
+        if self._starved and self.connected:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._starved = False
+        for callback in list(self.on_rx_ready):
+            try:
+                callback()
+            except Exception:  # one waiter's bug must not starve the others
+                log.exception("on_rx_ready callback failed")
+
+
+class VhostUserListener(Link):
+    """`--vhost-user -s PATH`: a UNIX listener (same probing as the stream socket) feeding one
+    VhostUserLink (`.link`), one front end at a time; with `one_off` the first front end's
+    departure calls `on_exit` (default: stop the loop). Itself a Link forwarding to `.link`."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        path: str | None,
+        on_frames: FrameHandler,
+        pcap: PcapWriter | None = None,
+        one_off: bool = False,
+        on_exit: ExitCallback | None = None,
+        *,
+        frame_max: int = ETH_MAX_FRAME,
+        probe_pattern: str = DEFAULT_PROBE_PATTERN,
+        probe_count: int = DEFAULT_PROBE_COUNT,
+    ) -> None:
+        super().__init__(on_frames, pcap)
+        self.one_off = one_off
+        self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
+        self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._client_gone,
+                                  frame_max=frame_max)
+        try:
+            self._listener = UnixListener(
+                loop, path, lambda conn, _pid: self.link.attach(conn),
+                lambda: self.link.backend is not None,
+                probe_pattern=probe_pattern, probe_count=probe_count,
+            )
+        except BaseException:
+            self.link.close()
+            raise
+        self.path: str = self._listener.path
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    @property
+    def csum_offload(self) -> bool:
+        return self.link.csum_offload
+
+    @property
+    def on_rx_ready(self) -> list[Callable[[], None]]:
+        return self.link.on_rx_ready
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        return self.link.rx_buffers(count)
+
+    def commit(self, lengths: Sequence[int]) -> None:
+        self.link.commit(lengths)
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        return self.link.send(frame)
+
+    def flush(self) -> None:
+        self.link.flush()
+
+    def _client_gone(self) -> None:
+        if self.one_off:
+            log.info("front end gone and --one-off given: exiting")
+            self.on_exit()
+
+    def close(self) -> None:
+        self.link.close()
+        self._listener.close()
+
+
+def vhost_link_from_fd(
+    loop: Loop,
+    fd: int,
+    on_frames: FrameHandler,
+    pcap: PcapWriter | None = None,
+    on_exit: ExitCallback | None = None,
+    *,
+    frame_max: int = ETH_MAX_FRAME,
+) -> VhostUserLink:
+    """`--vhost-user --fd N` (qemu's -netdev passt,vhost-user=on): a connected socket; the
+    front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise StreamSetupError(f"--fd {fd}: not a socket: {e.strerror or e}") from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise StreamSetupError(f"--fd {fd}: not a UNIX stream socket (vhost-user passes fds)")
+    sock.set_inheritable(False)
+    link = VhostUserLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop,
+                         frame_max=frame_max)
+    link.attach(sock)
+    return link
