@@ -5,5 +5,6 @@ setup(
     cffi_modules=[
         "cffi_build/checksum_build.py:ffibuilder",
         "cffi_build/ring_build.py:ffibuilder",
+        "cffi_build/mmsg_build.py:ffibuilder",
     ]
 )

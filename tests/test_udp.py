@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostpasst import fwd
+from vhostpasst import udp as udp_mod
 from vhostpasst.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.flow import FlowTable
@@ -162,6 +163,8 @@ class Harness:
         for h in (self.d.udp, self.d.icmp):
             if h is not None:
                 h.socket_factory = FakeSocket  # type: ignore[assignment]
+        if self.d.udp is not None:
+            self.d.udp.mmsg = None  # fake fds: the recvmmsg path is tested on real sockets
 
     def guest4(self, sport: int, dst: A4 | str, dport: int, payload: bytes,
                src: A4 | str = HOST4) -> None:
@@ -448,6 +451,8 @@ def test_malformed_guest_frames_never_raise(frames: list[bytes]) -> None:
             h.d._handle(memoryview(frame))
         except Malformed:
             pass
+    if h.d.udp is not None:
+        h.d.udp.flush_tap()
     for s in FakeSocket.instances:  # and whatever came back is written without errors
         if s.fd in h.loop.fds:
             s.rx.append((b"r" * 20, ("127.0.0.1", 41000), 0))
@@ -457,3 +462,65 @@ def test_malformed_guest_frames_never_raise(frames: list[bytes]) -> None:
     for flow in h.d.ctx.flows:  # every flow made from fuzz is for a sane guest-side tuple
         if isinstance(flow, UdpFlow):
             assert flow.gport and flow.fport and not flow.faddr.is_multicast
+
+
+# --- recvmmsg/sendmmsg (cffi) on a local socketpair: no network involved --------------------
+
+mmsg_built = pytest.mark.skipif(udp_mod._mlib is None, reason="vhostpasst._mmsg not built")
+
+
+@mmsg_built
+def test_mmsg_receives_many_flags_truncation_and_is_bounded() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        m = udp_mod.Mmsg(4)
+        assert m.recv(b.fileno(), [memoryview(bytearray(8))], False) == -errno.EAGAIN
+        for data in (b"one", b"x" * 20, b"three", b"4", b"5"):
+            a.send(data)
+        bufs = [bytearray(8) for _ in range(6)]  # more views than the arrays: capped at 4
+        n = m.recv(b.fileno(), [memoryview(x) for x in bufs], True)
+        assert n == 4
+        res = [m.result(i, True) for i in range(n)]
+        assert [r[0] for r in res] == [3, 8, 5, 1]
+        assert [bool(r[1] & socket.MSG_TRUNC) for r in res] == [False, True, False, False]
+        assert all(r[2] is None for r in res)  # AF_UNIX: no IP source
+        assert bytes(bufs[0][:3]) == b"one" and bytes(bufs[1]) == b"x" * 8
+        assert m.recv(b.fileno(), [memoryview(bytearray(8))], False) == 1  # the fifth
+        sent = m.send(a.fileno(), [memoryview(b"p"), memoryview(b"qq"), memoryview(b"rrr")])
+        assert sent == 3
+        assert [b.recv(10) for _ in range(3)] == [b"p", b"qq", b"rrr"]
+
+
+@mmsg_built
+def test_batched_read_closes_the_gap_left_by_a_dropped_datagram() -> None:
+    h = Harness(mtu=1500)
+    assert h.d.udp is not None and h.d.ctx is not None
+    h.d.udp.mmsg = udp_mod.Mmsg()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        flow = UdpFlow(h.d.ctx, False, HOST4, 40001, GW4, 5001, b, None, 10)  # type: ignore
+        for data in (b"first", b"y" * 1473, b"third"):  # the middle one exceeds the MTU
+            a.send(data)
+        h.d.udp._read(b, False, lambda _addr: flow)  # type: ignore[arg-type]
+    payloads = [bytes(scapy.Ether(f)["UDP"].payload) for f in h.link.frames]
+    assert payloads == [b"first", b"third"]
+    assert all(_checksums_ok(f) for f in h.link.frames)
+
+
+@mmsg_built
+def test_a_run_of_guest_datagrams_goes_out_in_order_through_sendmmsg() -> None:
+    h = Harness()
+    assert h.d.udp is not None and h.d.ctx is not None
+    h.d.udp.mmsg = udp_mod.Mmsg()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        flow = UdpFlow(h.d.ctx, False, HOST4, 40001, GW4, 5001, b, None, 10)  # type: ignore
+        h.d.ctx.flows.add(flow, ("udp", False, HOST4, 40001, GW4, 5001))
+        frames = []
+        for i in range(5):
+            seg = udp.build_udp4(HOST4, GW4, 40001, 5001, bytes([i]) * (i + 1))
+            frames.append(memoryview(eth.build_eth(OUR_MAC, GUEST_MAC, eth.ETH_P_IP,
+                                                   ip.build_ipv4(HOST4, GW4, 17, seg))))
+        h.d.on_frames(frames)
+        a.settimeout(1)
+        assert [a.recv(10) for _ in range(5)] == [bytes([i]) * (i + 1) for i in range(5)]

@@ -85,6 +85,11 @@ class Dispatcher:
             except Exception:  # a bug must not let a guest stop the daemon
                 self.dropped += 1
                 log.exception("error while handling a guest frame (dropped)")
+        if self.udp is not None:  # queued datagrams, sent while the frames are still valid
+            try:
+                self.udp.flush_tap()
+            except Exception:
+                log.exception("error while sending guest datagrams (dropped)")
 
     def _drop(self, key: str, message: str) -> None:
         self.dropped += 1

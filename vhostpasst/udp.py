@@ -54,6 +54,65 @@ ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
 ICMP_ERR_BURST = 20.0
 
 _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are discarded here
+# errors a socket reports once for an earlier ICMP error: reading may go on after them
+_SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.EMSGSIZE, errno.ETIMEDOUT, errno.EINTR})
+
+try:
+    from vhostpasst._mmsg import ffi as _mffi
+    from vhostpasst._mmsg import lib as _mlib
+except ImportError:  # not built (plain source tree): one system call per datagram
+    _mffi = _mlib = None
+
+MMSG_MAX = 64  # VP_MMSG_MAX in cffi_build/mmsg.c
+
+
+class Mmsg:
+    """Arrays for vp_recvmmsg/vp_sendmmsg, allocated once; buffers are passed per call."""
+
+    def __init__(self, size: int = max(RX_BATCH, 1)) -> None:
+        assert _mffi is not None
+        self.size = min(size, MMSG_MAX)
+        self._bufs = _mffi.new("uint8_t *[]", self.size)
+        self._lens = _mffi.new("size_t[]", self.size)
+        self._out_lens = _mffi.new("size_t[]", self.size)
+        self._flags = _mffi.new("int[]", self.size)
+        self._addrs = _mffi.new("struct vp_addr[]", self.size)
+
+    def _fill(self, views: list[memoryview], writable: bool) -> list[object]:
+        keep = []  # the cdata must outlive the call
+        for i, view in enumerate(views[:self.size]):
+            c = _mffi.from_buffer("uint8_t[]", view, require_writable=writable)
+            keep.append(c)
+            self._bufs[i] = c
+            self._lens[i] = len(view)
+        return keep
+
+    def recv(self, fd: int, views: list[memoryview], want_addr: bool) -> int:
+        """Datagrams received into `views` (their count), or -errno."""
+        _keep = self._fill(views, True)
+        n = min(len(views), self.size)
+        addrs = self._addrs if want_addr else _mffi.NULL
+        return int(_mlib.vp_recvmmsg(fd, self._bufs, self._lens, n, self._out_lens,
+                                     self._flags, addrs))
+
+    def result(self, i: int, want_addr: bool) -> tuple[int, int, tuple | None]:
+        """(length, msg_flags, (host, port) or None) of datagram i of the last recv()."""
+        addr: tuple | None = None
+        if want_addr:
+            a = self._addrs[i]
+            raw = bytes(_mffi.buffer(a.addr))
+            if a.family == socket.AF_INET:
+                addr = (str(IPv4Address(raw[:4])), a.port)
+            elif a.family == socket.AF_INET6:
+                addr = (str(IPv6Address(raw)), a.port, 0, a.scope_id)
+        return int(self._out_lens[i]), int(self._flags[i]), addr
+
+    def send(self, fd: int, payloads: list[memoryview]) -> int:
+        """Datagrams sent on connected socket `fd` (a prefix of `payloads`), or -errno."""
+        _keep = self._fill(payloads, False)
+        return int(_mlib.vp_sendmmsg(fd, self._bufs, self._lens, min(len(payloads),
+                                                                     self.size)))
 
 
 def flow_timeout() -> float:
@@ -119,6 +178,9 @@ class UdpHandler:
         self.clock = clock
         self.timeout = flow_timeout()
         self.listeners: list[Listener] = []
+        self._pending: list[tuple[UdpFlow, memoryview]] = []
+        # recvmmsg/sendmmsg when the C helper is built; tests with fake sockets set None
+        self.mmsg: Mmsg | None = Mmsg() if _mlib is not None else None
         self._log = RateLimitedLog(log)
         self._tokens = ICMP_ERR_BURST
         self._tokens_at = clock()
@@ -156,16 +218,42 @@ class UdpHandler:
                 flow.close()
                 return
         flow.touch()
-        try:
-            if flow.peer is None:
-                flow.sock.send(dgram.payload)
-            else:
-                flow.sock.sendto(dgram.payload, flow.peer)
-        except BlockingIOError:
-            self._log.debug("udp-send-full", "UDP socket buffer full: datagram dropped")
-        except OSError as e:
-            # ECONNREFUSED etc. report an earlier ICMP error (relayed from the error queue)
-            self._log.debug(("udp-send", e.errno), "UDP send for %r: %s", flow, e)
+        # Queued, not sent: the dispatcher calls flush_tap() once per batch of guest frames,
+        # so a run of datagrams for one flow goes out in one sendmmsg().
+        self._pending.append((flow, dgram.payload))
+
+    def flush_tap(self) -> None:
+        """Send what the guest frames of this batch queued (before the frames go away)."""
+        pending, self._pending = self._pending, []
+        i = 0
+        while i < len(pending):
+            flow = pending[i][0]
+            j = i + 1
+            while j < len(pending) and pending[j][0] is flow and j - i < MMSG_MAX:
+                j += 1
+            if not flow.closed:
+                self._send_run(flow, [payload for _, payload in pending[i:j]])
+            i = j
+
+    def _send_run(self, flow: UdpFlow, payloads: list[memoryview]) -> None:
+        if len(payloads) > 1 and flow.peer is None and self.mmsg is not None:
+            sent = self.mmsg.send(flow.sock.fileno(), payloads)
+            if sent < 0 and -sent not in (errno.EAGAIN, errno.ECONNREFUSED):
+                self._log.debug(("udp-send", -sent), "UDP sendmmsg for %r: %s", flow,
+                                os.strerror(-sent))
+            if sent >= 0:
+                payloads = payloads[sent:]  # the rest one by one (they may fail alone)
+        for payload in payloads:
+            try:
+                if flow.peer is None:
+                    flow.sock.send(payload)
+                else:
+                    flow.sock.sendto(payload, flow.peer)
+            except BlockingIOError:
+                self._log.debug("udp-send-full", "UDP socket buffer full: datagram dropped")
+            except OSError as e:
+                # ECONNREFUSED etc. report an earlier ICMP error (relayed from the error queue)
+                self._log.debug(("udp-send", e.errno), "UDP send for %r: %s", flow, e)
 
     def _new_outbound(self, six: bool, src: IPAddr, sport: int, dst: IPAddr,
                       dport: int) -> UdpFlow | None:
@@ -215,7 +303,7 @@ class UdpHandler:
             if mask & EPOLLERR:
                 self._drain_errors(flow.sock, flow.six, lambda _addr: flow)
             if not flow.closed:
-                self._read(flow.sock, flow.six, lambda _addr: flow)
+                self._read(flow.sock, flow.six, lambda _addr: flow)  # connected: one peer
         except Exception:  # a bug must not stop the loop
             log.exception("error reading a UDP flow socket")
 
@@ -224,35 +312,51 @@ class UdpHandler:
             if mask & EPOLLERR:
                 self._drain_errors(lst.sock, lst.six, lambda addr: self._inbound_flow(
                     lst, addr, create=False))
-            self._read(lst.sock, lst.six, lambda addr: self._inbound_flow(lst, addr))
+            self._read(lst.sock, lst.six, lambda addr: self._inbound_flow(lst, addr),
+                       need_addr=True)
         except Exception:
             log.exception("error reading a UDP listening socket")
 
     def _read(self, sock: socket.socket, six: bool,
-              flow_for: Callable[[tuple], UdpFlow | None]) -> None:
+              flow_for: Callable[[tuple | None], UdpFlow | None],
+              need_addr: bool = False) -> None:
         """Up to RX_BATCH datagrams, each straight into a link buffer after the header room;
         headers are written in place and all frames committed at once."""
         ctx = self.ctx
         off = udp.UDP6_PAYLOAD_OFFSET if six else udp.UDP4_PAYLOAD_OFFSET
         room = ctx.max_l3 - (IPV6_HLEN if six else IPV4_HLEN) - udp.UDP_HLEN
         bufs = ctx.rx_buffers(RX_BATCH)
+        if not bufs:
+            self._discard(sock)
+            return
+        views = [b[off:off + room] for b in bufs]
+        got: list[tuple[int, int, tuple | None]] = []  # (length, msg flags, source)
+        if self.mmsg is not None:
+            for _ in range(2):  # a pending socket error (ECONNREFUSED) fails one call
+                count = self.mmsg.recv(sock.fileno(), views, need_addr)
+                if count >= 0 or -count not in _SOFT_ERRNOS:
+                    break
+            if count < 0:
+                if -count != errno.EAGAIN:
+                    self._log.debug(("udp-recv", -count), "UDP recvmmsg: %s",
+                                    os.strerror(-count))
+                return
+            got = [self.mmsg.result(i, need_addr) for i in range(count)]
+        else:
+            for view in views:
+                try:
+                    n, _anc, flags, addr = sock.recvmsg_into([view])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    self._log.debug(("udp-recv", e.errno), "UDP recv: %s", e)
+                    if e.errno in _SOFT_ERRNOS:
+                        continue
+                    break
+                got.append((n, flags, addr))
         lengths: list[int] = []
         mac, our = ctx.guest_mac(), ctx.config.our_mac
-        for _ in range(RX_BATCH):
-            i = len(lengths)
-            view = bufs[i][off:off + room] if i < len(bufs) else memoryview(_SCRATCH)
-            try:
-                n, _anc, flags, addr = sock.recvmsg_into([view])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # a pending ICMP error (ECONNREFUSED...): keep reading
-                self._log.debug(("udp-recv", e.errno), "UDP recv: %s", e)
-                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                                   errno.EMSGSIZE, errno.ETIMEDOUT):
-                    break
-                continue
-            if i >= len(bufs):
-                continue  # no guest, or no buffer: dropped
+        for i, (n, flags, addr) in enumerate(got):
             if flags & socket.MSG_TRUNC:
                 self._log.debug("udp-trunc", "UDP datagram larger than the guest MTU dropped")
                 continue
@@ -267,11 +371,28 @@ class UdpHandler:
             else:
                 length = udp.write_eth_ipv4_udp_headers(buf, mac, our, flow.faddr, flow.gaddr,
                                                         flow.fport, flow.gport, n)
+            j = len(lengths)
+            if j != i:  # an earlier datagram was dropped: close the gap (rare, so a copy)
+                bufs[j][:length] = buf[:length]
             lengths.append(length)
         if lengths:
             ctx.commit(lengths)
 
-    def _inbound_flow(self, lst: Listener, addr: tuple, create: bool = True) -> UdpFlow | None:
+    def _discard(self, sock: socket.socket) -> None:
+        """No guest attached (or no buffer): read and drop, so the socket stops polling."""
+        for _ in range(RX_BATCH):
+            try:
+                sock.recvmsg_into([memoryview(_SCRATCH)])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in _SOFT_ERRNOS:
+                    return
+
+    def _inbound_flow(self, lst: Listener, addr: tuple | None,
+                      create: bool = True) -> UdpFlow | None:
+        if addr is None:
+            return None
         try:
             host_src = ip_address(addr[0].split("%")[0])
             host_port = int(addr[1])
