@@ -6,5 +6,6 @@ setup(
         "cffi_build/checksum_build.py:ffibuilder",
         "cffi_build/ring_build.py:ffibuilder",
         "cffi_build/mmsg_build.py:ffibuilder",
+        "cffi_build/ns_build.py:ffibuilder",
     ]
 )

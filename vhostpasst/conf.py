@@ -35,6 +35,8 @@ class Ip4Conf:
     outbound_if: str | None = None  # --outbound-if4
     ifname: str | None = None  # template interface for IPv4 (None in local mode)
     ifindex: int = 0
+    no_copy_addrs: bool = False  # pasta --config-net: -a given, set it instead of copying
+    no_copy_routes: bool = False  # pasta --config-net: -g given, default route only
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Ip6Conf:
     outbound_if: str | None = None
     ifname: str | None = None  # template interface for IPv6 (None in local mode)
     ifindex: int = 0
+    no_copy_addrs: bool = False  # pasta --config-net: -a given, set it instead of copying
+    no_copy_routes: bool = False  # pasta --config-net: -g given, default route only
     addr_ll: IPv6Address | None = None  # the host's link-local address on it
 
 
@@ -567,6 +571,8 @@ def _ip4_conf(opts: Options, host: HostFamily | None) -> Ip4Conf:
         outbound_if=opts.outbound_if4,
         ifname=host.ifname if host else None,
         ifindex=host.ifindex if host else 0,
+        no_copy_addrs=opts.addr4 is not None,
+        no_copy_routes=opts.gateway4 is not None,
     )
 
 
@@ -596,6 +602,8 @@ def _ip6_conf(opts: Options, host: HostFamily | None) -> Ip6Conf:
         ifname=host.ifname if host else None,
         ifindex=host.ifindex if host else 0,
         addr_ll=host.link_local if host else None,
+        no_copy_addrs=opts.addr6 is not None,
+        no_copy_routes=opts.gateway6 is not None,
     )
 
 

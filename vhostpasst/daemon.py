@@ -61,6 +61,10 @@ def _daemonize(pid_file: str | None) -> None:
 
 
 def run(config: Config) -> int:
+    if config.mode == "pasta":
+        from vhostpasst import pasta  # namespaces and the tap: pasta.py
+
+        return pasta.run(config)
     prog = "pasta" if config.mode == "pasta" else "passt"
     setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
