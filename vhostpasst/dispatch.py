@@ -18,6 +18,7 @@ from vhostpasst.link.base import Link
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.services import arp
 from vhostpasst.services.dhcp import DhcpServer
+from vhostpasst.tcp import TcpHandler
 from vhostpasst.udp import UdpHandler
 from vhostpasst.wire import eth, ip, udp
 from vhostpasst.wire.errors import Malformed
@@ -40,12 +41,15 @@ class Dispatcher:
         self.ctx: Context | None = None
         self.icmp: IcmpHandler | None = None
         self.udp: UdpHandler | None = None
+        self.tcp: TcpHandler | None = None
         if loop is not None:
             self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop))
             if not config.no_icmp:
                 self.icmp = IcmpHandler(self.ctx)
             if not config.no_udp:
                 self.udp = UdpHandler(self.ctx)
+            if not config.no_tcp:
+                self.tcp = TcpHandler(self.ctx)
         self._link: Link | None = None
         self.guest_mac: bytes | None = None  # learned from the source of every guest frame
         self.addr4_seen: IPv4Address | None = None
@@ -70,11 +74,15 @@ class Dispatcher:
             self.ctx.flows.close_all()
         if self.udp is not None:
             self.udp.close()
+        if self.tcp is not None:
+            self.tcp.close()
 
     def listen(self) -> None:
         """Bind the -u listening sockets (OSError if an explicit port cannot be bound)."""
         if self.udp is not None:
             self.udp.listen(self.config.udp_in)
+        if self.tcp is not None:
+            self.tcp.listen(self.config.tcp_in)
 
     def on_frames(self, frames: Sequence[memoryview]) -> None:
         for frame in frames:
@@ -85,11 +93,11 @@ class Dispatcher:
             except Exception:  # a bug must not let a guest stop the daemon
                 self.dropped += 1
                 log.exception("error while handling a guest frame (dropped)")
-        if self.udp is not None:  # queued datagrams, sent while the frames are still valid
+        if self.tcp is not None:  # TCP acts per connection once the whole batch is in
             try:
-                self.udp.flush_tap()
+                self.tcp.end_batch()
             except Exception:
-                log.exception("error while sending guest datagrams (dropped)")
+                log.exception("error while handling guest TCP segments")
 
     def _drop(self, key: str, message: str) -> None:
         self.dropped += 1
@@ -144,6 +152,10 @@ class Dispatcher:
             if self.udp is not None:
                 self.udp.tap4(header)
             return
+        if header.proto == ip.IPPROTO_TCP:
+            if self.tcp is not None:
+                self.tcp.tap4(header)
+            return
         self._drop(f"proto-{header.proto}",
                    f"IPv4 protocol {header.proto} dropped: not supported yet")
 
@@ -165,6 +177,10 @@ class Dispatcher:
         if header.proto == ip.IPPROTO_UDP:
             if self.udp is not None:
                 self.udp.tap6(header)
+            return
+        if header.proto == ip.IPPROTO_TCP:
+            if self.tcp is not None:
+                self.tcp.tap6(header)
             return
         self._drop(f"proto6-{header.proto}",
                    f"IPv6 next header {header.proto} dropped: not supported yet")

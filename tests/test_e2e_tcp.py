@@ -1,0 +1,157 @@
+"""TCP end to end: the guest namespace's kernel is the TCP peer, behind tests/relay.py and
+vhostpasst; "remote" servers run in the world namespace, local ones in the host namespace
+(see tests/sandbox.py). Programs in tests/tcp_tool.py move pattern data and report sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sandbox import Sandbox, wait_until
+
+TOOL = str(Path(__file__).resolve().parent / "tcp_tool.py")
+GW4 = "192.0.2.1"
+HOST4 = "192.0.2.2"
+GW6 = "2001:db8::1"
+HOST6 = "2001:db8::2"
+OUR_MAC = "9a:55:9a:55:9a:55"
+MIB = 1 << 20
+
+
+def configure_guest(sandbox: Sandbox, ipv6: bool = True, mtu: int = 65520) -> None:
+    """What a DHCP client would do (IPv4), plus a static IPv6 set-up (the router's
+    neighbour entry is static so the test does not depend on NDP)."""
+    sandbox.guest("ip", "link", "set", "tap0", "mtu", str(mtu), check=True)
+    sandbox.guest("ip", "addr", "add", f"{HOST4}/24", "dev", "tap0", check=True)
+    sandbox.guest("ip", "route", "add", "default", "via", GW4, check=True)
+    if ipv6:
+        sandbox.guest("ip", "-6", "addr", "add", f"{HOST6}/64", "dev", "tap0", "nodad",
+                      check=True)
+        sandbox.guest("ip", "-6", "neigh", "replace", GW6, "lladdr", OUR_MAC, "dev", "tap0",
+                      "nud", "permanent", check=True)
+        sandbox.guest("ip", "-6", "route", "replace", "default", "via", GW6, check=True)
+
+
+def start(sandbox: Sandbox, *args: str, mtu: int = 65520, env: dict | None = None) -> None:
+    sandbox.start_daemon(*args)
+    sandbox.start_relay()
+    configure_guest(sandbox, mtu=mtu)
+
+
+def serve(sandbox: Sandbox, ns: str, addr: str, port: int, action: str,
+          arg: str | None = None) -> Path:
+    """Start a tcp_tool server in `ns`; returns its log path once it listens."""
+    ready = sandbox.dir / f"srv-{ns[-1]}-{port}"
+    cmd = [sys.executable, TOOL, "serve", addr, str(port), action, str(ready)]
+    if arg is not None:
+        cmd.append(arg)
+    sandbox.popen_in(ns, *cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(ready.exists, 10, f"server on {addr}:{port}")
+    return Path(str(ready) + ".log")
+
+
+def client(sandbox: Sandbox, ns: str, addr: str, port: int, action: str, *args: object,
+           timeout: float = 90) -> dict:
+    r = sandbox.run_in(ns, sys.executable, TOOL, "connect", addr, str(port), action,
+                       *map(str, args), timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr + sandbox.daemon_log()
+    return json.loads(r.stdout)
+
+
+def log_lines(path: Path, count: int = 1, timeout: float = 10) -> list[str]:
+    def lines() -> list[str] | None:
+        text = path.read_text() if path.exists() else ""
+        got = text.splitlines()
+        return got if len(got) >= count else None
+    return wait_until(lines, timeout, f"{count} line(s) in {path.name}")  # type: ignore
+
+
+# --- guest -> host ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("size", [1024, 20 * MIB], ids=["1KiB", "20MiB"])
+def test_guest_to_remote(sandbox: Sandbox, six: bool, size: int) -> None:
+    start(sandbox, "--no-map-gw")
+    server = GW6 if six else GW4
+    log = serve(sandbox, sandbox.world_ns, server, 5001, "sink")
+    r = client(sandbox, sandbox.guest_ns, server, 5001, "send", size)
+    assert r["answer"] == [str(size), r["sha"]], r
+    line = log_lines(log)[0].split()
+    assert line[0] == (HOST6 if six else HOST4)  # no NAT: the host's own address
+
+
+def test_gateway_reaches_the_hosts_loopback(sandbox: Sandbox) -> None:
+    """map-host-loopback (the default): the gateway address is the host's 127.0.0.1."""
+    start(sandbox)
+    log = serve(sandbox, sandbox.host_ns, "127.0.0.1", 5002, "sink")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5002, "send", 4 * MIB)
+    assert r["answer"] == [str(4 * MIB), r["sha"]], r
+    assert log_lines(log)[0].startswith("127.0.0.1 ")
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_remote_to_guest_download(sandbox: Sandbox, six: bool) -> None:
+    """The guest reads a stream from a remote server: host -> guest through MSG_PEEK."""
+    start(sandbox, "--no-map-gw")
+    server = GW6 if six else GW4
+    serve(sandbox, sandbox.world_ns, server, 5003, "source", str(20 * MIB))
+    r = client(sandbox, sandbox.guest_ns, server, 5003, "recv")
+    _, digest = _pattern_sha(20 * MIB)
+    assert r == {"bytes": 20 * MIB, "sha": digest, "seconds": r["seconds"]}
+
+
+def _pattern_sha(n: int) -> tuple[int, str]:
+    sys.path.insert(0, str(Path(TOOL).parent))
+    import tcp_tool
+    return n, tcp_tool.pattern(n)[1]
+
+
+def test_both_directions_at_once(sandbox: Sandbox) -> None:
+    start(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5004, "echo")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5004, "both", 16 * MIB)
+    assert r["echo_bytes"] == 16 * MIB and r["echo_sha"] == r["sha"], r
+
+
+def test_connect_to_closed_port_is_refused(sandbox: Sandbox) -> None:
+    start(sandbox, "--no-map-gw")
+    assert client(sandbox, sandbox.guest_ns, GW4, 5999, "refused") == {"refused": True}
+    assert client(sandbox, sandbox.guest_ns, GW6, 5999, "refused") == {"refused": True}
+
+
+def test_half_close_guest_first(sandbox: Sandbox) -> None:
+    """The guest shuts down writing; the server still answers afterwards (sink mode)."""
+    start(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5005, "sink")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5005, "shutrd", 3 * MIB)
+    assert r["bytes"] > 0  # the answer came after our FIN
+
+
+def test_half_close_remote_first(sandbox: Sandbox) -> None:
+    """The server shuts down writing first; the guest sees EOF and keeps sending."""
+    start(sandbox, "--no-map-gw")
+    log = serve(sandbox, sandbox.world_ns, GW4, 5006, "shutwr")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5006, "halfserver", 2 * MIB)
+    assert r["first"] == "server-data" and r["eof"], r
+    _, n, digest = log_lines(log)[0].split()
+    assert (int(n), digest) == (2 * MIB, r["sha"])
+
+
+def test_guest_reset_resets_the_remote(sandbox: Sandbox) -> None:
+    """passt closes the host socket gracefully on a guest RST; we reset it."""
+    start(sandbox, "--no-map-gw")
+    log = serve(sandbox, sandbox.world_ns, GW4, 5007, "hold")
+    client(sandbox, sandbox.guest_ns, GW4, 5007, "rst")
+    line = log_lines(log)[0]
+    assert line.endswith("error 104"), line  # ECONNRESET, not EOF
+
+
+def test_remote_reset_resets_the_guest(sandbox: Sandbox) -> None:
+    start(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5008, "rst")
+    assert client(sandbox, sandbox.guest_ns, GW4, 5008, "waitrst") == {"reset": True}

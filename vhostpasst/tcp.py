@@ -1,0 +1,1139 @@
+"""TCP: guest connections translated to host sockets, with no TCP stack of our own (ref. §4.4).
+
+Each connection is one host socket. The host kernel does reliability and congestion control
+towards the far end; towards the guest we only keep sequence numbers, never data:
+
+* host -> guest: bytes are peeked (MSG_PEEK with SO_PEEK_OFF) from the socket straight into
+  link buffers, after room for the headers, which are then written in place. What the guest
+  acknowledges is discarded from the socket with recv(MSG_TRUNC); a timeout or three
+  duplicate ACKs rewind the peek offset to the ACK point and the same bytes are peeked again.
+  The retransmission timeout comes from an RTT estimate (RFC 6298) and backs off.
+* guest -> host: in-order payloads of one batch go out in one sendmsg(); out-of-order data is
+  dropped with a duplicate ACK (the guest retransmits). What we acknowledge, and the window we
+  show, come from the socket (TCP_INFO bytes_acked and snd_wnd, SO_SNDBUF), so the guest's
+  congestion control sees the real path; on slow paths data is acknowledged to the guest only
+  once the far end has acknowledged it to the host kernel.
+
+Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
+a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
+retransmission timeout is estimated and backs off; half-open connections are capped so a SYN
+flood cannot fill the flow table.
+
+All timers are loop timers (loop.call_at), at most three per connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Protocol
+
+from vhostpasst import fwd, nat
+from vhostpasst.flow import Context, Flow, TimerLike
+from vhostpasst.log import RateLimitedLog
+from vhostpasst.loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from vhostpasst.wire import tcp as wtcp
+from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
+
+log = logging.getLogger(__name__)
+
+IPAddr = IPv4Address | IPv6Address
+
+SO_PEEK_OFF = 42  # asm-generic/socket.h (x86, arm64)
+TCP_INFO_LEN = 232  # up to tcpi_snd_wnd
+_INFO = struct.Struct("=Q")  # tcpi_bytes_acked at 120
+_U32 = struct.Struct("=I")  # tcpi_min_rtt at 148, tcpi_snd_wnd at 228
+
+M32 = 0xFFFFFFFF
+WS_TO_TAP = 8  # our window scale (passt: min(8, tcpi_snd_wscale))
+MAX_WINDOW = 65535 << WS_TO_TAP
+SYN_WINDOW = 65535  # window in our SYN / SYN-ACK (never scaled)
+DEFAULT_MSS4 = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
+DEFAULT_MSS6 = 1220
+SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve the rest
+ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
+HANDSHAKE_TIMEOUT = 10.0
+FIN_TIMEOUT = 60.0
+IDLE_TIMEOUT = 7200.0
+RTO_INIT = 1.0  # RFC 6298 §2.1
+RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
+RTO_MAX = 60.0
+MAX_RETRANS = 8
+HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
+LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
+SNDBUF_SMALL = 128 * 1024
+LISTEN_BACKLOG = 128
+ACCEPT_BATCH = 16
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
+
+# Test hooks: shorter timeouts so end-to-end tests can watch them happen
+ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
+ENV_RTO_MAX = "VHOSTPASST_TCP_RTO_MAX"
+ENV_IDLE = "VHOSTPASST_TCP_IDLE_TIMEOUT"
+ENV_HALF_OPEN = "VHOSTPASST_TCP_HALF_OPEN_MAX"
+
+# states
+CONNECTING = 0  # guest SYN seen, host connect() in progress
+SYN_ACK_SENT = 1  # host connected, SYN-ACK sent to the guest, waiting for its ACK
+SYN_SENT = 2  # host client accepted (-t), SYN sent to the guest
+ESTABLISHED = 3
+
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_LINGER0 = struct.pack("ii", 1, 0)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_recv = _libc.recv
+_recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_recv.restype = ctypes.c_ssize_t
+
+
+def discard(fd: int, count: int) -> int:
+    """Drop `count` bytes from a TCP socket's receive queue without copying them
+    (MSG_TRUNC with no buffer); returns how many went."""
+    done = 0
+    while done < count:
+        n = _recv(fd, None, count - done, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return 0 < ((b - a) & M32) < 0x80000000
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or seq_lt(a, b)
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+class TcpLoop(Protocol):
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def modify_fd(self, fd: int, events: int) -> None: ...
+    def remove_fd(self, fd: int) -> None: ...
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerLike: ...
+
+
+class TcpConn(Flow):
+    """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
+    end it sees at (faddr, fport); host side: `sock`."""
+
+    timeout = None  # our own timers decide
+
+    def __init__(self, handler: TcpHandler, sock: socket.socket, six: bool, gaddr: IPAddr,
+                 gport: int, faddr: IPAddr, fport: int, state: int) -> None:
+        super().__init__()
+        self.h = handler
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.six = six
+        self.gaddr, self.gport, self.faddr, self.fport = gaddr, gport, faddr, fport
+        self.gaddr_b, self.faddr_b = gaddr.packed, faddr.packed
+        self.state = state
+        self.events = 0  # the epoll mask registered (0: not registered)
+        self.local = False  # the far end is on this host: no point waiting for its ACKs
+        # guest -> host
+        self.isn_tap = 0  # the guest's ISN
+        self.seq_from_tap = 0  # next byte expected from the guest
+        self.seq_ack_to_tap = 0  # the last ACK we sent
+        self.ack_base = 0  # seq_from_tap - tcpi_bytes_acked, fixed at establishment
+        self.wnd_to_tap = 0  # the last window we advertised (bytes)
+        self.ws_to_tap = 0
+        self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
+        self.want_out = False  # the socket was full: EPOLLOUT then a window update
+        self.ack_due = False
+        # host -> guest
+        self.isn = 0
+        self.seq_to_tap = 0  # next byte we send
+        self.seq_max = 0  # highest seq sent (after rewinds, seq_to_tap can be below)
+        self.seq_ack_from_tap = 0
+        self.wnd_from_tap = 0  # bytes
+        self.ws_from_tap = 0
+        self.mss = DEFAULT_MSS6 if six else DEFAULT_MSS4
+        self.sock_eof = False  # the host socket reached end of stream
+        self.fin_seq: int | None = None  # seq of the FIN we sent to the guest
+        self.tap_fin_acked = False
+        self.stalled = False  # guest window full: no point reading the socket
+        self.dup_acks = 0
+        self.recover = 0  # after a fast retransmit, no other until the ACK passes this
+        self.retrans = 0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = RTO_INIT
+        self.rtt_seq: int | None = None  # timing this segment end (Karn: not a resend)
+        self.rtt_time = 0.0
+        self.rto_timer: TimerLike | None = None
+        self.ack_timer: TimerLike | None = None
+        self.idle_timer: TimerLike | None = None
+        self.last_seen = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"
+
+    def close(self) -> None:
+        for t in (self.rto_timer, self.ack_timer, self.idle_timer):
+            if t is not None:
+                t.cancel()
+        self.rto_timer = self.ack_timer = self.idle_timer = None
+        if self.events:
+            self.h.loop.remove_fd(self.fd)
+            self.events = 0
+        if self.state != ESTABLISHED:
+            self.h.half_open -= 1
+            self.state = ESTABLISHED  # counted once
+        self.sock.close()
+
+
+def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
+    return ("tcp", six, gaddr, gport, faddr, fport)
+
+
+class Listener:
+    """One `-t` listening socket: host port -> guest port."""
+
+    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int) -> None:
+        self.sock = sock
+        self.six = six
+        self.port = port
+        self.guest_port = guest_port
+
+
+class TcpHandler:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.loop: TcpLoop = ctx.loop  # type: ignore[assignment]
+        # tests substitute fake sockets here, so fuzzing never touches a real network
+        self.socket_factory: Callable[..., socket.socket] = socket.socket
+        self.max_retrans = int(_env_number(ENV_MAX_RETRANS, MAX_RETRANS))
+        self.rto_max = _env_number(ENV_RTO_MAX, RTO_MAX)
+        self.idle_timeout = _env_number(ENV_IDLE, IDLE_TIMEOUT)
+        self.half_open_max = int(_env_number(ENV_HALF_OPEN, HALF_OPEN_MAX))
+        self.half_open = 0
+        self.listeners: list[Listener] = []
+        self._secret = os.urandom(16)
+        self._batch: dict[TcpConn, list[wtcp.Tcp]] = {}
+        self._log = RateLimitedLog(log)
+        self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
+
+    def close(self) -> None:
+        for lst in self.listeners:
+            self.loop.remove_fd(lst.sock.fileno())
+            lst.sock.close()
+        self.listeners.clear()
+
+    # --- guest frames ----------------------------------------------------------------------
+
+    def tap4(self, packet: Ipv4) -> None:
+        self._segment(False, packet.src, packet.dst, wtcp.parse_tcp(packet.payload))
+
+    def tap6(self, packet: Ipv6) -> None:
+        self._segment(True, packet.src, packet.dst, wtcp.parse_tcp(packet.l4))
+
+    def _segment(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
+        conn = self.ctx.flows.lookup(_tap_key(six, src, seg.sport, dst, seg.dport))
+        if isinstance(conn, TcpConn):
+            batch = self._batch.get(conn)
+            if batch is None:
+                self._batch[conn] = [seg]
+            else:
+                batch.append(seg)
+            return
+        flags = seg.flags
+        if flags & wtcp.RST:
+            return
+        if flags & wtcp.SYN and not flags & wtcp.ACK:
+            if not flags & wtcp.FIN:
+                self._connect(six, src, dst, seg)
+            return
+        self._reset_unknown(six, src, dst, seg)
+
+    def end_batch(self) -> None:
+        """The dispatcher handed every frame of this read: act per connection (one sendmsg
+        and at most one ACK each). Frames are still valid here."""
+        batch, self._batch = self._batch, {}
+        for conn, segs in batch.items():
+            if conn.closed:
+                continue
+            try:
+                self._tap_segments(conn, segs)
+            except Exception:  # a bug must not stop the loop, nor spare the others
+                log.exception("error handling guest segments for %r", conn)
+                self._reset(conn)
+
+    # --- replies built from nothing -------------------------------------------------------
+
+    def _frame(self, six: bool, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
+               ack: int, flags: int, window: int, options: bytes = b"") -> bool:
+        bufs = self.ctx.rx_buffers(1)
+        if not bufs:
+            return False
+        mac, our = self.ctx.guest_mac(), self.ctx.config.our_mac
+        if six:
+            n = wtcp.write_eth_ipv6_tcp_headers(bufs[0], mac, our, src, dst, sport, dport,
+                                                seq, ack, flags, window, 0, options)
+        else:
+            n = wtcp.write_eth_ipv4_tcp_headers(bufs[0], mac, our, src, dst, sport, dport,
+                                                seq, ack, flags, window, 0, options)
+        self.ctx.commit([n])
+        return True
+
+    def _reset_unknown(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
+        """RFC 9293 §3.10.7.1: a segment for no connection gets a RST (never for a RST)."""
+        if seg.flags & wtcp.ACK:
+            seq, ack, flags = seg.ack, 0, wtcp.RST
+        else:
+            length = len(seg.payload) + bool(seg.flags & wtcp.SYN) + bool(seg.flags & wtcp.FIN)
+            seq, ack, flags = 0, (seg.seq + length) & M32, wtcp.RST | wtcp.ACK
+        self._log.debug(("tcp-rst", dst), "segment for no connection %s:%d -> %s:%d: RST",
+                        src, seg.sport, dst, seg.dport)
+        if self._frame(six, dst.packed, src.packed, seg.dport, seg.sport, seq, ack, flags, 0):
+            self.resets_sent += 1
+
+    # --- guest-initiated connections ---------------------------------------------------------
+
+    def _isn(self, conn: TcpConn) -> int:
+        """RFC 6528: a keyed hash of the 4-tuple plus a 4 us clock."""
+        h = hashlib.blake2b(conn.gaddr_b + conn.faddr_b + struct.pack("!HH", conn.gport,
+                            conn.fport), digest_size=4, key=self._secret).digest()
+        return (int.from_bytes(h, "big") + (time.monotonic_ns() >> 12)) & M32
+
+    def _connect(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
+        ctx = self.ctx
+        if seg.sport == 0 or seg.dport == 0 or src.is_multicast or dst.is_multicast \
+                or src.is_unspecified or dst.is_unspecified \
+                or dst == IPv4Address("255.255.255.255"):
+            return
+        if self.half_open >= self.half_open_max:
+            self._log.warning("tcp-half-open", "%d connections in the handshake: SYN dropped",
+                              self.half_open)
+            return
+        if ctx.flows.full():
+            self._log.warning("tcp-full", "flow table full: SYN dropped")
+            return
+        target = nat.from_tap(ctx.config, True, dst, seg.dport)
+        if target is None:
+            self._log.debug(("tcp-nat", dst), "TCP to %s dropped", dst)
+            return
+        conf = ctx.config.ip6 if six else ctx.config.ip4
+        family = socket.AF_INET6 if six else socket.AF_INET
+        try:
+            sock = self.socket_factory(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                       | socket.SOCK_CLOEXEC)
+        except OSError as e:
+            self._log.warning(("tcp-socket", e.errno), "TCP socket: %s", e)
+            return
+        conn = TcpConn(self, sock, six, src, seg.sport, dst, seg.dport, CONNECTING)
+        conn.local = target.is_loopback
+        conn.isn_tap = seg.seq
+        conn.seq_from_tap = conn.seq_ack_to_tap = (seg.seq + 1) & M32
+        self._syn_options(conn, seg)
+        conn.wnd_from_tap = seg.window  # never scaled in a SYN
+        if not ctx.flows.add(conn, _tap_key(six, src, seg.sport, dst, seg.dport)):
+            sock.close()
+            return
+        self.half_open += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conf is not None and conf.outbound_if:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                conf.outbound_if.encode())
+            if conf is not None and conf.outbound is not None:
+                sock.bind((str(conf.outbound), 0))
+            if six:
+                scope = conf.ifindex if conf is not None and target.is_link_local else 0
+                rc = sock.connect_ex((str(target), seg.dport, 0, scope))
+            else:
+                rc = sock.connect_ex((str(target), seg.dport))
+        except OSError as e:
+            rc = e.errno or errno.EINVAL
+        if rc not in (0, errno.EINPROGRESS):
+            self._log.debug(("tcp-connect", rc), "connect to %s:%d: %s", target, seg.dport,
+                            os.strerror(rc))
+            self._reset(conn)
+            return
+        self._set_events(conn, EPOLLOUT | EPOLLRDHUP)
+        if rc == 0:
+            self._connected(conn)
+
+    def _syn_options(self, conn: TcpConn, seg: wtcp.Tcp) -> None:
+        """MSS and window scale from the guest's SYN (or SYN-ACK)."""
+        limit = self.ctx.max_l3 - (IPV6_HLEN if conn.six else IPV4_HLEN) - wtcp.TCP_HLEN
+        mss = seg.mss if seg.mss else (DEFAULT_MSS6 if conn.six else DEFAULT_MSS4)
+        conn.mss = max(64, min(mss, limit))
+        if seg.wscale is not None:
+            conn.ws_from_tap = seg.wscale
+            conn.ws_to_tap = WS_TO_TAP
+        else:
+            conn.ws_from_tap = conn.ws_to_tap = 0
+
+    def _our_mss(self, six: bool) -> int:
+        return min(65535, self.ctx.max_l3 - (IPV6_HLEN if six else IPV4_HLEN) - wtcp.TCP_HLEN)
+
+    def _connected(self, conn: TcpConn) -> None:
+        """connect() finished: SYN-ACK to the guest."""
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._log.debug(("tcp-connect", err), "%r: connect: %s", conn, os.strerror(err))
+            self._reset(conn)
+            return
+        info = self._info(conn)
+        conn.ack_base = (conn.seq_from_tap - (_INFO.unpack_from(info, 120)[0] if info else 0)) \
+            & M32
+        conn.state = SYN_ACK_SENT
+        conn.isn = self._isn(conn)
+        conn.seq_to_tap = conn.seq_max = conn.seq_ack_from_tap = conn.isn
+        self._set_events(conn, EPOLLRDHUP | EPOLLET)
+        self._send_syn(conn)
+        self._arm_idle(conn, HANDSHAKE_TIMEOUT)
+
+    def _send_syn(self, conn: TcpConn) -> None:
+        """SYN (inbound) or SYN-ACK (outbound), and the handshake retransmission timer."""
+        options = wtcp.build_tcp_options(self._our_mss(conn.six),
+                                         WS_TO_TAP if conn.ws_to_tap or conn.state == SYN_SENT
+                                         else None)
+        if conn.state == SYN_SENT:
+            flags, ack = wtcp.SYN, 0
+        else:
+            flags, ack = wtcp.SYN | wtcp.ACK, conn.seq_from_tap
+        self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, conn.isn,
+                    ack, flags, SYN_WINDOW, options)
+        conn.seq_to_tap = conn.seq_max = (conn.isn + 1) & M32
+        self._arm_rto(conn)
+
+    # --- host-initiated connections (-t) --------------------------------------------------
+
+    def listen(self, forwards: fwd.PortForwards | None) -> None:
+        """Bind every `-t` mapping. Raises OSError for a port that an explicit spec asked
+        for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
+        tried = ok = 0
+        config = self.ctx.config
+        for m in fwd.mappings(forwards, fwd.ephemeral_range()):
+            families = []
+            if m.addr is not None:
+                families.append(isinstance(m.addr, IPv6Address))
+            else:
+                if config.ip4 is not None:
+                    families.append(False)
+                if config.ip6 is not None:
+                    families.append(True)
+            for six in families:
+                tried += m.tolerant
+                try:
+                    sock = self._listen_one(six, m.addr, m.ifname, m.host_port)
+                except OSError as e:
+                    if m.tolerant and e.errno not in (errno.EMFILE, errno.ENFILE):
+                        continue
+                    where = f"{m.addr or ('[::]' if six else '0.0.0.0')}"
+                    raise OSError(e.errno, f"TCP port {m.host_port} on {where}"
+                                           f"{'%' + m.ifname if m.ifname else ''}: "
+                                           f"{e.strerror}") from None
+                ok += m.tolerant
+                lst = Listener(sock, six, m.host_port, m.guest_port)
+                self.listeners.append(lst)
+                self.loop.add_fd(sock.fileno(), EPOLLIN,
+                                 lambda _mask, lst=lst: self._on_listener(lst))
+        if tried and not ok and not self.listeners:
+            raise OSError(errno.EADDRINUSE, "no TCP port could be forwarded")
+
+    def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
+                    port: int) -> socket.socket:
+        family = socket.AF_INET6 if six else socket.AF_INET
+        sock = self.socket_factory(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                   | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.ctx.config.freebind:
+                if six:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            if ifname:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            sock.bind((str(addr) if addr is not None else "", port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _on_listener(self, lst: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._log.warning(("tcp-accept", e.errno), "accept: %s", e)
+                return
+            try:
+                self._accepted(lst, sock, peer)
+            except Exception:
+                log.exception("error accepting a TCP connection")
+                sock.close()
+
+    def _accepted(self, lst: Listener, sock: socket.socket, peer: tuple) -> None:
+        ctx = self.ctx
+        try:
+            src = ip_address(str(peer[0]).split("%")[0])
+            sport = int(peer[1])
+        except (ValueError, IndexError, TypeError):
+            sock.close()
+            return
+        if isinstance(src, IPv6Address) and src.ipv4_mapped is not None:
+            src = src.ipv4_mapped
+        sides = nat.from_host(ctx.config, ctx.guest, src)
+        if sides is None or self.half_open >= self.half_open_max or ctx.flows.full():
+            self._log.debug(("tcp-in-drop", src), "connection from %s: no guest side", src)
+            _reset_close(sock)
+            return
+        shown, gdst = sides
+        six = isinstance(gdst, IPv6Address)
+        sock.setblocking(False)
+        conn = TcpConn(self, sock, six, gdst, lst.guest_port, shown, sport, SYN_SENT)
+        conn.local = src.is_loopback
+        if not ctx.flows.add(conn, _tap_key(six, gdst, lst.guest_port, shown, sport)):
+            _reset_close(sock)
+            return
+        self.half_open += 1
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.isn = self._isn(conn)
+        conn.seq_ack_from_tap = conn.isn
+        conn.ws_to_tap = WS_TO_TAP
+        self._set_events(conn, EPOLLRDHUP | EPOLLET)
+        self._send_syn(conn)
+        self._arm_idle(conn, HANDSHAKE_TIMEOUT)
+
+    # --- host socket events ---------------------------------------------------------------
+
+    def _set_events(self, conn: TcpConn, events: int) -> None:
+        if conn.closed or events == conn.events:
+            return
+        if conn.events:
+            self.loop.modify_fd(conn.fd, events)
+        else:
+            self.loop.add_fd(conn.fd, events, lambda mask: self._on_sock(conn, mask))
+        conn.events = events
+
+    def _update_events(self, conn: TcpConn) -> None:
+        if conn.state != ESTABLISHED:
+            return
+        if conn.fin_seq is not None:
+            ev = EPOLLRDHUP | EPOLLET  # nothing more to read: errors and hang-ups only
+        elif conn.stalled:
+            ev = EPOLLIN | EPOLLRDHUP | EPOLLET
+        else:
+            ev = EPOLLIN | EPOLLRDHUP
+        if conn.want_out:
+            ev |= EPOLLOUT | EPOLLET
+        self._set_events(conn, ev)
+
+    def _on_sock(self, conn: TcpConn, mask: int) -> None:
+        try:
+            self._sock_event(conn, mask)
+        except Exception:
+            log.exception("error on the host socket of %r", conn)
+            self._reset(conn)
+
+    def _sock_event(self, conn: TcpConn, mask: int) -> None:
+        if conn.closed:
+            return
+        if conn.state == CONNECTING:
+            if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self._connected(conn)
+            return
+        if mask & EPOLLERR:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._log.debug(("tcp-err", err), "%r: socket error %s", conn,
+                            os.strerror(err) if err else "?")
+            self._reset(conn)
+            return
+        if conn.state != ESTABLISHED:
+            return
+        if mask & EPOLLOUT and conn.want_out:
+            conn.want_out = False
+            self._update_events(conn)
+            self._send_ack(conn, force=True)  # a window update: the guest resends
+        if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            self._from_sock(conn)
+        if mask & EPOLLHUP and not conn.closed:
+            self._maybe_close(conn)
+
+    # --- host -> guest data -------------------------------------------------------------------
+
+    def _from_sock(self, conn: TcpConn) -> None:
+        """Peek what the guest's window allows into link buffers, headers in place."""
+        if conn.state != ESTABLISHED or conn.fin_seq is not None or conn.closed:
+            return
+        in_flight = (conn.seq_to_tap - conn.seq_ack_from_tap) & M32
+        room = conn.wnd_from_tap - in_flight
+        if room <= 0:
+            self._stall(conn, True)
+            if conn.rto_timer is None:
+                self._arm_rto(conn)  # persist: probe a zero window
+            return
+        mss = conn.mss
+        count = min(SEG_BATCH, -(-room // mss))
+        bufs = self.ctx.rx_buffers(count)
+        if not bufs:
+            self._stall(conn, True)  # no guest, or its ring is full: the RTO timer retries
+            if conn.rto_timer is None:
+                self._arm_rto(conn)
+            return
+        off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
+        iov = []
+        left = room
+        for buf in bufs:
+            size = min(mss, left)
+            iov.append(buf[off:off + size])
+            left -= size
+        try:
+            n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
+        except (BlockingIOError, InterruptedError):
+            self._stall(conn, False)
+            return
+        except OSError as e:
+            self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
+            self._reset(conn)
+            return
+        if n == 0:
+            # end of stream, everything before it peeked: FIN to the guest
+            conn.sock_eof = True
+            self._stall(conn, False)
+            self._send_fin(conn)
+            return
+        conn.last_seen = time.monotonic()
+        self._stall(conn, n >= room)
+        ack, wnd = self._ack_wnd(conn)
+        mac, our = self.ctx.guest_mac(), self.ctx.config.our_mac
+        lengths = []
+        seq = conn.seq_to_tap
+        pos = 0
+        write = wtcp.write_eth_ipv6_tcp_headers if conn.six else wtcp.write_eth_ipv4_tcp_headers
+        for buf, view in zip(bufs, iov, strict=False):
+            if pos >= n:
+                break
+            size = min(len(view), n - pos)
+            pos += size
+            flags = wtcp.ACK | (wtcp.PSH if pos >= n else 0)
+            lengths.append(write(buf, mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
+                                 conn.gport, seq, ack, flags, wnd, size))
+            seq = (seq + size) & M32
+        self.ctx.commit(lengths)
+        self._acked_to_tap(conn, ack, wnd)
+        if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
+            conn.rtt_seq, conn.rtt_time = seq, time.monotonic()  # Karn: new data only
+        conn.seq_to_tap = seq
+        if seq_lt(conn.seq_max, seq):
+            conn.seq_max = seq
+        if conn.rto_timer is None:
+            self._arm_rto(conn)
+
+    def _stall(self, conn: TcpConn, stalled: bool) -> None:
+        if conn.stalled != stalled:
+            conn.stalled = stalled
+            self._update_events(conn)
+
+    def _send_fin(self, conn: TcpConn) -> None:
+        ack, wnd = self._ack_wnd(conn)
+        if not self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                           conn.seq_to_tap, ack, wtcp.FIN | wtcp.ACK, wnd):
+            self._arm_rto(conn)
+            return
+        self._acked_to_tap(conn, ack, wnd)
+        conn.fin_seq = conn.seq_to_tap
+        conn.seq_to_tap = (conn.seq_to_tap + 1) & M32
+        if seq_lt(conn.seq_max, conn.seq_to_tap):
+            conn.seq_max = conn.seq_to_tap
+        self._update_events(conn)
+        if conn.rto_timer is None:
+            self._arm_rto(conn)
+
+    # --- ACKs and windows to the guest ------------------------------------------------------
+
+    def _info(self, conn: TcpConn) -> bytes | None:
+        try:
+            return conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        except OSError:
+            return None
+
+    def _ack_wnd(self, conn: TcpConn) -> tuple[int, int]:
+        """(ACK number, window field) for the guest, from the host socket."""
+        if conn.state != ESTABLISHED:
+            return conn.seq_from_tap, SYN_WINDOW
+        info = self._info(conn)
+        try:
+            sndbuf = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        except OSError:
+            sndbuf = SNDBUF_SMALL
+        # SO_SNDBUF counts overhead too: roughly half holds payload once it is large
+        eff = sndbuf * 3 // 4 if sndbuf < (4 << 20) else sndbuf // 2
+        if info is None or len(info) < TCP_INFO_LEN:
+            ack = conn.seq_from_tap
+            wnd = eff
+        else:
+            remote = (conn.ack_base + _INFO.unpack_from(info, 120)[0]) & M32
+            if seq_lt(conn.seq_from_tap, remote):
+                remote = conn.seq_from_tap
+            if conn.tap_fin_rcvd and ((conn.seq_from_tap - remote) & M32) <= 1:
+                remote = conn.seq_from_tap  # all data acked; the FIN may not be counted
+            min_rtt = _U32.unpack_from(info, 148)[0] / 1e6
+            immediate = conn.local or sndbuf < SNDBUF_SMALL or (0 < min_rtt < LOW_RTT)
+            ack = conn.seq_from_tap if immediate else remote
+            snd_wnd = _U32.unpack_from(info, 228)[0]
+            wnd = min(snd_wnd, eff) - ((ack - remote) & M32)
+        if seq_lt(ack, conn.seq_ack_to_tap):
+            ack = conn.seq_ack_to_tap  # never backwards
+        wnd = max(0, min(wnd, MAX_WINDOW))
+        return ack, min(wnd >> conn.ws_to_tap, 65535)
+
+    def _acked_to_tap(self, conn: TcpConn, ack: int, wnd: int) -> None:
+        conn.seq_ack_to_tap = ack
+        conn.wnd_to_tap = wnd << conn.ws_to_tap
+        conn.ack_due = False
+        if ack != conn.seq_from_tap or wnd == 0:
+            self._arm_ack(conn)  # poll the socket for the far end's ACK or window
+
+    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
+        if conn.closed or conn.state != ESTABLISHED:
+            return
+        ack, wnd = self._ack_wnd(conn)
+        if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
+                conn.wnd_to_tap:
+            if ack != conn.seq_from_tap or wnd == 0:
+                self._arm_ack(conn)
+            return
+        if self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                       conn.seq_to_tap, ack, wtcp.ACK, wnd):
+            self._acked_to_tap(conn, ack, wnd)
+
+    def _arm_ack(self, conn: TcpConn) -> None:
+        if conn.ack_timer is None and not conn.closed:
+            conn.ack_timer = self.loop.call_at(time.monotonic() + ACK_INTERVAL,
+                                               lambda: self._ack_timer(conn))
+
+    def _ack_timer(self, conn: TcpConn) -> None:
+        conn.ack_timer = None
+        try:
+            self._send_ack(conn)
+            self._maybe_close(conn)
+        except Exception:
+            log.exception("ACK timer of %r", conn)
+            self._reset(conn)
+
+    # --- guest segments --------------------------------------------------------------------
+
+    def _tap_segments(self, conn: TcpConn, segs: list[wtcp.Tcp]) -> None:
+        conn.last_seen = time.monotonic()
+        if conn.state != ESTABLISHED:
+            segs = self._handshake(conn, segs)
+            if not segs or conn.closed or conn.state != ESTABLISHED:
+                return
+        pending: list[memoryview] = []  # in-order payload, written at once
+        expected = conn.seq_from_tap
+        ooo: list[wtcp.Tcp] = []
+        fin = False
+        kick = False  # the guest's window opened: read the socket once at the end
+        answer = False  # something calls for an ACK now (keepalive, old data, hole)
+        for seg in segs:
+            flags = seg.flags
+            if flags & wtcp.RST:
+                if self._rst_acceptable(conn, seg):
+                    self._guest_reset(conn)
+                    return
+                answer = True  # RFC 5961 challenge ACK
+                continue
+            if flags & wtcp.SYN:
+                answer = True  # a SYN in a synchronized state: challenge ACK
+                continue
+            if flags & wtcp.ACK:
+                kick |= self._guest_ack(conn, seg)
+                if conn.closed:
+                    return
+            if fin:
+                continue  # nothing after the FIN
+            length = len(seg.payload)
+            if not length and not flags & wtcp.FIN:
+                if seq_lt(seg.seq, expected):
+                    answer = True  # keep-alive probe
+                continue
+            got = self._accept_data(conn, seg, expected, pending, ooo)
+            if got is None:
+                answer = True
+                continue
+            expected, fin = got
+        while ooo and not fin:  # a later segment of this batch may have filled the hole
+            progress = False
+            for seg in list(ooo):
+                if seq_le(seg.seq, expected):
+                    ooo.remove(seg)
+                    got = self._accept_data(conn, seg, expected, pending, [])
+                    if got is not None:
+                        expected, fin = got
+                        progress = True
+            if not progress:
+                break
+        if ooo and not fin:
+            answer = True  # a hole remains: duplicate ACK, the data is dropped
+        if pending:
+            if not self._write(conn, pending):
+                fin = False  # the FIN comes after data the socket did not take
+        if fin:
+            self._guest_fin(conn)
+        if conn.closed:
+            return
+        if kick:
+            self._from_sock(conn)  # data segments carry the ACK too
+        if conn.closed:
+            return
+        if answer or fin or conn.seq_from_tap != conn.seq_ack_to_tap:
+            self._send_ack(conn, force=answer or fin)
+        self._maybe_close(conn)
+
+    def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
+                     pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:
+        """Trim `seg` to what is new; queue it if in order. Returns (next expected, FIN
+        seen), or None for a segment entirely old; future segments go to `ooo`."""
+        payload = seg.payload
+        length = len(payload)
+        if seq_lt(expected, seg.seq):
+            ooo.append(seg)
+            return expected, False
+        skip = (expected - seg.seq) & M32
+        has_fin = bool(seg.flags & wtcp.FIN)
+        if skip > length or (skip == length and not has_fin):
+            return None  # old (a retransmission we have)
+        if skip < length:
+            pending.append(payload[skip:])
+        end = (seg.seq + length) & M32
+        return end, has_fin
+
+    def _write(self, conn: TcpConn, pending: list[memoryview]) -> bool:
+        """One sendmsg for the batch. True if everything went."""
+        total = sum(len(p) for p in pending)
+        sent = 0
+        try:
+            while pending:
+                n = conn.sock.sendmsg(pending[:1024], (), _SEND_FLAGS)
+                sent += n
+                chunk = sum(len(p) for p in pending[:1024])
+                if n < chunk:
+                    break
+                pending = pending[1024:]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self._log.debug(("tcp-send", e.errno), "%r: send: %s", conn, e)
+            self._reset(conn)
+            return False
+        conn.seq_from_tap = (conn.seq_from_tap + sent) & M32
+        if sent < total:
+            # not acknowledged, so the guest resends; a window update follows EPOLLOUT
+            conn.want_out = True
+            self._update_events(conn)
+            return False
+        return True
+
+    def _guest_fin(self, conn: TcpConn) -> None:
+        if conn.tap_fin_rcvd:
+            return
+        conn.tap_fin_rcvd = True
+        conn.seq_from_tap = (conn.seq_from_tap + 1) & M32
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._log.debug(("tcp-shut", e.errno), "%r: shutdown: %s", conn, e)
+        self._arm_idle(conn, FIN_TIMEOUT if conn.tap_fin_acked else self.idle_timeout)
+
+    def _guest_ack(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
+        """Returns True if the guest's window has room we may now fill."""
+        ack = seg.ack
+        wnd = min(seg.window << conn.ws_from_tap, MAX_WINDOW)
+        if seq_lt(conn.seq_max, ack):
+            return False  # acknowledges what we never sent
+        if seq_lt(conn.seq_ack_from_tap, ack):
+            data_end = conn.fin_seq if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack) \
+                else ack
+            acked = (data_end - conn.seq_ack_from_tap) & M32
+            if acked:
+                discard(conn.fd, acked)
+            if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack):
+                conn.tap_fin_acked = True
+                if conn.tap_fin_rcvd:
+                    self._arm_idle(conn, FIN_TIMEOUT)
+            conn.seq_ack_from_tap = ack
+            if seq_lt(conn.seq_to_tap, ack):
+                conn.seq_to_tap = ack  # after a rewind the guest had more than we resent
+            if conn.rtt_seq is not None and seq_le(conn.rtt_seq, ack):
+                self._rtt_sample(conn, time.monotonic() - conn.rtt_time)
+                conn.rtt_seq = None
+            conn.retrans = 0
+            conn.dup_acks = 0
+            conn.wnd_from_tap = wnd
+            if conn.seq_to_tap == ack:
+                self._cancel_rto(conn)
+            else:
+                self._arm_rto(conn, restart=True)
+            return True
+        if ack != conn.seq_ack_from_tap:
+            return False  # old
+        window_changed = wnd != conn.wnd_from_tap
+        conn.wnd_from_tap = wnd
+        if conn.seq_max == ack:
+            conn.retrans = 0  # nothing outstanding: an answer to a window probe
+            return window_changed
+        if seg.payload or seg.flags & (wtcp.FIN | wtcp.SYN) or window_changed:
+            return window_changed
+        # a duplicate ACK: three of them mean a lost segment (RFC 5681 §3.2)
+        if seq_lt(ack, conn.recover):
+            return False  # still resending after the last fast retransmit
+        conn.dup_acks += 1
+        if conn.dup_acks >= 3:
+            conn.dup_acks = 0
+            conn.recover = conn.seq_max
+            self._rewind(conn)
+        return False
+
+    def _rewind(self, conn: TcpConn) -> None:
+        """Resend from the guest's ACK point: the peek offset goes back to the unacked
+        start of the receive queue."""
+        conn.seq_to_tap = conn.seq_ack_from_tap
+        conn.rtt_seq = None
+        if conn.fin_seq is not None and not conn.tap_fin_acked:
+            conn.fin_seq = None
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError as e:
+            self._log.debug(("tcp-peekoff", e.errno), "%r: SO_PEEK_OFF: %s", conn, e)
+        conn.stalled = False
+        self._update_events(conn)
+        if conn.fin_seq is None and conn.sock_eof and \
+                (conn.seq_max - conn.seq_ack_from_tap) & M32 == 1:
+            self._send_fin(conn)  # only the FIN was outstanding
+        else:
+            self._from_sock(conn)
+
+    def _rst_acceptable(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
+        """RFC 5961 §3.2: a RST is taken only if its seq is exactly the next expected one;
+        anything else gets a challenge ACK, which a guest that really reset answers with an
+        exact RST."""
+        return seg.seq == conn.seq_from_tap
+
+    def _handshake(self, conn: TcpConn, segs: list[wtcp.Tcp]) -> list[wtcp.Tcp]:
+        """Segments before ESTABLISHED; returns the rest, to be handled as data."""
+        for i, seg in enumerate(segs):
+            flags = seg.flags
+            if flags & wtcp.RST:
+                if conn.state == SYN_SENT:
+                    ok = flags & wtcp.ACK and seg.ack == conn.seq_to_tap
+                else:
+                    ok = seg.seq == conn.seq_from_tap
+                if ok:
+                    self._guest_reset(conn)
+                    return []
+                continue
+            if conn.state == CONNECTING:
+                continue  # a resent SYN: we answer when connect() finishes
+            if conn.state == SYN_ACK_SENT:
+                if flags & wtcp.SYN:
+                    if not flags & wtcp.ACK and seg.seq == conn.isn_tap:
+                        self._send_syn(conn)  # our SYN-ACK was lost (passt resets here)
+                    continue
+                if not flags & wtcp.ACK:
+                    continue
+                if seg.ack != conn.seq_to_tap:
+                    self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                                seg.ack, 0, wtcp.RST, 0)
+                    continue
+                conn.wnd_from_tap = min(seg.window << conn.ws_from_tap, MAX_WINDOW)
+                conn.seq_ack_from_tap = seg.ack
+                self._establish(conn)
+                if not conn.closed:
+                    self._from_sock(conn)
+                return segs[i:]  # the ACK may carry data (and a FIN)
+            if conn.state == SYN_SENT:
+                if not flags & wtcp.SYN or not flags & wtcp.ACK:
+                    continue
+                if seg.ack != conn.seq_to_tap:
+                    self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                                seg.ack, 0, wtcp.RST, 0)
+                    continue
+                self._syn_options(conn, seg)
+                conn.isn_tap = seg.seq
+                conn.seq_from_tap = conn.seq_ack_to_tap = (seg.seq + 1) & M32
+                info = self._info(conn)
+                conn.ack_base = (conn.seq_from_tap - (_INFO.unpack_from(info, 120)[0]
+                                                      if info else 0)) & M32
+                conn.wnd_from_tap = seg.window  # unscaled in a SYN
+                conn.seq_ack_from_tap = seg.ack
+                self._establish(conn)
+                if conn.closed:
+                    return []
+                self._send_ack(conn, force=True)
+                self._from_sock(conn)  # data the client sent already
+                return segs[i + 1:]
+        return []
+
+    def _establish(self, conn: TcpConn) -> None:
+        conn.state = ESTABLISHED
+        self.half_open -= 1
+        self._cancel_rto(conn)
+        conn.retrans = 0
+        conn.rto = RTO_INIT if conn.srtt is None else conn.rto
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError as e:
+            log.warning("SO_PEEK_OFF unsupported (%s): TCP cannot work", e)
+            self._reset(conn)
+            return
+        self._update_events(conn)
+        self._arm_idle(conn, self.idle_timeout)
+
+    def _guest_reset(self, conn: TcpConn) -> None:
+        """The guest reset the connection: reset the host side too (SO_LINGER 0), where
+        passt closes gracefully."""
+        log.debug("%r: reset by the guest", conn)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        conn.remove()
+
+    def _reset(self, conn: TcpConn) -> None:
+        """Give up on a connection: RST to the guest and to the host side."""
+        if conn.closed:
+            return
+        if conn.state in (SYN_ACK_SENT, ESTABLISHED):
+            seq = conn.seq_to_tap
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, seq,
+                        conn.seq_from_tap, wtcp.RST | wtcp.ACK, 0)
+        elif conn.state == CONNECTING:
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, 0,
+                        conn.seq_from_tap, wtcp.RST | wtcp.ACK, 0)
+        elif conn.state == SYN_SENT:
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                        conn.seq_to_tap, 0, wtcp.RST, 0)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        conn.remove()
+
+    def _maybe_close(self, conn: TcpConn) -> None:
+        """Both directions finished: the guest's FIN passed on and acknowledged by the far
+        end, ours acknowledged by the guest."""
+        if conn.closed or conn.state != ESTABLISHED:
+            return
+        if conn.tap_fin_rcvd and conn.tap_fin_acked and conn.seq_ack_to_tap == \
+                conn.seq_from_tap:
+            conn.remove()
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _rtt_sample(self, conn: TcpConn, r: float) -> None:
+        """RFC 6298 §2."""
+        if conn.srtt is None:
+            conn.srtt, conn.rttvar = r, r / 2
+        else:
+            conn.rttvar = 0.75 * conn.rttvar + 0.25 * abs(conn.srtt - r)
+            conn.srtt = 0.875 * conn.srtt + 0.125 * r
+        conn.rto = min(self.rto_max, max(RTO_MIN, conn.srtt + max(0.001, 4 * conn.rttvar)))
+
+    def _arm_rto(self, conn: TcpConn, restart: bool = False) -> None:
+        if conn.closed:
+            return
+        if conn.rto_timer is not None:
+            if not restart:
+                return
+            conn.rto_timer.cancel()
+        conn.rto_timer = self.loop.call_at(time.monotonic() + conn.rto,
+                                           lambda: self._rto_expired(conn))
+
+    def _cancel_rto(self, conn: TcpConn) -> None:
+        if conn.rto_timer is not None:
+            conn.rto_timer.cancel()
+            conn.rto_timer = None
+
+    def _rto_expired(self, conn: TcpConn) -> None:
+        conn.rto_timer = None
+        if conn.closed:
+            return
+        try:
+            self._on_rto(conn)
+        except Exception:
+            log.exception("retransmission timer of %r", conn)
+            self._reset(conn)
+
+    def _on_rto(self, conn: TcpConn) -> None:
+        outstanding = conn.seq_max != conn.seq_ack_from_tap
+        if conn.state == CONNECTING:
+            return
+        conn.retrans += 1
+        if conn.retrans > self.max_retrans:
+            log.debug("%r: no answer from the guest after %d retransmissions", conn,
+                      conn.retrans - 1)
+            self._reset(conn)
+            return
+        conn.rto = min(self.rto_max, conn.rto * 2)  # RFC 6298 §5.5
+        if conn.state in (SYN_SENT, SYN_ACK_SENT):
+            self._send_syn(conn)
+            return
+        if outstanding:
+            self._rewind(conn)
+        elif conn.wnd_from_tap == 0 or conn.stalled:
+            # zero window (persist) or no link buffers: probe with an old sequence
+            # number, which makes the guest answer with its current window
+            ack, wnd = self._ack_wnd(conn)
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                        (conn.seq_ack_from_tap - 1) & M32, ack, wtcp.ACK, wnd)
+            self._from_sock(conn)
+        else:
+            conn.retrans = 0
+            return
+        if conn.rto_timer is None:
+            self._arm_rto(conn)
+
+    def _arm_idle(self, conn: TcpConn, timeout: float) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+        conn.idle_timer = self.loop.call_at(time.monotonic() + timeout,
+                                            lambda: self._idle(conn, timeout))
+
+    def _idle(self, conn: TcpConn, timeout: float) -> None:
+        """Handshake timeout, FIN timeout, inactivity: whichever was armed last."""
+        conn.idle_timer = None
+        if conn.closed:
+            return
+        quiet = time.monotonic() - conn.last_seen
+        if conn.state == ESTABLISHED and quiet < timeout and timeout != FIN_TIMEOUT:
+            self._arm_idle(conn, timeout - quiet + 0.001)
+            return
+        log.debug("%r: timed out (%.0f s)", conn, timeout)
+        self._reset(conn)
+
+
+def _reset_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
