@@ -98,6 +98,11 @@ class Dispatcher:
                 self.tcp.end_batch()
             except Exception:
                 log.exception("error while handling guest TCP segments")
+        if self.udp is not None:  # queued datagrams, sent while the frames are still valid
+            try:
+                self.udp.flush_tap()
+            except Exception:
+                log.exception("error while sending guest datagrams (dropped)")
 
     def _drop(self, key: str, message: str) -> None:
         self.dropped += 1
