@@ -736,7 +736,6 @@ def check_supported(o: Options) -> None:
             if spec is not None and spec.mode not in ("none", "auto"):
                 raise NotSupported(flag, f"{flag} (port forwarding from the namespace)")
     for value, flag in (
-        (o.vhost_user, "--vhost-user"),
         (o.runas, "--runas"),
         (o.repair_path, "--repair-path"),
         (o.conf_path, "--conf-path"),
@@ -817,7 +816,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
         return common + """\
   -s, --socket, --socket-path PATH   UNIX socket for qemu (default /tmp/passt_N.socket)
   -1, --one-off             Quit after the first client disconnects
-      --vhost-user          Act as a vhost-user back end (not supported yet)
+      --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
       --repair-path PATH    TCP_REPAIR helper socket (not supported yet)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains

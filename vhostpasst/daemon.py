@@ -11,11 +11,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from vhostpasst import __version__
 from vhostpasst.conf import Config, summary
 from vhostpasst.dispatch import Dispatcher
-from vhostpasst.link.stream import StreamListener
+from vhostpasst.link.base import Link
+from vhostpasst.link.stream import ETH_HLEN, StreamListener
 from vhostpasst.log import setup_logging
 from vhostpasst.loop import Loop
 from vhostpasst.pcap import PcapWriter
@@ -31,7 +33,15 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise _Terminate(signum)
 
 
-def qemu_hint(path: str) -> str:
+def qemu_hint(path: str, vhost_user: bool = False) -> str:
+    if vhost_user:  # passt's wording (vhost_user.c)
+        return (
+            "You can start qemu with:\n"
+            f"    kvm ... -chardev socket,id=chr0,path={path} "
+            "-netdev vhost-user,id=netdev0,chardev=chr0 -device virtio-net,netdev=netdev0 "
+            "-object memory-backend-memfd,id=memfd0,share=on,size=$RAMSIZE "
+            "-numa node,memdev=memfd0"
+        )
     return (
         "You can now start qemu (>= 7.2, with commit 13c6be96618c):\n"
         "    kvm ... -device virtio-net-pci,netdev=s "
@@ -60,6 +70,20 @@ def _daemonize(pid_file: str | None) -> None:
     os.close(devnull)
 
 
+def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWriter | None,
+                on_exit: Callable[[], None]) -> Link:
+    """--vhost-user: with --fd (qemu's -netdev passt,vhost-user=on) or a listening socket."""
+    from vhostpasst.link import vhost  # the virtio library only when asked for
+
+    frame_max = ETH_HLEN + (config.mtu or 65520)  # what an in-place guest RX buffer must hold
+    if config.fd is not None:
+        return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
+                                        on_exit=on_exit, frame_max=frame_max)
+    return vhost.VhostUserListener(loop, config.socket_path, dispatcher.on_frames, pcap=pcap,
+                                   one_off=config.one_off, on_exit=on_exit,
+                                   frame_max=frame_max)
+
+
 def run(config: Config) -> int:
     if config.mode == "pasta":
         from vhostpasst import pasta  # namespaces and the tap: pasta.py
@@ -83,8 +107,11 @@ def run(config: Config) -> int:
         log.error("cannot forward ports: %s", e)
         dispatcher.close()
         return 1
+    listener: Link
     try:
-        if config.fd is not None:
+        if config.vhost_user:
+            listener = _vhost_link(config, loop, dispatcher, pcap, on_exit)
+        elif config.fd is not None:
             listener = StreamListener.from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
                                               on_exit=on_exit)
         else:
@@ -99,8 +126,9 @@ def run(config: Config) -> int:
     if not config.quiet:
         for line in summary(config):
             log.info("%s", line)
-        if config.fd is None:
-            log.info("%s", qemu_hint(listener.path))
+        path = getattr(listener, "path", None)
+        if config.fd is None and path is not None:
+            log.info("%s", qemu_hint(path, config.vhost_user))
     if not config.foreground:
         _daemonize(config.pid_file)
     elif config.pid_file:
