@@ -321,3 +321,34 @@ def test_port_unreachable_reaches_the_guest_as_an_icmp_error(sandbox: Sandbox,
     dst = GW6 if where == "host6" else GW4
     r = sandbox.guest(sys.executable, str(sandbox.dir / "pu.py"), dst, "5999", timeout=15)
     assert r.stdout.strip() == "refused", r.stdout + r.stderr + sandbox.daemon_log()
+
+
+# --- IPv6 with NDP (router advertisements, neighbour answers) -------------------------------
+
+
+def guest_global6(sandbox: Sandbox) -> str | None:
+    r = sandbox.guest("ip", "-6", "-o", "addr", "show", "dev", "tap0", "scope", "global")
+    for line in r.stdout.splitlines():
+        cols = line.split()
+        if "inet6" in cols and "tentative" not in cols:
+            return cols[cols.index("inet6") + 1].split("/")[0]
+    return None
+
+
+def test_slaac_from_our_router_advertisements_then_ping6_and_udp6(sandbox: Sandbox) -> None:
+    """No static IPv6 set-up: the guest configures itself from our RAs (SLAAC on the host's
+    /64), resolves the router through our neighbour advertisements, pings and talks UDP."""
+    sandbox.guest("sysctl", "-qw", "net.ipv6.conf.tap0.accept_ra=2", check=True)
+    sandbox.start_daemon()
+    sandbox.start_relay()
+    sandbox.guest("ip", "addr", "add", f"{HOST4}/24", "dev", "tap0", check=True)
+    sandbox.guest("busybox", "ping", "-c1", "-W", "1", GW4, timeout=10)  # the guest shows up
+    addr = wait_until(lambda: guest_global6(sandbox), 20, "a SLAAC address on tap0")
+    assert addr.startswith("2001:db8::")
+    r = sandbox.guest("ip", "-6", "route", "show", "default")
+    assert "fe80::" in r.stdout, r.stdout
+    assert ping(sandbox, GW6, six=True).returncode == 0, sandbox.daemon_log()
+    log = start_server(sandbox, sandbox.host_ns, "6", "::1", 5005, 1)
+    report = run_client(sandbox, sandbox.guest_ns, "6", 40005, GW6, 5005, [1400])
+    assert report["got"] == report["sent"]
+    assert server_lines(log, 1)[0][1] == "40005"

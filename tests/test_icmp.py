@@ -113,3 +113,84 @@ def test_flow_close_releases_the_socket() -> None:
     [s] = FakeSocket.instances
     h.d.close()
     assert s.closed and s.fd not in h.loop.fds
+
+
+# --- NDP and DHCPv6 through the dispatcher ---------------------------------------------------
+
+
+class TimerLoop:
+    """The fake loop of test_udp, remembering call_at() so a test can fire timers."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Any]] = []
+
+    def add_fd(self, fd: int, events: int, cb: Any) -> None:
+        pass
+
+    def remove_fd(self, fd: int) -> None:
+        pass
+
+    def call_at(self, when: float, cb: Any) -> Any:
+        entry = [when, cb, False]
+        self.timers.append(entry)  # type: ignore[arg-type]
+
+        class T:
+            def cancel(self) -> None:
+                entry[2] = True
+
+        return T()
+
+    def due(self) -> list[Any]:
+        return [e for e in self.timers if not e[2]]
+
+
+def ndp_harness() -> tuple[Harness, TimerLoop]:
+    from vhostpasst.dispatch import Dispatcher
+    from vhostpasst.flow import FlowTable
+
+    h = Harness()
+    loop = TimerLoop()
+    h.d = Dispatcher(h.d.config, loop, FlowTable(loop))  # type: ignore[arg-type]
+    h.d.link = h.link
+    return h, loop
+
+
+def test_router_solicitation_gets_an_advertisement_and_unsolicited_ras_follow() -> None:
+    h, loop = ndp_harness()
+    rs = scapy.Ether(src="02:00:00:00:00:01", dst="33:33:00:00:00:02") / scapy.IPv6(
+        src="fe80::5", dst="ff02::2", hlim=255) / scapy.ICMPv6ND_RS()
+    h.d.on_frames([memoryview(bytes(rs))])
+    ras = [scapy.Ether(f) for f in h.link.frames if scapy.Ether(f).haslayer("ICMPv6ND_RA")]
+    assert ras and ras[0]["IPv6"].src.startswith("fe80::")
+    assert h.d.addr6_ll_seen == A6("fe80::5")
+    # the burst of unsolicited RAs is driven by one loop timer at a time
+    [timer] = loop.due()
+    before = len(h.link.frames)
+    loop.timers.remove(timer)  # fired, as Loop pops it
+    timer[1]()
+    assert len(h.link.frames) == before + 1
+    assert scapy.Ether(h.link.frames[-1])["IPv6"].dst == "ff02::1"
+    assert len(loop.due()) == 1
+
+
+def test_neighbour_solicitation_for_the_gateway_is_answered() -> None:
+    h, _ = ndp_harness()
+    ns = scapy.Ether(src="02:00:00:00:00:01", dst="33:33:ff:00:00:01") / scapy.IPv6(
+        src=str(HOST6), dst="ff02::1:ff00:1", hlim=255) / scapy.ICMPv6ND_NS(tgt=str(GW6)) / \
+        scapy.ICMPv6NDOptSrcLLAddr(lladdr="02:00:00:00:00:01")
+    h.d.on_frames([memoryview(bytes(ns))])
+    nas = [scapy.Ether(f) for f in h.link.frames if scapy.Ether(f).haslayer("ICMPv6ND_NA")]
+    assert nas and nas[0]["ICMPv6ND_NA"].tgt == str(GW6)
+
+
+def test_dhcpv6_to_the_multicast_server_address_is_answered_not_forwarded() -> None:
+    h, _ = ndp_harness()
+    sol = scapy.Ether(src="02:00:00:00:00:01", dst="33:33:00:01:00:02") / scapy.IPv6(
+        src="fe80::5", dst="ff02::1:2") / scapy.UDP(sport=546, dport=547) / \
+        scapy.DHCP6_Solicit(trid=0x123456) / scapy.DHCP6OptClientId(
+            duid=scapy.DUID_LL(lladdr="02:00:00:00:00:01")) / scapy.DHCP6OptIA_NA(iaid=1)
+    h.d.on_frames([memoryview(bytes(sol))])
+    replies = [scapy.Ether(f) for f in h.link.frames if scapy.Ether(f).haslayer("UDP")
+               and scapy.Ether(f)["UDP"].dport == 546]
+    assert replies
+    assert FakeSocket.instances == []  # not treated as a datagram for the host

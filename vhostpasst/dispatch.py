@@ -8,24 +8,31 @@ handling one frame is caught here so that no guest input can stop the daemon.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.conf import Config
 from vhostpasst.flow import Context, FlowTable, LoopFds
+from vhostpasst.flow import TimerLike as Timer
 from vhostpasst.icmp import IcmpHandler
 from vhostpasst.link.base import Link
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.services import arp
 from vhostpasst.services.dhcp import DhcpServer
+from vhostpasst.services.dhcpv6 import Dhcpv6Server
+from vhostpasst.services.ndp import NdpService
 from vhostpasst.tcp import TcpHandler
 from vhostpasst.udp import UdpHandler
-from vhostpasst.wire import eth, ip, udp
+from vhostpasst.wire import eth, icmp, ip, udp
 from vhostpasst.wire.errors import Malformed
 
 log = logging.getLogger(__name__)
 
 DHCP_SERVER_PORT = 67
+DHCPV6_SERVER_PORT = 547
+NDP_TYPES = frozenset({icmp.ND_ROUTER_SOLICIT, icmp.ND_ROUTER_ADVERT, icmp.ND_NEIGHBOR_SOLICIT,
+                       icmp.ND_NEIGHBOR_ADVERT})
 
 
 class Dispatcher:
@@ -38,6 +45,13 @@ class Dispatcher:
         ip4 = config.ip4
         self.dhcp = DhcpServer(config) if ip4 is not None and not config.no_dhcp else None
         self.guest_addr4: IPv4Address | None = ip4.addr if ip4 is not None else None
+        ip6 = config.ip6
+        self.ndp = NdpService(config) if ip6 is not None and not config.no_ndp else None
+        self.dhcpv6 = (Dhcpv6Server(config) if ip6 is not None and not config.no_dhcpv6
+                       else None)
+        self._loop = loop
+        self._ra_timer: Timer | None = None
+        self._ra_when: float | None = None
         self.ctx: Context | None = None
         self.icmp: IcmpHandler | None = None
         self.udp: UdpHandler | None = None
@@ -103,6 +117,37 @@ class Dispatcher:
                 self.udp.flush_tap()
             except Exception:
                 log.exception("error while sending guest datagrams (dropped)")
+        if self.ndp is not None and frames:
+            try:
+                self.ndp.guest_seen(time.monotonic())  # starts the unsolicited RA burst
+                self._schedule_ra()
+            except Exception:
+                log.exception("error while scheduling router advertisements")
+
+    def _schedule_ra(self) -> None:
+        """Keep one loop timer at the NDP service's next unsolicited RA."""
+        if self.ndp is None or self._loop is None:
+            return
+        when = self.ndp.next_deadline()
+        if when == self._ra_when:
+            return
+        if self._ra_timer is not None:
+            self._ra_timer.cancel()
+            self._ra_timer = None
+        self._ra_when = when
+        if when is not None:
+            self._ra_timer = self._loop.call_at(when, self._ra_due)
+
+    def _ra_due(self) -> None:
+        self._ra_timer = None
+        self._ra_when = None
+        try:
+            if self.ndp is not None:
+                for frame in self.ndp.unsolicited(time.monotonic()):
+                    self._reply(frame)
+                self._schedule_ra()
+        except Exception:  # a timer callback must not stop the loop
+            log.exception("error sending a router advertisement")
 
     def _drop(self, key: str, message: str) -> None:
         self.dropped += 1
@@ -176,10 +221,21 @@ class Dispatcher:
             self._drop("frag6", "IPv6 fragment dropped: fragments are not reassembled")
             return
         if header.proto == ip.IPPROTO_ICMPV6:
+            if len(header.l4) >= 1 and header.l4[0] in NDP_TYPES:
+                if self.ndp is not None:
+                    for reply in self.ndp.handle(frame, time.monotonic()):
+                        self._reply(reply)
+                    self._schedule_ra()
+                return
             if self.icmp is not None:
                 self.icmp.tap6(header)
             return
         if header.proto == ip.IPPROTO_UDP:
+            if header.dst.is_multicast and len(header.l4) >= 4 and \
+                    int.from_bytes(header.l4[2:4], "big") == DHCPV6_SERVER_PORT:
+                if self.dhcpv6 is not None:
+                    self._reply(self.dhcpv6.handle(frame))
+                return
             if self.udp is not None:
                 self.udp.tap6(header)
             return
