@@ -228,8 +228,8 @@ def client(addr: str, port: int, action: str, args: list[str]) -> dict:
         s.close()
         return {"reset": True}
     if action == "waitrst":  # the other side resets: we must see ECONNRESET
-        s = connect(addr, port)
         try:
+            s = connect(addr, port)
             data = s.recv(100)
             return {"reset": False, "data": data.decode(errors="replace")}
         except ConnectionResetError:

@@ -373,8 +373,7 @@ def test_qemu_netdev_passt_ipv6_and_ports() -> None:
             "--pid", "/tmp/p.pid", "--fd", "4"]
     o = parse_args(argv, "passt")
     assert o.ipv6_only and o.tcp_in is not None and len(o.tcp_in.rules) == 2
-    with pytest.raises(ConfigError, match="--tcp-ports \\(port forwarding\\) is not supported"):
-        check_supported(o)
+    check_supported(o)  # -t and -u are both served (tcp.py, udp.py)
 
 
 def test_libvirt_and_kubevirt() -> None:
@@ -402,11 +401,7 @@ def test_podman_and_rootlesskit() -> None:
         o = parse_args(argv, "pasta")
         assert o.config_net and o.netns and o.netns_only
         assert o.map_guest_addr4 == A4("169.254.1.2")
-        if argv is PODMAN:  # a published TCP port: refused until TCP forwarding exists
-            with pytest.raises(ConfigError, match="--tcp-ports"):
-                check_supported(o)
-        else:
-            check_supported(o)  # pasta mode runs these
+        check_supported(o)  # pasta mode runs these; -t is served (tcp.py)
     o = parse_args([*ROOTLESSKIT, "4242"], "pasta")
     assert o.target_pid == 4242 and o.ns_ifname == "tap0" and o.stderr
     assert o.tcp_in is not None and o.tcp_in.mode == "auto"
@@ -447,8 +442,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
         ("vhostpasst", ["--runas", "nobody"], "vhostpasst: --runas is not supported yet"),
         ("vhostpasst", ["--repair-path", "/r"], "vhostpasst: --repair-path is not supported yet"),
         ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
-        ("vhostpasst", ["-t", "22"],
-         "vhostpasst: --tcp-ports (port forwarding) is not supported yet"),
     ],
 )
 def test_not_supported_yet(

@@ -155,3 +155,52 @@ def test_remote_reset_resets_the_guest(sandbox: Sandbox) -> None:
     start(sandbox, "--no-map-gw")
     serve(sandbox, sandbox.world_ns, GW4, 5008, "rst")
     assert client(sandbox, sandbox.guest_ns, GW4, 5008, "waitrst") == {"reset": True}
+
+
+# --- host -> guest: -t ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_forward_with_translation(sandbox: Sandbox, six: bool) -> None:
+    """-t 10022:22: a remote client reaches the guest's port 22, 20 MiB each way."""
+    start(sandbox, "-t", "10022:22")
+    log = serve(sandbox, sandbox.guest_ns, "::" if six else "0.0.0.0", 22, "sink")
+    host = HOST6 if six else HOST4
+    r = client(sandbox, sandbox.world_ns, host, 10022, "send", 20 * MIB)
+    assert r["answer"] == [str(20 * MIB), r["sha"]], r
+    assert log_lines(log)[0].split()[0] == (GW6 if six else GW4)  # the remote, unchanged
+
+
+def test_forward_download_from_guest(sandbox: Sandbox) -> None:
+    start(sandbox, "-t", "10080:80")
+    serve(sandbox, sandbox.guest_ns, "0.0.0.0", 80, "source", str(20 * MIB))
+    r = client(sandbox, sandbox.world_ns, HOST4, 10080, "recv")
+    assert (r["bytes"], r["sha"]) == _pattern_sha(20 * MIB)
+
+
+def test_forward_from_host_loopback_appears_as_gateway(sandbox: Sandbox) -> None:
+    start(sandbox, "-t", "8080")
+    log = serve(sandbox, sandbox.guest_ns, "0.0.0.0", 8080, "sink")
+    r = client(sandbox, sandbox.host_ns, "127.0.0.1", 8080, "send", MIB)
+    assert r["answer"] == [str(MIB), r["sha"]], r
+    assert log_lines(log)[0].split()[0] == GW4
+
+
+def test_forward_ranges_and_exclusions(sandbox: Sandbox) -> None:
+    start(sandbox, "-t", "6000-6002:7000-7002", "-t", "6100-6103,~6101")
+    logs = {port: serve(sandbox, sandbox.guest_ns, "0.0.0.0", port, "sink")
+            for port in (7001, 6100, 6101, 6103)}
+    for host_port, guest_port in ((6001, 7001), (6100, 6100), (6103, 6103)):
+        r = client(sandbox, sandbox.world_ns, HOST4, host_port, "send", 1000)
+        assert r["answer"] == ["1000", r["sha"]], (host_port, r)
+        assert log_lines(logs[guest_port])
+    # excluded: nothing listens on the host, so the remote is refused there
+    assert client(sandbox, sandbox.world_ns, HOST4, 6101, "refused") == {"refused": True}
+    assert not logs[6101].exists() or not logs[6101].read_text()
+
+
+def test_forward_to_guest_without_listener_is_reset(sandbox: Sandbox) -> None:
+    """The guest answers our SYN with a RST: the host client's connection is reset."""
+    start(sandbox, "-t", "10023:23")
+    r = client(sandbox, sandbox.world_ns, HOST4, 10023, "waitrst")
+    assert r == {"reset": True}

@@ -742,10 +742,6 @@ def check_supported(o: Options) -> None:
     ):
         if value:
             raise NotSupported(flag)
-    for spec, flag in ((o.tcp_in, "--tcp-ports"),):  # -u works (udp.py); -t does not yet
-        if spec is not None and spec.mode != "none" and not (o.mode == PASTA
-                                                             and spec.mode == "auto"):
-            raise NotSupported(flag, f"{flag} (port forwarding)")
 
 
 # -- entry points --------------------------------------------------------------------------

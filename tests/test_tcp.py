@@ -1,0 +1,423 @@
+"""TCP translation in-process: fake sockets, fake loop, fake link (no network at all).
+
+The fake socket's fileno() is a number far above any real descriptor, so the one libc call
+the module makes directly (recv with MSG_TRUNC) fails with EBADF instead of touching a real
+descriptor of the test process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
+from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+
+from vhostpasst import tcp
+from vhostpasst.conf import Config, Ip4Conf
+from vhostpasst.dispatch import Dispatcher
+from vhostpasst.tcp import seq_le, seq_lt
+
+GUEST = IPv4Address("192.0.2.2")
+REMOTE = IPv4Address("198.51.100.7")
+GUEST_MAC = bytes.fromhex("020000000002")
+OUR_MAC = bytes.fromhex("9a559a559a55")
+
+
+class FakeTimer:
+    def __init__(self, when: float, cb: Callable[[], None]) -> None:
+        self.when, self.cb, self.cancelled = when, cb, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.fds: dict[int, tuple[int, Callable[[int], None]]] = {}
+        self.timers: list[FakeTimer] = []
+
+    def add_fd(self, fd: int, events: int, cb: Callable[[int], None]) -> None:
+        assert fd not in self.fds
+        self.fds[fd] = (events, cb)
+
+    def modify_fd(self, fd: int, events: int) -> None:
+        self.fds[fd] = (events, self.fds[fd][1])
+
+    def remove_fd(self, fd: int) -> None:
+        self.fds.pop(fd, None)
+
+    def call_at(self, when: float, cb: Callable[[], None]) -> FakeTimer:
+        t = FakeTimer(when, cb)
+        self.timers.append(t)
+        return t
+
+    def fire_timers(self) -> None:
+        due, self.timers = self.timers, []
+        for t in due:
+            if not t.cancelled:
+                t.cb()
+
+
+class FakeLink:
+    connected = True
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self._bufs: list[bytearray] = []
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        self._bufs = [bytearray(65549) for _ in range(count)]
+        return [memoryview(b) for b in self._bufs]
+
+    def commit(self, lengths: list[int]) -> None:
+        for buf, n in zip(self._bufs, lengths, strict=False):
+            self.frames.append(bytes(buf[:n]))
+
+    def send(self, frame: bytes) -> bool:
+        self.frames.append(bytes(frame))
+        return True
+
+
+_next_fd = [10_000_000]
+
+
+class FakeSock:
+    """Enough of a non-blocking TCP socket for tcp.py; `rx` is what the far end sent."""
+
+    instances: list[FakeSock] = []
+
+    def __init__(self, *_args: object) -> None:
+        _next_fd[0] += 1
+        self.fd = _next_fd[0]
+        self.rx = bytearray()
+        self.peek_off = 0
+        self.eof = False
+        self.sent = bytearray()
+        self.full = False
+        self.connect_rc = errno.EINPROGRESS
+        self.so_error = 0
+        self.closed = False
+        self.shut = False
+        self.opts: dict[tuple[int, int], object] = {}
+        FakeSock.instances.append(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setsockopt(self, level: int, opt: int, value: object) -> None:
+        self.opts[(level, opt)] = value
+        if (level, opt) == (socket.SOL_SOCKET, tcp.SO_PEEK_OFF):
+            self.peek_off = int(value)  # type: ignore[call-overload]
+
+    def getsockopt(self, level: int, opt: int, size: int = 0) -> int | bytes:
+        if opt == socket.TCP_INFO and level == socket.IPPROTO_TCP:
+            info = bytearray(tcp.TCP_INFO_LEN)
+            struct.pack_into("=Q", info, 120, 1 + len(self.sent))
+            struct.pack_into("=I", info, 228, 1 << 20)
+            return bytes(info)
+        if opt == socket.SO_ERROR:
+            return self.so_error
+        if opt == socket.SO_SNDBUF:
+            return 1 << 20
+        return 0
+
+    def bind(self, addr: object) -> None:
+        pass
+
+    def connect_ex(self, addr: object) -> int:
+        return self.connect_rc
+
+    def recvmsg_into(self, iov: list[memoryview], _anc: int = 0,
+                     flags: int = 0) -> tuple[int, list, int, None]:
+        data = self.rx[self.peek_off:]
+        if not data:
+            if self.eof:
+                return 0, [], 0, None
+            raise BlockingIOError
+        n = 0
+        for v in iov:
+            piece = data[n:n + len(v)]
+            v[:len(piece)] = piece
+            n += len(piece)
+            if n >= len(data):
+                break
+        self.peek_off += n
+        return n, [], 0, None
+
+    def sendmsg(self, bufs: list, _anc: object = (), _flags: int = 0) -> int:
+        if self.full:
+            raise BlockingIOError
+        n = 0
+        for b in bufs:
+            self.sent += bytes(b)
+            n += len(b)
+        return n
+
+    def shutdown(self, how: int) -> None:
+        self.shut = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> tuple[Dispatcher, FakeLoop, FakeLink]:
+    FakeSock.instances = []
+    config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
+                                our_tap_addr=IPv4Address("192.0.2.1")), ip6=None)
+    loop = FakeLoop()
+    d = Dispatcher(config, loop)  # type: ignore[arg-type]
+    assert d.tcp is not None
+    d.tcp.socket_factory = FakeSock  # type: ignore[assignment]
+
+    def fake_discard(fd: int, count: int) -> int:
+        for s in FakeSock.instances:
+            if s.fd == fd:
+                del s.rx[:count]
+                s.peek_off = max(0, s.peek_off - count)
+        return count
+
+    monkeypatch.setattr(tcp, "discard", fake_discard)
+    link = FakeLink()
+    d.link = link  # type: ignore[assignment]
+    return d, loop, link
+
+
+def guest_frame(flags: str, seq: int, ack: int = 0, payload: bytes = b"", sport: int = 40000,
+                dport: int = 80, window: int = 65535, options: list | None = None) -> bytes:
+    pkt = Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=str(GUEST), dst=str(REMOTE)) / TCP(
+        sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=window,
+        options=options or []) / payload
+    return bytes(pkt)
+
+
+def parse(frame: bytes) -> TCP:
+    return Ether(frame)[TCP]
+
+
+def feed(d: Dispatcher, *frames: bytes) -> None:
+    d.on_frames([memoryview(f) for f in frames])
+
+
+def test_seq_comparisons_wrap() -> None:
+    assert seq_lt(0xFFFFFFF0, 5) and not seq_lt(5, 0xFFFFFFF0)
+    assert seq_le(7, 7) and not seq_lt(7, 7)
+
+
+def test_segment_for_unknown_connection_gets_rst(env: tuple) -> None:
+    d, _loop, link = env
+    feed(d, guest_frame("A", 1000, ack=5555))
+    rst = parse(link.frames[-1])
+    assert rst.flags == "R" and rst.seq == 5555 and (rst.sport, rst.dport) == (80, 40000)
+    feed(d, guest_frame("P", 1000, payload=b"abc"))  # no ACK bit: RST|ACK acking it all
+    rst = parse(link.frames[-1])
+    assert rst.flags == "RA" and rst.seq == 0 and rst.ack == 1003
+    n = len(link.frames)
+    feed(d, guest_frame("R", 1000))  # never a RST for a RST
+    assert len(link.frames) == n
+
+
+def _handshake(d: Dispatcher, loop: FakeLoop, link: FakeLink, sport: int = 40000,
+               options: list | None = None) -> tuple[FakeSock, TCP]:
+    feed(d, guest_frame("S", 1000, sport=sport,
+                        options=options if options is not None else
+                        [("MSS", 1460), ("WScale", 7)]))
+    sock = FakeSock.instances[-1]
+    assert loop.fds[sock.fd][0] & tcp.EPOLLOUT  # waiting for connect()
+    loop.fds[sock.fd][1](tcp.EPOLLOUT)
+    synack = parse(link.frames[-1])
+    assert synack.flags == "SA" and synack.ack == 1001
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1, sport=sport, window=1000))
+    return sock, synack
+
+
+def test_connect_synack_options_and_data_both_ways(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    opts = dict(synack.options)
+    assert opts["MSS"] == 65520 - 40 and opts["WScale"] == tcp.WS_TO_TAP
+    # guest -> host: one sendmsg, acknowledged
+    feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"x" * 100, window=1000),
+         guest_frame("PA", 1101, ack=synack.seq + 1, payload=b"y" * 50, window=1000))
+    assert bytes(sock.sent) == b"x" * 100 + b"y" * 50
+    assert parse(link.frames[-1]).ack == 1151
+    # host -> guest: MSS-sized segments (the guest said 1460), within its window (1000<<7)
+    sock.rx += bytes(range(256)) * 20
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    segs = [parse(f) for f in link.frames if parse(f).payload and parse(f).sport == 80]
+    assert [len(bytes(s.payload)) for s in segs] == [1460, 1460, 1460, 740]
+    assert b"".join(bytes(s.payload) for s in segs) == bytes(range(256)) * 20
+    # the guest acknowledges two segments: they are discarded from the socket
+    feed(d, guest_frame("A", 1151, ack=synack.seq + 1 + 2920, window=1000))
+    assert len(sock.rx) == 5120 - 2920
+
+
+def test_out_of_order_data_is_dropped_with_duplicate_ack(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    feed(d, guest_frame("PA", 1101, ack=synack.seq + 1, payload=b"late"))
+    assert not sock.sent
+    dup = parse(link.frames[-1])
+    assert dup.flags == "A" and dup.ack == 1001
+    # the hole filled later in the same batch: both go out in order
+    feed(d, guest_frame("PA", 1005, ack=synack.seq + 1, payload=b"5678"),
+         guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"1234"))
+    assert bytes(sock.sent) == b"12345678"
+
+
+def test_full_socket_is_not_acknowledged(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    sock.full = True
+    feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"abc"))
+    assert all(parse(f).ack != 1004 for f in link.frames)
+    assert loop.fds[sock.fd][0] & tcp.EPOLLOUT  # a window update once there is room
+    sock.full = False
+    feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"abc"))
+    assert parse(link.frames[-1]).ack == 1004
+
+
+def test_guest_rst_resets_host_socket(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    feed(d, guest_frame("R", 1001))
+    assert sock.closed and sock.opts[(socket.SOL_SOCKET, socket.SO_LINGER)] == \
+        struct.pack("ii", 1, 0)
+    assert sock.fd not in loop.fds
+
+
+def test_rst_out_of_sequence_gets_challenge_ack(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    feed(d, guest_frame("R", 5000))
+    assert not sock.closed and parse(link.frames[-1]).flags == "A"
+
+
+def test_refused_connect_becomes_rst(env: tuple) -> None:
+    d, loop, link = env
+    feed(d, guest_frame("S", 1000))
+    sock = FakeSock.instances[-1]
+    sock.so_error = errno.ECONNREFUSED
+    loop.fds[sock.fd][1](tcp.EPOLLOUT | tcp.EPOLLERR)
+    rst = parse(link.frames[-1])
+    assert rst.flags == "RA" and rst.ack == 1001 and sock.closed
+
+
+def test_half_open_connections_are_capped(env: tuple) -> None:
+    d, loop, link = env
+    d.tcp.half_open_max = 5
+    for port in range(5):
+        feed(d, guest_frame("S", 1000, sport=30000 + port))
+    assert len(FakeSock.instances) == 5
+    feed(d, guest_frame("S", 1000, sport=31000))
+    assert len(FakeSock.instances) == 5  # dropped: the guest will retry
+    loop.fds[FakeSock.instances[0].fd][1](tcp.EPOLLOUT)  # one completes: room again
+    feed(d, guest_frame("A", 1001, ack=parse(link.frames[-1]).seq + 1, sport=30000))
+    feed(d, guest_frame("S", 1000, sport=31000))
+    assert len(FakeSock.instances) == 6
+
+
+def test_retransmission_timeout_backs_off_and_gives_up(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    sock.rx += b"z" * 100
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    rtos = []
+    for _ in range(d.tcp.max_retrans):
+        rtos.append(conn.rto)
+        loop.fire_timers()
+        assert parse(link.frames[-1]).payload  # the data again, from the ACK point
+    assert rtos == sorted(rtos) and rtos[-1] > rtos[0]
+    loop.fire_timers()
+    assert sock.closed and parse(link.frames[-1]).flags == "RA"
+
+
+def test_rtt_estimate(env: tuple) -> None:
+    d, loop, link = env
+    sock, _ = _handshake(d, loop, link)
+    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    d.tcp._rtt_sample(conn, 0.05)
+    assert conn.srtt == 0.05 and conn.rto == pytest.approx(max(tcp.RTO_MIN, 0.05 + 0.1))
+    for _ in range(50):
+        d.tcp._rtt_sample(conn, 0.001)
+    assert conn.rto == tcp.RTO_MIN
+
+
+def test_fin_both_ways_closes(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    feed(d, guest_frame("FA", 1001, ack=synack.seq + 1))
+    assert sock.shut and parse(link.frames[-1]).ack == 1002
+    sock.eof = True
+    loop.fds[sock.fd][1](tcp.EPOLLIN | tcp.EPOLLRDHUP)
+    fin = parse(link.frames[-1])
+    assert "F" in str(fin.flags)
+    feed(d, guest_frame("A", 1002, ack=fin.seq + 1))
+    assert sock.closed
+
+
+# --- fuzzing -----------------------------------------------------------------------------
+
+FLAGS = ["S", "SA", "A", "PA", "FA", "R", "RA", "F", "", "SF", "FPAU"]
+
+step = st.one_of(
+    st.tuples(st.just("frame"), st.integers(0, 2), st.sampled_from(FLAGS),
+              st.integers(-3, 3), st.integers(-3, 3), st.integers(0, 65535),
+              st.integers(0, 3000), st.booleans()),
+    st.tuples(st.just("sock"), st.integers(0, 5), st.sampled_from(
+        [tcp.EPOLLIN, tcp.EPOLLOUT, tcp.EPOLLERR, tcp.EPOLLHUP | tcp.EPOLLIN, tcp.EPOLLRDHUP]),
+        st.integers(0, 5000), st.booleans(), st.booleans()),
+    st.tuples(st.just("timers")),
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(steps=st.lists(step, max_size=40))
+def test_random_segments_never_raise(env: tuple, caplog: pytest.LogCaptureFixture,
+                                     steps: list) -> None:
+    d, loop, link = env
+    FakeSock.instances = []
+    caplog.set_level(logging.ERROR)
+    caplog.clear()
+    seen: dict[int, tuple[int, int]] = {}  # guest port -> (next seq, our seq) learned
+    for s in steps:
+        if s[0] == "frame":
+            _, port, flags, dseq, dack, window, plen, random_seq = s
+            sport = 40000 + port
+            for f in link.frames[-5:]:
+                seg = parse(f)
+                if seg.dport == sport:
+                    seen[sport] = (seg.ack, seg.seq + len(bytes(seg.payload)) + ("S" in
+                                                                                   str(seg.flags)))
+            nxt, ours = seen.get(sport, (1000, 0))
+            seq = (nxt + dseq * 500) & 0xFFFFFFFF if not random_seq else (dseq * 0x3FFFFFFF) \
+                & 0xFFFFFFFF
+            ack = (ours + dack * 700) & 0xFFFFFFFF
+            feed(d, guest_frame(flags, seq, ack, b"q" * plen, sport=sport, window=window,
+                                options=[("MSS", 536 + plen), ("WScale", port * 5)]))
+        elif s[0] == "sock":
+            _, idx, mask, data, eof, full = s
+            if not FakeSock.instances:
+                continue
+            sock = FakeSock.instances[idx % len(FakeSock.instances)]
+            sock.rx += b"d" * data
+            sock.eof, sock.full = eof, full
+            entry = loop.fds.get(sock.fd)
+            if entry is not None:
+                entry[1](mask)
+        else:
+            loop.fire_timers()
+        del link.frames[:-10]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage() + str(errors[0].exc_info)
