@@ -106,6 +106,16 @@ def test_activity_pushes_expiry_back_with_one_timer() -> None:
     assert ft.lookup("k") is None
 
 
+def test_default_capacity_stays_below_the_descriptor_limit() -> None:
+    import resource
+
+    from vhostpasst.flow import default_max_flows
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = default_max_flows()
+    assert 16 <= n and (soft == resource.RLIM_INFINITY or n < soft)
+
+
 def test_flows_without_timeout_never_expire_and_close_all() -> None:
     loop, ft = table()
 

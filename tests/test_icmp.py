@@ -55,6 +55,16 @@ def test_echo_to_gateway_goes_to_loopback_and_the_reply_gets_the_guests_id() -> 
     assert scapy.Ether(bytes(q))["ICMP"].chksum == p["ICMP"].chksum
 
 
+def test_a_reply_from_another_address_is_not_passed_off_as_the_pinged_ones() -> None:
+    h = Harness(no_map_gw=True)
+    echo4(h, A4("203.0.113.5"), 5, 1)
+    [s] = FakeSocket.instances
+    s.rx.append((icmp.build_icmp_echo(icmp.ICMP_ECHOREPLY, 777, 1), ("198.51.100.1", 0), 0))
+    s.rx.append((icmp.build_icmp_echo(icmp.ICMP_ECHOREPLY, 777, 1), ("203.0.113.5", 0), 0))
+    h.ready(s)
+    assert len(h.link.frames) == 1
+
+
 def test_each_identifier_and_destination_is_its_own_flow() -> None:
     h = Harness(no_map_gw=True)
     echo4(h, GW4, 1, 1)
@@ -71,7 +81,7 @@ def test_echo6_and_reply() -> None:
     assert (s.family, s.proto) == (socket.AF_INET6, socket.IPPROTO_ICMPV6)
     assert s.sent[0][1] == ("::1", 0, 0, 0)
     s.rx.append((icmp.build_icmpv6_echo(A6("::1"), A6("::1"), icmp.ICMPV6_ECHO_REPLY, 9, 7,
-                                        b"abc"), None, 0))
+                                        b"abc"), ("::1", 0, 0, 0), 0))
     h.ready(s)
     p = scapy.Ether(h.link.frames[0])
     assert (p["IPv6"].src, p["IPv6"].dst) == (str(GW6), str(HOST6))

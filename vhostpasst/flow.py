@@ -12,6 +12,7 @@ TCP will subclass `Flow` too, with its own `timeout` (or none) and `close()`.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLOW_MAX = 65536  # a guest must not make us hold unbounded sockets
+FD_RESERVE = 64  # descriptors kept for the link, listeners, logging and the like
+
+
+def default_max_flows() -> int:
+    """Most flows hold a socket: stay below the descriptor limit, so a guest opening flows
+    gets its own new flows refused rather than starving the daemon of descriptors."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return FLOW_MAX
+    return max(16, min(FLOW_MAX, soft - FD_RESERVE))
 BROADCAST_MAC = b"\xff" * 6
 # Frames a host socket may turn into per wake-up: bounded so one busy socket cannot starve
 # the others (and the guest link's own reads) in a single loop iteration.
@@ -69,10 +83,10 @@ class Flow:
 
 class FlowTable:
     def __init__(self, loop: LoopLike, clock: Callable[[], float] = time.monotonic,
-                 max_flows: int = FLOW_MAX) -> None:
+                 max_flows: int | None = None) -> None:
         self.loop = loop
         self.clock = clock
-        self.max_flows = max_flows
+        self.max_flows = default_max_flows() if max_flows is None else max_flows
         self._by_key: dict[Hashable, Flow] = {}
         self._flows: set[Flow] = set()
 

@@ -12,7 +12,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst import nat
 from vhostpasst.flow import RX_BATCH, Context, Flow
@@ -39,6 +39,7 @@ class PingFlow(Flow):
         self.gsrc = gsrc  # the guest's address: replies go there
         self.gdst = gdst  # what the guest pinged: replies come from there
         self.ident = ident  # the guest's echo identifier, restored on replies
+        self.target: IPv4Address | IPv6Address | None = None  # where requests really go
 
     def __repr__(self) -> str:
         return f"<ping {self.gsrc} -> {self.gdst} id {self.ident}>"
@@ -85,9 +86,7 @@ class IcmpHandler:
                 flow.close()
                 return
         flow.touch()
-        target = nat.from_tap(ctx.config, False, dst, 0)
-        if target is None:
-            return
+        target = flow.target
         addr: tuple[str, int] | tuple[str, int, int, int]
         if six:
             scope = ctx.config.ip6.ifindex if ctx.config.ip6 is not None else 0
@@ -105,7 +104,8 @@ class IcmpHandler:
         if ctx.flows.full():
             self._log.warning("ping-full", "flow table full: echo request dropped")
             return None
-        if nat.from_tap(ctx.config, False, dst, 0) is None:
+        target = nat.from_tap(ctx.config, False, dst, 0)
+        if target is None:
             self._log.debug(("ping-nat", dst), "echo request to %s dropped", dst)
             return None
         family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if six
@@ -123,6 +123,7 @@ class IcmpHandler:
             return None
         _bind_outbound(ctx, sock, six)
         flow = PingFlow(ctx, sock, six, src, dst, ident)
+        flow.target = target
         ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda _mask: self._on_reply(flow))
         return flow
 
@@ -145,13 +146,18 @@ class IcmpHandler:
             else:
                 view = memoryview(_SCRATCH)
             try:
-                n, _anc, flags, _addr = flow.sock.recvmsg_into([view])
+                n, _anc, flags, addr = flow.sock.recvmsg_into([view])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 self._log.debug(("ping-recv", e.errno), "ping socket: %s", e)
                 return
             if not bufs or n < wicmp.ICMP_HLEN or flags & socket.MSG_TRUNC:
+                continue
+            if not _from_target(addr, flow.target):
+                # ping sockets match replies by identifier only: never show the guest a
+                # reply from somebody else as if it came from the address it pinged
+                self._log.debug("ping-stray", "echo reply from an unexpected source dropped")
                 continue
             buf = bufs[0]
             mac = ctx.guest_mac()
@@ -183,3 +189,12 @@ def _bind_outbound(ctx: Context, sock: socket.socket, six: bool) -> None:
             sock.bind((str(conf.outbound), 0))
     except OSError as e:
         log.debug("binding a ping socket to the outbound address/interface: %s", e)
+
+
+def _from_target(addr: object, target: IPv4Address | IPv6Address | None) -> bool:
+    if not isinstance(addr, tuple) or not addr or target is None:
+        return False
+    try:
+        return ip_address(str(addr[0]).split("%")[0]) == target
+    except ValueError:
+        return False
