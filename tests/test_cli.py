@@ -435,8 +435,8 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "prog, argv, message",
     [
-        ("vhostpasta", ["-T", "22"],
-         "vhostpasta: --tcp-ns (port forwarding from the namespace) is not supported yet"),
+        ("vhostpasta", ["-U", "22"],
+         "vhostpasta: --udp-ns (port forwarding from the namespace) is not supported yet"),
         ("vhostpasta", ["--fd", "5"],
          "vhostpasta: --fd (a pre-opened tap) in pasta mode is not supported yet"),
         ("vhostpasst", ["--runas", "nobody"], "vhostpasst: --runas is not supported yet"),

@@ -732,7 +732,7 @@ def check_supported(o: Options) -> None:
             raise NotSupported("--fd", "--fd (a pre-opened tap) in pasta mode")
         # 'auto' is pasta's default and what rootlesskit passes: accepted, but until the
         # port scanner exists it forwards nothing (pasta.py says so in its log)
-        for spec, flag in ((o.tcp_out, "--tcp-ns"), (o.udp_out, "--udp-ns")):
+        for spec, flag in ((o.udp_out, "--udp-ns"),):  # -T works (tcp_splice.py)
             if spec is not None and spec.mode not in ("none", "auto"):
                 raise NotSupported(flag, f"{flag} (port forwarding from the namespace)")
     for value, flag in (
@@ -830,8 +830,8 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
       --netns-only, --no-netns-quit, --no-splice, --dhcp-dns, --dhcp-search
       --no-copy-routes, --no-copy-addrs, --host-lo-to-ns-lo   Deprecated
 
-Not supported yet: -T/-U other than 'none', 'auto' forwarding (the default 'auto' forwards
-nothing for now), the loopback splice path, --fd.
+Not supported yet: -U other than 'none', 'auto' forwarding (the default 'auto' forwards
+nothing for now), the host-to-namespace loopback splice path, --fd.
 """
 
 

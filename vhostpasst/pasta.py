@@ -32,6 +32,7 @@ from vhostpasst import netns
 from vhostpasst.conf import Config, summary
 from vhostpasst.log import setup_logging
 from vhostpasst.loop import EPOLLIN
+from vhostpasst.tcp_splice import TcpSplice
 
 log = logging.getLogger("vhostpasst")
 
@@ -570,6 +571,17 @@ def run(config: Config) -> int:
         os.close(nslink.fd)
         abandon()
         return 1
+    splice = TcpSplice(loop)
+    try:  # -T: listeners on the namespace's loopback, spliced to the host's
+        fams = [f for f, c in ((socket.AF_INET, config.ip4), (socket.AF_INET6, config.ip6)) if c]
+        splice.listen_ns(target.netns_fd, config.tcp_out, fams)
+    except OSError as e:
+        log.error("cannot forward ports from the namespace: %s", e)
+        splice.close()
+        dispatcher.close()
+        os.close(nslink.fd)
+        abandon()
+        return 1
     link = TapLink(loop, nslink.fd, dispatcher.on_frames, pcap=pcap, on_exit=lambda: stop(1))
     dispatcher.link = link
     # the namespace's MAC is known from the start: frames to it need not be broadcast
@@ -633,6 +645,7 @@ def run(config: Config) -> int:
         if pidfd is not None:
             loop.remove_fd(pidfd)
             os.close(pidfd)
+        splice.close()
         dispatcher.close()
         link.close()
         if pcap is not None:

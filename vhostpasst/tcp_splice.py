@@ -1,0 +1,253 @@
+"""TCP between loopbacks (pasta): bytes move socket -> pipe -> socket with splice(2), never
+through the tap and never through Python buffers.
+
+Built so far: -T (namespace -> host). Listeners bound to 127.0.0.1 / ::1 inside the namespace
+(created through netns.call_in_netns); each accepted connection gets a non-blocking connect to
+the host's loopback of the same family, port + delta. Each direction has its own pipe: data is
+spliced from the source socket into the pipe, then from the pipe into the other socket. When
+the other socket is full the direction waits for EPOLLOUT (and stops reading meanwhile); at
+end of stream, once the pipe is empty, the other side is shut down for writing. The
+connection closes when both directions are done, or on an error or hang-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+
+from vhostpasst import fwd, netns
+from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
+
+log = logging.getLogger(__name__)
+
+SPLICE_F_MOVE = 1
+SPLICE_F_NONBLOCK = 2
+SPLICE_F_MORE = 4
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+PIPE_SIZE_MAX = 8 << 20  # probed downwards: the limit for unprivileged users is 1 MiB
+LISTEN_BACKLOG = 128
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNREFUSED, errno.ETIMEDOUT)
+
+
+def _pipe() -> tuple[int, int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    size = PIPE_SIZE_MAX
+    while size >= 65536:
+        try:
+            return r, w, fcntl.fcntl(w, F_SETPIPE_SZ, size)
+        except OSError:
+            size //= 2
+    return r, w, fcntl.fcntl(w, F_GETPIPE_SZ)
+
+
+class _Direction:
+    """One way of a connection: src -> pipe -> dst."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src, self.dst = src, dst
+        self.r, self.w, self.size = _pipe()
+        self.pending = 0  # bytes in the pipe
+        self.eof = False  # src said end of stream
+        self.shut = False  # dst was shut down for writing
+        self.out_wait = False  # dst is full: wait for EPOLLOUT
+
+    def move(self) -> None:
+        """Splice as much as the sockets take now. OSError means the connection is broken."""
+        while True:
+            if self.pending:
+                try:
+                    more = SPLICE_F_MORE if self.pending >= self.size * 9 // 10 else 0
+                    n = os.splice(self.r, self.dst.fileno(), self.pending,
+                                  flags=SPLICE_F_MOVE | SPLICE_F_NONBLOCK | more)
+                except BlockingIOError:
+                    self.out_wait = True
+                    return
+                self.pending -= n
+                if self.pending:
+                    self.out_wait = True
+                    return
+            self.out_wait = False
+            if self.eof:
+                if not self.shut:
+                    self.shut = True
+                    try:
+                        self.dst.shutdown(socket.SHUT_WR)
+                    except OSError as e:
+                        if e.errno != errno.ENOTCONN:
+                            raise
+                return
+            try:
+                n = os.splice(self.src.fileno(), self.w, self.size,
+                              flags=SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                return
+            if n == 0:
+                self.eof = True
+                continue
+            self.pending += n
+            if n < self.size // 10 and not self.pending:
+                return
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class SplicedConn:
+    """An accepted socket `a` and the socket `b` we connect for it."""
+
+    def __init__(self, loop: Loop, owner: TcpSplice, a: socket.socket,
+                 b: socket.socket) -> None:
+        self.loop, self.owner = loop, owner
+        self.a, self.b = a, b
+        self.connected = False
+        self.closed = False
+        self.ab = _Direction(a, b)
+        self.ba = _Direction(b, a)
+        for s in (a, b):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop.add_fd(a.fileno(), 0, self._on_a)
+        loop.add_fd(b.fileno(), EPOLLOUT, self._on_b)  # connect completes: writable
+
+    def _events(self, sock: socket.socket) -> int:
+        if not self.connected:
+            return EPOLLOUT if sock is self.b else 0
+        outgoing = self.ab if sock is self.a else self.ba  # reading sock feeds this one
+        incoming = self.ba if sock is self.a else self.ab  # writing sock drains this one
+        ev = 0
+        if not outgoing.eof and not outgoing.out_wait:  # (EOF shows as EPOLLIN too)
+            ev |= EPOLLIN
+        if incoming.out_wait:
+            ev |= EPOLLOUT
+        return ev
+
+    def _update(self) -> None:
+        if self.closed:
+            return
+        if self.ab.shut and self.ba.shut:
+            self.close()
+            return
+        for s in (self.a, self.b):
+            self.loop.modify_fd(s.fileno(), self._events(s))
+
+    def _on_a(self, mask: int) -> None:
+        self._on_event(mask)
+
+    def _on_b(self, mask: int) -> None:
+        if not self.connected and not self.closed:
+            err = self.b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or mask & (EPOLLERR | EPOLLHUP):
+                log.debug("splice: connect failed: %s", os.strerror(err) if err else "hang-up")
+                self.close()
+                return
+            self.connected = True
+        self._on_event(mask)
+
+    def _on_event(self, mask: int) -> None:
+        if self.closed:
+            return
+        if not self.connected:  # only a hang-up or error can come before that
+            if mask & (EPOLLERR | EPOLLHUP):
+                self.close()
+            return
+        try:
+            self.ab.move()
+            self.ba.move()
+        except OSError as e:
+            if e.errno not in _GONE:
+                log.debug("splice: %s", e)
+            self.close()
+            return
+        if mask & EPOLLERR or (mask & EPOLLHUP and not mask & EPOLLIN):
+            self.close()
+            return
+        self._update()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for s in (self.a, self.b):
+            self.loop.remove_fd(s.fileno())
+            s.close()
+        self.ab.close()
+        self.ba.close()
+        self.owner.conns.discard(self)
+
+
+class TcpSplice:
+    """The -T listeners (inside the namespace) and their spliced connections."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.listeners: dict[int, tuple[socket.socket, int]] = {}  # fd -> (socket, to port)
+        self.conns: set[SplicedConn] = set()
+
+    def listen_ns(self, netns_fd: int, forwards: fwd.PortForwards | None,
+                  families: Iterable[int]) -> None:
+        """Bind the -T ports on the namespace's loopback (OSError if one cannot be bound)."""
+        fams = list(families)
+        for m in fwd.mappings(forwards, fwd.ephemeral_range()):
+            for family in fams:
+                sock = netns.call_in_netns(netns_fd, _loopback_listener, family, m.host_port)
+                self.listeners[sock.fileno()] = (sock, m.guest_port)
+                self.loop.add_fd(sock.fileno(), EPOLLIN, self._make_accept(sock))
+
+    def _make_accept(self, sock: socket.socket) -> Callable[[int], None]:
+        return lambda mask: self._accept(sock)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        _, to_port = self.listeners[lsock.fileno()]
+        while True:
+            try:
+                a, _peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("splice: accept: %s", e)
+                return
+            a.setblocking(False)
+            family = lsock.family
+            b = socket.socket(family, socket.SOCK_STREAM)
+            b.setblocking(False)
+            dst = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+            try:
+                b.connect((dst, to_port))
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                log.debug("splice: connect to %s port %d: %s", dst, to_port, e)
+                a.close()
+                b.close()
+                continue
+            self.conns.add(SplicedConn(self.loop, self, a, b))
+
+    def close(self) -> None:
+        for conn in list(self.conns):
+            conn.close()
+        for fd, (sock, _) in list(self.listeners.items()):
+            self.loop.remove_fd(fd)
+            sock.close()
+        self.listeners.clear()
+
+
+def _loopback_listener(family: int, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
