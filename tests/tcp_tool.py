@@ -77,6 +77,8 @@ def send_all(s: socket.socket, n: int) -> str:
 def serve(addr: str, port: int, action: str, ready: str, arg: str | None) -> None:
     ls = socket.socket(family(addr), socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if action == "slow":  # a small receive buffer: the window closes quickly
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     ls.bind((addr, port))
     ls.listen(1024)
     ls.settimeout(TIMEOUT * 2)
@@ -201,7 +203,7 @@ def client(addr: str, port: int, action: str, args: list[str]) -> dict:
         return {"ok": ok, "bad": bad, "seconds": time.monotonic() - t0}
     if action == "refused":
         try:
-            connect(addr, port, 10)
+            connect(addr, port, float(args[0]) if args else 10)
         except ConnectionRefusedError:
             return {"refused": True}
         except OSError as e:

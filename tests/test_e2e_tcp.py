@@ -204,3 +204,104 @@ def test_forward_to_guest_without_listener_is_reset(sandbox: Sandbox) -> None:
     start(sandbox, "-t", "10023:23")
     r = client(sandbox, sandbox.world_ns, HOST4, 10023, "waitrst")
     assert r == {"reset": True}
+
+
+# --- load, flow control, failures -----------------------------------------------------------
+
+
+def test_many_concurrent_connections(sandbox: Sandbox) -> None:
+    start(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5011, "sink")
+    count = 200
+    r = client(sandbox, sandbox.guest_ns, GW4, 5011, "multi", count, MIB, timeout=240)
+    assert r["ok"] == count, r
+
+
+@pytest.mark.sandbox()
+def test_slow_reader_window_closes_and_reopens(sandbox: Sandbox) -> None:
+    """The guest application reads slowly from a small buffer: the guest's window goes to
+    zero, we stop peeking, and the transfer completes intact once it reopens."""
+    sandbox.start_daemon("-t", "10030:30", pcap=True)
+    sandbox.start_relay()
+    configure_guest(sandbox)
+    log = serve(sandbox, sandbox.guest_ns, "0.0.0.0", 30, "slow", "32768")
+    r = client(sandbox, sandbox.world_ns, HOST4, 10030, "send", MIB // 4)
+    assert r["answer"] == [str(MIB // 4), r["sha"]], r
+    assert log_lines(log)
+    sandbox.stop_daemon()  # flushes the capture
+    from scapy.all import TCP, rdpcap  # type: ignore[import-untyped]
+    windows = [p[TCP].window for p in rdpcap(sandbox.pcap_path)
+               if TCP in p and p[TCP].sport == 30]
+    assert 0 in windows, "the guest never closed its window"
+    assert windows[-1] > 0 or windows.count(0) < len(windows)
+
+
+def test_vanished_guest_lets_the_host_socket_time_out(sandbox: Sandbox,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest goes away mid-transfer: retransmissions back off, then give up, and the
+    host client is reset (timeouts shortened through the environment)."""
+    monkeypatch.setenv("VHOSTPASST_TCP_MAX_RETRANS", "3")
+    monkeypatch.setenv("VHOSTPASST_TCP_RTO_MAX", "1")
+    start(sandbox, "-t", "10099:99")
+    serve(sandbox, sandbox.guest_ns, "0.0.0.0", 99, "hold")
+    out = sandbox.dir / "hold.json"
+    with open(out, "w") as f:
+        proc = sandbox.popen_in(sandbox.world_ns, sys.executable, TOOL, "connect", HOST4,
+                                "10099", "hold", str(1 << 40), stdout=f)
+    import time
+    time.sleep(1.0)  # data flowing
+    sandbox.stop_relay()
+    proc.wait(30)
+    r = json.loads(out.read_text())
+    assert r["reset"] in ("ConnectionResetError", "BrokenPipeError"), r
+    assert r["sent"] > 0
+
+
+def test_syn_flood_is_capped(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections stuck in the handshake (an unreachable destination) are capped; an
+    established connection keeps working meanwhile."""
+    monkeypatch.setenv("VHOSTPASST_TCP_HALF_OPEN_MAX", "8")
+    start(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5012, "echo")
+    script = (
+        "import socket, time\n"
+        f"a = socket.create_connection(('{GW4}', 5012), 5)\n"
+        "flood = []\n"
+        "for i in range(40):\n"
+        "    s = socket.socket(); s.setblocking(False)\n"
+        "    s.connect_ex(('192.0.2.99', 80)); flood.append(s)\n"
+        "time.sleep(0.5)\n"
+        "a.sendall(b'x' * 100000); got = 0\n"
+        "while got < 100000:\n"
+        "    got += len(a.recv(65536))\n"
+        "print('ok', got)\n")
+    r = sandbox.guest(sys.executable, "-c", script, timeout=30)
+    assert r.stdout.strip() == "ok 100000", r.stdout + r.stderr
+    assert "connections in the handshake: SYN dropped" in sandbox.daemon_log()
+
+
+def test_segment_for_unknown_connection_gets_rst(sandbox: Sandbox) -> None:
+    """A raw frame over the stream socket: an ACK for no connection gets RST(seq=ACK)."""
+    from sandbox import StreamClient
+    from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
+    from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+    sandbox.start_daemon()
+    with StreamClient(sandbox.socket_path) as c:
+        frame = Ether(src="02:00:00:00:00:02", dst=OUR_MAC) / IP(src=HOST4, dst=GW4) / TCP(
+            sport=40000, dport=5555, flags="A", seq=1, ack=12345)
+        c.send_frame(bytes(frame))
+
+        def rst(raw: bytes) -> TCP | None:
+            pkt = Ether(raw)
+            return pkt[TCP] if TCP in pkt and pkt[TCP].flags.R else None
+
+        seg = c.frames_until(rst, timeout=5)
+        assert seg is not None and seg.seq == 12345 and (seg.sport, seg.dport) == (5555, 40000)
+        assert Ether(bytes(Ether(src=OUR_MAC) / seg.underlayer))  # it parses
+
+
+def test_no_tcp(sandbox: Sandbox) -> None:
+    start(sandbox, "--no-map-gw", "--no-tcp")
+    serve(sandbox, sandbox.world_ns, GW4, 5013, "sink")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5013, "refused", 2)
+    assert r["refused"] is False and "timed out" in r.get("error", ""), r

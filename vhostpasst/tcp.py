@@ -67,6 +67,7 @@ RTO_INIT = 1.0  # RFC 6298 §2.1
 RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
 RTO_MAX = 60.0
 MAX_RETRANS = 8
+PERSIST_MAX = 1.0  # longest interval between zero-window probes
 HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
@@ -1105,6 +1106,9 @@ class TcpHandler:
             ack, wnd = self._ack_wnd(conn)
             self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                         (conn.seq_ack_from_tap - 1) & M32, ack, wtcp.ACK, wnd)
+            # a guest that answers probes is alive (retrans is reset then): keep probing
+            # often, its window may reopen without it telling us (small buffer, large MSS)
+            conn.rto = min(conn.rto, PERSIST_MAX)
             self._from_sock(conn)
         else:
             conn.retrans = 0
