@@ -40,7 +40,7 @@ class FakeLoop:
 
 
 class F(Flow):
-    timeout = 10.0
+    timeout: float | None = 10.0
 
     def __init__(self) -> None:
         super().__init__()

@@ -132,7 +132,7 @@ class TimerLoop:
     """The fake loop of test_udp, remembering call_at() so a test can fire timers."""
 
     def __init__(self) -> None:
-        self.timers: list[tuple[float, Any]] = []
+        self.timers: list[list[Any]] = []  # [when, callback, cancelled]
 
     def add_fd(self, fd: int, events: int, cb: Any) -> None:
         pass
@@ -141,8 +141,8 @@ class TimerLoop:
         pass
 
     def call_at(self, when: float, cb: Any) -> Any:
-        entry = [when, cb, False]
-        self.timers.append(entry)  # type: ignore[arg-type]
+        entry: list[Any] = [when, cb, False]
+        self.timers.append(entry)
 
         class T:
             def cancel(self) -> None:

@@ -87,6 +87,8 @@ class IcmpHandler:
                 return
         flow.touch()
         target = flow.target
+        if target is None:
+            return
         addr: tuple[str, int] | tuple[str, int, int, int]
         if six:
             scope = ctx.config.ip6.ifindex if ctx.config.ip6 is not None else 0
@@ -165,12 +167,14 @@ class IcmpHandler:
             if flow.six:
                 if buf[hlen] != wicmp.ICMPV6_ECHO_REPLY:
                     continue
-                length = wicmp.write_eth_ipv6_icmp_headers(buf, mac, our, flow.gdst, flow.gsrc,
+                length = wicmp.write_eth_ipv6_icmp_headers(buf, mac, our, flow.gdst.packed,
+                                                           flow.gsrc.packed,
                                                            n, ident=flow.ident)
             else:
                 if buf[hlen] != wicmp.ICMP_ECHOREPLY:
                     continue
-                length = wicmp.write_eth_ipv4_icmp_headers(buf, mac, our, flow.gdst, flow.gsrc,
+                length = wicmp.write_eth_ipv4_icmp_headers(buf, mac, our, flow.gdst.packed,
+                                                           flow.gsrc.packed,
                                                            n, ident=flow.ident)
             ctx.commit([length])
 

@@ -20,6 +20,7 @@ ECONNREFUSED at once instead of waiting for a timeout.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -59,8 +60,8 @@ _SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNRE
                           errno.EMSGSIZE, errno.ETIMEDOUT, errno.EINTR})
 
 try:
-    from vhostpasst._mmsg import ffi as _mffi
-    from vhostpasst._mmsg import lib as _mlib
+    from vhostpasst._mmsg import ffi as _mffi  # type: ignore[import-not-found,unused-ignore]
+    from vhostpasst._mmsg import lib as _mlib  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # not built (plain source tree): one system call per datagram
     _mffi = _mlib = None
 
@@ -366,10 +367,12 @@ class UdpHandler:
             flow.touch()
             buf = bufs[i]
             if six:
-                length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr, flow.gaddr,
+                length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr.packed,
+                                                        flow.gaddr.packed,
                                                         flow.fport, flow.gport, n)
             else:
-                length = udp.write_eth_ipv4_udp_headers(buf, mac, our, flow.faddr, flow.gaddr,
+                length = udp.write_eth_ipv4_udp_headers(buf, mac, our, flow.faddr.packed,
+                                                        flow.gaddr.packed,
                                                         flow.fport, flow.gport, n)
             j = len(lengths)
             if j != i:  # an earlier datagram was dropped: close the gap (rare, so a copy)
@@ -456,7 +459,7 @@ class UdpHandler:
                 lst = Listener(sock, six, m.guest_port)
                 self.listeners.append(lst)
                 self.ctx.loop.add_fd(sock.fileno(), EPOLLIN,
-                                     lambda mask, lst=lst: self._on_listener(lst, mask))
+                                     functools.partial(self._on_listener, lst))
         if tolerant_tried and not tolerant_ok and not self.listeners:
             raise OSError(errno.EADDRINUSE, "no UDP port could be forwarded")
 
@@ -548,7 +551,9 @@ class UdpHandler:
         if flow.peer is not None and off == ip_address(str(flow.peer[0]).split("%")[0]):
             return flow.faddr
         shown = nat.guest_source(self.ctx.config, self.ctx.guest, off)
-        return shown if shown is not None else flow.faddr
+        if shown is None or isinstance(shown, IPv6Address) != flow.six:
+            return flow.faddr  # (an IPv4-mapped offender on an IPv6 flow, say)
+        return shown
 
 
 def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: int,
@@ -556,19 +561,20 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
     """An Ethernet frame carrying an ICMP(v6) error about the guest's datagram of `flow`."""
     mac, our = ctx.guest_mac(), ctx.config.our_mac
     ulen = udp.UDP_HLEN + len(payload)
+    g, f, s = flow.gaddr.packed, flow.faddr.packed, src.packed  # one family, checked by caller
     if flow.six:
         limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
         quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
-        quoted = ip.build_ipv6(flow.gaddr, flow.faddr, ip.IPPROTO_UDP, b"")
+        quoted = ip.build_ipv6(g, f, ip.IPPROTO_UDP, b"")
         quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
         quoted = quoted[:limit]
         rest = struct.pack("!I", info if type_ == icmp.ICMPV6_PKT_TOOBIG else 0)
-        msg = icmp.build_icmpv6(src, flow.gaddr, type_, code, rest + quoted)
+        msg = icmp.build_icmpv6(s, g, type_, code, rest + quoted)
         return eth.build_eth(mac, our, eth.ETH_P_IPV6,
-                             ip.build_ipv6(src, flow.gaddr, ip.IPPROTO_ICMPV6, msg))
+                             ip.build_ipv6(s, g, ip.IPPROTO_ICMPV6, msg))
     limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
     quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
-    inner = bytearray(ip.build_ipv4(flow.gaddr, flow.faddr, ip.IPPROTO_UDP, b"", ttl=64))
+    inner = bytearray(ip.build_ipv4(g, f, ip.IPPROTO_UDP, b"", ttl=64))
     struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
     struct.pack_into("!H", inner, 10, 0)
     struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
@@ -576,5 +582,5 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
     frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == 4
     rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
     msg = icmp.build_icmp(type_, code, rest + quoted)
-    return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(src, flow.gaddr, ip.IPPROTO_ICMP,
+    return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(s, g, ip.IPPROTO_ICMP,
                                                                msg))
