@@ -352,3 +352,27 @@ def test_slaac_from_our_router_advertisements_then_ping6_and_udp6(sandbox: Sandb
     report = run_client(sandbox, sandbox.guest_ns, "6", 40005, GW6, 5005, [1400])
     assert report["got"] == report["sent"]
     assert server_lines(log, 1)[0][1] == "40005"
+
+
+def test_udp_inbound_range_bound_to_an_address(sandbox: Sandbox) -> None:
+    """-u 127.0.0.1/5010-5011:6010-6011: each port of the range maps to its own guest port,
+    and only on the address given (the host's 192.0.2.2 has nothing listening)."""
+    start(sandbox, "-u", "127.0.0.1/5010-5011:6010-6011")
+    log = start_server(sandbox, sandbox.guest_ns, "4", "0.0.0.0", 6011, 1)
+    report = run_client(sandbox, sandbox.host_ns, "4", 41011, "127.0.0.1", 5011, [100])
+    assert report["got"] == report["sent"], sandbox.daemon_log()
+    assert server_lines(log, 1)[0][:2] == [GW4, "41011"]
+    (sandbox.dir / "pu.py").write_text(PORT_UNREACH_CLIENT)
+    r = sandbox.host(sys.executable, str(sandbox.dir / "pu.py"), HOST4, "5010", timeout=15)
+    assert r.stdout.strip() == "refused"
+
+
+def test_explicit_udp_port_that_cannot_be_bound_is_fatal(sandbox: Sandbox) -> None:
+    blocker = sandbox.popen_in(sandbox.host_ns, sys.executable, "-c",
+                               "import socket,time; s=socket.socket(socket.AF_INET,"
+                               "socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5020)); print(1, "
+                               "flush=True); time.sleep(30)", stdout=subprocess.PIPE)
+    assert blocker.stdout is not None and blocker.stdout.readline().strip() == b"1"
+    proc = sandbox.start_daemon("-u", "5020", wait=False)
+    assert proc.wait(15) == 1
+    assert "5020" in sandbox.daemon_log()
