@@ -29,8 +29,31 @@ class _Terminate(Exception):
     """Raised from the SIGTERM/SIGQUIT handler to leave the loop at once."""
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    raise _Terminate(signum)
+class _Signals:
+    """SIGTERM/SIGQUIT handling that is in place from the first line of run().
+
+    Before the loop runs, a signal is only recorded (raising in the middle of set-up would
+    leave half-made state); once the loop runs it raises _Terminate to leave it at once.
+    Either way the daemon exits cleanly with status 0, as passt does.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.armed = False
+        for signum in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(signum, self._handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        if self.armed:
+            raise _Terminate(signum)
+        self.pending = signum
+
+    def arm(self) -> None:
+        """From now on a signal raises; one that came during set-up raises now."""
+        self.armed = True
+        if self.pending is not None:
+            raise _Terminate(self.pending)
 
 
 def qemu_hint(path: str, vhost_user: bool = False) -> str:
@@ -89,6 +112,7 @@ def run(config: Config) -> int:
         from vhostpasst import pasta  # namespaces and the tap: pasta.py
 
         return pasta.run(config)
+    signals = _Signals()
     prog = "pasta" if config.mode == "pasta" else "passt"
     setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
@@ -134,10 +158,8 @@ def run(config: Config) -> int:
     elif config.pid_file:
         _write_pid(config.pid_file, os.getpid())
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGQUIT, _on_signal)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
+        signals.arm()
         loop.run()
     except _Terminate as e:
         log.info("exiting on signal %d", e.args[0])
