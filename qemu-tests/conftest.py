@@ -117,7 +117,21 @@ def passt_setup(
     namespace and boots a guest attached to it. Torn down guest first, then the daemon."""
     started: list[Daemon | Guest] = []
 
-    def start(kind: str = "stream", args: tuple[str, ...] = ()) -> Setup:
+    def restart(setup: Setup) -> Daemon:
+        """Kill the daemon and start the same command again (a crash and a restart)."""
+        assert setup.daemon.proc is not None
+        setup.daemon.proc.kill()
+        setup.daemon.proc.wait(timeout=10)
+        setup.daemon.proc = None  # killed on purpose: not "died during the test"
+        daemon = Daemon(workdir, host_netns, setup.daemon.args,
+                        vhost_user=setup.daemon.vhost_user)
+        started.append(daemon)
+        setup.daemon = daemon
+        return daemon
+
+    def start(
+        kind: str = "stream", args: tuple[str, ...] = (), reconnect_ms: int | None = None
+    ) -> Setup:
         if kind == "vhost-user" and not daemon_has_vhost_user():
             pytest.skip(f"{DAEMON[0]} --help says vhost-user is not supported yet")
         _track(request, "daemon log", workdir / "daemon.log")
@@ -125,9 +139,12 @@ def passt_setup(
         _track(request, "qemu stderr", workdir / "qemu.log")
         daemon = Daemon(workdir, host_netns, args, vhost_user=(kind == "vhost-user"))
         started.append(daemon)
-        guest = Guest(image, workdir, GuestNet(kind, daemon.socket), host_netns)
+        net = GuestNet(kind, daemon.socket, reconnect_ms=reconnect_ms)
+        guest = Guest(image, workdir, net, host_netns)
         started.append(guest)
         return Setup(host_netns, daemon, guest)
+
+    start.restart = restart  # type: ignore[attr-defined]
 
     yield start
     # A daemon that died during the test (a crash the test did not notice) is a failure too.

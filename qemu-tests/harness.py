@@ -130,6 +130,8 @@ class HostNetns:
         _sh([*ip, "route", "add", "default", "via", HOST_GW4, "dev", self.ifname])
         _sh([*ip, "-6", "addr", "add", f"{HOST_ADDR6}/{HOST_PREFIX6}", "dev", self.ifname, "nodad"])
         _sh([*ip, "-6", "route", "add", "default", "via", HOST_GW6, "dev", self.ifname])
+        # Guest pings go out through ping sockets (as in passt): let root's group open them.
+        self.run(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """`argv` prefixed to run inside the namespace (exec'd, so the pid is the command's)."""
@@ -181,12 +183,16 @@ class Daemon:
     ) -> None:
         self.socket = workdir / "passt.sock"
         self.log = workdir / "daemon.log"
+        self.args = tuple(args)
+        self.vhost_user = vhost_user
+        # A killed daemon leaves its socket file behind: the new one would be "ready" at once.
+        self.socket.unlink(missing_ok=True)
         argv = [*DAEMON, "-f", "-s", str(self.socket)]
         if vhost_user:
             argv.append("--vhost-user")
         argv += list(args)
         self.argv = netns.argv(argv) if netns else argv
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:  # a restarted daemon appends
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -227,6 +233,7 @@ class GuestNet:
     kind: str
     socket: Path
     extra: list[str] = field(default_factory=list)
+    reconnect_ms: int | None = None  # vhost-user: qemu reconnects to a restarted daemon
 
     def qemu_args(self, mem: str) -> list[str]:
         if self.kind == "stream":
@@ -237,7 +244,8 @@ class GuestNet:
             ]
         if self.kind == "vhost-user":
             return [
-                "-chardev", f"socket,id=c,path={self.socket}",
+                "-chardev", f"socket,id=c,path={self.socket}"
+                + (f",reconnect-ms={self.reconnect_ms}" if self.reconnect_ms else ""),
                 "-netdev", "vhost-user,id=v,chardev=c",
                 "-device", "virtio-net-pci,netdev=v,romfile=",
                 "-object", f"memory-backend-memfd,id=m,share=on,size={mem}",
