@@ -58,6 +58,7 @@ MAX_WINDOW = 65535 << WS_TO_TAP
 SYN_WINDOW = 65535  # window in our SYN / SYN-ACK (never scaled)
 DEFAULT_MSS4 = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
 DEFAULT_MSS6 = 1220
+DUP_ACKS_MAX = 3  # duplicate ACKs per batch for out-of-order data
 SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve the rest
 ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
 HANDSHAKE_TIMEOUT = 10.0
@@ -71,6 +72,8 @@ PERSIST_MAX = 1.0  # longest interval between zero-window probes
 HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
+SNDBUF_WANT = 1 << 30  # capped by net.core.wmem_max
+ACK_POLL_FAST = 0.001  # the window we showed was cut by bytes the far end has yet to ACK
 LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 16
 IP_FREEBIND = 15
@@ -161,6 +164,7 @@ class TcpConn(Flow):
         self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
         self.ack_due = False
+        self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
         # host -> guest
         self.isn = 0
         self.seq_to_tap = 0  # next byte we send
@@ -229,6 +233,9 @@ class TcpHandler:
         self.half_open_max = int(_env_number(ENV_HALF_OPEN, HALF_OPEN_MAX))
         self.half_open = 0
         self.listeners: list[Listener] = []
+        # pasta: takes a just-accepted connection for the loopback splice path (True: taken),
+        # so loopback-sourced connections never go through the tap (tcp_splice.py)
+        self.claim: Callable[[Listener, socket.socket, tuple], bool] | None = None
         self._secret = os.urandom(16)
         self._batch: dict[TcpConn, list[wtcp.Tcp]] = {}
         self._log = RateLimitedLog(log)
@@ -352,7 +359,7 @@ class TcpHandler:
             return
         self.half_open += 1
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             if conf is not None and conf.outbound_if:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                                 conf.outbound_if.encode())
@@ -447,12 +454,27 @@ class TcpHandler:
                                            f"{'%' + m.ifname if m.ifname else ''}: "
                                            f"{e.strerror}") from None
                 ok += m.tolerant
-                lst = Listener(sock, six, m.host_port, m.guest_port)
-                self.listeners.append(lst)
-                self.loop.add_fd(sock.fileno(), EPOLLIN,
-                                 lambda _mask, lst=lst: self._on_listener(lst))
+                self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
         if tried and not ok and not self.listeners:
             raise OSError(errno.EADDRINUSE, "no TCP port could be forwarded")
+
+    def _add_listener(self, lst: Listener) -> None:
+        self.listeners.append(lst)
+        self.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda _mask: self._on_listener(lst))
+
+    def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
+        """One more listening port on any address (pasta's automatic ports); OSError if
+        it cannot be bound."""
+        lst = Listener(self._listen_one(six, None, None, port), six, port, guest_port)
+        self._add_listener(lst)
+        return lst
+
+    def remove_listener(self, lst: Listener) -> None:
+        """Stop listening; connections accepted earlier go on."""
+        if lst in self.listeners:
+            self.listeners.remove(lst)
+            self.loop.remove_fd(lst.sock.fileno())
+            lst.sock.close()
 
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
@@ -487,6 +509,8 @@ class TcpHandler:
                 self._log.warning(("tcp-accept", e.errno), "accept: %s", e)
                 return
             try:
+                if self.claim is not None and self.claim(lst, sock, peer):
+                    continue
                 self._accepted(lst, sock, peer)
             except Exception:
                 log.exception("error accepting a TCP connection")
@@ -516,7 +540,7 @@ class TcpHandler:
             _reset_close(sock)
             return
         self.half_open += 1
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(sock)
         conn.isn = self._isn(conn)
         conn.seq_ack_from_tap = conn.isn
         conn.ws_to_tap = WS_TO_TAP
@@ -701,7 +725,9 @@ class TcpHandler:
             immediate = conn.local or sndbuf < SNDBUF_SMALL or (0 < min_rtt < LOW_RTT)
             ack = conn.seq_from_tap if immediate else remote
             snd_wnd = _U32.unpack_from(info, 228)[0]
-            wnd = min(snd_wnd, eff) - ((ack - remote) & M32)
+            unacked = (ack - remote) & M32
+            wnd = min(snd_wnd, eff) - unacked
+            conn.poll_fast = unacked > eff // 4
         if seq_lt(ack, conn.seq_ack_to_tap):
             ack = conn.seq_ack_to_tap  # never backwards
         wnd = max(0, min(wnd, MAX_WINDOW))
@@ -729,7 +755,8 @@ class TcpHandler:
 
     def _arm_ack(self, conn: TcpConn) -> None:
         if conn.ack_timer is None and not conn.closed:
-            conn.ack_timer = self.loop.call_at(time.monotonic() + ACK_INTERVAL,
+            delay = ACK_POLL_FAST if conn.poll_fast else ACK_INTERVAL
+            conn.ack_timer = self.loop.call_at(time.monotonic() + delay,
                                                lambda: self._ack_timer(conn))
 
     def _ack_timer(self, conn: TcpConn) -> None:
@@ -793,8 +820,12 @@ class TcpHandler:
                         progress = True
             if not progress:
                 break
+        dups = 0
         if ooo and not fin:
-            answer = True  # a hole remains: duplicate ACK, the data is dropped
+            # a hole remains: the data is dropped, and each such segment gets a duplicate
+            # ACK at once (RFC 5681 §4.2), so the guest's fast retransmit fills the hole
+            # instead of its retransmission timer
+            dups = min(len(ooo), DUP_ACKS_MAX)
         if pending:
             if not self._write(conn, pending):
                 fin = False  # the FIN comes after data the socket did not take
@@ -808,6 +839,8 @@ class TcpHandler:
             return
         if answer or fin or conn.seq_from_tap != conn.seq_ack_to_tap:
             self._send_ack(conn, force=answer or fin)
+        for _ in range(dups):
+            self._send_ack(conn, force=True)
         self._maybe_close(conn)
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
@@ -1133,6 +1166,17 @@ class TcpHandler:
             return
         log.debug("%r: timed out (%.0f s)", conn, timeout)
         self._reset(conn)
+
+
+def _tune(sock: socket.socket) -> None:
+    """The guest already segmented (no Nagle here). A fixed, large send buffer (the kernel
+    caps it at wmem_max), as passt does: the window we show the guest is bounded by it, and an
+    autotuned buffer only grows after writes fail, which that window prevents."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_WANT)
+    except OSError:
+        pass
 
 
 def _reset_close(sock: socket.socket) -> None:
