@@ -365,6 +365,26 @@ def test_fin_both_ways_closes(env: tuple) -> None:
     assert sock.closed
 
 
+def test_keepalive_is_answered(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    n = len(link.frames)
+    feed(d, guest_frame("A", 1000, ack=synack.seq + 1))  # seq one below: a keep-alive probe
+    assert len(link.frames) == n + 1 and parse(link.frames[-1]).ack == 1001
+    assert not sock.closed
+
+
+def test_inactivity_timeout_resets(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    loop.fire_timers()
+    assert not sock.closed  # not idle yet: the timer is simply set again
+    conn.last_seen -= d.tcp.idle_timeout + 1
+    loop.fire_timers()
+    assert sock.closed and parse(link.frames[-1]).flags == "RA"
+
+
 # --- fuzzing -----------------------------------------------------------------------------
 
 FLAGS = ["S", "SA", "A", "PA", "FA", "R", "RA", "F", "", "SF", "FPAU"]
