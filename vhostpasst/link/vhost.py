@@ -155,6 +155,9 @@ class VhostUserLink(Link):
 
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
+        log.info("vhost-user front end gone: %d frames from the guest, %d to it "
+                 "(%d written in place, %d dropped)", self.rx_frames, self.tx_frames,
+                 self.tx_zero_copy, self.tx_dropped)
         self.backend = None
         self.device = None
         self._reset_state()
