@@ -5,12 +5,16 @@ TX batching, checksum offload flags, reconnect, one-off / --fd, hostile front en
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
+import subprocess
+import time
 from ipaddress import IPv4Address as A4
 from pathlib import Path
 
 import pytest
+from sandbox import Sandbox, vhostpasst_command
 
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
 from vhostpasst.conf import Config, Ip4Conf
@@ -455,3 +459,62 @@ def test_from_fd_refuses_what_is_not_a_unix_stream_socket(tmp_path: Path) -> Non
         os.close(w)
         d.close()
         loop.close()
+
+
+# --- the daemon itself (a sandbox namespace), with the Python front end as qemu -----------------
+
+def _remote_guest(sock: socket.socket) -> Guest:
+    g = Guest(sock, Loop())
+    g.fe.pump = lambda: select.select([sock], [], [], 0.1)  # the back end is another process
+    return g
+
+
+def _dhcp_over(g: Guest) -> None:
+    g.bring_up()
+    g.post_rx(8)
+    g.transmit(discover())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        select.select([g.rx.call_fd], [], [], 0.5)
+        g.rx.calls()
+        frames = [f for _, f in g.received()]
+        if any(is_offer(f) for f in frames):
+            return
+        g.post_rx(len(frames))  # an RA or the like came first: give the buffers back
+    raise AssertionError("no DHCP offer over vhost-user")
+
+
+def test_daemon_vhost_user_fd(sandbox: Sandbox) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    daemon = sandbox.popen_in(
+        sandbox.host_ns, *vhostpasst_command(), "-f", "-q", "--vhost-user",
+        "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE)
+    theirs.close()
+    g = _remote_guest(ours)
+    try:
+        _dhcp_over(g)
+        assert daemon.poll() is None
+    finally:
+        g.close()
+    assert daemon.wait(10) == 0, daemon.stderr.read().decode() if daemon.stderr else ""
+
+
+def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    daemon = sandbox.popen_in(
+        sandbox.host_ns, *vhostpasst_command(), "-f", "--vhost-user", "-1", "-s", path,
+        stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        assert daemon.poll() is None and time.monotonic() < deadline, "no socket"
+        time.sleep(0.05)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    g = _remote_guest(sock)
+    try:
+        _dhcp_over(g)
+    finally:
+        g.close()
+    assert daemon.wait(10) == 0
+    err = daemon.stderr.read().decode() if daemon.stderr else ""
+    assert f"-chardev socket,id=chr0,path={path} -netdev vhost-user" in err, err
