@@ -730,11 +730,7 @@ def check_supported(o: Options) -> None:
         # pasta.py serves the namespace; what it does not do yet is refused by name
         if o.fd is not None:
             raise NotSupported("--fd", "--fd (a pre-opened tap) in pasta mode")
-        # 'auto' is pasta's default and what rootlesskit passes: accepted, but until the
-        # port scanner exists it forwards nothing (pasta.py says so in its log)
-        for spec, flag in ((o.udp_out, "--udp-ns"),):  # -T works (tcp_splice.py)
-            if spec is not None and spec.mode not in ("none", "auto"):
-                raise NotSupported(flag, f"{flag} (port forwarding from the namespace)")
+        # -T/-U (tcp_splice.py, udp_splice.py) and 'auto' (portscan.py) all work
     for value, flag in (
         (o.runas, "--runas"),
         (o.repair_path, "--repair-path"),

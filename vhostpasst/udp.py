@@ -463,6 +463,25 @@ class UdpHandler:
         if tolerant_tried and not tolerant_ok and not self.listeners:
             raise OSError(errno.EADDRINUSE, "no UDP port could be forwarded")
 
+    def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
+        """One more listening port on any address (pasta's automatic ports); OSError if
+        it cannot be bound."""
+        lst = Listener(self._listen_one(six, None, None, port), six, guest_port)
+        self.listeners.append(lst)
+        self.ctx.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda mask: self._on_listener(lst, mask))
+        return lst
+
+    def remove_listener(self, lst: Listener) -> None:
+        """Stop listening, and end the inbound flows that answer through this socket."""
+        if lst not in self.listeners:
+            return
+        for flow in self.ctx.flows:
+            if isinstance(flow, UdpFlow) and flow.peer is not None and flow.sock is lst.sock:
+                flow.remove()
+        self.listeners.remove(lst)
+        self.ctx.loop.remove_fd(lst.sock.fileno())
+        lst.sock.close()
+
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
         family = socket.AF_INET6 if six else socket.AF_INET
