@@ -567,3 +567,58 @@ def test_garbage_never_crashes(chunks: list[bytes]) -> None:
         h.spin(2, 0.0)
         link.close()
         h.loop.close()
+
+
+def test_rx_ready_after_drops_once_the_socket_drains(h: Harness, listener: StreamListener) -> None:
+    """Frames dropped on a full socket: the rx-ready callbacks run once it is writable again
+    (through the listener, which forwards the callback list to its link)."""
+    woken: list[int] = []
+    listener.add_rx_ready_callback(lambda: woken.append(listener.link.tx_dropped))
+    c = attached(h, listener)
+    link = listener.link
+    stop = threading.Event()
+
+    def reader() -> None:  # late, as in the test above: the first flushes come up short
+        time.sleep(0.2)
+        c.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                if not c.recv(1 << 20):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for rnd in range(50):
+            bufs = link.rx_buffers(128)
+            for buf in bufs:
+                buf[:60000] = frame(rnd, 60000)
+            link.commit([60000] * len(bufs))
+            link.flush()
+            if link.tx_dropped:
+                break
+        assert link.tx_dropped > 0 and link.connected
+        h.run_until(lambda: woken, 5)
+        assert woken == [link.tx_dropped]
+        h.spin(3)
+        assert len(woken) == 1  # once per shortage
+    finally:
+        stop.set()
+        t.join(5)
+        c.close()
+
+
+def test_rx_ready_after_a_short_hand_out(h: Harness, listener: StreamListener) -> None:
+    woken: list[bool] = []
+    listener.link.add_rx_ready_callback(lambda: woken.append(True))
+    c = attached(h, listener)
+    link = listener.link
+    assert len(link.rx_buffers(1000)) < 1000  # more than the pool holds
+    h.spin(2)
+    assert woken == [True]
+    listener.link.remove_rx_ready_callback(woken.clear)  # unknown: ignored
+    c.close()

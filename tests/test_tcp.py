@@ -72,8 +72,18 @@ class FakeLink:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self._bufs: list[bytearray] = []
+        self.limit: int | None = None  # buffers available (None: as many as asked)
+        self.rx_ready: list[Callable[[], None]] = []
+
+    def add_rx_ready_callback(self, cb: Callable[[], None]) -> None:
+        self.rx_ready.append(cb)
+
+    def remove_rx_ready_callback(self, cb: Callable[[], None]) -> None:
+        self.rx_ready.remove(cb)
 
     def rx_buffers(self, count: int) -> list[memoryview]:
+        if self.limit is not None:
+            count = min(count, self.limit)
         self._bufs = [bytearray(65549) for _ in range(count)]
         return [memoryview(b) for b in self._bufs]
 
@@ -107,6 +117,7 @@ class FakeSock:
         self.closed = False
         self.shut = False
         self.opts: dict[tuple[int, int], object] = {}
+        self.no_tcp_info = False  # a kernel without TCP_INFO (or a shorter one)
         FakeSock.instances.append(self)
 
     def fileno(self) -> int:
@@ -119,6 +130,8 @@ class FakeSock:
 
     def getsockopt(self, level: int, opt: int, size: int = 0) -> int | bytes:
         if opt == socket.TCP_INFO and level == socket.IPPROTO_TCP:
+            if self.no_tcp_info:
+                raise OSError(errno.ENOPROTOOPT, "no TCP_INFO")
             info = bytearray(tcp.TCP_INFO_LEN)
             struct.pack_into("=Q", info, 120, 1 + len(self.sent))
             struct.pack_into("=I", info, 228, 1 << 20)
@@ -441,3 +454,41 @@ def test_random_segments_never_raise(env: tuple, caplog: pytest.LogCaptureFixtur
         del link.frames[:-10]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors[0].getMessage() + str(errors[0].exc_info)
+
+
+def test_no_link_buffers_then_rx_ready_resumes_without_a_timer(env: tuple) -> None:
+    """The link had no buffers: sending stops, and the link's rx-ready call (not the
+    retransmission timer) resumes it."""
+    d, loop, link = env
+    assert link.rx_ready == [d.tcp.rx_ready]  # the dispatcher registered TCP
+    sock, synack = _handshake(d, loop, link)
+    link.limit = 0
+    sock.rx += b"z" * 3000
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    n = len(link.frames)
+    link.limit = None
+    for cb in link.rx_ready:
+        cb()
+    data = [parse(f) for f in link.frames[n:]]
+    assert b"".join(bytes(s.payload) for s in data) == b"z" * 3000
+    for cb in link.rx_ready:
+        cb()  # nothing waits any more: nothing is sent
+    assert len(link.frames) == n + len(data)
+    d.link = None
+    assert link.rx_ready == []
+
+
+def test_ack_and_window_without_tcp_info(env: tuple) -> None:
+    """No TCP_INFO: what was written is acknowledged at once and the window comes from the
+    send buffer alone (3/4 of SO_SNDBUF below 4 MiB), scaled by our window scale."""
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    sock.no_tcp_info = True
+    conn = next(iter(d.ctx.flows))
+    ack, wnd = d.tcp._ack_wnd(conn)
+    assert ack == conn.seq_from_tap == 1001
+    assert wnd == ((1 << 20) * 3 // 4) >> tcp.WS_TO_TAP
+    feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"q" * 300, window=1000))
+    last = parse(link.frames[-1])
+    assert bytes(sock.sent) == b"q" * 300 and last.ack == 1301
+    assert last.window == ((1 << 20) * 3 // 4) >> tcp.WS_TO_TAP

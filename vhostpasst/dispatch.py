@@ -78,9 +78,14 @@ class Dispatcher:
 
     @link.setter
     def link(self, link: Link | None) -> None:
-        self._link = link
+        old, self._link = self._link, link
         if self.ctx is not None:
             self.ctx.link = link
+        if self.tcp is not None:  # TCP resumes at once when a short link has buffers again
+            if old is not None and hasattr(old, "remove_rx_ready_callback"):
+                old.remove_rx_ready_callback(self.tcp.rx_ready)
+            if link is not None and hasattr(link, "add_rx_ready_callback"):
+                link.add_rx_ready_callback(self.tcp.rx_ready)
 
     def close(self) -> None:
         """Close every flow (and so every host socket)."""

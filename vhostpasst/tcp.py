@@ -238,6 +238,8 @@ class TcpHandler:
         self.claim: Callable[[Listener, socket.socket, tuple], bool] | None = None
         self._secret = os.urandom(16)
         self._batch: dict[TcpConn, list[wtcp.Tcp]] = {}
+        # connections that stopped for lack of link buffers, resumed by rx_ready()
+        self._waiting: dict[TcpConn, None] = {}
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
 
@@ -284,6 +286,19 @@ class TcpHandler:
                 self._tap_segments(conn, segs)
             except Exception:  # a bug must not stop the loop, nor spare the others
                 log.exception("error handling guest segments for %r", conn)
+                self._reset(conn)
+
+    def rx_ready(self) -> None:
+        """The link has buffers again (Link.add_rx_ready_callback): resume the connections
+        that stopped for lack of them, rather than waiting for their RTO timers."""
+        waiting, self._waiting = self._waiting, {}
+        for conn in waiting:
+            if conn.closed:
+                continue
+            try:
+                self._from_sock(conn)  # at the end of the stream this sends the FIN
+            except Exception:
+                log.exception("error resuming %r", conn)
                 self._reset(conn)
 
     # --- replies built from nothing -------------------------------------------------------
@@ -620,7 +635,9 @@ class TcpHandler:
         count = min(SEG_BATCH, -(-room // mss))
         bufs = self.ctx.rx_buffers(count)
         if not bufs:
-            self._stall(conn, True)  # no guest, or its ring is full: the RTO timer retries
+            # no guest, or its ring is full: rx_ready() resumes, the RTO timer if it never comes
+            self._stall(conn, True)
+            self._waiting[conn] = None
             if conn.rto_timer is None:
                 self._arm_rto(conn)
             return
@@ -682,6 +699,7 @@ class TcpHandler:
         ack, wnd = self._ack_wnd(conn)
         if not self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                            conn.seq_to_tap, ack, wtcp.FIN | wtcp.ACK, wnd):
+            self._waiting[conn] = None
             self._arm_rto(conn)
             return
         self._acked_to_tap(conn, ack, wnd)

@@ -6,16 +6,26 @@ guest. Protocol code fills buffers from `rx_buffers()` in place (a socket `recvm
 straight into them) and then calls `commit()` with the length of each frame it wrote. For the
 stream socket and tap those buffers come from a preallocated pool that the end-of-iteration
 flush writes out; for vhost-user they are the guest's own RX descriptors.
+
+When `rx_buffers()` came up short (the guest's ring empty, or the link's socket full), the
+link later calls every callback added with `add_rx_ready_callback()` once buffers are
+available again, so protocol code that stopped for lack of buffers resumes at once instead
+of on a retransmission timer. Callbacks run from a loop callback, never from inside
+`rx_buffers()`, `commit()` or `flush()`.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 
 from vhostpasst.pcap import PcapWriter
 
+log = logging.getLogger(__name__)
+
 FrameHandler = Callable[[Sequence[memoryview]], None]
+RxReadyCallback = Callable[[], None]
 
 ETH_MAX_FRAME = 65535 + 14  # largest frame: IP_MAX_MTU plus the Ethernet header
 
@@ -26,6 +36,33 @@ class Link(abc.ABC):
     def __init__(self, on_frames: FrameHandler, pcap: PcapWriter | None = None) -> None:
         self.on_frames = on_frames
         self.pcap = pcap
+        self._on_rx_ready: list[RxReadyCallback] = []
+
+    # The callback list is an attribute of its own so that a link may replace it (vhost's
+    # `self.on_rx_ready = []`) and a forwarding listener may expose its link's list instead.
+    @property
+    def on_rx_ready(self) -> list[RxReadyCallback]:
+        return self._on_rx_ready
+
+    @on_rx_ready.setter
+    def on_rx_ready(self, callbacks: list[RxReadyCallback]) -> None:
+        self._on_rx_ready = callbacks
+
+    def add_rx_ready_callback(self, callback: RxReadyCallback) -> None:
+        """Call `callback()` whenever receive buffers are available again after a shortage."""
+        self.on_rx_ready.append(callback)
+
+    def remove_rx_ready_callback(self, callback: RxReadyCallback) -> None:
+        if callback in self.on_rx_ready:
+            self.on_rx_ready.remove(callback)
+
+    def _rx_ready(self) -> None:
+        """Buffers are back: tell every waiter (one waiter's bug must not starve the rest)."""
+        for callback in list(self.on_rx_ready):
+            try:
+                callback()
+            except Exception:
+                log.exception("rx-ready callback failed")
 
     @property
     @abc.abstractmethod

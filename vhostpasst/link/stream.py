@@ -15,6 +15,9 @@ TX: `rx_buffers()` hands out slots of a preallocated pool with 4 bytes of headro
 `commit()` writes the prefix there, and `flush()` (a loop flush hook) sends every queued frame
 with one `sendmsg`. What the socket does not take is dropped (a partially sent frame is
 completed first so the stream stays in sync); TCP re-sends from its own state later.
+After such a drop, or when `rx_buffers()` handed out fewer buffers than asked, the link
+watches the socket for EPOLLOUT (or, for a short hand-out, waits for the next loop pass) and
+then calls the rx-ready callbacks (base.Link), so senders resume without a timer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from vhostpasst.link.base import ETH_MAX_FRAME, FrameHandler, Link
 from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Loop
+from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop
 from vhostpasst.pcap import PcapWriter
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,8 @@ class StreamLink(Link):
         self._rx_view = memoryview(self._rx_buf)
         self._rx_len = 0
         self._pool = FramePool(tx_slots, LEN_PREFIX)
+        self._starved = False  # rx_buffers() came up short: wake the rx-ready callbacks
+        self._want_out = False  # frames were dropped on a full socket: wait for EPOLLOUT
         # counters, for logs and tests
         self.rx_frames = 0
         self.tx_frames = 0
@@ -173,6 +178,7 @@ class StreamLink(Link):
         self._sock = sock
         self._rx_len = 0
         self._pool.clear()
+        self._starved = self._want_out = False
         self._loop.add_fd(sock.fileno(), EPOLLIN | EPOLLRDHUP, self._on_event)
 
     def disconnect(self, reason: str = "closed") -> None:
@@ -206,6 +212,12 @@ class StreamLink(Link):
     def _on_event(self, mask: int) -> None:
         if self._sock is None:
             return
+        if mask & EPOLLOUT and self._want_out:
+            self._want_out = False
+            self._loop.modify_fd(self._sock.fileno(), EPOLLIN | EPOLLRDHUP)
+            self._rx_ready()
+            if self._sock is None:
+                return
         if mask & EPOLLIN:
             self._receive()  # reads what is left, then sees EOF or the error itself
         elif mask & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
@@ -265,7 +277,10 @@ class StreamLink(Link):
             return []
         if self._pool.free < count and self._pool.queued:
             self.flush()  # pool full: write out now rather than hand out fewer buffers
-        return self._pool.buffers(count)
+        buffers = self._pool.buffers(count)
+        if len(buffers) < count:
+            self._starved = True
+        return buffers
 
     def commit(self, lengths: Sequence[int]) -> None:
         if self._sock is None:
@@ -287,6 +302,12 @@ class StreamLink(Link):
                     self._send_slots(slots)
                 finally:
                     pool.clear()
+        if self._starved and not self._want_out and self._sock is not None:
+            # The pool has room again; wake from the loop, not from inside a flush that
+            # rx_buffers() may be running
+            self._starved = False
+            generation = self._generation
+            self._loop.call_later(0, lambda: self._wake_if(generation))
         if self.pcap is not None:
             self.pcap.flush()  # both directions on disk once per loop iteration
 
@@ -321,11 +342,19 @@ class StreamLink(Link):
             dropped = len(slots) - pos
             if dropped:
                 self.tx_dropped += dropped
+                if not self._want_out:
+                    self._want_out = True
+                    self._starved = False  # EPOLLOUT wakes the callbacks
+                    self._loop.modify_fd(sock.fileno(), EPOLLIN | EPOLLRDHUP | EPOLLOUT)
                 # Normal back-pressure under load (TCP re-sends), so not above debug.
                 _ratelimited.debug(
                     "tx-drop", "stream socket full: dropped %d of %d frames", dropped, len(slots)
                 )
             return
+
+    def _wake_if(self, generation: int) -> None:
+        if generation == self._generation and self._sock is not None:
+            self._rx_ready()
 
     def _sent(self, slots: list[int]) -> None:
         self.tx_frames += len(slots)
@@ -551,6 +580,10 @@ class StreamListener(Link):
     @property
     def connected(self) -> bool:
         return self.link.connected
+
+    @property
+    def on_rx_ready(self) -> list[Callable[[], None]]:
+        return self.link.on_rx_ready
 
     def rx_buffers(self, count: int) -> list[memoryview]:
         return self.link.rx_buffers(count)
