@@ -7,5 +7,6 @@ setup(
         "cffi_build/ring_build.py:ffibuilder",
         "cffi_build/mmsg_build.py:ffibuilder",
         "cffi_build/ns_build.py:ffibuilder",
+        "cffi_build/tcpseg_build.py:ffibuilder",
     ]
 )

@@ -39,26 +39,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(daemon: str, mtu: int, direction: str, size: int) -> dict:
+def start_guest(box: Sandbox, daemon: str, mtu: int, *args: str) -> None:
+    """Start vhostpasst or passt (a path) with `args` in the host namespace, the relay, and
+    configure the guest namespace (what DHCP would give it) at `mtu`."""
+    if daemon == "vhostpasst":
+        box.start_daemon(*args)
+    else:  # passt speaks the same stream socket: start it the way start_daemon does
+        # passt run as root switches to nobody: it must be able to create its socket
+        os.chmod(box.dir, 0o777)
+        cmd = [daemon, "-f", "-s", box.socket_path, *args]
+        err = open(box.dir / "passt.stderr", "wb")
+        box.daemon = box.popen_in(box.host_ns, *cmd, stdin=subprocess.DEVNULL,
+                                  stdout=err, stderr=err)
+        box.daemon_pid = box.daemon.pid
+        deadline = time.monotonic() + 10
+        while not os.path.exists(box.socket_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    box.start_relay()
+    box.guest("ip", "link", "set", "tap0", "mtu", str(mtu), check=True)
+    box.guest("ip", "addr", "add", f"{HOST4}/24", "dev", "tap0", check=True)
+    box.guest("ip", "route", "add", "default", "via", GW4, check=True)
+
+
+def run_one(daemon: str, mtu: int, direction: str, size: int,
+            profile: str | None = None) -> dict:
     box = Sandbox(SandboxConfig()).setup()
     try:
-        if daemon == "vhostpasst":
-            box.start_daemon()
-        else:  # passt speaks the same stream socket: start it the way start_daemon does
-            # passt run as root switches to nobody: it must be able to create its socket
-            os.chmod(box.dir, 0o777)
-            cmd = [daemon, "-f", "-s", box.socket_path]
-            err = open(box.dir / "passt.stderr", "wb")
-            box.daemon = box.popen_in(box.host_ns, *cmd, stdin=subprocess.DEVNULL,
-                                      stdout=err, stderr=err)
-            box.daemon_pid = box.daemon.pid
-            deadline = time.monotonic() + 10
-            while not os.path.exists(box.socket_path) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        box.start_relay()
-        box.guest("ip", "link", "set", "tap0", "mtu", str(mtu), check=True)
-        box.guest("ip", "addr", "add", f"{HOST4}/24", "dev", "tap0", check=True)
-        box.guest("ip", "route", "add", "default", "via", GW4, check=True)
+        start_guest(box, daemon, mtu)
         ready = box.dir / "srv"
         action = "sink" if direction == "guest->host" else "source"
         srv = [sys.executable, TOOL, "serve", "127.0.0.1", "5201", action, str(ready)]
@@ -70,6 +77,13 @@ def run_one(daemon: str, mtu: int, direction: str, size: int) -> dict:
             time.sleep(0.05)
         pid = box.daemon_pid
         assert pid is not None
+        spy = None
+        if profile and daemon == "vhostpasst":  # py-spy samples the daemon during the transfer
+            out = f"{profile}-{mtu}-{direction.replace('->', '-to-')}.txt"
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                                    "--rate", "250", "--nonblocking", "-o", out],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         cpu0 = cpu_seconds(pid)
         t0 = time.monotonic()
         cmd = [sys.executable, TOOL, "connect", GW4, "5201",
@@ -77,6 +91,13 @@ def run_one(daemon: str, mtu: int, direction: str, size: int) -> dict:
         r = box.guest(*cmd, timeout=600)
         wall = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu0
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
         if r.returncode != 0:
             return {"error": r.stderr[-500:]}
         rep = json.loads(r.stdout)
@@ -97,6 +118,8 @@ def main() -> None:
     ap.add_argument("--mtu", type=int, action="append", help="guest MTU (repeatable)")
     ap.add_argument("--passt", default=shutil.which("passt"), help="passt binary to compare")
     ap.add_argument("--no-passt", action="store_true")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="py-spy the daemon: collapsed stacks in PREFIX-MTU-DIRECTION.txt")
     args = ap.parse_args()
     daemons = ["vhostpasst"]
     if args.passt and not args.no_passt:
@@ -105,7 +128,7 @@ def main() -> None:
     for mtu in args.mtu or [65520, 1500]:
         for direction in ("guest->host", "host->guest"):
             for daemon in daemons:
-                res = run_one(daemon, mtu, direction, args.size * MIB)
+                res = run_one(daemon, mtu, direction, args.size * MIB, args.profile)
                 name = "vhostpasst" if daemon == "vhostpasst" else "passt"
                 row = {"daemon": name, "mtu": mtu, "direction": direction, **res}
                 rows.append(row)

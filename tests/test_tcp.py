@@ -343,7 +343,7 @@ def test_retransmission_timeout_backs_off_and_gives_up(env: tuple) -> None:
     sock, synack = _handshake(d, loop, link)
     sock.rx += b"z" * 100
     loop.fds[sock.fd][1](tcp.EPOLLIN)
-    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
     rtos = []
     for _ in range(d.tcp.max_retrans):
         rtos.append(conn.rto)
@@ -357,7 +357,7 @@ def test_retransmission_timeout_backs_off_and_gives_up(env: tuple) -> None:
 def test_rtt_estimate(env: tuple) -> None:
     d, loop, link = env
     sock, _ = _handshake(d, loop, link)
-    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
     d.tcp._rtt_sample(conn, 0.05)
     assert conn.srtt == 0.05 and conn.rto == pytest.approx(max(tcp.RTO_MIN, 0.05 + 0.1))
     for _ in range(50):
@@ -390,7 +390,7 @@ def test_keepalive_is_answered(env: tuple) -> None:
 def test_inactivity_timeout_resets(env: tuple) -> None:
     d, loop, link = env
     sock, synack = _handshake(d, loop, link)
-    conn = d.ctx.flows.lookup(("tcp", False, GUEST, 40000, REMOTE, 80))
+    conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
     loop.fire_timers()
     assert not sock.closed  # not idle yet: the timer is simply set again
     conn.last_seen -= d.tcp.idle_timeout + 1
@@ -492,3 +492,49 @@ def test_ack_and_window_without_tcp_info(env: tuple) -> None:
     last = parse(link.frames[-1])
     assert bytes(sock.sent) == b"q" * 300 and last.ack == 1301
     assert last.window == ((1 << 20) * 3 // 4) >> tcp.WS_TO_TAP
+
+
+@pytest.mark.skipif(tcp._seg_lib is None, reason="vhostpasst._tcpseg not built")
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
+    """_tcpseg (one C call per batch) writes byte for byte what wire/tcp.py's per-segment
+    writers write: odd sizes, seq wrap-around, PSH on the last frame only."""
+    import random
+    from ipaddress import IPv6Address
+
+    from vhostpasst.wire import tcp as wtcp
+    rng = random.Random(4)
+    config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
+                                our_tap_addr=IPv4Address("192.0.2.1")), ip6=None)
+    d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]
+    assert d.tcp is not None
+    faddr = IPv6Address("2001:db8::7") if six else REMOTE
+    gaddr = IPv6Address("2001:db8::2") if six else GUEST
+    conn = tcp.TcpConn(d.tcp, FakeSock(), six, gaddr, 40000, faddr, 443,  # type: ignore
+                       tcp.ESTABLISHED)
+    off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
+    write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
+    ffi, lib = tcp._seg_ffi, tcp._seg_lib
+    for _ in range(30):
+        sizes = [rng.choice([0, 1, 2, 3, 1459, 1460, 1461, 8191, 65000]) for _ in
+                 range(rng.randint(1, 5))]
+        seq, ack, wnd = rng.choice([0xFFFFFF00, rng.getrandbits(32)]), rng.getrandbits(32), \
+            rng.getrandbits(16)
+        ours = [bytearray(off + s) for s in sizes]
+        ref = [bytearray(off + s) for s in sizes]
+        for a, b in zip(ours, ref, strict=True):
+            a[off:] = b[off:] = rng.randbytes(len(a) - off)
+        tmpl = d.tcp._template(conn, GUEST_MAC)
+        out = ffi.new("uint32_t[]", len(sizes))
+        end = lib.vp_tcp_frames([ffi.from_buffer(b) for b in ours], sizes, len(sizes), tmpl,
+                                six, conn.pseudo, seq, ack, wnd, wtcp.ACK,
+                                wtcp.ACK | wtcp.PSH, out)
+        s = seq
+        for i, (buf, size) in enumerate(zip(ref, sizes, strict=True)):
+            flags = wtcp.ACK | (wtcp.PSH if i == len(sizes) - 1 else 0)
+            n = write(memoryview(buf), GUEST_MAC, config.our_mac, faddr.packed, gaddr.packed,
+                      443, 40000, s, ack, flags, wnd, size)
+            assert out[i] == n
+            s = (s + size) & 0xFFFFFFFF
+            assert ours[i] == buf, (i, size)
+        assert end == s

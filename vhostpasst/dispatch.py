@@ -183,10 +183,12 @@ class Dispatcher:
         if self.config.ip4 is None:
             return
         header = ip.parse_ipv4(packet)
-        if header.src.is_loopback or header.dst.is_loopback:
+        # 127.0.0.0/8 and 0.0.0.0 tested on ints: the ipaddress properties are slow per frame
+        src = int(header.src)
+        if src >> 24 == 127 or int(header.dst) >> 24 == 127:
             self._drop("loopback4", "IPv4 packet with a loopback address dropped")
             return
-        if header.src != IPv4Address(0):
+        if src != 0:
             self.addr4_seen = header.src
             if self.ctx is not None:
                 self.ctx.guest.addr4_seen = header.src

@@ -40,8 +40,15 @@ from vhostpasst import fwd, nat
 from vhostpasst.flow import Context, Flow, TimerLike
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
+
+try:  # headers and checksums of a whole batch of frames in one C call (cffi_build/tcpseg.c)
+    from vhostpasst._tcpseg import ffi as _seg_ffi
+    from vhostpasst._tcpseg import lib as _seg_lib
+except ImportError:  # not built: the per-segment writers of wire/tcp.py do the same
+    _seg_ffi = _seg_lib = None
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +192,13 @@ class TcpConn(Flow):
         self.rto = RTO_INIT
         self.rtt_seq: int | None = None  # timing this segment end (Karn: not a resend)
         self.rtt_time = 0.0
+        self.discard_due = 0  # bytes the guest acknowledged, dropped from the socket in one go
+        self.tmpl: bytes | None = None  # frame headers for data to the guest (see _template)
+        self.tmpl_mac = b""
+        self.pseudo = 0
         self.rto_timer: TimerLike | None = None
+        self.rto_when = 0.0  # when rto_timer fires
+        self.rto_deadline = 0.0  # when the RTO is really due (later after a restart)
         self.ack_timer: TimerLike | None = None
         self.idle_timer: TimerLike | None = None
         self.last_seen = time.monotonic()
@@ -208,7 +221,9 @@ class TcpConn(Flow):
 
 
 def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
-    return ("tcp", six, gaddr, gport, faddr, fport)
+    # addresses as ints: hashing and comparing ipaddress objects is Python code, and this
+    # key is built and looked up for every guest segment
+    return ("tcp", six, int(gaddr), gport, int(faddr), fport)
 
 
 class Listener:
@@ -622,7 +637,10 @@ class TcpHandler:
 
     def _from_sock(self, conn: TcpConn) -> None:
         """Peek what the guest's window allows into link buffers, headers in place."""
-        if conn.state != ESTABLISHED or conn.fin_seq is not None or conn.closed:
+        if conn.state != ESTABLISHED or conn.closed:
+            return
+        self._discard(conn)
+        if conn.fin_seq is not None:
             return
         in_flight = (conn.seq_to_tap - conn.seq_ack_from_tap) & M32
         room = conn.wnd_from_tap - in_flight
@@ -642,12 +660,11 @@ class TcpHandler:
                 self._arm_rto(conn)
             return
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
-        iov = []
-        left = room
-        for buf in bufs:
-            size = min(mss, left)
-            iov.append(buf[off:off + size])
-            left -= size
+        end = off + mss
+        iov = [buf[off:end] for buf in bufs]
+        last = room - (len(bufs) - 1) * mss  # the window may cut the last segment short
+        if last < mss:
+            iov[-1] = bufs[-1][off:off + last]
         try:
             n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
         except (BlockingIOError, InterruptedError):
@@ -666,20 +683,31 @@ class TcpHandler:
         conn.last_seen = time.monotonic()
         self._stall(conn, n >= room)
         ack, wnd = self._ack_wnd(conn)
-        mac, our = self.ctx.guest_mac(), self.ctx.config.our_mac
-        lengths = []
+        mac = self.ctx.guest_mac()
+        count = -(-n // mss)  # segments filled: all full but the last
+        sizes = [mss] * count
+        sizes[-1] = n - (count - 1) * mss
         seq = conn.seq_to_tap
-        pos = 0
-        write = wtcp.write_eth_ipv6_tcp_headers if conn.six else wtcp.write_eth_ipv4_tcp_headers
-        for buf, view in zip(bufs, iov, strict=False):
-            if pos >= n:
-                break
-            size = min(len(view), n - pos)
-            pos += size
-            flags = wtcp.ACK | (wtcp.PSH if pos >= n else 0)
-            lengths.append(write(buf, mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
-                                 conn.gport, seq, ack, flags, wnd, size))
-            seq = (seq + size) & M32
+        if _seg_lib is not None:
+            tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
+                else self._template(conn, mac)
+            fb = _seg_ffi.from_buffer
+            ptrs = _seg_ffi.new("uint8_t *[]", [fb(b, require_writable=True)
+                                                for b in bufs[:count]])
+            out = _seg_ffi.new("uint32_t[]", count)
+            seq = _seg_lib.vp_tcp_frames(ptrs, sizes, count, tmpl, conn.six, conn.pseudo,
+                                         seq, ack, wnd, wtcp.ACK, wtcp.ACK | wtcp.PSH, out)
+            lengths = _seg_ffi.unpack(out, count)
+        else:
+            our = self.ctx.config.our_mac
+            write = wtcp.write_eth_ipv6_tcp_headers if conn.six else \
+                wtcp.write_eth_ipv4_tcp_headers
+            lengths = []
+            for i, size in enumerate(sizes):
+                flags = wtcp.ACK | (wtcp.PSH if i == count - 1 else 0)
+                lengths.append(write(bufs[i], mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
+                                     conn.gport, seq, ack, flags, wnd, size))
+                seq = (seq + size) & M32
         self.ctx.commit(lengths)
         self._acked_to_tap(conn, ack, wnd)
         if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
@@ -689,6 +717,25 @@ class TcpHandler:
             conn.seq_max = seq
         if conn.rto_timer is None:
             self._arm_rto(conn)
+
+    def _template(self, conn: TcpConn, mac: bytes) -> bytes:
+        """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment
+        fields (lengths, seq, ack, flags, window, checksums) zero, and the pseudo-header
+        sum, for _tcpseg: built with the same writers as every other frame."""
+        six = conn.six
+        scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
+        write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
+        write(scratch, mac, self.ctx.config.our_mac, conn.faddr_b, conn.gaddr_b, conn.fport,
+              conn.gport, 0, 0, 0, 0, 0)
+        l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
+            wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
+        tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
+        if not six:
+            tmpl[14 + 10:14 + 12] = b"\0\0"  # IPv4 header checksum: computed per frame
+        tmpl[l3 + 16:l3 + 18] = b"\0\0"
+        conn.tmpl, conn.tmpl_mac = bytes(tmpl), mac
+        conn.pseudo = checksum.partial(conn.faddr_b + conn.gaddr_b) + socket.IPPROTO_TCP
+        return conn.tmpl
 
     def _stall(self, conn: TcpConn, stalled: bool) -> None:
         if conn.stalled != stalled:
@@ -844,6 +891,7 @@ class TcpHandler:
             # ACK at once (RFC 5681 §4.2), so the guest's fast retransmit fills the hole
             # instead of its retransmission timer
             dups = min(len(ooo), DUP_ACKS_MAX)
+        self._discard(conn)
         if pending:
             if not self._write(conn, pending):
                 fin = False  # the FIN comes after data the socket did not take
@@ -881,13 +929,13 @@ class TcpHandler:
 
     def _write(self, conn: TcpConn, pending: list[memoryview]) -> bool:
         """One sendmsg for the batch. True if everything went."""
-        total = sum(len(p) for p in pending)
+        total = sum(map(len, pending))
         sent = 0
         try:
             while pending:
                 n = conn.sock.sendmsg(pending[:1024], (), _SEND_FLAGS)
                 sent += n
-                chunk = sum(len(p) for p in pending[:1024])
+                chunk = sum(map(len, pending[:1024]))
                 if n < chunk:
                     break
                 pending = pending[1024:]
@@ -926,8 +974,7 @@ class TcpHandler:
             data_end = conn.fin_seq if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack) \
                 else ack
             acked = (data_end - conn.seq_ack_from_tap) & M32
-            if acked:
-                discard(conn.fd, acked)
+            conn.discard_due += acked  # one recv(MSG_TRUNC) per batch: _discard()
             if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack):
                 conn.tap_fin_acked = True
                 if conn.tap_fin_rcvd:
@@ -965,9 +1012,17 @@ class TcpHandler:
             self._rewind(conn)
         return False
 
+    @staticmethod
+    def _discard(conn: TcpConn) -> None:
+        """Drop what the guest acknowledged from the socket (before peeking again)."""
+        if conn.discard_due:
+            discard(conn.fd, conn.discard_due)
+            conn.discard_due = 0
+
     def _rewind(self, conn: TcpConn) -> None:
         """Resend from the guest's ACK point: the peek offset goes back to the unacked
         start of the receive queue."""
+        self._discard(conn)
         conn.seq_to_tap = conn.seq_ack_from_tap
         conn.rtt_seq = None
         if conn.fin_seq is not None and not conn.tap_fin_acked:
@@ -1116,9 +1171,15 @@ class TcpHandler:
         if conn.rto_timer is not None:
             if not restart:
                 return
+            when = time.monotonic() + conn.rto
+            if when >= conn.rto_when:
+                # Every new ACK restarts the timer: rather than a cancel and a new loop
+                # timer each time, move the deadline; the timer re-arms itself when it fires
+                conn.rto_deadline = when
+                return
             conn.rto_timer.cancel()
-        conn.rto_timer = self.loop.call_at(time.monotonic() + conn.rto,
-                                           lambda: self._rto_expired(conn))
+        conn.rto_when = conn.rto_deadline = time.monotonic() + conn.rto
+        conn.rto_timer = self.loop.call_at(conn.rto_when, lambda: self._rto_expired(conn))
 
     def _cancel_rto(self, conn: TcpConn) -> None:
         if conn.rto_timer is not None:
@@ -1128,6 +1189,10 @@ class TcpHandler:
     def _rto_expired(self, conn: TcpConn) -> None:
         conn.rto_timer = None
         if conn.closed:
+            return
+        if conn.rto_deadline > conn.rto_when:  # restarted since armed: not due yet
+            conn.rto_when = conn.rto_deadline
+            conn.rto_timer = self.loop.call_at(conn.rto_when, lambda: self._rto_expired(conn))
             return
         try:
             self._on_rto(conn)

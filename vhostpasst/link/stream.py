@@ -79,6 +79,9 @@ class FramePool:
         self.stride = headroom + frame_size
         self.buf = bytearray(slots * self.stride)  # calloc'd: untouched slots cost no memory
         self.view = memoryview(self.buf)
+        # every slot's frame view, made once: buffers() hands out slices of this list
+        self._views = [self.view[i * self.stride + headroom:(i + 1) * self.stride]
+                       for i in range(slots)]
         self.lengths: list[int] = []  # frame lengths of the queued slots (0: skip)
         self._handed = 0  # buffers handed out by the last buffers() call
 
@@ -94,10 +97,7 @@ class FramePool:
         first = len(self.lengths)
         n = max(0, min(count, self.slots - first))
         self._handed = n
-        stride, head = self.stride, self.headroom
-        return [
-            self.view[(first + i) * stride + head : (first + i + 1) * stride] for i in range(n)
-        ]
+        return self._views[first:first + n]
 
     def commit(self, lengths: Sequence[int]) -> int:
         """Queue the first len(lengths) handed-out buffers; returns the first slot index."""
