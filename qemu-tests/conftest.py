@@ -45,11 +45,36 @@ def pytest_runtest_makereport(
     report = yield
     # Attach the logs of whatever this test started, so a failure explains itself.
     if report.failed and report.when in ("setup", "call"):
-        for name, path in item.stash.get(_LOGS, []):
+        logs = list(item.stash.get(_LOGS, []))
+        # Module-scoped guests (shared by several tests) carry their own list.
+        for value in getattr(item, "funcargs", {}).values():
+            logs += getattr(value, "vpt_logs", [])
+        for name, path in logs:
             if path.exists():
                 text = path.read_bytes()[-20000:].decode(errors="replace").replace("\r\n", "\n")
                 report.sections.append((f"vpt {name}", text))
     return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A module-scoped guest is shared by the tests of one back end: with `-n 2` they must run
+    # on one worker (xdist_group), or each worker would boot its own. xdist honours the mark
+    # only with --dist loadgroup, which behaves like the default "load" for unmarked tests, so
+    # switch to it here instead of asking everyone for an extra option.
+    if getattr(config.option, "dist", None) == "load":
+        config.option.dist = "loadgroup"
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and workerinput.get("vpt_loadgroup"):
+        config.option.loadgroup = True  # workers tag node ids with the group from this
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    # Runs on the controller for each worker it starts (xdist): workers parse the command
+    # line afresh and would not know about the switch above.
+    config = getattr(node, "config", None)
+    if config is not None and config.getvalue("dist") == "loadgroup":
+        node.workerinput["vpt_loadgroup"] = True  # type: ignore[attr-defined]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -2,8 +2,9 @@
 
 Pieces (each one usable alone, all bounded in time and cleaned up on close):
 
-* `HostNetns`: a "host" network namespace with a dummy upstream interface (documentation
-  addresses only) and its own resolv.conf. Nothing in it can reach the real network.
+* `HostNetns`: a "host" network namespace whose upstream interface is one end of a veth pair;
+  the other end sits in a third, "world" namespace that holds the upstream gateway and a
+  "remote" host (documentation addresses only). Nothing in either can reach the real network.
 * `Daemon`: `vhostpasst -f -s SOCK ...` run inside that namespace.
 * `Guest`: qemu (TCG unless told otherwise) booting the image from image.py, driven through its
   serial console on stdin/stdout: `guest.run("cmd")` sends a line and waits for a marker.
@@ -43,6 +44,8 @@ NS_PREFIX = "vpt"
 # The upstream the daemon copies: documentation addresses only (RFC 5737, RFC 3849).
 HOST_ADDR4, HOST_PREFIX4, HOST_GW4 = "192.0.2.2", 24, "192.0.2.1"
 HOST_ADDR6, HOST_PREFIX6, HOST_GW6 = "2001:db8::2", 64, "2001:db8::1"
+# A "remote" host behind the upstream gateway, in the world namespace (RFC 5737, RFC 3849).
+REMOTE4, REMOTE6 = "203.0.113.1", "2001:db8:1::1"
 DNS4, DNS6, SEARCH = "198.51.100.53", "2001:db8::53", "test.example"
 RESOLV_CONF = f"nameserver {DNS4}\nnameserver {DNS6}\nsearch {SEARCH}\n"
 
@@ -99,14 +102,17 @@ class HostNetns:
     192.0.2.2/24 via 192.0.2.1 and 2001:db8::2/64 via 2001:db8::1, and a test resolv.conf
     (`ip netns exec` bind-mounts /etc/netns/<name>/resolv.conf over /etc/resolv.conf).
 
-    The upstream is a `dummy` device, or `ifb` where the kernel has no dummy driver: both drop
-    whatever is sent to them, so traffic routed "out" never leaves the namespace.
+    The upstream is a veth pair whose far end lives in a "world" namespace (`world`, named
+    `<name>w`) holding the gateway addresses and the "remote" REMOTE4/REMOTE6 on its loopback,
+    so traffic routed "out" gets answers yet never leaves the two namespaces. Where veth is
+    missing, a `dummy` (or `ifb`) device that drops everything stands in and `world` is None.
     """
 
     def __init__(self, resolv_conf: str = RESOLV_CONF, ifname: str = "eth0") -> None:
         self.name = f"{NS_PREFIX}-{worker_tag()}-{next(_counter)}"
         self.ifname = ifname
         self.etc = Path("/etc/netns") / self.name
+        self.world: WorldNetns | None = None
         self._created = False
         try:
             self.etc.mkdir(parents=True, exist_ok=False)
@@ -122,9 +128,18 @@ class HostNetns:
         ip = ["ip", "-n", self.name]
         _sh([*ip, "link", "set", "lo", "up"])
         try:
-            _sh([*ip, "link", "add", self.ifname, "type", "dummy"])
+            self.world = WorldNetns(f"{self.name}w")
+            _sh([*ip, "link", "add", self.ifname, "type", "veth",
+                 "peer", "name", "up0", "netns", self.world.name])
+            self.world.setup("up0")
         except HarnessError:
-            _sh([*ip, "link", "add", self.ifname, "type", "ifb"])
+            if self.world:
+                self.world.close()
+                self.world = None
+            try:
+                _sh([*ip, "link", "add", self.ifname, "type", "dummy"])
+            except HarnessError:
+                _sh([*ip, "link", "add", self.ifname, "type", "ifb"])
         _sh([*ip, "link", "set", self.ifname, "up"])
         _sh([*ip, "addr", "add", f"{HOST_ADDR4}/{HOST_PREFIX4}", "dev", self.ifname])
         _sh([*ip, "route", "add", "default", "via", HOST_GW4, "dev", self.ifname])
@@ -144,6 +159,9 @@ class HostNetns:
         if self._created:
             subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
             self._created = False
+        if self.world:
+            self.world.close()
+            self.world = None
         shutil.rmtree(self.etc, ignore_errors=True)
 
     @staticmethod
@@ -154,7 +172,7 @@ class HostNetns:
         res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)
         for line in res.stdout.splitlines():
             name = line.split(" ", 1)[0]
-            m = re.fullmatch(rf"{NS_PREFIX}-[^-]+-(\d+)-\d+", name)
+            m = re.fullmatch(rf"{NS_PREFIX}-[^-]+-(\d+)-\d+w?", name)  # w: its world
             if m and not Path(f"/proc/{m.group(1)}").exists():
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
                 shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
@@ -165,6 +183,34 @@ class HostNetns:
             m = re.fullmatch(rf"{NS_PREFIX}-[^-]+-(\d+)-[^/]+", d.name)
             if m and d.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
                 shutil.rmtree(d, ignore_errors=True)
+
+
+class WorldNetns:
+    """The far side of the host's upstream link: the gateway (192.0.2.1, 2001:db8::1) and a
+    "remote" host (REMOTE4, REMOTE6 on its loopback). Has no other interface."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        _sh(["ip", "netns", "add", name])
+
+    def setup(self, ifname: str) -> None:
+        ip = ["ip", "-n", self.name]
+        _sh([*ip, "link", "set", "lo", "up"])
+        _sh([*ip, "link", "set", ifname, "up"])
+        _sh([*ip, "addr", "add", f"{HOST_GW4}/{HOST_PREFIX4}", "dev", ifname])
+        _sh([*ip, "-6", "addr", "add", f"{HOST_GW6}/{HOST_PREFIX6}", "dev", ifname, "nodad"])
+        _sh([*ip, "addr", "add", f"{REMOTE4}/32", "dev", "lo"])
+        _sh([*ip, "-6", "addr", "add", f"{REMOTE6}/128", "dev", "lo"])
+        # Routes back to the host's addresses are on-link: nothing else needed.
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], timeout: float = 20) -> str:
+        return _sh(self.argv(argv), timeout)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
 
 
 class Daemon:
@@ -233,12 +279,13 @@ class GuestNet:
     kind: str
     socket: Path
     extra: list[str] = field(default_factory=list)
-    reconnect_ms: int | None = None  # vhost-user: qemu reconnects to a restarted daemon
+    reconnect_ms: int | None = None  # qemu reconnects to a restarted daemon
 
     def qemu_args(self, mem: str) -> list[str]:
         if self.kind == "stream":
             return [
-                "-netdev", f"stream,id=s,server=off,addr.type=unix,addr.path={self.socket}",
+                "-netdev", f"stream,id=s,server=off,addr.type=unix,addr.path={self.socket}"
+                + (f",reconnect-ms={self.reconnect_ms}" if self.reconnect_ms else ""),
                 # romfile= skips the iPXE option ROM: we boot with -kernel, and it costs time.
                 "-device", "virtio-net-pci,netdev=s,romfile=",
             ]
@@ -383,6 +430,20 @@ class Guest:
                 self.proc.stdout.close()
             self.proc = None
         self._qemu_err.close()
+
+
+def dhcp_lease(guest: Guest) -> dict[str, str]:
+    """Bring eth0 up and run busybox udhcpc once; return the lease it printed (ip, mask,
+    router, dns, mtu, search, serverid, lease...). The image's udhcpc script applies it."""
+    guest.run("ip link set eth0 up")
+    # -O mtu/-O search: udhcpc does not ask for options 26 and 119 unless told to.
+    # -t 5 -T 2: five DISCOVERs two seconds apart at most, then give up (-n) instead of looping.
+    cmd = "udhcpc -i eth0 -f -q -n -t 5 -T 2 -O mtu -O search -s /etc/udhcpc/default.script"
+    _, out = guest.run(cmd, timeout=60)
+    m = re.search(r"^VPT-DHCP (.*)$", out, re.M)
+    if not m:
+        raise guest.failure(f"no lease from udhcpc; output:\n{out}")
+    return dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
 
 
 def make_workdir() -> Path:

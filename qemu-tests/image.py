@@ -1,8 +1,9 @@
 """Build the guest image for the qemu tests: a Debian kernel plus a busybox initramfs.
 
 Everything comes from Debian packages: the newest `linux-image-6.1.0-N-amd64` (kernel and the
-virtio-net modules with their dependencies), `busybox-static`, and, when the host has it
-installed, `iperf3` with its shared libraries. The result is cached under
+virtio-net modules with their dependencies), `busybox-static`, and, when the host has them
+installed, `iperf3` and ISC `dhclient` (busybox in Debian 12 has no DHCPv6 client) with their
+shared libraries. The result is cached under
 `qemu-tests/.cache/image-<key>/`, where the key hashes the package versions and this file, so
 the image is rebuilt only when an input changes.
 
@@ -102,6 +103,25 @@ esac
 exit 0
 """
 
+# ISC dhclient -6 calls this with $reason (PREINIT6, BOUND6, ...) and the lease in new_*
+# variables: one line for the harness, then the address on the interface as dhclient-script does.
+DHCLIENT6_SCRIPT = r"""#!/bin/sh
+case "$reason" in
+PREINIT6)
+	ip link set "$interface" up
+	;;
+BOUND6|RENEW6|REBIND6|REBOOT6)
+	echo "VPT-DHCP6 reason=$reason ip6=$new_ip6_address plen=$new_ip6_prefixlen" \
+		"dns6=$new_dhcp6_name_servers search6=$new_dhcp6_domain_search"
+	ip -6 addr add "$new_ip6_address/$new_ip6_prefixlen" dev "$interface"
+	;;
+*)
+	echo "VPT-DHCP6-EVENT $reason"
+	;;
+esac
+exit 0
+"""
+
 
 @dataclass(frozen=True)
 class Image:
@@ -150,18 +170,25 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _iperf3_files() -> list[Path]:
-    """The host's iperf3 (Debian package) and the shared libraries it loads; [] if absent."""
-    exe = shutil.which("iperf3")
-    if not exe or os.environ.get("VPT_NO_IPERF3"):
+def _host_tool_files(name: str) -> list[Path]:
+    """A host program (from its Debian package) and the shared libraries it loads; [] if
+    absent. Kept at their host paths in the image, so the dynamic loader finds them."""
+    exe = shutil.which(name)
+    if not exe:
         return []
-    files = [Path(exe).resolve()]
+    files = [Path(exe)]
     for line in _run(["ldd", exe]).splitlines():
         # "libfoo.so.1 => /lib/x86_64-linux-gnu/libfoo.so.1 (0x...)" or "/lib64/ld-linux... (0x..)"
         m = re.search(r"(/\S+)\s+\(0x", line)
         if m:
             files.append(Path(m.group(1)))
     return files
+
+
+def _iperf3_files() -> list[Path]:
+    if os.environ.get("VPT_NO_IPERF3"):
+        return []
+    return [Path(p).resolve() if i == 0 else p for i, p in enumerate(_host_tool_files("iperf3"))]
 
 
 def image_inputs() -> dict[str, object]:
@@ -181,6 +208,8 @@ def image_inputs() -> dict[str, object]:
     }
     # Content hashes: cheap (a few MB) and exact for the host files copied into the image.
     inputs["iperf3"] = {str(p): _file_digest(p.resolve()) for p in _iperf3_files()}
+    # dhclient as /sbin/dhclient: the guest calls it by that name (DHCPv6 cases).
+    inputs["dhclient"] = {str(p): _file_digest(p.resolve()) for p in _host_tool_files("dhclient")}
     return inputs
 
 
@@ -371,11 +400,20 @@ def _build(inputs: dict[str, object], out: Path, debs: Path) -> None:
         cpio.file(f"lib/modules/{name}", ko)
     cpio.file("etc/modules", "".join(f"{name}\n" for name, _ in modules).encode())
 
-    iperf = inputs.get("iperf3") or {}
-    assert isinstance(iperf, dict)
-    for path in iperf:
-        # Libraries keep the path the dynamic loader looks for; the content is the real file.
-        cpio.file(path.lstrip("/"), Path(path).resolve().read_bytes(), 0o755)
+    written: set[str] = set()
+    for tool in ("iperf3", "dhclient"):
+        files = inputs.get(tool) or {}
+        assert isinstance(files, dict)
+        for path in sorted(set(files) - written):  # both need libc: once is enough
+            written.add(path)
+            # Libraries keep the path the dynamic loader looks for; the content is the real
+            # file. /sbin and /usr/bin are symlinks to /bin in the image: write there.
+            name = path.lstrip("/")
+            name = re.sub(r"^(usr/)?s?bin/", "bin/", name)
+            cpio.file(name, Path(path).resolve().read_bytes(), 0o755)
+    cpio.file("etc/dhclient6.script", DHCLIENT6_SCRIPT.encode(), 0o755)
+    cpio.file("etc/dhclient.conf", b"timeout 20;\nretry 5;\n")
+    cpio.dir("var/lib/dhcp")
 
     (out / "vmlinuz").write_bytes(vmlinuz)
     (out / "initramfs.cpio").write_bytes(cpio.finish())
