@@ -10,10 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import sandbox` from test modules
 
 from sandbox import Sandbox, SandboxConfig, remove_stale_namespaces  # noqa: E402
+
+# CI runs the namespace and qemu suites beside the fuzzers on two cores: a per-example time
+# limit there measures the machine's load, not our code, so it is off (runs stay bounded by
+# max_examples and pytest-timeout).
+settings.register_profile(
+    "vhostpasst", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vhostpasst")
 
 
 def pytest_configure(config: pytest.Config) -> None:
