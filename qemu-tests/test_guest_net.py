@@ -214,6 +214,7 @@ def test_slaac_and_default_route(env: GuestEnv) -> None:
 
 
 def test_dhcpv6_address(env: GuestEnv) -> None:
+    _need(env, "dhclient")
     # dhclient needs a usable (non-tentative) link-local address to send from.
     _wait_guest(env.guest, "! ip -6 addr show dev eth0 | grep -q tentative", "DAD")
     _, out = env.guest.run(
@@ -314,14 +315,22 @@ def _iperf_udp(out: str) -> tuple[int, int]:
     return int(end["packets"]), int(end["lost_packets"])
 
 
+def _need(env: GuestEnv, tool: str) -> None:
+    """Skip when the image lacks a host tool (not installed on the host when it was built)."""
+    rc, _ = env.guest.run(f"[ -x /bin/{tool} ]", check=False)
+    if rc != 0 or not shutil.which(tool):
+        pytest.skip(f"{tool} is not installed on the host (and so not in the image)")
+
+
 def test_udp_guest_to_host(env: GuestEnv) -> None:
     """iperf3 in the guest sends UDP to the gateway address, iperf3 -s on the host's loopback
     receives (its control connection is TCP, the data and its handshake datagrams UDP)."""
+    _need(env, "iperf3")
     server = subprocess.Popen(
         env.netns.argv(["iperf3", "-s", "-1", "-J", "-B", "127.0.0.1", "-p", str(IPERF_HOST)]),
         stdout=subprocess.PIPE, text=True)
     try:
-        _, out = env.guest.run(f"i=0; until iperf3 -c {HOST_GW4} -p {IPERF_HOST} -u -b 20M -t 1 "
+        _, out = env.guest.run(f"i=0; until iperf3 -c {HOST_GW4} -p {IPERF_HOST} -u -b 5M -t 1 "
                                f"-l 1200; do i=$((i+1)); [ $i -ge 20 ] && break; sleep 0.2; done",
                                timeout=60)
         srv_out, _ = server.communicate(timeout=30)
@@ -334,18 +343,21 @@ def test_udp_guest_to_host(env: GuestEnv) -> None:
 
 
 def test_udp_host_to_guest(env: GuestEnv) -> None:
-    """The host's iperf3 sends UDP to a -u port on its loopback; iperf3 -s in the guest."""
+    """The host's iperf3 sends UDP to a -u port on its loopback; iperf3 -s in the guest. At
+    5 Mbit/s: a TCG guest on a loaded runner drops what its socket buffer cannot take."""
+    _need(env, "iperf3")
     env.guest.run(f"{{ iperf3 -s -1 -p {IPERF_FWD} > /tmp/iperf.log 2>&1 & }}")
     _wait_guest(env.guest, f"netstat -ltn | grep -q ':{IPERF_FWD} '", "guest iperf3")
     res = subprocess.run(
-        env.netns.argv(["iperf3", "-c", "127.0.0.1", "-p", str(IPERF_FWD), "-u", "-b", "20M",
+        env.netns.argv(["iperf3", "-c", "127.0.0.1", "-p", str(IPERF_FWD), "-u", "-b", "5M",
                         "-t", "1", "-l", "1200", "-J"]),
         capture_output=True, text=True, timeout=60)
     env.guest.run("wait", timeout=30)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    _, log = env.guest.run("cat /tmp/iperf.log")
+    assert res.returncode == 0, f"{res.stdout[-2000:]}{res.stderr}\nguest iperf3:\n{log}"
     # The client's "end.sum" reports what the server (the guest) received.
     packets, lost = _iperf_udp(res.stdout)
-    assert packets > 100 and lost <= packets // 10, (packets, lost)
+    assert packets > 100 and lost <= packets // 10, (packets, lost, log)
 
 
 # -- DNS -----------------------------------------------------------------------------------------
