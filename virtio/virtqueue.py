@@ -326,6 +326,16 @@ class VirtQueue:
             ring.used_flags_set(0)
         return self.available() > 0
 
+    def kick_when_more(self) -> bool:
+        """Ask for a kick when the driver adds to what is available now (not at the next
+        entry, as an empty pop() does): the chains there are too few for what we must write.
+        True if more arrived meanwhile (no kick will say so: look again)."""
+        ring = self._ring_or_fail()
+        seen = self.available()
+        if self.event_idx and self._notify:
+            ring.avail_event_set((self.last_avail_idx + seen) & 0xFFFF)  # then a full fence
+        return self.available() != seen
+
     def drain_kick(self) -> bool:
         """Consume the kick eventfd's counter; False if the fd is at EOF or broken."""
         if self.kick_fd is None:

@@ -310,8 +310,7 @@ class VhostUserLink(Link):
                 self._handed.append(chain)
                 out.append(chain.writable[0][net.HDR_LEN:])
             if too_small:
-                # One chain per frame at least: frames are copied over chains at commit().
-                n = min(count - len(out), self._bounce_slots, vq.available())
+                n = self._bounce_room(vq, count - len(out))
                 out += [self._bounce[i * ETH_MAX_FRAME:(i + 1) * ETH_MAX_FRAME]
                         for i in range(n)]
                 self._bounced = n
@@ -321,6 +320,31 @@ class VhostUserLink(Link):
             self._broken("RX queue", e)
             return []
         return out
+
+    def _bounce_room(self, vq: VirtQueue, want: int) -> int:
+        """How many bounce slots to hand out: as many full-size frames as the available chains
+        hold, judged by the next chain's size (guests post equal buffers). Handing out more
+        would drop frames at commit() (a 64 KiB frame takes 17 of Linux's 4 KiB buffers)."""
+        chains = vq.available()
+        chain = vq.pop()
+        if chain is None:
+            return 0
+        vq.rewind(1)
+        per_frame = -(-(net.HDR_LEN + self.frame_max) // max(chain.write_len, 1))
+        if not self._mergeable or per_frame > vq.num:
+            # One chain per frame: without mergeable buffers rx_put() can use no more, and a
+            # ring that can never hold a full frame is posted for small ones.
+            per_frame = 1
+        n = min(want, self._bounce_slots, chains // per_frame)
+        if n == 0 and chains < vq.num:
+            # Too little room for a full frame: wait for the guest to post more, and make
+            # sure it kicks when it does (an empty pop() is not what happened here).
+            self._starved = True
+            if vq.kick_when_more():
+                self._loop.call_later(0, self._on_rx_kick)
+        elif n == 0:
+            n = 1  # the whole ring holds less than one full frame: hope this one is smaller
+        return n
 
     def commit(self, lengths: Sequence[int]) -> None:
         handed, bounced = self._handed, self._bounced
