@@ -257,6 +257,9 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("passt", ["-F", "-1"], "--fd", "not a non-negative integer"),
     ("passt", ["-F", "three"], "--fd", "not a non-negative integer"),
     ("passt", ["--runas", "a:b:c"], "--runas", "UID[:GID]"),
+    ("passt", ["--runas", "no-such-user-x"], "--runas", "no such user 'no-such-user-x'"),
+    ("passt", ["--runas", "nobody:no-such-group-x"], "--runas", "no such group"),
+    ("pasta", ["--runas", "no-such-user-x"], "--runas", "no such user"),
     ("passt", ["-4", "-6"], "--ipv4-only", "conflicts with --ipv6-only"),
     ("passt", ["-4", "-a", "2001:db8::1"], "--address", "conflicts with --ipv4-only"),
     ("passt", ["-6", "-g", "192.0.2.1"], "--gateway", "conflicts with --ipv6-only"),
@@ -435,9 +438,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "prog, argv, message",
     [
-        ("vhostpasta", ["--fd", "5"],
-         "vhostpasta: --fd (a pre-opened tap) in pasta mode is not supported yet"),
-        ("vhostpasst", ["--runas", "nobody"], "vhostpasst: --runas is not supported yet"),
         ("vhostpasst", ["--repair-path", "/r"], "vhostpasst: --repair-path is not supported yet"),
         ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
     ],
@@ -499,10 +499,10 @@ def test_console_scripts(tmp_path: Path) -> None:
     r = subprocess.run([exe, "--no-such-option"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == "vhostpasst: --no-such-option: unrecognized option\n"
-    r = subprocess.run([_script("vhostpasta"), "--fd", "5"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([_script("vhostpasta"), "--runas", "no-such-user-x"], capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr == "vhostpasta: --fd (a pre-opened tap) in pasta mode is not supported yet\n"
+    assert "--runas" in r.stderr and "no such user 'no-such-user-x'" in r.stderr
     # a symlink named pasta picks the pasta personality from its name
     link = tmp_path / "pasta"
     link.symlink_to(exe)

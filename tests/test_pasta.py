@@ -131,6 +131,7 @@ def test_spawn_without_config_net_uses_dhcp(box: Sandbox) -> None:
     script_path = box.dir / "udhcpc.sh"
     script_path.write_text(UDHCPC_SCRIPT)
     script_path.chmod(0o755)
+    box.dir.chmod(0o711)  # the command runs as nobody (root in its namespace): let it in
     r = run_pasta(box, "--", "sh", "-c",
                   "ip -o -4 addr show up0 | grep -c inet; ip link set up0 up;"
                   f" busybox udhcpc -i up0 -n -q -f -t 5 -T 1 -s {script_path};"

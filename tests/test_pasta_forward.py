@@ -27,6 +27,10 @@ from test_pasta import (
 from test_splice import CLIENT, SERVER, SIZE_MIB, _expected
 
 MIB = 1 << 20
+# spawn mode as root runs the command as nobody (mapped to root inside), as pasta does; these
+# commands are Python under /root, which nobody cannot reach: stay root, as one would with
+# pasta (test_isolation.py covers the switch)
+AS_ROOT = ("--runas", "0")
 
 TCP_ECHO_ONCE = """
 import socket, sys
@@ -71,8 +75,8 @@ def test_tcp_host_to_ns_spliced_200mib(box_: Sandbox) -> None:
     box = box_
     port = 5100
     pcap = box.dir / "splice.pcap"
-    ns = box.popen_in(box.host_ns, *pasta_command(), "--config-net", "-t", str(port), "-T",
-                      "none", "-u", "none", "-U", "none", "-p", str(pcap), "--",
+    ns = box.popen_in(box.host_ns, *pasta_command(), *AS_ROOT, "--config-net", "-t", str(port),
+                      "-T", "none", "-u", "none", "-U", "none", "-p", str(pcap), "--",
                       sys.executable, "-c", SERVER, "0.0.0.0", str(port), str(SIZE_MIB),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -94,7 +98,7 @@ def test_tcp_host_to_ns_spliced_200mib(box_: Sandbox) -> None:
 def test_tcp_host_to_ns_no_splice_goes_through_tap(box_: Sandbox) -> None:
     box = box_
     pcap = box.dir / "tap.pcap"
-    ns = box.popen_in(box.host_ns, *pasta_command(), "--config-net", "--no-splice", "-t",
+    ns = box.popen_in(box.host_ns, *pasta_command(), *AS_ROOT, "--config-net", "--no-splice", "-t",
                       "5101", "-T", "none", "-p", str(pcap), "--", sys.executable, "-c",
                       TCP_ECHO_ONCE, "0.0.0.0", "5101", stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
@@ -124,7 +128,7 @@ def test_udp_splice_both_ways(box_: Sandbox) -> None:
               "c.sendto(b'ns1', ('127.0.0.1', 5202)); print(c.recvfrom(100)[0].decode())\n"
               "c.sendto(b'ns2', ('127.0.0.1', 5202)); print(c.recvfrom(100)[0].decode())\n"
               "e.wait(20)\n")
-    ns = box.popen_in(box.host_ns, *pasta_command(), "--config-net", "-u", "5201", "-U",
+    ns = box.popen_in(box.host_ns, *pasta_command(), *AS_ROOT, "--config-net", "-u", "5201", "-U",
                       "5202", "-t", "none", "-T", "none", "--", sys.executable, "-c", script,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -172,7 +176,7 @@ def test_auto_ports_follow_a_namespace_listener(box_: Sandbox) -> None:
     d = box.dir / "auto"
     d.mkdir()
     d.chmod(0o777)
-    p, err = start_pasta(box, "--config-net", "--", sys.executable, "-c", AUTO_NS, str(d))
+    p, err = start_pasta(box, *AS_ROOT, "--config-net", "--", sys.executable, "-c", AUTO_NS, str(d))
     try:
         time.sleep(1.5)  # the first scans: nothing listens on 8123 yet
         assert _host_tcp_get(box, "127.0.0.1", 8123) == "error 111"
@@ -208,7 +212,7 @@ def test_auto_T_follows_host_listener(box_: Sandbox) -> None:
               "    except OSError:\n"
               "        time.sleep(0.1)\n"
               "print(c.recv(100).decode())\n")
-    r = run_pasta(box, "--config-net", "--", sys.executable, "-c", script)
+    r = run_pasta(box, *AS_ROOT, "--config-net", "--", sys.executable, "-c", script)
     assert r.returncode == 0 and r.stdout.strip() == "hello from 127.0.0.1", r.stdout + r.stderr
     srv.wait(5)
 
@@ -218,7 +222,7 @@ def test_spawn_reaches_host_loopback_via_gateway(box_: Sandbox) -> None:
     srv = box.popen_in(box.host_ns, sys.executable, "-c", TCP_ECHO_ONCE, "127.0.0.1", "5301",
                        stdout=subprocess.PIPE)
     assert srv.stdout is not None and srv.stdout.readline() == b"ready\n"
-    r = run_pasta(box, "--config-net", "-T", "none", "--", sys.executable, "-c",
+    r = run_pasta(box, *AS_ROOT, "--config-net", "-T", "none", "--", sys.executable, "-c",
                   "import socket; c = socket.create_connection(('192.0.2.1', 5301), timeout=5);"
                   " print(c.recv(100).decode())")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -80,8 +80,9 @@ def test_tcp_ns_to_host_spliced(sandbox: Sandbox, family: str, addr: str) -> Non
     server = sandbox.popen_in(sandbox.host_ns, sys.executable, "-c", SERVER, addr, str(port),
                               str(SIZE_MIB), stdout=subprocess.PIPE)
     assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-    r = sandbox.host(*pasta_command(), "--config-net", "-T", str(port), "--", sys.executable,
-                     "-c", CLIENT, addr, str(port), str(SIZE_MIB), timeout=120)
+    # --runas 0: the command is Python under /root, out of nobody's reach
+    r = sandbox.host(*pasta_command(), "--runas", "0", "--config-net", "-T", str(port), "--",
+                     sys.executable, "-c", CLIENT, addr, str(port), str(SIZE_MIB), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     sent, echoed, got, n = r.stdout.split()
     assert sent == echoed  # what the namespace sent arrived intact on the host
@@ -95,7 +96,7 @@ def test_tcp_ns_port_translation_and_refused(sandbox: Sandbox) -> None:
     script = ("import socket, sys\n"
               "c = socket.create_connection(('127.0.0.1', 6001), timeout=5)\n"
               "print('closed' if c.recv(10) == b'' else 'data')\n")
-    r = sandbox.host(*pasta_command(), "-T", "6001:6002", "--", sys.executable, "-c", script,
-                     timeout=60)
+    r = sandbox.host(*pasta_command(), "--runas", "0", "-T", "6001:6002", "--", sys.executable,
+                     "-c", script, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == "closed"

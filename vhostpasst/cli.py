@@ -358,6 +358,12 @@ def _runas(option: str, text: str) -> str:
     user, sep, group = text.partition(":")
     if not _USER_RE.fullmatch(user) or (sep and not _USER_RE.fullmatch(group)):
         raise ConfigError(option, f"'{text}' is not UID[:GID] or LOGIN[:GROUP]")
+    from vhostpasst.isolation import RunasError, resolve_runas
+
+    try:  # an unknown user or group is a configuration error, as in passt
+        resolve_runas(text)
+    except RunasError as e:
+        raise ConfigError(option, str(e)) from None
     return text
 
 
@@ -727,12 +733,10 @@ def parse_args(argv: list[str], mode: str) -> Options:
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
     if o.mode == PASTA:
-        # pasta.py serves the namespace; what it does not do yet is refused by name
-        if o.fd is not None:
-            raise NotSupported("--fd", "--fd (a pre-opened tap) in pasta mode")
-        # -T/-U (tcp_splice.py, udp_splice.py) and 'auto' (portscan.py) all work
+        # pasta.py serves the namespace; -T/-U (tcp_splice.py, udp_splice.py), 'auto'
+        # (portscan.py) and --fd (a pre-opened tap) all work
+        pass
     for value, flag in (
-        (o.runas, "--runas"),
         (o.repair_path, "--repair-path"),
         (o.conf_path, "--conf-path"),
     ):
@@ -771,7 +775,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -e, --stderr              Deprecated, no effect
   -l, --log-file PATH       Log to file
       --log-size BYTES      Maximum log file size (default 1 MiB, minimum {LOG_SIZE_MIN})
-      --runas UID|UID:GID   Run as given user (not supported yet)
+      --runas UID|UID:GID   Run as given user, default nobody when started as root
   -p, --pcap FILE           Capture guest link traffic to FILE
   -P, --pid FILE            Write our PID to FILE
   -F, --fd FD               Use an already connected socket (implies --one-off)

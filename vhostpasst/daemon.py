@@ -72,20 +72,26 @@ def qemu_hint(path: str, vhost_user: bool = False) -> str:
     )
 
 
-def _write_pid(path: str, pid: int) -> None:
+def _write_pid(path: str, pid: int, fd: int | None = None) -> None:
+    if fd is not None:  # opened before giving up root (isolation.py)
+        os.write(fd, f"{pid}\n".encode())
+        os.close(fd)
+        return
     with open(path, "w") as f:
         f.write(f"{pid}\n")
 
 
-def _daemonize(pid_file: str | None) -> None:
+def _daemonize(pid_file: str | None, pid_fd: int | None = None) -> None:
     """Fork: the parent writes the child's pid and exits 0; the child detaches."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
         if pid_file:
-            _write_pid(pid_file, pid)
+            _write_pid(pid_file, pid, pid_fd)
         os._exit(0)
+    if pid_fd is not None:
+        os.close(pid_fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -117,6 +123,21 @@ def run(config: Config) -> int:
     setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
+    from vhostpasst import isolation
+
+    try:  # root in the initial user namespace becomes nobody (or --runas) once set up
+        ids = isolation.target_ids(config.runas)
+    except isolation.RunasError as e:
+        log.error("--runas: %s", e)
+        return 1
+    pid_fd: int | None = None
+    if config.pid_file and isolation.needs_switch(ids):  # passt opens it before setuid
+        try:
+            pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                             | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.error("cannot open %s: %s", config.pid_file, e.strerror)
+            return 1
     pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
     loop = Loop()
     dispatcher = Dispatcher(config, loop)
@@ -146,6 +167,13 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
+    try:  # the socket exists and listeners are bound: nothing below needs root
+        isolation.drop(ids, ())
+    except OSError as e:
+        log.error("cannot drop privileges: %s", e)
+        dispatcher.close()
+        listener.close()
+        return 1
 
     if not config.quiet:
         for line in summary(config):
@@ -154,9 +182,9 @@ def run(config: Config) -> int:
         if config.fd is None and path is not None:
             log.info("%s", qemu_hint(path, config.vhost_user))
     if not config.foreground:
-        _daemonize(config.pid_file)
+        _daemonize(config.pid_file, pid_fd)
     elif config.pid_file:
-        _write_pid(config.pid_file, os.getpid())
+        _write_pid(config.pid_file, os.getpid(), pid_fd)
 
     try:
         signals.arm()

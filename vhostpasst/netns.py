@@ -11,6 +11,8 @@ the namespace it was created in) after the thread has ended.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import struct
 import threading
 from collections.abc import Callable
@@ -125,10 +127,85 @@ def write_id_maps(uid: int, gid: int, pid: str = "self") -> None:
         f.write(f"0 {gid} 1")
 
 
+class NsThread:
+    """A long-lived helper thread inside the network namespace `netns_fd`, serving calls.
+
+    Once the daemon has given up root (isolation.py), it may no longer setns() into a
+    namespace owned by the initial user namespace; a thread that entered before keeps that
+    namespace, so later namespace sockets (the splice pool, UDP reply sockets, automatic -T/-U
+    listeners) come from it. Registered per fd: call_in_netns(netns_fd, ...) uses it."""
+
+    def __init__(self, netns_fd: int) -> None:
+        self.netns_fd = netns_fd
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        first = _Request(lambda: setns(netns_fd, CLONE_NEWNET))
+        self._thread = threading.Thread(target=self._serve, args=(first,), name="netns-helper",
+                                        daemon=True)
+        self._thread.start()
+        first.result()  # raises if setns() failed (the thread has ended then)
+        _helpers[netns_fd] = self
+
+    def _serve(self, first: _Request) -> None:
+        # process signals (SIGTERM, SIGCHLD...) must reach the main thread: one taken by
+        # this thread would not wake the main thread's epoll_wait()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        first.execute()
+        if first.error is not None:
+            return
+        while (req := self._requests.get()) is not None:
+            req.execute()
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        req = _Request(lambda: fn(*args, **kwargs))
+        self._requests.put(req)
+        return req.result()  # type: ignore[no-any-return]
+
+    def run(self, fn: Callable[[], None]) -> None:
+        """isolation.drop's thread runner."""
+        self.call(fn)
+
+    def close(self) -> None:
+        if _helpers.get(self.netns_fd) is self:
+            del _helpers[self.netns_fd]
+        if self._thread.is_alive():
+            self._requests.put(None)
+            self._thread.join(5)
+
+
+class _Request:
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def execute(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # handed to the caller
+            self.error = e
+        self.done.set()
+
+    def result(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+_helpers: dict[int, NsThread] = {}
+
+
 def call_in_netns(netns_fd: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run fn(*args, **kwargs) in a helper thread that has joined the network namespace
-    `netns_fd`; return its result or raise its exception. Paths that depend on the namespace
+    `netns_fd` (the long-lived NsThread for that fd if there is one, else a short-lived
+    thread); return its result or raise its exception. Paths that depend on the namespace
     must use /proc/thread-self (not /proc/self, which is the main thread's)."""
+    helper = _helpers.get(netns_fd)
+    if helper is not None:
+        return helper.call(fn, *args, **kwargs)
     result: list[Any] = []
     error: list[BaseException] = []
 

@@ -9,9 +9,14 @@ Start-up, as pasta does it:
    tap, bring `lo` up, set or read the tap's MAC, and with --config-net give the tap the host's
    MTU, addresses and routes (pyroute2).
 3. The same Dispatcher and Loop as passt mode, with a TapLink as the guest link.
-4. Spawn mode stays in the foreground and exits with the command's status (128+signal if it
-   was killed). Attach mode forks to the background once the namespace is configured (unless
-   -f), and exits when the namespace file goes away (unless --no-netns-quit).
+4. Started as root, give that up once all of the above is done (isolation.py): nobody or
+   --runas; the namespace helper thread (netns.NsThread) entered the namespace before, so
+   namespace sockets can still be made. Spawn mode as root: the command's user namespace is
+   created by the child as the target user, its root mapped to that user, as pasta's is.
+5. Spawn mode stays in the foreground and exits with the command's status (128+signal if it
+   was killed). Attach mode forks to the background (unless -f) and the parent exits 0 once
+   the child is ready; the child exits when the namespace file goes away (unless
+   --no-netns-quit). --fd N: the caller's tap, already in the namespace, instead of opening one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import Any
 
-from vhostpasst import netns
+from vhostpasst import isolation, netns
 from vhostpasst.conf import Config, summary
 from vhostpasst.log import setup_logging
 from vhostpasst.loop import EPOLLIN
@@ -118,13 +123,21 @@ def _ns_init(command: tuple[str, ...], go_r: int) -> None:
         os._exit(1)
 
 
-def _intermediate(command: tuple[str, ...], ready_w: int, go_r: int) -> None:
+def _intermediate(command: tuple[str, ...], ready_w: int, go_r: int,
+                  as_ids: isolation.Ids | None) -> None:
     """Our child: unshare the namespaces, fork PID 1 of the new PID namespace, tell the
-    parent its pid, then wait for it and exit with its status."""
+    parent its pid, then wait for it and exit with its status. With `as_ids` (we are root),
+    first become that user and create the user namespace too, mapping its root to them."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command decides about ^C
         try:
-            netns.unshare(SPAWN_NS_FLAGS)
+            if as_ids is not None:
+                isolation.drop(as_ids, ())
+                isolation.set_dumpable(True)  # so /proc/self/uid_map is ours to write
+                netns.unshare(netns.CLONE_NEWUSER | SPAWN_NS_FLAGS)
+                netns.write_id_maps(as_ids.uid, as_ids.gid)
+            else:
+                netns.unshare(SPAWN_NS_FLAGS)
         except OSError as e:
             os.write(ready_w, f"error {e.strerror}\n".encode())
             os._exit(1)
@@ -142,14 +155,20 @@ def _intermediate(command: tuple[str, ...], ready_w: int, go_r: int) -> None:
         os._exit(1)
 
 
-def spawn(command: tuple[str, ...]) -> Spawned:
-    """Create the namespaces and the (held) command; must run single-threaded."""
-    uid, gid = os.geteuid(), os.getegid()
-    try:
-        netns.unshare(netns.CLONE_NEWUSER)
-        netns.write_id_maps(uid, gid)
-    except OSError as e:
-        raise PastaError(f"cannot create a user namespace: {e.strerror}") from None
+def spawn(command: tuple[str, ...], as_ids: isolation.Ids | None = None) -> Spawned:
+    """Create the namespaces and the (held) command; must run single-threaded.
+
+    Unprivileged (pasta's way), we enter a new user namespace first, as root in it, so we
+    may setns() into the command's network namespace. As root about to become `as_ids`, the
+    child creates the user namespace as that user instead and we stay in ours: as root now we
+    may enter it, and as its owner's uid later we keep every capability in it."""
+    if as_ids is None:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            netns.unshare(netns.CLONE_NEWUSER)
+            netns.write_id_maps(uid, gid)
+        except OSError as e:
+            raise PastaError(f"cannot create a user namespace: {e.strerror}") from None
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     sys.stdout.flush()
@@ -158,7 +177,7 @@ def spawn(command: tuple[str, ...]) -> Spawned:
     if pid == 0:
         os.close(ready_r)
         os.close(go_w)
-        _intermediate(command, ready_w, go_r)
+        _intermediate(command, ready_w, go_r, as_ids)
     os.close(ready_w)
     os.close(go_r)
     with os.fdopen(ready_r, "rb") as f:
@@ -178,10 +197,10 @@ class Target:
     spawned: Spawned | None = None
 
 
-def open_target(config: Config) -> Target:
+def open_target(config: Config, as_ids: isolation.Ids | None = None) -> Target:
     """The namespace we serve, created (spawn mode) or joined (attach mode)."""
     if config.target_pid is None and config.netns is None:
-        spawned = spawn(config.command)
+        spawned = spawn(config.command, as_ids)
         path = f"/proc/{spawned.pid}/ns/net"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -403,20 +422,41 @@ def configure_net(ipr: Any, ifindex: int, config: Config,
     return ll
 
 
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
+
+
+def tap_name(fd: int) -> str:
+    """The interface behind a tap fd (--fd): TUNGETIFF."""
+    import fcntl
+
+    from vhostpasst.link.tuntap import _IFREQ
+
+    ifr = fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0))
+    return str(_IFREQ.unpack(ifr)[0].split(b"\0", 1)[0].decode())
+
+
 def setup_ns_link(config: Config, host: dict[int, HostSnapshot]) -> NsLink:
-    """Runs in the namespace: the tap, `lo` up, the MAC, and --config-net."""
+    """Runs in the namespace: the tap (opened, or --fd's), `lo` up, the MAC, --config-net."""
     from pyroute2 import IPRoute
 
     from vhostpasst.link.tuntap import open_tap
 
     assert config.ns_ifname is not None
-    fd, name = open_tap(config.ns_ifname)
+    if config.fd is not None:  # the caller's tap: used as it is, only made non-blocking
+        fd = config.fd
+        os.set_blocking(fd, False)
+        name = tap_name(fd)
+    else:
+        fd, name = open_tap(config.ns_ifname)
     try:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")
             if lo:
                 ipr.link("set", index=lo[0], state="up")
-            index = ipr.link_lookup(ifname=name)[0]
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise PastaError(f"no interface {name} in the namespace")
+            index = found[0]
             if config.ns_mac is not None:
                 mac_text = ":".join(f"{b:02x}" for b in config.ns_mac)
                 ipr.link("set", index=index, address=mac_text)
@@ -594,8 +634,57 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise _Terminate(signum)
 
 
+class _Background:
+    """Attach mode without -f: fork while still single-threaded; the parent waits until the
+    child says it is ready (listeners bound, privileges dropped), writes the child's pid to
+    the pid file and exits 0 -- or exits 1 if the child failed first."""
+
+    def __init__(self, pid_file: str | None) -> None:
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                ready = f.read(1) == b"r"
+            if ready and pid_file:
+                try:
+                    _write_pid_path(pid_file, pid)
+                except OSError as e:
+                    print(f"pasta: cannot write {pid_file}: {e.strerror}", file=sys.stderr)
+                    os.kill(pid, signal.SIGTERM)
+                    os._exit(1)
+            os._exit(0 if ready else 1)
+        os.close(r)
+        os.set_inheritable(w, False)
+        self.ready_fd: int | None = w
+        os.setsid()
+
+    def ready(self) -> None:
+        """Everything is in place: release the parent, detach from the terminal."""
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        assert self.ready_fd is not None
+        os.write(self.ready_fd, b"r")
+        os.close(self.ready_fd)
+        self.ready_fd = None
+
+
+def _write_pid_path(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
 def run(config: Config) -> int:
-    from vhostpasst.daemon import _daemonize, _write_pid
+    """Start-up order (each step needs what the one before made):
+    logging, files, host listeners (-t/-u, while root may bind low ports); the namespace
+    (spawn: as the target user already, see below); fork to the background; the namespace
+    helper thread; the tap and its configuration; namespace listeners (-T/-U) and the splice
+    path; giving up root and capabilities; then "ready": the parent exits 0 / the pid file is
+    written / the spawned command starts. A client may connect once any of those happened."""
     from vhostpasst.dispatch import Dispatcher
     from vhostpasst.link.tuntap import TapLink
     from vhostpasst.loop import Loop
@@ -608,47 +697,87 @@ def run(config: Config) -> int:
     setup_logging("pasta", foreground, config.debug, config.trace, quiet,
                   config.log_file, config.log_size)
     try:
+        ids = isolation.target_ids(config.runas)
+    except isolation.RunasError as e:
+        log.error("--runas: %s", e)
+        return 1
+    switching = isolation.needs_switch(ids)
+    # files are opened while we may still create them (pasta: before setuid); the pid file
+    # early only when we will not be able to create it later
+    pid_fd: int | None = None
+    pcap: PcapWriter | None = None
+    try:
+        if config.pid_file and foreground and switching:
+            pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                             | os.O_CLOEXEC, 0o644)
+        pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
+    except OSError as e:
+        log.error("cannot open %s: %s", e.filename, e.strerror)
+        return 1
+
+    loop = Loop()
+    dispatcher = Dispatcher(config, loop)
+    try:
         host = host_snapshot(config) if config.config_net else {}
-        target = open_target(config)  # before any thread: unshare/setns(USER) need that
-    except PastaError as e:
+        dispatcher.listen()  # host side -t/-u: bound before anything can report ready
+    except OSError as e:
+        log.error("cannot forward ports: %s", e)
+        dispatcher.close()
+        return 1
+    try:
+        # spawn mode as root: the command's user namespace maps its root to the target user
+        # before any thread: unshare/setns(USER) need that
+        target = open_target(config, ids if switching else None)
+    except (PastaError, OSError) as e:
         log.error("%s", e)
+        dispatcher.close()
         return 1
     spawned = target.spawned
+    if switching and not spawn_mode and not isolation.in_initial_userns():
+        # we joined the target's user namespace (PID, --userns): switch to the same user
+        # there if it is mapped; otherwise the setuid() is impossible and we stay the
+        # namespace's root -- with the capabilities reduced below, like pasta in a userns
+        assert ids is not None
+        mapped = isolation.map_ids(ids)
+        if mapped is None:
+            log.warning("uid %d is not mapped in the joined user namespace: not switching",
+                        ids.uid)
+            switching = False
+        ids = mapped
     if spawn_mode:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for the command
+    background = None if foreground else _Background(config.pid_file)
 
     def abandon() -> None:
         if spawned is not None:
             os.close(spawned.go_fd)  # the held command exits without running
             os.waitpid(spawned.pid, 0)
+        dispatcher.close()
         os.close(target.netns_fd)
 
+    try:
+        helper = netns.NsThread(target.netns_fd)
+    except OSError as e:
+        log.error("cannot enter the namespace: %s", e.strerror)
+        abandon()
+        return 1
     try:
         nslink = netns.call_in_netns(target.netns_fd, setup_ns_link, config, host)
     except Exception as e:  # PastaError, OSError, pyroute2's NetlinkError
         log.error("cannot set up the namespace interface: %s", e)
+        helper.close()
         abandon()
         return 1
     log.debug("namespace interface %s (index %d), MAC %s", nslink.ifname, nslink.ifindex,
               nslink.mac.hex(":"))
 
-    pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
-    loop = Loop()
-    dispatcher = Dispatcher(config, loop)
     status = [0]
 
     def stop(code: int = 0) -> None:
         status[0] = code
         loop.stop()
 
-    try:
-        dispatcher.listen()
-    except OSError as e:
-        log.error("cannot forward ports: %s", e)
-        dispatcher.close()
-        os.close(nslink.fd)
-        abandon()
-        return 1
+    watch: NetnsWatch | None = None
     ns_target = _ns_target(config, dispatcher)
     splice = TcpSplice(loop, target.netns_fd, ns_target)
     usplice = UdpSplice(loop, target.netns_fd, ns_target)
@@ -662,14 +791,25 @@ def run(config: Config) -> int:
                 dispatcher.tcp.claim = splice.claim
             usplice.listen(config.udp_in, fams, to_ns=True)
         auto = _auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
+        # the watch is set up while its directory is still readable to us
+        watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
+        # the last thing that needs privileges; the helper thread stays in the namespace
+        # and keeps CAP_NET_BIND_SERVICE there (reference 7: pasta keeps it for low ports)
+        isolation.drop(ids if switching else None, (isolation.CAP_NET_BIND_SERVICE,),
+                       (helper.run,))
     except OSError as e:
         log.error("cannot forward ports from the namespace: %s", e)
+        if watch is not None:
+            watch.close()
         usplice.close()
         splice.close()
-        dispatcher.close()
         os.close(nslink.fd)
+        helper.close()
         abandon()
         return 1
+    if switching:
+        assert ids is not None
+        log.debug("now running as uid %d, gid %d", ids.uid, ids.gid)
     link = TapLink(loop, nslink.fd, dispatcher.on_frames, pcap=pcap, on_exit=lambda: stop(1))
     dispatcher.link = link
     # the namespace's MAC is known from the start: frames to it need not be broadcast
@@ -678,10 +818,6 @@ def run(config: Config) -> int:
         dispatcher.ctx.guest.mac = nslink.mac
     if nslink.addr6_ll is not None:
         dispatcher.addr6_ll_seen = nslink.addr6_ll
-
-    watch: NetnsWatch | None = None
-    if target.watch_path is not None:
-        watch = NetnsWatch(loop, target.watch_path, stop)
 
     pidfd: int | None = None
     if spawned is not None:
@@ -701,10 +837,17 @@ def run(config: Config) -> int:
     if not quiet:
         for line in summary(config):
             log.info("%s", line)
-    if not foreground:
-        _daemonize(config.pid_file)
+    # ready: every listener is bound, so whoever waits on one of these may connect at once
+    if background is not None:
+        background.ready()
+    elif pid_fd is not None:
+        os.write(pid_fd, f"{os.getpid()}\n".encode())
+        os.close(pid_fd)
     elif config.pid_file:
-        _write_pid(config.pid_file, os.getpid())
+        try:
+            _write_pid_path(config.pid_file, os.getpid())
+        except OSError as e:
+            log.warning("cannot write %s: %s", config.pid_file, e.strerror)
     if spawned is not None:
         os.write(spawned.go_fd, b"g")  # the namespace is ready: run the command
         os.close(spawned.go_fd)
@@ -737,6 +880,7 @@ def run(config: Config) -> int:
         link.close()
         if pcap is not None:
             pcap.close()
+        helper.close()
         loop.close()
         os.close(target.netns_fd)
     return status[0]
