@@ -2,7 +2,7 @@
 """TCP request/response latency and connection rate: vhostpasst, passt and slirp4netns.
 
     python bench/tcp_rr.py [--seconds S] [--mtu 65520 --mtu 1500] [--passt PATH]
-                           [--no-passt] [--no-slirp]
+                           [--no-passt] [--no-slirp] [--profile PREFIX]
 
 Two measurements per daemon, MTU and direction, each running for S seconds (default 3):
 
@@ -143,10 +143,32 @@ def _measure(box: Sandbox, srv_ns: str, srv_addr: str, port: int, cli_ns: str, d
     return json.loads(r.stdout)
 
 
-def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float) -> dict:
+def _spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy on the daemon (collapsed stacks in `out`), stopped by _unspy()."""
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                            "--rate", "500", "--nonblocking", "-o", out],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    return spy
+
+
+def _unspy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float,
+                      profile: str | None = None) -> dict:
     box = Sandbox(SandboxConfig()).setup()
+    spy = None
     try:
         start_guest(box, daemon, mtu, "-t", str(PORT_IN))
+        if profile and daemon == "vhostpasst" and box.daemon_pid is not None:
+            spy = _spy(box.daemon_pid, f"{profile}-{mtu}-{direction.replace('->', '-to-')}.txt")
         if direction == "guest->host":
             return _measure(box, box.host_ns, "127.0.0.1", PORT_OUT, box.guest_ns, GW4,
                             seconds)
@@ -155,6 +177,8 @@ def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float) -> 
         return _measure(box, box.guest_ns, "0.0.0.0", PORT_IN, box.host_ns, "127.0.0.1",
                         seconds)
     finally:
+        if spy is not None:
+            _unspy(spy)
         box.teardown()
 
 
@@ -202,6 +226,8 @@ def main() -> None:
     ap.add_argument("--passt", default=shutil.which("passt"), help="passt binary to compare")
     ap.add_argument("--no-passt", action="store_true")
     ap.add_argument("--no-slirp", action="store_true")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="py-spy the daemon (rr then crr): PREFIX-MTU-DIRECTION.txt")
     args = ap.parse_args()
     daemons = ["vhostpasst"]
     if args.passt and not args.no_passt:
@@ -215,7 +241,7 @@ def main() -> None:
                 if daemon == "slirp4netns":
                     res, name = run_slirp(mtu, direction, args.seconds), "slirp4netns*"
                 else:
-                    res = run_stream_daemon(daemon, mtu, direction, args.seconds)
+                    res = run_stream_daemon(daemon, mtu, direction, args.seconds, args.profile)
                     name = "vhostpasst" if daemon == "vhostpasst" else "passt"
                 row = {"daemon": name, "mtu": mtu, "direction": direction, **res}
                 rows.append(row)

@@ -538,3 +538,49 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
             s = (s + size) & 0xFFFFFFFF
             assert ours[i] == buf, (i, size)
         assert end == s
+
+
+# --- the dispatcher's TCP fast path against the full parsers -------------------------------
+
+def _fast_path_record(frame: bytes, fast: bool) -> tuple:
+    """What the dispatcher hands TCP, and what it learns, for one frame."""
+    from vhostpasst.conf import Ip6Conf
+    config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
+                                our_tap_addr=IPv4Address("192.0.2.1")), ip6=Ip6Conf())
+    d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]
+    assert d.tcp is not None
+    got: list = []
+    d.tcp.segment = lambda six, src, dst, seg: got.append(  # type: ignore[method-assign]
+        (six, src, dst, *(bytes(x) if isinstance(x, memoryview) else x for x in seg)))
+    if not fast:
+        d._tcp_fast = lambda frame: False  # type: ignore[method-assign]
+    d.on_frames([memoryview(frame)])
+    return (got, d.guest_mac, d.addr4_seen, d.addr6_seen, d.addr6_ll_seen, d.dropped)
+
+
+def _tcp_frames() -> st.SearchStrategy[bytes]:
+    from scapy.layers.inet6 import IPv6  # type: ignore[import-untyped]
+    base = [guest_frame("PA", 1000, 2000, b"x" * 30, options=[("NOP", None)] * 4),
+            guest_frame("A", 5, 6),
+            guest_frame("S", 5, options=[("MSS", 1460)]),
+            bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="fe80::2", dst="2001:db8::9")
+                  / TCP(sport=1, dport=2, flags="PA", seq=7, ack=8) / (b"y" * 9)),
+            bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="2001:db8::2", dst="::1")
+                  / TCP(sport=1, dport=2, flags="A"))]
+    edits = st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255)), max_size=4)
+    return st.tuples(st.sampled_from(base), edits, st.integers(0, 130)).map(
+        lambda t: bytes(_edit(t[0], t[1]))[:t[2]] if t[2] < len(t[0]) else _edit(t[0], t[1]))
+
+
+def _edit(frame: bytes, edits: list[tuple[int, int]]) -> bytes:
+    out = bytearray(frame)
+    for i, v in edits:
+        if i < len(out):
+            out[i] = v
+    return bytes(out)
+
+
+@settings(max_examples=500, deadline=None)
+@given(frame=_tcp_frames())
+def test_dispatcher_tcp_fast_path_matches_the_parsers(frame: bytes) -> None:
+    assert _fast_path_record(frame, True) == _fast_path_record(frame, False)

@@ -8,6 +8,7 @@ handling one frame is caught here so that no guest input can stop the daemon.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -25,12 +26,21 @@ from vhostpasst.services.ndp import NdpService
 from vhostpasst.tcp import TcpHandler
 from vhostpasst.udp import UdpHandler
 from vhostpasst.wire import eth, icmp, ip, udp
+from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.errors import Malformed
 
 log = logging.getLogger(__name__)
 
 DHCP_SERVER_PORT = 67
 DHCPV6_SERVER_PORT = 547
+# The common guest->host frame, parsed in one unpack (fast path): Ethernet, a 20-byte IPv4
+# header and the TCP header up to the window; or Ethernet, the fixed IPv6 header and the same.
+_ETH_IP4_TCP = struct.Struct("!6s6sHBxHxxHxBxxIIHHIIBBHHH")
+_ETH_IP6_TCP = struct.Struct("!6s6sHIHBx16s16sHHIIBBHHH")
+_IP4_FRAG = ip.IP4_MF | ip.IP4_OFFMASK
+_FAST_TCP4_MIN = eth.ETH_HLEN + ip.IPV4_HLEN + wtcp.TCP_HLEN
+_FAST_TCP6_MIN = eth.ETH_HLEN + ip.IPV6_HLEN + wtcp.TCP_HLEN
+
 NDP_TYPES = frozenset({icmp.ND_ROUTER_SOLICIT, icmp.ND_ROUTER_ADVERT, icmp.ND_NEIGHBOR_SOLICIT,
                        icmp.ND_NEIGHBOR_ADVERT})
 
@@ -69,6 +79,8 @@ class Dispatcher:
         self.addr4_seen: IPv4Address | None = None
         self.addr6_seen: IPv6Address | None = None
         self.addr6_ll_seen: IPv6Address | None = None
+        self._seen4 = -1  # addr4_seen as an int (fast path: no IPv4Address per frame)
+        self._learned6 = -1  # the last source _learn6() took, as an int
         self._drops = RateLimitedLog(log)
         self.dropped = 0
 
@@ -104,9 +116,11 @@ class Dispatcher:
             self.tcp.listen(self.config.tcp_in)
 
     def on_frames(self, frames: Sequence[memoryview]) -> None:
+        fast = self._tcp_fast if self.tcp is not None else None
         for frame in frames:
             try:
-                self._handle(frame)
+                if fast is None or not fast(frame):
+                    self._handle(frame)
             except Malformed as e:
                 self._drop("malformed", f"malformed frame dropped: {e}")
             except Exception:  # a bug must not let a guest stop the daemon
@@ -162,6 +176,67 @@ class Dispatcher:
         if frame is not None and self.link is not None:
             self.link.send(frame)
 
+    def _tcp_fast(self, frame: memoryview) -> bool:
+        """The common case, IPv4 or IPv6 TCP without IP options or extension headers and
+        not a SYN, in one struct unpack: TCP gets ints and a payload slice. Every length is
+        checked as the parsers do; anything else (and anything odd) returns False for the
+        full parsers in _handle, which decide as before."""
+        if type(frame) is not memoryview or frame.format != "B" or frame.ndim != 1 \
+                or not frame.c_contiguous:
+            return False
+        n = len(frame)
+        if n < _FAST_TCP4_MIN or frame[12] != 0x08 and frame[12] != 0x86:
+            return False
+        config = self.config
+        ctx = self.ctx
+        if frame[12] == 0x08:
+            if config.ip4 is None or ctx is None:
+                return False
+            (dmac, smac, ethertype, vihl, tot_len, frag, proto, src, dst, sport, dport, seq,
+             ack, off, fl, window, check, urg) = _ETH_IP4_TCP.unpack_from(frame)
+            if ethertype != eth.ETH_P_IP or vihl != 0x45 or proto != ip.IPPROTO_TCP \
+                    or frag & _IP4_FRAG or src >> 24 == 127 or dst >> 24 == 127:
+                return False
+            l4 = eth.ETH_HLEN + ip.IPV4_HLEN
+            end = eth.ETH_HLEN + tot_len
+            six = False
+        else:
+            if n < _FAST_TCP6_MIN or config.ip6 is None or ctx is None:
+                return False
+            (dmac, smac, ethertype, vtcfl, plen, nexthdr, src6, dst6, sport, dport, seq, ack,
+             off, fl, window, check, urg) = _ETH_IP6_TCP.unpack_from(frame)
+            if ethertype != eth.ETH_P_IPV6 or vtcfl >> 28 != 6 \
+                    or nexthdr != ip.IPPROTO_TCP:
+                return False
+            src = int.from_bytes(src6, "big")
+            dst = int.from_bytes(dst6, "big")
+            if src == 1 or dst == 1:  # ::1: the full path drops it
+                return False
+            l4 = eth.ETH_HLEN + ip.IPV6_HLEN
+            end = l4 + plen
+            six = True
+        hlen = (off >> 4) * 4
+        flags = (off & 1) << 8 | fl
+        if end > n or hlen < wtcp.TCP_HLEN or l4 + hlen > end or flags & wtcp.SYN:
+            return False
+        # every field read above lies within the checked lengths (l4 + hlen <= end <= n)
+        # learned as _handle does, but objects made only when something changed
+        if not smac[0] & 1 and (smac != self.guest_mac or ctx.guest.mac != smac):
+            self.guest_mac = smac
+            ctx.guest.mac = smac
+        if six:
+            if src != self._learned6 or ctx.guest.addr6_seen is not self.addr6_seen \
+                    or ctx.guest.addr6_ll_seen is not self.addr6_ll_seen:
+                self._learn6(IPv6Address(src))
+        elif src and (src != self._seen4 or ctx.guest.addr4_seen is not self.addr4_seen):
+            self._seen4 = src
+            self.addr4_seen = ctx.guest.addr4_seen = IPv4Address(src)
+        seg = tuple.__new__(wtcp.Tcp, (sport, dport, seq, ack, hlen, flags, window, check, urg,
+                                       frame[l4 + wtcp.TCP_HLEN:l4 + hlen],
+                                       frame[l4 + hlen:end], None, None))
+        self.tcp.segment(six, src, dst, seg)  # type: ignore[union-attr]
+        return True
+
     def _handle(self, frame: memoryview) -> None:
         header = eth.parse_eth(frame)
         if not header.src[0] & 1:  # multicast sources are bogus; don't learn them
@@ -189,6 +264,7 @@ class Dispatcher:
             self._drop("loopback4", "IPv4 packet with a loopback address dropped")
             return
         if src != 0:
+            self._seen4 = src
             self.addr4_seen = header.src
             if self.ctx is not None:
                 self.ctx.guest.addr4_seen = header.src
@@ -256,6 +332,7 @@ class Dispatcher:
     def _learn6(self, src: IPv6Address) -> None:
         """Reference 4.2: a link-local source is the guest's link-local address (and its
         address until it has another); any other specified source is its address."""
+        self._learned6 = int(src)
         if src.is_unspecified or src.is_multicast:
             return
         if src.is_link_local:

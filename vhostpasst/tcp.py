@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import socket
 import struct
+import sys
+import termios
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -106,6 +109,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _recv = _libc.recv
 _recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _recv.restype = ctypes.c_ssize_t
+_INQ = bytearray(4)  # SIOCINQ result (fcntl.ioctl: ~3x cheaper than a ctypes call)
+
+
+def unread(fd: int) -> int | None:
+    """Bytes in a TCP socket's receive queue (SIOCINQ: peeked ones included), or None if
+    it cannot tell."""
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+    except OSError:
+        return None
+    return int.from_bytes(_INQ, sys.byteorder)
 
 
 def discard(fd: int, count: int) -> int:
@@ -267,13 +281,15 @@ class TcpHandler:
     # --- guest frames ----------------------------------------------------------------------
 
     def tap4(self, packet: Ipv4) -> None:
-        self._segment(False, packet.src, packet.dst, wtcp.parse_tcp(packet.payload))
+        self.segment(False, int(packet.src), int(packet.dst), wtcp.parse_tcp(packet.payload))
 
     def tap6(self, packet: Ipv6) -> None:
-        self._segment(True, packet.src, packet.dst, wtcp.parse_tcp(packet.l4))
+        self.segment(True, int(packet.src), int(packet.dst), wtcp.parse_tcp(packet.l4))
 
-    def _segment(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
-        conn = self.ctx.flows.lookup(_tap_key(six, src, seg.sport, dst, seg.dport))
+    def segment(self, six: bool, src: int, dst: int, seg: wtcp.Tcp) -> None:
+        """A guest segment, addresses as ints (the dispatcher's fast path makes no
+        ipaddress objects): queued for its connection until end_batch()."""
+        conn = self.ctx.flows.lookup(("tcp", six, src, seg.sport, dst, seg.dport))
         if isinstance(conn, TcpConn):
             batch = self._batch.get(conn)
             if batch is None:
@@ -281,6 +297,12 @@ class TcpHandler:
             else:
                 batch.append(seg)
             return
+        if six:
+            self._no_conn(six, IPv6Address(src), IPv6Address(dst), seg)
+        else:
+            self._no_conn(six, IPv4Address(src), IPv4Address(dst), seg)
+
+    def _no_conn(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
         flags = seg.flags
         if flags & wtcp.RST:
             return
@@ -651,6 +673,11 @@ class TcpHandler:
             return
         mss = conn.mss
         count = min(SEG_BATCH, -(-room // mss))
+        queued = unread(conn.fd)
+        if queued is not None:
+            # no more buffers than there are bytes to peek: a 1-byte answer takes one
+            # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
+            count = min(count, max(1, -(-(queued - in_flight) // mss)))
         bufs = self.ctx.rx_buffers(count)
         if not bufs:
             # no guest, or its ring is full: rx_ready() resumes, the RTO timer if it never comes
