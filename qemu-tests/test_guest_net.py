@@ -6,9 +6,9 @@ through -t), small and 50 MiB with sha256, UDP both ways (iperf3), DNS through t
 resolver address, the daemon killed and restarted under the running guest, and its exit
 status on SIGTERM (last: it ends the daemon).
 
-The host namespace's resolv.conf names 127.0.0.53 only, like systemd-resolved: the daemon
-advertises the gateway address instead and forwards queries to it to 127.0.0.53, where a tiny
-DNS responder (hostside.py) answers.
+The host namespace's resolv.conf names 127.0.0.53 and ::1 only (like systemd-resolved): the
+daemon advertises the gateway addresses instead and forwards queries sent to them there, where
+tiny DNS responders (hostside.py) answer.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from image import Image
 
 HOSTSIDE = str(Path(__file__).with_name("hostside.py"))
 SEARCH = "test.example"
-RESOLV = f"nameserver 127.0.0.53\nsearch {SEARCH}\n"
+RESOLV = f"nameserver 127.0.0.53\nnameserver ::1\nsearch {SEARCH}\n"
 DNS_NAME, DNS_A, DNS_AAAA = f"vpt.{SEARCH}", "203.0.113.7", "2001:db8:1::7"
 SRV_PORT = 10001  # host servers the guest connects to (through the gateway address)
 FWD_PORT = 10002  # -t: host connects to it, the daemon forwards to the guest
@@ -72,8 +72,9 @@ class GuestEnv:
     daemon: Daemon
     guest: Guest
     lease: dict[str, str]
-    dns: subprocess.Popen[str]
+    dns: list[subprocess.Popen[str]]
     tmp: Path
+    lease6: dict[str, str] = field(default_factory=dict)  # once test_dhcpv6_address got one
     vpt_logs: list[tuple[str, Path]] = field(default_factory=list)
 
     def our_link_local(self) -> str:
@@ -119,7 +120,7 @@ def env(request: pytest.FixtureRequest, image: Image) -> Iterator[GuestEnv]:
     workdir = make_workdir()
     netns = HostNetns(resolv_conf=RESOLV)
     started: list[Daemon | Guest] = []
-    dns: subprocess.Popen[str] | None = None
+    dns: list[subprocess.Popen[str]] = []
     try:
         args = ("-t", f"{FWD_PORT},{IPERF_FWD}", "-u", str(IPERF_FWD))
         daemon = Daemon(workdir, netns, args, vhost_user=(kind == "vhost-user"))
@@ -128,7 +129,8 @@ def env(request: pytest.FixtureRequest, image: Image) -> Iterator[GuestEnv]:
         guest = Guest(image, workdir, GuestNet(kind, daemon.socket, reconnect_ms=200), netns,
                       mem="512M")
         started.append(guest)
-        dns = hostside(netns, "dns", "127.0.0.53", DNS_NAME, DNS_A, DNS_AAAA)
+        for addr in ("127.0.0.53", "::1"):
+            dns.append(hostside(netns, "dns", addr, DNS_NAME, DNS_A, DNS_AAAA))
         e = GuestEnv(kind, workdir, netns, daemon, guest, dhcp_lease(guest), dns, workdir / "host")
         e.vpt_logs = [("daemon log", workdir / "daemon.log"), ("console", workdir / "console.log"),
                       ("qemu stderr", workdir / "qemu.log")]
@@ -138,8 +140,8 @@ def env(request: pytest.FixtureRequest, image: Image) -> Iterator[GuestEnv]:
     finally:
         for obj in reversed(started):
             obj.close()
-        if dns is not None:
-            _stop(dns)
+        for proc in dns:
+            _stop(proc)
         netns.close()
         if not os.environ.get("VPT_KEEP"):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -225,6 +227,8 @@ def test_dhcpv6_address(env: GuestEnv) -> None:
     lease = dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
     assert lease["ip6"] == HOST_ADDR6 and lease["plen"] == "128", lease
     assert lease["search6"].rstrip(".") == SEARCH, lease
+    assert lease["dns6"].split() == [HOST_GW6], lease  # ::1 on the host: the mapped address
+    env.lease6 = lease
     _wait_guest(env.guest, f"ip -6 addr show dev eth0 | grep 'inet6 {HOST_ADDR6}/128' "
                 "| grep -vq tentative", "DHCPv6 address past DAD")
 
@@ -363,8 +367,16 @@ def test_udp_host_to_guest(env: GuestEnv) -> None:
 # -- DNS -----------------------------------------------------------------------------------------
 
 
-def test_dns_through_forwarded_resolver(env: GuestEnv) -> None:
-    server = env.lease["dns"].split()[0]  # what the lease advertised: the gateway address
+@pytest.mark.parametrize("ip", [4, 6])
+def test_dns_through_forwarded_resolver(env: GuestEnv, ip: int) -> None:
+    """The host's nameservers are on its loopback (127.0.0.53, ::1): the DHCP and DHCPv6
+    leases advertise the gateway addresses, and the daemon forwards queries sent there."""
+    if ip == 4:
+        server = env.lease["dns"].split()[0]
+    elif env.lease6:
+        server = env.lease6["dns6"].split()[0]
+    else:
+        pytest.skip("no DHCPv6 lease (test_dhcpv6_address did not get one)")
     _, out = env.guest.run(f"nslookup {DNS_NAME} {server}", timeout=30)
     assert f"Address: {DNS_A}" in out, out
     assert f"Address: {DNS_AAAA}" in out, out
