@@ -793,12 +793,20 @@ def run(config: Config) -> int:
         auto = _auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
         # the watch is set up while its directory is still readable to us
         watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
-        # the last thing that needs privileges; the helper thread stays in the namespace
-        # and keeps CAP_NET_BIND_SERVICE there (reference 7: pasta keeps it for low ports)
-        isolation.drop(ids if switching else None, (isolation.CAP_NET_BIND_SERVICE,),
-                       (helper.run,))
     except OSError as e:
         log.error("cannot forward ports from the namespace: %s", e)
+        ok = False
+    else:
+        try:
+            # the last thing that needs privileges; the helper thread stays in the namespace
+            # and keeps CAP_NET_BIND_SERVICE there (reference 7: pasta keeps it for low ports)
+            isolation.drop(ids if switching else None, (isolation.CAP_NET_BIND_SERVICE,),
+                           (helper.run,))
+            ok = True
+        except OSError as e:
+            log.error("cannot drop privileges: %s", e)
+            ok = False
+    if not ok:
         if watch is not None:
             watch.close()
         usplice.close()
