@@ -121,6 +121,7 @@ class VhostUserLink(Link):
         self.device: _Device | None = None
         self.csum_offload = False  # GUEST_CSUM: frames to the guest need no L4 checksum
         self._mergeable = False
+        self._rx_header = net.NetHeader()  # for rx_put(): DATA_VALID once GUEST_CSUM is acked
         self._was_connected = False
         self._starved = False
         self._tx_scheduled = False
@@ -173,6 +174,7 @@ class VhostUserLink(Link):
         self._was_connected = False
         self.csum_offload = False
         self._mergeable = False
+        self._rx_header = self._header()
 
     def close(self) -> None:
         """Drop the front end without calling on_disconnect; unhook from the loop."""
@@ -195,6 +197,7 @@ class VhostUserLink(Link):
     def _features_set(self, features: int) -> None:
         self.csum_offload = bool(features & net.F_GUEST_CSUM)
         self._mergeable = bool(features & net.F_MRG_RXBUF)
+        self._rx_header = self._header()  # rx_put() sets num_buffers itself
 
     def _state_changed(self) -> None:
         now = self.connected
@@ -385,7 +388,7 @@ class VhostUserLink(Link):
 
     def _put(self, vq: VirtQueue, frame: bytes | bytearray | memoryview) -> bool:
         """Copy one frame into the guest's RX chains (mergeable if negotiated)."""
-        if not net.rx_put(vq, frame, self._header(), self._mergeable):
+        if not net.rx_put(vq, frame, self._rx_header, self._mergeable):
             self._starved = True
             self.tx_dropped += 1
             _ratelimited.debug("vu-rx-full", "guest RX ring full: frame dropped")
