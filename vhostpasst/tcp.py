@@ -63,6 +63,7 @@ _INFO = struct.Struct("=Q")  # tcpi_bytes_acked at 120
 _U32 = struct.Struct("=I")  # tcpi_min_rtt at 148, tcpi_snd_wnd at 228
 
 M32 = 0xFFFFFFFF
+TCP_ESTABLISHED = 1  # tcpi_state
 WS_TO_TAP = 8  # our window scale (passt: min(8, tcpi_snd_wscale))
 MAX_WINDOW = 65535 << WS_TO_TAP
 SYN_WINDOW = 65535  # window in our SYN / SYN-ACK (never scaled)
@@ -440,6 +441,10 @@ class TcpHandler:
                             os.strerror(rc))
             self._reset(conn)
             return
+        if rc == errno.EINPROGRESS and conn.local and _established(self._info(conn)):
+            # loopback: the handshake completed inside connect(), which still says
+            # EINPROGRESS; the SYN-ACK goes now rather than after one more loop iteration
+            rc = 0
         self._set_events(conn, EPOLLOUT | EPOLLRDHUP)
         if rc == 0:
             self._connected(conn)
@@ -1311,6 +1316,11 @@ def _tune(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def _established(info: bytes | None) -> bool:
+    """tcpi_state (the first byte of TCP_INFO) is TCP_ESTABLISHED."""
+    return bool(info) and info[0] == TCP_ESTABLISHED  # type: ignore[index]
 
 
 def _reset_close(sock: socket.socket) -> None:
