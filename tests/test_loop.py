@@ -28,9 +28,10 @@ def run_until(loop: Loop, cond: Callable[[], object], timeout: float = 2.0) -> N
 
 def test_timers_fire_in_deadline_order(loop: Loop) -> None:
     fired: list[str] = []
-    loop.call_later(0.03, lambda: fired.append("c"))
-    loop.call_later(0.01, lambda: fired.append("a"))
-    loop.call_later(0.02, lambda: fired.append("b"))
+    base = time.monotonic()  # one base: a descheduled test must not reorder the deadlines
+    loop.call_at(base + 0.03, lambda: fired.append("c"))
+    loop.call_at(base + 0.01, lambda: fired.append("a"))
+    loop.call_at(base + 0.02, lambda: fired.append("b"))
     run_until(loop, lambda: len(fired) == 3)
     assert fired == ["a", "b", "c"]
 
