@@ -465,7 +465,9 @@ def test_from_fd_refuses_what_is_not_a_unix_stream_socket(tmp_path: Path) -> Non
 
 def _remote_guest(sock: socket.socket) -> Guest:
     g = Guest(sock, Loop())
-    g.fe.pump = lambda: select.select([sock], [], [], 0.1)  # the back end is another process
+    # the back end is another process, still starting up on a loaded machine: 20 tries of
+    # up to 0.5 s each (select returns as soon as it answers)
+    g.fe.pump = lambda: select.select([sock], [], [], 0.5)
     return g
 
 
