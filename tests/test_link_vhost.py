@@ -302,6 +302,190 @@ def test_no_rx_buffers_then_rx_kick_wakes_the_waiter(h: Harness) -> None:
     assert woken == [2]
 
 
+# --- rx_scatter(): frames scattered in place over mergeable buffers ---------------------------
+
+def _fill(frame: list[memoryview], data: bytes) -> None:
+    """What recvmsg_into() over the frame's views does (plus headers in the first one)."""
+    off = 0
+    for view in frame:
+        n = min(len(view), len(data) - off)
+        view[:n] = data[off:off + n]
+        off += n
+    assert off == len(data)
+
+
+def _payload(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+@pytest.mark.parametrize("features", [BASE, ALL], ids=["plain", "all"])
+def test_rx_scatter_scatter_over_mergeable_buffers_in_place(features: int) -> None:
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up(features)
+        h.guest.post_rx(20, size=1536)  # Linux's smallest mergeable buffers
+        frames = h.link.rx_scatter(3, 5000, head=54)
+        # 12 + 5000 bytes: 4 chains of 1536 (the first 1524 bytes past the header)
+        assert [[len(v) for v in f] for f in frames] == [[1524, 1536, 1536, 404]] * 3
+        datas = [_payload(5000, 1), _payload(5000, 2), _payload(100, 3)]
+        for frame, data in zip(frames, datas, strict=True):
+            _fill(frame, data)
+        h.link.commit_scatter([len(d) for d in datas])  # the last needs one chain of its 4
+        h.link.flush()
+        got = h.guest.received()
+        assert [f for _, f in got] == datas
+        assert [hdr.num_buffers for hdr, _ in got] == [4, 4, 1]
+        flags = net.HDR_F_DATA_VALID if features & net.F_GUEST_CSUM else 0
+        assert all(hdr.flags == flags for hdr, _ in got)
+        assert (h.link.tx_zero_copy, h.link.tx_scattered, h.link.tx_frames) == (3, 2, 3)
+        # the 3 chains the short frame did not need went back: 20 - 9 = 11 left, 2 frames
+        assert len(h.link.rx_scatter(8, 5000, head=54)) == 2
+        h.link.flush()  # not committed: rewound
+        assert len(h.link.rx_scatter(8, 5000, head=54)) == 2
+    finally:
+        h.close()
+
+
+def test_rx_scatter_unneeded_chains_before_used_ones_go_back_empty() -> None:
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up()
+        h.guest.post_rx(8, size=1536)
+        frames = h.link.rx_scatter(2, 5000)
+        _fill(frames[0], _payload(60))
+        _fill(frames[1], _payload(5000))
+        h.link.commit_scatter([60, 5000])
+        h.link.flush()
+        used = h.guest.rx.get_used()
+        # frame 0 in one chain, frame 1 in 4 (a frame's chains must be consecutive in the
+        # used ring: num_buffers), then frame 0's 3 spare chains returned empty
+        assert [length for _, length in used] == [72, 1536, 1536, 1536, 404, 0, 0, 0]
+        assert h.link.tx_dropped == 0 and h.link.tx_frames == 2
+    finally:
+        h.close()
+
+
+def test_rx_scatter_wait_for_a_whole_frame_then_the_kick_wakes() -> None:
+    h = Harness(queue_size=16)
+    try:
+        h.guest.bring_up()
+        woken: list[int] = []
+        h.link.on_rx_ready.append(lambda: woken.append(len(h.link.rx_scatter(4, 5000))))
+        h.guest.post_rx(2, size=1536)  # half a frame
+        assert h.link.rx_scatter(4, 5000) == []
+        h.guest.post_rx(2, size=1536)  # now one whole frame
+        h.pump()
+        assert woken == [1]
+        h.link.flush()
+    finally:
+        h.close()
+
+
+def test_rx_scatter_ring_smaller_than_a_frame_gives_what_it_holds() -> None:
+    h = Harness(queue_size=4)
+    try:
+        h.guest.bring_up()
+        h.guest.post_rx(4, size=1024)
+        [frame] = h.link.rx_scatter(2, 5000)
+        assert sum(len(v) for v in frame) == 4 * 1024 - net.HDR_LEN
+        _fill(frame, _payload(4000))
+        h.link.commit_scatter([4000])
+        h.link.flush()
+        [(hdr, got)] = h.guest.received()
+        assert got == _payload(4000) and hdr.num_buffers == 4
+    finally:
+        h.close()
+
+
+def test_rx_scatter_without_mergeable_one_chain_per_frame(h: Harness) -> None:
+    h.guest.bring_up(BASE & ~net.F_MRG_RXBUF)
+    h.guest.post_rx(3, size=1536)
+    frames = h.link.rx_scatter(4, 5000)
+    assert [[len(v) for v in f] for f in frames] == [[1524]] * 3
+    _fill(frames[0], _payload(1524))
+    h.link.commit_scatter([1524])
+    h.link.flush()
+    [(hdr, got)] = h.guest.received()
+    assert got == _payload(1524) and hdr.num_buffers == 1
+    with pytest.raises(ValueError):  # more than the chain holds
+        h.link.rx_scatter(1, 5000)
+        h.link.commit_scatter([1525])
+    assert len(h.link.rx_scatter(4, 5000)) == 2  # the chains went back
+
+
+def test_rx_scatter_header_only_first_descriptor(h: Harness) -> None:
+    """Linux without MRG_RXBUF ("big packets") puts the virtio-net header in a descriptor
+    of its own: the frame starts in the next one and the header is written there."""
+    h.guest.bring_up(BASE & ~net.F_MRG_RXBUF)
+    h.guest.rx.add([], [net.HDR_LEN, 2048, 4096])
+    h.guest.rx.kick()
+    [frame] = h.link.rx_scatter(1, 5000, head=54)
+    assert [len(v) for v in frame] == [2048, 2952]
+    _fill(frame, _payload(3000))
+    h.link.commit_scatter([3000])
+    h.link.flush()
+    [(hdr, got)] = h.guest.received()
+    assert got == _payload(3000) and hdr.num_buffers == 1
+
+
+def test_rx_scatter_bounce_when_headers_would_straddle(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(8, size=256)
+    [frame] = h.link.rx_scatter(1, 1000, head=300)  # no first buffer holds 300 bytes
+    assert len(frame) == 1 and len(frame[0]) == 1000  # a bounce buffer
+    _fill(frame, _payload(1000))
+    h.link.commit_scatter([1000])
+    h.link.flush()
+    [(hdr, got)] = h.guest.received()
+    assert got == _payload(1000) and hdr.num_buffers == 4  # 12 + 1000 bytes
+    assert h.link.tx_zero_copy == 0
+
+
+def test_rx_scatter_stay_within_iov_max(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vhostpasst.link.vhost as vhost
+    monkeypatch.setattr(vhost, "IOV_MAX", 10)
+    h.guest.bring_up()
+    h.guest.post_rx(16, size=1536)
+    frames = h.link.rx_scatter(4, 5000)
+    assert len(frames) == 2 and sum(map(len, frames)) == 8
+    h.link.flush()
+    assert len(h.guest.rx.get_used()) == 0
+
+
+def test_send_while_frames_are_out_is_deferred(h: Harness) -> None:
+    h.guest.bring_up()
+    h.guest.post_rx(6, size=1536)
+    [frame] = h.link.rx_scatter(1, 2000)
+    assert h.link.send(b"A" * 60)
+    _fill(frame, b"B" * 2000)
+    h.link.commit_scatter([2000])
+    h.link.flush()
+    assert [f for _, f in h.guest.received()] == [b"B" * 2000, b"A" * 60]
+
+
+def test_rx_scatter_default_wraps_rx_buffers() -> None:
+    from vhostpasst.link.base import Link
+
+    class Pool(Link):
+        connected = True
+        committed: list[int] = []
+
+        def rx_buffers(self, count: int) -> list[memoryview]:
+            return [memoryview(bytearray(ETH_MAX_FRAME)) for _ in range(min(count, 3))]
+
+        def commit(self, lengths) -> None:  # type: ignore[no-untyped-def]
+            self.committed += lengths
+
+        def flush(self) -> None: ...
+        def close(self) -> None: ...
+
+    link = Pool(lambda frames: None)
+    frames = link.rx_scatter(5, 1514)
+    assert [[len(v) for v in f] for f in frames] == [[1514]] * 3
+    link.commit_scatter([100, 200])
+    assert link.committed == [100, 200]
+
+
 def test_send_while_buffers_are_out_is_deferred(h: Harness) -> None:
     h.guest.bring_up()
     h.guest.post_rx(4)

@@ -122,6 +122,56 @@ def rx_put(vq: VirtQueue, frame: bytes | bytearray | memoryview,
     return True
 
 
+def rx_pieces(chains: list[Chain], limit: int) -> list[memoryview]:
+    """The writable buffers of `chains` past the virtio-net header, `limit` bytes in all (or
+    what they hold): where a frame scattered over mergeable RX buffers is written in place."""
+    out: list[memoryview] = []
+    skip, left = HDR_LEN, limit
+    for chain in chains:
+        for buf in chain.writable:
+            if skip:
+                if len(buf) <= skip:  # a header-only descriptor (Linux's "big packets")
+                    skip -= len(buf)
+                    continue
+                buf = buf[skip:]
+                skip = 0
+            if len(buf) >= left:
+                if left:
+                    out.append(buf[:left])
+                return out
+            out.append(buf)
+            left -= len(buf)
+    return out
+
+
+def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0) -> int:
+    """A frame of `length` bytes was written in place over `chains` (as `rx_pieces()` laid it
+    out): write its header (num_buffers: the chains it needed) and push those chains as used.
+    Returns how many it needed; the rest are the caller's (rewind or push them empty). The
+    first chain must have room for the header."""
+    total = HDR_LEN + length
+    lens: list[int] = []
+    for chain in chains:
+        if total <= 0:
+            break
+        n = min(chain.write_len, total)
+        lens.append(n)
+        total -= n
+    if total > 0:
+        raise ValueError(f"frame of {length} bytes larger than its buffers")
+    head = HEADER.pack(flags, GSO_NONE, 0, 0, 0, 0, len(lens))
+    done = 0
+    for buf in chains[0].writable:  # the header may span descriptors (header-only first)
+        n = min(len(buf), HDR_LEN - done)
+        buf[:n] = head[done:done + n]
+        done += n
+        if done == HDR_LEN:
+            break
+    for chain, n in zip(chains, lens, strict=False):
+        vq.push(chain.head, n)
+    return len(lens)
+
+
 class NetDevice(Device):
     """A virtio-net device: one RX/TX queue pair, mergeable RX buffers."""
 

@@ -28,6 +28,7 @@ FrameHandler = Callable[[Sequence[memoryview]], None]
 RxReadyCallback = Callable[[], None]
 
 ETH_MAX_FRAME = 65535 + 14  # largest frame: IP_MAX_MTU plus the Ethernet header
+IOV_MAX = 1024  # UIO_MAXIOV: iovecs one recvmsg_into() takes; rx_scatter() stays within it
 
 
 class Link(abc.ABC):
@@ -81,6 +82,25 @@ class Link(abc.ABC):
     def commit(self, lengths: Sequence[int]) -> None:
         """Queue the first len(lengths) buffers of the last `rx_buffers()` as frames of those
         lengths. They are written out at the end of the loop iteration (or sooner if full)."""
+
+    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        """Up to `count` frames' buffers, for frames of up to `frame_len` bytes that may be
+        scattered over several buffers (vhost-user's mergeable RX buffers; one socket read
+        then fills the guest's buffers directly instead of a bounce buffer).
+
+        Each frame is a list of writable views, in frame order, totalling `frame_len` bytes
+        (less only when the peer's buffers can't hold that much: fill at most the total); the
+        first view is at least `head` bytes long (for headers written in place). All views of
+        one call together are at most IOV_MAX, so one recvmsg_into() can cover them. Commit
+        with `commit_scatter()` (lengths in frame bytes). This default hands out one
+        `rx_buffers()` buffer per frame.
+        """
+        return [[buf[:frame_len]] for buf in self.rx_buffers(min(count, IOV_MAX))]
+
+    def commit_scatter(self, lengths: Sequence[int]) -> None:
+        """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
+        each `lengths[i]` bytes written from the start of its first view onwards."""
+        self.commit(lengths)
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
         """Copy one frame into a receive buffer and commit it (services: ARP, DHCP...).

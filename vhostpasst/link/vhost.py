@@ -36,7 +36,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 
-from vhostpasst.link.base import ETH_MAX_FRAME, FrameHandler, Link
+from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, FrameHandler, Link
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
     DEFAULT_PROBE_PATTERN,
@@ -126,6 +126,7 @@ class VhostUserLink(Link):
         self._starved = False
         self._tx_scheduled = False
         self._handed: list[Chain] = []  # zero-copy chains of the last rx_buffers()
+        self._frames: list[list[Chain]] = []  # chains per frame of the last rx_scatter()
         self._bounced = 0  # bounce slots handed out after them
         self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
         self._bounce = memoryview(self._bounce_buf)
@@ -136,6 +137,7 @@ class VhostUserLink(Link):
         self.tx_frames = 0
         self.tx_dropped = 0
         self.tx_zero_copy = 0  # frames to the guest written in place (no bounce)
+        self.tx_scattered = 0  # of those, frames over several chains (mergeable, rx_scatter)
         self.resets = 0
         loop.add_flush_hook(self.flush)
 
@@ -157,8 +159,9 @@ class VhostUserLink(Link):
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
-                 "(%d written in place, %d dropped)", self.rx_frames, self.tx_frames,
-                 self.tx_zero_copy, self.tx_dropped)
+                 "(%d written in place, %d dropped), %d in place over several buffers",
+                 self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
+                 self.tx_scattered)
         self.backend = None
         self.device = None
         self._reset_state()
@@ -168,6 +171,7 @@ class VhostUserLink(Link):
 
     def _reset_state(self) -> None:
         self._handed = []
+        self._frames = []
         self._bounced = 0
         self._deferred.clear()
         self._starved = False
@@ -214,6 +218,7 @@ class VhostUserLink(Link):
         if vq.index == net.RX_QUEUE:
             # The chains are the front end's again (GET_VRING_BASE reported the index).
             self._handed = []
+            self._frames = []
             self._bounced = 0
         self._state_changed()
 
@@ -284,12 +289,14 @@ class VhostUserLink(Link):
                              num_buffers=num_buffers)
 
     def _release(self) -> None:
-        """Give back chains handed out by rx_buffers() and never committed."""
-        if self._handed:
+        """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
+        popped = len(self._handed) + sum(len(chains) for chains in self._frames)
+        if popped:
             vq = self._queue(net.RX_QUEUE)
             if vq is not None:
-                vq.rewind(len(self._handed))
+                vq.rewind(popped)
             self._handed = []
+            self._frames = []
         self._bounced = 0
 
     def rx_buffers(self, count: int) -> list[memoryview]:
@@ -324,6 +331,97 @@ class VhostUserLink(Link):
             return []
         return out
 
+    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        """The guest's own RX chains, as many per frame as `frame_len` needs (mergeable RX:
+        Linux posts 1.5-4 KiB buffers, a 64 KiB frame spans 16-17), so the caller's socket
+        read lands in guest memory: one copy where rx_buffers() would bounce."""
+        self._release()
+        vq = self._queue(net.RX_QUEUE)
+        if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
+            return []
+        need = net.HDR_LEN + frame_len
+        out: list[list[memoryview]] = []
+        frames: list[list[Chain]] = []
+        views = 0
+        try:
+            while len(out) < count:
+                chains: list[Chain] = []
+                room = 0
+                while room < need:
+                    chain = vq.pop()
+                    if chain is None:
+                        self._starved = True  # pop() re-armed the kick (EVENT_IDX)
+                        break
+                    chains.append(chain)
+                    room += chain.write_len
+                    if not self._mergeable:
+                        break  # one chain per frame: it holds what it holds
+                if room < need and self._mergeable:
+                    # The ring ran dry mid-frame: wait for more unless these chains are all
+                    # the ring can ever hold (then a frame that holds less is all there is).
+                    if out or vq.num > len(chains):
+                        vq.rewind(len(chains))
+                        break
+                pieces = net.rx_pieces(chains, frame_len)
+                if not chains or not pieces or len(pieces[0]) < head or \
+                        views + len(pieces) > IOV_MAX:
+                    vq.rewind(len(chains))
+                    if not out and chains:
+                        # headers would straddle buffers, or buffers too tiny for one read
+                        # (never with Linux's >= 1518-byte buffers): bounce and copy instead
+                        return [[b[:frame_len]] for b in self.rx_buffers(count)]
+                    break
+                frames.append(chains)
+                out.append(pieces)
+                views += len(pieces)
+        except VirtQueueError as e:
+            self._frames = []
+            self._broken("RX queue", e)
+            return []
+        self._frames = frames
+        return out
+
+    def commit_scatter(self, lengths: Sequence[int]) -> None:
+        self.commit(lengths)
+
+    def _commit_scatter(self, vq: VirtQueue, frames: list[list[Chain]],
+                       lengths: Sequence[int]) -> None:
+        """Headers and used entries for frames written over rx_scatter() chains. Chains a
+        frame didn't need (a short last segment) and frames not committed go back: rewound
+        when nothing after them was used, else returned empty (the guest drops and reposts
+        them, as Linux does with a short used buffer)."""
+        popped = sum(len(chains) for chains in frames)
+        if len(lengths) > len(frames):
+            vq.rewind(popped)
+            raise ValueError(f"commit of {len(lengths)} frames, {len(frames)} handed out")
+        for chains, length in zip(frames, lengths, strict=False):
+            room = sum(chain.write_len for chain in chains) - net.HDR_LEN
+            if not 0 <= length <= min(room, ETH_MAX_FRAME):
+                vq.rewind(popped)
+                raise ValueError(f"bad frame length {length}")
+        flags = net.HDR_F_DATA_VALID if self.csum_offload else 0
+        spare: list[Chain] = []  # popped and unused, in pop order
+        tail = 0  # how many of `spare` come after the last used chain
+        try:
+            for i, chains in enumerate(frames):
+                length = lengths[i] if i < len(lengths) else 0
+                used = net.rx_push(vq, chains, length, flags) if length else 0
+                if used:
+                    if self.pcap is not None:
+                        self.pcap.write(b"".join(net.rx_pieces(chains, length)))
+                    self.tx_frames += 1
+                    self.tx_zero_copy += 1
+                    if used > 1:
+                        self.tx_scattered += 1
+                    tail = 0
+                spare += chains[used:]
+                tail += len(chains) - used
+            for chain in spare[:len(spare) - tail]:  # after the frames: theirs are consecutive
+                vq.push(chain.head, 0)
+            vq.rewind(tail)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+
     def _bounce_room(self, vq: VirtQueue, want: int) -> int:
         """How many bounce slots to hand out: as many full-size frames as the available chains
         hold, judged by the next chain's size (guests post equal buffers). Handing out more
@@ -350,10 +448,13 @@ class VhostUserLink(Link):
         return n
 
     def commit(self, lengths: Sequence[int]) -> None:
-        handed, bounced = self._handed, self._bounced
-        self._handed, self._bounced = [], 0
+        handed, bounced, frames = self._handed, self._bounced, self._frames
+        self._handed, self._bounced, self._frames = [], 0, []
         vq = self._queue(net.RX_QUEUE)
         if vq is None:
+            return
+        if frames:
+            self._commit_scatter(vq, frames, lengths)
             return
         if len(lengths) > len(handed) + bounced:
             vq.rewind(len(handed))
@@ -413,7 +514,7 @@ class VhostUserLink(Link):
             return False
         if len(frame) > ETH_MAX_FRAME:
             return False
-        if self._handed or self._bounced:
+        if self._handed or self._bounced or self._frames:
             # rx_buffers() chains are out: popping more now would make them impossible to
             # rewind. Written at the next commit()/flush().
             self._deferred.append(bytes(frame))
@@ -501,6 +602,12 @@ class VhostUserListener(Link):
         return self.link.rx_buffers(count)
 
     def commit(self, lengths: Sequence[int]) -> None:
+        self.link.commit(lengths)
+
+    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        return self.link.rx_scatter(count, frame_len, head)
+
+    def commit_scatter(self, lengths: Sequence[int]) -> None:
         self.link.commit(lengths)
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
