@@ -219,11 +219,18 @@ def test_dhcpv6_address(env: GuestEnv) -> None:
     _need(env, "dhclient")
     # dhclient needs a usable (non-tentative) link-local address to send from.
     _wait_guest(env.guest, "! ip -6 addr show dev eth0 | grep -q tentative", "DAD")
-    _, out = env.guest.run(
-        "dhclient -6 -1 -cf /etc/dhclient.conf -sf /etc/dhclient6.script "
-        "-lf /tmp/dhclient6.leases -pf /tmp/dhclient6.pid eth0", timeout=60)
+    # dhclient -1 gives up after its own timeout (20 s); a TCG guest on a loaded two-core CI
+    # machine can be slower than that, so it gets three tries, as a person would retry.
+    outputs = []
+    for _ in range(3):
+        rc, out = env.guest.run(
+            "dhclient -6 -1 -cf /etc/dhclient.conf -sf /etc/dhclient6.script "
+            "-lf /tmp/dhclient6.leases -pf /tmp/dhclient6.pid eth0", timeout=60, check=False)
+        outputs.append(f"exit {rc}: {out}")
+        if rc == 0:
+            break
     m = re.search(r"^VPT-DHCP6 (.*)$", out, re.M)
-    assert m, out
+    assert m, "\n".join(outputs)
     lease = dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
     assert lease["ip6"] == HOST_ADDR6 and lease["plen"] == "128", lease
     assert lease["search6"].rstrip(".") == SEARCH, lease
