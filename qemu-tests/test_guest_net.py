@@ -217,8 +217,11 @@ def test_slaac_and_default_route(env: GuestEnv) -> None:
 
 def test_dhcpv6_address(env: GuestEnv) -> None:
     _need(env, "dhclient")
-    # dhclient needs a usable (non-tentative) link-local address to send from.
-    _wait_guest(env.guest, "! ip -6 addr show dev eth0 | grep -q tentative", "DAD")
+    # dhclient needs a usable (non-tentative) link-local address to send from; the link is
+    # brought up here too so this case does not depend on the ones before it.
+    env.guest.run("ip link set eth0 up")
+    _wait_guest(env.guest, "ip -6 addr show dev eth0 scope link | grep inet6 | grep -vq tentative",
+                "a link-local address past DAD")
     # dhclient -1 gives up after its own timeout (20 s); a TCG guest on a loaded two-core CI
     # machine can be slower than that, so it gets three tries, as a person would retry.
     outputs = []
