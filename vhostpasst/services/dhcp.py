@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from vhostpasst.conf import Config
+from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IP, parse_eth
 from vhostpasst.wire.ip import IPPROTO_UDP, parse_ipv4
@@ -81,10 +82,6 @@ _DEFAULT_ORDER = (OPT_NETMASK, OPT_ROUTER, OPT_LEASE, OPT_SERVER_ID, OPT_MTU, OP
                   OPT_SEARCH, OPT_CLASSLESS_ROUTES, OPT_HOSTNAME, OPT_FQDN, OPT_RAPID_COMMIT)
 
 
-class _Ignored(Exception):
-    """A well-formed request we do not answer (the message says why)."""
-
-
 class DhcpServer:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -100,50 +97,38 @@ class DhcpServer:
 
     def handle(self, frame: Buffer) -> bytes | None:
         """The reply frame for the DHCP request in `frame`, or None (see `last_error`)."""
-        try:
-            reply = self._handle(as_view(frame))
-            self.last_error = None
-            return reply
-        except _Ignored as e:
-            reason = str(e)
-        except Malformed as e:
-            reason = f"malformed request: {e}"
-        except Exception as e:  # never let guest input raise; keep the cause for debugging
-            log.debug("DHCP: unexpected error", exc_info=True)
-            reason = f"internal error: {e!r}"
-        self.last_error = reason
-        log.debug("DHCP: request dropped: %s", reason)
-        return None
+        reply, self.last_error = guarded("DHCP", lambda: self._handle(as_view(frame)), None)
+        return reply
 
     def _handle(self, frame: memoryview) -> bytes:
         ip4 = self.config.ip4
         if self.config.no_dhcp or ip4 is None or ip4.addr is None:
-            raise _Ignored("DHCP disabled or no IPv4 address to give")
+            raise Ignored("DHCP disabled or no IPv4 address to give")
         if self._server is None:
-            raise _Ignored("no server address (neither our_tap_addr nor gateway)")
+            raise Ignored("no server address (neither our_tap_addr nor gateway)")
         eth = parse_eth(frame)
         if eth.ethertype != ETH_P_IP:
-            raise _Ignored("not IPv4")
+            raise Ignored("not IPv4")
         packet = parse_ipv4(eth.payload)
         if packet.is_fragment:
-            raise _Ignored("fragmented request")
+            raise Ignored("fragmented request")
         if packet.proto != IPPROTO_UDP:
-            raise _Ignored("not UDP")
+            raise Ignored("not UDP")
         datagram = parse_udp(packet.payload)
         if datagram.dport != SERVER_PORT:
-            raise _Ignored(f"UDP port {datagram.dport}, not {SERVER_PORT}")
+            raise Ignored(f"UDP port {datagram.dport}, not {SERVER_PORT}")
         msg = datagram.payload
         if len(msg) < _OPTS_OFFSET:
             raise Malformed(f"BOOTP message of {len(msg)} bytes, need {_OPTS_OFFSET}")
         (op, htype, hlen, _hops, xid, _secs, flags, ciaddr, _yiaddr, _siaddr, giaddr, chaddr,
          _sname, _file, cookie) = _BOOTP.unpack_from(msg)
         if op != BOOTREQUEST:
-            raise _Ignored(f"BOOTP op {op} is not BOOTREQUEST")
+            raise Ignored(f"BOOTP op {op} is not BOOTREQUEST")
         if cookie != MAGIC_COOKIE:
-            raise _Ignored(f"bad magic cookie 0x{cookie:08x}")
+            raise Ignored(f"bad magic cookie 0x{cookie:08x}")
         opts = parse_options(msg[_OPTS_OFFSET:])
         if OPT_OVERLOAD in opts:  # options in sname/file: we never need them, don't guess
-            raise _Ignored("option overload (52) not supported")
+            raise Ignored("option overload (52) not supported")
 
         mtype = opts.get(OPT_MSG_TYPE)
         rapid = False
@@ -158,7 +143,7 @@ class DhcpServer:
             elif mtype[0] == DHCPREQUEST:
                 reply_type = DHCPACK
             else:
-                raise _Ignored(f"message type {mtype[0]} ignored")
+                raise Ignored(f"message type {mtype[0]} ignored")
 
         options = dict(self._static)
         if rapid:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address
 
 from vhostpasst.conf import Config
+from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
 from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6, parse_ipv6
@@ -85,10 +86,6 @@ _IA = struct.Struct("!III")  # IAID, T1, T2
 _IA_SERVER_SCOPE = 12  # IA_NA / IA_PD: options start after IAID, T1, T2
 _IAADDR = struct.Struct("!16sII")
 _DNS_MAX = 0xFFFF // 16
-
-
-class _Ignored(Exception):
-    """A well-formed message we do not answer (the message says why)."""
 
 
 def iter_options(buf: Buffer) -> Iterator[tuple[int, memoryview]]:
@@ -154,43 +151,31 @@ class Dhcpv6Server:
 
     def handle(self, frame: Buffer) -> bytes | None:
         """The reply frame for the DHCPv6 message in `frame`, or None (see `last_error`)."""
-        try:
-            reply = self._handle(as_view(frame))
-            self.last_error = None
-            return reply
-        except _Ignored as e:
-            reason = str(e)
-        except Malformed as e:
-            reason = f"malformed message: {e}"
-        except Exception as e:  # never let guest input raise; keep the cause for debugging
-            log.debug("DHCPv6: unexpected error", exc_info=True)
-            reason = f"internal error: {e!r}"
-        self.last_error = reason
-        log.debug("DHCPv6: message dropped: %s", reason)
-        return None
+        reply, self.last_error = guarded("DHCPv6", lambda: self._handle(as_view(frame)), None)
+        return reply
 
     def _handle(self, frame: memoryview) -> bytes:
         config = self.config
         ip6 = config.ip6
         if config.no_dhcpv6 or ip6 is None:
-            raise _Ignored("DHCPv6 disabled")
+            raise Ignored("DHCPv6 disabled")
         eth = parse_eth(frame)
         if eth.ethertype != ETH_P_IPV6:
-            raise _Ignored("not IPv6")
+            raise Ignored("not IPv6")
         packet = parse_ipv6(eth.payload)
         if packet.proto != IPPROTO_UDP or packet.is_fragment:
-            raise _Ignored("not a whole UDP datagram")
+            raise Ignored("not a whole UDP datagram")
         if not packet.dst.is_multicast:
             # RFC 8415 §16: clients multicast unless we sent a Server Unicast option (never)
-            raise _Ignored(f"unicast to {packet.dst}")
+            raise Ignored(f"unicast to {packet.dst}")
         if packet.src.is_unspecified or packet.src.is_multicast:
-            raise _Ignored(f"no address to answer to ({packet.src})")
+            raise Ignored(f"no address to answer to ({packet.src})")
         if eth.src[0] & 1:
-            raise _Ignored("multicast source MAC")
+            raise Ignored("multicast source MAC")
         # The UDP checksum is not verified: with checksum offload a guest may leave it partial.
         datagram = parse_udp(packet.payload)
         if datagram.dport != SERVER_PORT:
-            raise _Ignored(f"UDP port {datagram.dport}, not {SERVER_PORT}")
+            raise Ignored(f"UDP port {datagram.dport}, not {SERVER_PORT}")
         msg = datagram.payload
         if len(msg) < 4:
             raise Malformed(f"DHCPv6 message of {len(msg)} bytes")
@@ -239,7 +224,7 @@ class Dhcpv6Server:
             _need(not ia_nas and not ia_pds, "INFORMATION-REQUEST with an IA")
             reply_type = REPLY
         else:
-            raise _Ignored(f"message type {mtype} ignored")
+            raise Ignored(f"message type {mtype} ignored")
 
         body = bytearray((reply_type,)) + xid
         body += _opt(OPT_SERVERID, self.server_id)
@@ -300,7 +285,7 @@ class Dhcpv6Server:
 
 def _need(condition: bool, why: str) -> None:
     if not condition:
-        raise _Ignored(why)
+        raise Ignored(why)
 
 
 def _status(code: int, message: str) -> bytes:

@@ -29,6 +29,7 @@ import struct
 from ipaddress import IPv6Address
 
 from vhostpasst.conf import Config
+from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.services.dhcpv6 import dns_name
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
@@ -82,10 +83,6 @@ _ND_HOP_LIMIT = 255  # RFC 4861: sent with 255, and only accepted with 255 (neve
 _NS_LEN = 24  # ICMPv6 header + 4 reserved + 16 target
 _RS_LEN = 8
 _MAX_RDNSS = 127  # option length is 8 bits of 8-octet units: 1 + 2 * 127 = 255
-
-
-class _Dropped(Exception):
-    """A message we do not answer (the message says why)."""
 
 
 def parse_nd_options(buf: Buffer) -> list[tuple[int, memoryview]]:
@@ -177,51 +174,40 @@ class NdpService:
 
     def handle(self, frame: Buffer, now: float) -> list[bytes]:
         """The frames answering the NDP message in `frame` (often none; see `last_error`)."""
-        try:
-            out = self._handle(as_view(frame), now)
-            self.last_error = None
-            return out
-        except _Dropped as e:
-            reason = str(e)
-        except Malformed as e:
-            reason = f"malformed: {e}"
-        except Exception as e:  # never let guest input raise; keep the cause for debugging
-            log.debug("NDP: unexpected error", exc_info=True)
-            reason = f"internal error: {e!r}"
-        self.last_error = reason
-        log.debug("NDP: message dropped: %s", reason)
-        return []
+        empty: list[bytes] = []
+        frames, self.last_error = guarded("NDP", lambda: self._handle(as_view(frame), now), empty)
+        return frames
 
     def _handle(self, frame: memoryview, now: float) -> list[bytes]:
         if not self._enabled:
-            raise _Dropped("NDP disabled")
+            raise Ignored("NDP disabled")
         eth = parse_eth(frame)
         if eth.ethertype != ETH_P_IPV6:
-            raise _Dropped("not IPv6")
+            raise Ignored("not IPv6")
         packet = parse_ipv6(eth.payload)
         if packet.proto != IPPROTO_ICMPV6 or packet.is_fragment:
-            raise _Dropped("not a whole ICMPv6 message")
+            raise Ignored("not a whole ICMPv6 message")
         msg = packet.l4
         if len(msg) < 8:
             raise Malformed(f"ICMPv6 message of {len(msg)} bytes")
         type_, code = msg[0], msg[1]
         if type_ not in (ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_NEIGHBOR_SOLICIT,
                          ND_NEIGHBOR_ADVERT):
-            raise _Dropped(f"ICMPv6 type {type_} is not NDP")
+            raise Ignored(f"ICMPv6 type {type_} is not NDP")
         # RFC 4861 §6.1.1/§7.1.1 validity: from the link itself, code 0, checksum right
         if packet.hop_limit != _ND_HOP_LIMIT:
-            raise _Dropped(f"hop limit {packet.hop_limit}, not 255")
+            raise Ignored(f"hop limit {packet.hop_limit}, not 255")
         if code != 0:
-            raise _Dropped(f"ICMPv6 code {code}")
+            raise Ignored(f"ICMPv6 code {code}")
         if not l4_checksum_ok6(packet.src, packet.dst, IPPROTO_ICMPV6, msg):
-            raise _Dropped("bad ICMPv6 checksum")
+            raise Ignored("bad ICMPv6 checksum")
         self._learn(eth.src, packet.src)
         self.guest_seen(now)
         if type_ == ND_NEIGHBOR_SOLICIT:
             return self._solicit(eth.src, packet.src, packet.dst, msg)
         if type_ == ND_ROUTER_SOLICIT:
             return self._router_solicit(eth.src, packet.src, msg)
-        raise _Dropped(f"ICMPv6 type {type_} from the guest consumed")
+        raise Ignored(f"ICMPv6 type {type_} from the guest consumed")
 
     def _learn(self, mac: bytes, src: IPv6Address) -> None:
         if not mac[0] & 1:
@@ -240,16 +226,16 @@ class NdpService:
         target = IPv6Address(bytes(msg[8:24]))
         options = parse_nd_options(msg[_NS_LEN:])
         if target.is_multicast:
-            raise _Dropped(f"NS for multicast target {target}")
+            raise Ignored(f"NS for multicast target {target}")
         if src.is_unspecified:
-            raise _Dropped(f"DAD probe for {target}: the address must stay free")
+            raise Ignored(f"DAD probe for {target}: the address must stay free")
         if target == src:
-            raise _Dropped(f"NS for its own address {target}")
+            raise Ignored(f"NS for its own address {target}")
         if src.is_multicast:
-            raise _Dropped(f"NS from multicast source {src}")
+            raise Ignored(f"NS from multicast source {src}")
         dst_mac = _lladdr(options, OPT_SLLA) or bytes(mac)
         if dst_mac[0] & 1:
-            raise _Dropped("NS from a multicast MAC without a usable SLLA option")
+            raise Ignored("NS from a multicast MAC without a usable SLLA option")
         ip6 = self.config.ip6
         assert ip6 is not None
         body = (struct.pack("!I", NA_ROUTER | NA_SOLICITED | NA_OVERRIDE) + target.packed
@@ -264,9 +250,9 @@ class NdpService:
         options = parse_nd_options(msg[_RS_LEN:])
         slla = _lladdr(options, OPT_SLLA)
         if src.is_unspecified and any(t == OPT_SLLA for t, _ in options):
-            raise _Dropped("RS from :: with an SLLA option (RFC 4861 §6.1.1)")
+            raise Ignored("RS from :: with an SLLA option (RFC 4861 §6.1.1)")
         if self._ra is None:
-            raise _Dropped("router advertisements disabled (--no-ra)")
+            raise Ignored("router advertisements disabled (--no-ra)")
         if src.is_unspecified or src.is_multicast:
             # §6.2.6: no address to answer to, so everyone gets it
             return [self._ra_frame(ALL_NODES, ALL_NODES_MAC)]

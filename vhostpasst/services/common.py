@@ -1,0 +1,38 @@
+"""What every sans-IO service shares: how a guest message that gets no answer is reported.
+
+A service raises `Ignored` for a well-formed message it does not answer, and the wire parsers
+raise `Malformed`; `guarded()` turns either (and any bug) into "no answer" plus a reason that
+the service keeps in `last_error` and logs at debug level. Guest input never raises out of a
+service.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from vhostpasst.wire.errors import Malformed
+
+log = logging.getLogger("vhostpasst.services")
+
+T = TypeVar("T")
+
+
+class Ignored(Exception):
+    """A message the service does not answer (the message says why)."""
+
+
+def guarded(service: str, answer: Callable[[], T], nothing: T) -> tuple[T, str | None]:
+    """(answer(), None), or (nothing, why) when the message gets no answer."""
+    try:
+        return answer(), None
+    except Ignored as e:
+        reason = str(e)
+    except Malformed as e:
+        reason = f"malformed: {e}"
+    except Exception as e:  # never let guest input raise; keep the cause for debugging
+        log.debug("%s: unexpected error", service, exc_info=True)
+        reason = f"internal error: {e!r}"
+    log.debug("%s: message dropped: %s", service, reason)
+    return nothing, reason
