@@ -8,5 +8,6 @@ setup(
         "cffi_build/mmsg_build.py:ffibuilder",
         "cffi_build/ns_build.py:ffibuilder",
         "cffi_build/tcpseg_build.py:ffibuilder",
+        "cffi_build/tcpsg_build.py:ffibuilder",
     ]
 )

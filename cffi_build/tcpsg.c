@@ -1,0 +1,140 @@
+/* TCP frames to the guest whose payload is scattered over several buffers (vhost-user
+ * mergeable RX buffers: Linux posts 1.5-4 KiB buffers, a 64 KiB segment spans ~17), a batch
+ * at a time (vhostpasst/tcp.py, host -> guest path). Same job as tcpseg.c's vp_tcp_frames:
+ * headers from a per-connection template written into the frame's first buffer, IPv4 header
+ * checksum, and the TCP checksum over the scattered payload unless the guest said it need not
+ * be (GUEST_CSUM: the frame is marked DATA_VALID; passt skips it the same way).
+ *
+ * Frame i is pieces first[i] .. first[i+1] - 1 of (bufs, lens): the headers at the start of
+ * the first piece, the payload after them and on through the following pieces, sizes[i]
+ * bytes. Without `csum` only the first piece of each frame is touched, so the caller may pass
+ * just those. Every access is checked against the lengths given: returns -1 (nothing is
+ * promised about frames already written) if a frame's pieces can't hold its headers or, with
+ * `csum`, its payload; else the next seq. out_lens[i]: the frame's length. */
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#define ETH_HLEN 14
+#define IP4_HLEN 20
+#define IP6_HLEN 40
+#define TCP_HLEN 20
+
+/* Ones' complement sum of `len` bytes as big-endian 16-bit words, folded to 16 bits
+ * (RFC 1071: summed in native order, byte-swapped once at the end). An odd last byte
+ * counts as the high byte of a word. */
+static uint32_t sum16(const uint8_t *buf, size_t len)
+{
+	uint64_t acc = 0;
+	size_t i = 0;
+	uint32_t w;
+	uint16_t h;
+
+	for (; i + 4 <= len; i += 4) {
+		memcpy(&w, buf + i, 4);
+		acc += w;
+	}
+	if (i + 2 <= len) {
+		memcpy(&h, buf + i, 2);
+		acc += h;
+		i += 2;
+	}
+	if (i < len) {
+		h = 0;
+		memcpy(&h, buf + i, 1);
+		acc += h;
+	}
+	while (acc >> 16)
+		acc = (acc & 0xffff) + (acc >> 16);
+	h = (uint16_t)acc;
+	{
+		const uint8_t *p = (const uint8_t *)&h;
+		return (uint32_t)p[0] << 8 | p[1];
+	}
+}
+
+static inline uint32_t swap16(uint32_t s)
+{
+	return ((s & 0xff) << 8) | (s >> 8);
+}
+
+static inline void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = v >> 8;
+	p[1] = v & 0xff;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+	p[0] = v >> 24;
+	p[1] = v >> 16;
+	p[2] = v >> 8;
+	p[3] = v;
+}
+
+static inline uint16_t fold(uint64_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
+			 const uint32_t *first, const uint32_t *sizes, unsigned int n,
+			 const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
+			 uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
+			 int csum, uint32_t *out_lens)
+{
+	unsigned int hlen = ETH_HLEN + (six ? IP6_HLEN : IP4_HLEN);
+	unsigned int i, p;
+
+	for (i = 0; i < n; i++) {
+		unsigned int start = first[i], end = first[i + 1];
+		uint8_t *f, *t;
+		uint32_t size = sizes[i], l4 = TCP_HLEN + size, left, odd = 0;
+		uint64_t sum;
+
+		if (start >= end || end > npieces || lens[start] < hlen + TCP_HLEN)
+			return -1;
+		if ((six ? l4 : IP4_HLEN + l4) > 0xffff)
+			return -1;
+		f = bufs[start];
+		t = f + hlen;
+		memcpy(f, tmpl, hlen + TCP_HLEN);
+		if (six) {
+			put16(f + ETH_HLEN + 4, (uint16_t)l4);
+		} else {
+			put16(f + ETH_HLEN + 2, (uint16_t)(IP4_HLEN + l4));
+			put16(f + ETH_HLEN + 10, fold(sum16(f + ETH_HLEN, IP4_HLEN)));
+		}
+		put32(t + 4, seq);
+		put32(t + 8, ack);
+		t[13] = i + 1 == n ? last_flags : flags;
+		put16(t + 14, wnd);
+		if (csum) {
+			/* header (even length), then the payload piece by piece: a piece that
+			 * starts at an odd offset has its bytes in swapped roles */
+			sum = (uint64_t)pseudo + l4 + sum16(t, TCP_HLEN);
+			left = size;
+			for (p = start; p < end && left; p++) {
+				uint32_t off = p == start ? hlen + TCP_HLEN : 0;
+				uint32_t len = lens[p] - off, s;
+
+				if (off > lens[p])
+					return -1;
+				if (len > left)
+					len = left;
+				s = sum16(bufs[p] + off, len);
+				sum += odd ? swap16(s) : s;
+				odd ^= len & 1;
+				left -= len;
+			}
+			if (left)
+				return -1;
+			put16(t + 16, fold(sum));
+		}
+		out_lens[i] = hlen + l4;
+		seq += size;
+	}
+	return seq;
+}

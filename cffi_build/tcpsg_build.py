@@ -1,0 +1,26 @@
+"""cffi build script for TCP frame headers over scattered buffers (compiled at install time):
+`vhostpasst._tcpsg`, used by vhostpasst/tcp.py when a link hands out frames that span several
+buffers (vhost-user mergeable RX, Link.rx_scatter)."""
+
+from pathlib import Path
+
+from cffi import FFI
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
+                             const uint32_t *first, const uint32_t *sizes, unsigned int n,
+                             const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
+                             uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
+                             int csum, uint32_t *out_lens);
+    """
+)
+ffibuilder.set_source(
+    "vhostpasst._tcpsg",
+    (Path(__file__).parent / "tcpsg.c").read_text(),
+    extra_compile_args=["-O2", "-Wall"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
