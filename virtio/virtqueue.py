@@ -216,6 +216,44 @@ class VirtQueue:
         self.inflight += 1
         return chain
 
+    def pop_many(self, count: int) -> list[Chain]:
+        """Up to `count` chains, as pop() would return them one by one but with one avail
+        index read, and a short path for a lone device-writable descriptor (how Linux posts
+        mergeable RX buffers: popping 17 per 64 KiB frame made pop() the RX path's main cost).
+        Fewer than `count` (empty re-arms the kick as pop() does) when the ring runs dry."""
+        ring = self._ring_or_fail()
+        pending = self.available()
+        if pending < count:
+            if pending == 0:
+                chain = self.pop()  # re-arms the kick, or finds a late entry
+                return [] if chain is None else [chain]
+            count = pending
+        table, num, gpa = self._desc, self.num, self.memory.gpa
+        assert table is not None
+        unpack = DESC.unpack_from
+        out: list[Chain] = []
+        idx = self.last_avail_idx
+        try:
+            for _ in range(count):
+                head = ring.avail_head(idx)
+                if head >= num:
+                    raise self._fail(f"head {head} >= queue size {num}")
+                addr, length, flags, _nxt = unpack(table, head * DESC_SIZE)
+                if flags == DESC_F_WRITE:
+                    try:
+                        chain = Chain(head, [], [gpa(addr, length)])
+                    except GuestMemoryError as e:
+                        raise self._fail(f"descriptor buffer outside guest memory: {e}") \
+                            from None
+                else:
+                    chain = self._walk(head)
+                out.append(chain)
+                idx = (idx + 1) & 0xFFFF
+        finally:
+            self.last_avail_idx = idx
+            self.inflight += len(out)
+        return out
+
     def _walk(self, head: int) -> Chain:
         assert self._desc is not None
         table = self._desc

@@ -67,6 +67,12 @@ HDR = net.HEADER
 NET_FEATURES = net.F_MRG_RXBUF | net.F_CSUM | net.F_GUEST_CSUM
 
 
+def _room(chain: Chain) -> int:
+    """Writable bytes of a chain; Linux's mergeable buffers are one descriptor each."""
+    writable = chain.writable
+    return len(writable[0]) if len(writable) == 1 else chain.write_len
+
+
 class _Device(net.NetDevice):
     """The virtio-net device the back end drives; every event goes to the link."""
 
@@ -345,17 +351,29 @@ class VhostUserLink(Link):
         views = 0
         try:
             while len(out) < count:
-                chains: list[Chain] = []
-                room = 0
-                while room < need:
-                    chain = vq.pop()
-                    if chain is None:
-                        self._starved = True  # pop() re-armed the kick (EVENT_IDX)
+                chain = vq.pop()
+                if chain is None:
+                    self._starved = True  # pop() re-armed the kick (EVENT_IDX)
+                    break
+                first = chain.writable[0] if chain.writable else None
+                if first is not None and len(first) >= need and len(first) >= net.HDR_LEN + head:
+                    # the whole frame fits the first buffer (MTU 1500, or big buffers)
+                    frames.append([chain])
+                    out.append([first[net.HDR_LEN:need]])
+                    views += 1
+                    if views >= IOV_MAX:
                         break
-                    chains.append(chain)
-                    room += chain.write_len
-                    if not self._mergeable:
-                        break  # one chain per frame: it holds what it holds
+                    continue
+                chains = [chain]
+                room = _room(chain)
+                while room < need and self._mergeable:
+                    # as many more as the frame needs if they are the size of the first
+                    more = vq.pop_many(-(-(need - room) // max(_room(chains[0]), 1)))
+                    if not more:
+                        self._starved = True  # an empty pop re-armed the kick (EVENT_IDX)
+                        break
+                    chains += more
+                    room += sum(_room(c) for c in more)
                 if room < need and self._mergeable:
                     # The ring ran dry mid-frame: wait for more unless these chains are all
                     # the ring can ever hold (then a frame that holds less is all there is).
@@ -395,17 +413,24 @@ class VhostUserLink(Link):
             vq.rewind(popped)
             raise ValueError(f"commit of {len(lengths)} frames, {len(frames)} handed out")
         for chains, length in zip(frames, lengths, strict=False):
-            room = sum(chain.write_len for chain in chains) - net.HDR_LEN
+            room = sum(_room(chain) for chain in chains) - net.HDR_LEN
             if not 0 <= length <= min(room, ETH_MAX_FRAME):
                 vq.rewind(popped)
                 raise ValueError(f"bad frame length {length}")
         flags = net.HDR_F_DATA_VALID if self.csum_offload else 0
         spare: list[Chain] = []  # popped and unused, in pop order
         tail = 0  # how many of `spare` come after the last used chain
+        hdr = self._header()
         try:
             for i, chains in enumerate(frames):
                 length = lengths[i] if i < len(lengths) else 0
-                used = net.rx_push(vq, chains, length, flags) if length else 0
+                buf = chains[0].writable[0] if length and chains[0].writable else None
+                if buf is not None and len(buf) >= net.HDR_LEN + length:
+                    used = 1  # all in the first buffer: the common case at MTU 1500
+                    hdr.pack_into(buf)
+                    vq.push(chains[0].head, net.HDR_LEN + length)
+                else:
+                    used = net.rx_push(vq, chains, length, flags) if length else 0
                 if used:
                     if self.pcap is not None:
                         self.pcap.write(b"".join(net.rx_pieces(chains, length)))
