@@ -67,6 +67,31 @@ HDR_LEN = net.HDR_LEN  # 12
 TX_SLOT = HDR_LEN + 65536 + 16  # a whole frame of the largest MTU, after the header
 FULL_RX = HDR_LEN + 14 + 65520  # what the back end needs to write a 65520-MTU frame in place
 U16 = struct.Struct("<H")
+TCP_CSUM_OFFSET = 16
+
+
+def data_valid_to_partial(buf: memoryview, length: int) -> None:
+    """A guest's virtio-net driver takes DATA_VALID as "checksum verified" (Linux:
+    CHECKSUM_UNNECESSARY), so a back end with GUEST_CSUM may leave the TCP checksum out (passt
+    does, vhostpasst does for frames over several buffers). A tap ignores DATA_VALID and
+    verifies; its nearest equivalent is NEEDS_CSUM over the checksum field (CHECKSUM_PARTIAL,
+    not verified on local delivery), so that is what such frames get on their way to the tap.
+    Only TCP segments whose checksum field is 0 (left out): computed checksums are still
+    verified by the kernel (and a computed 0 is valid either way); IPv4 unfragmented or IPv6
+    without extension headers."""
+    if buf[0] != net.HDR_F_DATA_VALID or length < HDR_LEN + 14 + 20 + 20:  # IPv4 + TCP
+        return
+    f = buf[HDR_LEN:length]
+    if f[12:14] == b"\x08\x00" and not int.from_bytes(f[20:22], "big") & 0x3FFF:
+        l4, proto = 14 + (f[14] & 15) * 4, f[23]
+    elif f[12:14] == b"\x86\xdd":
+        l4, proto = 14 + 40, f[20]
+    else:
+        return
+    csum = l4 + TCP_CSUM_OFFSET
+    if proto == 6 and csum + 2 <= len(f) and f[csum:csum + 2] == b"\0\0":
+        net.HEADER.pack_into(buf, 0, net.HDR_F_NEEDS_CSUM, net.GSO_NONE, csum + 2, 0, l4,
+                             TCP_CSUM_OFFSET, U16.unpack_from(buf, net.NUM_BUFFERS_OFFSET)[0])
 U32 = struct.Struct("<I")
 USED_ELEM = struct.Struct("<II")
 FAR = 0x8000  # an event index half the index space away: "don't notify me"
@@ -308,6 +333,7 @@ class VhostRelay:
                 head, length = rx.take()
                 count -= 1
                 (nbuf,) = U16.unpack_from(bufs[head], net.NUM_BUFFERS_OFFSET)
+                data_valid_to_partial(bufs[head], length)
                 iov = [bufs[head][:length]]
                 heads = [head]
                 for _ in range(min(max(nbuf, 1) - 1, count)):

@@ -37,7 +37,7 @@ import termios
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vhostpasst import fwd, nat
 from vhostpasst.flow import Context, Flow, TimerLike
@@ -47,11 +47,19 @@ from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
 
+if TYPE_CHECKING:
+    from vhostpasst.link.base import Link
+
 try:  # headers and checksums of a whole batch of frames in one C call (cffi_build/tcpseg.c)
     from vhostpasst._tcpseg import ffi as _seg_ffi
     from vhostpasst._tcpseg import lib as _seg_lib
 except ImportError:  # not built: the per-segment writers of wire/tcp.py do the same
     _seg_ffi = _seg_lib = None
+try:  # the same for frames spread over several guest buffers (cffi_build/tcpsg.c)
+    from vhostpasst._tcpsg import ffi as _sg_ffi
+    from vhostpasst._tcpsg import lib as _sg_lib
+except ImportError:  # not built: whole-frame buffers only (vhost-user then bounces)
+    _sg_ffi = _sg_lib = None
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,31 @@ def discard(sock: socket.socket, count: int) -> int:
             break
         done += n
     return done
+
+
+def _scatter_iov(frames: list[list[memoryview]], off: int,
+                 room: int) -> tuple[list[memoryview], list[int]]:
+    """The payload iovecs of frames spread over several buffers (headers in the first `off`
+    bytes of each frame's first buffer) and each frame's payload room, no more in all than
+    the guest's window (`room`); frames past the window get no iovec."""
+    iov: list[memoryview] = []
+    caps: list[int] = []
+    for frame in frames:
+        if room <= 0:
+            break
+        views = [frame[0][off:], *frame[1:]]
+        cap = sum(len(v) for v in views)
+        if cap > room:  # the window cuts this one short: trim its views
+            cap, need = room, room
+            for i, v in enumerate(views):
+                if len(v) >= need:
+                    views = [*views[:i], v[:need]]
+                    break
+                need -= len(v)
+        iov += views
+        caps.append(cap)
+        room -= cap
+    return iov, caps
 
 
 def seq_lt(a: int, b: int) -> bool:
@@ -694,7 +727,17 @@ class TcpHandler:
             # no more buffers than there are bytes to peek: a 1-byte answer takes one
             # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
             count = min(count, max(1, -(-(queued - in_flight) // mss)))
-        bufs = self.ctx.rx_buffers(count)
+        off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
+        link = self.ctx.link
+        frames: list[list[memoryview]] = []
+        scatter = getattr(link, "rx_scatter", None)  # a Link has it; test doubles may not
+        if _sg_lib is not None and scatter is not None and link.connected:  # type: ignore
+            # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
+            # so the peek lands in guest memory instead of a bounce buffer (one copy)
+            frames = scatter(count, off + mss, off)
+            bufs = [frame[0] for frame in frames]
+        else:
+            bufs = self.ctx.rx_buffers(count)
         if not bufs:
             # no guest, or its ring is full: rx_ready() resumes, the RTO timer if it never comes
             self._stall(conn, True)
@@ -702,12 +745,19 @@ class TcpHandler:
             if not conn.rto_armed:
                 self._arm_rto(conn)
             return
-        off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
-        end = off + mss
-        iov = [buf[off:end] for buf in bufs]
-        last = room - (len(bufs) - 1) * mss  # the window may cut the last segment short
-        if last < mss:
-            iov[-1] = bufs[-1][off:off + last]
+        # frames over several buffers, or in one that holds less than a segment (a guest
+        # without mergeable buffers): per-frame room, and headers by _tcpsg
+        full = off + mss
+        scattered = any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
+        if scattered:
+            iov, caps = _scatter_iov(frames, off, room)
+        else:
+            iov = [buf[off:full] for buf in bufs]
+            caps = [mss] * len(bufs)
+            last = room - (len(bufs) - 1) * mss  # the window may cut the last segment short
+            if last < mss:
+                iov[-1] = bufs[-1][off:off + last]
+                caps[-1] = last
         try:
             n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
         except (BlockingIOError, InterruptedError):
@@ -725,14 +775,28 @@ class TcpHandler:
             return
         conn.last_seen = time.monotonic()
         # buffers not filled: nothing more to peek until new data arrives (an edge)
-        self._stall(conn, n >= room, drained=n < (len(iov) - 1) * mss + len(iov[-1]))
+        self._stall(conn, n >= room, drained=n < sum(caps))
         ack, wnd = self._ack_wnd(conn)
         mac = self.ctx.guest_mac()
-        count = -(-n // mss)  # segments filled: all full but the last
-        sizes = [mss] * count
-        sizes[-1] = n - (count - 1) * mss
+        sizes = []  # segments filled: all full but the last
+        left = n
+        for cap in caps:
+            sizes.append(min(cap, left))
+            left -= cap
+            if left <= 0:
+                break
+        count = len(sizes)
         seq = conn.seq_to_tap
-        if _seg_lib is not None:
+        if scattered:
+            assert link is not None
+            written = self._scattered_headers(conn, link, frames[:count], sizes, mac, ack, wnd)
+            if written is None:  # the link's buffers broke its promises: resend on the RTO
+                link.commit_scatter([])
+                if not conn.rto_armed:
+                    self._arm_rto(conn)
+                return
+            seq, lengths = written
+        elif _seg_lib is not None:
             tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
                 else self._template(conn, mac)
             fb = _seg_ffi.from_buffer
@@ -752,7 +816,11 @@ class TcpHandler:
                 lengths.append(write(bufs[i], mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
                                      conn.gport, seq, ack, flags, wnd, size))
                 seq = (seq + size) & M32
-        self.ctx.commit(lengths)
+        if frames:
+            assert link is not None
+            link.commit_scatter(lengths)
+        else:
+            self.ctx.commit(lengths)
         self._acked_to_tap(conn, ack, wnd)
         if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
             conn.rtt_seq, conn.rtt_time = seq, time.monotonic()  # Karn: new data only
@@ -761,6 +829,38 @@ class TcpHandler:
             conn.seq_max = seq
         if not conn.rto_armed:
             self._arm_rto(conn)
+
+    def _scattered_headers(self, conn: TcpConn, link: Link, frames: list[list[memoryview]],
+                           sizes: list[int], mac: bytes, ack: int,
+                           wnd: int) -> tuple[int, list[int]] | None:
+        """Headers (and the TCP checksum, unless the guest takes DATA_VALID) for frames whose
+        payload spans several buffers, in one C call; the next seq and the frame lengths, or
+        None if the buffers can't hold what they should (the C side checks every access)."""
+        assert _sg_ffi is not None and _sg_lib is not None
+        tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
+            else self._template(conn, mac)
+        # GUEST_CSUM: the guest checks nothing, so the payload need not be read again (summed
+        # anyway with --pcap, which should show frames as a guest without offload sees them)
+        csum = not (getattr(link, "csum_offload", False) and link.pcap is None)
+        if csum:
+            pieces = [v for frame in frames for v in frame]
+            first = [0]
+            for frame in frames:
+                first.append(first[-1] + len(frame))
+        else:  # only the first buffers are touched
+            pieces = [frame[0] for frame in frames]
+            first = list(range(len(frames) + 1))
+        count = len(frames)
+        fb = _sg_ffi.from_buffer
+        out = _sg_ffi.new("uint32_t[]", count)
+        seq = _sg_lib.vp_tcp_frames_sg(
+            [fb(v, require_writable=True) for v in pieces], [len(v) for v in pieces],
+            len(pieces), first, sizes, count, tmpl, conn.six, conn.pseudo, conn.seq_to_tap,
+            ack, wnd, wtcp.ACK, wtcp.ACK | wtcp.PSH, csum, out)
+        if seq < 0:
+            self._log.warning("tcp-sg", "%r: frame buffers too short for headers", conn)
+            return None
+        return seq, _sg_ffi.unpack(out, count)
 
     def _template(self, conn: TcpConn, mac: bytes) -> bytes:
         """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment
