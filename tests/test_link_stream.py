@@ -212,7 +212,7 @@ def test_commit_more_than_handed_out_is_an_error(h: Harness, listener: StreamLis
 def test_pool_full_flushes_early(h: Harness, tmp_path: Path) -> None:
     lst = StreamListener(h.loop, str(tmp_path / "s"), h.on_frames, on_exit=h.on_exit)
     lst.link.close()  # replace the link with one that has a tiny pool
-    lst.link = StreamLink(h.loop, h.on_frames, on_disconnect=lst._client_gone, tx_slots=4)
+    lst.link = StreamLink(h.loop, h.on_frames, on_disconnect=lst._peer_gone, tx_slots=4)
     c = attached(h, lst)
     for i in range(10):  # 10 single sends through a 4-slot pool, with no loop iteration
         assert lst.link.send(frame(i))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from vhostpasst.pcap import PcapWriter
 
@@ -128,3 +129,58 @@ class Link(abc.ABC):
             for frame in frames:
                 self.pcap.write(frame)
         self.on_frames(frames)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class ForwardingLink(Link):
+    """A listener serving one peer at a time that is itself a Link: every Link call goes to
+    the current peer's link (`self.link`), so the dispatcher keeps one object across
+    reconnections. When the peer leaves, `one_off` ends the daemon through `on_exit`.
+
+    Subclasses set `link`, `_listener` (anything with close()), `one_off` and `on_exit`, and
+    hand `_peer_gone` to their link as its disconnect callback.
+    """
+
+    link: Link
+    _listener: _Closable
+    one_off: bool
+    on_exit: Callable[[], None]
+    peer_name = "client"  # for the log line when one_off ends the daemon
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    @property
+    def on_rx_ready(self) -> list[RxReadyCallback]:
+        return self.link.on_rx_ready
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        return self.link.rx_buffers(count)
+
+    def commit(self, lengths: Sequence[int]) -> None:
+        self.link.commit(lengths)
+
+    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        return self.link.rx_scatter(count, frame_len, head)
+
+    def commit_scatter(self, lengths: Sequence[int]) -> None:
+        self.link.commit_scatter(lengths)
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        return self.link.send(frame)
+
+    def flush(self) -> None:
+        self.link.flush()
+
+    def _peer_gone(self) -> None:
+        if self.one_off:
+            log.info("%s gone and --one-off given: exiting", self.peer_name)
+            self.on_exit()
+
+    def close(self) -> None:
+        self.link.close()
+        self._listener.close()

@@ -32,7 +32,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-from vhostpasst.link.base import ETH_MAX_FRAME, FrameHandler, Link
+from vhostpasst.link.base import ETH_MAX_FRAME, ForwardingLink, FrameHandler, Link
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop
 from vhostpasst.pcap import PcapWriter
@@ -527,7 +527,7 @@ class UnixListener:
             pass  # already gone, or not ours any more
 
 
-class StreamListener(Link):
+class StreamListener(ForwardingLink):
     """A UNIX stream listener feeding one StreamLink (`.link`), one client at a time.
 
     The listener is itself a Link that forwards to `.link`, so either can be handed to the
@@ -552,7 +552,7 @@ class StreamListener(Link):
         self._loop = loop
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
-        self.link = StreamLink(loop, on_frames, pcap, on_disconnect=self._client_gone)
+        self.link = StreamLink(loop, on_frames, pcap, on_disconnect=self._peer_gone)
         try:
             self._listener = UnixListener(
                 loop, path, lambda conn, _pid: self.link.attach(conn),
@@ -576,35 +576,6 @@ class StreamListener(Link):
         stream_link_from_fd)."""
         return stream_link_from_fd(loop, fd, on_frames, pcap, on_exit)
 
-    # Link interface, forwarded to the current link
-    @property
-    def connected(self) -> bool:
-        return self.link.connected
-
-    @property
-    def on_rx_ready(self) -> list[Callable[[], None]]:
-        return self.link.on_rx_ready
-
-    def rx_buffers(self, count: int) -> list[memoryview]:
-        return self.link.rx_buffers(count)
-
-    def commit(self, lengths: Sequence[int]) -> None:
-        self.link.commit(lengths)
-
-    def send(self, frame: bytes | bytearray | memoryview) -> bool:
-        return self.link.send(frame)
-
-    def flush(self) -> None:
-        self.link.flush()
-
-    def _client_gone(self) -> None:
-        if self.one_off:
-            log.info("client gone and --one-off given: exiting")
-            self.on_exit()
-
-    def close(self) -> None:
-        self.link.close()
-        self._listener.close()
 
 
 def stream_link_from_fd(

@@ -36,7 +36,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 
-from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, FrameHandler, Link
+from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
     DEFAULT_PROBE_PATTERN,
@@ -577,7 +577,7 @@ class VhostUserLink(Link):
                 log.exception("on_rx_ready callback failed")
 
 
-class VhostUserListener(Link):
+class VhostUserListener(ForwardingLink):
     """`--vhost-user -s PATH`: a UNIX listener (same probing as the stream socket) feeding one
     VhostUserLink (`.link`), one front end at a time; with `one_off` the first front end's
     departure calls `on_exit` (default: stop the loop). Itself a Link forwarding to `.link`."""
@@ -596,9 +596,10 @@ class VhostUserListener(Link):
         probe_count: int = DEFAULT_PROBE_COUNT,
     ) -> None:
         super().__init__(on_frames, pcap)
+        self.peer_name = "front end"
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
-        self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._client_gone,
+        self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._peer_gone,
                                   frame_max=frame_max)
         try:
             self._listener = UnixListener(
@@ -612,44 +613,8 @@ class VhostUserListener(Link):
         self.path: str = self._listener.path
 
     @property
-    def connected(self) -> bool:
-        return self.link.connected
-
-    @property
     def csum_offload(self) -> bool:
         return self.link.csum_offload
-
-    @property
-    def on_rx_ready(self) -> list[Callable[[], None]]:
-        return self.link.on_rx_ready
-
-    def rx_buffers(self, count: int) -> list[memoryview]:
-        return self.link.rx_buffers(count)
-
-    def commit(self, lengths: Sequence[int]) -> None:
-        self.link.commit(lengths)
-
-    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
-        return self.link.rx_scatter(count, frame_len, head)
-
-    def commit_scatter(self, lengths: Sequence[int]) -> None:
-        self.link.commit(lengths)
-
-    def send(self, frame: bytes | bytearray | memoryview) -> bool:
-        return self.link.send(frame)
-
-    def flush(self) -> None:
-        self.link.flush()
-
-    def _client_gone(self) -> None:
-        if self.one_off:
-            log.info("front end gone and --one-off given: exiting")
-            self.on_exit()
-
-    def close(self) -> None:
-        self.link.close()
-        self._listener.close()
-
 
 def vhost_link_from_fd(
     loop: Loop,
