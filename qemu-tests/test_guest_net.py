@@ -215,10 +215,14 @@ def test_slaac_and_default_route(env: GuestEnv) -> None:
     assert f"default via {env.our_link_local()} dev eth0" in route, route
 
 
-def test_dhcpv6_address(env: GuestEnv) -> None:
+def _lease6(env: GuestEnv) -> dict[str, str]:
+    """The guest's DHCPv6 lease (dhclient -6), taken once per guest and kept on `env`: the DNS
+    case needs it too and must not depend on running after the DHCPv6 case on one worker."""
+    if env.lease6:
+        return env.lease6
     _need(env, "dhclient")
     # dhclient needs a usable (non-tentative) link-local address to send from; the link is
-    # brought up here too so this case does not depend on the ones before it.
+    # brought up here too so this does not depend on the cases before it.
     env.guest.run("ip link set eth0 up")
     _wait_guest(env.guest, "ip -6 addr show dev eth0 scope link | grep inet6 | grep -vq tentative",
                 "a link-local address past DAD")
@@ -234,13 +238,17 @@ def test_dhcpv6_address(env: GuestEnv) -> None:
             break
     m = re.search(r"^VPT-DHCP6 (.*)$", out, re.M)
     assert m, "\n".join(outputs)
-    lease = dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
+    env.lease6 = dict(kv.split("=", 1) for kv in m.group(1).split(" ") if "=" in kv)
+    _wait_guest(env.guest, f"ip -6 addr show dev eth0 | grep 'inet6 {HOST_ADDR6}/128' "
+                "| grep -vq tentative", "DHCPv6 address past DAD")
+    return env.lease6
+
+
+def test_dhcpv6_address(env: GuestEnv) -> None:
+    lease = _lease6(env)
     assert lease["ip6"] == HOST_ADDR6 and lease["plen"] == "128", lease
     assert lease["search6"].rstrip(".") == SEARCH, lease
     assert lease["dns6"].split() == [HOST_GW6], lease  # ::1 on the host: the mapped address
-    env.lease6 = lease
-    _wait_guest(env.guest, f"ip -6 addr show dev eth0 | grep 'inet6 {HOST_ADDR6}/128' "
-                "| grep -vq tentative", "DHCPv6 address past DAD")
 
 
 # -- ICMP ----------------------------------------------------------------------------------------
@@ -383,10 +391,9 @@ def test_dns_through_forwarded_resolver(env: GuestEnv, ip: int) -> None:
     leases advertise the gateway addresses, and the daemon forwards queries sent there."""
     if ip == 4:
         server = env.lease["dns"].split()[0]
-    elif env.lease6:
-        server = env.lease6["dns6"].split()[0]
     else:
-        pytest.skip("no DHCPv6 lease (test_dhcpv6_address did not get one)")
+        server = _lease6(env)["dns6"].split()[0]
+        _wait_guest(env.guest, "ip -6 route show default | grep -q via", "IPv6 default route")
     _, out = env.guest.run(f"nslookup {DNS_NAME} {server}", timeout=30)
     assert f"Address: {DNS_A}" in out, out
     assert f"Address: {DNS_AAAA}" in out, out
