@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -161,3 +162,55 @@ def test_explicit_rule_wins_over_tolerant_rule() -> None:
     assert acc is not None
     by_port = {m.host_port: m.guest_port for m in fwd.mappings(acc)}
     assert by_port[80] == 8080 and 22 not in by_port and by_port[81] == 81
+
+
+# --- bind_all: the binding policy -t and -u share ---------------------------------------------
+
+
+class _FakeSock:
+    def __init__(self, key: tuple[bool, object, int]) -> None:
+        self.key = key
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _binder(fail: set[int]) -> tuple[list[_FakeSock], fwd.BindOne]:
+    made: list[_FakeSock] = []
+
+    def bind_one(six: bool, addr: object, ifname: object, port: int) -> _FakeSock:
+        if port in fail:
+            raise OSError(errno.EADDRINUSE, "Address in use")
+        made.append(_FakeSock((six, addr, port)))
+        return made[-1]
+
+    return made, bind_one  # type: ignore[return-value]
+
+
+def test_bind_all_binds_each_mapping_per_enabled_family() -> None:
+    made, bind_one = _binder(set())
+    spec = fwd.parse_spec("22,80:8080", option="-t")
+    bound = fwd.bind_all(spec, True, True, "TCP", bind_one)
+    assert [(m.host_port, m.guest_port, six) for m, six, _ in bound] == [
+        (22, 22, False), (22, 22, True), (80, 8080, False), (80, 8080, True)]
+    only4 = fwd.bind_all(fwd.parse_spec("198.51.100.1/5000", option="-u"), True, True, "UDP",
+                         _binder(set())[1])
+    assert [six for _, six, _ in only4] == [False]  # an address picks its family
+
+
+def test_bind_all_explicit_failure_names_the_port_and_closes_the_rest() -> None:
+    made, bind_one = _binder({80})
+    with pytest.raises(OSError, match="TCP port 80 on 0.0.0.0"):
+        fwd.bind_all(fwd.parse_spec("22,80", option="-t"), True, False, "TCP", bind_one)
+    assert made and all(s.closed for s in made)
+
+
+def test_bind_all_tolerant_specs_skip_failures_but_not_all_of_them() -> None:
+    spec = fwd.parse_spec("~3-65535", option="-u")  # exclusions only: ports 1 and 2
+    _, bind_one = _binder({1})
+    bound = fwd.bind_all(spec, True, False, "UDP", bind_one)
+    assert [m.host_port for m, _, _ in bound] == [2]
+    _, bind_one = _binder({1, 2})
+    with pytest.raises(OSError, match="no UDP port could be forwarded"):
+        fwd.bind_all(spec, True, False, "UDP", bind_one)

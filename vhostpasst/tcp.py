@@ -532,32 +532,10 @@ class TcpHandler:
     def listen(self, forwards: fwd.PortForwards | None) -> None:
         """Bind every `-t` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
-        tried = ok = 0
         config = self.ctx.config
-        for m in fwd.mappings(forwards, fwd.ephemeral_range()):
-            families = []
-            if m.addr is not None:
-                families.append(isinstance(m.addr, IPv6Address))
-            else:
-                if config.ip4 is not None:
-                    families.append(False)
-                if config.ip6 is not None:
-                    families.append(True)
-            for six in families:
-                tried += m.tolerant
-                try:
-                    sock = self._listen_one(six, m.addr, m.ifname, m.host_port)
-                except OSError as e:
-                    if m.tolerant and e.errno not in (errno.EMFILE, errno.ENFILE):
-                        continue
-                    where = f"{m.addr or ('[::]' if six else '0.0.0.0')}"
-                    raise OSError(e.errno, f"TCP port {m.host_port} on {where}"
-                                           f"{'%' + m.ifname if m.ifname else ''}: "
-                                           f"{e.strerror}") from None
-                ok += m.tolerant
-                self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
-        if tried and not ok and not self.listeners:
-            raise OSError(errno.EADDRINUSE, "no TCP port could be forwarded")
+        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+                                         config.ip6 is not None, "TCP", self._listen_one):
+            self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
 
     def _add_listener(self, lst: Listener) -> None:
         self.listeners.append(lst)

@@ -431,37 +431,12 @@ class UdpHandler:
     def listen(self, forwards: fwd.PortForwards | None) -> None:
         """Bind every `-u` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
-        tolerant_tried = tolerant_ok = 0
         config = self.ctx.config
-        for m in fwd.mappings(forwards, fwd.ephemeral_range()):
-            families = []
-            if m.addr is not None:
-                families.append(isinstance(m.addr, IPv6Address))
-            else:
-                if config.ip4 is not None:
-                    families.append(False)
-                if config.ip6 is not None:
-                    families.append(True)
-            for six in families:
-                if m.tolerant:
-                    tolerant_tried += 1
-                try:
-                    sock = self._listen_one(six, m.addr, m.ifname, m.host_port)
-                except OSError as e:
-                    if m.tolerant and e.errno not in (errno.EMFILE, errno.ENFILE):
-                        continue
-                    where = f"{m.addr or ('[::]' if six else '0.0.0.0')}"
-                    raise OSError(e.errno, f"UDP port {m.host_port} on {where}"
-                                           f"{'%' + m.ifname if m.ifname else ''}: "
-                                           f"{e.strerror}") from None
-                if m.tolerant:
-                    tolerant_ok += 1
-                lst = Listener(sock, six, m.guest_port)
-                self.listeners.append(lst)
-                self.ctx.loop.add_fd(sock.fileno(), EPOLLIN,
-                                     functools.partial(self._on_listener, lst))
-        if tolerant_tried and not tolerant_ok and not self.listeners:
-            raise OSError(errno.EADDRINUSE, "no UDP port could be forwarded")
+        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+                                         config.ip6 is not None, "UDP", self._listen_one):
+            lst = Listener(sock, six, m.guest_port)
+            self.listeners.append(lst)
+            self.ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
 
     def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
         """One more listening port on any address (pasta's automatic ports); OSError if
