@@ -7,7 +7,8 @@
 `qemu`: a real TCG guest (qemu-tests/harness.py, imported) per back end: vhostpasst
 --vhost-user (-netdev vhost-user), vhostpasst on the stream socket (-netdev stream), Debian's
 passt on the stream socket (its 2023 build has no --vhost-user) and, with `--passt PATH` naming
-a newer build, that passt with --vhost-user too. In the guest: iperf3 to / from (-R) an
+a newer build (`python bench/fetch_passt.py` fetches Debian 13's), that passt with
+--vhost-user and on the stream socket too. In the guest: iperf3 to / from (-R) an
 iperf3 server on the host's loopback through the gateway address, and a 1-byte TCP ping-pong
 from the host to `nc -e cat` in the guest through a -t forward (mean round trip).
 
@@ -325,7 +326,8 @@ def main() -> int:
     p.add_argument("--mtu", type=int, action="append", help="guest MTU (repeatable)")
     p.add_argument("--rr-count", type=int, default=500, help="ping-pong round trips")
     p.add_argument("--passt", help="a passt build to compare (one with --vhost-user for "
-                                   "the vhost-user row; Debian 12's has none)")
+                                   "the vhost-user row; Debian 12's has none, "
+                   "bench/fetch_passt.py fetches Debian 13's)")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args()
     args.mtu = args.mtu or [65520, 1500]
