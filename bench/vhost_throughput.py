@@ -327,7 +327,7 @@ def main() -> int:
     p.add_argument("--rr-count", type=int, default=500, help="ping-pong round trips")
     p.add_argument("--passt", help="a passt build to compare (one with --vhost-user for "
                                    "the vhost-user row; Debian 12's has none, "
-                   "bench/fetch_passt.py fetches Debian 13's)")
+                                   "bench/fetch_passt.py fetches Debian 13's)")
     p.add_argument("--json", help="also write the raw figures here")
     args = p.parse_args()
     args.mtu = args.mtu or [65520, 1500]
