@@ -79,11 +79,24 @@ static inline uint16_t fold(uint64_t sum)
 	return (uint16_t)~sum;
 }
 
-int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
-			 const uint32_t *first, const uint32_t *sizes, unsigned int n,
-			 const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
-			 uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
-			 int csum, uint32_t *out_lens)
+/* The pseudo-header sum over the whole TCP length, folded and not complemented: what a
+ * partially checksummed frame (virtio NEEDS_CSUM, Linux CHECKSUM_PARTIAL) carries in its
+ * checksum field; whoever segments it adds each segment's header and payload. */
+static inline uint16_t partial(uint64_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)sum;
+}
+
+/* As vp_tcp_frames_sg, and frames whose payload is longer than `tso_mss` (0: none) are GSO
+ * frames the guest segments (virtio GUEST_TSO): their checksum field gets the pseudo-header
+ * sum over the full TCP length (virtio 1.2, 5.1.6.4) and their payload is not read. */
+int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
+			     const uint32_t *first, const uint32_t *sizes, unsigned int n,
+			     const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
+			     uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
+			     int csum, uint32_t tso_mss, uint32_t *out_lens)
 {
 	unsigned int hlen = ETH_HLEN + (six ? IP6_HLEN : IP4_HLEN);
 	unsigned int i, p;
@@ -111,7 +124,9 @@ int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned in
 		put32(t + 8, ack);
 		t[13] = i + 1 == n ? last_flags : flags;
 		put16(t + 14, wnd);
-		if (csum) {
+		if (tso_mss && size > tso_mss) {
+			put16(t + 16, partial((uint64_t)pseudo + l4));
+		} else if (csum) {
 			/* header (even length), then the payload piece by piece: a piece that
 			 * starts at an odd offset has its bytes in swapped roles */
 			sum = (uint64_t)pseudo + l4 + sum16(t, TCP_HLEN);
@@ -137,4 +152,14 @@ int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned in
 		seq += size;
 	}
 	return seq;
+}
+
+int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
+			 const uint32_t *first, const uint32_t *sizes, unsigned int n,
+			 const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
+			 uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
+			 int csum, uint32_t *out_lens)
+{
+	return vp_tcp_frames_sg_tso(bufs, lens, npieces, first, sizes, n, tmpl, six, pseudo,
+				    seq, ack, wnd, flags, last_flags, csum, 0, out_lens);
 }

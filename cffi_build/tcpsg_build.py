@@ -14,6 +14,12 @@ ffibuilder.cdef(
                              const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
                              uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
                              int csum, uint32_t *out_lens);
+    int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens,
+                                 unsigned int npieces, const uint32_t *first,
+                                 const uint32_t *sizes, unsigned int n, const uint8_t *tmpl,
+                                 int six, uint32_t pseudo, uint32_t seq, uint32_t ack,
+                                 uint16_t wnd, uint8_t flags, uint8_t last_flags, int csum,
+                                 uint32_t tso_mss, uint32_t *out_lens);
     """
 )
 ffibuilder.set_source(

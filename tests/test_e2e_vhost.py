@@ -5,7 +5,9 @@ guest's virtio-net driver: it shares memfd "guest RAM" with `vhostpasst --vhost-
 PATH` in the host namespace and moves frames between the rings and the guest namespace's tap.
 Each test runs twice: with RX buffers that hold a whole 65520-MTU frame (the daemon writes
 frames in place) and with Linux-sized 4 KiB mergeable buffers (TCP reads a 64 KiB frame straight
-into the 17 chains it spans; UDP and the rest copy from a bounce buffer).
+into the 17 chains it spans; UDP and the rest copy from a bounce buffer). The TSO cases have
+the bridge negotiate TCP segmentation offload both ways (the tap's kernel then sends and takes
+TCP frames of up to 64 KiB whatever the MTU).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from vhost_sandbox import FULL_RX_BUF, start_vhost_daemon, start_vhost_relay
 TOOL = str(Path(__file__).resolve().parent / "tcp_tool.py")
 GW4 = "192.0.2.1"
 HOST4 = "192.0.2.2"
+GW6 = "2001:db8::1"
+HOST6 = "2001:db8::2"
 MIB = 1 << 20
 RX_BUFS = {"inplace": FULL_RX_BUF, "mrg4k": 4096}
 
@@ -118,16 +122,17 @@ def test_udp_both_ways(vbox: Sandbox) -> None:
     assert json.loads(r.stdout) == {"ok": len(sizes), "peer": GW4}
 
 
-def _serve(box: Sandbox, port: int, action: str, arg: str | None = None) -> None:
+def _serve(box: Sandbox, port: int, action: str, arg: str | None = None,
+           addr: str = GW4) -> None:
     ready = box.dir / f"srv-{port}"
-    cmd = [sys.executable, TOOL, "serve", GW4, str(port), action, str(ready)]
+    cmd = [sys.executable, TOOL, "serve", addr, str(port), action, str(ready)]
     box.popen_in(box.world_ns, *cmd, *([arg] if arg else []), stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-    wait_until(ready.exists, 10, f"server on {GW4}:{port}")
+    wait_until(ready.exists, 10, f"server on {addr}:{port}")
 
 
-def _client(box: Sandbox, port: int, *args: object) -> dict:
-    r = box.guest(sys.executable, TOOL, "connect", GW4, str(port), *map(str, args),
+def _client(box: Sandbox, port: int, *args: object, addr: str = GW4) -> dict:
+    r = box.guest(sys.executable, TOOL, "connect", addr, str(port), *map(str, args),
                   timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr + box.daemon_log() + box.relay_log()
     return json.loads(r.stdout)  # type: ignore[no-any-return]
@@ -159,14 +164,58 @@ def test_tcp_200mib_each_way(vbox: Sandbox) -> None:
         assert scattered > size // 65536
 
 
-def closing_counters(box: Sandbox) -> tuple[int, ...]:
+def closing_counters(box: Sandbox, tso: bool = False) -> tuple[int, ...]:
     """Frames from the guest, to it, of those written in place and dropped, and in place
-    over several buffers, from the daemon's closing line."""
+    over several buffers, from the daemon's closing line (and with `tso` the TSO frames
+    from the guest and to it)."""
     gone = front_end_gone_line(box)
     m = re.search(r"(\d+) frames from the guest, (\d+) to it \((\d+) written in place, "
-                  r"(\d+) dropped\), (\d+) in place over several buffers", gone)
+                  r"(\d+) dropped\), (\d+) in place over several buffers, "
+                  r"TSO frames (\d+) from the guest, (\d+) to it", gone)
     assert m, gone
-    return tuple(map(int, m.groups()))
+    return tuple(map(int, m.groups() if tso else m.groups()[:5]))
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("mtu", [1500, 65520])
+def test_tcp_tso_both_ways(sandbox: Sandbox, mtu: int, family: int) -> None:
+    """TSO negotiated both ways (the tap's kernel is a guest with HOST_TSO and GUEST_TSO,
+    Linux-sized 4 KiB RX buffers): 50 MiB guest -> remote and remote -> guest, sha256 checked.
+    At MTU 1500 the daemon's and the bridge's counters show frames bigger than the MTU
+    going both ways (the daemon's TSO frames to the guest written in place over the guest's
+    buffers, with a partial checksum the guest's kernel completes when it segments)."""
+    start_vhost_daemon(sandbox, "--no-map-gw")
+    start_vhost_relay(sandbox, "--rx-buf-size", "4096", "--tso")
+    configure_guest(sandbox, {"ip": HOST4, "mtu": str(mtu), "router": GW4})
+    addr = GW4
+    if family == 6:
+        sandbox.guest("ip", "-6", "addr", "add", f"{HOST6}/64", "dev", "tap0", "nodad",
+                      check=True)
+        addr = GW6
+    running = [ln for ln in sandbox.daemon_stderr_text().splitlines()
+               if "device running" in ln]
+    assert running and "from the guest: csum tso4 tso6 ecn; to the guest: csum tso4 tso6" \
+        in running[-1], running
+    size = 50 * MIB
+    _serve(sandbox, 5001, "sink", addr=addr)
+    r = _client(sandbox, 5001, "send", size, addr=addr)
+    assert r["answer"] == [str(size), r["sha"]], r
+    sys.path.insert(0, str(Path(TOOL).parent))
+    import tcp_tool
+    _serve(sandbox, 5003, "source", str(size), addr=addr)
+    r = _client(sandbox, 5003, "recv", addr=addr)
+    assert (r["bytes"], r["sha"]) == (size, tcp_tool.pattern(size)[1]), r
+    from_guest, to_guest, in_place, dropped, scattered, gso_in, gso_out = \
+        closing_counters(sandbox, tso=True)
+    relay = sandbox.relay_status()  # its last, after it stopped
+    assert dropped == 0 and relay.get("tap_errors") == "0", relay
+    if mtu == 1500:  # 64 KiB frames each way: a few per 64 KiB, not 45
+        assert gso_in > size // 65536 // 2 and gso_out > size // 65536 // 2
+        assert int(relay["gso_to_guest"]) >= gso_in and int(relay["gso_to_tap"]) == gso_out
+        assert from_guest < size // 1448 // 4 and to_guest < size // 1448 // 4
+        assert scattered > gso_out // 2  # in place over several 4 KiB buffers
+    else:  # one segment of 65480 bytes is already the biggest frame
+        assert gso_out == 0
 
 
 def test_tcp_scattered_frames_checksummed_without_offload(sandbox: Sandbox) -> None:

@@ -6,23 +6,26 @@ Run inside the guest network namespace (`ip netns exec GUEST python tests/vhost_
 frames go over the vhost-user rings, as with a qemu guest, but without qemu:
 
 - the front end (tests/virtio/frontend.py) connects, negotiates VERSION_1, MRG_RXBUF,
-  EVENT_IDX, CSUM and GUEST_CSUM, shares one memfd of "guest RAM" and sets up RX and TX rings
-  with kick and call eventfds;
+  EVENT_IDX, CSUM and GUEST_CSUM (and with --tso HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6), shares
+  one memfd of "guest RAM" and sets up RX and TX rings with kick and call eventfds;
 - TX: frames read from the tap land straight in TX buffers in guest memory, header included
   (the tap is opened with IFF_VNET_HDR and a 12-byte header, the size of
   virtio_net_hdr_mrg_rxbuf, and TUN_F_CSUM, so the kernel hands out partially checksummed
-  frames exactly as a virtio guest with CSUM would); a batch is published with one avail
-  index store and at most one kick (EVENT_IDX decides);
+  frames exactly as a virtio guest with CSUM would; with --tso also TUN_F_TSO4/TSO6/TSO_ECN,
+  so the kernel hands out TCP frames of up to 64 KiB whatever the MTU, their GSO fields in the
+  header, as a virtio guest with HOST_TSO does: the tap's vnet header is virtio_net_hdr); a
+  batch is published with one avail index store and at most one kick (EVENT_IDX decides);
 - RX: every RX buffer is posted at start; used entries (several per frame with mergeable
   buffers) are written to the tap with one writev, header first (DATA_VALID goes through to
-  the kernel), and the buffers are posted again, one avail store and kick per batch.
+  the kernel, and GSO frames with their GSO fields: the kernel takes them whole, as a guest
+  with GUEST_TSO does), and the buffers are posted again, one avail store and kick per batch.
 
 Ring indices are read and written with struct on an mmap of the memfd; the fences come from
 the cffi ring helpers (virtio._ring), because the back end is another process on another CPU.
 
 State goes to `--status-file` as `key=value` lines, in the format of tests/relay.py (`state`,
-`connections`, `pid`, frame counters `to_tap` / `to_guest`, and the notification counters),
-so the sandbox's wait_relay() works on it.
+`connections`, `pid`, frame counters `to_tap` / `to_guest`, of those the GSO frames `gso_to_tap`
+/ `gso_to_guest`, and the notification counters), so the sandbox's wait_relay() works on it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,12 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TSO_FEATURES = (net.F_HOST_TSO4 | net.F_HOST_TSO6 | net.F_HOST_ECN | net.F_GUEST_TSO4
+                | net.F_GUEST_TSO6)
+GSO_TYPE_OFFSET = 1  # of gso_type in virtio_net_hdr
 
 HDR_LEN = net.HDR_LEN  # 12
 TX_SLOT = HDR_LEN + 65536 + 16  # a whole frame of the largest MTU, after the header
@@ -187,6 +196,8 @@ class VhostRelay:
         self.stopping = False
         self.to_tap = 0
         self.to_guest = 0
+        self.gso_to_tap = 0  # frames from the back end that the tap's kernel segments
+        self.gso_to_guest = 0  # frames the tap's kernel did not segment (TSO): 64 KiB
         self.tap_errors = 0
         self.idle_work = 0  # timeouts that found work: a missed notification would show here
         q, rxb = args.queue_size, args.rx_buf_size
@@ -210,7 +221,12 @@ class VhostRelay:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HDR_LEN))
         # CSUM: the guest kernel leaves L4 checksums to the "device"; vhostpasst takes
         # partial checksums (it sends payloads on, not frames). Off with --no-csum.
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0 if self.args.no_csum else TUN_F_CSUM)
+        # TSO (needs CSUM): the kernel sends TCP frames of up to 64 KiB, the "device"
+        # segments them (vhostpasst: the host socket does); as HOST_TSO* on virtio-net.
+        offload = 0 if self.args.no_csum else TUN_F_CSUM
+        if self.args.tso:
+            offload |= TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
         return fd
 
     def log(self, msg: str) -> None:
@@ -224,6 +240,7 @@ class VhostRelay:
         with open(tmp, "w") as f:
             f.write(f"state={self.state}\nconnections={self.connections}\npid={os.getpid()}\n"
                     f"to_tap={self.to_tap}\nto_guest={self.to_guest}\n"
+                    f"gso_to_tap={self.gso_to_tap}\ngso_to_guest={self.gso_to_guest}\n"
                     f"tx_kicks={self.tx.kicks}\nrx_kicks={self.rx.kicks}\n"
                     f"tap_errors={self.tap_errors}\nidle_work={self.idle_work}\n"
                     f"cpu={sum(os.times()[:2]):.3f}\n")
@@ -251,7 +268,8 @@ class VhostRelay:
         fe = Frontend(s, lambda: select.select([s], [], [], 0.1))
         self.fe = fe
         features = (F_VERSION_1 | F_PROTOCOL_FEATURES | F_RING_EVENT_IDX | net.F_MRG_RXBUF
-                    | (0 if self.args.no_csum else net.F_CSUM | net.F_GUEST_CSUM))
+                    | (0 if self.args.no_csum else net.F_CSUM | net.F_GUEST_CSUM)
+                    | (TSO_FEATURES if self.args.tso else 0))
         offered = fe.get_u64(R.GET_FEATURES)
         if features & ~offered:
             raise RuntimeError(f"back end lacks features {features & ~offered:#x}")
@@ -309,6 +327,8 @@ class VhostRelay:
                 raise
             tx.put(slot, n)
             self.to_guest += 1
+            if bufs[slot][GSO_TYPE_OFFSET]:
+                self.gso_to_guest += 1
         else:
             more = True
         tx.publish()
@@ -334,6 +354,8 @@ class VhostRelay:
                 count -= 1
                 (nbuf,) = U16.unpack_from(bufs[head], net.NUM_BUFFERS_OFFSET)
                 data_valid_to_partial(bufs[head], length)
+                if bufs[head][GSO_TYPE_OFFSET]:
+                    self.gso_to_tap += 1
                 iov = [bufs[head][:length]]
                 heads = [head]
                 for _ in range(min(max(nbuf, 1) - 1, count)):
@@ -430,8 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="tap frames per TX publish")
     p.add_argument("--no-csum", action="store_true",
                    help="no checksum offload (CSUM/GUEST_CSUM, TUN_F_CSUM)")
+    p.add_argument("--tso", action="store_true",
+                   help="TCP segmentation offload both ways (TUN_F_TSO4/6, HOST_TSO4/6 and "
+                        "GUEST_TSO4/6)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.tso and args.no_csum:
+        p.error("--tso needs checksum offload (no --no-csum)")
     if args.queue_size & (args.queue_size - 1) or not 1 <= args.queue_size <= 32768:
         p.error("--queue-size: a power of two up to 32768")
     relay = VhostRelay(args)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from vhostpasst import fwd, nat
 from vhostpasst.flow import Context, Flow, TimerLike
+from vhostpasst.link.base import TSO_MAX_L3, Tso
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.wire import checksum
@@ -254,6 +255,7 @@ class TcpConn(Flow):
         self.tmpl: bytes | None = None  # frame headers for data to the guest (see _template)
         self.tmpl_mac = b""
         self.pseudo = 0
+        self.tso: Tso | None = None  # for a link that segments (see _tso)
         self.rto_timer: TimerLike | None = None  # may outlive a cancel: see _cancel_rto
         self.rto_armed = False  # the retransmission timer runs
         self.rto_when = 0.0  # when rto_timer fires
@@ -698,7 +700,15 @@ class TcpHandler:
             if not conn.rto_armed:
                 self._arm_rto(conn)  # persist: probe a zero window
             return
-        mss = conn.mss
+        link = self.ctx.link
+        scatter = getattr(link, "rx_scatter", None)  # a Link has it; test doubles may not
+        sg = _sg_lib is not None and scatter is not None and link.connected  # type: ignore
+        # a guest that segments (TSO) takes frames of up to 64 KiB: far fewer of them
+        tso = self._tso(conn) if sg and (link.tso6 if conn.six else link.tso4) else None
+        mss = conn.mss  # payload per frame
+        if tso is not None:  # as many whole segments as fit 64 KiB: no runt at the end
+            l3 = (IPV6_HLEN if conn.six else IPV4_HLEN) + wtcp.TCP_HLEN
+            mss = max(mss, (TSO_MAX_L3 - l3) // mss * mss)
         count = min(SEG_BATCH, -(-room // mss))
         queued = unread(conn.fd)
         if queued is not None:
@@ -706,13 +716,11 @@ class TcpHandler:
             # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
             count = min(count, max(1, -(-(queued - in_flight) // mss)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
-        link = self.ctx.link
         frames: list[list[memoryview]] = []
-        scatter = getattr(link, "rx_scatter", None)  # a Link has it; test doubles may not
-        if _sg_lib is not None and scatter is not None and link.connected:  # type: ignore
+        if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
-            frames = scatter(count, off + mss, off)
+            frames = scatter(count, off + mss, off)  # type: ignore[misc]
             bufs = [frame[0] for frame in frames]
         else:
             bufs = self.ctx.rx_buffers(count)
@@ -726,7 +734,9 @@ class TcpHandler:
         # frames over several buffers, or in one that holds less than a segment (a guest
         # without mergeable buffers): per-frame room, and headers by _tcpsg
         full = off + mss
-        scattered = any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
+        # GSO frames need _tcpsg's partial checksum, whatever their buffers
+        scattered = tso is not None or \
+            any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
         if scattered:
             iov, caps = _scatter_iov(frames, off, room)
         else:
@@ -767,7 +777,8 @@ class TcpHandler:
         seq = conn.seq_to_tap
         if scattered:
             assert link is not None
-            written = self._scattered_headers(conn, link, frames[:count], sizes, mac, ack, wnd)
+            written = self._scattered_headers(conn, link, frames[:count], sizes, mac, ack, wnd,
+                                              tso)
             if written is None:  # the link's buffers broke its promises: resend on the RTO
                 link.commit_scatter([])
                 if not conn.rto_armed:
@@ -794,7 +805,9 @@ class TcpHandler:
                 lengths.append(write(bufs[i], mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
                                      conn.gport, seq, ack, flags, wnd, size))
                 seq = (seq + size) & M32
-        if frames:
+        if tso is not None:
+            link.commit_scatter(lengths, tso)  # type: ignore[union-attr]
+        elif frames:
             assert link is not None
             link.commit_scatter(lengths)
         else:
@@ -809,11 +822,12 @@ class TcpHandler:
             self._arm_rto(conn)
 
     def _scattered_headers(self, conn: TcpConn, link: Link, frames: list[list[memoryview]],
-                           sizes: list[int], mac: bytes, ack: int,
-                           wnd: int) -> tuple[int, list[int]] | None:
+                           sizes: list[int], mac: bytes, ack: int, wnd: int,
+                           tso: Tso | None = None) -> tuple[int, list[int]] | None:
         """Headers (and the TCP checksum, unless the guest takes DATA_VALID) for frames whose
         payload spans several buffers, in one C call; the next seq and the frame lengths, or
-        None if the buffers can't hold what they should (the C side checks every access)."""
+        None if the buffers can't hold what they should (the C side checks every access).
+        With `tso`, frames of more than one segment get the partial (pseudo-header) sum."""
         assert _sg_ffi is not None and _sg_lib is not None
         tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
             else self._template(conn, mac)
@@ -831,14 +845,24 @@ class TcpHandler:
         count = len(frames)
         fb = _sg_ffi.from_buffer
         out = _sg_ffi.new("uint32_t[]", count)
-        seq = _sg_lib.vp_tcp_frames_sg(
+        seq = _sg_lib.vp_tcp_frames_sg_tso(
             [fb(v, require_writable=True) for v in pieces], [len(v) for v in pieces],
             len(pieces), first, sizes, count, tmpl, conn.six, conn.pseudo, conn.seq_to_tap,
-            ack, wnd, wtcp.ACK, wtcp.ACK | wtcp.PSH, csum, out)
+            ack, wnd, wtcp.ACK, wtcp.ACK | wtcp.PSH, csum, tso.mss if tso else 0, out)
         if seq < 0:
             self._log.warning("tcp-sg", "%r: frame buffers too short for headers", conn)
             return None
         return seq, _sg_ffi.unpack(out, count)
+
+    @staticmethod
+    def _tso(conn: TcpConn) -> Tso:
+        """How the link sends this connection's frames as GSO frames (segments of conn.mss,
+        the MSS the guest announced, capped by the MTU)."""
+        tso = conn.tso
+        if tso is None or tso.mss != conn.mss:
+            off = wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET
+            tso = conn.tso = Tso(conn.six, off - wtcp.TCP_HLEN, off, conn.mss)
+        return tso
 
     def _template(self, conn: TcpConn, mac: bytes) -> bytes:
         """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment

@@ -17,12 +17,24 @@ F_CSUM = 1 << 0
 F_GUEST_CSUM = 1 << 1
 F_MTU = 1 << 3
 F_MAC = 1 << 5
+F_GUEST_TSO4 = 1 << 7  # the driver takes TCP/IPv4 frames bigger than its MTU (RX GSO)
+F_GUEST_TSO6 = 1 << 8
+F_GUEST_ECN = 1 << 9
+F_HOST_TSO4 = 1 << 11  # the device takes them from the driver (TX GSO)
+F_HOST_TSO6 = 1 << 12
+F_HOST_ECN = 1 << 13  # ... with GSO_ECN set (CWR on the first segment only)
 F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
 
 HDR_F_NEEDS_CSUM = 1
 HDR_F_DATA_VALID = 2
 GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5
+GSO_ECN = 0x80
+TCP_CSUM_OFFSET = 16  # of the checksum field in the TCP header (csum_offset)
 
 HEADER = struct.Struct("<BBHHHHH")
 HDR_LEN = HEADER.size  # 12
@@ -144,11 +156,13 @@ def rx_pieces(chains: list[Chain], limit: int) -> list[memoryview]:
     return out
 
 
-def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0) -> int:
+def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0,
+            gso: tuple[int, int, int, int, int] | None = None) -> int:
     """A frame of `length` bytes was written in place over `chains` (as `rx_pieces()` laid it
     out): write its header (num_buffers: the chains it needed) and push those chains as used.
-    Returns how many it needed; the rest are the caller's (rewind or push them empty). The
-    first chain must have room for the header."""
+    `gso`: (gso_type, hdr_len, gso_size, csum_start, csum_offset) of a GSO frame (`flags`
+    then NEEDS_CSUM). Returns how many it needed; the rest are the caller's (rewind or push
+    them empty). The first chain must have room for the header."""
     total = HDR_LEN + length
     lens: list[int] = []
     for chain in chains:
@@ -159,7 +173,7 @@ def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0) -> 
         total -= n
     if total > 0:
         raise ValueError(f"frame of {length} bytes larger than its buffers")
-    head = HEADER.pack(flags, GSO_NONE, 0, 0, 0, 0, len(lens))
+    head = HEADER.pack(flags, *(gso or (GSO_NONE, 0, 0, 0, 0)), len(lens))
     done = 0
     for buf in chains[0].writable:  # the header may span descriptors (header-only first)
         n = min(len(buf), HDR_LEN - done)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from vhostpasst.pcap import PcapWriter
@@ -30,10 +31,29 @@ RxReadyCallback = Callable[[], None]
 
 ETH_MAX_FRAME = 65535 + 14  # largest frame: IP_MAX_MTU plus the Ethernet header
 IOV_MAX = 1024  # UIO_MAXIOV: iovecs one recvmsg_into() takes; rx_scatter() stays within it
+TSO_MAX_L3 = 65535  # IP bytes of the largest TCP frame a TSO peer takes (the IP length fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Tso:
+    """TCP frames of one connection that a peer with TCP segmentation offload (`Link.tso4` /
+    `tso6`: virtio-net GUEST_TSO*) takes whole and cuts into `mss`-sized segments itself,
+    given to `commit_scatter()`. Frames with more than `mss` bytes of payload go out as GSO
+    frames; their TCP checksum field holds the pseudo-header sum (partial checksum)."""
+
+    six: bool  # TCP over IPv6 (else IPv4)
+    l4_off: int  # Ethernet + IP header length: where the TCP header (and checksum) starts
+    hdr_len: int  # Ethernet + IP + TCP header length: where the payload starts
+    mss: int  # segment size toward the peer
 
 
 class Link(abc.ABC):
     """Base class: keeps the frame handler and the pcap hook common to every link."""
+
+    # The peer takes TCP/IPv4 (IPv6) frames of up to TSO_MAX_L3 IP bytes and segments them
+    # itself (commit_scatter() with a Tso). Only vhost-user with GUEST_TSO4/6 says so.
+    tso4 = False
+    tso6 = False
 
     def __init__(self, on_frames: FrameHandler, pcap: PcapWriter | None = None) -> None:
         self.on_frames = on_frames
@@ -98,9 +118,11 @@ class Link(abc.ABC):
         """
         return [[buf[:frame_len]] for buf in self.rx_buffers(min(count, IOV_MAX))]
 
-    def commit_scatter(self, lengths: Sequence[int]) -> None:
+    def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
-        each `lengths[i]` bytes written from the start of its first view onwards."""
+        each `lengths[i]` bytes written from the start of its first view onwards. `tso`
+        (only where `tso4`/`tso6` say the peer segments): the frames are TCP segments of one
+        connection, those longer than one `tso.mss` to be sent as GSO frames."""
         self.commit(lengths)
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
@@ -158,6 +180,14 @@ class ForwardingLink(Link):
     def on_rx_ready(self) -> list[RxReadyCallback]:
         return self.link.on_rx_ready
 
+    @property  # type: ignore[override]
+    def tso4(self) -> bool:
+        return self.link.tso4
+
+    @property  # type: ignore[override]
+    def tso6(self) -> bool:
+        return self.link.tso6
+
     def rx_buffers(self, count: int) -> list[memoryview]:
         return self.link.rx_buffers(count)
 
@@ -167,8 +197,8 @@ class ForwardingLink(Link):
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
         return self.link.rx_scatter(count, frame_len, head)
 
-    def commit_scatter(self, lengths: Sequence[int]) -> None:
-        self.link.commit_scatter(lengths)
+    def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
+        self.link.commit_scatter(lengths, tso)
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
         return self.link.send(frame)

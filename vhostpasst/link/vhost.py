@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Callable, Sequence
 
-from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link
+from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link, Tso
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
     DEFAULT_PROBE_PATTERN,
@@ -64,7 +65,53 @@ HDR = net.HEADER
 # L4 checksums (payloads go to host sockets), so they are accepted as they are. GUEST_CSUM: we
 # mark frames DATA_VALID and the guest skips verifying them. No MTU/STATUS: qemu emulates the
 # link status itself and takes the MTU from its own host_mtu= property.
-NET_FEATURES = net.F_MRG_RXBUF | net.F_CSUM | net.F_GUEST_CSUM
+# HOST_TSO4/6 (+ECN): guest TCP frames of up to 64 KiB whatever the MTU; TCP writes payloads
+# to host sockets, so a frame's size costs nothing and the guest's ECN bit means nothing here.
+# GUEST_TSO4/6: TCP data to the guest in frames of up to 64 KiB (the guest needs GUEST_CSUM
+# for them), segmented by the guest's GRO-aware stack or not at all on local delivery.
+NET_FEATURES = (net.F_MRG_RXBUF | net.F_CSUM | net.F_GUEST_CSUM | net.F_HOST_TSO4
+                | net.F_HOST_TSO6 | net.F_HOST_ECN | net.F_GUEST_TSO4 | net.F_GUEST_TSO6)
+_OFFLOADS = (("from the guest", ((net.F_CSUM, "csum"), (net.F_HOST_TSO4, "tso4"),
+                                 (net.F_HOST_TSO6, "tso6"), (net.F_HOST_ECN, "ecn"))),
+             ("to the guest", ((net.F_GUEST_CSUM, "csum"), (net.F_GUEST_TSO4, "tso4"),
+                               (net.F_GUEST_TSO6, "tso6"))))
+_ETH_IP = struct.Struct("!12xHBxH5xB")  # ethertype, IPv4 version/IHL and total length, proto
+_ETH_IP6 = struct.Struct("!12xH4xHB")  # ethertype, IPv6 payload length, next header
+
+
+def offloads(features: int) -> str:
+    """The offloads a front end took, for the log: "from the guest: csum tso4; to the
+    guest: none"."""
+    return "; ".join(f"{where}: " + (" ".join(name for bit, name in bits if features & bit)
+                                     or "none") for where, bits in _OFFLOADS)
+
+
+def gso_error(frame: memoryview, hdr: net.NetHeader, host_tso: int) -> str | None:
+    """Why a guest GSO frame is unusable (None if it is fine): only the TCP types offered
+    and negotiated, a gso_size, a hdr_len within the frame, and IP length fields that cover
+    the whole frame (they do for a GSO frame: it is one IP packet before segmentation)."""
+    kind = hdr.gso_type & ~net.GSO_ECN
+    if kind == net.GSO_TCPV4 and host_tso & net.F_HOST_TSO4:
+        if len(frame) < ETH_HLEN + 20 + 20:
+            return "GSO frame shorter than its headers"
+        ethertype, vihl, tot_len, proto = _ETH_IP.unpack_from(frame)
+        if ethertype != 0x0800 or vihl >> 4 != 4 or proto != socket.IPPROTO_TCP:
+            return "TCPV4 GSO frame that is not TCP over IPv4"
+        if ETH_HLEN + tot_len != len(frame):
+            return f"TCPV4 GSO frame of {len(frame)} bytes, IP total length {tot_len}"
+    elif kind == net.GSO_TCPV6 and host_tso & net.F_HOST_TSO6:
+        if len(frame) < ETH_HLEN + 40 + 20:
+            return "GSO frame shorter than its headers"
+        ethertype, plen, nexthdr = _ETH_IP6.unpack_from(frame)
+        if ethertype != 0x86DD or nexthdr != socket.IPPROTO_TCP:
+            return "TCPV6 GSO frame that is not TCP over IPv6 without extension headers"
+        if ETH_HLEN + 40 + plen != len(frame):
+            return f"TCPV6 GSO frame of {len(frame)} bytes, IPv6 payload length {plen}"
+    else:
+        return f"GSO type {hdr.gso_type} not negotiated"
+    if hdr.gso_size == 0 or hdr.hdr_len > len(frame):
+        return f"GSO frame with gso_size {hdr.gso_size}, hdr_len {hdr.hdr_len}"
+    return None
 
 
 def _room(chain: Chain) -> int:
@@ -126,6 +173,8 @@ class VhostUserLink(Link):
         self.backend: VhostUserBackend | None = None
         self.device: _Device | None = None
         self.csum_offload = False  # GUEST_CSUM: frames to the guest need no L4 checksum
+        self.tso4 = self.tso6 = False  # GUEST_TSO4/6 (with GUEST_CSUM): 64 KiB TCP frames
+        self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._mergeable = False
         self._rx_header = net.NetHeader()  # for rx_put(): DATA_VALID once GUEST_CSUM is acked
         self._was_connected = False
@@ -144,6 +193,8 @@ class VhostUserLink(Link):
         self.tx_dropped = 0
         self.tx_zero_copy = 0  # frames to the guest written in place (no bounce)
         self.tx_scattered = 0  # of those, frames over several chains (mergeable, rx_scatter)
+        self.rx_gso = 0  # GSO (TSO) frames from the guest
+        self.tx_gso = 0  # GSO (TSO) frames to the guest
         self.resets = 0
         loop.add_flush_hook(self.flush)
 
@@ -165,9 +216,10 @@ class VhostUserLink(Link):
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
-                 "(%d written in place, %d dropped), %d in place over several buffers",
+                 "(%d written in place, %d dropped), %d in place over several buffers, "
+                 "TSO frames %d from the guest, %d to it",
                  self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered)
+                 self.tx_scattered, self.rx_gso, self.tx_gso)
         self.backend = None
         self.device = None
         self._reset_state()
@@ -183,6 +235,8 @@ class VhostUserLink(Link):
         self._starved = False
         self._was_connected = False
         self.csum_offload = False
+        self.tso4 = self.tso6 = False
+        self._host_tso = 0
         self._mergeable = False
         self._rx_header = self._header()
 
@@ -206,14 +260,19 @@ class VhostUserLink(Link):
 
     def _features_set(self, features: int) -> None:
         self.csum_offload = bool(features & net.F_GUEST_CSUM)
+        # the spec makes GUEST_TSO depend on GUEST_CSUM: without it, no GSO frame goes out
+        self.tso4 = self.csum_offload and bool(features & net.F_GUEST_TSO4)
+        self.tso6 = self.csum_offload and bool(features & net.F_GUEST_TSO6)
+        self._host_tso = features & (net.F_HOST_TSO4 | net.F_HOST_TSO6)
         self._mergeable = bool(features & net.F_MRG_RXBUF)
         self._rx_header = self._header()  # rx_put() sets num_buffers itself
 
     def _state_changed(self) -> None:
         now = self.connected
         if now and not self._was_connected:
-            log.info("vhost-user device running (features %#x)",
-                     self.backend.acked_features if self.backend else 0)
+            features = self.backend.acked_features if self.backend else 0
+            log.info("vhost-user device running (features %#x; offloads %s)", features,
+                     offloads(features))
             self._was_connected = True
             self._wake()  # data may have waited for the guest
             self._on_tx()  # and the guest may have queued frames before enabling the ring
@@ -276,9 +335,6 @@ class VhostUserLink(Link):
         except ValueError as e:
             _ratelimited.debug("vu-tx-short", "dropped a guest frame: %s", e)
             return None
-        if hdr.gso_type != net.GSO_NONE:  # no GSO feature was offered
-            _ratelimited.debug("vu-tx-gso", "dropped a GSO frame (gso_type %d)", hdr.gso_type)
-            return None
         # With NEEDS_CSUM (CSUM negotiated) the L4 checksum field holds only the pseudo-header
         # sum; payloads go to host sockets and pcap shows it as is, so nothing to do.
         if len(pieces) == 1:
@@ -287,6 +343,14 @@ class VhostUserLink(Link):
             frame = memoryview(b"".join(pieces))  # the one copy of a scattered frame
         if len(frame) < ETH_HLEN:
             return None
+        if hdr.gso_type != net.GSO_NONE:
+            # TSO: one TCP packet of up to 64 KiB; TCP writes its payload to the host socket
+            # like any other, so it goes on whole once it is what it claims to be
+            why = gso_error(frame, hdr, self._host_tso)
+            if why is not None:
+                _ratelimited.debug("vu-tx-gso", "dropped a guest frame: %s", why)
+                return None
+            self.rx_gso += 1
         return frame
 
     # --- RX: frames to the guest ---------------------------------------------------------
@@ -399,11 +463,19 @@ class VhostUserLink(Link):
         self._frames = frames
         return out
 
-    def commit_scatter(self, lengths: Sequence[int]) -> None:
-        self.commit(lengths)
+    def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
+        self._commit(lengths, tso)
+
+    @staticmethod
+    def _gso(tso: Tso) -> tuple[int, int, int, int, int]:
+        """A GSO frame's header fields (virtio 1.2, 5.1.6.4): gso_type, hdr_len, gso_size,
+        csum_start, csum_offset; the flags are NEEDS_CSUM (the TCP checksum field holds the
+        pseudo-header sum: _tcpsg wrote it)."""
+        return (net.GSO_TCPV6 if tso.six else net.GSO_TCPV4, tso.hdr_len, tso.mss, tso.l4_off,
+                net.TCP_CSUM_OFFSET)
 
     def _commit_scatter(self, vq: VirtQueue, frames: list[list[Chain]],
-                       lengths: Sequence[int]) -> None:
+                        lengths: Sequence[int], tso: Tso | None) -> None:
         """Headers and used entries for frames written over rx_scatter() chains. Chains a
         frame didn't need (a short last segment) and frames not committed go back: rewound
         when nothing after them was used, else returned empty (the guest drops and reposts
@@ -421,17 +493,27 @@ class VhostUserLink(Link):
         spare: list[Chain] = []  # popped and unused, in pop order
         tail = 0  # how many of `spare` come after the last used chain
         hdr = self._header()
+        # frames longer than one segment go as GSO frames, the others as before
+        gso_from = tso.hdr_len + tso.mss if tso is not None else ETH_MAX_FRAME
+        gso = self._gso(tso) if tso is not None else None
         try:
             for i, chains in enumerate(frames):
                 length = lengths[i] if i < len(lengths) else 0
                 buf = chains[0].writable[0] if length and chains[0].writable else None
+                big = length > gso_from
                 if buf is not None and len(buf) >= net.HDR_LEN + length:
                     used = 1  # all in the first buffer: the common case at MTU 1500
-                    hdr.pack_into(buf)
+                    if big:
+                        net.HEADER.pack_into(buf, 0, net.HDR_F_NEEDS_CSUM, *gso, 1)  # type: ignore[misc]
+                    else:
+                        hdr.pack_into(buf)
                     vq.push(chains[0].head, net.HDR_LEN + length)
+                elif big:
+                    used = net.rx_push(vq, chains, length, net.HDR_F_NEEDS_CSUM, gso)
                 else:
                     used = net.rx_push(vq, chains, length, flags) if length else 0
                 if used:
+                    self.tx_gso += big
                     if self.pcap is not None:
                         self.pcap.write(b"".join(net.rx_pieces(chains, length)))
                     self.tx_frames += 1
@@ -473,13 +555,16 @@ class VhostUserLink(Link):
         return n
 
     def commit(self, lengths: Sequence[int]) -> None:
+        self._commit(lengths, None)
+
+    def _commit(self, lengths: Sequence[int], tso: Tso | None) -> None:
         handed, bounced, frames = self._handed, self._bounced, self._frames
         self._handed, self._bounced, self._frames = [], 0, []
         vq = self._queue(net.RX_QUEUE)
         if vq is None:
             return
         if frames:
-            self._commit_scatter(vq, frames, lengths)
+            self._commit_scatter(vq, frames, lengths, tso)
             return
         if len(lengths) > len(handed) + bounced:
             vq.rewind(len(handed))
@@ -491,11 +576,19 @@ class VhostUserLink(Link):
                 raise ValueError(f"bad frame length {length}")
         hdr = self._header()
         in_place = min(len(lengths), len(handed))
+        # rx_scatter() fell back to these (tiny first buffers): GSO frames all the same
+        gso_from = tso.hdr_len + tso.mss if tso is not None else ETH_MAX_FRAME
+        gso_hdr = net.NetHeader(net.HDR_F_NEEDS_CSUM, *self._gso(tso), num_buffers=1) \
+            if tso is not None else None  # rx_put() sets num_buffers itself
         try:
             for chain, length in zip(handed, lengths, strict=False):
                 buf = chain.writable[0]
                 if length:
-                    hdr.pack_into(buf)
+                    if length > gso_from:
+                        gso_hdr.pack_into(buf)  # type: ignore[union-attr]
+                        self.tx_gso += 1
+                    else:
+                        hdr.pack_into(buf)
                     if self.pcap is not None:
                         self.pcap.write(buf[net.HDR_LEN:net.HDR_LEN + length])
                     vq.push(chain.head, net.HDR_LEN + length)
@@ -508,13 +601,17 @@ class VhostUserLink(Link):
             vq.rewind(len(handed) - in_place)
             for i, length in enumerate(lengths[in_place:]):
                 if length:
-                    self._put(vq, self._bounce[i * ETH_MAX_FRAME:i * ETH_MAX_FRAME + length])
+                    big = length > gso_from
+                    if self._put(vq, self._bounce[i * ETH_MAX_FRAME:i * ETH_MAX_FRAME + length],
+                                 gso_hdr if big else None) and big:
+                        self.tx_gso += 1
         except VirtQueueError as e:
             self._broken("RX queue", e)
 
-    def _put(self, vq: VirtQueue, frame: bytes | bytearray | memoryview) -> bool:
+    def _put(self, vq: VirtQueue, frame: bytes | bytearray | memoryview,
+             header: net.NetHeader | None = None) -> bool:
         """Copy one frame into the guest's RX chains (mergeable if negotiated)."""
-        if not net.rx_put(vq, frame, self._rx_header, self._mergeable):
+        if not net.rx_put(vq, frame, header or self._rx_header, self._mergeable):
             self._starved = True
             self.tx_dropped += 1
             _ratelimited.debug("vu-rx-full", "guest RX ring full: frame dropped")
