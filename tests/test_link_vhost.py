@@ -1,6 +1,7 @@
 """The vhost-user link driven by the Python front end (tests/virtio/frontend.py), as qemu would:
 DHCP over the rings, zero-copy and bounced RX buffers, mergeable RX, RX kicks waking waiters,
-TX batching, checksum offload flags, reconnect, one-off / --fd, hostile front ends."""
+TX batching, checksum offload flags, TSO both ways, reconnect, one-off / --fd, hostile front
+ends."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ GUEST_MAC = bytes.fromhex("020000000001")
 OUR_MAC = bytes.fromhex("9a559a559a55")
 BASE = F_VERSION_1 | F_PROTOCOL_FEATURES | net.F_MRG_RXBUF
 ALL = BASE | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC | net.F_CSUM | net.F_GUEST_CSUM
+TSO = net.F_HOST_TSO4 | net.F_HOST_TSO6 | net.F_HOST_ECN | net.F_GUEST_TSO4 | net.F_GUEST_TSO6
 
 
 def discover() -> bytes:
@@ -159,7 +161,8 @@ def h():
 def test_features_offered(h: Harness) -> None:
     offered = h.guest.fe.get_u64(R.GET_FEATURES)
     for bit in (F_VERSION_1, net.F_MRG_RXBUF, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
-                net.F_CSUM, net.F_GUEST_CSUM):
+                net.F_CSUM, net.F_GUEST_CSUM, net.F_HOST_TSO4, net.F_HOST_TSO6, net.F_HOST_ECN,
+                net.F_GUEST_TSO4, net.F_GUEST_TSO6):
         assert offered & bit, hex(bit)
     assert not h.link.connected
 
@@ -216,6 +219,159 @@ def test_tx_gso_frame_and_runt_are_dropped(h: Harness) -> None:
     h.pump()
     assert h.delivered == []
     assert len(h.guest.tx.get_used()) == 3 and h.link.connected
+
+
+# --- TSO: GSO frames from the guest ---------------------------------------------------------
+
+def tcp_frame(six: bool, payload: bytes, flags: int = 0x18) -> bytes:
+    """A TCP segment from the guest, IP length fields covering it all (as in a GSO frame)."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1000, 2000, 5 << 4, flags, 512, 0, 0) + payload
+    if six:
+        l3 = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64,
+                         bytes.fromhex("20010db8" + "0" * 22 + "02"),
+                         bytes.fromhex("20010db8" + "0" * 22 + "01")) + tcp
+        return eth.build_eth(OUR_MAC, GUEST_MAC, eth.ETH_P_IPV6, l3)
+    return eth.build_eth(OUR_MAC, GUEST_MAC, eth.ETH_P_IP, ip.build_ipv4(
+        HOST4, GW4, ip.IPPROTO_TCP, tcp))
+
+
+def gso_header(six: bool, gso_size: int = 1448, **kw: int) -> bytes:
+    l4 = 14 + (40 if six else 20)
+    fields = dict(flags=net.HDR_F_NEEDS_CSUM, gso_type=net.GSO_TCPV6 if six else net.GSO_TCPV4,
+                  hdr_len=l4 + 20, gso_size=gso_size, csum_start=l4, csum_offset=16)
+    fields.update(kw)
+    return net.NetHeader(**fields).pack()
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["tcpv4", "tcpv6"])
+def test_tx_gso_frame_is_delivered_whole(h: Harness, six: bool) -> None:
+    """A 60000-byte TCP frame (TSO: 42 segments of the guest's MTU), its payload in pieces as
+    a Linux skb with page fragments comes, reaches the dispatcher as one frame; so does one
+    with the ECN bit."""
+    h.guest.bring_up(ALL | TSO)
+    frame = tcp_frame(six, _payload(60000 - 54 - (20 if six else 0)))
+    hdr = gso_header(six)
+    h.guest.tx.add([hdr + frame[:200], frame[200:30000], frame[30000:]])
+    kind = net.GSO_TCPV6 if six else net.GSO_TCPV4
+    h.guest.tx.add([gso_header(six, gso_type=kind | net.GSO_ECN) + frame])
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == [frame, frame]
+    assert h.link.rx_gso == 2 and len(h.guest.tx.get_used()) == 2
+
+
+def test_tx_gso_frames_with_nonsense_are_dropped(h: Harness) -> None:
+    """Nonsense from the guest is dropped (a rate-limited debug line), never raised: GSO types
+    not offered or unknown, sizes that disagree with the IP header, a hdr_len beyond the
+    frame, no gso_size, TCPV6 on an IPv4 frame, truncated headers. The link stays up."""
+    h.guest.bring_up(ALL | TSO)
+    frame = tcp_frame(False, _payload(5000))
+    bad = [
+        gso_header(False, gso_type=net.GSO_UDP) + frame,
+        gso_header(False, gso_type=net.GSO_UDP_L4) + frame,
+        gso_header(False, gso_type=9) + frame,
+        gso_header(False, hdr_len=len(frame) + 1) + frame,
+        gso_header(False, gso_size=0) + frame,
+        gso_header(False) + frame + b"trailing",  # IP total length short of the frame
+        gso_header(False) + frame[:-1],  # ... or beyond it
+        gso_header(True) + frame,  # TCPV6 for an IPv4 frame
+        gso_header(False) + tcp_frame(True, b"x" * 100),  # and the other way round
+        gso_header(False) + frame[:40],
+        gso_header(True) + tcp_frame(True, b"")[:60],
+        gso_header(False) + discover(),  # UDP in a TCPV4 frame
+    ]
+    for chain in bad:
+        h.guest.tx.add([chain])
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == [] and h.link.rx_gso == 0
+    assert len(h.guest.tx.get_used()) == len(bad) and h.link.connected
+    h.guest.tx.add([gso_header(False) + frame])  # a good one still goes
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == [frame]
+
+
+def test_tx_gso_frame_without_host_tso_is_dropped(h: Harness) -> None:
+    h.guest.bring_up(ALL | net.F_HOST_TSO6)  # TSO6 only
+    h.guest.tx.add([gso_header(False) + tcp_frame(False, _payload(5000))])
+    h.guest.tx.add([gso_header(True) + tcp_frame(True, _payload(5000))])
+    h.guest.tx.kick()
+    h.pump()
+    assert h.delivered == [tcp_frame(True, _payload(5000))]
+
+
+@pytest.mark.parametrize("features, tso", [(ALL | TSO, True), (ALL, False),
+                                           (ALL & ~net.F_GUEST_CSUM | TSO, False)],
+                         ids=["tso", "no-tso", "tso-without-guest-csum"])
+def test_tso_capability_follows_negotiation(h: Harness, features: int, tso: bool) -> None:
+    """GUEST_TSO needs GUEST_CSUM (virtio 1.2, 5.1.3.1): without it no GSO frame goes out."""
+    h.guest.bring_up(features)
+    assert h.link.tso4 == h.link.tso6 == tso
+
+
+# --- TSO: GSO frames to the guest ---------------------------------------------------------------
+
+@pytest.mark.parametrize("six", [False, True], ids=["tcpv4", "tcpv6"])
+def test_rx_gso_frame_header(six: bool) -> None:
+    """commit_scatter() with a Tso: a frame with more payload than one MSS gets the GSO
+    header (NEEDS_CSUM at the TCP header, checksum field at 16, gso_type, gso_size = the MSS,
+    hdr_len = the headers) over the mergeable buffers it spans; one that fits one segment
+    keeps DATA_VALID and no GSO."""
+    from vhostpasst.link.base import Tso
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up(ALL | TSO)
+        h.guest.post_rx(40, size=4096)
+        l4 = 14 + (40 if six else 20)
+        tso = Tso(six, l4, l4 + 20, 1448)
+        big, small = tcp_frame(six, _payload(40000)), tcp_frame(six, _payload(1448))
+        frames = h.link.rx_scatter(2, len(big), head=l4 + 20)
+        _fill(frames[0], big)
+        _fill(frames[1], small)
+        h.link.commit_scatter([len(big), len(small)], tso)
+        h.link.flush()
+        (hdr, got), (hdr2, got2) = h.guest.received()
+        assert got == big and got2 == small
+        assert hdr == net.NetHeader(net.HDR_F_NEEDS_CSUM,
+                                    net.GSO_TCPV6 if six else net.GSO_TCPV4, l4 + 20, 1448,
+                                    l4, 16, -(-(12 + len(big)) // 4096))
+        assert hdr2 == net.NetHeader(net.HDR_F_DATA_VALID, num_buffers=1)
+        assert (h.link.tx_gso, h.link.tx_scattered) == (1, 1)
+    finally:
+        h.close()
+
+
+def test_rx_gso_frame_in_one_big_buffer_and_bounced() -> None:
+    """The GSO header also on a frame that fits one (big) buffer, and on one that went
+    through a bounce buffer (first buffers too small for the headers)."""
+    from vhostpasst.link.base import Tso
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up(ALL | TSO)
+        tso = Tso(False, 34, 54, 1000)
+        frame = tcp_frame(False, _payload(3000))
+        h.guest.post_rx(1, size=8192)
+        [views] = h.link.rx_scatter(1, len(frame), head=54)
+        _fill(views, frame)
+        h.link.commit_scatter([len(frame)], tso)
+        h.guest.post_rx(40, size=48)  # < 12 + 54 bytes of headers: bounced
+        small = tcp_frame(False, _payload(1500))
+        [views] = h.link.rx_scatter(1, len(small), head=54)
+        _fill(views, small)
+        h.link.commit_scatter([len(small)], tso)
+        h.link.flush()
+        (one, got), (bounced, got2) = h.guest.received()
+        assert got == frame and got2 == small
+        gso = (net.HDR_F_NEEDS_CSUM, net.GSO_TCPV4, 54, 1000, 34, 16)
+        assert (one.flags, one.gso_type, one.hdr_len, one.gso_size, one.csum_start,
+                one.csum_offset, one.num_buffers) == (*gso, 1)
+        assert (bounced.flags, bounced.gso_type, bounced.hdr_len, bounced.gso_size,
+                bounced.csum_start, bounced.csum_offset) == gso
+        assert bounced.num_buffers == -(-(12 + len(small)) // 48)
+        assert h.link.tx_gso == 2
+    finally:
+        h.close()
 
 
 def test_tx_batch_limit_comes_back_without_a_kick() -> None:

@@ -592,3 +592,116 @@ def _edit(frame: bytes, edits: list[tuple[int, int]]) -> bytes:
 @given(frame=_tcp_frames())
 def test_dispatcher_tcp_fast_path_matches_the_parsers(frame: bytes) -> None:
     assert _fast_path_record(frame, True) == _fast_path_record(frame, False)
+
+
+# --- TSO: guest segments bigger than the MSS, and 64 KiB frames to a link that segments --------
+
+def test_guest_segments_bigger_than_the_mss(env: tuple) -> None:
+    """A guest with TSO sends TCP frames of up to 64 KiB whatever the MSS it announced: their
+    payload goes to the socket like any other, in order (also when the later one came first
+    in the batch), a retransmission that overlaps what was taken is trimmed, and the ACK covers
+    all of it."""
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    ack = synack.seq + 1
+    a, b, c = (bytes([i]) * 60000 for i in (1, 2, 3))
+    feed(d, guest_frame("PA", 1001 + 60000, ack=ack, payload=b),
+         guest_frame("PA", 1001, ack=ack, payload=a))
+    assert bytes(sock.sent) == a + b
+    assert parse(link.frames[-1]).ack == 1001 + 120000
+    # resent from the middle of b on, with c after it: only c is new
+    feed(d, guest_frame("PA", 1001 + 90000, ack=ack, payload=b[30000:] + c[:30000]))
+    assert bytes(sock.sent) == a + b + c[:30000]
+    assert parse(link.frames[-1]).ack == 1001 + 150000
+
+
+class FakeScatterLink(FakeLink):
+    """A link with rx_scatter() over 4 KiB buffers, as vhost-user's mergeable RX buffers, that
+    segments TCP frames itself (TSO) or not; frames are joined at commit."""
+
+    csum_offload = True  # GUEST_CSUM: no TCP checksum unless a GSO frame (partial)
+    pcap = None
+
+    def __init__(self, tso: bool) -> None:
+        super().__init__()
+        self.tso4 = self.tso6 = tso
+        self.tsos: list[object] = []
+        self._scatter: list[list[memoryview]] = []
+
+    def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        out = []
+        for _ in range(count):
+            views, left = [], frame_len
+            while left > 0:
+                views.append(memoryview(bytearray(min(4096, left))))
+                left -= len(views[-1])
+            out.append(views)
+        self._scatter = out
+        return out
+
+    def commit_scatter(self, lengths: list[int], tso: object = None) -> None:
+        self.tsos.append(tso)
+        for views, n in zip(self._scatter, lengths, strict=False):
+            self.frames.append(b"".join(bytes(v) for v in views)[:n])
+
+
+def _pseudo_partial(frame: bytes) -> int:
+    """The pseudo-header sum over the full TCP length, folded, not complemented (IPv4)."""
+    total = sum(struct.unpack("!4H", frame[26:34])) + socket.IPPROTO_TCP + len(frame) - 34
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
+@pytest.mark.parametrize("tso", [True, False], ids=["tso-link", "plain-link"])
+def test_frames_to_the_guest_tso_sized_only_to_a_tso_link(tso: bool, env: tuple) -> None:
+    """To a link whose peer segments (tso4), host data goes in frames of as many whole MSS
+    segments as 64 KiB of IP bytes hold (44 x 1460), still within the guest's window
+    (1000 << 7), each given to commit_scatter() with its Tso; those frames carry the partial
+    checksum, a frame of one segment none (DATA_VALID). Any other link gets MSS-sized
+    segments only, as before."""
+    d, loop, _ = env
+    link = FakeScatterLink(tso)
+    d.link = link  # type: ignore[assignment]
+    sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
+    window = 1000 << 7
+    data = bytes(range(256)) * 500 + b"tail" * 250  # the window and 1000 bytes more
+    sock.rx += data
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    segs = [f for f in link.frames if parse(f).sport == 80 and bytes(parse(f).payload)]
+    sizes = [len(bytes(parse(f).payload)) for f in segs]
+    got = b"".join(bytes(parse(f).payload) for f in segs)
+    if tso:
+        assert got == data[:window]
+        assert sizes == [44 * 1460, window - 44 * 1460]
+        t = link.tsos[-1]
+        assert (t.six, t.l4_off, t.hdr_len, t.mss) == (False, 34, 54, 1460)  # type: ignore
+        for f in segs:
+            assert len(f) - 14 == struct.unpack("!H", f[16:18])[0]  # IP length: all of it
+            assert struct.unpack("!H", f[50:52])[0] == _pseudo_partial(f)
+        # the guest acknowledges all; the rest (less than one segment) goes as a plain frame
+        feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + window, window=1000))
+        last = link.frames[-1]
+        assert bytes(parse(last).payload) == data[window:]
+        assert last[50:52] == b"\0\0"  # DATA_VALID: no checksum
+    else:  # (SEG_BATCH segments per wake-up)
+        assert got == data[:tcp.SEG_BATCH * 1460] and max(sizes) == 1460
+        assert all(t is None for t in link.tsos)
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_dispatcher_takes_a_64k_guest_segment(six: bool) -> None:
+    """A TSO frame (65535 IP bytes, far above any MTU) goes through the fast path whole, as
+    the full parsers take it."""
+    from scapy.layers.inet6 import IPv6  # type: ignore[import-untyped]
+    payload = bytes(range(256)) * 255 + b"x" * (65535 - 40 - 255 * 256 - (20 if six else 0))
+    l3 = IPv6(src="2001:db8::2", dst="2001:db8::9") if six else IP(src=str(GUEST),
+                                                                   dst=str(REMOTE))
+    frame = bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / l3 / TCP(sport=1, dport=2, flags="PA",
+                                                              seq=7, ack=8) / payload)
+    assert len(frame) == 14 + 65535
+    fast = _fast_path_record(frame, True)
+    assert fast == _fast_path_record(frame, False)
+    [seg] = fast[0]
+    assert seg[-3] == payload  # (the payload, then options and the two unused fields)
