@@ -15,6 +15,8 @@ from ipaddress import IPv4Address as A4
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sandbox import Sandbox, vhostpasst_command
 
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
@@ -890,3 +892,34 @@ def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> N
     assert daemon.wait(10) == 0
     err = daemon.stderr.read().decode() if daemon.stderr else ""
     assert f"-chardev socket,id=chr0,path={path} -netdev vhost-user" in err, err
+
+
+@settings(max_examples=300, deadline=None)
+@given(six=st.booleans(), cut=st.integers(0, 120), edits=st.lists(
+    st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4),
+    gso_type=st.sampled_from([0, 1, 3, 4, 5, 6, 0x81, 0x84, 0xFF]),
+    hdr_len=st.integers(0, 0xFFFF), gso_size=st.integers(0, 0xFFFF),
+    host_tso=st.sampled_from([0, net.F_HOST_TSO4, net.F_HOST_TSO6,
+                              net.F_HOST_TSO4 | net.F_HOST_TSO6]))
+def test_gso_check_never_raises(six: bool, cut: int, edits: list[tuple[int, int]],
+                                gso_type: int, hdr_len: int, gso_size: int,
+                                host_tso: int) -> None:
+    """Whatever the guest puts in a GSO frame's header and headers, the check answers (a
+    reason or None) and never raises; what it lets through is TCP of the negotiated family
+    with IP lengths covering the frame."""
+    from vhostpasst.link.vhost import gso_error
+    frame = bytearray(tcp_frame(six, _payload(3000)))
+    for i, v in edits:
+        frame[i] = v
+    if cut:
+        del frame[-cut:]
+    hdr = net.NetHeader(net.HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, 34, 16)
+    why = gso_error(memoryview(frame), hdr, host_tso)
+    if why is None:
+        kind = gso_type & ~net.GSO_ECN
+        assert (kind, host_tso & (net.F_HOST_TSO6 if kind == net.GSO_TCPV6 else
+                                  net.F_HOST_TSO4)) in ((net.GSO_TCPV4, net.F_HOST_TSO4),
+                                                        (net.GSO_TCPV6, net.F_HOST_TSO6))
+        assert gso_size and hdr_len <= len(frame)
+        length = struct.unpack_from("!H", frame, 16 if kind == net.GSO_TCPV4 else 18)[0]
+        assert 14 + length + (40 if kind == net.GSO_TCPV6 else 0) == len(frame)

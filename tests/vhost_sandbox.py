@@ -28,7 +28,7 @@ def start_vhost_daemon(box: Sandbox, *args: str, **kw: object) -> subprocess.Pop
 def start_vhost_relay(box: Sandbox, *extra: str, wait: bool = True, timeout: float = 10,
                       socket_path: str | None = None) -> subprocess.Popen[bytes]:
     """Attach the guest's tap to the daemon over vhost-user; `extra` goes to vhost_relay.py
-    (--rx-buf-size N, --queue-size N, --no-csum, --batch N)."""
+    (--rx-buf-size N, --queue-size N, --no-csum, --tso, --batch N)."""
     if box.relay is not None and box.relay.poll() is None:
         raise AssertionError("a relay is already running; stop_relay() first")
     box._relay_runs += 1

@@ -705,22 +705,22 @@ class TcpHandler:
         sg = _sg_lib is not None and scatter is not None and link.connected  # type: ignore
         # a guest that segments (TSO) takes frames of up to 64 KiB: far fewer of them
         tso = self._tso(conn) if sg and (link.tso6 if conn.six else link.tso4) else None
-        mss = conn.mss  # payload per frame
+        seg = conn.mss  # payload per frame
         if tso is not None:  # as many whole segments as fit 64 KiB: no runt at the end
             l3 = (IPV6_HLEN if conn.six else IPV4_HLEN) + wtcp.TCP_HLEN
-            mss = max(mss, (TSO_MAX_L3 - l3) // mss * mss)
-        count = min(SEG_BATCH, -(-room // mss))
+            seg = max(seg, (TSO_MAX_L3 - l3) // seg * seg)
+        count = min(SEG_BATCH, -(-room // seg))
         queued = unread(conn.fd)
         if queued is not None:
             # no more buffers than there are bytes to peek: a 1-byte answer takes one
             # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
-            count = min(count, max(1, -(-(queued - in_flight) // mss)))
+            count = min(count, max(1, -(-(queued - in_flight) // seg)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
         if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
-            frames = scatter(count, off + mss, off)  # type: ignore[misc]
+            frames = scatter(count, off + seg, off)  # type: ignore[misc]
             bufs = [frame[0] for frame in frames]
         else:
             bufs = self.ctx.rx_buffers(count)
@@ -733,7 +733,7 @@ class TcpHandler:
             return
         # frames over several buffers, or in one that holds less than a segment (a guest
         # without mergeable buffers): per-frame room, and headers by _tcpsg
-        full = off + mss
+        full = off + seg
         # GSO frames need _tcpsg's partial checksum, whatever their buffers
         scattered = tso is not None or \
             any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
@@ -741,9 +741,9 @@ class TcpHandler:
             iov, caps = _scatter_iov(frames, off, room)
         else:
             iov = [buf[off:full] for buf in bufs]
-            caps = [mss] * len(bufs)
-            last = room - (len(bufs) - 1) * mss  # the window may cut the last segment short
-            if last < mss:
+            caps = [seg] * len(bufs)
+            last = room - (len(bufs) - 1) * seg  # the window may cut the last segment short
+            if last < seg:
                 iov[-1] = bufs[-1][off:off + last]
                 caps[-1] = last
         try:
