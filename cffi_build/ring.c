@@ -1,8 +1,10 @@
 /* Split-virtqueue index and event accesses that need memory ordering against the driver
- * running on another CPU (virtio 1.2, 2.7). Everything else about the ring is plain memory
- * and stays in Python. Every function takes the ring area's base and length and returns -1
- * instead of touching anything outside it (or misaligned). `num` is the queue size, a power
- * of two checked by the caller; indices are free-running u16 values masked here.
+ * running on another CPU (virtio 1.2, 2.7), and the per-chain work a profile showed to be
+ * the vhost-user path's main cost in Python: popping descriptor chains and writing used
+ * elements, a batch per call. Every function takes the areas' bases and lengths and returns
+ * -1 (or an error code) instead of touching anything outside them (or misaligned). `num` is
+ * the queue size, a power of two checked by the caller; indices are free-running u16 values
+ * masked here.
  *
  * avail: flags u16 @0, idx u16 @2, ring[num] u16 @4, used_event u16 @4+2*num
  * used:  flags u16 @0, idx u16 @2, ring[num] {u32 id, u32 len} @4, avail_event u16 @4+8*num
@@ -106,5 +108,236 @@ int vr_avail_event_set(uint8_t *used, size_t len, unsigned num, unsigned value)
 	__atomic_store_n((uint16_t *)(used + 4 + 8 * (size_t)num), (uint16_t)value,
 			 __ATOMIC_RELAXED);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	return 0;
+}
+
+/* --- descriptor chains, one call per batch -------------------------------------------------
+ *
+ * vr_pop_chains() pops up to `count` chains the way virtio/virtqueue.py's reference walk
+ * (_walk_py) does, with the same checks, and describes each buffer as (region index, offset
+ * in that region, length) so Python can slice the region's memoryview without a lookup.
+ * Descriptors are only read through a bounds-checked index into a table whose length we know
+ * (the ring's `desc_len`, or an indirect table proven to lie inside one region), and with
+ * memcpy: indirect tables and mappings with an odd mmap offset need not be aligned. */
+
+#define VR_DESC_F_NEXT 1
+#define VR_DESC_F_WRITE 2
+#define VR_DESC_F_INDIRECT 4
+#define VR_MAX_INDIRECT 32768
+
+enum {
+	VR_OK = 0,
+	VR_E_AVAIL_JUMP,	/* value: how far avail idx moved */
+	VR_E_HEAD,		/* value: the head index */
+	VR_E_LOOP,		/* value: the head index */
+	VR_E_INDIRECT_FEATURE,
+	VR_E_INDIRECT_PLACE,	/* nested, chained, or not the head */
+	VR_E_INDIRECT_LEN,	/* value: the table length */
+	VR_E_INDIRECT_OUTSIDE,	/* value: address, value2: length */
+	VR_E_BUF_OUTSIDE,	/* value: address, value2: length */
+	VR_E_READ_AFTER_WRITE,
+	VR_E_NEXT,		/* value: next index, value2: table length */
+	VR_E_ARGS,		/* our bug: areas too small, misaligned, bad sizes */
+	VR_FULL,		/* not an error: the buffer array is full; pop again */
+};
+
+struct vr_region {
+	uint64_t gpa;
+	uint64_t size;
+	uint8_t *host;
+};
+
+struct vr_desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+/* The region holding guest-physical [addr, addr + len): the last one starting at or below
+ * addr (as the Python index's bisect), and the range must end inside it. The regions are
+ * sorted by gpa; if they were not, the answer could be wrong but never outside a region. */
+static int vr_find(const struct vr_region *regions, unsigned nregions, uint64_t addr,
+		   uint64_t len, unsigned *index, uint64_t *offset)
+{
+	unsigned lo = 0, hi = nregions, mid;
+	const struct vr_region *r;
+
+	while (lo < hi) {
+		mid = lo + (hi - lo) / 2;
+		if (regions[mid].gpa <= addr)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo == 0)
+		return -1;
+	r = &regions[lo - 1];
+	if (!r->host || len > r->size || addr - r->gpa > r->size - len)
+		return -1;
+	*index = lo - 1;
+	*offset = addr - r->gpa;
+	return 0;
+}
+
+static void vr_read_desc(const uint8_t *table, unsigned idx, struct vr_desc *d)
+{
+	const uint8_t *p = table + 16 * (size_t)idx;
+
+	memcpy(&d->addr, p, 8);
+	memcpy(&d->len, p + 8, 4);
+	memcpy(&d->flags, p + 12, 2);
+	memcpy(&d->next, p + 14, 2);
+}
+
+/* Returns how many chains were popped (avail entries last_avail .. last_avail + n - 1).
+ * Per chain: chains[3i] head, [3i+1] readable count, [3i+2] writable count; its buffers
+ * follow the previous chain's in bufs, 3 u64 each (region index, offset, length), readable
+ * ones first. status[0] is VR_OK, VR_FULL or the error that stopped at chain n (then
+ * status[1], [2] say what was wrong), status[3] the number of buffers written. */
+int vr_pop_chains(const uint8_t *desc, size_t desc_len, const uint8_t *avail, size_t avail_len,
+		  unsigned num, unsigned last_avail, unsigned count, int indirect,
+		  const struct vr_region *regions, unsigned nregions,
+		  uint32_t *chains, unsigned chain_cap, uint64_t *bufs, unsigned buf_cap,
+		  uint64_t *status)
+{
+	const uint16_t *ring;
+	unsigned pending, c, nbufs = 0, first = 0;
+
+	status[0] = VR_OK;
+	status[1] = status[2] = status[3] = 0;
+	if (num == 0 || num > 32768 || (num & (num - 1)) || !desc ||
+	    desc_len < 16 * (size_t)num || !ok(avail, avail_len, AVAIL_SIZE(num), 2) ||
+	    (nregions && !regions) || (chain_cap && !chains) || (buf_cap && !bufs)) {
+		status[0] = VR_E_ARGS;
+		return 0;
+	}
+	/* Acquire: the heads and descriptors written before idx are visible after this. */
+	pending = (__atomic_load_n((const uint16_t *)(avail + 2), __ATOMIC_ACQUIRE) -
+		   last_avail) & 0xFFFF;
+	if (pending > num) {
+		status[0] = VR_E_AVAIL_JUMP;
+		status[1] = pending;
+		return 0;
+	}
+	if (count > pending)
+		count = pending;
+	if (count > chain_cap)
+		count = chain_cap;
+	ring = (const uint16_t *)(avail + 4);
+
+	for (c = 0; c < count; c++) {
+		unsigned head = __atomic_load_n(ring + ((last_avail + c) & (num - 1)),
+						__ATOMIC_RELAXED);
+		const uint8_t *table = desc;
+		unsigned table_len = num, idx = head, steps = 0, nread = 0, nwrite = 0;
+		int in_indirect = 0;
+		struct vr_desc d;
+
+		first = nbufs;
+		if (head >= num) {
+			status[0] = VR_E_HEAD;
+			status[1] = head;
+			goto out;
+		}
+		for (;;) {
+			unsigned ri;
+			uint64_t off;
+
+			if (++steps > table_len) {
+				status[0] = VR_E_LOOP;
+				status[1] = head;
+				goto out;
+			}
+			vr_read_desc(table, idx, &d);	/* idx < table_len: checked below */
+			if (d.flags & VR_DESC_F_INDIRECT) {
+				if (!indirect) {
+					status[0] = VR_E_INDIRECT_FEATURE;
+					goto out;
+				}
+				if (in_indirect || steps != 1 || (d.flags & VR_DESC_F_NEXT)) {
+					status[0] = VR_E_INDIRECT_PLACE;
+					goto out;
+				}
+				if (d.len % 16 || d.len / 16 < 1 || d.len / 16 > VR_MAX_INDIRECT) {
+					status[0] = VR_E_INDIRECT_LEN;
+					status[1] = d.len;
+					goto out;
+				}
+				if (vr_find(regions, nregions, d.addr, d.len, &ri, &off)) {
+					status[0] = VR_E_INDIRECT_OUTSIDE;
+					status[1] = d.addr;
+					status[2] = d.len;
+					goto out;
+				}
+				table = regions[ri].host + off;	/* d.len bytes inside the region */
+				table_len = d.len / 16;
+				in_indirect = 1;
+				idx = 0;
+				steps = 0;
+				continue;
+			}
+			if (vr_find(regions, nregions, d.addr, d.len, &ri, &off)) {
+				status[0] = VR_E_BUF_OUTSIDE;
+				status[1] = d.addr;
+				status[2] = d.len;
+				goto out;
+			}
+			if (d.flags & VR_DESC_F_WRITE) {
+				nwrite++;
+			} else if (nwrite) {
+				status[0] = VR_E_READ_AFTER_WRITE;
+				goto out;
+			} else {
+				nread++;
+			}
+			if (nbufs >= buf_cap) {
+				/* This chain does not fit: leave it for the next call. */
+				status[0] = VR_FULL;
+				goto out;
+			}
+			bufs[3 * (size_t)nbufs] = ri;
+			bufs[3 * (size_t)nbufs + 1] = off;
+			bufs[3 * (size_t)nbufs + 2] = d.len;
+			nbufs++;
+			if (!(d.flags & VR_DESC_F_NEXT))
+				break;
+			if (d.next >= table_len) {
+				status[0] = VR_E_NEXT;
+				status[1] = d.next;
+				status[2] = table_len;
+				goto out;
+			}
+			idx = d.next;
+		}
+		chains[3 * (size_t)c] = head;
+		chains[3 * (size_t)c + 1] = nread;
+		chains[3 * (size_t)c + 2] = nwrite;
+	}
+out:
+	if (status[0] != VR_OK)
+		nbufs = first;	/* drop what chain c (failed, or not fitting) had written */
+	status[3] = nbufs;
+	return (int)c;
+}
+
+/* n used elements {id, len} (elems[2i], elems[2i+1]) at used idx, idx + 1, ... (masked).
+ * Plain stores: vr_used_publish() orders them before the idx the driver reads. */
+int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
+		     const uint32_t *elems, unsigned n)
+{
+	unsigned i;
+	uint32_t *ring;
+
+	if (num == 0 || (num & (num - 1)) || !ok(used, len, USED_SIZE(num), 4) ||
+	    (n && !elems))
+		return -1;
+	ring = (uint32_t *)(used + 4);
+	for (i = 0; i < n; i++) {
+		size_t slot = (idx + i) & (num - 1);
+
+		ring[2 * slot] = elems[2 * i];
+		ring[2 * slot + 1] = elems[2 * i + 1];
+	}
 	return 0;
 }

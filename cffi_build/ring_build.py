@@ -1,4 +1,5 @@
-"""cffi build script for the split-virtqueue index helpers (memory barriers; see ring.c)."""
+"""cffi build script for the split-virtqueue helpers (index barriers, chain pops, used batches;
+see ring.c)."""
 
 from pathlib import Path
 
@@ -17,12 +18,25 @@ ffibuilder.cdef(
     int vr_used_idx(const uint8_t *used, size_t len);
     int vr_used_flags_set(uint8_t *used, size_t len, unsigned flags);
     int vr_avail_event_set(uint8_t *used, size_t len, unsigned num, unsigned value);
+
+    struct vr_region {
+        uint64_t gpa;
+        uint64_t size;
+        uint8_t *host;
+    };
+    int vr_pop_chains(const uint8_t *desc, size_t desc_len, const uint8_t *avail,
+                      size_t avail_len, unsigned num, unsigned last_avail, unsigned count,
+                      int indirect, const struct vr_region *regions, unsigned nregions,
+                      uint32_t *chains, unsigned chain_cap, uint64_t *bufs, unsigned buf_cap,
+                      uint64_t *status);
+    int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
+                         const uint32_t *elems, unsigned n);
     """
 )
 ffibuilder.set_source(
     "virtio._ring",
     (Path(__file__).parent / "ring.c").read_text(),
-    extra_compile_args=["-O2"],
+    extra_compile_args=["-O2", "-Wall"],
 )
 
 if __name__ == "__main__":

@@ -1,12 +1,36 @@
-"""Typed wrapper over the cffi ring helpers (cffi_build/ring.c): ordered index accesses.
+"""Typed wrapper over the cffi ring helpers (cffi_build/ring.c): ordered index accesses,
+descriptor chains popped a batch per call, used elements written a batch per call.
 
 The C side re-checks every bound; a -1 from it means the ring areas given here were too small
 or misaligned, which VirtQueue checks before building a RingAccess, so RingError here is a bug.
+What the driver gets wrong in its descriptors comes back as an error code (POP_E_*), which
+VirtQueue turns into a broken queue.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from ._ring import ffi, lib  # type: ignore[import-not-found]
+
+# vr_pop_chains() status codes (cffi_build/ring.c)
+POP_OK = 0
+POP_E_AVAIL_JUMP = 1
+POP_E_HEAD = 2
+POP_E_LOOP = 3
+POP_E_INDIRECT_FEATURE = 4
+POP_E_INDIRECT_PLACE = 5
+POP_E_INDIRECT_LEN = 6
+POP_E_INDIRECT_OUTSIDE = 7
+POP_E_BUF_OUTSIDE = 8
+POP_E_READ_AFTER_WRITE = 9
+POP_E_NEXT = 10
+POP_E_ARGS = 11
+POP_FULL = 12  # not an error: the buffer array filled up; pop again
+
+MAX_CHAIN_BUFS = 32768  # a chain has at most max(queue size, indirect entries) <= 32768 buffers
+_BUFS_START = 1024  # buffer records at first (24 bytes each); grown to MAX_CHAIN_BUFS if needed
 
 
 class RingError(Exception):
@@ -27,19 +51,68 @@ def _ok(value: int) -> int:
     return value
 
 
+class RegionTable:
+    """Guest memory regions as the C chain walk sees them: (guest-physical start, size, host
+    pointer) sorted by start, and each region's memoryview at the same index (buffers are
+    slices of it). The pointers are buffer exports of the views: release() them before the
+    regions are unmapped; a released table has no regions, so a stale one cannot be used to
+    reach unmapped memory."""
+
+    __slots__ = ("views", "count", "cdata", "_exports")
+
+    def __init__(self, regions: Sequence[tuple[int, memoryview]] = ()) -> None:
+        regions = sorted(regions, key=lambda r: r[0])
+        self.views = [view for _, view in regions]
+        self.count = len(regions)
+        self.cdata = ffi.new("struct vr_region[]", max(self.count, 1))
+        self._exports = []
+        for i, (gpa, view) in enumerate(regions):
+            host = ffi.from_buffer("uint8_t[]", view, require_writable=True)
+            self._exports.append(host)
+            self.cdata[i].gpa = gpa
+            self.cdata[i].size = len(view)
+            self.cdata[i].host = host
+
+    def release(self) -> None:
+        self.count = 0
+        self.views = []
+        for host in self._exports:
+            ffi.release(host)
+        self._exports = []
+
+
 class RingAccess:
-    """Ordered loads/stores on one split ring's avail and used areas (views into guest memory)."""
+    """Ordered loads/stores on one split ring's avail and used areas (views into guest memory),
+    and chain pops from its descriptor table."""
 
-    __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len")
+    __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
+                 "_chains", "_chains_mv", "_bufs", "_bufs_mv", "_buf_cap", "_status",
+                 "_status_mv", "_elems", "_elems_cap")
 
-    def __init__(self, avail: memoryview, used: memoryview, num: int) -> None:
+    def __init__(self, avail: memoryview, used: memoryview, num: int,
+                 desc: memoryview | None = None) -> None:
         if len(avail) < avail_size(num) or len(used) < used_size(num):
             raise RingError("ring areas too small for the queue size")
+        if desc is not None and len(desc) < 16 * num:
+            raise RingError("descriptor table too small for the queue size")
         self.num = num
         self._avail = ffi.from_buffer("uint8_t[]", avail)
         self._avail_len = len(avail)
         self._used = ffi.from_buffer("uint8_t[]", used, require_writable=True)
         self._used_len = len(used)
+        self._desc = ffi.NULL if desc is None else ffi.from_buffer("uint8_t[]", desc)
+        self._desc_len = 0 if desc is None else len(desc)
+        # Pop outputs, read back through memoryviews (one tolist() each, not per-field cdata).
+        self._chains = ffi.new("uint32_t[]", 3 * num)
+        self._chains_mv = memoryview(ffi.buffer(self._chains)).cast("I")
+        self._buf_cap = 0
+        self._bufs: Any = None
+        self._bufs_mv = memoryview(b"")
+        self._grow_bufs(min(_BUFS_START, MAX_CHAIN_BUFS))
+        self._status = ffi.new("uint64_t[4]")
+        self._status_mv = memoryview(ffi.buffer(self._status)).cast("Q")
+        self._elems_cap = 0
+        self._elems: Any = None
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
         if lib.vr_avail_flags(self._avail, self._avail_len) < 0 or \
                 lib.vr_used_idx(self._used, self._used_len) < 0:
@@ -74,7 +147,53 @@ class RingAccess:
     def avail_event_set(self, value: int) -> None:
         _ok(lib.vr_avail_event_set(self._used, self._used_len, self.num, value & 0xFFFF))
 
+    def _grow_bufs(self, cap: int) -> None:
+        self._bufs = ffi.new("uint64_t[]", 3 * cap)
+        self._bufs_mv = memoryview(ffi.buffer(self._bufs)).cast("Q")
+        self._buf_cap = cap
+
+    def pop_chains(self, last_avail: int, count: int, indirect: bool,
+                   regions: RegionTable) -> tuple[int, list[int], list[int], list[int]]:
+        """Pop up to `count` chains from avail entry `last_avail` (C, one call; avail idx read
+        with acquire). Returns (popped, status, chains, bufs): status is
+        [code, value, value2, buffer count] with code POP_OK, POP_FULL (stopped with room for
+        no more buffers: pop again) or the POP_E_* that stopped at chain `popped`; chains is
+        [head, readable count, writable count] per chain, bufs [region index, offset, length]
+        per buffer, each chain's buffers after the previous chain's, readable ones first."""
+        if self._desc_len == 0:
+            raise RingError("no descriptor table mapped")
+        count = max(0, min(count, self.num))
+        while True:
+            n = lib.vr_pop_chains(self._desc, self._desc_len, self._avail, self._avail_len,
+                                  self.num, last_avail & 0xFFFF, count, 1 if indirect else 0,
+                                  regions.cdata, regions.count, self._chains, self.num,
+                                  self._bufs, self._buf_cap, self._status)
+            status = self._status_mv.tolist()
+            if n or status[0] != POP_FULL or self._buf_cap >= MAX_CHAIN_BUFS:
+                break
+            self._grow_bufs(MAX_CHAIN_BUFS)  # one chain longer than the array: room for any
+        if status[0] == POP_E_ARGS:
+            raise RingError("chain pop refused its arguments")
+        return (n, status, self._chains_mv[:3 * n].tolist(),
+                self._bufs_mv[:3 * status[3]].tolist())
+
+    def used_put_many(self, idx: int, elems: list[int]) -> None:
+        """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]
+        (each < 2**32). Not visible to the driver before used_publish()."""
+        n = len(elems) // 2
+        if n == 0:
+            return
+        if len(elems) > self._elems_cap:
+            self._elems_cap = max(len(elems), 2 * self.num)
+            self._elems = ffi.new("uint32_t[]", self._elems_cap)
+        self._elems[0:len(elems)] = elems
+        _ok(lib.vr_used_put_many(self._used, self._used_len, self.num, idx & 0xFFFF,
+                                 self._elems, n))
+
     def release(self) -> None:
         """Drop the buffer exports now, so the guest memory mapping can be closed."""
         ffi.release(self._avail)
         ffi.release(self._used)
+        if self._desc_len:
+            ffi.release(self._desc)
+            self._desc_len = 0
