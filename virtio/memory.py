@@ -10,6 +10,10 @@ RAM slots in practice, and refusing is the safe answer to a guest that tries).
 A memoryview into a region keeps its mapping alive: unmapping a region whose views are still
 referenced only drops our reference, and the kernel mapping goes when the last view does. So a
 stale view can never point at unmapped memory.
+
+`table` is the same map for the C chain walk (ring.RegionTable: start, size and host pointer
+per region, sorted by guest address), rebuilt whenever the regions change; its pointers are
+released before any region is unmapped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 from .message import RegionDesc
+from .ring import RegionTable
 
 U64_MAX = (1 << 64) - 1
 
@@ -112,6 +117,11 @@ class GuestMemory:
         self.max_regions = max_regions
         self._by_gpa = _Index()
         self._by_uaddr = _Index()
+        self.table = RegionTable()
+
+    def _rebuild_table(self) -> None:
+        self.table.release()
+        self.table = RegionTable([(r.gpa, r.view) for r in self._by_gpa.regions])
 
     @property
     def regions(self) -> list[Region]:
@@ -149,6 +159,7 @@ class GuestMemory:
         region = Region(desc, mm, view)
         self._by_gpa.insert(desc.gpa, region)
         self._by_uaddr.insert(desc.uaddr, region)
+        self._rebuild_table()
         return region
 
     def set_table(self, descs: list[RegionDesc], fds: list[int]) -> None:
@@ -172,14 +183,18 @@ class GuestMemory:
         """Unmap the region with this guest address, user address and size (REM_MEM_REG)."""
         for region in self._by_gpa.regions:
             if (region.gpa, region.uaddr, region.size) == (desc.gpa, desc.uaddr, desc.size):
+                self.table.release()  # its pointer into the region must go first
                 self._by_gpa.remove(region)
                 self._by_uaddr.remove(region)
                 region.unmap()
+                self._rebuild_table()
                 return
         raise RegionError(f"no region at guest {desc.gpa:#x} size {desc.size:#x}")
 
     def reset(self) -> None:
         """Unmap everything."""
+        self.table.release()
+        self.table = RegionTable()
         for region in self._by_gpa.regions:
             region.unmap()
         self._by_gpa = _Index()

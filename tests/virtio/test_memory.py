@@ -111,3 +111,47 @@ def test_remove_and_view_outlives_unmap():
     with pytest.raises(RegionError):
         mem.remove(desc)
     view.release()
+
+
+def _table_rows(mem: GuestMemory) -> list[tuple[int, int, int]]:
+    t = mem.table
+    return [(t.cdata[i].gpa, t.cdata[i].size, len(t.views[i])) for i in range(t.count)]
+
+
+def test_region_table_for_c_follows_the_regions():
+    mem = GuestMemory()
+    assert mem.table.count == 0
+    mem.add(RegionDesc(4 * PAGE, PAGE, 0x100000, 0), memfd(PAGE))
+    mem.add(RegionDesc(0, 2 * PAGE, 0x200000, 0), memfd(2 * PAGE))
+    assert _table_rows(mem) == [(0, 2 * PAGE, 2 * PAGE), (4 * PAGE, PAGE, PAGE)]  # by gpa
+    old = mem.table
+    mem.remove(RegionDesc(0, 2 * PAGE, 0x200000, 0))
+    assert old.count == 0 and old.views == []  # a stale table reaches nothing
+    assert _table_rows(mem) == [(4 * PAGE, PAGE, PAGE)]
+    mem.reset()
+    assert mem.table.count == 0
+
+
+def test_region_table_host_pointer_is_the_mapping():
+    from virtio._ring import ffi
+    fd = memfd(2 * PAGE)
+    mem = GuestMemory()
+    mem.add(RegionDesc(0x10000, PAGE, 0x7F0000, PAGE), os.dup(fd))  # mmap_offset skipped
+    ffi.memmove(mem.table.cdata[0].host + 5, b"via C", 5)
+    assert os.pread(fd, 5, PAGE + 5) == b"via C"
+    assert bytes(mem.gpa(0x10005, 5)) == b"via C"
+    mem.reset()
+    os.close(fd)
+
+
+def test_table_pointers_released_before_unmap():
+    """Unmapping must really close the mapping: the table's buffer exports go first (else
+    the memoryview cannot be released and the region would stay mapped)."""
+    mem = GuestMemory()
+    desc = RegionDesc(0, PAGE, 0x1000, 0)
+    region = mem.add(desc, memfd(PAGE))
+    mem.remove(desc)
+    assert region.mm.closed
+    region = mem.add(desc, memfd(PAGE))
+    mem.reset()
+    assert region.mm.closed
