@@ -1,8 +1,12 @@
 """Split virtqueue (virtio 1.2, 2.7), device side.
 
-The descriptor table is read with struct from a memoryview; the avail/used indices and event
-fields go through RingAccess (C, with the barriers). Buffers are returned as memoryviews into
-guest memory (zero copy): readable ones to parse, writable ones to fill in place.
+Chains are popped in C, a batch per call (RingAccess.pop_chains: avail ring, descriptor table
+and indirect tables walked with every index and address checked; it returns each buffer as a
+region index, offset and length), and used elements are written in C a batch per flush; the
+avail/used indices and event fields go through RingAccess too (C, with the barriers). Buffers
+are returned as memoryviews into guest memory (zero copy): readable ones to parse, writable
+ones to fill in place. `_walk_py` is the same walk in Python, the reference the tests compare
+the C walk with.
 
 Anything the driver gets wrong (a head or next index out of range, a descriptor loop, a buffer
 outside guest memory, an avail index that jumps by more than the queue size) raises
@@ -24,7 +28,23 @@ from dataclasses import dataclass
 
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
-from .ring import RingAccess, avail_size, used_size
+from .ring import (
+    POP_E_AVAIL_JUMP,
+    POP_E_BUF_OUTSIDE,
+    POP_E_HEAD,
+    POP_E_INDIRECT_FEATURE,
+    POP_E_INDIRECT_LEN,
+    POP_E_INDIRECT_OUTSIDE,
+    POP_E_INDIRECT_PLACE,
+    POP_E_LOOP,
+    POP_E_NEXT,
+    POP_E_READ_AFTER_WRITE,
+    POP_FULL,
+    POP_OK,
+    RingAccess,
+    avail_size,
+    used_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +119,7 @@ class VirtQueue:
         self.started = False
         self.enabled = False
         self._pending = 0
+        self._used: list[int] = []  # pushed, not yet written: [head, length, head, ...]
         self._notify = True
 
     def set_num(self, num: int) -> None:
@@ -140,7 +161,7 @@ class VirtQueue:
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {self.index}: ring not in guest memory: {e}") from None
         self._desc = desc
-        self._ring = RingAccess(avail, used, self.num)
+        self._ring = RingAccess(avail, used, self.num, desc)
 
     def unmap(self) -> None:
         if self._ring is not None:
@@ -198,64 +219,89 @@ class VirtQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain, or None if the ring is empty."""
-        ring = self._ring_or_fail()
-        pending = self.available()
-        if pending == 0:
-            if not (self.event_idx and self._notify):
-                return None
-            # Ask for a kick at the next entry, then look again: the driver may have added
-            # one between our read and the event store (the fence in C orders the two).
-            ring.avail_event_set(self.last_avail_idx)
-            if self.available() == 0:
-                return None
-        head = ring.avail_head(self.last_avail_idx)
-        if head >= self.num:
-            raise self._fail(f"head {head} >= queue size {self.num}")
-        chain = self._walk(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        self.inflight += 1
-        return chain
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
 
     def pop_many(self, count: int) -> list[Chain]:
-        """Up to `count` chains, as pop() would return them one by one but with one avail
-        index read, and a short path for a lone device-writable descriptor (how Linux posts
-        mergeable RX buffers: popping 17 per 64 KiB frame made pop() the RX path's main cost).
-        Fewer than `count` (empty re-arms the kick as pop() does) when the ring runs dry."""
+        """Up to `count` chains, as pop() would return them one by one, popped in C a batch per
+        call (one avail index read). Fewer than `count` when the ring runs dry; none (and the
+        kick re-armed with EVENT_IDX, as pop() does) when it is empty."""
         ring = self._ring_or_fail()
-        pending = self.available()
-        if pending < count:
-            if pending == 0:
-                chain = self.pop()  # re-arms the kick, or finds a late entry
-                return [] if chain is None else [chain]
-            count = pending
-        table, num, gpa = self._desc, self.num, self.memory.gpa
-        assert table is not None
-        unpack = DESC.unpack_from
-        out: list[Chain] = []
-        idx = self.last_avail_idx
-        try:
-            for _ in range(count):
-                head = ring.avail_head(idx)
-                if head >= num:
-                    raise self._fail(f"head {head} >= queue size {num}")
-                addr, length, flags, _nxt = unpack(table, head * DESC_SIZE)
-                if flags == DESC_F_WRITE:
-                    try:
-                        chain = Chain(head, [], [gpa(addr, length)])
-                    except GuestMemoryError as e:
-                        raise self._fail(f"descriptor buffer outside guest memory: {e}") \
-                            from None
-                else:
-                    chain = self._walk(head)
-                out.append(chain)
-                idx = (idx + 1) & 0xFFFF
-        finally:
-            self.last_avail_idx = idx
-            self.inflight += len(out)
-        return out
+        out = self._pop_c(ring, count)
+        if out or count <= 0 or not (self.event_idx and self._notify):
+            return out
+        # Empty: ask for a kick at the next entry, then look again: the driver may have added
+        # one between our read and the event store (the fence in C orders the two).
+        ring.avail_event_set(self.last_avail_idx)
+        return self._pop_c(ring, count)
 
-    def _walk(self, head: int) -> Chain:
+    def _pop_c(self, ring: RingAccess, count: int) -> list[Chain]:
+        out: list[Chain] = []
+        table = self.memory.table
+        views = table.views
+        while True:
+            n, status, heads, bufs = ring.pop_chains(self.last_avail_idx, count - len(out),
+                                                     self.indirect, table)
+            bit = iter(bufs)
+            b3 = zip(bit, bit, bit, strict=True)  # (region, offset, length) per buffer
+            hit = iter(heads)
+            for head, nread, nwrite in zip(hit, hit, hit, strict=True):
+                if nread + nwrite == 1:  # Linux's mergeable RX buffers, most TX frames
+                    r, o, length = next(b3)
+                    if nwrite:
+                        out.append(Chain(head, [], [views[r][o:o + length]]))
+                    else:
+                        out.append(Chain(head, [views[r][o:o + length]], []))
+                    continue
+                readable = []
+                for _ in range(nread):
+                    r, o, length = next(b3)
+                    readable.append(views[r][o:o + length])
+                writable = []
+                for _ in range(nwrite):
+                    r, o, length = next(b3)
+                    writable.append(views[r][o:o + length])
+                out.append(Chain(head, readable, writable))
+            # The popped chains are ours even when the next one is bad (as the Python walk).
+            self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+            self.inflight += n
+            code = status[0]
+            if code == POP_OK:
+                return out
+            if code != POP_FULL:
+                raise self._fail(self._pop_error(code, status[1], status[2]))
+            if n == 0 or len(out) >= count:  # n == 0: cannot happen (room for any chain)
+                return out
+
+    def _pop_error(self, code: int, value: int, value2: int) -> str:
+        """The reference walk's message for a C walk error code."""
+        if code == POP_E_AVAIL_JUMP:
+            return f"avail idx moved by {value} > queue size {self.num}"
+        if code == POP_E_HEAD:
+            return f"head {value} >= queue size {self.num}"
+        if code == POP_E_LOOP:
+            return f"descriptor chain from head {value} loops or is too long"
+        if code == POP_E_INDIRECT_FEATURE:
+            return "indirect descriptor without INDIRECT_DESC"
+        if code == POP_E_INDIRECT_PLACE:
+            return "indirect descriptor must be a lone head of the main table"
+        if code == POP_E_INDIRECT_LEN:
+            return f"bad indirect table length {value}"
+        if code == POP_E_INDIRECT_OUTSIDE:
+            return f"indirect table outside guest memory: {value:#x}+{value2:#x}"
+        if code == POP_E_BUF_OUTSIDE:
+            return f"descriptor buffer outside guest memory: {value:#x}+{value2:#x}"
+        if code == POP_E_READ_AFTER_WRITE:
+            return "device-readable descriptor after a device-writable one"
+        if code == POP_E_NEXT:
+            return f"next index {value} out of range {value2}"
+        return f"chain walk error {code}"
+
+    def _walk_py(self, head: int) -> Chain:
+        """The chain at `head` walked in Python: the reference for the C walk (tests)."""
         assert self._desc is not None
+        if head >= self.num:
+            raise self._fail(f"head {head} >= queue size {self.num}")
         table = self._desc
         table_len = self.num
         in_indirect = False
@@ -310,19 +356,40 @@ class VirtQueue:
 
     # --- device → driver --------------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
-        """Return a popped chain as used, `length` bytes written into its writable buffers."""
-        ring = self._ring_or_fail()
+        """Return a popped chain as used, `length` bytes written into its writable buffers.
+        The element reaches the used ring at flush() (one C call per batch), before used->idx
+        says it is there, so the driver sees the same thing as if it were written now."""
+        self._ring_or_fail()
         if self.inflight <= 0:
             raise ValueError("push without a popped chain")
-        ring.used_put(self.used_idx, head, length)
+        if not 0 <= head <= 0xFFFFFFFF or not 0 <= length <= 0xFFFFFFFF:
+            raise ValueError("used element out of range")
+        self._used += (head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.inflight -= 1
         self._pending += 1
+
+    def push_many(self, entries: list[tuple[int, int]]) -> None:
+        """push() for each (head, length), in order."""
+        self._ring_or_fail()
+        if len(entries) > self.inflight:
+            raise ValueError("push without a popped chain")
+        used = self._used
+        for head, length in entries:
+            if not 0 <= head <= 0xFFFFFFFF or not 0 <= length <= 0xFFFFFFFF:
+                raise ValueError("used element out of range")
+            used += (head, length)
+            self.inflight -= 1
+        n = len(entries)
+        self.used_idx = (self.used_idx + n) & 0xFFFF
+        self._pending += n
 
     def flush(self) -> bool:
         """Publish pushed entries (one used->idx store) and notify if needed; True if notified."""
         if self._pending == 0 or self._ring is None:
             return False
+        used, self._used = self._used, []
+        self._ring.used_put_many((self.used_idx - self._pending) & 0xFFFF, used)
         self._ring.used_publish(self.used_idx)
         self._pending = 0
         if self._should_notify():

@@ -15,6 +15,7 @@ from virtio.virtqueue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    Chain,
     VirtQueue,
     VirtQueueError,
     need_event,
@@ -336,3 +337,260 @@ def test_used_ring_layout(s):
     s.vq.flush()
     raw = s.dmem.read(s.ring.used, 12)
     assert struct.unpack("<HHII", raw) == (0, 1, head, 1234)
+
+
+# --- the C chain walk against the Python reference (_walk_py) ---------------------------------
+
+def _addr(view: memoryview) -> int:
+    """Where a view's bytes are (so two walks can be compared buffer by buffer)."""
+    from virtio._ring import ffi
+    p = ffi.from_buffer(view)
+    try:
+        return int(ffi.cast("uintptr_t", p))
+    finally:
+        ffi.release(p)
+
+
+def _shape(chain: Chain) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+    return (chain.head, [(_addr(b), len(b)) for b in chain.readable],
+            [(_addr(b), len(b)) for b in chain.writable])
+
+
+def _py_pop_many(vq: VirtQueue, count: int) -> list[Chain]:
+    """pop_many() as it was before the C walk: the avail checks, then _walk_py per head."""
+    ring = vq._ring
+    assert ring is not None and not vq.broken
+    pending = (ring.avail_idx() - vq.last_avail_idx) & 0xFFFF
+    if pending > vq.num:
+        raise vq._fail(f"avail idx moved by {pending}")
+    out = []
+    idx = vq.last_avail_idx
+    try:
+        for _ in range(min(count, pending)):
+            out.append(vq._walk_py(ring.avail_head(idx)))
+            idx = (idx + 1) & 0xFFFF
+    finally:
+        vq.last_avail_idx = idx
+        vq.inflight += len(out)
+    return out
+
+
+def _twin(setup: Setup) -> VirtQueue:
+    """A second device queue over the same ring (and the same base), for the reference walk."""
+    vq = VirtQueue(1, setup.mem)
+    vq.indirect = setup.vq.indirect
+    vq.set_num(setup.vq.num)
+    vq.set_addr(setup.ring.addr(0))
+    vq.set_base(setup.vq.last_avail_idx)
+    vq.start()
+    return vq
+
+
+def _outcome(fn, count):  # type: ignore[no-untyped-def]
+    try:
+        return [_shape(c) for c in fn(count)], None
+    except VirtQueueError:
+        return None, "broken"
+
+
+_buf = st.tuples(st.booleans(), st.integers(0, 5000))  # (device-writable, length)
+_chain = st.tuples(st.lists(_buf, min_size=1, max_size=6), st.booleans())  # (buffers, indirect)
+
+
+@settings(max_examples=120, deadline=None)
+@given(chains=st.lists(_chain, min_size=1, max_size=16), base=st.integers(0, 0xFFFF),
+       batches=st.lists(st.integers(1, 20), min_size=1, max_size=6))
+def test_c_walk_matches_python_on_valid_rings(chains, base, batches):
+    setup = Setup(num=16, indirect=True)
+    try:
+        setup.vq.set_base(base)
+        setup.ring.set_avail_idx(base)
+        setup.ring.kicked_at = base
+        for bufs, indirect in chains:
+            bufs = sorted(bufs, key=lambda b: b[0])  # readable first, as a driver must
+            out = [bytes([i % 251]) * n for i, (w, n) in enumerate(bufs) if not w]
+            sizes = [max(n, 1) for w, n in bufs if w]
+            if (1 if indirect else len(bufs)) > len(setup.ring.free):
+                continue
+            setup.ring.add(out, sizes, indirect=indirect)
+        ref = _twin(setup)
+        got: list[Chain] = []
+        want: list[Chain] = []
+        for count in batches:
+            got += setup.vq.pop_many(count)
+            want += _py_pop_many(ref, count)
+        assert [_shape(c) for c in got] == [_shape(c) for c in want]
+        assert setup.vq.last_avail_idx == ref.last_avail_idx
+        assert setup.vq.inflight == ref.inflight
+        for c in got:
+            for b in c.readable:
+                assert set(bytes(b)) <= set(range(251))
+        ref.reset()
+    finally:
+        setup.close()
+
+
+# Mostly plausible values (so chains get far enough to hit the later checks), some wild ones.
+_ADDR_KINDS = st.sampled_from(["r0"] * 6 + ["any", "r0_end", "r1_end", "top", "table", "table"])
+
+
+@st.composite
+def _hostile_desc(draw):  # type: ignore[no-untyped-def]
+    return (draw(_ADDR_KINDS), draw(st.integers(0, 2**64 - 1)),
+            draw(st.one_of(st.integers(0, 64), st.integers(0, 64),
+                           st.sampled_from([16, 32, 48, 128, 24, 16 * 32769]),
+                           st.integers(0, 2**32 - 1))),
+            draw(st.one_of(st.sampled_from([0, 0, 0, 1, 1, 2, 3, 4]), st.integers(0, 0xFFFF))),
+            draw(st.one_of(st.integers(0, 8), st.integers(0, 8), st.integers(0, 0xFFFF))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(main=st.lists(_hostile_desc(), min_size=8, max_size=8),
+       table=st.lists(_hostile_desc(), min_size=8, max_size=8),
+       heads=st.lists(st.one_of(st.integers(0, 7), st.integers(0, 8), st.integers(0, 0xFFFF)),
+                      min_size=1, max_size=8),
+       jump=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)),
+       indirect=st.booleans(), count=st.integers(1, 10))
+def test_c_walk_fails_as_python_on_hostile_rings(main, table, heads, jump, indirect, count):
+    setup = Setup(num=8, indirect=indirect)
+    try:
+        r0, r1 = (r.desc for r in setup.dmem.regions)
+        itable = setup.dmem.alloc(16 * 8, 16)
+
+        def place(kind: str, raw: int, length: int) -> int:
+            return {"any": raw, "r0": r0.gpa + raw % r0.size,
+                    "r0_end": r0.gpa + r0.size - raw % 64,  # crosses into region 1
+                    "r1_end": r1.gpa + r1.size - raw % 64,  # crosses out of memory
+                    "top": 2**64 - 1 - raw % 64,  # addr + length overflows a u64
+                    "table": itable}[kind]
+
+        for i, (kind, raw, length, flags, nxt) in enumerate(table):
+            setup.ring.write_desc(i, place(kind, raw, length), length, flags, nxt, table=itable)
+        for i, (kind, raw, length, flags, nxt) in enumerate(main):
+            setup.ring.write_desc(i, place(kind, raw, length), length, flags, nxt)
+        for h in heads:
+            setup.ring.publish(h)
+        if jump is not None:
+            setup.ring.set_avail_idx(jump)
+        ref = _twin(setup)
+        for _ in range(3):
+            want = _outcome(lambda n: _py_pop_many(ref, n), count)
+            got = _outcome(setup.vq.pop_many, count)
+            assert got == want
+            assert setup.vq.broken == ref.broken
+            assert setup.vq.last_avail_idx == ref.last_avail_idx
+            assert setup.vq.inflight == ref.inflight
+            if setup.vq.broken:
+                break
+        ref.reset()
+    finally:
+        setup.close()
+
+
+@pytest.mark.parametrize("case", [
+    "u64_overflow", "crosses_into_next_region", "indirect_crosses_end", "indirect_too_long",
+    "indirect_u64_overflow", "next_in_indirect_oob", "head_mid_batch"])
+def test_hostile_chains_break_the_queue(s, case):
+    r0, r1 = (r.desc for r in s.dmem.regions)
+    buf = s.dmem.alloc(16)
+    table = s.dmem.alloc(32, 16)
+    s.ring.write_desc(0, buf, 16, 0, 0, table=table)
+    s.ring.write_desc(1, buf, 16, 0, 0, table=table)
+    head = 0
+    if case == "u64_overflow":
+        s.ring.write_desc(0, 2**64 - 8, 16, 0, 0)
+    elif case == "crosses_into_next_region":  # adjacent in guest memory, not one mapping
+        s.ring.write_desc(0, r0.gpa + r0.size - 8, 16, DESC_F_WRITE, 0)
+    elif case == "indirect_crosses_end":
+        s.ring.write_desc(0, r1.gpa + r1.size - 16, 32, DESC_F_INDIRECT, 0)
+    elif case == "indirect_too_long":
+        s.ring.write_desc(0, r0.gpa, 16 * 32769, DESC_F_INDIRECT, 0)
+    elif case == "indirect_u64_overflow":
+        s.ring.write_desc(0, 2**64 - 16, 32, DESC_F_INDIRECT, 0)
+    elif case == "next_in_indirect_oob":
+        s.ring.write_desc(0, buf, 16, DESC_F_NEXT, 2, table=table)  # the table has 2 entries
+        s.ring.write_desc(0, table, 32, DESC_F_INDIRECT, 0)
+    else:  # two good chains, then a bad head: the good ones are popped (in flight), then error
+        s.ring.write_desc(0, buf, 16, 0, 0)
+        s.ring.write_desc(1, buf, 16, 0, 0)
+        s.ring.publish(0)
+        s.ring.publish(1)
+        head = 8
+    s.ring.publish(head)
+    with pytest.raises(VirtQueueError):
+        s.vq.pop_many(8)
+    assert s.vq.broken
+    if case == "head_mid_batch":
+        assert s.vq.inflight == 2 and s.vq.last_avail_idx == 2
+
+
+def test_long_chains_fill_the_buffer_array_and_pop_again():
+    """More buffers in a batch than RingAccess starts with (1024), and one indirect chain
+    longer than that on its own: popped over several C calls, same as the reference."""
+    setup = Setup(num=256, indirect=True)
+    try:
+        for i in range(100):  # 500 buffers
+            indirect = bool(i % 2)
+            setup.ring.add([bytes([i])] * (4 if indirect else 1), [8] * (4 if indirect else 1),
+                           indirect=indirect)
+        long_chain = setup.ring.add([b"x"] * 1500, [], indirect=True)
+        ref = _twin(setup)
+        got = setup.vq.pop_many(256)
+        want = _py_pop_many(ref, 256)
+        assert len(got) == 101 and got[-1].head == long_chain and len(got[-1].readable) == 1500
+        assert [_shape(c) for c in got] == [_shape(c) for c in want]
+        ref.reset()
+    finally:
+        setup.close()
+
+
+def test_pop_many_empty_rearms_like_pop():
+    setup = Setup(event_idx=True)
+    try:
+        ring, vq = setup.ring, setup.vq
+        ring.add([b"a"])
+        ring.kick()
+        assert len(vq.pop_many(4)) == 1
+        assert vq.pop_many(4) == []  # empty: avail_event = 1
+        ring.add([b"b"])
+        assert ring.kick()
+        assert vq.pop_many(0) == []
+    finally:
+        setup.close()
+
+
+def test_push_many_same_as_push(s):
+    heads = [s.ring.add([], [32]) for _ in range(5)]
+    chains = s.vq.pop_many(5)
+    assert [c.head for c in chains] == heads
+    s.vq.push(chains[0].head, 1)
+    s.vq.push_many([(c.head, 10 + i) for i, c in enumerate(chains[1:])])
+    assert s.ring.used_idx() == 0
+    assert s.vq.flush()
+    assert s.ring.get_used() == [(heads[0], 1)] + [(h, 10 + i) for i, h in enumerate(heads[1:])]
+    with pytest.raises(ValueError):
+        s.vq.push_many([(heads[0], 0)])  # nothing in flight
+
+
+def test_push_refuses_out_of_range_elements(s):
+    s.ring.add([], [32])
+    c = s.vq.pop()
+    assert c is not None
+    for head, length in ((c.head, -1), (c.head, 2**32), (-1, 0)):
+        with pytest.raises(ValueError):
+            s.vq.push(head, length)
+    assert s.vq.inflight == 1
+
+
+def test_pop_after_memory_table_change(s):
+    """The walk uses the memory's current region table: after a region goes, a chain that
+    points into it breaks the queue instead of reaching freed memory."""
+    head = s.ring.add([], [64])
+    s.vq.unmap()
+    s.mem.remove(s.dmem.regions[1].desc)  # the rings live in region 0
+    s.vq.map()
+    r1 = s.dmem.regions[1].desc
+    s.ring.write_desc(head, r1.gpa, 64, DESC_F_WRITE, 0)
+    with pytest.raises(VirtQueueError):
+        s.vq.pop()
+    assert s.vq.broken
