@@ -341,3 +341,29 @@ int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
 	}
 	return 0;
 }
+
+/* The same with the per-queue arguments in one struct (what Python passes per call is what
+ * costs: one chain per call is the TX path). Returns n (chains popped) when status is VR_OK,
+ * else -1 - n. */
+struct vr_pop_ctx {
+	const uint8_t *desc;
+	size_t desc_len;
+	const uint8_t *avail;
+	size_t avail_len;
+	unsigned num;
+	uint32_t *chains;
+	unsigned chain_cap;
+	uint64_t *bufs;
+	unsigned buf_cap;
+	uint64_t status[4];
+};
+
+int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indirect,
+	   const struct vr_region *regions, unsigned nregions)
+{
+	int n = vr_pop_chains(ctx->desc, ctx->desc_len, ctx->avail, ctx->avail_len, ctx->num,
+			      last_avail, count, indirect, regions, nregions, ctx->chains,
+			      ctx->chain_cap, ctx->bufs, ctx->buf_cap, ctx->status);
+
+	return ctx->status[0] == VR_OK ? n : -1 - n;
+}

@@ -29,6 +29,20 @@ ffibuilder.cdef(
                       int indirect, const struct vr_region *regions, unsigned nregions,
                       uint32_t *chains, unsigned chain_cap, uint64_t *bufs, unsigned buf_cap,
                       uint64_t *status);
+    struct vr_pop_ctx {
+        const uint8_t *desc;
+        size_t desc_len;
+        const uint8_t *avail;
+        size_t avail_len;
+        unsigned num;
+        uint32_t *chains;
+        unsigned chain_cap;
+        uint64_t *bufs;
+        unsigned buf_cap;
+        uint64_t status[4];
+    };
+    int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indirect,
+               const struct vr_region *regions, unsigned nregions);
     int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
                          const uint32_t *elems, unsigned n);
     """

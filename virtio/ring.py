@@ -86,8 +86,8 @@ class RingAccess:
     and chain pops from its descriptor table."""
 
     __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
-                 "_chains", "_chains_mv", "_bufs", "_bufs_mv", "_buf_cap", "_status",
-                 "_status_mv", "_elems", "_elems_cap")
+                 "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "_ctx", "status_mv",
+                 "_elems", "_elems_cap")
 
     def __init__(self, avail: memoryview, used: memoryview, num: int,
                  desc: memoryview | None = None) -> None:
@@ -102,15 +102,23 @@ class RingAccess:
         self._used_len = len(used)
         self._desc = ffi.NULL if desc is None else ffi.from_buffer("uint8_t[]", desc)
         self._desc_len = 0 if desc is None else len(desc)
-        # Pop outputs, read back through memoryviews (one tolist() each, not per-field cdata).
+        # The pop's fixed arguments live in one C struct (fewer per-call conversions); its
+        # outputs are read back through memoryviews, not per-field cdata.
+        self._ctx = ffi.new("struct vr_pop_ctx *")
+        self._ctx.desc = self._desc
+        self._ctx.desc_len = self._desc_len
+        self._ctx.avail = self._avail
+        self._ctx.avail_len = self._avail_len
+        self._ctx.num = num
         self._chains = ffi.new("uint32_t[]", 3 * num)
-        self._chains_mv = memoryview(ffi.buffer(self._chains)).cast("I")
+        self._ctx.chains = self._chains
+        self._ctx.chain_cap = num
+        self.chains_mv = memoryview(ffi.buffer(self._chains)).cast("I")
         self._buf_cap = 0
         self._bufs: Any = None
-        self._bufs_mv = memoryview(b"")
+        self.bufs_mv = memoryview(b"")
         self._grow_bufs(min(_BUFS_START, MAX_CHAIN_BUFS))
-        self._status = ffi.new("uint64_t[4]")
-        self._status_mv = memoryview(ffi.buffer(self._status)).cast("Q")
+        self.status_mv = memoryview(ffi.buffer(self._ctx.status)).cast("Q")
         self._elems_cap = 0
         self._elems: Any = None
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
@@ -149,33 +157,48 @@ class RingAccess:
 
     def _grow_bufs(self, cap: int) -> None:
         self._bufs = ffi.new("uint64_t[]", 3 * cap)
-        self._bufs_mv = memoryview(ffi.buffer(self._bufs)).cast("Q")
+        self.bufs_mv = memoryview(ffi.buffer(self._bufs)).cast("Q")
         self._buf_cap = cap
+        self._ctx.bufs = self._bufs
+        self._ctx.buf_cap = cap
+
+    def pop(self, last_avail: int, count: int, indirect: bool, regions: RegionTable) -> int:
+        """Pop up to `count` (>= 0) chains from avail entry `last_avail` (C, one call; avail
+        idx read with acquire). Returns n >= 0 when all went well, else -1 - n and status()
+        says why. Chain i is chains_mv[3i:3i+3] = head, readable count, writable count; its
+        buffers follow the previous chain's in bufs_mv, 3 values each: region index (into
+        `regions`), offset in the region, length; readable ones first."""
+        return lib.vr_pop(self._ctx, last_avail & 0xFFFF, count, indirect, regions.cdata,
+                          regions.count)
+
+    def status(self) -> list[int]:
+        """After pop(): [code, value, value2, buffers written]: code POP_OK, POP_FULL (no room
+        for the next chain's buffers: grow() if nothing was popped, then pop again) or the
+        POP_E_* that stopped at the chain after those popped."""
+        status = self.status_mv.tolist()
+        if status[0] == POP_E_ARGS:
+            raise RingError("chain pop refused its arguments")
+        return status
+
+    def grow(self) -> bool:
+        """Room for the longest possible chain; False if there already was."""
+        if self._buf_cap >= MAX_CHAIN_BUFS:
+            return False
+        self._grow_bufs(MAX_CHAIN_BUFS)
+        return True
 
     def pop_chains(self, last_avail: int, count: int, indirect: bool,
                    regions: RegionTable) -> tuple[int, list[int], list[int], list[int]]:
-        """Pop up to `count` chains from avail entry `last_avail` (C, one call; avail idx read
-        with acquire). Returns (popped, status, chains, bufs): status is
-        [code, value, value2, buffer count] with code POP_OK, POP_FULL (stopped with room for
-        no more buffers: pop again) or the POP_E_* that stopped at chain `popped`; chains is
-        [head, readable count, writable count] per chain, bufs [region index, offset, length]
-        per buffer, each chain's buffers after the previous chain's, readable ones first."""
-        if self._desc_len == 0:
-            raise RingError("no descriptor table mapped")
+        """pop() as lists: (popped, status, chains, bufs), growing the buffer array once if a
+        lone chain does not fit it."""
         count = max(0, min(count, self.num))
         while True:
-            n = lib.vr_pop_chains(self._desc, self._desc_len, self._avail, self._avail_len,
-                                  self.num, last_avail & 0xFFFF, count, 1 if indirect else 0,
-                                  regions.cdata, regions.count, self._chains, self.num,
-                                  self._bufs, self._buf_cap, self._status)
-            status = self._status_mv.tolist()
-            if n or status[0] != POP_FULL or self._buf_cap >= MAX_CHAIN_BUFS:
+            r = self.pop(last_avail, count, indirect, regions)
+            n = r if r >= 0 else -1 - r
+            status = self.status()
+            if n or status[0] != POP_FULL or not self.grow():
                 break
-            self._grow_bufs(MAX_CHAIN_BUFS)  # one chain longer than the array: room for any
-        if status[0] == POP_E_ARGS:
-            raise RingError("chain pop refused its arguments")
-        return (n, status, self._chains_mv[:3 * n].tolist(),
-                self._bufs_mv[:3 * status[3]].tolist())
+        return n, status, self.chains_mv[:3 * n].tolist(), self.bufs_mv[:3 * status[3]].tolist()
 
     def used_put_many(self, idx: int, elems: list[int]) -> None:
         """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]
@@ -192,6 +215,7 @@ class RingAccess:
 
     def release(self) -> None:
         """Drop the buffer exports now, so the guest memory mapping can be closed."""
+        self._ctx.desc_len = self._ctx.avail_len = 0  # a pop after this is refused (VR_E_ARGS)
         ffi.release(self._avail)
         ffi.release(self._used)
         if self._desc_len:

@@ -40,7 +40,6 @@ from .ring import (
     POP_E_NEXT,
     POP_E_READ_AFTER_WRITE,
     POP_FULL,
-    POP_OK,
     RingAccess,
     avail_size,
     used_size,
@@ -219,7 +218,25 @@ class VirtQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain, or None if the ring is empty."""
-        chains = self.pop_many(1)
+        ring = self._ring
+        if ring is None or self.broken:
+            ring = self._ring_or_fail()  # raises
+        # pop_many(1) inlined for the common case, one chain of one buffer: the TX path pops
+        # one chain per frame, and each Python step here is a visible share of its cost.
+        table = self.memory.table
+        r = ring.pop(self.last_avail_idx, 1, self.indirect, table)
+        if r == 1:
+            head, nread, nwrite = ring.chains_mv[:3].tolist()
+            if nread + nwrite == 1:
+                ri, o, length = ring.bufs_mv[:3].tolist()
+                view = table.views[ri][o:o + length]
+                self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+                self.inflight += 1
+                return Chain(head, [], [view]) if nwrite else Chain(head, [view], [])
+        chains = self._pop_c(ring, 1, r)
+        if not chains and self.event_idx and self._notify:
+            ring.avail_event_set(self.last_avail_idx)  # as pop_many() does
+            chains = self._pop_c(ring, 1)
         return chains[0] if chains else None
 
     def pop_many(self, count: int) -> list[Chain]:
@@ -235,43 +252,65 @@ class VirtQueue:
         ring.avail_event_set(self.last_avail_idx)
         return self._pop_c(ring, count)
 
-    def _pop_c(self, ring: RingAccess, count: int) -> list[Chain]:
+    def _pop_c(self, ring: RingAccess, count: int, r: int | None = None) -> list[Chain]:
+        """Up to `count` chains through the C walk; `r`: what a ring.pop() for `count` chains
+        from last_avail_idx just returned (its records are still in ring)."""
         out: list[Chain] = []
         table = self.memory.table
         views = table.views
+        count = max(count, 0)
         while True:
-            n, status, heads, bufs = ring.pop_chains(self.last_avail_idx, count - len(out),
-                                                     self.indirect, table)
-            bit = iter(bufs)
-            b3 = zip(bit, bit, bit, strict=True)  # (region, offset, length) per buffer
-            hit = iter(heads)
-            for head, nread, nwrite in zip(hit, hit, hit, strict=True):
-                if nread + nwrite == 1:  # Linux's mergeable RX buffers, most TX frames
-                    r, o, length = next(b3)
-                    if nwrite:
-                        out.append(Chain(head, [], [views[r][o:o + length]]))
-                    else:
-                        out.append(Chain(head, [views[r][o:o + length]], []))
-                    continue
-                readable = []
-                for _ in range(nread):
-                    r, o, length = next(b3)
-                    readable.append(views[r][o:o + length])
-                writable = []
-                for _ in range(nwrite):
-                    r, o, length = next(b3)
-                    writable.append(views[r][o:o + length])
-                out.append(Chain(head, readable, writable))
-            # The popped chains are ours even when the next one is bad (as the Python walk).
-            self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
-            self.inflight += n
-            code = status[0]
-            if code == POP_OK:
+            if r is None:
+                r = ring.pop(self.last_avail_idx, count - len(out), self.indirect, table)
+            n = r if r >= 0 else -1 - r
+            if n:
+                heads = ring.chains_mv[:3 * n].tolist()
+                bufs = ring.bufs_mv[:3 * ring.status_mv[3]].tolist()
+                if n == 1 and heads[1] + heads[2] == 1:  # one chain of one buffer (pop(), TX)
+                    ri, o, length = bufs
+                    view = views[ri][o:o + length]
+                    out.append(Chain(heads[0], [], [view]) if heads[2]
+                               else Chain(heads[0], [view], []))
+                else:
+                    self._chains_from(heads, bufs, views, out)
+                # The popped chains are ours even when the next one is bad (as the Python
+                # walk).
+                self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+                self.inflight += n
+            if r >= 0:
                 return out
+            r = None
+            status = ring.status()
+            code = status[0]
             if code != POP_FULL:
                 raise self._fail(self._pop_error(code, status[1], status[2]))
-            if n == 0 or len(out) >= count:  # n == 0: cannot happen (room for any chain)
-                return out
+            if len(out) >= count or (n == 0 and not ring.grow()):
+                return out  # (n == 0 after growing cannot happen: room for any chain)
+
+    @staticmethod
+    def _chains_from(heads: list[int], bufs: list[int], views: list[memoryview],
+                     out: list[Chain]) -> None:
+        """Chains from the C pop's records (see RingAccess.pop)."""
+        bit = iter(bufs)
+        b3 = zip(bit, bit, bit, strict=True)  # (region, offset, length) per buffer
+        hit = iter(heads)
+        for head, nread, nwrite in zip(hit, hit, hit, strict=True):
+            if nread + nwrite == 1:  # Linux's mergeable RX buffers, most TX frames
+                ri, o, length = next(b3)
+                if nwrite:
+                    out.append(Chain(head, [], [views[ri][o:o + length]]))
+                else:
+                    out.append(Chain(head, [views[ri][o:o + length]], []))
+                continue
+            readable = []
+            for _ in range(nread):
+                ri, o, length = next(b3)
+                readable.append(views[ri][o:o + length])
+            writable = []
+            for _ in range(nwrite):
+                ri, o, length = next(b3)
+                writable.append(views[ri][o:o + length])
+            out.append(Chain(head, readable, writable))
 
     def _pop_error(self, code: int, value: int, value2: int) -> str:
         """The reference walk's message for a C walk error code."""
