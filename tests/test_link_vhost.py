@@ -781,6 +781,30 @@ def test_listener_serves_the_next_front_end_after_a_hostile_one(tmp_path: Path) 
     assert not os.path.exists(tmp_path / "vu.sock")
 
 
+def test_listener_forwards_tso(tmp_path: Path) -> None:
+    """The listener (what the dispatcher and TCP hold) forwards the TSO capability and the
+    Tso given to commit_scatter() to its link."""
+    from vhostpasst.link.base import Tso
+    loop = Loop()
+    lst = VhostUserListener(loop, str(tmp_path / "vu.sock"), lambda frames: None)
+    try:
+        g = _listener_guest(loop, lst.path)
+        g.bring_up(ALL | net.F_GUEST_TSO4)
+        assert lst.tso4 and not lst.tso6
+        g.post_rx(4, size=4096)
+        frame = tcp_frame(False, _payload(5000))
+        [views] = lst.rx_scatter(1, len(frame), head=54)
+        _fill(views, frame)
+        lst.commit_scatter([len(frame)], Tso(False, 34, 54, 1448))
+        lst.flush()
+        [(hdr, got)] = g.received()
+        assert got == frame and (hdr.gso_type, hdr.gso_size) == (net.GSO_TCPV4, 1448)
+        g.close()
+    finally:
+        lst.close()
+        loop.close()
+
+
 def test_listener_one_off_exits_when_the_front_end_leaves(tmp_path: Path) -> None:
     loop = Loop()
     exits: list[int] = []
