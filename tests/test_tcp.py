@@ -705,3 +705,70 @@ def test_dispatcher_takes_a_64k_guest_segment(six: bool) -> None:
     assert fast == _fast_path_record(frame, False)
     [seg] = fast[0]
     assert seg[-3] == payload  # (the payload, then options and the two unused fields)
+
+
+@pytest.mark.skipif(tcp._sg_lib is None or tcp._seg_lib is None, reason="C helpers not built")
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
+    """vp_tcp_frames_sg_tso: frames of more than tso_mss payload bytes get the pseudo-header
+    sum over their full TCP length in the checksum field, and completing it as the guest does
+    for NEEDS_CSUM (the ones' complement sum from the TCP header to the end, complemented,
+    stored there) gives exactly the checksum _tcpseg computes for the same frame; the other
+    frames are what vp_tcp_frames_sg writes. Headers (IP lengths of the whole frame) match."""
+    import random
+    from ipaddress import IPv6Address
+
+    from vhostpasst.wire import tcp as wtcp
+    rng = random.Random(11)
+    config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
+                                our_tap_addr=IPv4Address("192.0.2.1")), ip6=None)
+    d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]
+    assert d.tcp is not None
+    faddr = IPv6Address("2001:db8::7") if six else REMOTE
+    gaddr = IPv6Address("2001:db8::2") if six else GUEST
+    conn = tcp.TcpConn(d.tcp, FakeSock(), six, gaddr, 40000, faddr, 443,  # type: ignore
+                       tcp.ESTABLISHED)
+    off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
+    l4 = off - wtcp.TCP_HLEN
+    tmpl = d.tcp._template(conn, GUEST_MAC)
+    sg_ffi, sg_lib, seg_ffi, seg_lib = tcp._sg_ffi, tcp._sg_lib, tcp._seg_ffi, tcp._seg_lib
+    for _ in range(20):
+        sizes = [rng.choice([1, 1447, 1448, 1449, 2897, 40000, 64240]) for _ in
+                 range(rng.randint(1, 4))]
+        seq, ack, wnd = rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(16)
+        ref = [bytearray(off + s) for s in sizes]
+        for buf in ref:
+            buf[off:] = rng.randbytes(len(buf) - off)
+        ours = [bytearray(b) for b in ref]
+        plain = [bytearray(b) for b in ref]
+        first = list(range(len(sizes) + 1))
+        args = (len(sizes), first, sizes, len(sizes), tmpl, six, conn.pseudo, seq, ack, wnd,
+                wtcp.ACK, wtcp.ACK | wtcp.PSH)
+        out = sg_ffi.new("uint32_t[]", len(sizes))
+        end = sg_lib.vp_tcp_frames_sg_tso([sg_ffi.from_buffer(b) for b in ours],
+                                          [len(b) for b in ours], *args, 1, 1448, out)
+        sg_lib.vp_tcp_frames_sg([sg_ffi.from_buffer(b) for b in plain],
+                                [len(b) for b in plain], *args, 1, out)
+        full = seg_ffi.new("uint32_t[]", len(sizes))
+        assert end == seg_lib.vp_tcp_frames([seg_ffi.from_buffer(b) for b in ref], sizes,
+                                            len(sizes), tmpl, six, conn.pseudo, seq, ack, wnd,
+                                            wtcp.ACK, wtcp.ACK | wtcp.PSH, full)
+        for size, mine, want, pl in zip(sizes, ours, ref, plain, strict=True):
+            if size <= 1448:
+                assert mine == pl
+                continue
+            assert mine[:l4 + 16] == want[:l4 + 16] and mine[l4 + 18:] == want[l4 + 18:]
+            length = len(mine) - l4
+            partial = sum(struct.unpack_from(f"!{len(conn.faddr_b + conn.gaddr_b) // 2}H",
+                                             conn.faddr_b + conn.gaddr_b)) + 6 + length
+            while partial >> 16:
+                partial = (partial & 0xFFFF) + (partial >> 16)
+            assert mine[l4 + 16:l4 + 18] == partial.to_bytes(2, "big")
+            # the guest's (or a NIC's) completion: checksum from csum_start to the end
+            done = bytearray(mine)
+            words = done[l4:] + b"\0" * (length & 1)
+            total = sum(struct.unpack(f"!{len(words) // 2}H", words))
+            while total >> 16:
+                total = (total & 0xFFFF) + (total >> 16)
+            done[l4 + 16:l4 + 18] = (~total & 0xFFFF).to_bytes(2, "big")
+            assert done == want
