@@ -25,6 +25,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from itertools import islice
 
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
@@ -221,18 +222,22 @@ class VirtQueue:
         ring = self._ring
         if ring is None or self.broken:
             ring = self._ring_or_fail()  # raises
-        # pop_many(1) inlined for the common case, one chain of one buffer: the TX path pops
-        # one chain per frame, and each Python step here is a visible share of its cost.
+        # pop_many(1) inlined for the common case, one good chain: the TX path pops one chain
+        # per frame, and each Python step here is a visible share of its cost.
         table = self.memory.table
         r = ring.pop(self.last_avail_idx, 1, self.indirect, table)
         if r == 1:
             head, nread, nwrite = ring.chains_mv[:3].tolist()
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            self.inflight += 1
             if nread + nwrite == 1:
                 ri, o, length = ring.bufs_mv[:3].tolist()
                 view = table.views[ri][o:o + length]
-                self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-                self.inflight += 1
                 return Chain(head, [], [view]) if nwrite else Chain(head, [view], [])
+            views = table.views
+            b = ring.bufs_mv[:3 * (nread + nwrite)].tolist()
+            bufs = [views[b[i]][b[i + 1]:b[i + 1] + b[i + 2]] for i in range(0, len(b), 3)]
+            return Chain(head, bufs[:nread], bufs[nread:])
         chains = self._pop_c(ring, 1, r)
         if not chains and self.event_idx and self._notify:
             ring.avail_event_set(self.last_avail_idx)  # as pop_many() does
@@ -302,15 +307,8 @@ class VirtQueue:
                 else:
                     out.append(Chain(head, [views[ri][o:o + length]], []))
                 continue
-            readable = []
-            for _ in range(nread):
-                ri, o, length = next(b3)
-                readable.append(views[ri][o:o + length])
-            writable = []
-            for _ in range(nwrite):
-                ri, o, length = next(b3)
-                writable.append(views[ri][o:o + length])
-            out.append(Chain(head, readable, writable))
+            pieces = [views[ri][o:o + length] for ri, o, length in islice(b3, nread + nwrite)]
+            out.append(Chain(head, pieces[:nread], pieces[nread:]))
 
     def _pop_error(self, code: int, value: int, value2: int) -> str:
         """The reference walk's message for a C walk error code."""
