@@ -690,6 +690,42 @@ def test_frames_to_the_guest_tso_sized_only_to_a_tso_link(tso: bool, env: tuple)
         assert all(t is None for t in link.tsos)
 
 
+@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
+@pytest.mark.parametrize("tso", [True, False], ids=["tso-link", "plain-link"])
+def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-byte answer (SIOCINQ says what is queued) asks rx_scatter() for a frame of its
+    bytes plus one, not of a whole segment (64 KiB with TSO: 17-44 mergeable buffers popped
+    and given back per answer); the data still goes whole, and more data after it in as
+    many frames as it needs."""
+    d, loop, _ = env
+    link = FakeScatterLink(tso)
+    d.link = link  # type: ignore[assignment]
+    asked: list[tuple[int, int]] = []
+    scatter = link.rx_scatter
+
+    def recording(count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        asked.append((count, frame_len))
+        return scatter(count, frame_len, head)
+
+    link.rx_scatter = recording  # type: ignore[method-assign]
+    sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
+    monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
+    off = 54  # Ethernet + IPv4 + TCP headers
+    sock.rx += b"abc"
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert asked[-1] == (1, off + 4)
+    assert bytes(parse(link.frames[-1]).payload) == b"abc"
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 3, window=1000))
+    sock.rx += b"z" * 5000
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    # with TSO one frame holds all 5000 bytes: sized by them; else four full segments
+    assert asked[-1] == ((1, off + 5001) if tso else (4, off + 1460))
+    got = b"".join(bytes(parse(f).payload) for f in link.frames
+                   if parse(f).sport == 80 and bytes(parse(f).payload))
+    assert got == b"abc" + b"z" * 5000
+
+
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
 def test_dispatcher_takes_a_64k_guest_segment(six: bool) -> None:
     """A TSO frame (65535 IP bytes, far above any MTU) goes through the fast path whole, as

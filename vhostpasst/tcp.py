@@ -711,16 +711,24 @@ class TcpHandler:
             seg = max(seg, (TSO_MAX_L3 - l3) // seg * seg)
         count = min(SEG_BATCH, -(-room // seg))
         queued = unread(conn.fd)
+        fresh = None  # bytes not peeked yet, if the socket says
         if queued is not None:
             # no more buffers than there are bytes to peek: a 1-byte answer takes one
             # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
-            count = min(count, max(1, -(-(queued - in_flight) // seg)))
+            fresh = queued - in_flight
+            count = min(count, max(1, -(-fresh // seg)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
         if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
-            frames = scatter(count, off + seg, off)  # type: ignore[misc]
+            size = seg
+            if count == 1 and fresh is not None and fresh < seg:
+                # A short answer: the guest buffers its bytes need, not a whole segment's
+                # (with TSO 64 KiB, some 17-44 mergeable buffers popped and given back per
+                # 1-byte answer). One byte more, so a peek that fills them means more came.
+                size = max(1, fresh + 1)
+            frames = scatter(count, off + size, off)  # type: ignore[misc]
             bufs = [frame[0] for frame in frames]
         else:
             bufs = self.ctx.rx_buffers(count)
