@@ -18,7 +18,8 @@ the same ping-pong (a Python echo server in the guest namespace).
 
 TCG guests are slow and noisy: compare the back ends measured in the same run (the ratio
 columns), not absolute figures. CPU is the daemon's utime+stime from /proc/PID/stat over each
-transfer, divided by the bytes iperf3 counted. Every step is bounded in time.
+transfer, divided by the bytes iperf3 counted, and over the ping-pong, divided by its round
+trips (warm-up included). Every step is bounded in time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GW4 = "192.0.2.1"
 RR_PORT = 5300
+RR_WARMUP = 20  # round trips RR_CLIENT makes before it times any
 IPERF_PORT = 5201
 GIB = 1 << 30
 
@@ -47,7 +49,7 @@ import socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 n, times = int(sys.argv[3]), []
-for _ in range(20):  # warm-up
+for _ in range(20):  # warm-up (RR_WARMUP)
     s.sendall(b"x"); s.recv(1)
 for _ in range(n):
     t = time.perf_counter(); s.sendall(b"x")
@@ -98,7 +100,7 @@ def iperf_mbps(text: str) -> tuple[float, float]:
 
 
 def measure(row: Row, daemon_pid: int, run_iperf: Callable[[bool], str],
-            run_rr: Callable[[], str]) -> None:
+            run_rr: Callable[[], str], rr_count: int) -> None:
     for reverse, key in ((False, "g2h"), (True, "h2g")):
         c0 = cpu_seconds(daemon_pid)
         out = run_iperf(reverse)
@@ -106,7 +108,9 @@ def measure(row: Row, daemon_pid: int, run_iperf: Callable[[bool], str],
         mbps, nbytes = iperf_mbps(out)
         row.results[f"{key}_mbps"] = mbps
         row.results[f"{key}_cpu_gib"] = cpu / (nbytes / GIB) if nbytes else float("nan")
+    c0 = cpu_seconds(daemon_pid)
     mean, median = map(float, run_rr().split()[:2])
+    row.results["rr_cpu_us"] = (cpu_seconds(daemon_pid) - c0) / (rr_count + RR_WARMUP) * 1e6
     row.results["rr_us"] = median
     row.results["rr_mean_us"] = mean
     print(f"  {row.backend} mtu {row.mtu}: {json.dumps(row.results)}", flush=True)
@@ -180,7 +184,7 @@ def qemu_one(harness, image, row: Row, cmd: list[str], kind: str,  # type: ignor
                 raise RuntimeError(f"ping-pong: {r.stderr}")
             return r.stdout
 
-        measure(row, daemon.proc.pid, run_iperf, run_rr)
+        measure(row, daemon.proc.pid, run_iperf, run_rr, args.rr_count)
     finally:
         harness.DAEMON = old
         if iperf is not None and iperf.poll() is None:
@@ -254,7 +258,7 @@ def bridge_rows(args: argparse.Namespace) -> list[Row]:
             try:
                 with bridge_box(kind, mtu, binary) as (box, pid):
                     measure(row, pid, lambda rev, box=box: _bridge_iperf(box, rev, args),
-                            lambda box=box: _bridge_rr(box, args))
+                            lambda box=box: _bridge_rr(box, args), args.rr_count)
             except Exception as e:
                 print(f"  {name} mtu {mtu}: FAILED {str(e)[:1500]}", flush=True)
             rows.append(row)
@@ -301,7 +305,7 @@ def _bridge_rr(box, args: argparse.Namespace) -> str:  # type: ignore[no-untyped
 def table(rows: list[Row]) -> str:
     cols = [("g2h_mbps", "guest->host Mbit/s"), ("h2g_mbps", "host->guest Mbit/s"),
             ("rr_us", "ping-pong µs (median)"), ("g2h_cpu_gib", "CPU s/GiB g->h"),
-            ("h2g_cpu_gib", "CPU s/GiB h->g")]
+            ("h2g_cpu_gib", "CPU s/GiB h->g"), ("rr_cpu_us", "CPU µs per ping-pong")]
     out = ["| back end | MTU | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for row in rows:
