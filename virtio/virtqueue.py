@@ -292,6 +292,43 @@ class VirtQueue:
             if len(out) >= count or (n == 0 and not ring.grow()):
                 return out  # (n == 0 after growing cannot happen: room for any chain)
 
+    def pop_writable(self, count: int) -> tuple[list[int], list[int], list[int], list[int]] | None:
+        """Up to `count` chains when each is one device-writable buffer (Linux's mergeable RX
+        buffers), as flat lists instead of Chains: heads, region indices (into
+        memory.table.views), offsets in the region and lengths, in pop order; one C call,
+        no per-buffer object. None when a popped chain has another shape: then nothing is
+        popped (use pop_many). Empty lists when the ring is empty (the kick re-armed with
+        EVENT_IDX, as pop_many() does). Fewer than `count` when the ring runs dry or the C
+        side's record array fills up: call again for more."""
+        ring = self._ring_or_fail()
+        table = self.memory.table
+        count = max(0, min(count, self.num))
+        r = ring.pop(self.last_avail_idx, count, self.indirect, table)
+        if r == 0 and count and self.event_idx and self._notify:
+            # Empty: ask for a kick at the next entry, then look again (as pop_many()).
+            ring.avail_event_set(self.last_avail_idx)
+            r = ring.pop(self.last_avail_idx, count, self.indirect, table)
+        n = r if r >= 0 else -1 - r
+        if r < 0:
+            code, value, value2, _ = ring.status()
+            if code != POP_FULL:
+                # The good chains before the bad one are ours (as _pop_c), the queue broken.
+                self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+                self.inflight += n
+                raise self._fail(self._pop_error(code, value, value2))
+            if n == 0:
+                return None  # a first chain longer than the record array: not one buffer
+        if n == 0:
+            return [], [], [], []
+        ch = ring.chains_mv[:3 * n].tolist()
+        # each chain has >= 1 buffer: n buffers for n chains, all writable, is the shape
+        if ring.status_mv[3] != n or sum(ch[2::3]) != n:
+            return None
+        bufs = ring.bufs_mv[:3 * n].tolist()
+        self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+        self.inflight += n
+        return ch[0::3], bufs[0::3], bufs[1::3], bufs[2::3]
+
     @staticmethod
     def _chains_from(heads: list[int], bufs: list[int], views: list[memoryview],
                      out: list[Chain]) -> None:
@@ -418,6 +455,22 @@ class VirtQueue:
             used += (head, length)
             self.inflight -= 1
         n = len(entries)
+        self.used_idx = (self.used_idx + n) & 0xFFFF
+        self._pending += n
+
+    def push_flat(self, elems: list[int]) -> None:
+        """push() for [head, length, head, length, ...], in order, without a tuple per
+        entry (the mergeable RX path pushes ~17-44 chains per 64 KiB frame)."""
+        self._ring_or_fail()
+        n = len(elems) // 2
+        if n > self.inflight or len(elems) != 2 * n:
+            raise ValueError("push without a popped chain")
+        if n == 0:
+            return
+        if min(elems) < 0 or max(elems) > 0xFFFFFFFF:
+            raise ValueError("used element out of range")
+        self._used += elems
+        self.inflight -= n
         self.used_idx = (self.used_idx + n) & 0xFFFF
         self._pending += n
 

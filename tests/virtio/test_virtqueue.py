@@ -599,3 +599,112 @@ def test_pop_after_memory_table_change(s):
     with pytest.raises(VirtQueueError):
         s.vq.pop()
     assert s.vq.broken
+
+
+# --- pop_writable() / push_flat(): the mergeable RX path's flat records ------------------------
+
+def _flat_views(vq: VirtQueue, got) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    heads, ris, offs, lens = got
+    views = vq.memory.table.views
+    return [(h, _addr(views[r][o:o + n]), n)
+            for h, r, o, n in zip(heads, ris, offs, lens, strict=True)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(chains=st.lists(st.tuples(st.lists(_buf, min_size=1, max_size=3), st.booleans()),
+                       min_size=1, max_size=16),
+       counts=st.lists(st.integers(0, 20), min_size=1, max_size=6))
+def test_pop_writable_matches_pop_many(chains, counts):
+    """Chains of one writable buffer: the same heads and buffers as pop_many(); any other
+    shape in the batch: None and nothing popped (pop_many() then pops them)."""
+    setup = Setup(num=16, indirect=True)
+    try:
+        for bufs, indirect in chains:
+            bufs = sorted(bufs, key=lambda b: b[0])
+            out = [b"r" * max(n, 1) for w, n in bufs if not w]
+            sizes = [max(n, 1) for w, n in bufs if w]
+            if (1 if indirect else len(bufs)) > len(setup.ring.free):
+                continue
+            setup.ring.add(out, sizes, indirect=indirect)
+        ref = _twin(setup)
+        for count in counts:
+            before = setup.vq.last_avail_idx, setup.vq.inflight
+            got = setup.vq.pop_writable(count)
+            want = ref.pop_many(count)
+            simple = all(not c.readable and len(c.writable) == 1 for c in want)
+            if got is None:
+                assert not simple and (setup.vq.last_avail_idx, setup.vq.inflight) == before
+                setup.vq.pop_many(count)  # keep the twins in step
+            else:
+                assert simple
+                assert _flat_views(setup.vq, got) == \
+                    [(c.head, _addr(c.writable[0]), len(c.writable[0])) for c in want]
+            assert (setup.vq.last_avail_idx, setup.vq.inflight) == \
+                (ref.last_avail_idx, ref.inflight)
+        ref.reset()
+    finally:
+        setup.close()
+
+
+def test_pop_writable_empty_rearms_and_rewinds():
+    setup = Setup(event_idx=True)
+    try:
+        ring, vq = setup.ring, setup.vq
+        for _ in range(3):
+            ring.add([], [64])
+        ring.kick()
+        heads, _, _, lens = vq.pop_writable(8)  # type: ignore[misc]
+        assert len(heads) == 3 and lens == [64] * 3
+        assert vq.pop_writable(8) == ([], [], [], [])  # empty: avail_event = 3
+        ring.add([], [64])
+        assert ring.kick()
+        vq.rewind(2)
+        assert vq.pop_writable(8)[0] == heads[1:] + [3]  # type: ignore[index]
+        assert vq.pop_writable(0) == ([], [], [], [])
+    finally:
+        setup.close()
+
+
+@pytest.mark.parametrize("case", ["outside", "loop", "head", "jump", "mid_batch"])
+def test_pop_writable_hostile_ring_breaks_the_queue(s, case):
+    buf = s.dmem.alloc(64)
+    if case == "outside":
+        s.ring.write_desc(0, 0xDEAD0000, 64, DESC_F_WRITE, 0)
+        s.ring.publish(0)
+    elif case == "loop":
+        s.ring.write_desc(0, buf, 64, DESC_F_WRITE | DESC_F_NEXT, 0)
+        s.ring.publish(0)
+    elif case == "head":
+        s.ring.publish(9)
+    elif case == "jump":
+        s.ring.set_avail_idx(100)
+    else:
+        s.ring.write_desc(0, buf, 64, DESC_F_WRITE, 0)
+        s.ring.publish(0)
+        s.ring.publish(8)
+    with pytest.raises(VirtQueueError):
+        s.vq.pop_writable(8)
+    assert s.vq.broken
+    with pytest.raises(VirtQueueError):
+        s.vq.pop_writable(8)
+    if case == "mid_batch":
+        assert s.vq.inflight == 1
+
+
+def test_push_flat_same_as_push(s):
+    heads = [s.ring.add([], [32]) for _ in range(5)]
+    got = s.vq.pop_writable(5)
+    assert got is not None and got[0] == heads
+    s.vq.push(heads[0], 1)
+    s.vq.push_flat([x for i, h in enumerate(heads[1:]) for x in (h, 10 + i)])
+    assert s.ring.used_idx() == 0
+    assert s.vq.flush()
+    assert s.ring.get_used() == [(heads[0], 1)] + [(h, 10 + i) for i, h in enumerate(heads[1:])]
+    with pytest.raises(ValueError):
+        s.vq.push_flat([heads[0], 0])  # nothing in flight
+    s.ring.add([], [32])
+    assert s.vq.pop_writable(1) is not None
+    for bad in ([0, -1], [0, 2**32], [1]):
+        with pytest.raises(ValueError):
+            s.vq.push_flat(bad)
+    assert s.vq.inflight == 1
