@@ -947,3 +947,118 @@ def test_gso_check_never_raises(six: bool, cut: int, edits: list[tuple[int, int]
         assert gso_size and hdr_len <= len(frame)
         length = struct.unpack_from("!H", frame, 16 if kind == net.GSO_TCPV4 else 18)[0]
         assert 14 + length + (40 if kind == net.GSO_TCPV6 else 0) == len(frame)
+
+
+# --- the lean rx_scatter() path (net.rx_frames) against the general one ------------------------
+
+def _scatter_run(lean: bool, features: int, sizes: list[int], rounds: list[tuple[int, int, int,
+                 list[int], bool]], iov_max: int) -> list[object]:
+    """Post RX buffers of `sizes`, then per round rx_scatter(count, frame_len, head), fill and
+    commit `lengths` (or leave the frames uncommitted: rewound at flush); everything the
+    guest and the link can see, for comparing the two paths."""
+    import unittest.mock
+
+    import vhostpasst.link.vhost as vhost
+    h = Harness(queue_size=64)
+    patches = [unittest.mock.patch.object(vhost, "IOV_MAX", iov_max)]
+    if not lean:
+        patches.append(unittest.mock.patch.object(net, "rx_frames", lambda *a, **k: None))
+    seen: list[object] = []
+    try:
+        for p in patches:
+            p.start()
+        h.guest.bring_up(features)
+        for size in sizes:
+            h.guest.rx.add([], [size])
+        h.guest.rx.kick()
+        for n, (count, frame_len, head, lengths, commit) in enumerate(rounds):
+            frames = h.link.rx_scatter(count, frame_len, head)
+            seen.append([[len(v) for v in f] for f in frames])
+            seen.append(h.link._starved)
+            if commit:
+                lengths = [min(x, sum(map(len, f))) for x, f in zip(lengths, frames,
+                                                                       strict=False)]
+                for i, (f, x) in enumerate(zip(frames, lengths, strict=False)):
+                    _fill(f, _payload(x, n * 16 + i)[:x] + bytes(sum(map(len, f)) - x))
+                tso = None
+                if features & TSO and frames:
+                    from vhostpasst.link.base import Tso
+                    tso = Tso(False, 34, 54, 1000)
+                h.link.commit_scatter(lengths, tso)
+            h.link.flush()
+            used = h.guest.rx.get_used()
+            seen.append(used)
+            seen.append([h.guest.rx.written(head_, length) for head_, length in used])
+        vq = h.link.backend.queues[0] if h.link.backend else None
+        seen.append((h.link.tx_frames, h.link.tx_zero_copy, h.link.tx_scattered,
+                     h.link.tx_gso, h.disconnects))
+        seen.append(None if vq is None else (vq.last_avail_idx, vq.used_idx, vq.inflight))
+    finally:
+        for p in patches:
+            p.stop()
+        h.close()
+    return seen
+
+
+_round = st.tuples(st.integers(1, 12), st.integers(0, 20000), st.sampled_from([0, 54]),
+                   st.lists(st.integers(0, 20000), max_size=12), st.booleans())
+
+
+@settings(max_examples=80, deadline=None)
+@given(features=st.sampled_from([BASE, ALL, ALL | TSO]),
+       sizes=st.one_of(st.lists(st.sampled_from([1536, 4096]), min_size=1, max_size=64)
+                       .map(lambda s: s[:1] * len(s)),
+                       st.lists(st.integers(13, 5000), min_size=1, max_size=64)),
+       rounds=st.lists(_round, min_size=1, max_size=4),
+       iov_max=st.sampled_from([1024, 1024, 7]))
+def test_rx_scatter_lean_path_same_as_general(features: int, sizes: list[int],
+                                              rounds: list[tuple[int, int, int, list[int],
+                                                                 bool]],
+                                              iov_max: int) -> None:
+    """Same frames handed out, same used entries, headers and bytes in the guest, same
+    counters and ring indices, whatever the buffer sizes (Linux's equal ones, or any),
+    frame lengths, counts, commits (partial, none: rewound) and view limit."""
+    assert _scatter_run(True, features, sizes, rounds, iov_max) == \
+        _scatter_run(False, features, sizes, rounds, iov_max)
+
+
+def test_rx_scatter_lean_path_is_taken_for_linux_buffers() -> None:
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up()
+        h.guest.post_rx(40, size=4096)
+        frames = h.link.rx_scatter(2, 65534, head=54)
+        assert h.link._batch is not None and not h.link._frames
+        assert [[len(v) for v in f] for f in frames] == [[4084] + [4096] * 15 + [10]] * 2
+        h.link.flush()  # not committed: all 34 chains back
+        assert h.link.backend is not None and h.link.backend.queues[0].inflight == 0
+        assert len(h.link.rx_scatter(3, 65534, head=54)) == 2
+        assert h.link._starved  # the third frame did not fit: wait for the kick
+        h.link.flush()
+    finally:
+        h.close()
+
+
+def test_rx_scatter_lean_path_falls_back_for_other_chains(h: Harness) -> None:
+    """A chain of two writable descriptors among Linux-like ones: the general path."""
+    h.guest.bring_up()
+    h.guest.rx.add([], [1536])
+    h.guest.rx.add([], [1024, 1024])
+    h.guest.post_rx(4, size=1536)
+    frames = h.link.rx_scatter(2, 3000)
+    assert h.link._batch is None and len(h.link._frames) == 2
+    assert [[len(v) for v in f] for f in frames] == [[1524, 1024, 452], [1524, 1476]]
+    h.link.flush()
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_rx_scatter_lean_path_hostile_ring_disconnects(h: Harness, where: str) -> None:
+    h.guest.bring_up()
+    rx = h.guest.rx
+    if where == "later":
+        h.guest.post_rx(3, size=1536)
+    i = rx.free.pop(0)
+    rx.write_desc(i, 0xDEAD0000, 1536, 2, 0)  # writable, outside guest memory
+    rx.publish(i)
+    assert h.link.rx_scatter(4, 5000) == []
+    assert h.disconnects == 1 and h.guest.fe.is_closed()

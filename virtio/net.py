@@ -8,7 +8,9 @@ descriptor chains; num_buffers in the first chain's header says how many.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 
 from .backend import Device
 from .virtqueue import Chain, VirtQueue
@@ -184,6 +186,133 @@ def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0,
     for chain, n in zip(chains, lens, strict=False):
         vq.push(chain.head, n)
     return len(lens)
+
+
+@dataclass(slots=True)
+class RxBatch:
+    """Frames laid out in place over mergeable RX chains of one writable buffer each
+    (`rx_frames()`): flat per-chain lists instead of a Chain per buffer."""
+
+    heads: list[int]  # every chain the frames hold, in pop order
+    lens: list[int]  # their buffer lengths
+    bufs: list[memoryview]  # their whole buffers (the header goes at the start of a frame's first)
+    starts: list[int]  # frame i holds chains starts[i]:starts[i + 1] (the last: to the end)
+    frames: list[list[memoryview]]  # per frame, the views past the header, frame_len bytes
+    starved: bool  # the ring ran dry before `count` frames (the kick is re-armed)
+
+
+def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
+              max_views: int = 1 << 30, hint: int = 0) -> RxBatch | None:
+    """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
+    grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
+    (a frame that fits its first buffer takes that one; else ceil(missing / first's size)
+    more chains at a time until it fits), at most `max_views` views in all. `hint`: the
+    guest's buffer size seen last (how many chains to pop in the first C call).
+
+    None, with nothing popped, when this is not that case: a chain of several buffers (or a
+    readable one), a first frame whose header + `head` bytes don't fit its first buffer or
+    that alone needs more than `max_views` views, or a ring smaller than one frame; the
+    general path handles those. A later frame like that ends the batch before it (the next
+    call starts there). Chains popped and not in a frame are rewound."""
+    need = HDR_LEN + frame_len
+    views = vq.memory.table.views
+    heads: list[int] = []
+    lens: list[int] = []
+    bufs: list[memoryview] = []
+
+    def more(k: int) -> bool | None:
+        """Pop up to k more chains; False if the ring is empty, None if one is irregular."""
+        got = vq.pop_writable(k)
+        if got is None:
+            return None
+        h, ri, off, ln = got
+        if not h:
+            return False
+        heads.extend(h)
+        lens.extend(ln)
+        if len(views) == 1:  # one region (qemu's usual guest RAM): no per-buffer lookup
+            v = views[0]
+            bufs.extend([v[o:o + n] for o, n in zip(off, ln, strict=True)])
+        else:
+            bufs.extend([views[r][o:o + n] for r, o, n in zip(ri, off, ln, strict=True)])
+        return True
+
+    starts: list[int] = []
+    frames: list[list[memoryview]] = []
+    nviews = 0
+    i = 0
+    starved = False
+    per = -(-need // hint) if hint > 0 else 1  # chains per frame, as far as we know
+    while len(frames) < count:
+        if i == len(heads):
+            got = more(min((count - len(frames)) * per, vq.num))
+            if got is None:  # an irregular chain: the frames so far, or the general path
+                if not frames:
+                    vq.rewind(len(heads))
+                    return None
+                break
+            if not got:
+                starved = True
+                break
+        s = i
+        first = lens[s]
+        per = -(-need // max(first, 1))
+        if first >= need and first >= HDR_LEN + head:
+            # the whole frame fits the first buffer (MTU 1500, or big buffers)
+            starts.append(s)
+            frames.append([bufs[s][HDR_LEN:need]])
+            i = s + 1
+            nviews += 1
+            if nviews >= max_views:
+                break
+            continue
+        room = first
+        i = s + 1
+        irregular = False
+        while room < need:
+            k = -(-(need - room) // max(first, 1))  # as the general path: first's size
+            if i + k > len(heads):
+                got = more(i + k - len(heads))
+                if got is None:
+                    irregular = True
+                    break
+            take = min(k, len(heads) - i)
+            if take == 0:
+                starved = True  # an empty pop re-armed the kick
+                break
+            room += sum(lens[i:i + take])
+            i += take
+        if irregular or room < need and (frames or vq.num > i - s) \
+                or first <= HDR_LEN or first - HDR_LEN < head:
+            # ring dry mid-frame (the frame waits), or a chain this path doesn't handle
+            if not frames and not starved:
+                vq.rewind(len(heads))
+                return None
+            i = s
+            break
+        if room < need:
+            # the whole ring holds less than one frame: the general path's short frame
+            vq.rewind(len(heads))
+            return None
+        acc = list(accumulate(lens[s:i]))
+        j = bisect_left(acc, need)  # chain s + j holds the frame's last byte
+        if nviews + j + 1 > max_views:
+            if not frames:
+                vq.rewind(len(heads))
+                return None
+            i = s
+            break
+        if j == 0:
+            frames.append([bufs[s][HDR_LEN:need]])
+        else:
+            frames.append([bufs[s][HDR_LEN:], *bufs[s + 1:s + j],
+                           bufs[s + j][:need - acc[j - 1]]])
+        starts.append(s)
+        nviews += j + 1
+    if len(heads) > i:
+        vq.rewind(len(heads) - i)
+        del heads[i:], lens[i:], bufs[i:]
+    return RxBatch(heads, lens, bufs, starts, frames, starved)
 
 
 class NetDevice(Device):

@@ -35,7 +35,9 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link, Tso
 from vhostpasst.link.stream import (
@@ -182,6 +184,8 @@ class VhostUserLink(Link):
         self._tx_scheduled = False
         self._handed: list[Chain] = []  # zero-copy chains of the last rx_buffers()
         self._frames: list[list[Chain]] = []  # chains per frame of the last rx_scatter()
+        self._batch: net.RxBatch | None = None  # or its frames on the lean path
+        self._rx_hint = 0  # the guest's RX buffer size seen last (how many chains to pop)
         self._bounced = 0  # bounce slots handed out after them
         self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
         self._bounce = memoryview(self._bounce_buf)
@@ -230,6 +234,7 @@ class VhostUserLink(Link):
     def _reset_state(self) -> None:
         self._handed = []
         self._frames = []
+        self._batch = None
         self._bounced = 0
         self._deferred.clear()
         self._starved = False
@@ -284,6 +289,7 @@ class VhostUserLink(Link):
             # The chains are the front end's again (GET_VRING_BASE reported the index).
             self._handed = []
             self._frames = []
+            self._batch = None
             self._bounced = 0
         self._state_changed()
 
@@ -361,12 +367,15 @@ class VhostUserLink(Link):
     def _release(self) -> None:
         """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
         popped = len(self._handed) + sum(len(chains) for chains in self._frames)
+        if self._batch is not None:
+            popped += len(self._batch.heads)
         if popped:
             vq = self._queue(net.RX_QUEUE)
             if vq is not None:
                 vq.rewind(popped)
             self._handed = []
             self._frames = []
+        self._batch = None
         self._bounced = 0
 
     def rx_buffers(self, count: int) -> list[memoryview]:
@@ -409,6 +418,20 @@ class VhostUserLink(Link):
         vq = self._queue(net.RX_QUEUE)
         if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
             return []
+        if self._mergeable:
+            # Linux's buffers (one writable descriptor per chain): flat records, no Chains
+            try:
+                batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint)
+            except VirtQueueError as e:
+                self._broken("RX queue", e)
+                return []
+            if batch is not None:
+                if batch.starved:
+                    self._starved = True
+                if batch.lens:
+                    self._rx_hint = batch.lens[0]
+                self._batch = batch if batch.heads else None
+                return batch.frames
         need = net.HDR_LEN + frame_len
         out: list[list[memoryview]] = []
         frames: list[list[Chain]] = []
@@ -529,6 +552,69 @@ class VhostUserLink(Link):
         except VirtQueueError as e:
             self._broken("RX queue", e)
 
+    def _commit_batch(self, vq: VirtQueue, batch: net.RxBatch, lengths: Sequence[int],
+                      tso: Tso | None) -> None:
+        """_commit_scatter() for frames of the lean path (net.rx_frames()): the same
+        headers, used entries and rewinds, from the flat lists and one push per commit."""
+        heads, lens, bufs, starts = batch.heads, batch.lens, batch.bufs, batch.starts
+        popped = len(heads)
+        nframes = len(starts)
+        if len(lengths) > nframes:
+            vq.rewind(popped)
+            raise ValueError(f"commit of {len(lengths)} frames, {nframes} handed out")
+        ends = [*starts[1:], popped]
+        for s, e, length in zip(starts, ends, lengths, strict=False):
+            if not 0 <= length <= min(sum(lens[s:e]) - net.HDR_LEN, ETH_MAX_FRAME):
+                vq.rewind(popped)
+                raise ValueError(f"bad frame length {length}")
+        flags = net.HDR_F_DATA_VALID if self.csum_offload else 0
+        gso_from = tso.hdr_len + tso.mss if tso is not None else ETH_MAX_FRAME
+        gso = self._gso(tso) if tso is not None else (net.GSO_NONE, 0, 0, 0, 0)
+        pack_into = net.HEADER.pack_into
+        elems: list[int] = []  # used entries: [head, length, ...]
+        spare: list[int] = []  # heads popped and unused, in pop order
+        tail = 0  # how many of `spare` come after the last used chain
+        done = 0  # frames committed
+        pcap = self.pcap
+        for i, s in enumerate(starts):
+            e = ends[i]
+            length = lengths[i] if i < len(lengths) else 0
+            used = 0
+            if length:
+                total = net.HDR_LEN + length
+                if lens[s] >= total:
+                    used = 1  # all in the first buffer: the common case at MTU 1500
+                    elems += (heads[s], total)
+                else:
+                    acc = list(accumulate(lens[s:e]))
+                    used = bisect_left(acc, total) + 1
+                    part = [0] * (2 * used)
+                    part[0::2] = heads[s:s + used]
+                    part[1::2] = lens[s:s + used]
+                    part[-1] = total - acc[used - 2]
+                    elems += part
+                    self.tx_scattered += 1
+                if length > gso_from:
+                    pack_into(bufs[s], 0, net.HDR_F_NEEDS_CSUM, *gso, used)
+                    self.tx_gso += 1
+                else:
+                    pack_into(bufs[s], 0, flags, net.GSO_NONE, 0, 0, 0, 0, used)
+                if pcap is not None:
+                    pcap.write(b"".join(bufs[s:s + used])[net.HDR_LEN:total])
+                done += 1
+                tail = 0
+            spare += heads[s + used:e]
+            tail += e - s - used
+        self.tx_frames += done
+        self.tx_zero_copy += done
+        for head in spare[:len(spare) - tail]:  # after the frames: theirs are consecutive
+            elems += (head, 0)
+        try:
+            vq.push_flat(elems)
+            vq.rewind(tail)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+
     def _bounce_room(self, vq: VirtQueue, want: int) -> int:
         """How many bounce slots to hand out: as many full-size frames as the available chains
         hold, judged by the next chain's size (guests post equal buffers). Handing out more
@@ -558,10 +644,13 @@ class VhostUserLink(Link):
         self._commit(lengths, None)
 
     def _commit(self, lengths: Sequence[int], tso: Tso | None) -> None:
-        handed, bounced, frames = self._handed, self._bounced, self._frames
-        self._handed, self._bounced, self._frames = [], 0, []
+        handed, bounced, frames, batch = self._handed, self._bounced, self._frames, self._batch
+        self._handed, self._bounced, self._frames, self._batch = [], 0, [], None
         vq = self._queue(net.RX_QUEUE)
         if vq is None:
+            return
+        if batch is not None:
+            self._commit_batch(vq, batch, lengths, tso)
             return
         if frames:
             self._commit_scatter(vq, frames, lengths, tso)
@@ -636,7 +725,7 @@ class VhostUserLink(Link):
             return False
         if len(frame) > ETH_MAX_FRAME:
             return False
-        if self._handed or self._bounced or self._frames:
+        if self._handed or self._bounced or self._frames or self._batch is not None:
             # rx_buffers() chains are out: popping more now would make them impossible to
             # rewind. Written at the next commit()/flush().
             self._deferred.append(bytes(frame))
