@@ -413,7 +413,10 @@ class VhostUserLink(Link):
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
         """The guest's own RX chains, as many per frame as `frame_len` needs (mergeable RX:
         Linux posts 1.5-4 KiB buffers, a 64 KiB frame spans 16-17), so the caller's socket
-        read lands in guest memory: one copy where rx_buffers() would bounce."""
+        read lands in guest memory: one copy where rx_buffers() would bounce. Chains of one
+        writable buffer (Linux's) go through net.rx_frames() (flat records, no Chain per
+        buffer, committed by _commit_batch()); anything else through the Chain path below,
+        with the same result."""
         self._release()
         vq = self._queue(net.RX_QUEUE)
         if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
