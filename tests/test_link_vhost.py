@@ -433,6 +433,48 @@ def test_frame_bigger_than_one_rx_buffer_uses_mergeable_buffers(h: Harness) -> N
     assert h.link.tx_zero_copy == 0 and h.link.tx_frames == 2
 
 
+@pytest.mark.parametrize("features", [BASE, ALL], ids=["plain", "event-idx"])
+def test_small_frames_wait_for_buffers_when_the_ring_is_full(h: Harness, features: int) -> None:
+    """send() on a full RX ring (a burst of TCP data took every buffer) keeps the frame (an
+    ACK, ARP...) instead of dropping it; the guest is asked to kick, and when it posts
+    buffers the frames go in the order they were sent, before anything sent later."""
+    h.guest.bring_up(features)
+    h.guest.post_rx(2)
+    h.pump()
+    frames = [bytes([i]) * 300 for i in range(1, 6)]
+    assert all(h.link.send(f) for f in frames)
+    h.link.flush()
+    assert [f for _, f in h.guest.received()] == frames[:2]
+    assert h.link.tx_dropped == 0 and h.link.tx_frames == 2
+    h.guest.post_rx(2)  # room for two of the three waiting
+    h.pump()
+    assert h.link.send(b"\x09" * 300)  # after the waiting ones
+    h.guest.post_rx(4)
+    h.pump()
+    assert [f for _, f in h.guest.received()] == frames[2:] + [b"\x09" * 300]
+    assert h.link.tx_dropped == 0 and h.link.tx_frames == 6
+
+
+def test_waiting_frames_are_bounded_and_unfittable_ones_dropped(h: Harness) -> None:
+    """What waits for buffers is bounded (HOLD_BYTES), and a frame bigger than the whole ring
+    can hold, every buffer posted, is dropped at once rather than blocking the rest."""
+    from vhostpasst.link import vhost
+    h.guest.bring_up(ALL)
+    h.guest.post_rx(h.queue_size, size=256)  # the whole ring: 16 x 256 bytes
+    h.pump()
+    assert not h.link.send(bytes(5000))  # 12 + 5000 > 4096: never fits
+    assert h.link.tx_dropped == 1
+    assert h.link.send(bytes(200))
+    h.link.flush()
+    assert [len(f) for _, f in h.guest.received()] == [200]
+    h.guest.rx.get_used()
+    big = bytes(1400)  # 6 of the 15 buffers left each: two fit, then the waiting room
+    tries = 2 + vhost.HOLD_BYTES // len(big) + 10
+    taken = [h.link.send(big) for _ in range(tries)]
+    assert sum(taken) == 2 + vhost.HOLD_BYTES // len(big) and not any(taken[-10:])
+    assert h.link.tx_dropped == 1 + 10
+
+
 def test_frame_dropped_when_mergeable_buffers_not_negotiated(h: Harness) -> None:
     h.guest.bring_up(BASE & ~net.F_MRG_RXBUF)
     h.guest.post_rx(8, size=256)
@@ -448,16 +490,17 @@ def test_no_rx_buffers_then_rx_kick_wakes_the_waiter(h: Harness) -> None:
     woken: list[int] = []
     h.link.on_rx_ready.append(lambda: woken.append(len(h.link.rx_buffers(8))))
     assert h.link.rx_buffers(4) == []
-    assert not h.link.send(discover())
+    assert h.link.send(discover())  # kept for the guest's next buffers, not dropped
     h.pump()
     assert woken == []
     h.guest.post_rx(2)  # the kick: EVENT_IDX was re-armed by the empty pop
     h.pump()
-    assert woken == [2]
+    assert woken == [1]  # the waiting frame went first, into one of the two
     h.link.flush()
+    assert [f for _, f in h.guest.received()] == [discover()]
     h.guest.post_rx(1)  # not starved any more: no wake-up
     h.pump()
-    assert woken == [2]
+    assert woken == [1] and h.link.tx_dropped == 0
 
 
 # --- rx_scatter(): frames scattered in place over mergeable buffers ---------------------------

@@ -24,7 +24,10 @@ notifies the guest once per iteration.
 
 When the guest has no RX buffer left, `rx_buffers()` returns fewer (or none) and the link
 remembers it was starved; the guest's next RX kick (it posts buffers) calls every callback in
-`on_rx_ready`, so data waiting in host sockets moves at once instead of on a timer.
+`on_rx_ready`, so data waiting in host sockets moves at once instead of on a timer. Frames
+given to `send()` (ACKs, ARP, DHCP...) on a full ring wait for those buffers (HOLD_BYTES at
+most, in order, ahead of later data) instead of being dropped; only a frame the whole ring
+could never hold, or one past that budget, is dropped.
 
 A front end that breaks the ring rules (descriptors outside its memory, loops...) is
 disconnected: the listener then serves the next one.
@@ -60,6 +63,7 @@ _ratelimited = RateLimitedLog(log)
 
 TX_BATCH = 256  # guest frames handled per wake-up; more wait for the next loop iteration
 BOUNCE_SLOTS = 64  # frames per rx_buffers() when the guest's buffers are too small
+HOLD_BYTES = 256 * 1024  # send() frames kept while the guest's RX ring is full
 HDR = net.HEADER
 
 # What we offer on top of the ring features (VERSION_1, EVENT_IDX, INDIRECT_DESC) the back end
@@ -190,7 +194,9 @@ class VhostUserLink(Link):
         self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
         self._bounce = memoryview(self._bounce_buf)
         self._bounce_slots = bounce_slots
-        self._deferred: list[bytes] = []  # send() while buffers are handed out
+        # send() while buffers are handed out, or while the guest's RX ring is full
+        self._deferred: list[bytes] = []
+        self._held = 0  # bytes of those held for a full ring (HOLD_BYTES at most)
         # counters, for logs and tests (rx: from the guest, tx: to the guest, as StreamLink)
         self.rx_frames = 0
         self.tx_frames = 0
@@ -237,6 +243,7 @@ class VhostUserLink(Link):
         self._batch = None
         self._bounced = 0
         self._deferred.clear()
+        self._held = 0
         self._starved = False
         self._was_connected = False
         self.csum_offload = False
@@ -705,21 +712,46 @@ class VhostUserLink(Link):
         """Copy one frame into the guest's RX chains (mergeable if negotiated)."""
         if not net.rx_put(vq, frame, header or self._rx_header, self._mergeable):
             self._starved = True
-            self.tx_dropped += 1
-            _ratelimited.debug("vu-rx-full", "guest RX ring full: frame dropped")
+            self._dropped()
             return False
-        self.tx_frames += 1
-        if self.pcap is not None:
-            self.pcap.write(frame)
+        self._sent(frame)
         return True
 
     def _put_deferred(self, vq: VirtQueue) -> bool:
-        """Write frames queued by send() while buffers were out; False if the ring filled."""
+        """Write frames queued by send(), in order; False if the ring filled. With mergeable
+        buffers the ones that did not fit stay queued for the guest's next buffers (it is
+        asked to kick), unless the ring holds every buffer it can and still has no room:
+        such a frame can never fit and is dropped."""
         frames, self._deferred = self._deferred, []
+        self._held = 0
         ok = True
-        for frame in frames:
-            ok = self._put(vq, frame) and ok
+        for i, frame in enumerate(frames):
+            if net.rx_put(vq, frame, self._rx_header, self._mergeable):
+                self._sent(frame)
+                continue
+            ok = False
+            if self._mergeable and vq.available() < vq.num:
+                self._deferred = frames[i:] + self._deferred
+                self._held = sum(len(f) for f in self._deferred)
+                self._wait_for_buffers(vq)
+                return False
+            self._dropped()
         return ok
+
+    def _sent(self, frame: bytes | bytearray | memoryview) -> None:
+        self.tx_frames += 1
+        if self.pcap is not None:
+            self.pcap.write(frame)
+
+    def _dropped(self) -> None:
+        self.tx_dropped += 1
+        _ratelimited.debug("vu-rx-full", "guest RX ring full: frame dropped")
+
+    def _wait_for_buffers(self, vq: VirtQueue) -> None:
+        """Have the guest kick when it posts RX buffers (flush() then writes what waits)."""
+        self._starved = True
+        if vq.kick_when_more():
+            self._loop.call_later(0, self._on_rx_kick)  # some came meanwhile
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
         """One frame (ARP, DHCP...) copied straight into the guest's RX chains."""
@@ -734,10 +766,25 @@ class VhostUserLink(Link):
             self._deferred.append(bytes(frame))
             return True
         try:
-            return self._put(vq, frame)
+            if self._deferred:  # frames wait for buffers already: after them, in order
+                self._put_deferred(vq)
+            if not self._deferred and net.rx_put(vq, frame, self._rx_header, self._mergeable):
+                self._sent(frame)
+                return True
+            if self._mergeable and self._held + len(frame) <= HOLD_BYTES and \
+                    vq.available() < vq.num:
+                # The ring is full for now (a burst of TCP data took it): keep the frame
+                # (an ACK, ARP, DHCP...) for the buffers the guest posts next.
+                self._deferred.append(bytes(frame))
+                self._held += len(frame)
+                self._wait_for_buffers(vq)
+                return True
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return False
+        self._starved = True
+        self._dropped()
+        return False
 
     def flush(self) -> None:
         vq = self._queue(net.RX_QUEUE)
