@@ -726,6 +726,40 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
     assert got == b"abc" + b"z" * 5000
 
 
+@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
+def test_ack_of_a_drained_answer_peeks_nothing_until_an_event(
+        env: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's ACK of an answer that emptied the socket (the last peek came up short,
+    the socket is edge-triggered) asks the link for no buffers; the next data, or the end
+    of the stream, comes with an event and goes to the guest."""
+    d, loop, _ = env
+    link = FakeScatterLink(False)
+    d.link = link  # type: ignore[assignment]
+    asked: list[int] = []
+    scatter = link.rx_scatter
+
+    def recording(count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        asked.append(frame_len)
+        return scatter(count, frame_len, head)
+
+    link.rx_scatter = recording  # type: ignore[method-assign]
+    sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
+    monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
+    asked.clear()  # (the handshake looked for data the client sent early)
+    sock.rx += b"abc"
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert len(asked) == 1
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 3))
+    assert len(asked) == 1  # nothing new to peek, and an edge will say when there is
+    sock.rx += b"de"
+    sock.eof = True
+    loop.fds[sock.fd][1](tcp.EPOLLIN | tcp.EPOLLRDHUP)
+    ours = [parse(f) for f in link.frames if parse(f).sport == 80]
+    assert bytes(ours[-1].payload) == b"de"
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 5))
+    assert "F" in str(parse(link.frames[-1]).flags)  # the end: peeked after the ACK
+
+
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
 def test_dispatcher_takes_a_64k_guest_segment(six: bool) -> None:
     """A TSO frame (65535 IP bytes, far above any MTU) goes through the fast path whole, as

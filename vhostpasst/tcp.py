@@ -243,6 +243,7 @@ class TcpConn(Flow):
         # everything in the socket is peeked (it stays queued until the guest ACKs it):
         # edge-triggered, or level-triggered EPOLLIN wakes every iteration until that ACK
         self.drained = False
+        self.peer_closed = False  # EPOLLRDHUP/HUP seen: the end of the stream may be queued
         self.dup_acks = 0
         self.recover = 0  # after a fast retransmit, no other until the ACK passes this
         self.retrans = 0
@@ -679,6 +680,8 @@ class TcpHandler:
             conn.want_out = False
             self._update_events(conn)
             self._send_ack(conn, force=True)  # a window update: the guest resends
+        if mask & (EPOLLRDHUP | EPOLLHUP):
+            conn.peer_closed = True  # an edge that will not come again
         if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
             self._from_sock(conn)
         if mask & EPOLLHUP and not conn.closed:
@@ -716,6 +719,12 @@ class TcpHandler:
             # no more buffers than there are bytes to peek: a 1-byte answer takes one
             # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
             fresh = queued - in_flight
+            if fresh <= 0 and conn.drained and not conn.peer_closed:
+                # Everything queued is peeked, the last peek came up short and the peer has
+                # not closed: the socket is edge-triggered, so new data (or the end) raises
+                # an event. (The guest's ACK of each short answer used to pop a buffer and
+                # peek for nothing.)
+                return
             count = min(count, max(1, -(-fresh // seg)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
