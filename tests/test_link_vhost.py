@@ -778,6 +778,22 @@ def test_hostile_rx_descriptor_loop_disconnects(h: Harness) -> None:
     assert h.disconnects == 1
 
 
+def test_hostile_rx_ring_under_a_waiting_frame_disconnects(h: Harness) -> None:
+    """A frame waits for RX buffers (the ring was full); the guest then posts a looping
+    chain: writing the waiting frame first breaks the queue, and the link disconnects the
+    front end instead of raising into the caller of rx_buffers()/rx_scatter()."""
+    h.guest.bring_up()
+    h.pump()
+    assert h.link.send(discover())  # no buffers yet: it waits
+    rx = h.guest.rx
+    buf = h.guest.dmem.alloc(64)
+    rx.write_desc(0, buf, 64, DESC_F_NEXT | 2, 1)
+    rx.write_desc(1, buf, 64, DESC_F_NEXT | 2, 0)
+    rx.publish(0)
+    assert h.link.rx_scatter(1, 1514) == []
+    assert h.disconnects == 1
+
+
 def _listener_guest(loop: Loop, path: str) -> Guest:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)

@@ -196,7 +196,6 @@ class VhostUserLink(Link):
         self._bounce_slots = bounce_slots
         # send() while buffers are handed out, or while the guest's RX ring is full
         self._deferred: list[bytes] = []
-        self._held = 0  # bytes of those held for a full ring (HOLD_BYTES at most)
         # counters, for logs and tests (rx: from the guest, tx: to the guest, as StreamLink)
         self.rx_frames = 0
         self.tx_frames = 0
@@ -243,7 +242,6 @@ class VhostUserLink(Link):
         self._batch = None
         self._bounced = 0
         self._deferred.clear()
-        self._held = 0
         self._starved = False
         self._was_connected = False
         self.csum_offload = False
@@ -385,10 +383,24 @@ class VhostUserLink(Link):
         self._batch = None
         self._bounced = 0
 
-    def rx_buffers(self, count: int) -> list[memoryview]:
+    def _rx_queue(self, count: int) -> VirtQueue | None:
+        """The RX queue for rx_buffers()/rx_scatter(): chains handed out before go back,
+        and frames waiting to be sent go first; None if there is nothing to hand out."""
         self._release()
         vq = self._queue(net.RX_QUEUE)
-        if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
+        if vq is None or count <= 0:
+            return None
+        try:
+            if self._deferred and not self._put_deferred(vq):
+                return None
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+            return None
+        return vq
+
+    def rx_buffers(self, count: int) -> list[memoryview]:
+        vq = self._rx_queue(count)
+        if vq is None:
             return []
         need = net.HDR_LEN + self.frame_max
         out: list[memoryview] = []
@@ -424,9 +436,8 @@ class VhostUserLink(Link):
         writable buffer (Linux's) go through net.rx_frames() (flat records, no Chain per
         buffer, committed by _commit_batch()); anything else through the Chain path below,
         with the same result."""
-        self._release()
-        vq = self._queue(net.RX_QUEUE)
-        if vq is None or count <= 0 or self._deferred and not self._put_deferred(vq):
+        vq = self._rx_queue(count)
+        if vq is None:
             return []
         if self._mergeable:
             # Linux's buffers (one writable descriptor per chain): flat records, no Chains
@@ -723,7 +734,6 @@ class VhostUserLink(Link):
         asked to kick), unless the ring holds every buffer it can and still has no room:
         such a frame can never fit and is dropped."""
         frames, self._deferred = self._deferred, []
-        self._held = 0
         ok = True
         for i, frame in enumerate(frames):
             if net.rx_put(vq, frame, self._rx_header, self._mergeable):
@@ -732,7 +742,6 @@ class VhostUserLink(Link):
             ok = False
             if self._mergeable and vq.available() < vq.num:
                 self._deferred = frames[i:] + self._deferred
-                self._held = sum(len(f) for f in self._deferred)
                 self._wait_for_buffers(vq)
                 return False
             self._dropped()
@@ -771,12 +780,11 @@ class VhostUserLink(Link):
             if not self._deferred and net.rx_put(vq, frame, self._rx_header, self._mergeable):
                 self._sent(frame)
                 return True
-            if self._mergeable and self._held + len(frame) <= HOLD_BYTES and \
-                    vq.available() < vq.num:
+            if self._mergeable and vq.available() < vq.num and \
+                    sum(map(len, self._deferred)) + len(frame) <= HOLD_BYTES:
                 # The ring is full for now (a burst of TCP data took it): keep the frame
                 # (an ACK, ARP, DHCP...) for the buffers the guest posts next.
                 self._deferred.append(bytes(frame))
-                self._held += len(frame)
                 self._wait_for_buffers(vq)
                 return True
         except VirtQueueError as e:
