@@ -60,6 +60,21 @@ MAX_QUEUE_SIZE = 32768  # the split-ring limit (virtio 1.2, 2.7)
 MAX_INDIRECT = 32768  # entries in one indirect table; bounds the walk
 
 
+# What the C walk's error codes mean, worded as the reference Python walk words them.
+_POP_ERRORS = {
+    POP_E_AVAIL_JUMP: "avail idx moved by {value} > queue size {num}",
+    POP_E_HEAD: "head {value} >= queue size {num}",
+    POP_E_LOOP: "descriptor chain from head {value} loops or is too long",
+    POP_E_INDIRECT_FEATURE: "indirect descriptor without INDIRECT_DESC",
+    POP_E_INDIRECT_PLACE: "indirect descriptor must be a lone head of the main table",
+    POP_E_INDIRECT_LEN: "bad indirect table length {value}",
+    POP_E_INDIRECT_OUTSIDE: "indirect table outside guest memory: {value:#x}+{value2:#x}",
+    POP_E_BUF_OUTSIDE: "descriptor buffer outside guest memory: {value:#x}+{value2:#x}",
+    POP_E_READ_AFTER_WRITE: "device-readable descriptor after a device-writable one",
+    POP_E_NEXT: "next index {value} out of range {value2}",
+}
+
+
 class VirtQueueError(Exception):
     """The driver broke the ring's rules, or the ring cannot be set up as asked."""
 
@@ -349,27 +364,8 @@ class VirtQueue:
 
     def _pop_error(self, code: int, value: int, value2: int) -> str:
         """The reference walk's message for a C walk error code."""
-        if code == POP_E_AVAIL_JUMP:
-            return f"avail idx moved by {value} > queue size {self.num}"
-        if code == POP_E_HEAD:
-            return f"head {value} >= queue size {self.num}"
-        if code == POP_E_LOOP:
-            return f"descriptor chain from head {value} loops or is too long"
-        if code == POP_E_INDIRECT_FEATURE:
-            return "indirect descriptor without INDIRECT_DESC"
-        if code == POP_E_INDIRECT_PLACE:
-            return "indirect descriptor must be a lone head of the main table"
-        if code == POP_E_INDIRECT_LEN:
-            return f"bad indirect table length {value}"
-        if code == POP_E_INDIRECT_OUTSIDE:
-            return f"indirect table outside guest memory: {value:#x}+{value2:#x}"
-        if code == POP_E_BUF_OUTSIDE:
-            return f"descriptor buffer outside guest memory: {value:#x}+{value2:#x}"
-        if code == POP_E_READ_AFTER_WRITE:
-            return "device-readable descriptor after a device-writable one"
-        if code == POP_E_NEXT:
-            return f"next index {value} out of range {value2}"
-        return f"chain walk error {code}"
+        template = _POP_ERRORS.get(code, "chain walk error {code}")
+        return template.format(code=code, value=value, value2=value2, num=self.num)
 
     def _walk_py(self, head: int) -> Chain:
         """The chain at `head` walked in Python: the reference for the C walk (tests)."""
