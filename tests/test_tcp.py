@@ -502,16 +502,9 @@ def test_ack_and_window_without_tcp_info(env: tuple) -> None:
     assert last.window == ((1 << 20) * 3 // 4) >> tcp.WS_TO_TAP
 
 
-@pytest.mark.skipif(tcp._seg_lib is None, reason="vhostpasst._tcpseg not built")
-@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
-def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
-    """_tcpseg (one C call per batch) writes byte for byte what wire/tcp.py's per-segment
-    writers write: odd sizes, seq wrap-around, PSH on the last frame only."""
-    import random
+def _writer_conn(six: bool) -> tuple[Dispatcher, tcp.TcpConn]:
+    """An established connection (guest 40000 <-> remote 443) for the frame writer tests."""
     from ipaddress import IPv6Address
-
-    from vhostpasst.wire import tcp as wtcp
-    rng = random.Random(4)
     config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
                                 our_tap_addr=IPv4Address("192.0.2.1")), ip6=None)
     d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]
@@ -520,6 +513,19 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
     gaddr = IPv6Address("2001:db8::2") if six else GUEST
     conn = tcp.TcpConn(d.tcp, FakeSock(), six, gaddr, 40000, faddr, 443,  # type: ignore
                        tcp.ESTABLISHED)
+    return d, conn
+
+
+@pytest.mark.skipif(tcp._seg_lib is None, reason="vhostpasst._tcpseg not built")
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
+    """_tcpseg (one C call per batch) writes byte for byte what wire/tcp.py's per-segment
+    writers write: odd sizes, seq wrap-around, PSH on the last frame only."""
+    import random
+
+    from vhostpasst.wire import tcp as wtcp
+    rng = random.Random(4)
+    d, conn = _writer_conn(six)
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
     ffi, lib = tcp._seg_ffi, tcp._seg_lib
@@ -540,7 +546,7 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
         s = seq
         for i, (buf, size) in enumerate(zip(ref, sizes, strict=True)):
             flags = wtcp.ACK | (wtcp.PSH if i == len(sizes) - 1 else 0)
-            n = write(memoryview(buf), GUEST_MAC, config.our_mac, faddr.packed, gaddr.packed,
+            n = write(memoryview(buf), GUEST_MAC, d.config.our_mac, conn.faddr_b, conn.gaddr_b,
                       443, 40000, s, ack, flags, wnd, size)
             assert out[i] == n
             s = (s + size) & 0xFFFFFFFF
@@ -626,9 +632,11 @@ class FakeScatterLink(FakeLink):
         super().__init__()
         self.tso4 = self.tso6 = tso
         self.tsos: list[object] = []
+        self.asked: list[tuple[int, int]] = []  # (count, frame_len) of every rx_scatter()
         self._scatter: list[list[memoryview]] = []
 
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
+        self.asked.append((count, frame_len))
         out = []
         for _ in range(count):
             views, left = [], frame_len
@@ -701,14 +709,7 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
     d, loop, _ = env
     link = FakeScatterLink(tso)
     d.link = link  # type: ignore[assignment]
-    asked: list[tuple[int, int]] = []
-    scatter = link.rx_scatter
-
-    def recording(count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
-        asked.append((count, frame_len))
-        return scatter(count, frame_len, head)
-
-    link.rx_scatter = recording  # type: ignore[method-assign]
+    asked = link.asked
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
     monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
     off = 54  # Ethernet + IPv4 + TCP headers
@@ -735,14 +736,7 @@ def test_ack_of_a_drained_answer_peeks_nothing_until_an_event(
     d, loop, _ = env
     link = FakeScatterLink(False)
     d.link = link  # type: ignore[assignment]
-    asked: list[int] = []
-    scatter = link.rx_scatter
-
-    def recording(count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
-        asked.append(frame_len)
-        return scatter(count, frame_len, head)
-
-    link.rx_scatter = recording  # type: ignore[method-assign]
+    asked = link.asked
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
     monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
     asked.clear()  # (the handshake looked for data the client sent early)
@@ -786,18 +780,10 @@ def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
     stored there) gives exactly the checksum _tcpseg computes for the same frame; the other
     frames are what vp_tcp_frames_sg writes. Headers (IP lengths of the whole frame) match."""
     import random
-    from ipaddress import IPv6Address
 
     from vhostpasst.wire import tcp as wtcp
     rng = random.Random(11)
-    config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
-                                our_tap_addr=IPv4Address("192.0.2.1")), ip6=None)
-    d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]
-    assert d.tcp is not None
-    faddr = IPv6Address("2001:db8::7") if six else REMOTE
-    gaddr = IPv6Address("2001:db8::2") if six else GUEST
-    conn = tcp.TcpConn(d.tcp, FakeSock(), six, gaddr, 40000, faddr, 443,  # type: ignore
-                       tcp.ESTABLISHED)
+    d, conn = _writer_conn(six)
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     l4 = off - wtcp.TCP_HLEN
     tmpl = d.tcp._template(conn, GUEST_MAC)
