@@ -822,11 +822,9 @@ class TcpHandler:
                 lengths.append(write(bufs[i], mac, our, conn.faddr_b, conn.gaddr_b, conn.fport,
                                      conn.gport, seq, ack, flags, wnd, size))
                 seq = (seq + size) & M32
-        if tso is not None:
-            link.commit_scatter(lengths, tso)  # type: ignore[union-attr]
-        elif frames:
+        if frames:
             assert link is not None
-            link.commit_scatter(lengths)
+            link.commit_scatter(lengths, tso)
         else:
             self.ctx.commit(lengths)
         self._acked_to_tap(conn, ack, wnd)

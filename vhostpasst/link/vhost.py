@@ -54,6 +54,8 @@ from vhostpasst.link.stream import (
 from vhostpasst.log import RateLimitedLog
 from vhostpasst.loop import Loop
 from vhostpasst.pcap import PcapWriter
+from vhostpasst.wire import eth, ip
+from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
@@ -98,20 +100,20 @@ def gso_error(frame: memoryview, hdr: net.NetHeader, host_tso: int) -> str | Non
     the whole frame (they do for a GSO frame: it is one IP packet before segmentation)."""
     kind = hdr.gso_type & ~net.GSO_ECN
     if kind == net.GSO_TCPV4 and host_tso & net.F_HOST_TSO4:
-        if len(frame) < ETH_HLEN + 20 + 20:
+        if len(frame) < ETH_HLEN + ip.IPV4_HLEN + TCP_HLEN:
             return "GSO frame shorter than its headers"
         ethertype, vihl, tot_len, proto = _ETH_IP.unpack_from(frame)
-        if ethertype != 0x0800 or vihl >> 4 != 4 or proto != socket.IPPROTO_TCP:
+        if ethertype != eth.ETH_P_IP or vihl >> 4 != 4 or proto != socket.IPPROTO_TCP:
             return "TCPV4 GSO frame that is not TCP over IPv4"
         if ETH_HLEN + tot_len != len(frame):
             return f"TCPV4 GSO frame of {len(frame)} bytes, IP total length {tot_len}"
     elif kind == net.GSO_TCPV6 and host_tso & net.F_HOST_TSO6:
-        if len(frame) < ETH_HLEN + 40 + 20:
+        if len(frame) < ETH_HLEN + ip.IPV6_HLEN + TCP_HLEN:
             return "GSO frame shorter than its headers"
         ethertype, plen, nexthdr = _ETH_IP6.unpack_from(frame)
-        if ethertype != 0x86DD or nexthdr != socket.IPPROTO_TCP:
+        if ethertype != eth.ETH_P_IPV6 or nexthdr != socket.IPPROTO_TCP:
             return "TCPV6 GSO frame that is not TCP over IPv6 without extension headers"
-        if ETH_HLEN + 40 + plen != len(frame):
+        if ETH_HLEN + ip.IPV6_HLEN + plen != len(frame):
             return f"TCPV6 GSO frame of {len(frame)} bytes, IPv6 payload length {plen}"
     else:
         return f"GSO type {hdr.gso_type} not negotiated"
