@@ -10,9 +10,12 @@
  * used:  flags u16 @0, idx u16 @2, ring[num] {u32 id, u32 len} @4, avail_event u16 @4+8*num
  *
  * Fields are little-endian (VERSION_1); the hosts we run on are little-endian. */
+#include <errno.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio ring helpers assume a little-endian host"
@@ -366,4 +369,77 @@ int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indi
 			      ctx->chain_cap, ctx->bufs, ctx->buf_cap, ctx->status);
 
 	return ctx->status[0] == VR_OK ? n : -1 - n;
+}
+
+/* recvmsg() straight into guest RX buffers, for TCP's peek: the one system call Python's
+ * recvmsg_into() would need a memoryview per guest buffer for (17 per 64 KiB frame).
+ *
+ * Frame i lies over records starts[i] .. starts[i + 1] - 1 (the last frame: .. nrecs - 1) of
+ * `recs`, (region index, offset, length) triples as vr_pop() writes them; its bytes start
+ * `hdr` bytes into its first buffer (the virtio-net header goes before) and it is
+ * `frame_len` bytes long. Its payload is frame bytes `off` .. frame_len - 1, and the payloads
+ * of all frames together take at most `room` bytes: caps[i] is what frame i takes (0 past
+ * `room`). Every record is checked against its region, and the frames must hold what they
+ * claim. Returns the bytes read, VR_E_LAYOUT if the layout does not hold or takes more than
+ * UIO_MAXIOV pieces (nothing read then), or -errno of recvmsg(). */
+#define VR_IOV_MAX 1024
+#define VR_E_LAYOUT (-4096)	/* below every -errno */
+
+long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned nregions,
+		    const uint64_t *recs, unsigned nrecs, const uint32_t *starts,
+		    unsigned nframes, unsigned hdr, unsigned frame_len, unsigned off,
+		    uint64_t room, uint32_t *caps)
+{
+	struct iovec iov[VR_IOV_MAX];
+	struct msghdr msg;
+	unsigned niov = 0, i, b, end;
+	ssize_t n;
+
+	if (off > frame_len)
+		return VR_E_LAYOUT;
+	for (i = 0; i < nframes; i++) {
+		uint64_t pos = 0, want, cap = frame_len - off;
+
+		if (cap > room)
+			cap = room;
+		room -= cap;
+		caps[i] = (uint32_t)cap;
+		if (cap == 0)
+			continue;
+		want = off + cap;	/* frame bytes to walk: headers, then the payload */
+		end = i + 1 < nframes ? starts[i + 1] : nrecs;
+		if (starts[i] >= end || end > nrecs)
+			return VR_E_LAYOUT;
+		for (b = starts[i]; b < end && pos < want; b++) {
+			const uint64_t *r = recs + 3 * (size_t)b;
+			uint64_t skip = b == starts[i] ? hdr : 0, len, from, to;
+			const struct vr_region *reg;
+
+			if (r[0] >= nregions)
+				return VR_E_LAYOUT;
+			reg = &regions[r[0]];
+			if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2] || r[2] < skip)
+				return VR_E_LAYOUT;
+			len = r[2] - skip;	/* frame bytes pos .. pos + len - 1 are here */
+			from = pos > off ? pos : off;
+			to = pos + len < want ? pos + len : want;
+			if (from < to) {
+				if (niov == VR_IOV_MAX)
+					return VR_E_LAYOUT;
+				iov[niov].iov_base = reg->host + r[1] + skip + (from - pos);
+				iov[niov].iov_len = to - from;
+				niov++;
+			}
+			pos += len;
+		}
+		if (pos < want)
+			return VR_E_LAYOUT;
+	}
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = iov;
+	msg.msg_iovlen = niov;
+	do
+		n = recvmsg(fd, &msg, flags);
+	while (n < 0 && errno == EINTR);
+	return n < 0 ? -errno : n;
 }

@@ -45,6 +45,10 @@ ffibuilder.cdef(
                const struct vr_region *regions, unsigned nregions);
     int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
                          const uint32_t *elems, unsigned n);
+    long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned nregions,
+                        const uint64_t *recs, unsigned nrecs, const uint32_t *starts,
+                        unsigned nframes, unsigned hdr, unsigned frame_len, unsigned off,
+                        uint64_t room, uint32_t *caps);
     """
 )
 ffibuilder.set_source(

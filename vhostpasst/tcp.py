@@ -159,7 +159,7 @@ def _scatter_iov(frames: list[list[memoryview]], off: int,
         if room <= 0:
             break
         views = [frame[0][off:], *frame[1:]]
-        cap = sum(len(v) for v in views)
+        cap = sum(map(len, views))
         if cap > room:  # the window cuts this one short: trim its views
             cap, need = room, room
             for i, v in enumerate(views):
@@ -728,6 +728,7 @@ class TcpHandler:
             count = min(count, max(1, -(-fresh // seg)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
+        peeked = None  # (bytes, caps, first buffers) when the link read the socket itself
         if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
@@ -737,8 +738,19 @@ class TcpHandler:
                 # (with TSO 64 KiB, some 17-44 mergeable buffers popped and given back per
                 # 1-byte answer). One byte more, so a peek that fills them means more came.
                 size = max(1, fresh + 1)
-            frames = scatter(count, off + size, off)  # type: ignore[misc]
-            bufs = [frame[0] for frame in frames]
+            peek = getattr(link, "rx_peek", None)  # test doubles may not have it
+            if peek is not None:
+                try:
+                    peeked = peek(conn.fd, count, off + size, off, room, _PEEK_FLAGS)
+                except OSError as e:
+                    self._peek_failed(conn, e)
+                    return
+            if peeked is None:
+                frames = scatter(count, off + size, off)  # type: ignore[misc]
+                bufs = [frame[0] for frame in frames]
+            else:
+                n, caps, bufs = peeked
+                frames = [[buf] for buf in bufs]
         else:
             bufs = self.ctx.rx_buffers(count)
         if not bufs:
@@ -748,30 +760,29 @@ class TcpHandler:
             if not conn.rto_armed:
                 self._arm_rto(conn)
             return
-        # frames over several buffers, or in one that holds less than a segment (a guest
-        # without mergeable buffers): per-frame room, and headers by _tcpsg
-        full = off + seg
-        # GSO frames need _tcpsg's partial checksum, whatever their buffers
-        scattered = tso is not None or \
-            any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
-        if scattered:
-            iov, caps = _scatter_iov(frames, off, room)
+        if peeked is not None:
+            scattered = True  # only headers to write: _tcpsg, without checksums
         else:
-            iov = [buf[off:full] for buf in bufs]
-            caps = [seg] * len(bufs)
-            last = room - (len(bufs) - 1) * seg  # the window may cut the last segment short
-            if last < seg:
-                iov[-1] = bufs[-1][off:off + last]
-                caps[-1] = last
-        try:
-            n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
-        except (BlockingIOError, InterruptedError):
-            self._stall(conn, False, drained=True)
-            return
-        except OSError as e:
-            self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
-            self._reset(conn)
-            return
+            # frames over several buffers, or in one that holds less than a segment (a guest
+            # without mergeable buffers): per-frame room, and headers by _tcpsg
+            full = off + seg
+            # GSO frames need _tcpsg's partial checksum, whatever their buffers
+            scattered = tso is not None or \
+                any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
+            if scattered:
+                iov, caps = _scatter_iov(frames, off, room)
+            else:
+                iov = [buf[off:full] for buf in bufs]
+                caps = [seg] * len(bufs)
+                last = room - (len(bufs) - 1) * seg  # the window may cut the last one short
+                if last < seg:
+                    iov[-1] = bufs[-1][off:off + last]
+                    caps[-1] = last
+            try:
+                n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
+            except OSError as e:
+                self._peek_failed(conn, e)
+                return
         if n == 0:
             # end of stream, everything before it peeked: FIN to the guest
             conn.sock_eof = True
@@ -795,7 +806,7 @@ class TcpHandler:
         if scattered:
             assert link is not None
             written = self._scattered_headers(conn, link, frames[:count], sizes, mac, ack, wnd,
-                                              tso)
+                                              tso, peeked is None)
             if written is None:  # the link's buffers broke its promises: resend on the RTO
                 link.commit_scatter([])
                 if not conn.rto_armed:
@@ -836,19 +847,30 @@ class TcpHandler:
         if not conn.rto_armed:
             self._arm_rto(conn)
 
+    def _peek_failed(self, conn: TcpConn, e: OSError) -> None:
+        """The peek's recvmsg() failed: nothing there after all (an edge raced us), or the
+        socket is broken."""
+        if isinstance(e, (BlockingIOError, InterruptedError)):
+            self._stall(conn, False, drained=True)
+            return
+        self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
+        self._reset(conn)
+
     def _scattered_headers(self, conn: TcpConn, link: Link, frames: list[list[memoryview]],
                            sizes: list[int], mac: bytes, ack: int, wnd: int,
-                           tso: Tso | None = None) -> tuple[int, list[int]] | None:
+                           tso: Tso | None = None,
+                           sums: bool = True) -> tuple[int, list[int]] | None:
         """Headers (and the TCP checksum, unless the guest takes DATA_VALID) for frames whose
         payload spans several buffers, in one C call; the next seq and the frame lengths, or
         None if the buffers can't hold what they should (the C side checks every access).
-        With `tso`, frames of more than one segment get the partial (pseudo-header) sum."""
+        With `tso`, frames of more than one segment get the partial (pseudo-header) sum.
+        `sums` False: no checksum whatever the link (rx_peek() frames: first buffers only)."""
         assert _sg_ffi is not None and _sg_lib is not None
         tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
             else self._template(conn, mac)
         # GUEST_CSUM: the guest checks nothing, so the payload need not be read again (summed
         # anyway with --pcap, which should show frames as a guest without offload sees them)
-        csum = not (getattr(link, "csum_offload", False) and link.pcap is None)
+        csum = sums and not (getattr(link, "csum_offload", False) and link.pcap is None)
         if csum:
             pieces = [v for frame in frames for v in frame]
             first = [0]

@@ -195,19 +195,35 @@ class RxBatch:
 
     heads: list[int]  # every chain the frames hold, in pop order
     lens: list[int]  # their buffer lengths
-    bufs: list[memoryview]  # their whole buffers (the header goes at the start of a frame's first)
+    regions: list[int]  # their regions (indices into `views`)
+    offsets: list[int]  # and offsets in them
+    views: list[memoryview]  # the guest memory regions (memory.table.views)
     starts: list[int]  # frame i holds chains starts[i]:starts[i + 1] (the last: to the end)
     frames: list[list[memoryview]]  # per frame, the views past the header, frame_len bytes
     starved: bool  # the ring ran dry before `count` frames (the kick is re-armed)
+    seen: int  # chains popped before the rewind: all there were, when starved
+    records: bytearray | None  # with records=True: (region, offset, length) u64 per chain
+
+    @classmethod
+    def empty(cls) -> RxBatch:
+        """No frames: the ring had too few chains (the kick is armed)."""
+        return cls([], [], [], [], [], [], [], True, 0, None)
+
+    def buf(self, k: int) -> memoryview:
+        """Chain k's whole buffer (a frame's header goes at the start of its first)."""
+        start = self.offsets[k]
+        return self.views[self.regions[k]][start:start + self.lens[k]]
 
 
 def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
-              max_views: int = 1 << 30, hint: int = 0) -> RxBatch | None:
+              max_views: int = 1 << 30, hint: int = 0, records: bool = False) -> RxBatch | None:
     """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
     grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
     (a frame that fits its first buffer takes that one; else ceil(missing / first's size)
     more chains at a time until it fits), at most `max_views` views in all. `hint`: the
-    guest's buffer size seen last (how many chains to pop in the first C call).
+    guest's buffer size seen last (how many chains to pop in the first C call). With
+    `records`, no views: the chains' raw (region, offset, length) records instead, for
+    ring.recv_frames() (a memoryview per guest buffer costs more than the rest).
 
     None, with nothing popped, when this is not that case: a chain of several buffers (or a
     readable one), a first frame whose header + `head` bytes don't fit its first buffer or
@@ -218,11 +234,13 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     views = vq.memory.table.views
     heads: list[int] = []
     lens: list[int] = []
-    bufs: list[memoryview] = []
+    regions: list[int] = []
+    offsets: list[int] = []
+    raw = bytearray() if records else None
 
     def more(k: int) -> bool | None:
         """Pop up to k more chains; False if the ring is empty, None if one is irregular."""
-        got = vq.pop_writable(k)
+        got = vq.pop_writable(k, raw)
         if got is None:
             return None
         h, ri, off, ln = got
@@ -230,12 +248,13 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
             return False
         heads.extend(h)
         lens.extend(ln)
-        if len(views) == 1:  # one region (qemu's usual guest RAM): no per-buffer lookup
-            v = views[0]
-            bufs.extend([v[o:o + n] for o, n in zip(off, ln, strict=True)])
-        else:
-            bufs.extend([views[r][o:o + n] for r, o, n in zip(ri, off, ln, strict=True)])
+        regions.extend(ri)
+        offsets.extend(off)
         return True
+
+    def view(k: int) -> memoryview:
+        start = offsets[k]
+        return views[regions[k]][start:start + lens[k]]
 
     starts: list[int] = []
     frames: list[list[memoryview]] = []
@@ -243,11 +262,11 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     i = 0
     starved = False
     per = -(-need // hint) if hint > 0 else 1  # chains per frame, as far as we know
-    while len(frames) < count:
+    while len(starts) < count:
         if i == len(heads):
-            got = more(min((count - len(frames)) * per, vq.num))
+            got = more(min((count - len(starts)) * per, vq.num))
             if got is None:  # an irregular chain: the frames so far, or the general path
-                if not frames:
+                if not starts:
                     vq.rewind(len(heads))
                     return None
                 break
@@ -260,7 +279,8 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
         if first >= need and first >= HDR_LEN + head:
             # the whole frame fits the first buffer (MTU 1500, or big buffers)
             starts.append(s)
-            frames.append([bufs[s][HDR_LEN:need]])
+            if raw is None:
+                frames.append([view(s)[HDR_LEN:need]])
             i = s + 1
             nviews += 1
             if nviews >= max_views:
@@ -282,10 +302,10 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
                 break
             room += sum(lens[i:i + take])
             i += take
-        if irregular or room < need and (frames or vq.num > i - s) \
+        if irregular or room < need and (starts or vq.num > i - s) \
                 or first <= HDR_LEN or first - HDR_LEN < head:
             # ring dry mid-frame (the frame waits), or a chain this path doesn't handle
-            if not frames and not starved:
+            if not starts and not starved:
                 vq.rewind(len(heads))
                 return None
             i = s
@@ -297,22 +317,24 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
         acc = list(accumulate(lens[s:i]))
         j = bisect_left(acc, need)  # chain s + j holds the frame's last byte
         if nviews + j + 1 > max_views:
-            if not frames:
+            if not starts:
                 vq.rewind(len(heads))
                 return None
             i = s
             break
-        if j == 0:
-            frames.append([bufs[s][HDR_LEN:need]])
-        else:
-            frames.append([bufs[s][HDR_LEN:], *bufs[s + 1:s + j],
-                           bufs[s + j][:need - acc[j - 1]]])
+        if raw is None:
+            frames.append([view(s)[HDR_LEN:need]] if j == 0 else
+                          [view(s)[HDR_LEN:], *[view(k) for k in range(s + 1, s + j)],
+                           view(s + j)[:need - acc[j - 1]]])
         starts.append(s)
         nviews += j + 1
-    if len(heads) > i:
-        vq.rewind(len(heads) - i)
-        del heads[i:], lens[i:], bufs[i:]
-    return RxBatch(heads, lens, bufs, starts, frames, starved)
+    seen = len(heads)
+    if seen > i:
+        vq.rewind(seen - i)
+        del heads[i:], lens[i:], regions[i:], offsets[i:]
+        if raw is not None:
+            del raw[24 * i:]
+    return RxBatch(heads, lens, regions, offsets, views, starts, frames, starved, seen, raw)
 
 
 class NetDevice(Device):

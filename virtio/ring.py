@@ -9,6 +9,7 @@ VirtQueue turns into a broken queue.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ POP_E_READ_AFTER_WRITE = 9
 POP_E_NEXT = 10
 POP_E_ARGS = 11
 POP_FULL = 12  # not an error: the buffer array filled up; pop again
+
+RECV_E_LAYOUT = -4096  # vr_recv_frames(): the records don't hold the frames (VR_E_LAYOUT)
 
 MAX_CHAIN_BUFS = 32768  # a chain has at most max(queue size, indirect entries) <= 32768 buffers
 _BUFS_START = 1024  # buffer records at first (24 bytes each); grown to MAX_CHAIN_BUFS if needed
@@ -79,6 +82,26 @@ class RegionTable:
         for host in self._exports:
             ffi.release(host)
         self._exports = []
+
+
+def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
+                starts: list[int], hdr: int, frame_len: int, off: int,
+                room: int) -> tuple[int, list[int]]:
+    """recvmsg(fd, flags) straight into frames laid out over guest buffers: frame i over
+    the chains records[starts[i]:starts[i + 1]] ((region, offset, length) u64 triples as
+    RingAccess.pop() writes them), `frame_len` bytes from byte `hdr` of its first buffer
+    on; each frame's payload from frame byte `off` on, `room` bytes at most in all.
+    Returns the bytes read and each frame's payload room. OSError from recvmsg();
+    ValueError if the records don't hold the frames (nothing is read then)."""
+    caps = ffi.new("uint32_t[]", max(len(starts), 1))
+    n = lib.vr_recv_frames(fd, flags, regions.cdata, regions.count,
+                           ffi.from_buffer("uint64_t[]", records), len(records) // 24, starts,
+                           len(starts), hdr, frame_len, off, max(room, 0), caps)
+    if n < 0:
+        if n == RECV_E_LAYOUT:  # before any system call
+            raise ValueError("frame layout outside the guest buffers given")
+        raise OSError(-n, os.strerror(-n))
+    return n, ffi.unpack(caps, len(starts))
 
 
 class RingAccess:

@@ -307,14 +307,16 @@ class VirtQueue:
             if len(out) >= count or (n == 0 and not ring.grow()):
                 return out  # (n == 0 after growing cannot happen: room for any chain)
 
-    def pop_writable(self, count: int) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    def pop_writable(self, count: int, records: bytearray | None = None
+                     ) -> tuple[list[int], list[int], list[int], list[int]] | None:
         """Up to `count` chains when each is one device-writable buffer (Linux's mergeable RX
         buffers), as flat lists instead of Chains: heads, region indices (into
         memory.table.views), offsets in the region and lengths, in pop order; one C call,
         no per-buffer object. None when a popped chain has another shape: then nothing is
         popped (use pop_many). Empty lists when the ring is empty (the kick re-armed with
         EVENT_IDX, as pop_many() does). Fewer than `count` when the ring runs dry or the C
-        side's record array fills up: call again for more."""
+        side's record array fills up: call again for more. `records`, if given, gets the
+        chains' raw (region, offset, length) u64 records appended (see RingAccess.pop)."""
         ring = self._ring_or_fail()
         table = self.memory.table
         count = max(0, min(count, self.num))
@@ -339,7 +341,10 @@ class VirtQueue:
         # each chain has >= 1 buffer: n buffers for n chains, all writable, is the shape
         if ring.status_mv[3] != n or sum(ch[2::3]) != n:
             return None
-        bufs = ring.bufs_mv[:3 * n].tolist()
+        raw = ring.bufs_mv[:3 * n]
+        bufs = raw.tolist()
+        if records is not None:
+            records += raw
         self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
         self.inflight += n
         return ch[0::3], bufs[0::3], bufs[1::3], bufs[2::3]

@@ -118,6 +118,16 @@ class Link(abc.ABC):
         """
         return [[buf[:frame_len]] for buf in self.rx_buffers(min(count, IOV_MAX))]
 
+    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
+                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
+        """rx_scatter() and a recvmsg(fd, flags) into the frames' bytes from `off` on (at most
+        `room` bytes) in one, for a link that can read a socket into its buffers faster than
+        recvmsg_into() over rx_scatter()'s views: (bytes read, each frame's payload room,
+        each frame's first buffer), then commit_scatter(). Only when nothing but headers is
+        written into the frames afterwards (no checksum over the payload). None: no such
+        path now, use rx_scatter() (this default)."""
+        return None
+
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
         each `lengths[i]` bytes written from the start of its first view onwards. `tso`
@@ -196,6 +206,10 @@ class ForwardingLink(Link):
 
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
         return self.link.rx_scatter(count, frame_len, head)
+
+    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
+                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
+        return self.link.rx_peek(fd, count, frame_len, off, room, flags)
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self.link.commit_scatter(lengths, tso)

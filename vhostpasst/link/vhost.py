@@ -58,6 +58,7 @@ from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
+from virtio.ring import recv_frames
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,9 @@ class VhostUserLink(Link):
         self._frames: list[list[Chain]] = []  # chains per frame of the last rx_scatter()
         self._batch: net.RxBatch | None = None  # or its frames on the lean path
         self._rx_hint = 0  # the guest's RX buffer size seen last (how many chains to pop)
+        # (frame_len, last_avail_idx, chains available) of an rx_scatter() that found too few
+        # chains for one frame: the same ring can't do better until the guest posts more
+        self._short: tuple[int, int, int] | None = None
         self._bounced = 0  # bounce slots handed out after them
         self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
         self._bounce = memoryview(self._bounce_buf)
@@ -245,6 +249,7 @@ class VhostUserLink(Link):
         self._bounced = 0
         self._deferred.clear()
         self._starved = False
+        self._short = None
         self._was_connected = False
         self.csum_offload = False
         self.tso4 = self.tso6 = False
@@ -443,18 +448,11 @@ class VhostUserLink(Link):
             return []
         if self._mergeable:
             # Linux's buffers (one writable descriptor per chain): flat records, no Chains
-            try:
-                batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint)
-            except VirtQueueError as e:
-                self._broken("RX queue", e)
-                return []
+            batch = self._lean_batch(vq, count, frame_len, head, False)
             if batch is not None:
-                if batch.starved:
-                    self._starved = True
-                if batch.lens:
-                    self._rx_hint = batch.lens[0]
-                self._batch = batch if batch.heads else None
                 return batch.frames
+            if not self.connected:
+                return []
         need = net.HDR_LEN + frame_len
         out: list[list[memoryview]] = []
         frames: list[list[Chain]] = []
@@ -508,6 +506,67 @@ class VhostUserLink(Link):
             return []
         self._frames = frames
         return out
+
+    def _lean_batch(self, vq: VirtQueue, count: int, frame_len: int, head: int,
+                    records: bool) -> net.RxBatch | None:
+        """net.rx_frames() for rx_scatter() / rx_peek(), remembered for the commit; an empty
+        batch when there is no room yet, None when the general path must do it (or the
+        front end was just disconnected: then `connected` is False)."""
+        short = self._short
+        try:
+            if short is not None and frame_len >= short[0] and \
+                    vq.last_avail_idx == short[1] and vq.available() == short[2]:
+                # The last try found too few chains for one frame this big and none came
+                # since (its empty pop asked for a kick at the next one): don't pop them all
+                # again. Socket events and guest ACKs call here between RX kicks.
+                self._starved = True
+                return net.RxBatch.empty()
+            batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint, records)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+            return None
+        if batch is None:
+            return None
+        self._short = None
+        if batch.starved:
+            self._starved = True
+            if not batch.starts:
+                self._short = (frame_len, vq.last_avail_idx, batch.seen)
+        if batch.lens:
+            self._rx_hint = batch.lens[0]
+        self._batch = batch if batch.heads else None
+        return batch
+
+    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
+                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
+        """rx_scatter() and the caller's socket read in one, where nothing but the headers
+        is written in the frames afterwards (GUEST_CSUM: no checksum to sum over the payload;
+        no pcap): the lean path's chains stay (region, offset, length) records and C reads
+        the socket (recvmsg with `flags`) straight into them, frame bytes `off` on, `room`
+        bytes at most. A memoryview per guest buffer (17 per 64 KiB frame) cost more than
+        all the rest. Returns (bytes read, each frame's payload room, each frame's first
+        buffer from the frame's first byte on), then commit_scatter() as after rx_scatter();
+        (0, [], []) when the ring has no room (as rx_scatter()'s []). None when this path
+        doesn't apply: use rx_scatter(). OSError from recvmsg() goes to the caller."""
+        if not self._mergeable or not self.csum_offload or self.pcap is not None:
+            return None
+        vq = self._rx_queue(count)
+        if vq is None:
+            return 0, [], []
+        batch = self._lean_batch(vq, count, frame_len, off, True)
+        if batch is None:
+            return None if self.connected else (0, [], [])
+        if not batch.starts:
+            return 0, [], []
+        assert batch.records is not None
+        try:
+            n, caps = recv_frames(fd, flags, vq.memory.table, batch.records, batch.starts,
+                                  net.HDR_LEN, frame_len, off, room)
+        except ValueError:  # our bug, not the guest's: the general path still works
+            log.exception("vhost-user RX: frame records")
+            self._release()
+            return None
+        return n, caps, [batch.buf(s)[net.HDR_LEN:] for s in batch.starts]
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self._commit(lengths, tso)
@@ -579,7 +638,7 @@ class VhostUserLink(Link):
                       tso: Tso | None) -> None:
         """_commit_scatter() for frames of the lean path (net.rx_frames()): the same
         headers, used entries and rewinds, from the flat lists and one push per commit."""
-        heads, lens, bufs, starts = batch.heads, batch.lens, batch.bufs, batch.starts
+        heads, lens, starts = batch.heads, batch.lens, batch.starts
         popped = len(heads)
         nframes = len(starts)
         if len(lengths) > nframes:
@@ -617,13 +676,15 @@ class VhostUserLink(Link):
                     part[-1] = total - acc[used - 2]
                     elems += part
                     self.tx_scattered += 1
+                first = batch.buf(s)
                 if length > gso_from:
-                    pack_into(bufs[s], 0, net.HDR_F_NEEDS_CSUM, *gso, used)
+                    pack_into(first, 0, net.HDR_F_NEEDS_CSUM, *gso, used)
                     self.tx_gso += 1
                 else:
-                    pack_into(bufs[s], 0, flags, net.GSO_NONE, 0, 0, 0, 0, used)
+                    pack_into(first, 0, flags, net.GSO_NONE, 0, 0, 0, 0, used)
                 if pcap is not None:
-                    pcap.write(b"".join(bufs[s:s + used])[net.HDR_LEN:total])
+                    pcap.write(b"".join([first, *map(batch.buf, range(s + 1, s + used))])
+                               [net.HDR_LEN:total])
                 done += 1
                 tail = 0
             spare += heads[s + used:e]
