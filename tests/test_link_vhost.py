@@ -1121,3 +1121,550 @@ def test_rx_scatter_lean_path_hostile_ring_disconnects(h: Harness, where: str) -
     rx.publish(i)
     assert h.link.rx_scatter(4, 5000) == []
     assert h.disconnects == 1 and h.guest.fe.is_closed()
+
+
+# --- rx_peek(): the socket read straight into the lean path's guest buffers (ring.recv_frames) --
+
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def _guest_memory(h: Harness, sizes: tuple[int, ...]) -> None:
+    """Guest RAM in regions of `sizes` instead of one MiB (before bring_up(): the rings go
+    in the first region, buffers fill it and go on in the next ones)."""
+    g = h.guest
+    g.rx.close()
+    g.tx.close()
+    g.dmem.close()
+    g.dmem = DriverMemory(sizes)
+    g.rx = DriverRing(g.dmem, h.queue_size)
+    g.tx = DriverRing(g.dmem, h.queue_size)
+
+
+def _guest_ram(g: Guest) -> list[bytes]:
+    return [g.dmem.read(r.desc.gpa, r.desc.size) for r in g.dmem.regions]
+
+
+def _payload_iov(frame: list[memoryview], off: int, cap: int) -> list[memoryview]:
+    """Frame bytes off .. off + cap - 1 of a frame laid over `frame`'s views."""
+    out = []
+    pos = 0
+    for view in frame:
+        lo, hi = max(off - pos, 0), min(off + cap - pos, len(view))
+        if lo < hi:
+            out.append(view[lo:hi])
+        pos += len(view)
+    return out
+
+
+def _headers(n: int, i: int) -> bytes:
+    return bytes([0xE0 + i % 16]) * n
+
+
+def _read_round(h: Harness, peek: bool, sock: socket.socket, count: int, frame_len: int,
+                off: int, room: int) -> tuple[int, list[int], list[int], bool]:
+    """What tcp._from_sock() does with the link: rx_peek() (or, without it or when it says
+    None, rx_scatter() and recvmsg_into() over the views), `off` bytes of headers into each
+    frame that got payload, commit_scatter() of those frames. (n, caps, lengths, peeked)."""
+    try:
+        got = h.link.rx_peek(sock.fileno(), count, frame_len, off, room, PEEK) if peek else None
+    except BlockingIOError:
+        return -1, [], [], True  # nothing queued (the caller stalls: nothing committed)
+    if got is not None:
+        n, caps, firsts = got
+        assert len(caps) == len(firsts)
+        frames = [[f] for f in firsts]
+    else:
+        frames = h.link.rx_scatter(count, frame_len, off)
+        caps, left = [], max(room, 0)
+        for _ in frames:
+            caps.append(min(frame_len - off, left))
+            left -= caps[-1]
+        iov = [v for f, cap in zip(frames, caps, strict=True) for v in _payload_iov(f, off, cap)]
+        try:
+            n = sock.recvmsg_into(iov, 0, PEEK)[0] if frames else 0
+        except BlockingIOError:
+            return -1, [], [], False
+    sizes = []
+    left = n
+    for cap in caps:
+        if left <= 0:
+            break
+        sizes.append(min(cap, left))
+        left -= cap
+    for i, frame in enumerate(frames[:len(sizes)]):
+        for view in _payload_iov(frame, 0, off):  # headers: in the first buffer here
+            view[:] = _headers(len(view), i)
+    return n, caps, [off + size for size in sizes], got is not None
+
+
+def _peek_run(peek: bool, features: int, mem: tuple[int, ...], sizes: list[int],
+              rounds: list[tuple[int, int, int, int, bool, int]], data: bytes,
+              queue_size: int = 64) -> tuple[list[object], list[bool]]:
+    """Post RX buffers of `sizes`, queue `data` on a socket, then per round (count,
+    frame_len, off, room, commit, repost): read as tcp does, commit (and consume what was
+    committed: the guest's ACK) or leave it (rewound at flush), repost some buffers.
+    Everything the guest and the link show, for comparing rx_peek() with rx_scatter()."""
+    from vhostpasst.link.base import Tso
+    h = Harness(queue_size=queue_size)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    seen: list[object] = []
+    took: list[bool] = []
+    try:
+        _guest_memory(h, mem)
+        h.guest.bring_up(features)
+        for size in sizes:
+            h.guest.rx.add([], [size])
+        h.guest.rx.kick()
+        a.sendall(data)
+        for count, frame_len, off, room, commit, repost in rounds:
+            n, caps, lengths, peeked = _read_round(h, peek, b, count, frame_len, off, room)
+            took.append(peeked)
+            seen.append((n, caps, h.link._starved))
+            if commit and n >= 0:
+                tso = Tso(False, off - 20, off, 1448) if features & TSO else None
+                h.link.commit_scatter(lengths, tso)
+                if n:
+                    assert len(b.recv(n)) == n
+            h.link.flush()
+            used = h.guest.rx.get_used()
+            seen.append(used)
+            seen.append([h.guest.rx.written(head, length) for head, length in used])
+            for _ in range(min(repost, len(h.guest.rx.free))):
+                h.guest.rx.add([], [sizes[0]])
+            h.guest.rx.kick()
+            h.pump(1)
+        vq = h.link.backend.queues[0] if h.link.backend else None
+        seen.append((h.link.tx_frames, h.link.tx_zero_copy, h.link.tx_scattered,
+                     h.link.tx_gso, h.link.tx_dropped, h.disconnects))
+        seen.append(None if vq is None else (vq.last_avail_idx, vq.used_idx, vq.inflight))
+        seen.append(_guest_ram(h.guest))
+        try:  # what is still queued (peeked, not committed)
+            seen.append(b.recv(len(data) + 1, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            seen.append(b"")
+    finally:
+        a.close()
+        b.close()
+        h.close()
+    return seen, took
+
+
+@pytest.mark.parametrize("sizes, frame_len, count, room", [
+    ([4096] * 60, 54 + 65000, 4, 1 << 20),  # Linux's 4 KiB buffers, 17 per frame: 3 fit
+    ([4096] * 60, 54 + 65000, 3, 100000),  # the window cuts the second frame short
+    ([1536] * 40, 54 + 5000, 8, 1 << 20),  # 1.5 KiB ones: 4 per frame
+    ([4096] * 20, 54 + 1460, 12, 1 << 20),  # frames that fit their first buffer
+    ([1536] * 20, 54 + 1460, 12, 3000),  # ... and the window
+    ([1536, 4096, 2000, 1536, 64, 3000] * 8, 54 + 9000, 8, 1 << 20),  # any sizes
+], ids=["64k-4k", "64k-4k-window", "5000-1.5k", "1514-4k", "1514-1.5k-window", "mixed"])
+@pytest.mark.parametrize("mem", [(1 << 20,), (40000, 1 << 20)], ids=["one-region", "two"])
+def test_rx_peek_same_as_rx_scatter_and_recvmsg_into(sizes: list[int], frame_len: int,
+                                                     count: int, room: int,
+                                                     mem: tuple[int, ...]) -> None:
+    """rx_peek() puts the same bytes in the guest's memory, gives the same caps and, after
+    the same commit_scatter(), the same used entries and headers as rx_scatter() and a
+    recvmsg_into() over its views; and the socket keeps what was only peeked."""
+    data = _payload(60000, 5) + _payload(60000, 9)
+    rounds = [(count, frame_len, 54, room, True, 0), (count, frame_len, 54, room, False, 0),
+              (count, frame_len, 54, room, True, 40)]
+    ours, took = _peek_run(True, ALL | TSO, mem, sizes, rounds, data)
+    theirs, _ = _peek_run(False, ALL | TSO, mem, sizes, rounds, data)
+    assert ours == theirs
+    assert took == [True] * 3  # rx_peek() did it, not the rx_scatter() fallback
+    n, caps, _ = ours[0]  # type: ignore[misc]
+    assert 0 < n <= room and sum(caps) <= room
+    assert ours[1], "nothing reached the guest"
+
+
+def test_rx_peek_frames_over_4k_buffers() -> None:
+    """A worked example: two 64 KiB TCP frames over 4 KiB buffers, as the guest sees them."""
+    h = Harness(queue_size=64)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.guest.bring_up(ALL | TSO)
+        h.guest.post_rx(40, size=4096)
+        data = _payload(100000, 3)
+        a.sendall(data)
+        got = h.link.rx_peek(b.fileno(), 4, 54 + 64000, 54, 1 << 20, PEEK)
+        assert got is not None
+        n, caps, firsts = got
+        assert (n, caps) == (100000, [64000, 64000])  # 2 frames of 16 chains: 32 of 40
+        assert [len(f) for f in firsts] == [4084, 4084]
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and vq.inflight == 32
+        for f in firsts:
+            f[:54] = bytes(54)
+        from vhostpasst.link.base import Tso
+        h.link.commit_scatter([54 + 64000, 54 + 36000], Tso(False, 34, 54, 1448))
+        h.link.flush()
+        (hdr, one), (hdr2, two) = h.guest.received()
+        assert one == bytes(54) + data[:64000] and two == bytes(54) + data[64000:]
+        assert (hdr.gso_type, hdr.num_buffers) == (net.GSO_TCPV4, 16)
+        assert (hdr2.gso_type, hdr2.num_buffers) == (net.GSO_TCPV4, -(-(12 + 36054) // 4096))
+        assert b.recv(200000) == data  # peeked: all still queued
+    finally:
+        a.close()
+        b.close()
+        h.close()
+
+
+_peek_round = st.tuples(st.integers(1, 8), st.integers(1, 65000), st.sampled_from([54, 74]),
+                        st.integers(-1, 200000), st.booleans(), st.integers(0, 24))
+
+
+@settings(max_examples=40, deadline=None)
+@given(features=st.sampled_from([ALL, ALL | TSO]),
+       mem=st.sampled_from([(1 << 20,), (40000, 1 << 20)]),
+       sizes=st.one_of(st.lists(st.sampled_from([1536, 4096]), min_size=1, max_size=64)
+                       .map(lambda s: s[:1] * len(s)),
+                       st.lists(st.integers(13, 5000), min_size=1, max_size=64)),
+       rounds=st.lists(_peek_round, min_size=1, max_size=4),
+       data_len=st.sampled_from([0, 1, 60000]) | st.integers(0, 60000))
+def test_rx_peek_same_as_rx_scatter_any_ring(features: int, mem: tuple[int, ...],
+                                             sizes: list[int],
+                                             rounds: list[tuple[int, int, int, int, bool, int]],
+                                             data_len: int) -> None:
+    """Whatever the buffers (Linux's equal ones, or any: rx_peek() says None and the
+    caller falls back), frame lengths, windows, commits and reposts, and the short-ring
+    memo in between: the guest sees the same either way."""
+    rounds = [(c, off + size, off, room, commit, repost)
+              for c, size, off, room, commit, repost in rounds]
+    data = _payload(data_len, 11)
+    assert _peek_run(True, features, mem, sizes, rounds, data)[0] == \
+        _peek_run(False, features, mem, sizes, rounds, data)[0]
+
+
+@pytest.mark.parametrize("features", [BASE, ALL & ~net.F_GUEST_CSUM, ALL & ~net.F_MRG_RXBUF],
+                         ids=["plain", "no-guest-csum", "no-mergeable"])
+def test_rx_peek_none_without_guest_csum_or_mergeable(h: Harness, features: int) -> None:
+    """Without GUEST_CSUM the payload must be summed (rx_scatter() then); without mergeable
+    buffers the lean path doesn't apply: None, nothing popped, nothing read."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.guest.bring_up(features)
+        h.guest.post_rx(8, size=4096)
+        a.sendall(b"q" * 3000)
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) is None
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.link._batch is None
+        assert b.recv(5000) == b"q" * 3000
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rx_peek_none_with_pcap(tmp_path: Path) -> None:
+    """--pcap: frames are captured as a guest without offload sees them (checksums summed
+    over the payload): rx_scatter() then."""
+    from vhostpasst.pcap import PcapWriter
+    h = Harness()
+    pcap = PcapWriter(str(tmp_path / "x.pcap"))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.link.pcap = pcap
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(8, size=4096)
+        a.sendall(b"q" * 3000)
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) is None
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert b.recv(5000) == b"q" * 3000
+    finally:
+        a.close()
+        b.close()
+        h.close()
+        pcap.close()
+
+
+def test_rx_peek_empty_ring_and_no_guest(h: Harness) -> None:
+    """No RX buffers (or no front end yet): (0, [], []), as rx_scatter()'s []; nothing read."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        a.sendall(b"q" * 100)
+        # no rings yet (nothing negotiated): nothing, or None (rx_scatter(): [])
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) in (None, (0, [], []))
+        h.guest.bring_up(ALL)
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) == (0, [], [])
+        assert h.link.rx_peek(b.fileno(), 0, 1514, 54, 10000, PEEK) == (0, [], [])
+        assert h.link._starved
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and vq.inflight == 0
+        assert b.recv(200) == b"q" * 100
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rx_peek_recvmsg_error_goes_to_the_caller(h: Harness) -> None:
+    """An empty socket (MSG_DONTWAIT): BlockingIOError to the caller; the popped chains go
+    back at the flush (or the next call) and nothing reaches the used ring."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(8, size=4096)
+        with pytest.raises(BlockingIOError):
+            h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK)
+        h.link.flush()
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.guest.rx.get_used() == []
+        a.sendall(b"w" * 10)
+        got = h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK)
+        assert got is not None and got[:2] == (10, [1460, 1460])
+        h.link.flush()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rx_peek_layout_refused_falls_back(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recv_frames() refusing the records is our bug, not the guest's: None (rx_scatter()
+    still works), the chains given back, the front end kept."""
+    import vhostpasst.link.vhost as vhost
+
+    def refuse(*args: object) -> tuple[int, list[int]]:
+        raise ValueError("frame layout outside the guest buffers given")
+
+    monkeypatch.setattr(vhost, "recv_frames", refuse)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(8, size=4096)
+        a.sendall(b"q" * 100)
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) is None
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.link.connected and h.disconnects == 0
+        assert len(h.link.rx_scatter(2, 1514, 54)) == 2
+        h.link.flush()
+        assert b.recv(200) == b"q" * 100
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rx_peek_hostile_ring_disconnects(h: Harness) -> None:
+    h.guest.bring_up(ALL)
+    rx = h.guest.rx
+    i = rx.free.pop(0)
+    rx.write_desc(i, 0xDEAD0000, 4096, 2, 0)  # writable, outside guest memory
+    rx.publish(i)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        a.sendall(b"q" * 100)
+        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) == (0, [], [])
+        assert h.disconnects == 1 and h.guest.fe.is_closed()
+        assert b.recv(200) == b"q" * 100
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rx_peek_through_the_listener(tmp_path: Path) -> None:
+    """The listener (what TCP holds) forwards rx_peek(); a Link without the path says None."""
+    from vhostpasst.link.base import Link
+    loop = Loop()
+    lst = VhostUserListener(loop, str(tmp_path / "vu.sock"), lambda frames: None)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        g = _listener_guest(loop, lst.path)
+        g.bring_up(ALL)
+        g.post_rx(4, size=4096)
+        a.sendall(_payload(3000))
+        got = lst.rx_peek(b.fileno(), 4, 54 + 1460, 54, 1 << 20, PEEK)
+        assert got is not None and got[:2] == (3000, [1460, 1460, 1460, 1460])
+        for f in got[2][:3]:
+            f[:54] = bytes(54)
+        lst.commit_scatter([54 + 1460, 54 + 1460, 54 + 80])
+        lst.flush()
+        assert [f for _, f in g.received()] == [bytes(54) + _payload(3000)[k:k + 1460]
+                                               for k in (0, 1460, 2920)]
+        g.close()
+    finally:
+        a.close()
+        b.close()
+        lst.close()
+        loop.close()
+    assert Link.rx_peek(lst, 0, 1, 1514, 54, 1, 0) is None
+
+
+# --- the short-ring memo: a try that found too few chains for one frame ------------------------
+
+def _count_pops(vq: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = vq.pop_writable  # type: ignore[attr-defined]
+
+    def pop_writable(count: int, *args: object, **kwargs: object) -> object:
+        calls.append(count)
+        return real(count, *args, **kwargs)
+
+    monkeypatch.setattr(vq, "pop_writable", pop_writable)
+    return calls
+
+
+@pytest.mark.parametrize("peek", [True, False], ids=["rx_peek", "rx_scatter"])
+def test_short_ring_is_not_popped_again_until_it_changes(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, peek: bool) -> None:
+    """Half a frame's chains: the first try pops them and gives them back; tries with the
+    ring unchanged pop nothing (not one pop_writable() call) and return nothing; a smaller
+    frame, or buffers the guest posts (kicked or not), are tried again."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def get(frame_len: int) -> int:
+        if peek:
+            got = h.link.rx_peek(b.fileno(), 4, frame_len, 54, 1 << 20, PEEK)
+            assert got is not None
+            return len(got[2])
+        return len(h.link.rx_scatter(4, frame_len, 54))
+
+    try:
+        h.guest.bring_up(ALL)
+        a.sendall(_payload(20000))
+        h.guest.post_rx(2, size=1536)  # 3048 bytes of frame: half of one of 5054
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None
+        calls = _count_pops(vq, monkeypatch)
+        assert get(5054) == 0 and calls and h.link._starved
+        assert (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.link._short is not None
+        calls.clear()
+        for frame_len in (5054, 5054, 9000):  # the same or bigger: can't fit either
+            assert get(frame_len) == 0
+        assert calls == [] and (vq.last_avail_idx, vq.inflight) == (0, 0) and h.link._starved
+        assert get(1514) == 2 and calls  # a smaller frame fits: popped and handed out
+        h.link.flush()
+        assert get(5054) == 0  # the memo is gone, so this popped again and set it again
+        calls.clear()
+        h.guest.rx.add([], [1536])  # posted, no kick yet: the ring changed all the same
+        assert get(5054) == 0 and calls  # 3 of 4 chains: still short, but it looked
+        calls.clear()
+        assert get(5054) == 0 and calls == []
+        h.guest.post_rx(1, size=1536)
+        assert get(5054) == 1 and calls  # 4 chains: a frame
+        h.link.flush()
+        assert b.recv(30000) == _payload(20000)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("features", [BASE | net.F_GUEST_CSUM, ALL], ids=["plain", "event-idx"])
+def test_rx_kick_wakes_after_a_starved_rx_peek(h: Harness, features: int) -> None:
+    """A starved rx_peek() (and the memo's answer after it) leaves the link waiting for the
+    RX kick: when the guest posts enough buffers, on_rx_ready callbacks run and get frames."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    woken: list[int] = []
+
+    def ready() -> None:
+        got = h.link.rx_peek(b.fileno(), 1, 5054, 54, 1 << 20, PEEK)
+        assert got is not None
+        woken.append(len(got[2]))
+
+    try:
+        h.guest.bring_up(features)
+        h.link.on_rx_ready.append(ready)
+        a.sendall(_payload(20000))
+        h.guest.post_rx(2, size=1536)
+        h.pump()
+        assert h.link.rx_peek(b.fileno(), 4, 5054, 54, 1 << 20, PEEK) == (0, [], [])
+        assert h.link.rx_peek(b.fileno(), 4, 5054, 54, 1 << 20, PEEK) == (0, [], [])  # memo
+        h.pump()
+        assert woken == []
+        h.guest.post_rx(2, size=1536)  # now one whole frame; the kick
+        h.pump()
+        assert woken == [1]
+        h.link.flush()
+        h.guest.post_rx(1, size=1536)  # not starved any more: no wake-up
+        h.pump()
+        assert woken == [1]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_short_ring_memo_forgotten_on_reconnect(h: Harness) -> None:
+    h.guest.bring_up(ALL)
+    h.guest.post_rx(2, size=1536)
+    assert h.link.rx_scatter(4, 5054, 54) == [] and h.link._short is not None
+    h.guest.close()
+    h.pump()
+    assert h.link._short is None
+    h.guest = h.connect()
+    h.guest.bring_up(ALL)
+    h.guest.post_rx(2, size=4096)  # the same indices, bigger buffers: a frame
+    assert len(h.link.rx_scatter(4, 5054, 54)) == 1
+    h.link.flush()
+
+
+# --- net.rx_frames(records=True) and VirtQueue.pop_writable(count, records) -------------------
+
+def test_rx_frames_records_same_as_views() -> None:
+    """records=True: the same chains and frames as with views, the raw records of exactly
+    the chains kept (region, offset, length, as RxBatch.buf() reads them), no views."""
+    h = Harness(queue_size=64)
+    try:
+        _guest_memory(h, (40000, 1 << 20))
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(30, size=4096)
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None
+        views = net.rx_frames(vq, 8, 20000, 54)  # 5 chains a frame: 6 frames, then dry
+        assert views is not None and len(views.frames) == 6
+        vq.rewind(len(views.heads))
+        recs = net.rx_frames(vq, 8, 20000, 54, records=True)
+        assert recs is not None and recs.records is not None and recs.frames == []
+        assert (recs.heads, recs.lens, recs.regions, recs.offsets, recs.starts) == \
+            (views.heads, views.lens, views.regions, views.offsets, views.starts)
+        assert (recs.starved, recs.seen) == (views.starved, views.seen) == (True, 30)
+        assert len(recs.heads) == 30 and recs.starts == [0, 5, 10, 15, 20, 25]
+        assert set(recs.regions) == {0, 1}  # buffers in both regions
+        triples = list(struct.iter_unpack("=QQQ", recs.records))
+        assert triples == list(zip(recs.regions, recs.offsets, recs.lens, strict=True))
+        mem = vq.memory.table.views
+        for k, (region, start, length) in enumerate(triples):
+            assert recs.buf(k) == mem[region][start:start + length]
+        for frame, s in zip(views.frames, views.starts, strict=True):
+            assert frame[0] == recs.buf(s)[net.HDR_LEN:net.HDR_LEN + len(frame[0])]
+        assert vq.inflight == len(recs.heads)
+        vq.rewind(vq.inflight)
+    finally:
+        h.close()
+
+
+def test_rx_frames_records_trimmed_to_the_chains_kept() -> None:
+    """Chains popped past the last frame go back, and their records go too."""
+    h = Harness(queue_size=64)
+    try:
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(10, size=1536)
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None
+        batch = net.rx_frames(vq, 4, 5000, 54, hint=1536, records=True)  # 4 chains a frame
+        assert batch is not None and batch.records is not None
+        assert batch.starts == [0, 4] and len(batch.heads) == 8 and batch.seen == 10
+        assert len(batch.records) == 24 * 8 and vq.inflight == 8
+        vq.rewind(8)
+    finally:
+        h.close()
+
+
+def test_pop_writable_appends_records(h: Harness) -> None:
+    h.guest.bring_up(ALL)
+    h.guest.post_rx(3, size=1536)
+    vq = h.link._queue(net.RX_QUEUE)
+    assert vq is not None
+    raw = bytearray(b"keep")
+    got = vq.pop_writable(2, raw)
+    assert got is not None
+    heads, regions, offsets, lens = got
+    assert raw[:4] == b"keep" and len(raw) == 4 + 48
+    assert list(struct.iter_unpack("=QQQ", raw[4:])) == \
+        list(zip(regions, offsets, lens, strict=True))
+    assert lens == [1536, 1536]
+    got = vq.pop_writable(5, raw)  # the one left, then the ring is dry
+    assert got is not None and len(got[0]) == 1 and len(raw) == 4 + 72
+    assert vq.pop_writable(5, raw) == ([], [], [], []) and len(raw) == 4 + 72
+    vq.rewind(3)
+    h.guest.rx.add([], [100, 200])  # not Linux's shape: None, nothing popped, no records
+    assert vq.pop_writable(5, raw) is None and len(raw) == 4 + 72 and vq.inflight == 0

@@ -6,6 +6,9 @@ doc/performance.md, "Descriptor chains in C") reports any access past them.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import struct
 
 import pytest
@@ -25,6 +28,7 @@ from virtio.ring import (
     RingAccess,
     RingError,
     avail_size,
+    recv_frames,
     used_size,
 )
 
@@ -155,3 +159,304 @@ def test_random_tables_stay_inside(descs, near, heads, indirect):
             assert off + length <= len(ring.mem[region][1])
     finally:
         ring.close()
+
+
+# --- recv_frames(): recvmsg() straight into frames over (region, offset, length) records -----
+
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+REC = struct.Struct("=QQQ")  # RingAccess.pop()'s records: native u64 (little-endian hosts)
+
+
+def records(recs: list[tuple[int, int, int]]) -> bytearray:
+    return bytearray(b"".join(REC.pack(*r) for r in recs))
+
+
+def fill_pattern(mems: list[bytearray], seed: int = 0) -> None:
+    for k, mem in enumerate(mems):
+        mem[:] = bytes((i * 13 + 5 * k + seed) & 0xFF for i in range(len(mem)))
+
+
+def reference(sock: socket.socket, flags: int, mems: list[bytearray],
+              recs: list[tuple[int, int, int]], starts: list[int], hdr: int, frame_len: int,
+              off: int, room: int) -> tuple[int, list[int]]:
+    """What recv_frames() promises, with memoryviews and recvmsg_into(): frame i is the
+    bytes of its buffers (its first from byte `hdr` on) cut to `frame_len`; its payload is
+    frame bytes off.., as much as is left of `room`. Only for layouts that hold."""
+    iov: list[memoryview] = []
+    caps: list[int] = []
+    room = max(room, 0)
+    for i, s in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(recs)
+        frame: list[memoryview] = []
+        for b in range(s, end):
+            region, start, length = recs[b]
+            view = memoryview(mems[region])[start:start + length]
+            frame.append(view[hdr:] if b == s else view)
+        cap = min(frame_len - off, room)
+        room -= cap
+        caps.append(cap)
+        pos = 0  # frame byte where `view` starts
+        for view in frame:
+            lo, hi = max(off - pos, 0), min(off + cap - pos, len(view))
+            if lo < hi:
+                iov.append(view[lo:hi])
+            pos += len(view)
+    if len(iov) > 1024:
+        raise ValueError("more iovecs than one recvmsg() takes")
+    return sock.recvmsg_into(iov, 0, flags)[0], caps
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _outcome(call) -> object:  # type: ignore[no-untyped-def]
+    try:
+        return call()
+    except OSError as e:
+        return type(e), e.errno
+    except ValueError:
+        return ValueError
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, int, int]], list[int], int,
+                                        int, int, int]:
+    """Regions, records (anywhere in their region, overlapping or not, zero-length ones
+    too), frames over consecutive runs of them that each hold frame_len bytes."""
+    sizes = draw(st.lists(st.sampled_from([64, 1536, 4096, 6000]) | st.integers(16, 6000),
+                          min_size=1, max_size=3))
+    hdr = draw(st.sampled_from([0, 1, 12, 16]))
+    nframes = draw(st.integers(1, 5))
+    recs: list[tuple[int, int, int]] = []
+    starts: list[int] = []
+    holds: list[int] = []
+    lead = draw(st.integers(0, 2))  # records before the first frame: not part of any
+    for k in range(lead + nframes):
+        if k >= lead:
+            starts.append(len(recs))
+        total = 0
+        for j in range(draw(st.integers(1, 6))):
+            region = draw(st.integers(0, len(sizes) - 1))
+            size = sizes[region]
+            low = hdr if j == 0 else 0
+            how = draw(st.sampled_from(["whole", "big", "any"]))  # big ones as often as not
+            length = size if how == "whole" else draw(st.integers(
+                max(low, size // 2) if how == "big" else low, size))
+            start = draw(st.integers(0, size - length))
+            recs.append((region, start, length))
+            total += length - (hdr if j == 0 else 0)
+        if k >= lead:
+            holds.append(total)
+    most = min(holds)
+    frame_len = draw(st.sampled_from([most, most // 2]) | st.integers(0, most))
+    off = draw(st.sampled_from([0, min(54, frame_len), frame_len]) | st.integers(0, frame_len))
+    room = draw(st.sampled_from([1 << 20, (frame_len - off) * nframes // 2])
+                | st.integers(-1, (frame_len - off) * nframes + 100))
+    return sizes, recs, starts, hdr, frame_len, off, room
+
+
+@settings(max_examples=300)
+@given(layout=_layouts(), data_len=st.sampled_from([0, 40000]) | st.integers(0, 40000),
+       seed=st.integers(0, 255))
+def test_recv_frames_same_as_recvmsg_into_views(
+        layout: tuple[list[int], list[tuple[int, int, int]], list[int], int, int, int, int],
+        data_len: int, seed: int) -> None:
+    """Any layout that holds: the same bytes read, the same caps, the same guest memory
+    afterwards as recvmsg_into() over memoryviews of the same buffers (both peek the same
+    socket), in several regions, with overlapping buffers, frames cut by `room`."""
+    sizes, recs, starts, hdr, frame_len, off, room = layout
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        data = bytes((i * 31 + seed) & 0xFF for i in range(data_len))
+        a.sendall(data)
+        ours = [bytearray(n) for n in sizes]
+        theirs = [bytearray(n) for n in sizes]
+        fill_pattern(ours, seed)
+        fill_pattern(theirs, seed)
+        table = RegionTable([(0x10000 * (k + 1), memoryview(m)) for k, m in enumerate(ours)])
+        try:
+            got = _outcome(lambda: recv_frames(b.fileno(), PEEK, table, records(recs), starts,
+                                               hdr, frame_len, off, room))
+        finally:
+            table.release()
+        want = _outcome(lambda: reference(b, PEEK, theirs, recs, starts, hdr, frame_len, off,
+                                          room))
+        assert got == want
+        assert ours == theirs
+        if isinstance(got, tuple) and isinstance(got[1], list):
+            assert got[0] <= max(room, 0) and got[0] <= sum(got[1])
+        if data:  # both peeked: all still there
+            assert b.recv(data_len + 1, socket.MSG_DONTWAIT) == data
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recv_frames_frame_over_two_regions_and_room(pair) -> None:
+    """A worked example: two frames of 100 bytes (payload from byte 20) over buffers in two
+    regions, 12 header bytes skipped in each first buffer; room cuts the second frame."""
+    a, b = pair
+    mems = [bytearray(256), bytearray(64)]
+    table = RegionTable([(0x1000, memoryview(mems[0])), (0x9000, memoryview(mems[1]))])
+    recs = [(0, 0, 62), (1, 4, 60), (0, 100, 112)]  # frame 0: 50 + 60 bytes; frame 1: 100
+    a.sendall(bytes(range(200)))
+    try:
+        n, caps = recv_frames(b.fileno(), 0, table, records(recs), [0, 2], 12, 100, 20, 130)
+    finally:
+        table.release()
+    assert (n, caps) == (130, [80, 50])
+    assert mems[0][12 + 20:62] == bytes(range(30))  # frame 0, bytes 20..49
+    assert mems[1][4:4 + 50] == bytes(range(30, 80))  # frame 0, bytes 50..99
+    assert mems[1][54:] == bytes(10)  # frame 0's last 10 buffer bytes: past frame_len
+    assert mems[0][100 + 12 + 20:100 + 12 + 70] == bytes(range(80, 130))
+    assert mems[0][:32] == bytes(32) and mems[0][182:] == bytes(74)  # headers, the rest
+    assert b.recv(100) == bytes(range(130, 200))  # not a peek: the bytes were consumed
+
+
+def test_recv_frames_room_zero_and_past_the_room(pair) -> None:
+    a, b = pair
+    mem = bytearray(300)
+    table = RegionTable([(0, memoryview(mem))])
+    a.sendall(b"x" * 500)
+    recs = records([(0, 0, 100), (0, 100, 100), (0, 200, 100)])
+    try:
+        assert recv_frames(b.fileno(), PEEK, table, recs, [0, 1, 2], 0, 100, 0, 250) == \
+            (250, [100, 100, 50])
+        assert recv_frames(b.fileno(), PEEK, table, recs, [0, 1, 2], 0, 100, 40, 100) == \
+            (100, [60, 40, 0])
+        # room 0 (or less): no iovec at all; recvmsg() of nothing reads nothing
+        assert recv_frames(b.fileno(), PEEK, table, recs, [0, 1, 2], 0, 100, 0, -5) == \
+            (0, [0, 0, 0])
+        assert recv_frames(b.fileno(), PEEK, table, recs, [], 0, 100, 0, 100) == (0, [])
+        # payload off == frame_len: frames of headers only, caps 0
+        assert recv_frames(b.fileno(), PEEK, table, recs, [0, 1, 2], 0, 100, 100, 100) == \
+            (0, [0, 0, 0])
+    finally:
+        table.release()
+    assert b.recv(600) == b"x" * 500
+
+
+def test_recv_frames_reads_what_is_there(pair) -> None:
+    """Fewer bytes queued than the frames hold: n says so, caps are still the room."""
+    a, b = pair
+    mem = bytearray(4096)
+    table = RegionTable([(0, memoryview(mem))])
+    a.sendall(b"abc")
+    try:
+        n, caps = recv_frames(b.fileno(), socket.MSG_DONTWAIT, table,
+                              records([(0, 0, 2048), (0, 2048, 2048)]), [0, 1], 12, 2000, 54,
+                              10000)
+    finally:
+        table.release()
+    assert (n, caps) == (3, [1946, 1946])
+    assert mem[66:69] == b"abc" and mem[:66] == bytes(66) and mem[69:] == bytes(4096 - 69)
+
+
+_SIZES = [256, 64]  # the regions of the bad layouts below
+
+
+@pytest.mark.parametrize("recs, starts, hdr, frame_len, off", [
+    ([(2, 0, 10)], [0], 0, 10, 0),  # region index out of range
+    ([(2**64 - 1, 0, 10)], [0], 0, 10, 0),
+    ([(0, 250, 7)], [0], 0, 7, 0),  # past its region's end by one byte
+    ([(1, 0, 65)], [0], 0, 10, 0),  # longer than its region
+    ([(1, 65, 0), (0, 0, 10)], [0], 0, 5, 0),  # starting past its region
+    ([(0, 2**64 - 1, 2)], [0], 0, 1, 0),  # offset + length wraps around
+    ([(0, 8, 2**64 - 4)], [0], 0, 1, 0),
+    ([(0, 0, 11)], [0], 12, 1, 0),  # first buffer shorter than the header
+    ([(0, 0, 11), (0, 20, 100)], [0], 12, 50, 0),
+    ([(0, 0, 100), (1, 0, 50)], [0], 12, 139, 0),  # the frame doesn't hold frame_len bytes
+    ([(0, 0, 100), (1, 0, 50)], [0, 1], 0, 60, 0),  # nor does the second one
+    ([(0, 0, 100), (1, 0, 50)], [1, 0], 0, 20, 0),  # starts not increasing
+    ([(0, 0, 100), (1, 0, 50)], [0, 0], 0, 20, 0),  # an empty frame
+    ([(0, 0, 100), (1, 0, 50)], [0, 2], 0, 20, 0),  # a frame past the last record
+    ([(0, 0, 100), (1, 0, 50)], [5], 0, 20, 0),
+    ([(0, 0, 100), (1, 0, 50)], [0], 0, 20, 21),  # payload beyond the frame
+    ([(0, 0, 100), (1, 70, 0), (1, 0, 64), (0, 90, 200)], [0, 2], 0, 150, 10),  # last bad
+    ([(0, 0, 1)] * 1025, [0], 0, 1025, 0),  # 1025 iovecs
+    ([(0, 0, 1)] * 1025, list(range(1025)), 0, 1, 0),
+])
+def test_recv_frames_bad_layout_reads_nothing(pair, recs: list[tuple[int, int, int]],
+                                              starts: list[int], hdr: int, frame_len: int,
+                                              off: int) -> None:
+    """A layout that doesn't hold is refused before recvmsg(): not one byte taken from the
+    socket (not a peek here), guest memory untouched."""
+    a, b = pair
+    mems = [bytearray(n) for n in _SIZES]
+    fill_pattern(mems)
+    before = [bytes(m) for m in mems]
+    table = RegionTable([(0x1000 * (k + 1), memoryview(m)) for k, m in enumerate(mems)])
+    a.sendall(b"d" * 5000)
+    try:
+        with pytest.raises(ValueError):
+            recv_frames(b.fileno(), socket.MSG_DONTWAIT, table, records(recs), starts, hdr,
+                        frame_len, off, 1 << 20)
+    finally:
+        table.release()
+    assert [bytes(m) for m in mems] == before
+    assert b.recv(6000, socket.MSG_DONTWAIT) == b"d" * 5000
+
+
+def test_recv_frames_1024_iovecs_is_the_limit(pair) -> None:
+    a, b = pair
+    mem = bytearray(1024)
+    table = RegionTable([(0, memoryview(mem))])
+    a.sendall(bytes(range(256)) * 4)
+    recs = records([(0, k, 1) for k in range(1024)])  # 1024 one-byte buffers, in order
+    try:
+        assert recv_frames(b.fileno(), 0, table, recs, [0], 0, 1024, 0, 4096) == (1024, [1024])
+    finally:
+        table.release()
+    assert mem == bytearray(range(256)) * 4
+
+
+def test_recv_frames_released_table_refuses(pair) -> None:
+    a, b = pair
+    mem = bytearray(100)
+    table = RegionTable([(0, memoryview(mem))])
+    table.release()
+    a.sendall(b"z" * 10)
+    with pytest.raises(ValueError):
+        recv_frames(b.fileno(), 0, table, records([(0, 0, 100)]), [0], 0, 100, 0, 100)
+    assert mem == bytearray(100) and b.recv(20) == b"z" * 10
+
+
+def test_recv_frames_system_call_errors_are_oserror(pair) -> None:
+    a, b = pair
+    mem = bytearray(200)
+    table = RegionTable([(0, memoryview(mem))])
+    recs = records([(0, 0, 200)])
+    args = (table, recs, [0], 12, 188, 54, 1000)
+    try:
+        with pytest.raises(BlockingIOError) as e:  # nothing queued, MSG_DONTWAIT
+            recv_frames(b.fileno(), PEEK, *args)
+        assert e.value.errno == errno.EAGAIN
+        with pytest.raises(BlockingIOError):
+            recv_frames(b.fileno(), socket.MSG_DONTWAIT, *args)
+        r, w = os.pipe()
+        try:
+            with pytest.raises(OSError) as e:
+                recv_frames(r, 0, *args)
+            assert e.value.errno == errno.ENOTSOCK
+        finally:
+            os.close(r)
+            os.close(w)
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = d.fileno()
+        c.close()
+        assert recv_frames(fd, 0, *args) == (0, [134])  # the peer is gone: end of stream
+        d.close()
+        with pytest.raises(OSError) as e:
+            recv_frames(fd, 0, *args)  # closed
+        assert e.value.errno == errno.EBADF
+        with pytest.raises(OSError) as e:
+            recv_frames(-1, 0, *args)
+        assert e.value.errno == errno.EBADF
+    finally:
+        table.release()
+    assert mem == bytearray(200)
