@@ -443,3 +443,164 @@ long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned
 	while (n < 0 && errno == EINTR);
 	return n < 0 ? -errno : n;
 }
+
+/* Mergeable RX frames over chains of one writable buffer each (Linux's RX buffers), laid out
+ * and committed a batch per call; `recs` are the chains' vr_pop() buffer records (region,
+ * offset, length), one per chain, `chains` their chain records (head, readable, writable). */
+enum {
+	VR_LAYOUT_COUNT = 0,	/* `count` frames laid out */
+	VR_LAYOUT_END,		/* the records ended where a frame would start: pop more */
+	VR_LAYOUT_SHORT,	/* they ended inside the frame at out[0]: out[3] more chains */
+	VR_LAYOUT_ODD,		/* the frame at out[0] has a first buffer too short for headers */
+	VR_LAYOUT_VIEWS,	/* `views` reached: by the frame at out[0], or by the last one */
+};
+
+/* Frames of `need` bytes (`hdr` of virtio-net header included) from record `from` on, as
+ * the Chain-based path groups them: a frame takes its first chain, then ceil(missing / the
+ * first's length) chains at a time until they hold `need` (with equal buffers, Linux's: the
+ * fewest that do); its first buffer must hold the header and `head` bytes more. At most
+ * `count` frames, and `views` chains holding their bytes (the views a read takes). `dry`: the ring had no more to pop, so a frame takes
+ * what is left of its last helping. Returns how many frames were laid out (starts[] gets
+ * their first records); out[0] is the record after them, out[1] their views, out[2]
+ * why it stopped (VR_LAYOUT_*), out[3] with VR_LAYOUT_SHORT how many more chains to pop. */
+int vr_rx_layout(const uint64_t *recs, unsigned nrecs, unsigned from, unsigned need,
+		 unsigned hdr, unsigned head, unsigned count, unsigned views, int dry,
+		 uint32_t *starts, uint32_t *out)
+{
+	unsigned s = from, n = 0, used = 0, b, j, k, take, status = VR_LAYOUT_COUNT;
+	uint64_t room, first, div;
+
+	out[3] = 0;
+	while (n < count) {
+		if (s >= nrecs) {
+			status = VR_LAYOUT_END;
+			break;
+		}
+		first = recs[3 * (size_t)s + 2];
+		div = first ? first : 1;	/* a hostile 0-byte buffer */
+		room = first;
+		b = s + 1;
+		while (room < need) {
+			k = (unsigned)((need - room + div - 1) / div);
+			take = nrecs - b < k ? nrecs - b : k;
+			if (take < k && (!dry || take == 0))
+				break;
+			for (j = 0; j < take; j++)
+				room += recs[3 * (size_t)(b + j) + 2];
+			b += take;
+		}
+		if (room < need) {
+			status = VR_LAYOUT_SHORT;
+			out[3] = b + k - nrecs;
+			break;
+		}
+		if (first <= hdr || first - hdr < head) {
+			status = VR_LAYOUT_ODD;	/* checked once the frame is whole, as the Chains */
+			break;
+		}
+		/* the chains holding its bytes (with unequal buffers the last helping may hold
+		 * more than the frame needs): the views a read into it takes */
+		room = 0;
+		for (j = s; room < need; j++)
+			room += recs[3 * (size_t)j + 2];
+		if (used + (j - s) > views) {
+			status = VR_LAYOUT_VIEWS;
+			break;
+		}
+		starts[n++] = s;
+		used += j - s;
+		s = b;
+		if (used >= views) {
+			status = VR_LAYOUT_VIEWS;
+			break;
+		}
+	}
+	out[0] = s;
+	out[1] = used;
+	out[2] = status;
+	return (int)n;
+}
+
+/* Headers and used elements for frames vr_rx_layout() laid out and the caller filled: frame i
+ * (records starts[i] .. starts[i + 1] - 1, the last one .. nrecs - 1) is lengths[i] frame
+ * bytes long, 0 for a frame not sent (i >= nlengths too). Its 12-byte header goes at the
+ * start of its first buffer: `plain`, or `gso` when lengths[i] > gso_from, num_buffers (bytes
+ * 10-11) set here. elems gets (head, bytes used) for every chain a frame uses, in order, then
+ * (head, 0) for the chains popped and not used that come before the last used one; the
+ * return value is the number of those pairs, *tail the unused chains after the last used one
+ * (to rewind). counters: frames committed, of those over several chains, of those GSO.
+ * -1 if a frame can't hold its length or a record is outside its region (nothing written). */
+int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint64_t *recs,
+		 const uint32_t *chains, unsigned nrecs, const uint32_t *starts,
+		 unsigned nframes, const uint32_t *lengths, unsigned nlengths,
+		 const uint8_t *plain, const uint8_t *gso, uint32_t gso_from, unsigned hdr,
+		 uint32_t *elems, uint32_t *spare, uint32_t *tail, uint32_t *counters)
+{
+	unsigned i, b, end, n = 0, nspare = 0, after = 0, pass;
+
+	if (hdr != 12 || nlengths > nframes)
+		return -1;
+	counters[0] = counters[1] = counters[2] = 0;
+	/* pass 0 checks everything, pass 1 writes: a bad frame leaves nothing half written */
+	for (pass = 0; pass < 2; pass++) {
+		for (i = 0; i < nframes; i++) {
+			uint64_t total, room = 0;
+			unsigned used = 0;
+
+			end = i + 1 < nframes ? starts[i + 1] : nrecs;
+			if (starts[i] >= end || end > nrecs)
+				return -1;
+			total = i < nlengths && lengths[i] ? (uint64_t)hdr + lengths[i] : 0;
+			for (b = starts[i]; b < end && room < total; b++) {
+				const uint64_t *r = recs + 3 * (size_t)b;
+				const struct vr_region *reg;
+				uint64_t take;
+
+				if (r[0] >= nregions)
+					return -1;
+				reg = &regions[r[0]];
+				if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2])
+					return -1;
+				if (b == starts[i] && r[2] < hdr)
+					return -1;
+				take = total - room < r[2] ? total - room : r[2];
+				room += take;
+				used++;
+				if (pass) {
+					elems[2 * n] = chains[3 * (size_t)b];
+					elems[2 * n + 1] = (uint32_t)take;
+					n++;
+				}
+			}
+			if (room < total)
+				return -1;
+			if (!pass)
+				continue;
+			if (used) {
+				const uint64_t *r = recs + 3 * (size_t)starts[i];
+				uint8_t *h = regions[r[0]].host + r[1];
+				int big = lengths[i] > gso_from;
+				uint16_t nb = (uint16_t)used;
+
+				memcpy(h, big ? gso : plain, 10);
+				memcpy(h + 10, &nb, 2);
+				counters[0]++;
+				counters[1] += used > 1;
+				counters[2] += big;
+				after = 0;
+			}
+			for (b = starts[i] + used; b < end; b++) {
+				spare[nspare++] = chains[3 * (size_t)b];
+				after++;
+			}
+		}
+	}
+	/* the unused chains before the last used one go back empty, after the frames' */
+	for (i = 0; i + after < nspare; i++) {
+		elems[2 * n] = spare[i];
+		elems[2 * n + 1] = 0;
+		n++;
+	}
+	*tail = after;
+	return (int)n;
+}

@@ -49,6 +49,14 @@ ffibuilder.cdef(
                         const uint64_t *recs, unsigned nrecs, const uint32_t *starts,
                         unsigned nframes, unsigned hdr, unsigned frame_len, unsigned off,
                         uint64_t room, uint32_t *caps);
+    int vr_rx_layout(const uint64_t *recs, unsigned nrecs, unsigned from, unsigned need,
+                     unsigned hdr, unsigned head, unsigned count, unsigned views, int dry,
+                     uint32_t *starts, uint32_t *out);
+    int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint64_t *recs,
+                     const uint32_t *chains, unsigned nrecs, const uint32_t *starts,
+                     unsigned nframes, const uint32_t *lengths, unsigned nlengths,
+                     const uint8_t *plain, const uint8_t *gso, uint32_t gso_from, unsigned hdr,
+                     uint32_t *elems, uint32_t *spare, uint32_t *tail, uint32_t *counters);
     """
 )
 ffibuilder.set_source(

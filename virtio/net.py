@@ -8,11 +8,10 @@ descriptor chains; num_buffers in the first chain's header says how many.
 from __future__ import annotations
 
 import struct
-from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import accumulate
 
 from .backend import Device
+from .ring import LAYOUT_END, LAYOUT_SHORT, rx_layout
 from .virtqueue import Chain, VirtQueue
 
 F_CSUM = 1 << 0
@@ -191,7 +190,7 @@ def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0,
 @dataclass(slots=True)
 class RxBatch:
     """Frames laid out in place over mergeable RX chains of one writable buffer each
-    (`rx_frames()`): flat per-chain lists instead of a Chain per buffer."""
+    (`rx_frames()`): flat per-chain lists and the chains' raw records, no Chain per buffer."""
 
     heads: list[int]  # every chain the frames hold, in pop order
     lens: list[int]  # their buffer lengths
@@ -199,31 +198,45 @@ class RxBatch:
     offsets: list[int]  # and offsets in them
     views: list[memoryview]  # the guest memory regions (memory.table.views)
     starts: list[int]  # frame i holds chains starts[i]:starts[i + 1] (the last: to the end)
-    frames: list[list[memoryview]]  # per frame, the views past the header, frame_len bytes
+    frames: list[list[memoryview]]  # per frame, the views past the header (unless records)
     starved: bool  # the ring ran dry before `count` frames (the kick is re-armed)
     seen: int  # chains popped before the rewind: all there were, when starved
-    records: bytearray | None  # with records=True: (region, offset, length) u64 per chain
+    records: bytearray  # (region, offset, length) u64 per chain, as RingAccess.pop() writes
+    chain_records: bytearray  # (head, readable, writable) u32 per chain
 
     @classmethod
     def empty(cls) -> RxBatch:
         """No frames: the ring had too few chains (the kick is armed)."""
-        return cls([], [], [], [], [], [], [], True, 0, None)
+        return cls([], [], [], [], [], [], [], True, 0, bytearray(), bytearray())
 
     def buf(self, k: int) -> memoryview:
         """Chain k's whole buffer (a frame's header goes at the start of its first)."""
         start = self.offsets[k]
         return self.views[self.regions[k]][start:start + self.lens[k]]
 
+    def frame_views(self, i: int, frame_len: int) -> list[memoryview]:
+        """Frame i's bytes past its header, `frame_len` of them, as views of its buffers."""
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.heads)
+        out: list[memoryview] = []
+        left = HDR_LEN + frame_len
+        for k in range(self.starts[i], end):
+            if left <= 0:
+                break
+            out.append(self.buf(k)[:left])
+            left -= self.lens[k]
+        out[0] = out[0][HDR_LEN:]
+        return out
+
 
 def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
               max_views: int = 1 << 30, hint: int = 0, records: bool = False) -> RxBatch | None:
     """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
     grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
-    (a frame that fits its first buffer takes that one; else ceil(missing / first's size)
-    more chains at a time until it fits), at most `max_views` views in all. `hint`: the
-    guest's buffer size seen last (how many chains to pop in the first C call). With
-    `records`, no views: the chains' raw (region, offset, length) records instead, for
-    ring.recv_frames() (a memoryview per guest buffer costs more than the rest).
+    (each frame takes the fewest chains that hold it), at most `max_views` views in all;
+    laid out in C (ring.rx_layout()) over the chains' raw records. `hint`: the guest's
+    buffer size seen last (how many chains to pop in the first C call). With `records`, no
+    views (`frames` stays empty): ring.recv_frames() reads into the records (a memoryview per
+    guest buffer costs more than all the rest).
 
     None, with nothing popped, when this is not that case: a chain of several buffers (or a
     readable one), a first frame whose header + `head` bytes don't fit its first buffer or
@@ -231,110 +244,68 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     general path handles those. A later frame like that ends the batch before it (the next
     call starts there). Chains popped and not in a frame are rewound."""
     need = HDR_LEN + frame_len
-    views = vq.memory.table.views
     heads: list[int] = []
     lens: list[int] = []
     regions: list[int] = []
     offsets: list[int] = []
-    raw = bytearray() if records else None
+    raw = bytearray()
+    raw_chains = bytearray()
 
-    def more(k: int) -> bool | None:
-        """Pop up to k more chains; False if the ring is empty, None if one is irregular."""
-        got = vq.pop_writable(k, raw)
+    def more(k: int) -> int | None:
+        """Pop up to k more chains: how many came, None if one is irregular."""
+        got = vq.pop_writable(k, raw, raw_chains)
         if got is None:
             return None
         h, ri, off, ln = got
-        if not h:
-            return False
         heads.extend(h)
         lens.extend(ln)
         regions.extend(ri)
         offsets.extend(off)
-        return True
-
-    def view(k: int) -> memoryview:
-        start = offsets[k]
-        return views[regions[k]][start:start + lens[k]]
+        return len(h)
 
     starts: list[int] = []
-    frames: list[list[memoryview]] = []
     nviews = 0
-    i = 0
+    i = 0  # the record the next frame starts at
     starved = False
-    per = -(-need // hint) if hint > 0 else 1  # chains per frame, as far as we know
+    want = min(count * (-(-need // hint) if hint > 0 else 1), vq.num)  # chains to pop first
     while len(starts) < count:
-        if i == len(heads):
-            got = more(min((count - len(starts)) * per, vq.num))
-            if got is None:  # an irregular chain: the frames so far, or the general path
-                if not starts:
-                    vq.rewind(len(heads))
-                    return None
-                break
-            if not got:
-                starved = True
-                break
-        s = i
-        first = lens[s]
-        per = -(-need // max(first, 1))
-        if first >= need and first >= HDR_LEN + head:
-            # the whole frame fits the first buffer (MTU 1500, or big buffers)
-            starts.append(s)
-            if raw is None:
-                frames.append([view(s)[HDR_LEN:need]])
-            i = s + 1
-            nviews += 1
-            if nviews >= max_views:
-                break
-            continue
-        room = first
-        i = s + 1
-        irregular = False
-        while room < need:
-            k = -(-(need - room) // max(first, 1))  # as the general path: first's size
-            if i + k > len(heads):
-                got = more(i + k - len(heads))
-                if got is None:
-                    irregular = True
-                    break
-            take = min(k, len(heads) - i)
-            if take == 0:
-                starved = True  # an empty pop re-armed the kick
-                break
-            room += sum(lens[i:i + take])
-            i += take
-        if irregular or room < need and (starts or vq.num > i - s) \
-                or first <= HDR_LEN or first - HDR_LEN < head:
-            # ring dry mid-frame (the frame waits), or a chain this path doesn't handle
-            if not starts and not starved:
-                vq.rewind(len(heads))
-                return None
-            i = s
-            break
-        if room < need:
-            # the whole ring holds less than one frame: the general path's short frame
-            vq.rewind(len(heads))
-            return None
-        acc = list(accumulate(lens[s:i]))
-        j = bisect_left(acc, need)  # chain s + j holds the frame's last byte
-        if nviews + j + 1 > max_views:
+        got = more(want)
+        if got is None:  # an irregular chain: the frames so far, or the general path
             if not starts:
                 vq.rewind(len(heads))
                 return None
-            i = s
             break
-        if raw is None:
-            frames.append([view(s)[HDR_LEN:need]] if j == 0 else
-                          [view(s)[HDR_LEN:], *[view(k) for k in range(s + 1, s + j)],
-                           view(s + j)[:need - acc[j - 1]]])
-        starts.append(s)
-        nviews += j + 1
+        if got == 0 and i == len(heads):
+            starved = True  # the empty pop re-armed the kick
+            break
+        i, used, why, short = rx_layout(raw, i, need, HDR_LEN, head, count - len(starts),
+                                        max_views - nviews, got < want, starts)
+        nviews += used
+        if why == LAYOUT_END:
+            want = min((count - len(starts)) * -(-need // max(lens[-1], 1)), vq.num)
+        elif why == LAYOUT_SHORT and got:
+            want = short  # pop again: more chains, or the empty pop that re-arms the kick
+        elif why == LAYOUT_SHORT:  # the ring ran dry inside the frame
+            starved = True
+            if not starts and vq.num <= len(heads) - i:
+                # the whole ring holds less than one frame: the general path's short one
+                vq.rewind(len(heads))
+                return None
+            break
+        else:  # LAYOUT_COUNT, LAYOUT_VIEWS or LAYOUT_ODD
+            if not starts:  # an odd first frame, or one needing more than max_views alone
+                vq.rewind(len(heads))
+                return None
+            break
     seen = len(heads)
     if seen > i:
         vq.rewind(seen - i)
-        del heads[i:], lens[i:], regions[i:], offsets[i:]
-        if raw is not None:
-            del raw[24 * i:]
-    return RxBatch(heads, lens, regions, offsets, views, starts, frames, starved, seen, raw)
+        del heads[i:], lens[i:], regions[i:], offsets[i:], raw[24 * i:], raw_chains[12 * i:]
+    batch = RxBatch(heads, lens, regions, offsets, vq.memory.table.views, starts, [], starved,
+                    seen, raw, raw_chains)
+    if not records:
+        batch.frames = [batch.frame_views(k, frame_len) for k in range(len(starts))]
+    return batch
 
 
 class NetDevice(Device):

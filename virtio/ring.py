@@ -104,6 +104,55 @@ def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
     return n, ffi.unpack(caps, len(starts))
 
 
+# vr_rx_layout() stop reasons (cffi_build/ring.c)
+LAYOUT_COUNT = 0  # as many frames as asked
+LAYOUT_END = 1  # the records ended where a frame would start
+LAYOUT_SHORT = 2  # they ended inside a frame
+LAYOUT_ODD = 3  # a frame's first buffer is too short for the headers
+LAYOUT_VIEWS = 4  # the view budget is reached
+
+
+def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
+              views: int, dry: bool, starts: list[int]) -> tuple[int, int, int, int]:
+    """Mergeable RX frames of `need` bytes over chains of one buffer each, from buffer record
+    `start` on (records as RingAccess.pop() writes them, one per chain), grouped as the
+    Chain-based path does (vr_rx_layout() in cffi_build/ring.c), each frame's first buffer
+    at least `hdr` + `head` bytes; at most `count` frames and `views` chains; `dry`: the ring
+    had no more to pop. Appends each frame's first record to `starts`; returns (the record
+    after the frames, the chains they take, why it stopped: LAYOUT_*, with LAYOUT_SHORT the
+    chains to pop for the unfinished frame)."""
+    cap = max(count, 0)
+    out = ffi.new("uint32_t[4]")
+    got = ffi.new("uint32_t[]", max(cap, 1))
+    n = lib.vr_rx_layout(ffi.from_buffer("uint64_t[]", records), len(records) // 24, start,
+                         need, hdr, head, cap, max(views, 0), dry, got, out)
+    starts += ffi.unpack(got, n)
+    return out[0], out[1], out[2], out[3]
+
+
+def rx_commit(regions: RegionTable, records: bytearray, chain_records: bytearray,
+              starts: list[int], lengths: Sequence[int], plain: bytes, gso: bytes,
+              gso_from: int, hdr: int) -> tuple[list[int], int, tuple[int, int, int]]:
+    """Headers and used elements of frames rx_layout() laid out and the caller filled (frame
+    i `lengths[i]` bytes, 0 or missing: not sent): the 12-byte header at the start of each
+    sent frame's first buffer, `plain`'s or, past `gso_from` bytes, `gso`'s first 10 bytes
+    and num_buffers; returns ([head, length, ...] to push, chains to rewind after them,
+    (frames committed, of those over several chains, of those GSO)). ValueError if a frame
+    can't hold its length (nothing written)."""
+    nrecs = len(records) // 24
+    elems = ffi.new("uint32_t[]", 2 * max(nrecs, 1))
+    spare = ffi.new("uint32_t[]", max(nrecs, 1))
+    tail = ffi.new("uint32_t *")
+    counters = ffi.new("uint32_t[3]")
+    n = lib.vr_rx_commit(regions.cdata, regions.count, ffi.from_buffer("uint64_t[]", records),
+                         ffi.from_buffer("uint32_t[]", chain_records), nrecs, starts,
+                         len(starts), lengths, len(lengths), plain, gso, gso_from, hdr, elems,
+                         spare, tail, counters)
+    if n < 0:
+        raise ValueError("frame lengths the buffers can't hold")
+    return ffi.unpack(elems, 2 * n), tail[0], (counters[0], counters[1], counters[2])
+
+
 class RingAccess:
     """Ordered loads/stores on one split ring's avail and used areas (views into guest memory),
     and chain pops from its descriptor table."""

@@ -307,7 +307,8 @@ class VirtQueue:
             if len(out) >= count or (n == 0 and not ring.grow()):
                 return out  # (n == 0 after growing cannot happen: room for any chain)
 
-    def pop_writable(self, count: int, records: bytearray | None = None
+    def pop_writable(self, count: int, records: bytearray | None = None,
+                     chain_records: bytearray | None = None
                      ) -> tuple[list[int], list[int], list[int], list[int]] | None:
         """Up to `count` chains when each is one device-writable buffer (Linux's mergeable RX
         buffers), as flat lists instead of Chains: heads, region indices (into
@@ -315,8 +316,9 @@ class VirtQueue:
         no per-buffer object. None when a popped chain has another shape: then nothing is
         popped (use pop_many). Empty lists when the ring is empty (the kick re-armed with
         EVENT_IDX, as pop_many() does). Fewer than `count` when the ring runs dry or the C
-        side's record array fills up: call again for more. `records`, if given, gets the
-        chains' raw (region, offset, length) u64 records appended (see RingAccess.pop)."""
+        side's record array fills up: call again for more. `records` and `chain_records`,
+        if given, get the raw buffer records ((region, offset, length) u64) and chain records
+        ((head, readable, writable) u32) appended (see RingAccess.pop)."""
         ring = self._ring_or_fail()
         table = self.memory.table
         count = max(0, min(count, self.num))
@@ -337,7 +339,8 @@ class VirtQueue:
                 return None  # a first chain longer than the record array: not one buffer
         if n == 0:
             return [], [], [], []
-        ch = ring.chains_mv[:3 * n].tolist()
+        raw_chains = ring.chains_mv[:3 * n]
+        ch = raw_chains.tolist()
         # each chain has >= 1 buffer: n buffers for n chains, all writable, is the shape
         if ring.status_mv[3] != n or sum(ch[2::3]) != n:
             return None
@@ -345,6 +348,8 @@ class VirtQueue:
         bufs = raw.tolist()
         if records is not None:
             records += raw
+        if chain_records is not None:
+            chain_records += raw_chains
         self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
         self.inflight += n
         return ch[0::3], bufs[0::3], bufs[1::3], bufs[2::3]

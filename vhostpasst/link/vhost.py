@@ -38,9 +38,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from itertools import accumulate
 
 from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link, Tso
 from vhostpasst.link.stream import (
@@ -58,7 +56,7 @@ from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
-from virtio.ring import recv_frames
+from virtio.ring import recv_frames, rx_commit
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -303,6 +301,7 @@ class VhostUserLink(Link):
             self._frames = []
             self._batch = None
             self._bounced = 0
+            self._short = None  # a restarted ring may hold other buffers at the same index
         self._state_changed()
 
     def _broken(self, where: str, e: Exception) -> None:
@@ -500,6 +499,8 @@ class VhostUserLink(Link):
                 frames.append(chains)
                 out.append(pieces)
                 views += len(pieces)
+                if views >= IOV_MAX:
+                    break
         except VirtQueueError as e:
             self._frames = []
             self._broken("RX queue", e)
@@ -637,62 +638,36 @@ class VhostUserLink(Link):
     def _commit_batch(self, vq: VirtQueue, batch: net.RxBatch, lengths: Sequence[int],
                       tso: Tso | None) -> None:
         """_commit_scatter() for frames of the lean path (net.rx_frames()): the same
-        headers, used entries and rewinds, from the flat lists and one push per commit."""
-        heads, lens, starts = batch.heads, batch.lens, batch.starts
-        popped = len(heads)
-        nframes = len(starts)
-        if len(lengths) > nframes:
+        headers, used entries and rewinds, written in C (ring.rx_commit()) from the chains'
+        records, and one push per commit."""
+        popped = len(batch.heads)
+        if len(lengths) > len(batch.starts) or lengths and \
+                not 0 <= min(lengths) <= max(lengths) <= ETH_MAX_FRAME:
             vq.rewind(popped)
-            raise ValueError(f"commit of {len(lengths)} frames, {nframes} handed out")
-        ends = [*starts[1:], popped]
-        for s, e, length in zip(starts, ends, lengths, strict=False):
-            if not 0 <= length <= min(sum(lens[s:e]) - net.HDR_LEN, ETH_MAX_FRAME):
-                vq.rewind(popped)
-                raise ValueError(f"bad frame length {length}")
+            raise ValueError(f"commit of frame lengths {list(lengths)[:8]}... over "
+                             f"{len(batch.starts)} frames")
         flags = net.HDR_F_DATA_VALID if self.csum_offload else 0
-        gso_from = tso.hdr_len + tso.mss if tso is not None else ETH_MAX_FRAME
-        gso = self._gso(tso) if tso is not None else (net.GSO_NONE, 0, 0, 0, 0)
-        pack_into = net.HEADER.pack_into
-        elems: list[int] = []  # used entries: [head, length, ...]
-        spare: list[int] = []  # heads popped and unused, in pop order
-        tail = 0  # how many of `spare` come after the last used chain
-        done = 0  # frames committed
-        pcap = self.pcap
-        for i, s in enumerate(starts):
-            e = ends[i]
-            length = lengths[i] if i < len(lengths) else 0
-            used = 0
-            if length:
-                total = net.HDR_LEN + length
-                if lens[s] >= total:
-                    used = 1  # all in the first buffer: the common case at MTU 1500
-                    elems += (heads[s], total)
-                else:
-                    acc = list(accumulate(lens[s:e]))
-                    used = bisect_left(acc, total) + 1
-                    part = [0] * (2 * used)
-                    part[0::2] = heads[s:s + used]
-                    part[1::2] = lens[s:s + used]
-                    part[-1] = total - acc[used - 2]
-                    elems += part
-                    self.tx_scattered += 1
-                first = batch.buf(s)
-                if length > gso_from:
-                    pack_into(first, 0, net.HDR_F_NEEDS_CSUM, *gso, used)
-                    self.tx_gso += 1
-                else:
-                    pack_into(first, 0, flags, net.GSO_NONE, 0, 0, 0, 0, used)
-                if pcap is not None:
-                    pcap.write(b"".join([first, *map(batch.buf, range(s + 1, s + used))])
-                               [net.HDR_LEN:total])
-                done += 1
-                tail = 0
-            spare += heads[s + used:e]
-            tail += e - s - used
+        plain = net.HEADER.pack(flags, net.GSO_NONE, 0, 0, 0, 0, 0)
+        if tso is not None:
+            gso_from = tso.hdr_len + tso.mss
+            gso = net.HEADER.pack(net.HDR_F_NEEDS_CSUM, *self._gso(tso), 0)
+        else:
+            gso_from, gso = ETH_MAX_FRAME, plain
+        try:
+            elems, tail, (done, scattered, big) = rx_commit(
+                vq.memory.table, batch.records, batch.chain_records, batch.starts, lengths,
+                plain, gso, gso_from, net.HDR_LEN)
+        except ValueError:
+            vq.rewind(popped)
+            raise
         self.tx_frames += done
         self.tx_zero_copy += done
-        for head in spare[:len(spare) - tail]:  # after the frames: theirs are consecutive
-            elems += (head, 0)
+        self.tx_scattered += scattered
+        self.tx_gso += big
+        if self.pcap is not None:
+            for i, length in enumerate(lengths):
+                if length:
+                    self.pcap.write(b"".join(batch.frame_views(i, length)))
         try:
             vq.push_flat(elems)
             vq.rewind(tail)
