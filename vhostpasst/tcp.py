@@ -646,7 +646,12 @@ class TcpHandler:
             return
         if conn.fin_seq is not None:
             ev = EPOLLRDHUP | EPOLLET  # nothing more to read: errors and hang-ups only
-        elif conn.stalled or conn.drained:
+        elif conn.stalled:
+            # The guest's window or its RX ring is full: only the guest frees them (its ACK,
+            # its RX kick, or the RTO's probe calls _from_sock), so new data need not wake
+            # us: with a busy sender every segment it queued did, for nothing.
+            ev = EPOLLRDHUP | EPOLLET
+        elif conn.drained:
             ev = EPOLLIN | EPOLLRDHUP | EPOLLET
         else:
             ev = EPOLLIN | EPOLLRDHUP
