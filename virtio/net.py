@@ -39,6 +39,7 @@ TCP_CSUM_OFFSET = 16  # of the checksum field in the TCP header (csum_offset)
 
 HEADER = struct.Struct("<BBHHHHH")
 HDR_LEN = HEADER.size  # 12
+GSO_TYPE_OFFSET = 1
 NUM_BUFFERS_OFFSET = 10
 
 RX_QUEUE = 0  # even queue indices receive (device → driver), odd ones transmit

@@ -140,6 +140,8 @@ def rx_commit(regions: RegionTable, records: bytearray, chain_records: bytearray
     (frames committed, of those over several chains, of those GSO)). ValueError if a frame
     can't hold its length (nothing written)."""
     nrecs = len(records) // 24
+    if len(chain_records) < 12 * nrecs or len(plain) < 10 or len(gso) < 10:
+        raise ValueError("chain records or header templates shorter than the buffer records")
     elems = ffi.new("uint32_t[]", 2 * max(nrecs, 1))
     spare = ffi.new("uint32_t[]", max(nrecs, 1))
     tail = ffi.new("uint32_t *")
