@@ -319,6 +319,11 @@ class TcpHandler:
         self._waiting: dict[TcpConn, None] = {}
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
+        # a pure ACK is written here by _tcpseg and copied by the link's send()
+        self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
+        if _seg_ffi is not None:
+            self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
+            self._ack_len = _seg_ffi.new("uint32_t[1]")
 
     def close(self) -> None:
         for lst in self.listeners:
@@ -1008,9 +1013,23 @@ class TcpHandler:
             if ack != conn.seq_from_tap or wnd == 0:
                 self._arm_ack(conn)
             return
-        if self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
-                       conn.seq_to_tap, ack, wtcp.ACK, wnd):
+        if self._pure_ack(conn, ack, wnd):
             self._acked_to_tap(conn, ack, wnd)
+
+    def _pure_ack(self, conn: TcpConn, ack: int, wnd: int) -> bool:
+        """An ACK without data to the guest: the connection's template and C checksums
+        (_tcpseg) in a scratch frame the link's send() copies, where _frame() takes a link
+        buffer (a vhost-user guest's 4 KiB ones are bounced: it wants 17 of them free)."""
+        link = self.ctx.link
+        if _seg_lib is None or link is None:
+            return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                               conn.seq_to_tap, ack, wtcp.ACK, wnd)
+        mac = self.ctx.guest_mac()
+        tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
+            else self._template(conn, mac)
+        _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
+                               conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
+        return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
 
     def _arm_ack(self, conn: TcpConn) -> None:
         if conn.ack_timer is None and not conn.closed:
