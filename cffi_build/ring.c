@@ -604,3 +604,87 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
 	*tail = after;
 	return (int)n;
 }
+
+/* Guest TX frames out of `nchains` chains vr_pop() just popped (`chains`, `bufs` as it wrote
+ * them): per chain, the first `hdr` readable bytes are the virtio-net header, copied to
+ * hdrs + hdr * i; the rest of its readable bytes is the frame. out[4i .. 4i + 3]: VR_TX_GUEST,
+ * region, offset, length when the frame lies in one buffer (used where it is); VR_TX_COPY,
+ * 0, offset, length when it spans several and was copied to `bounce` at offset (the one
+ * copy a scattered frame costs, without a Python object per piece); VR_TX_SHORT when the
+ * chain holds less than a header. Writable buffers are skipped. Returns how many chains were
+ * done: fewer than `nchains` when the next one's frame would not fit what is left of
+ * `bounce`; -1 if a record lies outside its region. */
+enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT };
+
+int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint32_t *chains,
+		 unsigned nchains, const uint64_t *bufs, unsigned nbufs, unsigned hdr,
+		 uint8_t *hdrs, uint8_t *bounce, size_t bounce_len, uint64_t *out)
+{
+	unsigned i, k, b = 0, end, fk, pieces;
+	uint64_t total, skip, take, fo, frame_len;
+	size_t used = 0;
+	uint64_t *o;
+
+	for (i = 0; i < nchains; i++, b = end) {
+		unsigned nread = chains[3 * (size_t)i + 1], nwrite = chains[3 * (size_t)i + 2];
+
+		if (nread > nbufs - b || nwrite > nbufs - b - nread)
+			return -1;
+		end = b + nread + nwrite;
+		total = 0;
+		for (k = b; k < b + nread; k++) {
+			const uint64_t *r = bufs + 3 * (size_t)k;
+
+			if (r[0] >= nregions || !regions[r[0]].host || r[2] > regions[r[0]].size ||
+			    r[1] > regions[r[0]].size - r[2])
+				return -1;
+			total += r[2];
+		}
+		o = out + 4 * (size_t)i;
+		if (total <= hdr) {
+			o[0] = VR_TX_SHORT;
+			continue;
+		}
+		frame_len = total - hdr;
+		/* the header (over as many buffers as it takes), and where the frame starts:
+		 * buffer fk, fo bytes in */
+		skip = hdr;
+		fk = b + nread;
+		fo = 0;
+		for (k = b; k < b + nread; k++) {
+			const uint64_t *r = bufs + 3 * (size_t)k;
+
+			take = skip < r[2] ? skip : r[2];
+			memcpy(hdrs + (size_t)hdr * i + (hdr - skip), regions[r[0]].host + r[1], take);
+			skip -= take;
+			if (take < r[2]) {
+				fk = k;
+				fo = take;
+				break;
+			}
+		}
+		pieces = 0;
+		for (k = fk; k < b + nread; k++)
+			pieces += bufs[3 * (size_t)k + 2] > 0;
+		if (pieces == 1) {
+			o[0] = VR_TX_GUEST;
+			o[1] = bufs[3 * (size_t)fk];
+			o[2] = bufs[3 * (size_t)fk + 1] + fo;
+			o[3] = frame_len;
+			continue;
+		}
+		if (frame_len > bounce_len - used)
+			return (int)i;
+		o[0] = VR_TX_COPY;
+		o[1] = 0;
+		o[2] = used;
+		o[3] = frame_len;
+		for (k = fk; k < b + nread; k++, fo = 0) {
+			const uint64_t *r = bufs + 3 * (size_t)k;
+
+			memcpy(bounce + used, regions[r[0]].host + r[1] + fo, r[2] - fo);
+			used += r[2] - fo;
+		}
+	}
+	return (int)i;
+}

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .backend import Device
-from .ring import LAYOUT_END, LAYOUT_SHORT, rx_layout
+from .ring import LAYOUT_END, LAYOUT_SHORT, TX_COPY, TX_GUEST, ffi, rx_layout
 from .virtqueue import Chain, VirtQueue
 
 F_CSUM = 1 << 0
@@ -87,6 +87,71 @@ def tx_frame(chain: Chain) -> tuple[NetHeader, list[memoryview]]:
     if need:
         raise ValueError("TX chain shorter than the virtio-net header")
     return NetHeader.unpack(head), pieces
+
+
+TX_BOUNCE = 4 << 20  # bytes of scattered guest frames copied per TX batch (64 of 64 KiB)
+
+
+class TxGather:
+    """Guest TX frames a batch at a time (tx_frames()): chains popped as records, and each
+    frame located (or, spread over several buffers, copied once to `bounce`) in C, with no
+    Chain or view per buffer. Frames are valid until the next call."""
+
+    def __init__(self, max_chains: int, bounce_size: int = TX_BOUNCE) -> None:
+        self.max_chains = max_chains
+        self.bounce = bytearray(bounce_size)  # untouched pages cost nothing
+        self._bounce_mv = memoryview(self.bounce)
+        self._bounce_c = ffi.from_buffer("uint8_t[]", self.bounce)
+        self._hdrs = ffi.new("uint8_t[]", HDR_LEN * max_chains)
+        self._hdrs_mv = memoryview(ffi.buffer(self._hdrs))
+        self._out = ffi.new("uint64_t[]", 4 * max_chains)
+        self._out_mv = memoryview(ffi.buffer(self._out)).cast("Q")
+        self.full = False  # the last call stopped because the bounce buffer filled
+
+    def tx_frames(self, vq: VirtQueue, count: int
+                  ) -> tuple[list[int], list[memoryview | None], dict[int, NetHeader]]:
+        """Up to `count` (<= max_chains) chains: their heads; per chain its frame (a view
+        past the virtio-net header), or None when it holds no more than a header; and the
+        header of each frame whose header says GSO, by index. Fewer chains than `count`
+        when the ring runs dry (the last, empty pop re-armed the kick) or the bounce buffer
+        fills (the rest stay in the ring)."""
+        heads: list[int] = []
+        frames: list[memoryview | None] = []
+        gso: dict[int, NetHeader] = {}
+        views = vq.memory.table.views
+        hdrs = self._hdrs_mv
+        used = 0  # bounce bytes taken by earlier pops of this batch
+        count = min(count, self.max_chains)
+        self.full = False
+        while len(heads) < count:
+            n = vq.pop_records(count - len(heads))
+            if n == 0:
+                break
+            ring = vq.ring_access()
+            done = ring.tx_frames(n, vq.memory.table, HDR_LEN, self._hdrs,
+                                  self._bounce_c + used, len(self.bounce) - used, self._out)
+            if done < n:
+                vq.rewind(n - done)
+                self.full = True
+            heads += ring.chains_mv[:3 * done:3].tolist()
+            out = self._out_mv[:4 * done].tolist()
+            copied = 0
+            for i in range(done):
+                kind, region, offset, length = out[4 * i:4 * i + 4]
+                if kind == TX_GUEST:
+                    frame: memoryview | None = views[region][offset:offset + length]
+                elif kind == TX_COPY:
+                    frame = self._bounce_mv[used + offset:used + offset + length]
+                    copied += length
+                else:
+                    frame = None
+                if frame is not None and hdrs[HDR_LEN * i + 1]:  # gso_type
+                    gso[len(frames)] = NetHeader.unpack(hdrs[HDR_LEN * i:HDR_LEN * (i + 1)])
+                frames.append(frame)
+            used += copied
+            if done < n:
+                break
+        return heads, frames, gso
 
 
 def rx_put(vq: VirtQueue, frame: bytes | bytearray | memoryview,

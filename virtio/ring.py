@@ -104,6 +104,11 @@ def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
     return n, ffi.unpack(caps, len(starts))
 
 
+# vr_tx_frames() frame kinds (cffi_build/ring.c)
+TX_GUEST = 0  # in one guest buffer: used where it is
+TX_COPY = 1  # over several: copied to the bounce buffer
+TX_SHORT = 2  # the chain holds no more than a header
+
 # vr_rx_layout() stop reasons (cffi_build/ring.c)
 LAYOUT_COUNT = 0  # as many frames as asked
 LAYOUT_END = 1  # the records ended where a frame would start
@@ -273,6 +278,17 @@ class RingAccess:
             if n or status[0] != POP_FULL or not self.grow():
                 break
         return n, status, self.chains_mv[:3 * n].tolist(), self.bufs_mv[:3 * status[3]].tolist()
+
+    def tx_frames(self, n: int, regions: RegionTable, hdr: int, hdrs: Any, bounce: Any,
+                  bounce_len: int, out: Any) -> int:
+        """Guest TX frames out of the `n` chains the last pop() left in the records
+        (vr_tx_frames() in cffi_build/ring.c): each chain's `hdr`-byte header to hdrs, and per
+        chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one buffer,
+        (TX_COPY, 0, offset, length) for one copied to `bounce`, or TX_SHORT. Returns how
+        many chains were done (fewer when `bounce` fills). `hdrs`, `bounce`, `out`: cdata
+        of at least hdr * n bytes, bounce_len bytes, 4 * n u64."""
+        return _ok(lib.vr_tx_frames(regions.cdata, regions.count, self._chains, n, self._bufs,
+                                    self.status_mv[3], hdr, hdrs, bounce, bounce_len, out))
 
     def used_put_many(self, idx: int, elems: list[int]) -> None:
         """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]

@@ -224,6 +224,11 @@ class VirtQueue:
                                  f"({'broken' if self.broken else 'not mapped'})")
         return ring
 
+    def ring_access(self) -> RingAccess:
+        """The ring's C accessor (its record arrays after pop_records()); VirtQueueError if
+        the queue is not usable."""
+        return self._ring_or_fail()
+
     def available(self) -> int:
         """How many chains the driver has made available that we have not popped."""
         ring = self._ring_or_fail()
@@ -306,6 +311,32 @@ class VirtQueue:
                 raise self._fail(self._pop_error(code, status[1], status[2]))
             if len(out) >= count or (n == 0 and not ring.grow()):
                 return out  # (n == 0 after growing cannot happen: room for any chain)
+
+    def pop_records(self, count: int) -> int:
+        """Up to `count` chains in one C walk, left as records in the ring's arrays
+        (RingAccess.chains_mv, bufs_mv; see RingAccess.pop) for a C consumer such as
+        RingAccess.tx_frames(): no Chain, no view. 0 when the ring is empty (the kick re-armed
+        with EVENT_IDX, as pop_many() does); fewer than `count` when it runs dry or the
+        record array fills: call again. A bad chain breaks the queue (VirtQueueError); the
+        good ones before it are popped, and lost with it."""
+        ring = self._ring_or_fail()
+        table = self.memory.table
+        count = max(0, min(count, self.num))
+        while True:
+            r = ring.pop(self.last_avail_idx, count, self.indirect, table)
+            if r == 0 and count and self.event_idx and self._notify:
+                ring.avail_event_set(self.last_avail_idx)  # empty: as pop_many()
+                r = ring.pop(self.last_avail_idx, count, self.indirect, table)
+            n = r if r >= 0 else -1 - r
+            self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+            self.inflight += n
+            if r >= 0:
+                return n
+            code, value, value2, _ = ring.status()
+            if code != POP_FULL:
+                raise self._fail(self._pop_error(code, value, value2))
+            if n or not ring.grow():
+                return n  # (n == 0 after growing cannot happen: room for any chain)
 
     def pop_writable(self, count: int, records: bytearray | None = None,
                      chain_records: bytearray | None = None

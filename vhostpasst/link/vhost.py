@@ -177,6 +177,7 @@ class VhostUserLink(Link):
         self.on_rx_ready: list[Callable[[], None]] = []
         self.frame_max = frame_max  # Ethernet header + guest MTU: what a zero-copy buffer holds
         self.tx_batch = tx_batch
+        self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
         self.backend: VhostUserBackend | None = None
         self.device: _Device | None = None
         self.csum_offload = False  # GUEST_CSUM: frames to the guest need no L4 checksum
@@ -314,22 +315,31 @@ class VhostUserLink(Link):
         if vq is None:
             return
         backend = self.backend
-        heads: list[int] = []
-        frames: list[memoryview] = []
         try:
-            while len(heads) < self.tx_batch:
-                # one C walk per call; the call that finds the ring empty re-arms the kick
-                chains = vq.pop_many(self.tx_batch - len(heads))
-                if not chains:
-                    break
-                for chain in chains:
-                    heads.append(chain.head)
-                    frame = self._tx_frame(chain)
-                    if frame is not None:
-                        frames.append(frame)
+            heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
             self._broken("TX queue", e)
             return
+        frames: list[memoryview] = []
+        for i, frame in enumerate(found):
+            if frame is None:
+                _ratelimited.debug("vu-tx-short", "dropped a guest frame: %s",
+                                   "TX chain shorter than the virtio-net header")
+                continue
+            if len(frame) < ETH_HLEN:
+                continue
+            # With NEEDS_CSUM (CSUM negotiated) the L4 checksum field holds only the
+            # pseudo-header sum; payloads go to host sockets and pcap shows it as is.
+            hdr = gso.get(i) if gso else None
+            if hdr is not None:
+                # TSO: one TCP packet of up to 64 KiB; TCP writes its payload to the host
+                # socket like any other, so it goes on whole once it is what it claims to be
+                why = gso_error(frame, hdr, self._host_tso)
+                if why is not None:
+                    _ratelimited.debug("vu-tx-gso", "dropped a guest frame: %s", why)
+                    continue
+                self.rx_gso += 1
+            frames.append(frame)
         try:
             if frames:
                 self.rx_frames += len(frames)
@@ -337,44 +347,15 @@ class VhostUserLink(Link):
         finally:
             # The frames were only valid during the call: now the buffers go back.
             if self.backend is backend and vq.ready:
-                for head in heads:
-                    vq.push(head, 0)
+                vq.push_flat([x for head in heads for x in (head, 0)])
                 vq.flush()
-        if len(heads) == self.tx_batch and not self._tx_scheduled:
+        if (len(heads) == self.tx_batch or self._tx.full) and not self._tx_scheduled:
             self._tx_scheduled = True  # the ring may hold more: no kick will say so
             self._loop.call_later(0, self._tx_again)
 
     def _tx_again(self) -> None:
         self._tx_scheduled = False
         self._on_tx()
-
-    def _tx_frame(self, chain: Chain) -> memoryview | None:
-        readable = chain.readable
-        if len(readable) == 1 and len(readable[0]) >= net.HDR_LEN + ETH_HLEN and \
-                not readable[0][net.GSO_TYPE_OFFSET]:
-            return readable[0][net.HDR_LEN:]  # header and frame in one buffer, no GSO: most
-        try:
-            hdr, pieces = net.tx_frame(chain)
-        except ValueError as e:
-            _ratelimited.debug("vu-tx-short", "dropped a guest frame: %s", e)
-            return None
-        # With NEEDS_CSUM (CSUM negotiated) the L4 checksum field holds only the pseudo-header
-        # sum; payloads go to host sockets and pcap shows it as is, so nothing to do.
-        if len(pieces) == 1:
-            frame = pieces[0]
-        else:
-            frame = memoryview(b"".join(pieces))  # the one copy of a scattered frame
-        if len(frame) < ETH_HLEN:
-            return None
-        if hdr.gso_type != net.GSO_NONE:
-            # TSO: one TCP packet of up to 64 KiB; TCP writes its payload to the host socket
-            # like any other, so it goes on whole once it is what it claims to be
-            why = gso_error(frame, hdr, self._host_tso)
-            if why is not None:
-                _ratelimited.debug("vu-tx-gso", "dropped a guest frame: %s", why)
-                return None
-            self.rx_gso += 1
-        return frame
 
     # --- RX: frames to the guest ---------------------------------------------------------
     def _header(self, num_buffers: int = 1) -> net.NetHeader:
