@@ -611,14 +611,17 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
  * region, offset, length when the frame lies in one buffer (used where it is); VR_TX_COPY,
  * 0, offset, length when it spans several and was copied to `bounce` at offset (the one
  * copy a scattered frame costs, without a Python object per piece); VR_TX_SHORT when the
- * chain holds less than a header. Writable buffers are skipped. Returns how many chains were
- * done: fewer than `nchains` when the next one's frame would not fit what is left of
- * `bounce`; -1 if a record lies outside its region. */
-enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT };
+ * chain holds less than a header; VR_TX_BIG when the frame is longer than `max_frame` (no
+ * copy: a guest must not make us copy gigabytes, nor stall on a frame no bounce holds).
+ * Writable buffers are skipped. Returns how many chains were done: fewer than `nchains` when
+ * the next one's frame would not fit what is left of `bounce`; -1 if a record lies outside
+ * its region. */
+enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT, VR_TX_BIG };
 
 int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint32_t *chains,
 		 unsigned nchains, const uint64_t *bufs, unsigned nbufs, unsigned hdr,
-		 uint8_t *hdrs, uint8_t *bounce, size_t bounce_len, uint64_t *out)
+		 uint64_t max_frame, uint8_t *hdrs, uint8_t *bounce, size_t bounce_len,
+		 uint64_t *out)
 {
 	unsigned i, k, b = 0, end, fk, pieces;
 	uint64_t total, skip, take, fo, frame_len;
@@ -646,6 +649,10 @@ int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint3
 			continue;
 		}
 		frame_len = total - hdr;
+		if (frame_len > max_frame) {
+			o[0] = VR_TX_BIG;
+			continue;
+		}
 		/* the header (over as many buffers as it takes), and where the frame starts:
 		 * buffer fk, fo bytes in */
 		skip = hdr;

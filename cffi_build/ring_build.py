@@ -59,8 +59,8 @@ ffibuilder.cdef(
                      uint32_t *elems, uint32_t *spare, uint32_t *tail, uint32_t *counters);
     int vr_tx_frames(const struct vr_region *regions, unsigned nregions,
                      const uint32_t *chains, unsigned nchains, const uint64_t *bufs,
-                     unsigned nbufs, unsigned hdr, uint8_t *hdrs, uint8_t *bounce,
-                     size_t bounce_len, uint64_t *out);
+                     unsigned nbufs, unsigned hdr, uint64_t max_frame, uint8_t *hdrs,
+                     uint8_t *bounce, size_t bounce_len, uint64_t *out);
     """
 )
 ffibuilder.set_source(

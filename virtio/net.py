@@ -89,7 +89,8 @@ def tx_frame(chain: Chain) -> tuple[NetHeader, list[memoryview]]:
     return NetHeader.unpack(head), pieces
 
 
-TX_BOUNCE = 4 << 20  # bytes of scattered guest frames copied per TX batch (64 of 64 KiB)
+FRAME_MAX = 65535 + 14  # the longest frame: an IP packet of 64 KiB (GSO's too) + Ethernet
+TX_BOUNCE = 64 * FRAME_MAX  # scattered guest frames copied per TX batch (~4 MiB)
 
 
 class TxGather:
@@ -107,11 +108,15 @@ class TxGather:
         self._out = ffi.new("uint64_t[]", 4 * max_chains)
         self._out_mv = memoryview(ffi.buffer(self._out)).cast("Q")
         self.full = False  # the last call stopped because the bounce buffer filled
+        # longer frames are dropped: none is valid, and one the bounce can't hold would
+        # otherwise stop the queue for good
+        self.max_frame = min(FRAME_MAX, bounce_size)
 
     def tx_frames(self, vq: VirtQueue, count: int
                   ) -> tuple[list[int], list[memoryview | None], dict[int, NetHeader]]:
         """Up to `count` (<= max_chains) chains: their heads; per chain its frame (a view
-        past the virtio-net header), or None when it holds no more than a header; and the
+        past the virtio-net header), or None when it holds no more than a header or a frame
+        longer than `max_frame` (dropped: never copied); and the
         header of each frame whose header says GSO, by index. Fewer chains than `count`
         when the ring runs dry (the last, empty pop re-armed the kick) or the bounce buffer
         fills (the rest stay in the ring)."""
@@ -128,7 +133,7 @@ class TxGather:
             if n == 0:
                 break
             ring = vq.ring_access()
-            done = ring.tx_frames(n, vq.memory.table, HDR_LEN, self._hdrs,
+            done = ring.tx_frames(n, vq.memory.table, HDR_LEN, self.max_frame, self._hdrs,
                                   self._bounce_c + used, len(self.bounce) - used, self._out)
             if done < n:
                 vq.rewind(n - done)

@@ -84,6 +84,24 @@ class RegionTable:
         self._exports = []
 
 
+class _Scratch:
+    """C arrays the helpers below fill and Python reads back at once: kept between calls
+    (the daemon is one thread) instead of a cffi allocation each."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, Any] = {}
+
+    def get(self, name: str, ctype: str, n: int) -> Any:
+        """The array `name` of at least n `ctype`s (contents left from its last use)."""
+        array = self._arrays.get(name)
+        if array is None or len(array) < n:
+            array = self._arrays[name] = ffi.new(f"{ctype}[]", max(n, 64))
+        return array
+
+
+_scratch = _Scratch()
+
+
 def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
                 starts: list[int], hdr: int, frame_len: int, off: int,
                 room: int) -> tuple[int, list[int]]:
@@ -93,7 +111,7 @@ def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
     on; each frame's payload from frame byte `off` on, `room` bytes at most in all.
     Returns the bytes read and each frame's payload room. OSError from recvmsg();
     ValueError if the records don't hold the frames (nothing is read then)."""
-    caps = ffi.new("uint32_t[]", max(len(starts), 1))
+    caps = _scratch.get("caps", "uint32_t", len(starts))
     n = lib.vr_recv_frames(fd, flags, regions.cdata, regions.count,
                            ffi.from_buffer("uint64_t[]", records), len(records) // 24, starts,
                            len(starts), hdr, frame_len, off, max(room, 0), caps)
@@ -108,6 +126,7 @@ def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
 TX_GUEST = 0  # in one guest buffer: used where it is
 TX_COPY = 1  # over several: copied to the bounce buffer
 TX_SHORT = 2  # the chain holds no more than a header
+TX_BIG = 3  # the frame is longer than allowed: dropped, never copied
 
 # vr_rx_layout() stop reasons (cffi_build/ring.c)
 LAYOUT_COUNT = 0  # as many frames as asked
@@ -127,8 +146,8 @@ def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, co
     after the frames, the chains they take, why it stopped: LAYOUT_*, with LAYOUT_SHORT the
     chains to pop for the unfinished frame)."""
     cap = max(count, 0)
-    out = ffi.new("uint32_t[4]")
-    got = ffi.new("uint32_t[]", max(cap, 1))
+    out = _scratch.get("layout_out", "uint32_t", 4)
+    got = _scratch.get("starts", "uint32_t", cap)
     n = lib.vr_rx_layout(ffi.from_buffer("uint64_t[]", records), len(records) // 24, start,
                          need, hdr, head, cap, max(views, 0), dry, got, out)
     starts += ffi.unpack(got, n)
@@ -147,10 +166,10 @@ def rx_commit(regions: RegionTable, records: bytearray, chain_records: bytearray
     nrecs = len(records) // 24
     if len(chain_records) < 12 * nrecs or len(plain) < 10 or len(gso) < 10:
         raise ValueError("chain records or header templates shorter than the buffer records")
-    elems = ffi.new("uint32_t[]", 2 * max(nrecs, 1))
-    spare = ffi.new("uint32_t[]", max(nrecs, 1))
-    tail = ffi.new("uint32_t *")
-    counters = ffi.new("uint32_t[3]")
+    elems = _scratch.get("elems", "uint32_t", 2 * nrecs)
+    spare = _scratch.get("spare", "uint32_t", nrecs)
+    tail = _scratch.get("tail", "uint32_t", 1)
+    counters = _scratch.get("counters", "uint32_t", 3)
     n = lib.vr_rx_commit(regions.cdata, regions.count, ffi.from_buffer("uint64_t[]", records),
                          ffi.from_buffer("uint32_t[]", chain_records), nrecs, starts,
                          len(starts), lengths, len(lengths), plain, gso, gso_from, hdr, elems,
@@ -279,16 +298,18 @@ class RingAccess:
                 break
         return n, status, self.chains_mv[:3 * n].tolist(), self.bufs_mv[:3 * status[3]].tolist()
 
-    def tx_frames(self, n: int, regions: RegionTable, hdr: int, hdrs: Any, bounce: Any,
-                  bounce_len: int, out: Any) -> int:
+    def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
+                  bounce: Any, bounce_len: int, out: Any) -> int:
         """Guest TX frames out of the `n` chains the last pop() left in the records
         (vr_tx_frames() in cffi_build/ring.c): each chain's `hdr`-byte header to hdrs, and per
         chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one buffer,
-        (TX_COPY, 0, offset, length) for one copied to `bounce`, or TX_SHORT. Returns how
+        (TX_COPY, 0, offset, length) for one copied to `bounce`, TX_SHORT (no more than a
+        header) or TX_BIG (more than `max_frame` bytes: not copied). Returns how
         many chains were done (fewer when `bounce` fills). `hdrs`, `bounce`, `out`: cdata
         of at least hdr * n bytes, bounce_len bytes, 4 * n u64."""
         return _ok(lib.vr_tx_frames(regions.cdata, regions.count, self._chains, n, self._bufs,
-                                    self.status_mv[3], hdr, hdrs, bounce, bounce_len, out))
+                                    self.status_mv[3], hdr, max_frame, hdrs, bounce,
+                                    bounce_len, out))
 
     def used_put_many(self, idx: int, elems: list[int]) -> None:
         """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]

@@ -333,10 +333,6 @@ def test_tx_frames_hostile_chain_breaks_the_queue(case: str) -> None:
         setup.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a scattered frame bigger than the whole bounce buffer never fits: every call returns no "
-    "chain with full=True and rewinds it, so VhostUserLink._on_tx reschedules itself "
-    "(call_later(0)) forever and the TX queue is stuck (tx_frame + b''.join took/dropped it)"))
 def test_tx_frames_frame_bigger_than_the_bounce_buffer_is_not_stuck() -> None:
     setup = Setup(num=8)
     try:
