@@ -206,6 +206,7 @@ class VhostUserLink(Link):
         self.tx_frames = 0
         self.tx_dropped = 0
         self.tx_zero_copy = 0  # frames to the guest written in place (no bounce)
+        self.tx_bounced = 0  # data frames read into a bounce buffer, then copied to the guest
         self.tx_scattered = 0  # of those, frames over several chains (mergeable, rx_scatter)
         self.rx_gso = 0  # GSO (TSO) frames from the guest
         self.tx_gso = 0  # GSO (TSO) frames to the guest
@@ -231,9 +232,9 @@ class VhostUserLink(Link):
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
-                 "TSO frames %d from the guest, %d to it",
+                 "TSO frames %d from the guest, %d to it, %d data frames bounced",
                  self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered, self.rx_gso, self.tx_gso)
+                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced)
         self.backend = None
         self.device = None
         self._reset_state()
@@ -738,8 +739,9 @@ class VhostUserLink(Link):
                 if length:
                     big = length > gso_from
                     if self._put(vq, self._bounce[i * ETH_MAX_FRAME:i * ETH_MAX_FRAME + length],
-                                 gso_hdr if big else None) and big:
-                        self.tx_gso += 1
+                                 gso_hdr if big else None):
+                        self.tx_bounced += 1
+                        self.tx_gso += big
         except VirtQueueError as e:
             self._broken("RX queue", e)
 
