@@ -170,8 +170,20 @@ def rx_put(vq: VirtQueue, frame: bytes | bytearray | memoryview,
     """
     header = header or NetHeader(flags=HDR_F_DATA_VALID)
     total = HDR_LEN + len(frame)
-    chains: list[Chain] = []
-    room = 0
+    chain = vq.pop()
+    if chain is None:
+        return False
+    writable = chain.writable
+    if len(writable) == 1 and len(writable[0]) >= total:
+        # one buffer holds it (every ACK, ARP or DHCP reply on Linux's buffers)
+        buf = writable[0]
+        HEADER.pack_into(buf, 0, header.flags, header.gso_type, header.hdr_len,
+                         header.gso_size, header.csum_start, header.csum_offset, 1)
+        buf[HDR_LEN:total] = frame
+        vq.push(chain.head, total)
+        return True
+    chains: list[Chain] = [chain]
+    room = chain.write_len
     while room < total:
         chain = vq.pop()
         if chain is None or (chains and not mergeable):
