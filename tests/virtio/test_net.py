@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio import net
-from virtio.virtqueue import DESC_F_NEXT, Chain, VirtQueue, VirtQueueError
+from virtio.virtqueue import DESC_F_NEXT, Chain, VirtQueueError
 
-from .test_virtqueue import Setup
+from .test_virtqueue import Setup, _twin
 
 
 def test_header_roundtrip():
@@ -69,17 +69,6 @@ def test_rx_not_mergeable_needs_one_big_chain(s):
 # --- TxGather: TX frames found in C (vr_tx_frames), against tx_frame() per Chain -------------
 
 Got = tuple[bytes | None, net.NetHeader | None, bool]  # frame (None: dropped), GSO header, view
-
-
-def _ref_queue(setup: Setup) -> VirtQueue:
-    """A second device queue over the same ring at the same base: the reference pops Chains."""
-    vq = VirtQueue(1, setup.mem)
-    vq.indirect = setup.vq.indirect
-    vq.set_num(setup.vq.num)
-    vq.set_addr(setup.ring.addr(0))
-    vq.set_base(setup.vq.last_avail_idx)
-    vq.start()
-    return vq
 
 
 def _expected(chain: Chain) -> Got:
@@ -154,7 +143,7 @@ def test_tx_frames_match_tx_frame(chains: list[tuple[list[bytes], list[int], boo
             if (1 if indirect else len(readable) + len(writable)) > len(setup.ring.free):
                 continue
             setup.ring.add(readable, writable, indirect=indirect)
-        ref = _ref_queue(setup)
+        ref = _twin(setup)
         want = ref.pop_many(16)
         g = net.TxGather(count, bounce_size=bounce_size)
         heads: list[int] = []
@@ -253,7 +242,7 @@ def test_tx_frames_over_several_pops_keep_their_bounce_offsets() -> None:
                      [bytes([i, k]) * 3 for k in range(11)], indirect=True)
         ring.add([net.NetHeader().pack()] + [bytes([k % 256]) for k in range(1500)],
                  indirect=True)
-        ref = _ref_queue(setup)
+        ref = _twin(setup)
         want = ref.pop_many(128)
         assert len(want) == 101
         g = net.TxGather(128)
