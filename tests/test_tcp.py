@@ -728,6 +728,29 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
 
 
 @pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
+def test_data_landing_after_siocinq_saw_none_goes_whole(env: tuple,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIOCINQ said nothing is queued, but data landed before the peek (a race a loaded
+    machine hits at the first peek after the handshake): the peek still has a whole
+    segment's room, so the answer goes in one frame, not one byte and then the rest."""
+    d, loop, _ = env
+    link = FakeScatterLink(False)
+    d.link = link  # type: ignore[assignment]
+
+    def racy_unread(fd: int) -> int:
+        sock = FakeSock.instances[-1]
+        if not sock.rx and not sock.closed:
+            sock.rx += b"server-data"  # lands just after the ioctl looked
+        return 0
+
+    monkeypatch.setattr(tcp, "unread", racy_unread)
+    _handshake(d, loop, link)  # type: ignore[arg-type]
+    assert link.asked[-1] == (1, 54 + 1460)
+    data = [bytes(parse(f).payload) for f in link.frames if bytes(parse(f).payload)]
+    assert data == [b"server-data"]
+
+
+@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 def test_ack_of_a_drained_answer_peeks_nothing_until_an_event(
         env: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """The guest's ACK of an answer that emptied the socket (the last peek came up short,

@@ -743,11 +743,13 @@ class TcpHandler:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
             size = seg
-            if count == 1 and fresh is not None and fresh < seg:
+            if count == 1 and fresh is not None and 0 < fresh < seg:
                 # A short answer: the guest buffers its bytes need, not a whole segment's
                 # (with TSO 64 KiB, some 17-44 mergeable buffers popped and given back per
                 # 1-byte answer). One byte more, so a peek that fills them means more came.
-                size = max(1, fresh + 1)
+                # Not when SIOCINQ saw nothing new: data landing between it and the peek
+                # would go out one byte first (a whole segment's room costs nothing then).
+                size = fresh + 1
             peek = getattr(link, "rx_peek", None)  # test doubles may not have it
             if peek is not None:
                 try:
