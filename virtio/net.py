@@ -364,6 +364,14 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
         i, used, why, short = rx_layout(raw, i, need, HDR_LEN, head, count - len(starts),
                                         max_views - nviews, got < want, starts)
         nviews += used
+        if why in (LAYOUT_END, LAYOUT_SHORT) and got < want and not vq.rearm():
+            # the pop found the ring dry and nothing came since (the kick is re-armed: one
+            # C store instead of the empty pop that would do it)
+            starved = True
+            if why == LAYOUT_SHORT and not starts and vq.num <= len(heads) - i:
+                vq.rewind(len(heads))  # the whole ring holds less than one frame
+                return None
+            break
         if why == LAYOUT_END:
             want = min((count - len(starts)) * -(-need // max(lens[-1], 1)), vq.num)
         elif why == LAYOUT_SHORT and got:

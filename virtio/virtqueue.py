@@ -558,6 +558,15 @@ class VirtQueue:
             ring.used_flags_set(0)
         return self.available() > 0
 
+    def rearm(self) -> bool:
+        """After a pop that found the ring dry: ask for a kick at the next entry (EVENT_IDX),
+        as an empty pop does, without popping; True if chains came meanwhile (look again:
+        no kick will say so)."""
+        ring = self._ring_or_fail()
+        if self.event_idx and self._notify:
+            ring.avail_event_set(self.last_avail_idx)  # then a full fence
+        return self.available() > 0
+
     def kick_when_more(self) -> bool:
         """Ask for a kick when the driver adds to what is available now (not at the next
         entry, as an empty pop() does): the chains there are too few for what we must write.
