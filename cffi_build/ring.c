@@ -379,9 +379,11 @@ int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indi
  * `hdr` bytes into its first buffer (the virtio-net header goes before) and it is
  * `frame_len` bytes long. Its payload is frame bytes `off` .. frame_len - 1, and the payloads
  * of all frames together take at most `room` bytes: caps[i] is what frame i takes (0 past
- * `room`). Every record is checked against its region, and the frames must hold what they
- * claim. Returns the bytes read, VR_E_LAYOUT if the layout does not hold or takes more than
- * UIO_MAXIOV pieces (nothing read then), or -errno of recvmsg(). */
+ * `room`). Every record the read goes through is checked against its region (records of
+ * frames past `room`, or after a frame's last byte, are not looked at: nothing goes through
+ * them), and the frames must hold what they claim. Returns the bytes read, VR_E_LAYOUT if
+ * the layout does not hold or takes more than UIO_MAXIOV pieces (nothing read then), or
+ * -errno of recvmsg(). */
 #define VR_IOV_MAX 1024
 #define VR_E_LAYOUT (-4096)	/* below every -errno */
 
