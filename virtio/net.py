@@ -129,9 +129,10 @@ class TxGather:
         count = min(count, self.max_chains)
         self.full = False
         while len(heads) < count:
-            n = vq.pop_records(count - len(heads))
+            asked = count - len(heads)
+            n = vq.pop_records(asked)
             if n == 0:
-                break
+                break  # the empty pop re-armed the kick
             ring = vq.ring_access()
             done = ring.tx_frames(n, vq.memory.table, HDR_LEN, self.max_frame, self._hdrs,
                                   self._bounce_c + used, len(self.bounce) - used, self._out)
@@ -156,6 +157,8 @@ class TxGather:
             used += copied
             if done < n:
                 break
+            if n < asked and not vq.rearm():
+                break  # the ring ran dry: kick re-armed with one store, not an empty pop
         return heads, frames, gso
 
 
