@@ -25,8 +25,10 @@ from vhostpasst.pcap import PcapWriter
 log = logging.getLogger("vhostpasst")
 
 
-class _Terminate(Exception):
-    """Raised from the SIGTERM/SIGQUIT handler to leave the loop at once."""
+class _Terminate(BaseException):
+    """Raised from the SIGTERM/SIGQUIT handler to leave the loop at once. A BaseException
+    (as SystemExit): the loop's callbacks catch Exception so a bug can't stop the daemon,
+    and one of them swallowed a SIGTERM that came during it (the process kept running)."""
 
 
 class _Signals:

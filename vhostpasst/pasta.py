@@ -626,8 +626,9 @@ def _auto_ports(loop: Any, config: Config, netns_fd: int, dispatcher: Any, splic
 # -- run ------------------------------------------------------------------------------------
 
 
-class _Terminate(Exception):
-    pass
+class _Terminate(BaseException):
+    """SIGTERM/SIGQUIT/SIGINT: a BaseException, so the loop's `except Exception` guards of
+    callbacks never swallow it (as daemon._Terminate)."""
 
 
 def _on_signal(signum: int, _frame: object) -> None:
