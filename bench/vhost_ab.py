@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""A/B of two vhostpasst source trees under a real qemu guest (TCG), vhost-user: the daemon's
+CPU per GiB of iperf3 (user and sys apart), runs alternated so both see the same machine.
+
+    git worktree add /tmp/base <commit> && (cd /tmp/base && python setup.py build_ext --inplace)
+    python bench/vhost_ab.py /tmp/base . --reverse --mtu 65520 --rounds 3
+
+Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
+(PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
+reads the daemon's CPU (schedstat, ns) and its user/sys split (/proc/PID/stat ticks) around
+the second run. Read the figures from an otherwise idle machine only: on a loaded one the
+daemon gets the CPU less often, batches more, and its CPU per byte drops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "qemu-tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import harness  # noqa: E402
+from image import build_image  # noqa: E402
+from vhost_throughput import GIB, GW4, IPERF_PORT, cpu_seconds, iperf_mbps, wait_listening  # noqa: E402
+
+
+def ticks(pid: int) -> tuple[int, int]:
+    """utime and stime of `pid`, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, float, float,
+                                                                         float]:
+    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB) of one guest over the daemon from `tree`."""
+    workdir = harness.make_workdir()
+    netns = harness.HostNetns()
+    old_daemon, old_path = harness.DAEMON, os.environ.get("PYTHONPATH")
+    daemon = guest = None
+    try:
+        harness.DAEMON = [sys.executable, "-m", "vhostpasst"]
+        os.environ["PYTHONPATH"] = str(tree)
+        daemon = harness.Daemon(workdir, netns, ("--mtu", str(args.mtu)), vhost_user=True)
+        assert daemon.proc is not None
+        guest = harness.Guest(image, workdir, harness.GuestNet("vhost-user", daemon.socket),
+                              netns, mem="512M")
+        harness.dhcp_lease(guest)
+        pid = daemon.proc.pid
+        result = (0.0, 0.0, 0.0, 0.0)
+        for seconds in (args.warmup, args.seconds):
+            server = subprocess.Popen(netns.argv(["iperf3", "-s", "-1", "-B", "127.0.0.1",
+                                                  "-p", str(IPERF_PORT)]),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_listening(netns.argv, IPERF_PORT)
+            cpu0, (user0, sys0) = cpu_seconds(pid), ticks(pid)
+            _, out = guest.run(f"iperf3 -c {GW4} -p {IPERF_PORT} -t {seconds} -f m"
+                               + (" -R" if args.reverse else ""), timeout=seconds + 60)
+            cpu, (user1, sys1) = cpu_seconds(pid) - cpu0, ticks(pid)
+            server.wait(20)
+            mbps, nbytes = iperf_mbps(out)
+            gib = nbytes / GIB
+            hz = os.sysconf("SC_CLK_TCK")
+            result = (mbps, cpu / gib, (user1 - user0) / hz / gib, (sys1 - sys0) / hz / gib)
+        return result
+    finally:
+        harness.DAEMON = old_daemon
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+        if guest is not None:
+            guest.close()
+        if daemon is not None:
+            daemon.close()
+        netns.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("trees", nargs=2, type=Path, help="two source trees (built in place)")
+    p.add_argument("--reverse", action="store_true", help="host->guest (iperf3 -R)")
+    p.add_argument("--mtu", type=int, default=65520)
+    p.add_argument("--rounds", type=int, default=2, help="runs per tree, alternated")
+    p.add_argument("--seconds", type=int, default=8, help="measured iperf3 -t")
+    p.add_argument("--warmup", type=int, default=2, help="iperf3 -t before measuring")
+    args = p.parse_args()
+    image = build_image()
+    direction = "host->guest" if args.reverse else "guest->host"
+    for _ in range(args.rounds):
+        for tree in args.trees:
+            mbps, cpu, user, sys_ = one_run(tree.resolve(), image, args)
+            print(f"{tree}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
+                  f"(user {user:.3f}, sys {sys_:.3f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
