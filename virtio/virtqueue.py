@@ -350,30 +350,15 @@ class VirtQueue:
         side's record array fills up: call again for more. `records` and `chain_records`,
         if given, get the raw buffer records ((region, offset, length) u64) and chain records
         ((head, readable, writable) u32) appended (see RingAccess.pop)."""
-        ring = self._ring_or_fail()
-        table = self.memory.table
-        count = max(0, min(count, self.num))
-        r = ring.pop(self.last_avail_idx, count, self.indirect, table)
-        if r == 0 and count and self.event_idx and self._notify:
-            # Empty: ask for a kick at the next entry, then look again (as pop_many()).
-            ring.avail_event_set(self.last_avail_idx)
-            r = ring.pop(self.last_avail_idx, count, self.indirect, table)
-        n = r if r >= 0 else -1 - r
-        if r < 0:
-            code, value, value2, _ = ring.status()
-            if code != POP_FULL:
-                # The good chains before the bad one are ours (as _pop_c), the queue broken.
-                self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
-                self.inflight += n
-                raise self._fail(self._pop_error(code, value, value2))
-            if n == 0:
-                return None  # a first chain longer than the record array: not one buffer
+        n = self.pop_records(count)  # a bad chain raises, the good ones before it popped
         if n == 0:
             return [], [], [], []
+        ring = self.ring_access()
         raw_chains = ring.chains_mv[:3 * n]
         ch = raw_chains.tolist()
         # each chain has >= 1 buffer: n buffers for n chains, all writable, is the shape
         if ring.status_mv[3] != n or sum(ch[2::3]) != n:
+            self.rewind(n)
             return None
         raw = ring.bufs_mv[:3 * n]
         bufs = raw.tolist()
@@ -381,8 +366,6 @@ class VirtQueue:
             records += raw
         if chain_records is not None:
             chain_records += raw_chains
-        self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
-        self.inflight += n
         return ch[0::3], bufs[0::3], bufs[1::3], bufs[2::3]
 
     @staticmethod
