@@ -851,3 +851,22 @@ def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
                 total = (total & 0xFFFF) + (total >> 16)
             done[l4 + 16:l4 + 18] = (~total & 0xFFFF).to_bytes(2, "big")
             assert done == want
+
+
+def test_no_epollin_while_the_guest_window_is_full(env: tuple) -> None:
+    """Stalled on the guest's window, the host socket is watched for hang-ups only: every
+    segment a busy sender queued used to wake us for a peek that could not happen. The
+    guest's ACK that opens the window resumes the data, and EPOLLIN comes back with it."""
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1, window=23))  # 23 << 7 = 2944 bytes
+    sock.rx += b"d" * 10000
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    sent = sum(len(bytes(parse(f).payload)) for f in link.frames if parse(f).sport == 80)
+    assert sent == 2944
+    assert not loop.fds[sock.fd][0] & tcp.EPOLLIN
+    assert loop.fds[sock.fd][0] & tcp.EPOLLRDHUP
+    feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 2944, window=1000))
+    sent = sum(len(bytes(parse(f).payload)) for f in link.frames if parse(f).sport == 80)
+    assert sent == 10000
+    assert loop.fds[sock.fd][0] & tcp.EPOLLIN
