@@ -405,7 +405,7 @@ def test_rx_buffers_point_into_guest_memory_when_big_enough() -> None:
         bufs[0][:len(frame)] = frame
         h.link.commit([len(frame)])  # the second buffer goes back to the ring
         h.link.flush()
-        assert h.link.tx_zero_copy == 1
+        assert h.link.tx_zero_copy == 1 and h.link.tx_bounced == 0
         [(hdr, got)] = h.guest.received()
         assert got == frame and hdr.num_buffers == 1
         assert h.guest.rx.calls() >= 1
@@ -431,6 +431,7 @@ def test_frame_bigger_than_one_rx_buffer_uses_mergeable_buffers(h: Harness) -> N
     assert [f for _, f in got] == [frame, frame]
     assert [hdr.num_buffers for hdr, _ in got] == [5, 5]  # 12 + 1014 bytes in 256-byte chains
     assert h.link.tx_zero_copy == 0 and h.link.tx_frames == 2
+    assert h.link.tx_bounced == 1  # the committed frame; send()'s copy is not a bounce
 
 
 @pytest.mark.parametrize("features", [BASE, ALL], ids=["plain", "event-idx"])
@@ -639,7 +640,7 @@ def test_rx_scatter_bounce_when_headers_would_straddle(h: Harness) -> None:
     h.link.flush()
     [(hdr, got)] = h.guest.received()
     assert got == _payload(1000) and hdr.num_buffers == 4  # 12 + 1000 bytes
-    assert h.link.tx_zero_copy == 0
+    assert h.link.tx_zero_copy == 0 and h.link.tx_bounced == 1
 
 
 def test_rx_scatter_stay_within_iov_max(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
