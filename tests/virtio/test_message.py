@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 import pytest
@@ -11,14 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio import message as m
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _open_fds() -> int:

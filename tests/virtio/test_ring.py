@@ -213,14 +213,6 @@ def reference(sock: socket.socket, flags: int, mems: list[bytearray],
     return sock.recvmsg_into(iov, 0, flags)[0], caps
 
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield a, b
-    a.close()
-    b.close()
-
-
 def _outcome(call) -> object:  # type: ignore[no-untyped-def]
     try:
         return call()
