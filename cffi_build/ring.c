@@ -523,6 +523,174 @@ int vr_rx_layout(const uint64_t *recs, unsigned nrecs, unsigned from, unsigned n
 	return (int)n;
 }
 
+/* vr_rx_gather() results, out[3] */
+enum {
+	VR_GATHER_OK = 0,	/* frames laid out (maybe none: starved) */
+	VR_GATHER_GENERAL,	/* nothing kept: this ring's shape is for the Chain-based path */
+	VR_GATHER_ERROR,	/* a bad chain or avail index: ctx->status says which */
+};
+
+/* One pop for vr_rx_gather(): up to `want` chains appended to recs/chrecs after the `have`
+ * there; how many came, or -1 if one is not a single writable buffer (nothing kept of this
+ * pop), or -2 on a ring error (ctx->status; *bad the good chains popped before it). */
+static int vr_gather_pop(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
+			 const struct vr_region *regions, unsigned nregions, uint8_t *used,
+			 size_t used_len, int rearm, unsigned want, uint64_t *recs,
+			 uint32_t *chrecs, unsigned cap, unsigned have, unsigned *bad)
+{
+	unsigned c, n, round;
+
+	if (want > ctx->num)
+		want = ctx->num;
+	if (want > cap - have)
+		want = cap - have;
+	for (round = 0; round < 2; round++) {
+		n = (unsigned)vr_pop_chains(ctx->desc, ctx->desc_len, ctx->avail, ctx->avail_len,
+					    ctx->num, (last_avail + have) & 0xFFFF, want, indirect,
+					    regions, nregions, chrecs + 3 * (size_t)have, cap - have,
+					    recs + 3 * (size_t)have, cap - have, ctx->status);
+		if (ctx->status[0] != VR_OK && ctx->status[0] != VR_FULL) {
+			*bad = n;
+			return -2;
+		}
+		if (ctx->status[0] == VR_FULL && n == 0)
+			return -1;	/* a chain of more buffers than there is room for */
+		if (n || !want || !rearm)
+			break;
+		/* empty: ask for a kick at the next entry, then look again (the fence in
+		 * vr_avail_event_set() orders the store before the second read) */
+		if (vr_avail_event_set(used, used_len, ctx->num, (last_avail + have) & 0xFFFF)) {
+			ctx->status[0] = VR_E_ARGS;
+			*bad = 0;
+			return -2;
+		}
+	}
+	if (ctx->status[3] != n)
+		return -1;
+	for (c = 0; c < n; c++) {
+		const uint32_t *ch = chrecs + 3 * (size_t)(have + c);
+
+		if (ch[1] != 0 || ch[2] != 1)
+			return -1;
+	}
+	return (int)n;
+}
+
+/* net.rx_frames()'s pops and layout in one call: up to `count` mergeable RX frames of `need`
+ * bytes (header included) over chains of one writable buffer each, grouped by
+ * vr_rx_layout(), at most `max_views` chains holding their bytes. The chains are popped from
+ * avail entry `last_avail` on, `hint` (the buffer size seen last) sizing the first pop; their
+ * records go to recs (region, offset, length) and chrecs (head, readable, writable), at most
+ * `cap` (>= num) of each. A pop that finds the ring dry re-arms the kick (`rearm`: EVENT_IDX
+ * and kicks wanted) with one store in the used ring and looks again.
+ *
+ * Returns the frames laid out (starts[] their first records) and out[0] the chains kept (the
+ * frames'; the rest popped are given back: not counted), out[1] the chains popped in all
+ * (the ring's whole content when starved), out[2] 1 if the ring ran dry before `count`
+ * frames (the kick is re-armed), out[3] VR_GATHER_*: with VR_GATHER_GENERAL nothing is kept
+ * (a chain of another shape, a first frame the layout refuses, a ring smaller than one
+ * frame); with VR_GATHER_ERROR ctx->status says what was wrong (out[1]: the good chains
+ * popped before it) and the return value is -1. */
+int vr_rx_gather(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
+		 const struct vr_region *regions, unsigned nregions, uint8_t *used,
+		 size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
+		 unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
+		 uint32_t *chrecs, unsigned cap, uint32_t *starts, uint32_t *out)
+{
+	unsigned nheads = 0, i = 0, nstarts = 0, nviews = 0, want, bad = 0, lo[4];
+	int starved = 0, general = 0;
+	uint64_t per;
+
+	out[0] = out[1] = out[2] = out[3] = 0;
+	if (!ctx->num || cap < ctx->num || !need) {
+		ctx->status[0] = VR_E_ARGS;
+		out[3] = VR_GATHER_ERROR;
+		return -1;
+	}
+	per = hint ? (need + (uint64_t)hint - 1) / hint : 1;
+	want = per * count < ctx->num ? (unsigned)(per * count) : ctx->num;
+	while (nstarts < count) {
+		int got = vr_gather_pop(ctx, last_avail, indirect, regions, nregions, used,
+					used_len, rearm, want, recs, chrecs, cap, nheads, &bad);
+		unsigned why, n;
+		int dry;
+
+		if (got == -2) {
+			out[1] = nheads + bad;
+			out[3] = VR_GATHER_ERROR;
+			return -1;
+		}
+		if (got == -1) {	/* an irregular chain: the frames so far, or the Chains */
+			general = nstarts == 0;
+			break;
+		}
+		nheads += (unsigned)got;
+		if (got == 0 && i == nheads) {
+			starved = 1;	/* the empty pop re-armed the kick */
+			break;
+		}
+		dry = (unsigned)got < want;
+		n = (unsigned)vr_rx_layout(recs, nheads, i, need, hdr, head, count - nstarts,
+					   max_views - nviews, dry, starts + nstarts, lo);
+		nstarts += n;
+		i = lo[0];
+		nviews += lo[1];
+		why = lo[2];
+		if ((why == VR_LAYOUT_END || why == VR_LAYOUT_SHORT) && dry) {
+			/* the pop found the ring dry: re-arm the kick with one store (not the
+			 * empty pop that would do it) and look again only if chains came */
+			unsigned pending;
+
+			if (rearm && vr_avail_event_set(used, used_len, ctx->num,
+							(last_avail + nheads) & 0xFFFF)) {
+				ctx->status[0] = VR_E_ARGS;
+				out[1] = nheads;
+				out[3] = VR_GATHER_ERROR;
+				return -1;
+			}
+			pending = (__atomic_load_n((const uint16_t *)(ctx->avail + 2),
+						   __ATOMIC_ACQUIRE) - last_avail - nheads) & 0xFFFF;
+			if (pending > ctx->num) {
+				ctx->status[0] = VR_E_AVAIL_JUMP;
+				ctx->status[1] = pending;
+				out[1] = nheads;
+				out[3] = VR_GATHER_ERROR;
+				return -1;
+			}
+			if (!pending) {
+				starved = 1;
+				general = why == VR_LAYOUT_SHORT && !nstarts &&
+					  ctx->num <= nheads - i;
+				break;
+			}
+		}
+		if (why == VR_LAYOUT_END) {
+			uint64_t last = recs[3 * (size_t)(nheads - 1) + 2];
+
+			per = (need + (last ? last : 1) - 1) / (last ? last : 1);
+			want = per * (count - nstarts) < ctx->num ?
+			       (unsigned)(per * (count - nstarts)) : ctx->num;
+		} else if (why == VR_LAYOUT_SHORT && got) {
+			want = lo[3];	/* more chains, or the empty pop that re-arms the kick */
+		} else if (why == VR_LAYOUT_SHORT) {	/* the ring ran dry inside the frame */
+			starved = 1;
+			general = !nstarts && ctx->num <= nheads - i;
+			break;
+		} else {	/* COUNT, VIEWS or ODD */
+			general = !nstarts;
+			break;
+		}
+	}
+	out[1] = nheads;
+	out[2] = (unsigned)starved;
+	if (general) {
+		out[3] = VR_GATHER_GENERAL;
+		return 0;
+	}
+	out[0] = i;
+	return (int)nstarts;
+}
+
 /* Headers and used elements for frames vr_rx_layout() laid out and the caller filled: frame i
  * (records starts[i] .. starts[i + 1] - 1, the last one .. nrecs - 1) is lengths[i] frame
  * bytes long, 0 for a frame not sent (i >= nlengths too). Its 12-byte header goes at the

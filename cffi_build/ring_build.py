@@ -52,6 +52,11 @@ ffibuilder.cdef(
     int vr_rx_layout(const uint64_t *recs, unsigned nrecs, unsigned from, unsigned need,
                      unsigned hdr, unsigned head, unsigned count, unsigned views, int dry,
                      uint32_t *starts, uint32_t *out);
+    int vr_rx_gather(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
+                     const struct vr_region *regions, unsigned nregions, uint8_t *used,
+                     size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
+                     unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
+                     uint32_t *chrecs, unsigned cap, uint32_t *starts, uint32_t *out);
     int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint64_t *recs,
                      const uint32_t *chains, unsigned nrecs, const uint32_t *starts,
                      unsigned nframes, const uint32_t *lengths, unsigned nlengths,

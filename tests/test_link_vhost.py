@@ -1494,13 +1494,13 @@ def test_rx_peek_through_the_listener(tmp_path: Path) -> None:
 
 def _count_pops(vq: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = vq.pop_writable  # type: ignore[attr-defined]
+    real = vq.pop_rx_frames  # type: ignore[attr-defined]
 
-    def pop_writable(count: int, *args: object, **kwargs: object) -> object:
+    def pop_rx_frames(count: int, *args: object, **kwargs: object) -> object:
         calls.append(count)
         return real(count, *args, **kwargs)
 
-    monkeypatch.setattr(vq, "pop_writable", pop_writable)
+    monkeypatch.setattr(vq, "pop_rx_frames", pop_rx_frames)
     return calls
 
 
@@ -1508,7 +1508,7 @@ def _count_pops(vq: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_short_ring_is_not_popped_again_until_it_changes(
         h: Harness, monkeypatch: pytest.MonkeyPatch, peek: bool) -> None:
     """Half a frame's chains: the first try pops them and gives them back; tries with the
-    ring unchanged pop nothing (not one pop_writable() call) and return nothing; a smaller
+    ring unchanged pop nothing (not one pop_rx_frames() call) and return nothing; a smaller
     frame, or buffers the guest posts (kicked or not), are tried again."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -1598,7 +1598,7 @@ def test_short_ring_memo_forgotten_on_reconnect(h: Harness) -> None:
     h.link.flush()
 
 
-# --- net.rx_frames(records=True) and VirtQueue.pop_writable(count, records) -------------------
+# --- net.rx_frames(records=True): the chains' records, no views ---------------------------------
 
 def test_rx_frames_records_same_as_views() -> None:
     """records=True: the same chains and frames as with views, the raw records of exactly
@@ -1649,23 +1649,3 @@ def test_rx_frames_records_trimmed_to_the_chains_kept() -> None:
     finally:
         h.close()
 
-
-def test_pop_writable_appends_records(h: Harness) -> None:
-    h.guest.bring_up(ALL)
-    h.guest.post_rx(3, size=1536)
-    vq = h.link._queue(net.RX_QUEUE)
-    assert vq is not None
-    raw = bytearray(b"keep")
-    got = vq.pop_writable(2, raw)
-    assert got is not None
-    heads, regions, offsets, lens = got
-    assert raw[:4] == b"keep" and len(raw) == 4 + 48
-    assert list(struct.iter_unpack("=QQQ", raw[4:])) == \
-        list(zip(regions, offsets, lens, strict=True))
-    assert lens == [1536, 1536]
-    got = vq.pop_writable(5, raw)  # the one left, then the ring is dry
-    assert got is not None and len(got[0]) == 1 and len(raw) == 4 + 72
-    assert vq.pop_writable(5, raw) == ([], [], [], []) and len(raw) == 4 + 72
-    vq.rewind(3)
-    h.guest.rx.add([], [100, 200])  # not Linux's shape: None, nothing popped, no records
-    assert vq.pop_writable(5, raw) is None and len(raw) == 4 + 72 and vq.inflight == 0

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .backend import Device
-from .ring import LAYOUT_END, LAYOUT_SHORT, TX_COPY, TX_GUEST, ffi, rx_layout
+from .ring import TX_COPY, TX_GUEST, ffi
 from .virtqueue import Chain, VirtQueue
 
 F_CSUM = 1 << 0
@@ -273,43 +273,68 @@ def rx_push(vq: VirtQueue, chains: list[Chain], length: int, flags: int = 0,
     return len(lens)
 
 
-@dataclass(slots=True)
 class RxBatch:
     """Frames laid out in place over mergeable RX chains of one writable buffer each
-    (`rx_frames()`): flat per-chain lists and the chains' raw records, no Chain per buffer."""
+    (`rx_frames()`): the chains' raw records, no Chain (nor a list entry) per buffer."""
 
-    heads: list[int]  # every chain the frames hold, in pop order
-    lens: list[int]  # their buffer lengths
-    regions: list[int]  # their regions (indices into `views`)
-    offsets: list[int]  # and offsets in them
-    views: list[memoryview]  # the guest memory regions (memory.table.views)
-    starts: list[int]  # frame i holds chains starts[i]:starts[i + 1] (the last: to the end)
-    frames: list[list[memoryview]]  # per frame, the views past the header (unless records)
-    starved: bool  # the ring ran dry before `count` frames (the kick is re-armed)
-    seen: int  # chains popped before the rewind: all there were, when starved
-    records: bytearray  # (region, offset, length) u64 per chain, as RingAccess.pop() writes
-    chain_records: bytearray  # (head, readable, writable) u32 per chain
+    __slots__ = ("records", "chain_records", "views", "starts", "frames", "starved", "seen",
+                 "count", "_q")
+
+    def __init__(self, records: bytes, chain_records: bytes, views: list[memoryview],
+                 starts: list[int], starved: bool, seen: int) -> None:
+        self.records = records  # (region, offset, length) u64 per chain, as RingAccess.pop()
+        self.chain_records = chain_records  # (head, readable, writable) u32 per chain
+        self.views = views  # the guest memory regions (memory.table.views)
+        self.starts = starts  # frame i holds chains starts[i]:starts[i + 1] (last: to the end)
+        self.frames: list[list[memoryview]] = []  # per frame, views past the header (unless
+        # the caller reads through the records)
+        self.starved = starved  # the ring ran dry before `count` frames (the kick re-armed)
+        self.seen = seen  # chains popped before the rewind: all there were, when starved
+        self.count = len(records) // 24  # chains the frames hold, in pop order
+        self._q = memoryview(records).cast("Q")
 
     @classmethod
     def empty(cls) -> RxBatch:
         """No frames: the ring had too few chains (the kick is armed)."""
-        return cls([], [], [], [], [], [], [], True, 0, bytearray(), bytearray())
+        return cls(b"", b"", [], [], True, 0)
+
+    # per-chain lists, read from the records (tests, and the hint: not per frame)
+    @property
+    def heads(self) -> list[int]:
+        return memoryview(self.chain_records).cast("I")[0::3].tolist()
+
+    @property
+    def regions(self) -> list[int]:
+        return self._q[0::3].tolist()
+
+    @property
+    def offsets(self) -> list[int]:
+        return self._q[1::3].tolist()
+
+    @property
+    def lens(self) -> list[int]:
+        return self._q[2::3].tolist()
+
+    def buf_len(self, k: int) -> int:
+        return self._q[3 * k + 2]
 
     def buf(self, k: int) -> memoryview:
         """Chain k's whole buffer (a frame's header goes at the start of its first)."""
-        start = self.offsets[k]
-        return self.views[self.regions[k]][start:start + self.lens[k]]
+        q = self._q
+        start = q[3 * k + 1]
+        return self.views[q[3 * k]][start:start + q[3 * k + 2]]
 
     def frame_views(self, i: int, frame_len: int) -> list[memoryview]:
         """Frame i's bytes past its header, `frame_len` of them, as views of its buffers."""
-        end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.heads)
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.count
         out: list[memoryview] = []
         left = HDR_LEN + frame_len
         for k in range(self.starts[i], end):
             if left <= 0:
                 break
-            out.append(self.buf(k)[:left])
-            left -= self.lens[k]
+            buf = self.buf(k)
+            out.append(buf[:left])
+            left -= len(buf)
         out[0] = out[0][HDR_LEN:]
         return out
 
@@ -319,84 +344,24 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
     grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
     (each frame takes the fewest chains that hold it), at most `max_views` views in all;
-    laid out in C (ring.rx_layout()) over the chains' raw records. `hint`: the guest's
-    buffer size seen last (how many chains to pop in the first C call). With `records`, no
-    views (`frames` stays empty): ring.recv_frames() reads into the records (a memoryview per
-    guest buffer costs more than all the rest).
+    popped and laid out in one C call (VirtQueue.pop_rx_frames()) over the chains' raw
+    records. `hint`: the guest's buffer size seen last (how many chains to pop first). With
+    `records`, no views (`frames` stays empty): ring.recv_frames() reads into the records
+    (a memoryview per guest buffer costs more than all the rest).
 
-    None, with nothing popped, when this is not that case: a chain of several buffers (or a
-    readable one), a first frame whose header + `head` bytes don't fit its first buffer or
-    that alone needs more than `max_views` views, or a ring smaller than one frame; the
-    general path handles those. A later frame like that ends the batch before it (the next
-    call starts there). Chains popped and not in a frame are rewound."""
-    need = HDR_LEN + frame_len
-    heads: list[int] = []
-    lens: list[int] = []
-    regions: list[int] = []
-    offsets: list[int] = []
-    raw = bytearray()
-    raw_chains = bytearray()
-
-    def more(k: int) -> int | None:
-        """Pop up to k more chains: how many came, None if one is irregular."""
-        got = vq.pop_writable(k, raw, raw_chains)
-        if got is None:
-            return None
-        h, ri, off, ln = got
-        heads.extend(h)
-        lens.extend(ln)
-        regions.extend(ri)
-        offsets.extend(off)
-        return len(h)
-
-    starts: list[int] = []
-    nviews = 0
-    i = 0  # the record the next frame starts at
-    starved = False
-    want = min(count * (-(-need // hint) if hint > 0 else 1), vq.num)  # chains to pop first
-    while len(starts) < count:
-        got = more(want)
-        if got is None:  # an irregular chain: the frames so far, or the general path
-            if not starts:
-                vq.rewind(len(heads))
-                return None
-            break
-        if got == 0 and i == len(heads):
-            starved = True  # the empty pop re-armed the kick
-            break
-        i, used, why, short = rx_layout(raw, i, need, HDR_LEN, head, count - len(starts),
-                                        max_views - nviews, got < want, starts)
-        nviews += used
-        if why in (LAYOUT_END, LAYOUT_SHORT) and got < want and not vq.rearm():
-            # the pop found the ring dry and nothing came since (the kick is re-armed: one
-            # C store instead of the empty pop that would do it)
-            starved = True
-            if why == LAYOUT_SHORT and not starts and vq.num <= len(heads) - i:
-                vq.rewind(len(heads))  # the whole ring holds less than one frame
-                return None
-            break
-        if why == LAYOUT_END:
-            want = min((count - len(starts)) * -(-need // max(lens[-1], 1)), vq.num)
-        elif why == LAYOUT_SHORT and got:
-            want = short  # pop again: more chains, or the empty pop that re-arms the kick
-        elif why == LAYOUT_SHORT:  # the ring ran dry inside the frame
-            starved = True
-            if not starts and vq.num <= len(heads) - i:
-                # the whole ring holds less than one frame: the general path's short one
-                vq.rewind(len(heads))
-                return None
-            break
-        else:  # LAYOUT_COUNT, LAYOUT_VIEWS or LAYOUT_ODD
-            if not starts:  # an odd first frame, or one needing more than max_views alone
-                vq.rewind(len(heads))
-                return None
-            break
-    seen = len(heads)
-    if seen > i:
-        vq.rewind(seen - i)
-        del heads[i:], lens[i:], regions[i:], offsets[i:], raw[24 * i:], raw_chains[12 * i:]
-    batch = RxBatch(heads, lens, regions, offsets, vq.memory.table.views, starts, [], starved,
-                    seen, raw, raw_chains)
+    The chains are popped as rx_layout() needs them: a frame takes its first chain, then
+    ceil(missing / first's length) more at a time; a pop that finds the ring dry re-arms
+    the kick with one store and looks again only if chains came. None, with nothing popped,
+    when this is not that case: a chain of several buffers (or a readable one), a first
+    frame whose header + `head` bytes don't fit its first buffer or that alone needs more
+    than `max_views` views, or a ring smaller than one frame; the general path handles
+    those. A later frame like that ends the batch before it (the next call starts there).
+    Chains popped and not in a frame are given back."""
+    got = vq.pop_rx_frames(count, HDR_LEN + frame_len, HDR_LEN, head, max_views, hint)
+    if got is None:
+        return None
+    starts, seen, starved, recs, chains = got
+    batch = RxBatch(recs, chains, vq.memory.table.views, starts, starved, seen)
     if not records:
         batch.frames = [batch.frame_views(k, frame_len) for k in range(len(starts))]
     return batch

@@ -135,6 +135,11 @@ LAYOUT_SHORT = 2  # they ended inside a frame
 LAYOUT_ODD = 3  # a frame's first buffer is too short for the headers
 LAYOUT_VIEWS = 4  # the view budget is reached
 
+# vr_rx_gather() outcomes (cffi_build/ring.c)
+GATHER_OK = 0  # frames laid out (none when the ring had too few chains)
+GATHER_GENERAL = 1  # nothing kept: a ring shape for the Chain-based path
+GATHER_ERROR = 2  # a bad chain or avail index (status() says which)
+
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
               views: int, dry: bool, starts: list[int]) -> tuple[int, int, int, int]:
@@ -154,13 +159,15 @@ def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, co
     return out[0], out[1], out[2], out[3]
 
 
-def rx_commit(regions: RegionTable, records: bytearray, chain_records: bytearray,
-              starts: list[int], lengths: Sequence[int], plain: bytes, gso: bytes,
-              gso_from: int, hdr: int) -> tuple[list[int], int, tuple[int, int, int]]:
+def rx_commit(regions: RegionTable, records: bytes | bytearray,
+              chain_records: bytes | bytearray, starts: list[int], lengths: Sequence[int],
+              plain: bytes, gso: bytes, gso_from: int, hdr: int
+              ) -> tuple[Any, int, int, tuple[int, int, int]]:
     """Headers and used elements of frames rx_layout() laid out and the caller filled (frame
     i `lengths[i]` bytes, 0 or missing: not sent): the 12-byte header at the start of each
     sent frame's first buffer, `plain`'s or, past `gso_from` bytes, `gso`'s first 10 bytes
-    and num_buffers; returns ([head, length, ...] to push, chains to rewind after them,
+    and num_buffers; returns (a C array of [head, length, ...] to push: VirtQueue.
+    push_written(), valid until the next call; how many pairs; chains to rewind after them;
     (frames committed, of those over several chains, of those GSO)). ValueError if a frame
     can't hold its length (nothing written)."""
     nrecs = len(records) // 24
@@ -176,7 +183,7 @@ def rx_commit(regions: RegionTable, records: bytearray, chain_records: bytearray
                          spare, tail, counters)
     if n < 0:
         raise ValueError("frame lengths the buffers can't hold")
-    return ffi.unpack(elems, 2 * n), tail[0], (counters[0], counters[1], counters[2])
+    return elems, n, tail[0], (counters[0], counters[1], counters[2])
 
 
 class RingAccess:
@@ -185,7 +192,8 @@ class RingAccess:
 
     __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
                  "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "_ctx", "status_mv",
-                 "_elems", "_elems_cap")
+                 "_elems", "_elems_cap", "_grecs", "_grecs_mv", "_gchains", "_gchains_mv",
+                 "_gout")
 
     def __init__(self, avail: memoryview, used: memoryview, num: int,
                  desc: memoryview | None = None) -> None:
@@ -219,6 +227,12 @@ class RingAccess:
         self.status_mv = memoryview(ffi.buffer(self._ctx.status)).cast("Q")
         self._elems_cap = 0
         self._elems: Any = None
+        # rx_gather()'s records: one chain of one buffer each, at most the whole ring
+        self._grecs = ffi.new("uint64_t[]", 3 * num)
+        self._grecs_mv = memoryview(ffi.buffer(self._grecs))
+        self._gchains = ffi.new("uint32_t[]", 3 * num)
+        self._gchains_mv = memoryview(ffi.buffer(self._gchains))
+        self._gout = ffi.new("uint32_t[]", 4)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
         if lib.vr_avail_flags(self._avail, self._avail_len) < 0 or \
                 lib.vr_used_idx(self._used, self._used_len) < 0:
@@ -298,6 +312,28 @@ class RingAccess:
                 break
         return n, status, self.chains_mv[:3 * n].tolist(), self.bufs_mv[:3 * status[3]].tolist()
 
+    def rx_gather(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
+                  count: int, need: int, hdr: int, head: int, max_views: int, hint: int
+                  ) -> tuple[int, list[int], int, int, bool, bytes, bytes]:
+        """Mergeable RX frames over chains of one writable buffer each, popped and laid out
+        in one C call (vr_rx_gather() in cffi_build/ring.c: net.rx_frames()'s pops and
+        rx_layout() calls, the dry ring's kick re-armed with one store when `rearm`).
+        Returns (GATHER_*, each frame's first record, chains kept, chains popped in all,
+        starved, the kept chains' buffer records (region, offset, length) u64 and chain
+        records (head, readable, writable) u32 as bytes). With GATHER_ERROR status() says
+        what was wrong and "chains popped" counts the good ones before it."""
+        count = max(0, min(count, self.num))
+        out = self._gout
+        starts = _scratch.get("gather_starts", "uint32_t", count)
+        n = lib.vr_rx_gather(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
+                             regions.count, self._used, self._used_len, rearm, count, need,
+                             hdr, head, min(max(max_views, 0), 0xFFFFFFFF),
+                             min(max(hint, 0), 0xFFFFFFFF), self._grecs, self._gchains,
+                             self.num, starts, out)
+        kept = out[0]
+        return (out[3], ffi.unpack(starts, n) if n > 0 else [], kept, out[1], bool(out[2]),
+                self._grecs_mv[:24 * kept].tobytes(), self._gchains_mv[:12 * kept].tobytes())
+
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:
         """Guest TX frames out of the `n` chains the last pop() left in the records
@@ -323,6 +359,12 @@ class RingAccess:
         self._elems[0:len(elems)] = elems
         _ok(lib.vr_used_put_many(self._used, self._used_len, self.num, idx & 0xFFFF,
                                  self._elems, n))
+
+    def used_put_c(self, idx: int, elems: Any, n: int) -> None:
+        """used_put_many() from a C array of 2n u32 (head, length, ...): no list."""
+        if n > 0:
+            _ok(lib.vr_used_put_many(self._used, self._used_len, self.num, idx & 0xFFFF,
+                                     elems, n))
 
     def release(self) -> None:
         """Drop the buffer exports now, so the guest memory mapping can be closed."""

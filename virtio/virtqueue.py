@@ -26,10 +26,13 @@ import os
 import struct
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
 from .ring import (
+    GATHER_ERROR,
+    GATHER_GENERAL,
     POP_E_AVAIL_JUMP,
     POP_E_BUF_OUTSIDE,
     POP_E_HEAD,
@@ -338,35 +341,28 @@ class VirtQueue:
             if n or not ring.grow():
                 return n  # (n == 0 after growing cannot happen: room for any chain)
 
-    def pop_writable(self, count: int, records: bytearray | None = None,
-                     chain_records: bytearray | None = None
-                     ) -> tuple[list[int], list[int], list[int], list[int]] | None:
-        """Up to `count` chains when each is one device-writable buffer (Linux's mergeable RX
-        buffers), as flat lists instead of Chains: heads, region indices (into
-        memory.table.views), offsets in the region and lengths, in pop order; one C call,
-        no per-buffer object. None when a popped chain has another shape: then nothing is
-        popped (use pop_many). Empty lists when the ring is empty (the kick re-armed with
-        EVENT_IDX, as pop_many() does). Fewer than `count` when the ring runs dry or the C
-        side's record array fills up: call again for more. `records` and `chain_records`,
-        if given, get the raw buffer records ((region, offset, length) u64) and chain records
-        ((head, readable, writable) u32) appended (see RingAccess.pop)."""
-        n = self.pop_records(count)  # a bad chain raises, the good ones before it popped
-        if n == 0:
-            return [], [], [], []
-        ring = self.ring_access()
-        raw_chains = ring.chains_mv[:3 * n]
-        ch = raw_chains.tolist()
-        # each chain has >= 1 buffer: n buffers for n chains, all writable, is the shape
-        if ring.status_mv[3] != n or sum(ch[2::3]) != n:
-            self.rewind(n)
+    def pop_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
+                      hint: int) -> tuple[list[int], int, bool, bytes, bytes] | None:
+        """Up to `count` mergeable RX frames of `need` bytes (a `hdr`-byte header included)
+        over chains of one writable buffer each, popped and laid out in one C call
+        (RingAccess.rx_gather()); see net.rx_frames() for the grouping. Returns (each frame's
+        first chain, chains popped before those not needed went back, starved, the kept
+        chains' buffer records and chain records), or None when the ring's shape is for the
+        Chain-based path (nothing popped). A bad chain breaks the queue (VirtQueueError)."""
+        ring = self._ring_or_fail()
+        code, starts, kept, seen, starved, recs, chains = ring.rx_gather(
+            self.last_avail_idx, self.indirect, self.memory.table,
+            self.event_idx and self._notify, count, need, hdr, head, max_views, hint)
+        if code == GATHER_ERROR:
+            self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
+            self.inflight += seen  # the good chains before the bad one: lost with the queue
+            status = ring.status()
+            raise self._fail(self._pop_error(status[0], status[1], status[2]))
+        if code == GATHER_GENERAL:
             return None
-        raw = ring.bufs_mv[:3 * n]
-        bufs = raw.tolist()
-        if records is not None:
-            records += raw
-        if chain_records is not None:
-            chain_records += raw_chains
-        return ch[0::3], bufs[0::3], bufs[1::3], bufs[2::3]
+        self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
+        self.inflight += kept
+        return starts, seen, starved, recs, chains
 
     @staticmethod
     def _chains_from(heads: list[int], bufs: list[int], views: list[memoryview],
@@ -494,12 +490,30 @@ class VirtQueue:
         self.used_idx = (self.used_idx + n) & 0xFFFF
         self._pending += n
 
+    def push_written(self, elems: Any, n: int) -> None:
+        """push_flat() for n (head, length) pairs in a C array (`uint32_t[]`, RingAccess.
+        rx_commit()'s) without a Python int per value: written to the used ring now, after
+        the entries pushed before; published, as every push, at flush()."""
+        ring = self._ring_or_fail()
+        if not 0 <= n <= self.inflight:
+            raise ValueError("push without a popped chain")
+        if n == 0:
+            return
+        if self._used:  # earlier pushes go first, where flush() would have put them
+            ring.used_put_many((self.used_idx - len(self._used) // 2) & 0xFFFF, self._used)
+            self._used = []
+        ring.used_put_c(self.used_idx, elems, n)
+        self.inflight -= n
+        self.used_idx = (self.used_idx + n) & 0xFFFF
+        self._pending += n
+
     def flush(self) -> bool:
         """Publish pushed entries (one used->idx store) and notify if needed; True if notified."""
         if self._pending == 0 or self._ring is None:
             return False
         used, self._used = self._used, []
-        self._ring.used_put_many((self.used_idx - self._pending) & 0xFFFF, used)
+        # the list holds the latest pushes (push_written() wrote those before it already)
+        self._ring.used_put_many((self.used_idx - len(used) // 2) & 0xFFFF, used)
         self._ring.used_publish(self.used_idx)
         self._pending = 0
         if self._should_notify():

@@ -33,6 +33,7 @@ from virtio.ring import (
     RingAccess,
     RingError,
     avail_size,
+    ffi,
     recv_frames,
     rx_commit,
     rx_layout,
@@ -667,8 +668,9 @@ def _commit_outcome(mems: list[bytearray], recs: list[tuple[int, int, int]],
     if table_count is not None:
         table.count = table_count
     try:
-        return rx_commit(table, records(recs), chain_records(heads), starts, lengths, plain,
-                         gso, gso_from, hdr)
+        elems, pairs, tail, counters = rx_commit(table, records(recs), chain_records(heads),
+                                                 starts, lengths, plain, gso, gso_from, hdr)
+        return ffi.unpack(elems, 2 * pairs), tail, counters
     except ValueError:
         return ValueError
     finally:

@@ -601,22 +601,25 @@ def test_pop_after_memory_table_change(s):
     assert s.vq.broken
 
 
-# --- pop_writable() / push_flat(): the mergeable RX path's flat records ------------------------
+# --- pop_rx_frames() / push_flat(): the mergeable RX path's flat records ----------------------
 
-def _flat_views(vq: VirtQueue, got) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
-    heads, ris, offs, lens = got
+def _record_views(vq: VirtQueue, got) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    """(head, address, length) per chain kept, from pop_rx_frames()'s records."""
+    recs, chains = got[3], got[4]
     views = vq.memory.table.views
+    heads = [h for h, _, _ in struct.iter_unpack("=III", chains)]
     return [(h, _addr(views[r][o:o + n]), n)
-            for h, r, o, n in zip(heads, ris, offs, lens, strict=True)]
+            for h, (r, o, n) in zip(heads, struct.iter_unpack("=QQQ", recs), strict=True)]
 
 
 @settings(max_examples=80, deadline=None)
 @given(chains=st.lists(st.tuples(st.lists(_buf, min_size=1, max_size=3), st.booleans()),
                        min_size=1, max_size=16),
        counts=st.lists(st.integers(0, 20), min_size=1, max_size=6))
-def test_pop_writable_matches_pop_many(chains, counts):
-    """Chains of one writable buffer: the same heads and buffers as pop_many(); any other
-    shape in the batch: None and nothing popped (pop_many() then pops them)."""
+def test_pop_rx_frames_matches_pop_many(chains, counts):
+    """Frames of one byte (one chain each): the same heads and buffers as pop_many(); a
+    chain of another shape in the batch (one pop, `count` chains): None and nothing popped
+    (pop_many() then pops them)."""
     setup = Setup(num=16, indirect=True)
     try:
         for bufs, indirect in chains:
@@ -629,7 +632,7 @@ def test_pop_writable_matches_pop_many(chains, counts):
         ref = _twin(setup)
         for count in counts:
             before = setup.vq.last_avail_idx, setup.vq.inflight
-            got = setup.vq.pop_writable(count)
+            got = setup.vq.pop_rx_frames(count, 1, 0, 0, 1 << 20, 0)
             want = ref.pop_many(count)
             simple = all(not c.readable and len(c.writable) == 1 for c in want)
             if got is None:
@@ -637,7 +640,8 @@ def test_pop_writable_matches_pop_many(chains, counts):
                 setup.vq.pop_many(count)  # keep the twins in step
             else:
                 assert simple
-                assert _flat_views(setup.vq, got) == \
+                assert got[0] == list(range(len(want)))  # a frame per chain
+                assert _record_views(setup.vq, got) == \
                     [(c.head, _addr(c.writable[0]), len(c.writable[0])) for c in want]
             assert (setup.vq.last_avail_idx, setup.vq.inflight) == \
                 (ref.last_avail_idx, ref.inflight)
@@ -646,27 +650,51 @@ def test_pop_writable_matches_pop_many(chains, counts):
         setup.close()
 
 
-def test_pop_writable_empty_rearms_and_rewinds():
+def test_pop_rx_frames_empty_rearms_and_rewinds():
     setup = Setup(event_idx=True)
     try:
         ring, vq = setup.ring, setup.vq
         for _ in range(3):
             ring.add([], [64])
         ring.kick()
-        heads, _, _, lens = vq.pop_writable(8)  # type: ignore[misc]
-        assert len(heads) == 3 and lens == [64] * 3
-        assert vq.pop_writable(8) == ([], [], [], [])  # empty: avail_event = 3
+        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        assert got is not None and got[0] == [0, 1, 2] and got[2]  # starved
+        heads = [h for h, _, _ in struct.iter_unpack("=III", got[4])]
+        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        assert got is not None and got[:3] == ([], 0, True)  # empty: avail_event = 3
         ring.add([], [64])
         assert ring.kick()
         vq.rewind(2)
-        assert vq.pop_writable(8)[0] == heads[1:] + [3]  # type: ignore[index]
-        assert vq.pop_writable(0) == ([], [], [], [])
+        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        assert got is not None
+        assert [h for h, _, _ in struct.iter_unpack("=III", got[4])] == heads[1:] + [3]
+        got = vq.pop_rx_frames(0, 64, 12, 0, 100, 0)
+        assert got is not None and got[:2] == ([], 0)
+    finally:
+        setup.close()
+
+
+def test_pop_rx_frames_gives_back_what_no_frame_takes():
+    """Frames of 3 chains from 8: two frames, the last 2 chains go back (popped, not kept);
+    a first frame whose buffer can't hold the header: None, nothing popped."""
+    setup = Setup(num=8, event_idx=True)
+    try:
+        for _ in range(8):
+            setup.ring.add([], [100])
+        got = setup.vq.pop_rx_frames(4, 300, 12, 0, 100, 100)
+        assert got is not None
+        starts, seen, starved, recs, chains = got
+        assert starts == [0, 3] and seen == 8 and starved and len(recs) == 6 * 24
+        assert (setup.vq.last_avail_idx, setup.vq.inflight) == (6, 6)
+        setup.vq.rewind(6)
+        assert setup.vq.pop_rx_frames(4, 300, 12, 90, 100, 100) is None  # 12 + 90 > 100
+        assert (setup.vq.last_avail_idx, setup.vq.inflight) == (0, 0)
     finally:
         setup.close()
 
 
 @pytest.mark.parametrize("case", ["outside", "loop", "head", "jump", "mid_batch"])
-def test_pop_writable_hostile_ring_breaks_the_queue(s, case):
+def test_pop_rx_frames_hostile_ring_breaks_the_queue(s, case):
     buf = s.dmem.alloc(64)
     if case == "outside":
         s.ring.write_desc(0, 0xDEAD0000, 64, DESC_F_WRITE, 0)
@@ -683,18 +711,36 @@ def test_pop_writable_hostile_ring_breaks_the_queue(s, case):
         s.ring.publish(0)
         s.ring.publish(8)
     with pytest.raises(VirtQueueError):
-        s.vq.pop_writable(8)
+        s.vq.pop_rx_frames(8, 64, 12, 0, 100, 64)
     assert s.vq.broken
     with pytest.raises(VirtQueueError):
-        s.vq.pop_writable(8)
+        s.vq.pop_rx_frames(8, 64, 12, 0, 100, 64)
     if case == "mid_batch":
         assert s.vq.inflight == 1
 
 
+def test_push_written_keeps_push_order(s):
+    """push(), push_written() (a C array), push_flat(), push() again: the used ring gets
+    them in that order, published once at flush()."""
+    from virtio._ring import ffi
+    heads = [s.ring.add([], [32]) for _ in range(6)]
+    assert [c.head for c in s.vq.pop_many(6)] == heads
+    s.vq.push(heads[0], 1)
+    s.vq.push_written(ffi.new("uint32_t[]", [heads[1], 2, heads[2], 3]), 2)
+    s.vq.push_flat([heads[3], 4])
+    s.vq.push_written(ffi.new("uint32_t[]", [heads[4], 5]), 1)
+    s.vq.push(heads[5], 6)
+    assert s.ring.used_idx() == 0 and s.vq.inflight == 0
+    assert s.vq.flush()
+    assert s.ring.get_used() == [(h, i + 1) for i, h in enumerate(heads)]
+    with pytest.raises(ValueError):
+        s.vq.push_written(ffi.new("uint32_t[]", [heads[0], 0]), 1)  # nothing in flight
+    s.vq.push_written(ffi.NULL, 0)  # nothing: no-op
+
+
 def test_push_flat_same_as_push(s):
     heads = [s.ring.add([], [32]) for _ in range(5)]
-    got = s.vq.pop_writable(5)
-    assert got is not None and got[0] == heads
+    assert [c.head for c in s.vq.pop_many(5)] == heads
     s.vq.push(heads[0], 1)
     s.vq.push_flat([x for i, h in enumerate(heads[1:]) for x in (h, 10 + i)])
     assert s.ring.used_idx() == 0
@@ -703,7 +749,7 @@ def test_push_flat_same_as_push(s):
     with pytest.raises(ValueError):
         s.vq.push_flat([heads[0], 0])  # nothing in flight
     s.ring.add([], [32])
-    assert s.vq.pop_writable(1) is not None
+    assert len(s.vq.pop_many(1)) == 1
     for bad in ([0, -1], [0, 2**32], [1]):
         with pytest.raises(ValueError):
             s.vq.push_flat(bad)

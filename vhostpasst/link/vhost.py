@@ -367,7 +367,7 @@ class VhostUserLink(Link):
         """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
         popped = len(self._handed) + sum(len(chains) for chains in self._frames)
         if self._batch is not None:
-            popped += len(self._batch.heads)
+            popped += self._batch.count
         if popped:
             vq = self._queue(net.RX_QUEUE)
             if vq is not None:
@@ -521,9 +521,9 @@ class VhostUserLink(Link):
             self._starved = True
             if not batch.starts:
                 self._short = (frame_len, vq.last_avail_idx, batch.seen)
-        if batch.lens:
-            self._rx_hint = batch.lens[0]
-        self._batch = batch if batch.heads else None
+        if batch.count:
+            self._rx_hint = batch.buf_len(0)
+        self._batch = batch if batch.count else None
         return batch
 
     def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
@@ -628,7 +628,7 @@ class VhostUserLink(Link):
         """_commit_scatter() for frames of the lean path (net.rx_frames()): the same
         headers, used entries and rewinds, written in C (ring.rx_commit()) from the chains'
         records, and one push per commit."""
-        popped = len(batch.heads)
+        popped = batch.count
         if len(lengths) > len(batch.starts) or lengths and \
                 not 0 <= min(lengths) <= max(lengths) <= ETH_MAX_FRAME:
             vq.rewind(popped)
@@ -642,7 +642,7 @@ class VhostUserLink(Link):
         else:
             gso_from, gso = ETH_MAX_FRAME, plain
         try:
-            elems, tail, (done, scattered, big) = rx_commit(
+            elems, pairs, tail, (done, scattered, big) = rx_commit(
                 vq.memory.table, batch.records, batch.chain_records, batch.starts, lengths,
                 plain, gso, gso_from, net.HDR_LEN)
         except ValueError:
@@ -657,7 +657,7 @@ class VhostUserLink(Link):
                 if length:
                     self.pcap.write(b"".join(batch.frame_views(i, length)))
         try:
-            vq.push_flat(elems)
+            vq.push_written(elems, pairs)
             vq.rewind(tail)
         except VirtQueueError as e:
             self._broken("RX queue", e)
