@@ -37,6 +37,17 @@ def ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def imported_from(tree: Path) -> None:
+    """Make sure the daemon's command line imports vhostpasst and virtio from `tree` (with
+    the environment one_run() sets), not from the working directory or an installed copy."""
+    code = "import vhostpasst, virtio; print(vhostpasst.__file__); print(virtio.__file__)"
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    for path in out:
+        if not Path(path).resolve().is_relative_to(tree.resolve()):
+            raise SystemExit(f"the daemon would import {path}, not from {tree}")
+
+
 def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, float, float,
                                                                          float]:
     """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB) of one guest over the daemon from `tree`."""
@@ -45,8 +56,11 @@ def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, f
     old_daemon, old_path = harness.DAEMON, os.environ.get("PYTHONPATH")
     daemon = guest = None
     try:
-        harness.DAEMON = [sys.executable, "-m", "vhostpasst"]
+        # -P: `-m` would put the working directory first on sys.path, so a run from a
+        # checkout would import that checkout whatever PYTHONPATH says
+        harness.DAEMON = [sys.executable, "-P", "-m", "vhostpasst"]
         os.environ["PYTHONPATH"] = str(tree)
+        imported_from(tree)
         daemon = harness.Daemon(workdir, netns, ("--mtu", str(args.mtu)), vhost_user=True)
         assert daemon.proc is not None
         guest = harness.Guest(image, workdir, harness.GuestNet("vhost-user", daemon.socket),

@@ -22,6 +22,7 @@ from sandbox import Sandbox, vhostpasst_command
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
 from vhostpasst.conf import Config, Ip4Conf
 from vhostpasst.dispatch import Dispatcher
+from vhostpasst.link import vhost as vhost_mod
 from vhostpasst.link.base import ETH_MAX_FRAME
 from vhostpasst.link.stream import StreamSetupError
 from vhostpasst.link.vhost import VhostUserLink, VhostUserListener, vhost_link_from_fd
@@ -388,6 +389,57 @@ def test_tx_batch_limit_comes_back_without_a_kick() -> None:
         h.pump(4)
         assert len(h.delivered) == 10
         assert len(h.guest.tx.get_used()) == 10
+    finally:
+        h.close()
+
+
+def _bulk_frame(n: int) -> bytes:
+    """An n-byte frame the dispatcher drops (an unknown EtherType): only its size counts."""
+    return eth.build_eth(OUR_MAC, GUEST_MAC, 0x88B5, bytes(n - eth.ETH_HLEN))
+
+
+def test_kick_after_a_bulk_tx_pass_is_coalesced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a pass of TX_BULK_BYTES or more a kick waits TX_COALESCE: the kick stays
+    disarmed meanwhile (the guest's next frames don't kick), and the one deferred pass takes
+    them all and re-arms it. A small pass after that: the next kick is served at once."""
+    monkeypatch.setattr(vhost_mod, "TX_COALESCE", 0.3)  # long enough not to race the test
+    h = Harness(queue_size=16)
+    try:
+        h.guest.bring_up(ALL)
+        for _ in range(2):
+            h.guest.tx.add([bytes(net.HDR_LEN) + _bulk_frame(40000)])
+        assert h.guest.tx.kick()
+        h.pump(1)
+        assert len(h.delivered) == 2 and h.link._tx_bulk  # 80000 bytes: a bulk pass
+        h.guest.transmit(discover())  # kicks (the pass re-armed), but is held
+        h.pump(2)
+        assert len(h.delivered) == 2 and h.link._tx_scheduled
+        h.guest.tx.add([bytes(net.HDR_LEN) + discover()])
+        assert not h.guest.tx.kick()  # disarmed: nothing popped since
+        deadline = time.monotonic() + 5
+        while len(h.delivered) < 4 and time.monotonic() < deadline:
+            h.loop.run_once(0.5)
+        assert len(h.delivered) == 4 and not h.link._tx_bulk and not h.link._tx_scheduled
+        assert len(h.guest.tx.get_used()) == 4
+        h.guest.tx.add([bytes(net.HDR_LEN) + discover()])
+        assert h.guest.tx.kick()  # the deferred pass re-armed the kick
+        h.pump(1)
+        assert len(h.delivered) == 5  # after a small pass: at once
+    finally:
+        h.close()
+
+
+def test_small_tx_passes_are_never_held() -> None:
+    """Frames under TX_BULK_BYTES a pass (requests, answers, ACKs): each kick served in
+    the loop iteration that sees it, however many come."""
+    h = Harness(queue_size=16)
+    try:
+        h.guest.bring_up(ALL)
+        for i in range(1, 6):
+            h.guest.tx.add([bytes(net.HDR_LEN) + _bulk_frame(vhost_mod.TX_BULK_BYTES - 100)])
+            assert h.guest.tx.kick()
+            h.pump(1)
+            assert len(h.delivered) == i and not h.link._tx_scheduled
     finally:
         h.close()
 

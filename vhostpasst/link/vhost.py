@@ -66,6 +66,13 @@ TX_BATCH = 256  # guest frames handled per wake-up; more wait for the next loop 
 BOUNCE_SLOTS = 64  # frames per rx_buffers() when the guest's buffers are too small
 HOLD_BYTES = 256 * 1024  # send() frames kept while the guest's RX ring is full
 HDR = net.HEADER
+# A guest sending in bulk kicks for nearly every frame, and a wake-up costs more than the
+# frame it brings: after a TX batch of TX_BULK_BYTES or more, a kick is served TX_COALESCE
+# later (the loop's epoll wait rounds it up to 1 ms at most, unless another event comes
+# first), so the frames the guest writes meanwhile come in the same pass (like a NIC's
+# interrupt coalescing). Small frames (requests, answers, ACKs) are never held.
+TX_COALESCE = 0.0002  # seconds
+TX_BULK_BYTES = 64 * 1024
 
 # What we offer on top of the ring features (VERSION_1, EVENT_IDX, INDIRECT_DESC) the back end
 # adds. CSUM: guest frames may carry a partial L4 checksum (NEEDS_CSUM); nothing here checks
@@ -151,7 +158,7 @@ class _Device(net.NetDevice):
 
     def queue_kicked(self, vq: VirtQueue) -> None:
         if vq.index == net.TX_QUEUE:
-            self.link._on_tx()
+            self.link._tx_kicked()
         elif vq.index == net.RX_QUEUE:
             self.link._on_rx_kick()
 
@@ -188,6 +195,7 @@ class VhostUserLink(Link):
         self._was_connected = False
         self._starved = False
         self._tx_scheduled = False
+        self._tx_bulk = False  # the last TX pass was a bulk one: coalesce the next kick
         self._handed: list[Chain] = []  # zero-copy chains of the last rx_buffers()
         self._frames: list[list[Chain]] = []  # chains per frame of the last rx_scatter()
         self._batch: net.RxBatch | None = None  # or its frames on the lean path
@@ -304,6 +312,8 @@ class VhostUserLink(Link):
             self._batch = None
             self._bounced = 0
             self._short = None  # a restarted ring may hold other buffers at the same index
+        else:
+            self._tx_bulk = False  # a new front end starts unhurried
         self._state_changed()
 
     def _broken(self, where: str, e: Exception) -> None:
@@ -322,13 +332,16 @@ class VhostUserLink(Link):
             self._broken("TX queue", e)
             return
         frames: list[memoryview] = []
+        size = 0
         for i, frame in enumerate(found):
             if frame is None:
                 _ratelimited.debug("vu-tx-short", "dropped a guest frame: %s",
                                    "TX chain shorter than the virtio-net header")
                 continue
-            if len(frame) < ETH_HLEN:
+            n = len(frame)
+            if n < ETH_HLEN:
                 continue
+            size += n
             # With NEEDS_CSUM (CSUM negotiated) the L4 checksum field holds only the
             # pseudo-header sum; payloads go to host sockets and pcap shows it as is.
             hdr = gso.get(i) if gso else None
@@ -341,6 +354,7 @@ class VhostUserLink(Link):
                     continue
                 self.rx_gso += 1
             frames.append(frame)
+        self._tx_bulk = size >= TX_BULK_BYTES
         try:
             if frames:
                 self.rx_frames += len(frames)
@@ -353,6 +367,18 @@ class VhostUserLink(Link):
         if (len(heads) == self.tx_batch or self._tx.full) and not self._tx_scheduled:
             self._tx_scheduled = True  # the ring may hold more: no kick will say so
             self._loop.call_later(0, self._tx_again)
+
+    def _tx_kicked(self) -> None:
+        """A TX kick: served now, or TX_COALESCE later after a bulk pass. Meanwhile the kick
+        stays disarmed (nothing popped, avail_event not moved: with EVENT_IDX no more kicks
+        come) and the deferred pass re-arms it as every pass does."""
+        if self._tx_scheduled:
+            return  # a pass is due already: it takes this kick's frames
+        if self._tx_bulk:
+            self._tx_scheduled = True
+            self._loop.call_later(TX_COALESCE, self._tx_again)
+            return
+        self._on_tx()
 
     def _tx_again(self) -> None:
         self._tx_scheduled = False
