@@ -728,6 +728,55 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
 
 
 @pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
+def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a peek that filled every frame it was given, the next one asks neither SIOCINQ
+    (there is more, or the peek says there is not) nor TCP_INFO (nothing came from the
+    guest, no ACK went out: the same ACK number and window for DATA_ACK_TTL); guest data in
+    between makes the next frames carry its ACK; a peek that finds nothing asks SIOCINQ
+    again."""
+    d, loop, _ = env
+    link = FakeScatterLink(False)
+    d.link = link  # type: ignore[assignment]
+    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 60.0)  # the test must not race the clock
+    sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
+    asked_inq: list[int] = []
+    monkeypatch.setattr(tcp, "unread", lambda fd: asked_inq.append(fd) or len(sock.rx))
+    infos: list[int] = []
+    real = sock.getsockopt
+
+    def getsockopt(level: int, opt: int, size: int = 0) -> int | bytes:
+        if opt == socket.TCP_INFO:
+            infos.append(opt)
+        return real(level, opt, size)
+
+    sock.getsockopt = getsockopt  # type: ignore[method-assign]
+    seg = 1460
+
+    def data_frames() -> list[TCP]:
+        return [parse(f) for f in link.frames if bytes(parse(f).payload)]
+
+    sock.rx += b"a" * (2 * seg)
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert len(asked_inq) == 1 and len(infos) == 1 and len(data_frames()) == 2
+    sock.rx += b"b" * (3 * seg)  # lands after a full peek
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert len(asked_inq) == 1 and len(infos) == 1  # neither asked again
+    frames = data_frames()
+    assert len(frames) == 5 and {f.ack for f in frames} == {1001}
+    feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"x" * 10, window=1000))
+    sock.rx += b"c" * seg
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert data_frames()[-1].ack == 1011  # the guest's data is acknowledged with ours
+    got = b"".join(bytes(f.payload) for f in data_frames())
+    assert got == b"a" * (2 * seg) + b"b" * (3 * seg) + b"c" * seg
+    before = len(asked_inq)
+    loop.fds[sock.fd][1](tcp.EPOLLIN)  # nothing new: the peek finds nothing
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert len(asked_inq) > before  # SIOCINQ asked again after the empty peek
+
+
+@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 def test_data_landing_after_siocinq_saw_none_goes_whole(env: tuple,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """SIOCINQ said nothing is queued, but data landed before the peek (a race a loaded

@@ -93,6 +93,7 @@ HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
 SNDBUF_WANT = 1 << 30  # capped by net.core.wmem_max
+DATA_ACK_TTL = 0.001  # host->guest data reuses its ACK number and window this long
 ACK_POLL_FAST = 0.001  # the window we showed was cut by bytes the far end has yet to ACK
 LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 16
@@ -228,6 +229,9 @@ class TcpConn(Flow):
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
+        # (seq_from_tap, seq_ack_to_tap, ack, window, when) of the last _ack_wnd() for data
+        # frames: see _data_ack_wnd()
+        self.data_ack: tuple[int, int, int, int, float] | None = None
         # host -> guest
         self.isn = 0
         self.seq_to_tap = 0  # next byte we send
@@ -243,6 +247,7 @@ class TcpConn(Flow):
         # everything in the socket is peeked (it stays queued until the guest ACKs it):
         # edge-triggered, or level-triggered EPOLLIN wakes every iteration until that ACK
         self.drained = False
+        self.peek_full = False  # the last peek filled every frame it was given
         self.peer_closed = False  # EPOLLRDHUP/HUP seen: the end of the stream may be queued
         self.dup_acks = 0
         self.recover = 0  # after a fast retransmit, no other until the ACK passes this
@@ -723,7 +728,9 @@ class TcpHandler:
             l3 = (IPV6_HLEN if conn.six else IPV4_HLEN) + wtcp.TCP_HLEN
             seg = max(seg, (TSO_MAX_L3 - l3) // seg * seg)
         count = min(SEG_BATCH, -(-room // seg))
-        queued = unread(conn.fd)
+        # After a peek that filled all it was given (a bulk transfer) there is more, or the
+        # next peek finds nothing and says so: the socket's queue length tells nothing then.
+        queued = None if conn.peek_full else unread(conn.fd)
         fresh = None  # bytes not peeked yet, if the socket says
         if queued is not None:
             # no more buffers than there are bytes to peek: a 1-byte answer takes one
@@ -798,13 +805,15 @@ class TcpHandler:
         if n == 0:
             # end of stream, everything before it peeked: FIN to the guest
             conn.sock_eof = True
+            conn.peek_full = False
             self._stall(conn, False, drained=True)
             self._send_fin(conn)
             return
-        conn.last_seen = time.monotonic()
+        conn.last_seen = now = time.monotonic()
         # buffers not filled: nothing more to peek until new data arrives (an edge)
-        self._stall(conn, n >= room, drained=n < sum(caps))
-        ack, wnd = self._ack_wnd(conn)
+        conn.peek_full = n >= sum(caps)
+        self._stall(conn, n >= room, drained=not conn.peek_full)
+        ack, wnd = self._data_ack_wnd(conn, now)
         mac = self.ctx.guest_mac()
         sizes = []  # segments filled: all full but the last
         left = n
@@ -863,6 +872,7 @@ class TcpHandler:
         """The peek's recvmsg() failed: nothing there after all (an edge raced us), or the
         socket is broken."""
         if isinstance(e, (BlockingIOError, InterruptedError)):
+            conn.peek_full = False
             self._stall(conn, False, drained=True)
             return
         self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
@@ -998,6 +1008,19 @@ class TcpHandler:
             ack = conn.seq_ack_to_tap  # never backwards
         wnd = max(0, min(wnd, MAX_WINDOW))
         return ack, min(wnd >> conn.ws_to_tap, 65535)
+
+    def _data_ack_wnd(self, conn: TcpConn, now: float) -> tuple[int, int]:
+        """_ack_wnd() for data frames to the guest, the last answer again for DATA_ACK_TTL
+        while nothing came from the guest and no ACK went out since: a host->guest transfer
+        peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
+        for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
+        memo = conn.data_ack
+        if memo is not None and memo[0] == conn.seq_from_tap and \
+                memo[1] == conn.seq_ack_to_tap and now - memo[4] < DATA_ACK_TTL:
+            return memo[2], memo[3]
+        ack, wnd = self._ack_wnd(conn)
+        conn.data_ack = (conn.seq_from_tap, ack, ack, wnd, now)  # ack is sent with the data
+        return ack, wnd
 
     def _acked_to_tap(self, conn: TcpConn, ack: int, wnd: int) -> None:
         conn.seq_ack_to_tap = ack
