@@ -413,7 +413,7 @@ def test_kick_after_a_bulk_tx_pass_is_coalesced(monkeypatch: pytest.MonkeyPatch)
         assert len(h.delivered) == 2 and h.link._tx_bulk  # 80000 bytes: a bulk pass
         h.guest.transmit(discover())  # kicks (the pass re-armed), but is held
         h.pump(2)
-        assert len(h.delivered) == 2 and h.link._tx_scheduled
+        assert len(h.delivered) == 2 and h.link._tx_scheduled and h.link.kicks_coalesced == 1
         h.guest.tx.add([bytes(net.HDR_LEN) + discover()])
         assert not h.guest.tx.kick()  # disarmed: nothing popped since
         deadline = time.monotonic() + 5
@@ -440,6 +440,7 @@ def test_small_tx_passes_are_never_held() -> None:
             assert h.guest.tx.kick()
             h.pump(1)
             assert len(h.delivered) == i and not h.link._tx_scheduled
+        assert h.link.kicks_coalesced == 0
     finally:
         h.close()
 

@@ -218,6 +218,7 @@ class VhostUserLink(Link):
         self.tx_scattered = 0  # of those, frames over several chains (mergeable, rx_scatter)
         self.rx_gso = 0  # GSO (TSO) frames from the guest
         self.tx_gso = 0  # GSO (TSO) frames to the guest
+        self.kicks_coalesced = 0  # TX kicks served TX_COALESCE later (after a bulk pass)
         self.resets = 0
         loop.add_flush_hook(self.flush)
 
@@ -240,9 +241,11 @@ class VhostUserLink(Link):
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
-                 "TSO frames %d from the guest, %d to it, %d data frames bounced",
+                 "TSO frames %d from the guest, %d to it, %d data frames bounced, "
+                 "%d TX kicks coalesced",
                  self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced)
+                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
+                 self.kicks_coalesced)
         self.backend = None
         self.device = None
         self._reset_state()
@@ -376,6 +379,7 @@ class VhostUserLink(Link):
             return  # a pass is due already: it takes this kick's frames
         if self._tx_bulk:
             self._tx_scheduled = True
+            self.kicks_coalesced += 1
             self._loop.call_later(TX_COALESCE, self._tx_again)
             return
         self._on_tx()
