@@ -183,6 +183,22 @@ static int vr_find(const struct vr_region *regions, unsigned nregions, uint64_t 
 	return 0;
 }
 
+/* The region a (region index, offset, length) buffer record lies in, or NULL if the record
+ * reaches outside it (or names no mapped region): the one check every use of a record
+ * makes before touching guest memory through it. */
+static const struct vr_region *vr_rec_region(const struct vr_region *regions,
+					     unsigned nregions, const uint64_t *r)
+{
+	const struct vr_region *reg;
+
+	if (r[0] >= nregions)
+		return NULL;
+	reg = &regions[r[0]];
+	if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2])
+		return NULL;
+	return reg;
+}
+
 static void vr_read_desc(const uint8_t *table, unsigned idx, struct vr_desc *d)
 {
 	const uint8_t *p = table + 16 * (size_t)idx;
@@ -417,10 +433,8 @@ long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned
 			uint64_t skip = b == starts[i] ? hdr : 0, len, from, to;
 			const struct vr_region *reg;
 
-			if (r[0] >= nregions)
-				return VR_E_LAYOUT;
-			reg = &regions[r[0]];
-			if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2] || r[2] < skip)
+			reg = vr_rec_region(regions, nregions, r);
+			if (!reg || r[2] < skip)
 				return VR_E_LAYOUT;
 			len = r[2] - skip;	/* frame bytes pos .. pos + len - 1 are here */
 			from = pos > off ? pos : off;
@@ -726,10 +740,8 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
 				const struct vr_region *reg;
 				uint64_t take;
 
-				if (r[0] >= nregions)
-					return -1;
-				reg = &regions[r[0]];
-				if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2])
+				reg = vr_rec_region(regions, nregions, r);
+				if (!reg)
 					return -1;
 				if (b == starts[i] && r[2] < hdr)
 					return -1;
@@ -808,8 +820,7 @@ int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint3
 		for (k = b; k < b + nread; k++) {
 			const uint64_t *r = bufs + 3 * (size_t)k;
 
-			if (r[0] >= nregions || !regions[r[0]].host || r[2] > regions[r[0]].size ||
-			    r[1] > regions[r[0]].size - r[2])
+			if (!vr_rec_region(regions, nregions, r))
 				return -1;
 			total += r[2];
 		}
