@@ -647,6 +647,9 @@ class FakeScatterLink(FakeLink):
         self._scatter = out
         return out
 
+    def rx_peek(self, *args: object) -> None:
+        return None  # as Link's: this link has no faster read than rx_scatter()
+
     def commit_scatter(self, lengths: list[int], tso: object = None) -> None:
         self.tsos.append(tso)
         for views, n in zip(self._scatter, lengths, strict=False):
@@ -732,9 +735,9 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """After a peek that filled every frame it was given, the next one asks neither SIOCINQ
     (there is more, or the peek says there is not) nor TCP_INFO (nothing came from the
-    guest, no ACK went out: the same ACK number and window for DATA_ACK_TTL); guest data in
-    between makes the next frames carry its ACK; a peek that finds nothing asks SIOCINQ
-    again."""
+    guest, no ACK went out: the same ACK number and window for DATA_ACK_TTL, then asked
+    again); guest data in between makes the next frames carry its ACK; a peek that finds
+    nothing asks SIOCINQ again."""
     d, loop, _ = env
     link = FakeScatterLink(False)
     d.link = link  # type: ignore[assignment]
@@ -764,12 +767,16 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
     assert len(asked_inq) == 1 and len(infos) == 1  # neither asked again
     frames = data_frames()
     assert len(frames) == 5 and {f.ack for f in frames} == {1001}
+    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 0.0)  # once it is stale: asked again
+    sock.rx += b"b" * seg
+    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    assert len(infos) == 2 and len(data_frames()) == 6
     feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"x" * 10, window=1000))
     sock.rx += b"c" * seg
     loop.fds[sock.fd][1](tcp.EPOLLIN)
     assert data_frames()[-1].ack == 1011  # the guest's data is acknowledged with ours
     got = b"".join(bytes(f.payload) for f in data_frames())
-    assert got == b"a" * (2 * seg) + b"b" * (3 * seg) + b"c" * seg
+    assert got == b"a" * (2 * seg) + b"b" * (4 * seg) + b"c" * seg
     before = len(asked_inq)
     loop.fds[sock.fd][1](tcp.EPOLLIN)  # nothing new: the peek finds nothing
     loop.fds[sock.fd][1](tcp.EPOLLIN)

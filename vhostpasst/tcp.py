@@ -229,9 +229,9 @@ class TcpConn(Flow):
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
-        # (seq_from_tap, seq_ack_to_tap, ack, window, when) of the last _ack_wnd() for data
-        # frames: see _data_ack_wnd()
-        self.data_ack: tuple[int, int, int, int, float] | None = None
+        # (seq_from_tap, ACK number, window, when) of the last _ack_wnd() for data frames:
+        # see _data_ack_wnd()
+        self.data_ack: tuple[int, int, int, float] | None = None
         # host -> guest
         self.isn = 0
         self.seq_to_tap = 0  # next byte we send
@@ -757,13 +757,12 @@ class TcpHandler:
                 # Not when SIOCINQ saw nothing new: data landing between it and the peek
                 # would go out one byte first (a whole segment's room costs nothing then).
                 size = fresh + 1
-            peek = getattr(link, "rx_peek", None)  # test doubles may not have it
-            if peek is not None:
-                try:
-                    peeked = peek(conn.fd, count, off + size, off, room, _PEEK_FLAGS)
-                except OSError as e:
-                    self._peek_failed(conn, e)
-                    return
+            try:
+                peeked = link.rx_peek(conn.fd, count, off + size, off, room,  # type: ignore[union-attr]
+                                      _PEEK_FLAGS)
+            except OSError as e:
+                self._peek_failed(conn, e)
+                return
             if peeked is None:
                 frames = scatter(count, off + size, off)  # type: ignore[misc]
                 bufs = [frame[0] for frame in frames]
@@ -835,8 +834,7 @@ class TcpHandler:
                 return
             seq, lengths = written
         elif _seg_lib is not None:
-            tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
-                else self._template(conn, mac)
+            tmpl = self._template(conn, mac)
             fb = _seg_ffi.from_buffer
             ptrs = _seg_ffi.new("uint8_t *[]", [fb(b, require_writable=True)
                                                 for b in bufs[:count]])
@@ -888,8 +886,7 @@ class TcpHandler:
         With `tso`, frames of more than one segment get the partial (pseudo-header) sum.
         `sums` False: no checksum whatever the link (rx_peek() frames: first buffers only)."""
         assert _sg_ffi is not None and _sg_lib is not None
-        tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
-            else self._template(conn, mac)
+        tmpl = self._template(conn, mac)
         # GUEST_CSUM: the guest checks nothing, so the payload need not be read again (summed
         # anyway with --pcap, which should show frames as a guest without offload sees them)
         csum = sums and not (getattr(link, "csum_offload", False) and link.pcap is None)
@@ -926,7 +923,10 @@ class TcpHandler:
     def _template(self, conn: TcpConn, mac: bytes) -> bytes:
         """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment
         fields (lengths, seq, ack, flags, window, checksums) zero, and the pseudo-header
-        sum, for _tcpseg: built with the same writers as every other frame."""
+        sum, for _tcpseg: built with the same writers as every other frame, once per guest
+        MAC (kept in conn.tmpl)."""
+        if conn.tmpl is not None and conn.tmpl_mac == mac:
+            return conn.tmpl
         six = conn.six
         scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
         write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
@@ -1015,11 +1015,12 @@ class TcpHandler:
         peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
         for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
         memo = conn.data_ack
+        # its ACK number is still the last one sent (the data carried it, no ACK since)
         if memo is not None and memo[0] == conn.seq_from_tap and \
-                memo[1] == conn.seq_ack_to_tap and now - memo[4] < DATA_ACK_TTL:
-            return memo[2], memo[3]
+                memo[1] == conn.seq_ack_to_tap and now - memo[3] < DATA_ACK_TTL:
+            return memo[1], memo[2]
         ack, wnd = self._ack_wnd(conn)
-        conn.data_ack = (conn.seq_from_tap, ack, ack, wnd, now)  # ack is sent with the data
+        conn.data_ack = (conn.seq_from_tap, ack, wnd, now)
         return ack, wnd
 
     def _acked_to_tap(self, conn: TcpConn, ack: int, wnd: int) -> None:
@@ -1050,8 +1051,7 @@ class TcpHandler:
             return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                                conn.seq_to_tap, ack, wtcp.ACK, wnd)
         mac = self.ctx.guest_mac()
-        tmpl = conn.tmpl if conn.tmpl_mac == mac and conn.tmpl is not None \
-            else self._template(conn, mac)
+        tmpl = self._template(conn, mac)
         _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
                                conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
         return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
