@@ -143,9 +143,11 @@ GATHER_ERROR = 2  # a bad chain or avail index (status() says which)
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
               views: int, dry: bool, starts: list[int]) -> tuple[int, int, int, int]:
-    """Mergeable RX frames of `need` bytes over chains of one buffer each, from buffer record
+    """vr_rx_layout() (cffi_build/ring.c) on its own, as vr_rx_gather() calls it between
+    pops (the daemon goes through RingAccess.rx_gather(); the tests check the grouping
+    here). Mergeable RX frames of `need` bytes over chains of one buffer each, from buffer record
     `start` on (records as RingAccess.pop() writes them, one per chain), grouped as the
-    Chain-based path does (vr_rx_layout() in cffi_build/ring.c), each frame's first buffer
+    Chain-based path does, each frame's first buffer
     at least `hdr` + `head` bytes; at most `count` frames and `views` chains; `dry`: the ring
     had no more to pop. Appends each frame's first record to `starts`; returns (the record
     after the frames, the chains they take, why it stopped: LAYOUT_*, with LAYOUT_SHORT the
@@ -357,8 +359,7 @@ class RingAccess:
             self._elems_cap = max(len(elems), 2 * self.num)
             self._elems = ffi.new("uint32_t[]", self._elems_cap)
         self._elems[0:len(elems)] = elems
-        _ok(lib.vr_used_put_many(self._used, self._used_len, self.num, idx & 0xFFFF,
-                                 self._elems, n))
+        self.used_put_c(idx, self._elems, n)
 
     def used_put_c(self, idx: int, elems: Any, n: int) -> None:
         """used_put_many() from a C array of 2n u32 (head, length, ...): no list."""

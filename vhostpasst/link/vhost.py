@@ -577,7 +577,6 @@ class VhostUserLink(Link):
             return None if self.connected else (0, [], [])
         if not batch.starts:
             return 0, [], []
-        assert batch.records is not None
         try:
             n, caps = recv_frames(fd, flags, vq.memory.table, batch.records, batch.starts,
                                   net.HDR_LEN, frame_len, off, room)
