@@ -445,6 +445,30 @@ def test_small_tx_passes_are_never_held() -> None:
         h.close()
 
 
+def test_a_new_front_end_is_not_coalesced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk pass, then the front end goes: the next one's first kick is served at once
+    (the pass run when it comes up judges afresh), not TX_COALESCE later."""
+    monkeypatch.setattr(vhost_mod, "TX_COALESCE", 30.0)  # held would mean the test fails
+    h = Harness(queue_size=16)
+    try:
+        h.guest.bring_up(ALL)
+        for _ in range(2):
+            h.guest.tx.add([bytes(net.HDR_LEN) + _bulk_frame(40000)])
+        h.guest.tx.kick()
+        h.pump(1)
+        assert h.link._tx_bulk
+        h.guest.close()
+        h.pump()
+        assert h.disconnects == 1
+        h.guest = h.connect()
+        h.guest.bring_up(ALL)
+        h.guest.transmit(discover())
+        h.pump(1)
+        assert len(h.delivered) == 3 and h.link.kicks_coalesced == 0
+    finally:
+        h.close()
+
+
 # --- RX buffers --------------------------------------------------------------------------------
 
 def test_rx_buffers_point_into_guest_memory_when_big_enough() -> None:

@@ -303,7 +303,9 @@ class VhostUserLink(Link):
                      offloads(features))
             self._was_connected = True
             self._wake()  # data may have waited for the guest
-            self._on_tx()  # and the guest may have queued frames before enabling the ring
+            # and the guest may have queued frames before enabling the ring (this pass also
+            # sets _tx_bulk afresh: a new front end's first kick is not held)
+            self._on_tx()
         elif not now:
             self._was_connected = False
 
@@ -315,8 +317,6 @@ class VhostUserLink(Link):
             self._batch = None
             self._bounced = 0
             self._short = None  # a restarted ring may hold other buffers at the same index
-        else:
-            self._tx_bulk = False  # a new front end starts unhurried
         self._state_changed()
 
     def _broken(self, where: str, e: Exception) -> None:
