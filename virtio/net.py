@@ -298,7 +298,7 @@ class RxBatch:
         """No frames: the ring had too few chains (the kick is armed)."""
         return cls(b"", b"", [], [], True, 0)
 
-    # per-chain lists, read from the records (tests, and the hint: not per frame)
+    # per-chain lists, read from the records (for tests: the daemon reads the records)
     @property
     def heads(self) -> list[int]:
         return memoryview(self.chain_records).cast("I")[0::3].tolist()
