@@ -409,24 +409,27 @@ class Sandbox:
                                  f"{r.stderr}\n{self.daemon_log()}")
         return _parse_env(out.read_text())
 
-    def dhclient(self, timeout: float = 25) -> dict[str, str]:
-        """Run ISC dhclient once on tap0; return its script's environment at BOUND."""
-        out = self.dir / "dhclient.bound"
+    def dhclient(self, timeout: float = 25, family: int = 4) -> dict[str, str]:
+        """Run ISC dhclient -4 or -6 once on tap0; its script's environment at BOUND/BOUND6."""
+        v = "" if family == 4 else "6"
+        out = self.dir / f"dhclient{v}.bound"
         out.unlink(missing_ok=True)
-        script = self._script("dhclient.sh",
-                              f'#!/bin/sh\n[ "$reason" = BOUND ] && env > {out}.tmp && '
+        script = self._script(f"dhclient{v}.sh",
+                              f'#!/bin/sh\n[ "$reason" = BOUND{v} ] && env > {out}.tmp && '
                               f"mv {out}.tmp {out}\nexit 0\n")
-        conf = self.dir / "dhclient.conf"
-        conf.write_text(
-            "timeout 15;\nretry 1;\ninitial-interval 1;\n"
-            "request subnet-mask, broadcast-address, routers, domain-name,\n"
-            "        domain-name-servers, domain-search, interface-mtu, host-name;\n")
-        pid_file = self.dir / "dhclient.pid"
-        r = self.guest(*CLEAN_ENV, "timeout", str(int(timeout)), "dhclient", "-4", "-1", "-v",
-                       "-cf", str(conf), "-sf", script, "-lf", str(self.dir / "dhclient.leases"),
+        conf = self.dir / f"dhclient{v}.conf"
+        wanted = ("subnet-mask, broadcast-address, routers, domain-name,\n"
+                  "        domain-name-servers, domain-search, interface-mtu, host-name"
+                  if family == 4 else "dhcp6.name-servers, dhcp6.domain-search")
+        conf.write_text(f"timeout 15;\nretry 1;\ninitial-interval 1;\nrequest {wanted};\n")
+        pid_file = self.dir / f"dhclient{v}.pid"
+        r = self.guest(*CLEAN_ENV, "timeout", str(int(timeout)), "dhclient", f"-{family}", "-1",
+                       "-v", "-cf", str(conf), "-sf", script,
+                       "-lf", str(self.dir / f"dhclient{v}.leases"),
                        "-pf", str(pid_file), self.config.tap, timeout=timeout + 5)
         # after BOUND dhclient forks to the background to renew, and the child writes the pid
-        # file: stop it so it cannot answer for the guest later (teardown kills it otherwise)
+        # file (so it may still be empty here): stop it so it cannot answer for the guest later
+        # (teardown kills it otherwise)
         def bg_pid() -> int | None:
             with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
                 pid = int(pid_file.read_text().split()[0])
@@ -438,8 +441,8 @@ class Sandbox:
             os.kill(pid, signal.SIGTERM)
             wait_until(lambda: not _pid_alive(pid), 3, "dhclient to exit")
         if r.returncode != 0 or not out.exists():
-            raise AssertionError(f"dhclient got no lease (exit {r.returncode})\n{r.stdout}"
-                                 f"{r.stderr}\n{self.daemon_log()}")
+            raise AssertionError(f"dhclient -{family} got no lease (exit {r.returncode})\n"
+                                 f"{r.stdout}{r.stderr}\n{self.daemon_log()}")
         return _parse_env(out.read_text())
 
     def _script(self, name: str, text: str) -> str:

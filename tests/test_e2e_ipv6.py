@@ -8,14 +8,10 @@ Router Advertisements, the host's address and DNS from DHCPv6, our MAC for every
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
 import shutil
-import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 from sandbox import CLEAN_ENV, DEFAULT_MAC, Sandbox, wait_until
@@ -147,35 +143,11 @@ def test_udhcpc6_gets_the_hosts_address_and_dns(sandbox: Sandbox) -> None:
     assert lease["search"].split() == SEARCH
 
 
-def dhclient6(sandbox: Sandbox, timeout: float = 25) -> dict[str, str]:
-    """ISC dhclient -6 -1 once on tap0; its script's environment at BOUND6."""
-    out = sandbox.dir / "dhclient6.bound"
-    script = sandbox.dir / "dhclient6.sh"
-    script.write_text(f'#!/bin/sh\n[ "$reason" = BOUND6 ] && env > {out}.tmp && '
-                      f"mv {out}.tmp {out}\nexit 0\n")
-    script.chmod(0o755)
-    conf = sandbox.dir / "dhclient6.conf"
-    conf.write_text("timeout 15;\nretry 1;\ninitial-interval 1;\n"
-                    "request dhcp6.name-servers, dhcp6.domain-search;\n")
-    pid_file = sandbox.dir / "dhclient6.pid"
-    r = sandbox.guest(*CLEAN_ENV, "timeout", str(int(timeout)), "dhclient", "-6", "-1", "-v",
-                      "-cf", str(conf), "-sf", str(script),
-                      "-lf", str(sandbox.dir / "dhclient6.leases"), "-pf", str(pid_file),
-                      "tap0", timeout=timeout + 5)
-    # after BOUND6 dhclient goes to the background to renew: we only wanted the lease
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        os.kill(int(Path(pid_file).read_text().split()[0]), signal.SIGTERM)
-    if r.returncode != 0 or not out.exists():
-        raise AssertionError(f"dhclient -6 got no lease (exit {r.returncode})\n{r.stdout}"
-                             f"{r.stderr}\n{sandbox.daemon_log()}")
-    return parse_env(out.read_text())
-
-
 def test_dhclient6_gets_the_hosts_address_and_dns(sandbox: Sandbox) -> None:
     start(sandbox, accept_ra=False)
     wait_until(lambda: guest_ll_ready(sandbox), 10, "the guest's link-local address")
 
-    lease = dhclient6(sandbox)
+    lease = sandbox.dhclient(family=6)
 
     assert lease["new_ip6_address"] == HOST_ADDR6
     assert lease["new_ip6_prefixlen"] == "128"
