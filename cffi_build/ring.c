@@ -787,6 +787,136 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
 	return (int)n;
 }
 
+/* The lean RX path in one call, for a caller that writes only the frames' headers after the
+ * read (vhostpasst's TCP with GUEST_CSUM): vr_rx_gather(), vr_recv_frames() into the frames,
+ * `writer` for their headers, vr_rx_commit(). A Python round between the steps cost more than
+ * the steps. The ring library knows nothing of what the frames carry: `writer` (a
+ * vr_frame_writer, its address as an integer) gets each frame's first buffer from the frame's
+ * first byte on (past the virtio-net header), that buffer's length and the frame's payload
+ * size, and sets each frame's length; it returns >= 0 (kept in *wres) or < 0 if it can't.
+ * Its pointers come from records checked against their regions here.
+ *
+ * Arguments as for those calls; at most VR_FILL_MAX frames. out[0] says how it went
+ * (VR_FILL_*); out[1] the chains kept (popped and not given back: the caller moves its
+ * last_avail on by them, and with anything but VR_FILL_OK gives them all back), out[2]
+ * the chains popped in all, out[3] 1 if the ring ran dry (kick re-armed), out[4] frames laid
+ * out, out[5] frames sent, out[6] (head, length) pairs in elems to push, out[7] chains to
+ * give back after them, out[8..10] vr_rx_commit()'s counters, out[11] the payload room of
+ * all frames laid out, out[12] the first frame's first buffer length (the ring's buffer size,
+ * as a hint for the next call). Returns the bytes read (0: end of stream, nothing sent), -errno with
+ * VR_FILL_RECV. */
+#define VR_FILL_MAX 256
+enum {
+	VR_FILL_OK = 0,		/* out[5] frames sent (0 with 0 bytes: end of stream) */
+	VR_FILL_EMPTY,		/* no frame laid out: the ring is short (see out[3]) */
+	VR_FILL_GENERAL,	/* nothing kept: a ring shape for the Chain-based path */
+	VR_FILL_ERROR,		/* a bad chain or avail index: ctx->status says which */
+	VR_FILL_RECV,		/* recvmsg() failed: -errno returned */
+	VR_FILL_LAYOUT,		/* the records don't hold the frames: nothing read */
+	VR_FILL_WRITER,		/* the writer refused the frames: read, nothing committed */
+	VR_FILL_COMMIT,		/* the frames can't hold their lengths: nothing committed */
+};
+
+typedef int64_t (*vr_frame_writer)(void *arg, uint8_t *const *firsts,
+				   const uint32_t *first_lens, const uint32_t *sizes,
+				   unsigned n, uint32_t *lens);
+
+long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
+		const struct vr_region *regions, unsigned nregions, uint8_t *used,
+		size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
+		unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
+		uint32_t *chrecs, unsigned cap, int fd, int flags, uint64_t room,
+		uintptr_t writer, uintptr_t writer_arg, int64_t *wres, const uint8_t *plain,
+		const uint8_t *gso, uint32_t gso_from, uint32_t *elems, uint32_t *spare,
+		uint64_t *out)
+{
+	uint32_t starts[VR_FILL_MAX], caps[VR_FILL_MAX], sizes[VR_FILL_MAX];
+	uint32_t first_lens[VR_FILL_MAX], lens[VR_FILL_MAX], gout[4], tail, counters[3];
+	uint8_t *firsts[VR_FILL_MAX];
+	unsigned i, nf, sent = 0;
+	uint64_t left, capsum = 0;
+	long n;
+	int pairs;
+
+	memset(out, 0, 13 * sizeof(*out));
+	if (count > VR_FILL_MAX)
+		count = VR_FILL_MAX;
+	if (need < hdr || !writer) {
+		out[0] = VR_FILL_LAYOUT;
+		return 0;
+	}
+	nf = 0;
+	i = (unsigned)vr_rx_gather(ctx, last_avail, indirect, regions, nregions, used, used_len,
+				   rearm, count, need, hdr, head, max_views, hint, recs, chrecs,
+				   cap, starts, gout);
+	out[1] = gout[0];
+	out[2] = gout[1];
+	out[3] = gout[2];
+	if (gout[3] == VR_GATHER_ERROR) {
+		out[0] = VR_FILL_ERROR;
+		return 0;
+	}
+	if (gout[3] == VR_GATHER_GENERAL) {
+		out[0] = VR_FILL_GENERAL;
+		return 0;
+	}
+	nf = i;
+	out[4] = nf;
+	if (!nf) {
+		out[0] = VR_FILL_EMPTY;
+		return 0;
+	}
+	out[12] = recs[2];
+	n = vr_recv_frames(fd, flags, regions, nregions, recs, gout[0], starts, nf, hdr,
+			   need - hdr, head, room, caps);
+	if (n == VR_E_LAYOUT) {
+		out[0] = VR_FILL_LAYOUT;
+		return 0;
+	}
+	if (n < 0) {
+		out[0] = VR_FILL_RECV;
+		return n;
+	}
+	for (i = 0; i < nf; i++)
+		capsum += caps[i];
+	out[11] = capsum;
+	if (n == 0)
+		return 0;	/* end of stream: VR_FILL_OK, nothing sent */
+	for (left = (uint64_t)n, i = 0; i < nf && left; i++) {
+		const uint64_t *r = recs + 3 * (size_t)starts[i];
+		const struct vr_region *reg = vr_rec_region(regions, nregions, r);
+
+		if (!reg || r[2] < hdr) {	/* vr_recv_frames() checked: cannot happen */
+			out[0] = VR_FILL_LAYOUT;
+			return n;
+		}
+		firsts[i] = reg->host + r[1] + hdr;
+		first_lens[i] = (uint32_t)(r[2] - hdr);
+		sizes[i] = caps[i] < left ? caps[i] : (uint32_t)left;
+		left -= sizes[i];
+		sent++;
+	}
+	*wres = ((vr_frame_writer)writer)((void *)writer_arg, firsts, first_lens, sizes, sent,
+					  lens);
+	if (*wres < 0) {
+		out[0] = VR_FILL_WRITER;
+		return n;
+	}
+	pairs = vr_rx_commit(regions, nregions, recs, chrecs, gout[0], starts, nf, lens, sent,
+			     plain, gso, gso_from, hdr, elems, spare, &tail, counters);
+	if (pairs < 0) {
+		out[0] = VR_FILL_COMMIT;
+		return n;
+	}
+	out[5] = sent;
+	out[6] = (uint64_t)pairs;
+	out[7] = tail;
+	out[8] = counters[0];
+	out[9] = counters[1];
+	out[10] = counters[2];
+	return n;
+}
+
 /* Guest TX frames out of `nchains` chains vr_pop() just popped (`chains`, `bufs` as it wrote
  * them): per chain, the first `hdr` readable bytes are the virtio-net header, copied to
  * hdrs + hdr * i; the rest of its readable bytes is the frame. out[4i .. 4i + 3]: VR_TX_GUEST,

@@ -20,6 +20,15 @@ ffibuilder.cdef(
                                  int six, uint32_t pseudo, uint32_t seq, uint32_t ack,
                                  uint16_t wnd, uint8_t flags, uint8_t last_flags, int csum,
                                  uint32_t tso_mss, uint32_t *out_lens);
+    struct vp_tcp_fill {
+        uint8_t tmpl[74];
+        int32_t six;
+        uint32_t pseudo, seq, ack, tso_mss;
+        uint16_t wnd;
+        uint8_t flags, last_flags;
+    };
+    int64_t vp_tcp_fill_writer(void *arg, uint8_t *const *firsts, const uint32_t *first_lens,
+                               const uint32_t *sizes, unsigned int n, uint32_t *lens);
     """
 )
 ffibuilder.set_source(

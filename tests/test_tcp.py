@@ -650,6 +650,9 @@ class FakeScatterLink(FakeLink):
     def rx_peek(self, *args: object) -> None:
         return None  # as Link's: this link has no faster read than rx_scatter()
 
+    def rx_fill(self, *args: object) -> None:
+        return None  # as Link's
+
     def commit_scatter(self, lengths: list[int], tso: object = None) -> None:
         self.tsos.append(tso)
         for views, n in zip(self._scatter, lengths, strict=False):

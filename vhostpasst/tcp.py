@@ -37,7 +37,7 @@ import termios
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhostpasst import fwd, nat
 from vhostpasst.flow import Context, Flow, TimerLike
@@ -329,6 +329,17 @@ class TcpHandler:
         if _seg_ffi is not None:
             self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
             self._ack_len = _seg_ffi.new("uint32_t[1]")
+        # Link.rx_fill()'s frame writer (cffi_build/tcpsg.c) and its argument, as addresses:
+        # the link's C calls it between the read and the commit. `_fill_for` is whose
+        # template and addresses the argument holds.
+        self._fill: Any = None
+        self._fill_for: tuple[TcpConn, bytes] | None = None
+        if _sg_ffi is not None:
+            self._fill = _sg_ffi.new("struct vp_tcp_fill *")
+            self._fill.flags, self._fill.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH
+            self._fill_arg = int(_sg_ffi.cast("uintptr_t", self._fill))
+            self._fill_writer = int(_sg_ffi.cast(
+                "uintptr_t", _sg_ffi.addressof(_sg_lib, "vp_tcp_fill_writer")))
 
     def close(self) -> None:
         for lst in self.listeners:
@@ -746,6 +757,7 @@ class TcpHandler:
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
         peeked = None  # (bytes, caps, first buffers) when the link read the socket itself
+        acked = None  # (ACK, window) _fill_frames() found before it fell back
         if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
             # so the peek lands in guest memory instead of a bounce buffer (one copy)
@@ -757,6 +769,12 @@ class TcpHandler:
                 # Not when SIOCINQ saw nothing new: data landing between it and the peek
                 # would go out one byte first (a whole segment's room costs nothing then).
                 size = fresh + 1
+            # the one-call path computes the ACK and window before the read: only where
+            # there is data to read (a bulk transfer, or the socket says so)
+            if self._fill is not None and (conn.peek_full or fresh is not None and fresh > 0):
+                acked = self._fill_frames(conn, link, count, off + size, off, room, tso)
+                if acked is None:
+                    return
             try:
                 peeked = link.rx_peek(conn.fd, count, off + size, off, room,  # type: ignore[union-attr]
                                       _PEEK_FLAGS)
@@ -812,7 +830,7 @@ class TcpHandler:
         # buffers not filled: nothing more to peek until new data arrives (an edge)
         conn.peek_full = n >= sum(caps)
         self._stall(conn, n >= room, drained=not conn.peek_full)
-        ack, wnd = self._data_ack_wnd(conn, now)
+        ack, wnd = acked if acked is not None else self._data_ack_wnd(conn, now)
         mac = self.ctx.guest_mac()
         sizes = []  # segments filled: all full but the last
         left = n
@@ -857,6 +875,10 @@ class TcpHandler:
             link.commit_scatter(lengths, tso)
         else:
             self.ctx.commit(lengths)
+        self._data_sent(conn, seq, ack, wnd)
+
+    def _data_sent(self, conn: TcpConn, seq: int, ack: int, wnd: int) -> None:
+        """Data frames up to `seq` went to the guest, carrying `ack` and `wnd`."""
         self._acked_to_tap(conn, ack, wnd)
         if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
             conn.rtt_seq, conn.rtt_time = seq, time.monotonic()  # Karn: new data only
@@ -865,6 +887,58 @@ class TcpHandler:
             conn.seq_max = seq
         if not conn.rto_armed:
             self._arm_rto(conn)
+
+    def _fill_frames(self, conn: TcpConn, link: Link, count: int, frame_len: int, off: int,
+                     room: int, tso: Tso | None) -> tuple[int, int] | None:
+        """_from_sock()'s peek, headers and commit in one call where the link has it
+        (Link.rx_fill(): vhost-user with GUEST_CSUM): the link's C reads the socket into
+        the guest's buffers and calls vp_tcp_fill_writer for the headers. The ACK and
+        window go in before the read. None when done; the (ACK, window) it found, for the
+        other path, when the link has no such path now."""
+        now = time.monotonic()
+        ack, wnd = self._data_ack_wnd(conn, now)
+        mac = self.ctx.guest_mac()
+        fill = self._fill
+        tmpl = self._template(conn, mac)
+        if self._fill_for != (conn, tmpl):
+            fill.tmpl = tmpl
+            fill.six = conn.six
+            fill.pseudo = conn.pseudo
+            self._fill_for = (conn, tmpl)
+        fill.seq = conn.seq_to_tap
+        fill.ack = ack
+        fill.wnd = wnd
+        fill.tso_mss = tso.mss if tso is not None else 0
+        try:
+            got = link.rx_fill(conn.fd, count, frame_len, off, room, _PEEK_FLAGS,
+                               self._fill_writer, self._fill_arg, tso)
+        except OSError as e:
+            self._peek_failed(conn, e)
+            return None
+        if got is None:
+            return ack, wnd
+        n, sent, caps = got
+        if n == 0 and sent == 0 and caps == 0:  # no room in the ring: rx_ready() resumes
+            self._stall(conn, True)
+            self._waiting[conn] = None
+            if not conn.rto_armed:
+                self._arm_rto(conn)
+            return None
+        if n == 0:  # end of stream, everything before it peeked: FIN to the guest
+            conn.sock_eof = True
+            conn.peek_full = False
+            self._stall(conn, False, drained=True)
+            self._send_fin(conn)
+            return None
+        conn.last_seen = now
+        conn.peek_full = n >= caps
+        self._stall(conn, n >= room, drained=not conn.peek_full)
+        if not sent:  # the link's buffers broke their promises: resend on the RTO
+            if not conn.rto_armed:
+                self._arm_rto(conn)
+            return None
+        self._data_sent(conn, fill.seq, ack, wnd)
+        return None
 
     def _peek_failed(self, conn: TcpConn, e: OSError) -> None:
         """The peek's recvmsg() failed: nothing there after all (an edge raced us), or the

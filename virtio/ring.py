@@ -140,6 +140,17 @@ GATHER_OK = 0  # frames laid out (none when the ring had too few chains)
 GATHER_GENERAL = 1  # nothing kept: a ring shape for the Chain-based path
 GATHER_ERROR = 2  # a bad chain or avail index (status() says which)
 
+# vr_rx_fill() outcomes (cffi_build/ring.c)
+FILL_OK = 0  # frames sent (none, with 0 bytes read: the end of the stream)
+FILL_EMPTY = 1  # no frame laid out: the ring has too few chains
+FILL_GENERAL = 2  # nothing kept: a ring shape for the Chain-based path
+FILL_ERROR = 3  # a bad chain or avail index (status() says which)
+FILL_RECV = 4  # recvmsg() failed
+FILL_LAYOUT = 5  # the records don't hold the frames: nothing read
+FILL_WRITER = 6  # the frame writer refused the frames: read, nothing committed
+FILL_COMMIT = 7  # the frames can't hold their lengths: nothing committed
+FILL_MAX = 256  # frames per call
+
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
               views: int, dry: bool, starts: list[int]) -> tuple[int, int, int, int]:
@@ -195,7 +206,7 @@ class RingAccess:
     __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
                  "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "_ctx", "status_mv",
                  "_elems", "_elems_cap", "_grecs", "_grecs_mv", "_gchains", "_gchains_mv",
-                 "_gout")
+                 "_gout", "_fout", "_wres", "_felems", "_fspare")
 
     def __init__(self, avail: memoryview, used: memoryview, num: int,
                  desc: memoryview | None = None) -> None:
@@ -235,6 +246,11 @@ class RingAccess:
         self._gchains = ffi.new("uint32_t[]", 3 * num)
         self._gchains_mv = memoryview(ffi.buffer(self._gchains))
         self._gout = ffi.new("uint32_t[]", 4)
+        # rx_fill()'s outputs
+        self._fout = ffi.new("uint64_t[]", 13)
+        self._wres = ffi.new("int64_t *")
+        self._felems = ffi.new("uint32_t[]", 2 * num)
+        self._fspare = ffi.new("uint32_t[]", num)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
         if lib.vr_avail_flags(self._avail, self._avail_len) < 0 or \
                 lib.vr_used_idx(self._used, self._used_len) < 0:
@@ -335,6 +351,25 @@ class RingAccess:
         kept = out[0]
         return (out[3], ffi.unpack(starts, n) if n > 0 else [], kept, out[1], bool(out[2]),
                 self._grecs_mv[:24 * kept].tobytes(), self._gchains_mv[:12 * kept].tobytes())
+
+    def rx_fill(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
+                count: int, need: int, hdr: int, head: int, max_views: int, hint: int,
+                fd: int, flags: int, room: int, writer: int, writer_arg: int, plain: bytes,
+                gso: bytes, gso_from: int) -> tuple[int, list[int], Any]:
+        """rx_gather(), recv_frames(), the frame writer and rx_commit() in one C call
+        (vr_rx_fill() in cffi_build/ring.c): `writer` and `writer_arg` are the addresses of
+        a vr_frame_writer and its argument. Returns (bytes read or -errno, vr_rx_fill()'s
+        out[0..12] (FILL_* first), the (head, length) pairs to push: VirtQueue.
+        push_written(), valid until the next call)."""
+        count = max(0, min(count, self.num, FILL_MAX))
+        out = self._fout
+        n = lib.vr_rx_fill(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
+                           regions.count, self._used, self._used_len, rearm, count, need, hdr,
+                           head, min(max(max_views, 0), 0xFFFFFFFF),
+                           min(max(hint, 0), 0xFFFFFFFF), self._grecs, self._gchains,
+                           self.num, fd, flags, max(room, 0), writer, writer_arg, self._wres,
+                           plain, gso, gso_from, self._felems, self._fspare, out)
+        return n, ffi.unpack(out, 13), self._felems
 
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:

@@ -128,6 +128,18 @@ class Link(abc.ABC):
         path now, use rx_scatter() (this default)."""
         return None
 
+    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
+                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
+        """rx_peek(), the frames' headers and commit_scatter() in one call, for a link whose
+        buffers C code can fill: `writer` is the address of a C frame writer (virtio's
+        vr_frame_writer, cffi_build/ring.c) and `writer_arg` of its argument; it writes each
+        frame's headers given its first buffer and payload size. Returns (bytes read,
+        frames sent, the payload room the frames had in all): 0 bytes with frames laid out
+        is the end of the stream (nothing sent); (0, 0, 0) when there is no room; bytes read
+        and none sent when the writer refused them. None: no such path now, use rx_peek()
+        (this default). OSError from recvmsg() goes to the caller."""
+        return None
+
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
         each `lengths[i]` bytes written from the start of its first view onwards. `tso`
@@ -210,6 +222,11 @@ class ForwardingLink(Link):
     def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
                 flags: int) -> tuple[int, list[int], list[memoryview]] | None:
         return self.link.rx_peek(fd, count, frame_len, off, room, flags)
+
+    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
+                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
+        return self.link.rx_fill(fd, count, frame_len, off, room, flags, writer, writer_arg,
+                                 tso)
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self.link.commit_scatter(lengths, tso)

@@ -36,6 +36,7 @@ disconnected: the listener then serves the next one.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -56,7 +57,16 @@ from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
-from virtio.ring import recv_frames, rx_commit
+from virtio.ring import (
+    FILL_EMPTY,
+    FILL_GENERAL,
+    FILL_LAYOUT,
+    FILL_OK,
+    FILL_RECV,
+    FILL_WRITER,
+    recv_frames,
+    rx_commit,
+)
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -203,6 +213,9 @@ class VhostUserLink(Link):
         # (frame_len, last_avail_idx, chains available) of an rx_scatter() that found too few
         # chains for one frame: the same ring can't do better until the guest posts more
         self._short: tuple[int, int, int] | None = None
+        # rx_fill()'s virtio-net headers (plain, GSO, GSO from) for the last Tso seen
+        self._fill_tso: Tso | None = None
+        self._fill_hdrs = (b"", b"", 0)
         self._bounced = 0  # bounce slots handed out after them
         self._bounce_buf = bytearray(bounce_slots * ETH_MAX_FRAME)  # untouched pages cost nothing
         self._bounce = memoryview(self._bounce_buf)
@@ -585,6 +598,70 @@ class VhostUserLink(Link):
             self._release()
             return None
         return n, caps, [batch.buf(s)[net.HDR_LEN:] for s in batch.starts]
+
+    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
+                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
+        """rx_peek(), the writer's headers and the commit in one C call (VirtQueue.
+        fill_rx_frames()) where rx_peek() applies: the Python between them cost more than
+        what they do. The frames are in the used ring when this returns; flush() tells
+        the guest."""
+        if not self._mergeable or not self.csum_offload or self.pcap is not None:
+            return None
+        vq = self._rx_queue(count)
+        if vq is None:
+            return 0, 0, 0
+        short = self._short
+        if short is not None and frame_len >= short[0] and \
+                vq.last_avail_idx == short[1] and vq.available() == short[2]:
+            self._starved = True  # as _lean_batch(): no chain came since the last try
+            return 0, 0, 0
+        plain, gso, gso_from = self._fill_headers(tso)
+        try:
+            n, out = vq.fill_rx_frames(count, net.HDR_LEN + frame_len, net.HDR_LEN, off,
+                                       IOV_MAX, self._rx_hint, fd, flags, room, writer,
+                                       writer_arg, plain, gso, gso_from)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+            return 0, 0, 0
+        code = out[0]
+        if code == FILL_GENERAL:
+            return None
+        self._short = None
+        if out[3]:  # the ring ran dry: the kick is re-armed
+            self._starved = True
+            if not out[4]:
+                self._short = (frame_len, vq.last_avail_idx, out[2])
+        if out[4]:
+            self._rx_hint = out[12]
+        if code == FILL_OK:
+            done = out[8]
+            self.tx_frames += done
+            self.tx_zero_copy += done
+            self.tx_scattered += out[9]
+            self.tx_gso += out[10]
+            return n, out[5], out[11]
+        if code == FILL_EMPTY:
+            return 0, 0, 0
+        if code == FILL_RECV:
+            raise OSError(-n, os.strerror(-n))
+        if code == FILL_LAYOUT:  # our bug, not the guest's: the general path still works
+            log.error("vhost-user RX: frame records don't hold the frames (%d)", out[4])
+            return None
+        _ratelimited.warning("vu-rx-fill", "vhost-user RX: %d frames read and not sent (%s)",
+                             out[4], "header writer refused them" if code == FILL_WRITER
+                             else "frames too short for their lengths")
+        return n, 0, out[11]
+
+    def _fill_headers(self, tso: Tso | None) -> tuple[bytes, bytes, int]:
+        """rx_fill()'s virtio-net headers: DATA_VALID, or past gso_from bytes the GSO one."""
+        if tso is not None and tso is self._fill_tso:
+            return self._fill_hdrs
+        plain = net.HEADER.pack(net.HDR_F_DATA_VALID, net.GSO_NONE, 0, 0, 0, 0, 0)
+        if tso is None:
+            return plain, plain, ETH_MAX_FRAME
+        gso = net.HEADER.pack(net.HDR_F_NEEDS_CSUM, *self._gso(tso), 0)
+        self._fill_tso, self._fill_hdrs = tso, (plain, gso, tso.hdr_len + tso.mss)
+        return self._fill_hdrs
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self._commit(lengths, tso)
