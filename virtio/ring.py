@@ -361,12 +361,11 @@ class RingAccess:
         a vr_frame_writer and its argument. Returns (bytes read or -errno, vr_rx_fill()'s
         out[0..12] (FILL_* first), the (head, length) pairs to push: VirtQueue.
         push_written(), valid until the next call)."""
-        count = max(0, min(count, self.num, FILL_MAX))
+        # (vr_rx_fill() clamps count to the ring and FILL_MAX itself)
         out = self._fout
         n = lib.vr_rx_fill(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
-                           regions.count, self._used, self._used_len, rearm, count, need, hdr,
-                           head, min(max(max_views, 0), 0xFFFFFFFF),
-                           min(max(hint, 0), 0xFFFFFFFF), self._grecs, self._gchains,
+                           regions.count, self._used, self._used_len, rearm, max(count, 0),
+                           need, hdr, head, max_views, hint, self._grecs, self._gchains,
                            self.num, fd, flags, max(room, 0), writer, writer_arg, self._wres,
                            plain, gso, gso_from, self._felems, self._fspare, out)
         return n, ffi.unpack(out, 13), self._felems

@@ -408,6 +408,8 @@ class VhostUserLink(Link):
 
     def _release(self) -> None:
         """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
+        if not (self._handed or self._frames or self._batch is not None or self._bounced):
+            return  # the usual case: every call that hands out chains commits them
         popped = len(self._handed) + sum(len(chains) for chains in self._frames)
         if self._batch is not None:
             popped += self._batch.count
