@@ -3,7 +3,12 @@
 CPU per GiB of iperf3 (user and sys apart), runs alternated so both see the same machine.
 
     git worktree add /tmp/base <commit> && (cd /tmp/base && python setup.py build_ext --inplace)
-    python bench/vhost_ab.py /tmp/base . --reverse --mtu 65520 --rounds 3
+    cd /tmp && python /work/main/bench/vhost_ab.py /tmp/base /work/main --reverse --rounds 3
+
+Either side may instead be a passt binary (`passt:PATH`, e.g. passt:bench/.cache/passt-trixie/
+passt from bench/fetch_passt.py), run with --vhost-user: a single bench run swings by 20-30 %
+with the TCG guest's speed, and alternated rounds with medians give a steadier ratio. The
+medians and their ratio (second side over first) close the output.
 
 Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
 (PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +43,10 @@ def ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def is_passt(side: str) -> bool:
+    return side.startswith("passt:")
+
+
 def imported_from(tree: Path) -> None:
     """Make sure the daemon's command line imports vhostpasst and virtio from `tree` (with
     the environment one_run() sets), not from the working directory or an installed copy."""
@@ -48,9 +58,10 @@ def imported_from(tree: Path) -> None:
             raise SystemExit(f"the daemon would import {path}, not from {tree}")
 
 
-def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, float, float,
+def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, float, float,
                                                                          float]:
-    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB) of one guest over the daemon from `tree`."""
+    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB) of one guest over the daemon from the
+    source tree `side`, or the passt binary `passt:PATH`."""
     workdir = harness.make_workdir()
     netns = harness.HostNetns()
     old_daemon, old_path = harness.DAEMON, os.environ.get("PYTHONPATH")
@@ -58,9 +69,14 @@ def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, f
     try:
         # -P: `-m` would put the working directory first on sys.path, so a run from a
         # checkout would import that checkout whatever PYTHONPATH says
-        harness.DAEMON = [sys.executable, "-P", "-m", "vhostpasst"]
-        os.environ["PYTHONPATH"] = str(tree)
-        imported_from(tree)
+        if is_passt(side):
+            harness.DAEMON = [str(Path(side[6:]).resolve())]
+            os.chmod(workdir, 0o777)  # passt run as root switches to nobody, then binds
+        else:
+            tree = Path(side).resolve()
+            harness.DAEMON = [sys.executable, "-P", "-m", "vhostpasst"]
+            os.environ["PYTHONPATH"] = str(tree)
+            imported_from(tree)
         daemon = harness.Daemon(workdir, netns, ("--mtu", str(args.mtu)), vhost_user=True)
         assert daemon.proc is not None
         guest = harness.Guest(image, workdir, harness.GuestNet("vhost-user", daemon.socket),
@@ -99,7 +115,7 @@ def one_run(tree: Path, image: Path, args: argparse.Namespace) -> tuple[float, f
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("trees", nargs=2, type=Path, help="two source trees (built in place)")
+    p.add_argument("sides", nargs=2, help="two source trees (built in place), or passt:PATH")
     p.add_argument("--reverse", action="store_true", help="host->guest (iperf3 -R)")
     p.add_argument("--mtu", type=int, default=65520)
     p.add_argument("--rounds", type=int, default=2, help="runs per tree, alternated")
@@ -108,11 +124,22 @@ def main() -> int:
     args = p.parse_args()
     image = build_image()
     direction = "host->guest" if args.reverse else "guest->host"
+    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in args.sides}
     for _ in range(args.rounds):
-        for tree in args.trees:
-            mbps, cpu, user, sys_ = one_run(tree.resolve(), image, args)
-            print(f"{tree}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
+        for side in args.sides:
+            mbps, cpu, user, sys_ = one_run(side, image, args)
+            results[side].append((mbps, cpu, user, sys_))
+            print(f"{side}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
                   f"(user {user:.3f}, sys {sys_:.3f})", flush=True)
+    medians = {side: [statistics.median(r[i] for r in runs) for i in range(4)]
+               for side, runs in results.items()}
+    for side, (mbps, cpu, user, sys_) in medians.items():
+        print(f"median {side}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB (user {user:.3f}, "
+              f"sys {sys_:.3f})")
+    first, second = (medians[side] for side in args.sides)
+    if first[0] and first[1]:
+        print(f"second / first: throughput {second[0] / first[0]:.2f}x, "
+              f"CPU per GiB {second[1] / first[1]:.2f}x")
     return 0
 
 
