@@ -12,22 +12,26 @@ import struct
 import subprocess
 import time
 from ipaddress import IPv4Address as A4
+from ipaddress import IPv6Address as A6
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sandbox import Sandbox, vhostpasst_command
+from vhostpasst._tcpsg import ffi as sg_ffi
+from vhostpasst._tcpsg import lib as sg_lib
 
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
 from vhostpasst.conf import Config, Ip4Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link import vhost as vhost_mod
-from vhostpasst.link.base import ETH_MAX_FRAME
+from vhostpasst.link.base import ETH_MAX_FRAME, Link, Tso
 from vhostpasst.link.stream import StreamSetupError
 from vhostpasst.link.vhost import VhostUserLink, VhostUserListener, vhost_link_from_fd
 from vhostpasst.loop import Loop
-from vhostpasst.wire import eth, ip, udp
+from vhostpasst.wire import checksum, eth, ip, udp
+from vhostpasst.wire import tcp as wtcp
 from virtio import message as m
 from virtio import net
 from virtio.backend import F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1
@@ -1201,9 +1205,109 @@ def test_rx_scatter_lean_path_hostile_ring_disconnects(h: Harness, where: str) -
     assert h.disconnects == 1 and h.guest.fe.is_closed()
 
 
-# --- rx_peek(): the socket read straight into the lean path's guest buffers (ring.recv_frames) --
+# --- rx_fill(): the socket read, the headers and the commit in the lean path's guest buffers ---
+# The reference it must match is what tcp._from_sock() does without it: rx_scatter(), a
+# recvmsg_into() over the views, the headers by _tcpsg's vp_tcp_frames_sg_tso() over the
+# frames' first views without checksums (GUEST_CSUM, as tcp._scattered_headers()),
+# commit_scatter().
 
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+FADDR4, GADDR4 = A4("198.51.100.7").packed, A4("10.0.2.15").packed
+FADDR6, GADDR6 = A6("2001:db8::7").packed, A6("fd00::15").packed
+FPORT, GPORT = 80, 40000
+WRITER = int(sg_ffi.cast("uintptr_t", sg_ffi.addressof(sg_lib, "vp_tcp_fill_writer")))
+
+
+def _refuse(arg: object, firsts: object, first_lens: object, sizes: object, n: int,
+            lens: object) -> int:
+    return -1
+
+
+# a vr_frame_writer that refuses every frame (as vp_tcp_fill_writer does with buffers that
+# can't hold the headers): read, nothing committed
+_REFUSE_CB = sg_ffi.callback("int64_t(void *, uint8_t *const *, const uint32_t *, "
+                             "const uint32_t *, unsigned int, uint32_t *)", _refuse)
+REFUSER = int(sg_ffi.cast("uintptr_t", _REFUSE_CB))
+
+
+def _template(six: bool = False) -> tuple[bytes, int]:
+    """TcpHandler._template() for a connection FADDR:FPORT -> GADDR:GPORT: headers with the
+    per-segment fields zero, and the pseudo-header sum."""
+    faddr, gaddr = (FADDR6, GADDR6) if six else (FADDR4, GADDR4)
+    l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
+        wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
+    scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
+    write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
+    write(scratch, GUEST_MAC, OUR_MAC, faddr, gaddr, FPORT, GPORT, 0, 0, 0, 0, 0)
+    tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
+    if not six:
+        tmpl[14 + 10:14 + 12] = b"\0\0"
+    tmpl[l3 + 16:l3 + 18] = b"\0\0"
+    return bytes(tmpl), checksum.partial(faddr + gaddr) + socket.IPPROTO_TCP
+
+
+class Fill:
+    """A struct vp_tcp_fill filled as TcpHandler._fill_frames() fills it."""
+
+    def __init__(self, seq: int, ack: int, wnd: int, tso: Tso | None, six: bool = False) -> None:
+        tmpl, pseudo = _template(six)
+        self.f = sg_ffi.new("struct vp_tcp_fill *")
+        self.f.flags, self.f.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH
+        self.f.tmpl = tmpl
+        self.f.six = int(six)
+        self.f.pseudo = pseudo
+        self.f.seq, self.f.ack, self.f.wnd = seq, ack, wnd
+        self.f.tso_mss = tso.mss if tso is not None else 0
+        self.arg = int(sg_ffi.cast("uintptr_t", self.f))
+
+
+def _scatter_fill(link: Link, fd: int, count: int, frame_len: int, off: int, room: int,
+                  flags: int, fill: Fill, tso: Tso | None,
+                  refuse: bool = False) -> tuple[int, int, int]:
+    """rx_fill()'s reference, as tcp._from_sock() does it where the link has no rx_fill():
+    rx_scatter(), recvmsg_into() over the views (frame bytes `off` on, `room` at most),
+    vp_tcp_frames_sg_tso() over the frames' first views with no checksum, commit_scatter()
+    (commit_scatter([]) when the headers don't fit, or with `refuse`: a writer that refuses).
+    Returns what rx_fill() returns (bytes read, frames sent, the frames' payload room); the
+    seq moves on in `fill` as the writer moves it. OSError from recvmsg_into() goes up."""
+    frames = link.rx_scatter(count, frame_len, off)
+    if not frames:
+        return 0, 0, 0
+    caps, left = [], max(room, 0)
+    for frame in frames:
+        caps.append(min(sum(map(len, frame)) - off, left))
+        left -= caps[-1]
+    iov = [v for f, cap in zip(frames, caps, strict=True) for v in _payload_iov(f, off, cap)]
+    n = _recvmsg_into(fd, iov, flags)
+    if n == 0:  # the end of the stream: nothing sent
+        return 0, 0, sum(caps)
+    sizes = []
+    left = n
+    for cap in caps:
+        if left <= 0:
+            break
+        sizes.append(min(cap, left))
+        left -= sizes[-1]
+    k = len(sizes)
+    firsts = [f[0] for f in frames[:k]]
+    out = sg_ffi.new("uint32_t[]", k)
+    fb = sg_ffi.from_buffer
+    f = fill.f
+    nxt = -1 if refuse else sg_lib.vp_tcp_frames_sg_tso(
+        [fb(v, require_writable=True) for v in firsts], [len(v) for v in firsts], k,
+        list(range(k + 1)), sizes, k, bytes(f.tmpl), f.six, f.pseudo, f.seq, f.ack, f.wnd,
+        f.flags, f.last_flags, 0, f.tso_mss, out)
+    if nxt < 0:
+        link.commit_scatter([])
+        return n, 0, sum(caps)
+    link.commit_scatter(sg_ffi.unpack(out, k), tso)
+    f.seq = nxt
+    return n, k, sum(caps)
+
+
+def _recvmsg_into(fd: int, iov: list[memoryview], flags: int) -> int:
+    with socket.socket(fileno=os.dup(fd)) as s:
+        return s.recvmsg_into(iov, 0, flags)[0]
 
 
 def _guest_memory(h: Harness, sizes: tuple[int, ...]) -> None:
@@ -1234,59 +1338,41 @@ def _payload_iov(frame: list[memoryview], off: int, cap: int) -> list[memoryview
     return out
 
 
-def _headers(n: int, i: int) -> bytes:
-    return bytes([0xE0 + i % 16]) * n
-
-
-def _read_round(h: Harness, peek: bool, sock: socket.socket, count: int, frame_len: int,
-                off: int, room: int) -> tuple[int, list[int], list[int], bool]:
-    """What tcp._from_sock() does with the link: rx_peek() (or, without it or when it says
-    None, rx_scatter() and recvmsg_into() over the views), `off` bytes of headers into each
-    frame that got payload, commit_scatter() of those frames. (n, caps, lengths, peeked)."""
+def _fill_round(link: Link, fill: bool, fd: int, count: int, frame_len: int, off: int,
+                room: int, f: Fill, tso: Tso | None,
+                commit: bool = True) -> tuple[tuple[int, int, int] | str, bool]:
+    """What tcp._from_sock() does with the link: rx_fill() (or, without it or when it says
+    None, the reference above); `commit` False: a writer that refuses the frames.
+    (rx_fill()'s answer or "EAGAIN", whether rx_fill() did it)."""
+    took = False
     try:
-        got = h.link.rx_peek(sock.fileno(), count, frame_len, off, room, PEEK) if peek else None
+        got = None
+        if fill:
+            got = link.rx_fill(fd, count, frame_len, off, room, PEEK,
+                               WRITER if commit else REFUSER, f.arg, tso)
+            took = got is not None
+        if got is None:
+            got = _scatter_fill(link, fd, count, frame_len, off, room, PEEK, f, tso,
+                                refuse=not commit)
     except BlockingIOError:
-        return -1, [], [], True  # nothing queued (the caller stalls: nothing committed)
-    if got is not None:
-        n, caps, firsts = got
-        assert len(caps) == len(firsts)
-        frames = [[f] for f in firsts]
-    else:
-        frames = h.link.rx_scatter(count, frame_len, off)
-        caps, left = [], max(room, 0)
-        for _ in frames:
-            caps.append(min(frame_len - off, left))
-            left -= caps[-1]
-        iov = [v for f, cap in zip(frames, caps, strict=True) for v in _payload_iov(f, off, cap)]
-        try:
-            n = sock.recvmsg_into(iov, 0, PEEK)[0] if frames else 0
-        except BlockingIOError:
-            return -1, [], [], False
-    sizes = []
-    left = n
-    for cap in caps:
-        if left <= 0:
-            break
-        sizes.append(min(cap, left))
-        left -= cap
-    for i, frame in enumerate(frames[:len(sizes)]):
-        for view in _payload_iov(frame, 0, off):  # headers: in the first buffer here
-            view[:] = _headers(len(view), i)
-    return n, caps, [off + size for size in sizes], got is not None
+        return "EAGAIN", fill  # nothing queued (the caller stalls: nothing committed)
+    return got, took
 
 
-def _peek_run(peek: bool, features: int, mem: tuple[int, ...], sizes: list[int],
-              rounds: list[tuple[int, int, int, int, bool, int]], data: bytes,
+def _fill_run(fill: bool, features: int, mem: tuple[int, ...], sizes: list[int],
+              rounds: list[tuple[int, int, int, int, bool, int | None]], data: bytes,
               queue_size: int = 64) -> tuple[list[object], list[bool]]:
     """Post RX buffers of `sizes`, queue `data` on a socket, then per round (count,
-    frame_len, off, room, commit, repost): read as tcp does, commit (and consume what was
-    committed: the guest's ACK) or leave it (rewound at flush), repost some buffers.
-    Everything the guest and the link show, for comparing rx_peek() with rx_scatter()."""
-    from vhostpasst.link.base import Tso
+    frame_len, off (54: IPv4, 74: IPv6), room, commit, repost): read, write headers and
+    commit with rx_fill() (`fill`) or the reference, or have the writer refuse them
+    (`commit` False); consume what was sent (the guest's ACK), repost `repost` buffers (None:
+    as many as were used). Everything the guest and the link show, and per round whether
+    rx_fill() did it."""
     h = Harness(queue_size=queue_size)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     seen: list[object] = []
     took: list[bool] = []
+    seq, ack, wnd = 0xFFFFF000, 0x12345678, 0xABCD  # seq wraps within the rounds
     try:
         _guest_memory(h, mem)
         h.guest.bring_up(features)
@@ -1295,28 +1381,34 @@ def _peek_run(peek: bool, features: int, mem: tuple[int, ...], sizes: list[int],
         h.guest.rx.kick()
         a.sendall(data)
         for count, frame_len, off, room, commit, repost in rounds:
-            n, caps, lengths, peeked = _read_round(h, peek, b, count, frame_len, off, room)
-            took.append(peeked)
-            seen.append((n, caps, h.link._starved))
-            if commit and n >= 0:
-                tso = Tso(False, off - 20, off, 1448) if features & TSO else None
-                h.link.commit_scatter(lengths, tso)
-                if n:
-                    assert len(b.recv(n)) == n
+            six = off == wtcp.TCP6_PAYLOAD_OFFSET
+            tso = Tso(six, off - wtcp.TCP_HLEN, off, 1448) if features & TSO else None
+            f = Fill(seq, ack, wnd, tso, six)
+            got, did = _fill_round(h.link, fill, b.fileno(), count, frame_len, off, room, f,
+                                   tso, commit)
+            took.append(did)
+            nxt = f.f.seq
+            seen.append((got, nxt, h.link._starved))
+            sent = (nxt - seq) & 0xFFFFFFFF
+            if sent:
+                assert isinstance(got, tuple) and got[1]
+                assert len(b.recv(sent)) == sent
+            seq = nxt
             h.link.flush()
             used = h.guest.rx.get_used()
             seen.append(used)
             seen.append([h.guest.rx.written(head, length) for head, length in used])
-            for _ in range(min(repost, len(h.guest.rx.free))):
+            more = len(used) if repost is None else repost
+            for _ in range(min(more, len(h.guest.rx.free))):
                 h.guest.rx.add([], [sizes[0]])
             h.guest.rx.kick()
             h.pump(1)
-        vq = h.link.backend.queues[0] if h.link.backend else None
+        vq = h.link._queue(net.RX_QUEUE)
         seen.append((h.link.tx_frames, h.link.tx_zero_copy, h.link.tx_scattered,
                      h.link.tx_gso, h.link.tx_dropped, h.disconnects))
         seen.append(None if vq is None else (vq.last_avail_idx, vq.used_idx, vq.inflight))
         seen.append(_guest_ram(h.guest))
-        try:  # what is still queued (peeked, not committed)
+        try:  # what is still queued (peeked, not sent)
             seen.append(b.recv(len(data) + 1, socket.MSG_DONTWAIT))
         except BlockingIOError:
             seen.append(b"")
@@ -1336,25 +1428,28 @@ def _peek_run(peek: bool, features: int, mem: tuple[int, ...], sizes: list[int],
     ([1536, 4096, 2000, 1536, 64, 3000] * 8, 54 + 9000, 8, 1 << 20),  # any sizes
 ], ids=["64k-4k", "64k-4k-window", "5000-1.5k", "1514-4k", "1514-1.5k-window", "mixed"])
 @pytest.mark.parametrize("mem", [(1 << 20,), (40000, 1 << 20)], ids=["one-region", "two"])
-def test_rx_peek_same_as_rx_scatter_and_recvmsg_into(sizes: list[int], frame_len: int,
+def test_rx_fill_same_as_rx_scatter_and_recvmsg_into(sizes: list[int], frame_len: int,
                                                      count: int, room: int,
                                                      mem: tuple[int, ...]) -> None:
-    """rx_peek() puts the same bytes in the guest's memory, gives the same caps and, after
-    the same commit_scatter(), the same used entries and headers as rx_scatter() and a
-    recvmsg_into() over its views; and the socket keeps what was only peeked."""
+    """rx_fill() puts the same bytes in the guest's memory, says the same, moves the seq and
+    leaves the same used entries, headers, counters and queue state as rx_scatter(), a
+    recvmsg_into() over its views, the headers over the first views and commit_scatter();
+    also where the writer refuses the frames (nothing sent); the socket keeps what was only
+    peeked."""
     data = _payload(60000, 5) + _payload(60000, 9)
     rounds = [(count, frame_len, 54, room, True, 0), (count, frame_len, 54, room, False, 0),
               (count, frame_len, 54, room, True, 40)]
-    ours, took = _peek_run(True, ALL | TSO, mem, sizes, rounds, data)
-    theirs, _ = _peek_run(False, ALL | TSO, mem, sizes, rounds, data)
+    ours, took = _fill_run(True, ALL | TSO, mem, sizes, rounds, data)
+    theirs, _ = _fill_run(False, ALL | TSO, mem, sizes, rounds, data)
     assert ours == theirs
-    assert took == [True] * 3  # rx_peek() did it, not the rx_scatter() fallback
-    n, caps, _ = ours[0]  # type: ignore[misc]
-    assert 0 < n <= room and sum(caps) <= room
+    assert took == [True] * 3  # rx_fill() did it, not the rx_scatter() fallback
+    (n, sent, caps), _, _ = ours[0]  # type: ignore[misc]
+    assert 0 < n <= room and 0 < sent and caps <= room
     assert ours[1], "nothing reached the guest"
+    assert ours[4] == ours[5] == []  # type: ignore[index]  # the writer refused: none used
 
 
-def test_rx_peek_frames_over_4k_buffers() -> None:
+def test_rx_fill_frames_over_4k_buffers() -> None:
     """A worked example: two 64 KiB TCP frames over 4 KiB buffers, as the guest sees them."""
     h = Harness(queue_size=64)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1363,20 +1458,17 @@ def test_rx_peek_frames_over_4k_buffers() -> None:
         h.guest.post_rx(40, size=4096)
         data = _payload(100000, 3)
         a.sendall(data)
-        got = h.link.rx_peek(b.fileno(), 4, 54 + 64000, 54, 1 << 20, PEEK)
-        assert got is not None
-        n, caps, firsts = got
-        assert (n, caps) == (100000, [64000, 64000])  # 2 frames of 16 chains: 32 of 40
-        assert [len(f) for f in firsts] == [4084, 4084]
+        tso = Tso(False, 34, 54, 1448)
+        f = Fill(1, 2, 3, tso)
+        got = h.link.rx_fill(b.fileno(), 4, 54 + 64000, 54, 1 << 20, PEEK, WRITER, f.arg, tso)
+        assert got == (100000, 2, 128000)  # 2 frames laid out over 16 chains each
+        assert f.f.seq == 1 + 100000
         vq = h.link._queue(net.RX_QUEUE)
-        assert vq is not None and vq.inflight == 32
-        for f in firsts:
-            f[:54] = bytes(54)
-        from vhostpasst.link.base import Tso
-        h.link.commit_scatter([54 + 64000, 54 + 36000], Tso(False, 34, 54, 1448))
+        # the second frame's 36000 bytes took 9 of its 16 chains: the other 7 went back
+        assert vq is not None and vq.inflight == 0 and vq.last_avail_idx == 16 + 9
         h.link.flush()
         (hdr, one), (hdr2, two) = h.guest.received()
-        assert one == bytes(54) + data[:64000] and two == bytes(54) + data[64000:]
+        assert one[54:] == data[:64000] and two[54:] == data[64000:]
         assert (hdr.gso_type, hdr.num_buffers) == (net.GSO_TCPV4, 16)
         assert (hdr2.gso_type, hdr2.num_buffers) == (net.GSO_TCPV4, -(-(12 + 36054) // 4096))
         assert b.recv(200000) == data  # peeked: all still queued
@@ -1386,8 +1478,8 @@ def test_rx_peek_frames_over_4k_buffers() -> None:
         h.close()
 
 
-_peek_round = st.tuples(st.integers(1, 8), st.integers(1, 65000), st.sampled_from([54, 74]),
-                        st.integers(-1, 200000), st.booleans(), st.integers(0, 24))
+_fill_round_st = st.tuples(st.integers(1, 8), st.integers(1, 65000), st.sampled_from([54, 74]),
+                           st.integers(-1, 200000), st.booleans(), st.integers(0, 24))
 
 
 @settings(max_examples=40, deadline=None)
@@ -1396,138 +1488,24 @@ _peek_round = st.tuples(st.integers(1, 8), st.integers(1, 65000), st.sampled_fro
        sizes=st.one_of(st.lists(st.sampled_from([1536, 4096]), min_size=1, max_size=64)
                        .map(lambda s: s[:1] * len(s)),
                        st.lists(st.integers(13, 5000), min_size=1, max_size=64)),
-       rounds=st.lists(_peek_round, min_size=1, max_size=4),
+       rounds=st.lists(_fill_round_st, min_size=1, max_size=4),
        data_len=st.sampled_from([0, 1, 60000]) | st.integers(0, 60000))
-def test_rx_peek_same_as_rx_scatter_any_ring(features: int, mem: tuple[int, ...],
+def test_rx_fill_same_as_rx_scatter_any_ring(features: int, mem: tuple[int, ...],
                                              sizes: list[int],
                                              rounds: list[tuple[int, int, int, int, bool, int]],
                                              data_len: int) -> None:
-    """Whatever the buffers (Linux's equal ones, or any: rx_peek() says None and the
-    caller falls back), frame lengths, windows, commits and reposts, and the short-ring
-    memo in between: the guest sees the same either way."""
+    """Whatever the buffers (Linux's equal ones, or any: rx_fill() says None and the
+    caller falls back), frame lengths, IPv4 or IPv6, windows, refusing writers and reposts,
+    and the short-ring memo in between: the guest sees the same either way."""
     rounds = [(c, off + size, off, room, commit, repost)
               for c, size, off, room, commit, repost in rounds]
     data = _payload(data_len, 11)
-    assert _peek_run(True, features, mem, sizes, rounds, data)[0] == \
-        _peek_run(False, features, mem, sizes, rounds, data)[0]
+    assert _fill_run(True, features, mem, sizes, rounds, data)[0] == \
+        _fill_run(False, features, mem, sizes, rounds, data)[0]
 
 
-def _assert_peek_declined(h: Harness, features: int = ALL) -> None:
-    """With 8 RX buffers posted and 3000 bytes queued, rx_peek() says None: nothing popped,
-    no batch kept, nothing read from the socket."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        h.guest.bring_up(features)
-        h.guest.post_rx(8, size=4096)
-        a.sendall(b"q" * 3000)
-        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) is None
-        vq = h.link._queue(net.RX_QUEUE)
-        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
-        assert h.link._batch is None
-        assert b.recv(5000) == b"q" * 3000
-    finally:
-        a.close()
-        b.close()
-
-
-@pytest.mark.parametrize("features", [BASE, ALL & ~net.F_GUEST_CSUM, ALL & ~net.F_MRG_RXBUF],
-                         ids=["plain", "no-guest-csum", "no-mergeable"])
-def test_rx_peek_none_without_guest_csum_or_mergeable(h: Harness, features: int) -> None:
-    """Without GUEST_CSUM the payload must be summed (rx_scatter() then); without mergeable
-    buffers the lean path doesn't apply: None, nothing popped, nothing read."""
-    _assert_peek_declined(h, features)
-
-
-def test_rx_peek_none_with_pcap(tmp_path: Path) -> None:
-    """--pcap: frames are captured as a guest without offload sees them (checksums summed
-    over the payload): rx_scatter() then."""
-    from vhostpasst.pcap import PcapWriter
-    h = Harness()
-    pcap = PcapWriter(str(tmp_path / "x.pcap"))
-    try:
-        h.link.pcap = pcap
-        _assert_peek_declined(h)
-    finally:
-        h.close()
-        pcap.close()
-
-
-def test_rx_peek_empty_ring_and_no_guest(h: Harness) -> None:
-    """No RX buffers (or no front end yet): (0, [], []), as rx_scatter()'s []; nothing read."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        a.sendall(b"q" * 100)
-        # no rings yet (nothing negotiated): nothing, or None (rx_scatter(): [])
-        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) in (None, (0, [], []))
-        h.guest.bring_up(ALL)
-        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) == (0, [], [])
-        assert h.link.rx_peek(b.fileno(), 0, 1514, 54, 10000, PEEK) == (0, [], [])
-        assert h.link._starved
-        vq = h.link._queue(net.RX_QUEUE)
-        assert vq is not None and vq.inflight == 0
-        assert b.recv(200) == b"q" * 100
-    finally:
-        a.close()
-        b.close()
-
-
-def test_rx_peek_recvmsg_error_goes_to_the_caller(h: Harness) -> None:
-    """An empty socket (MSG_DONTWAIT): BlockingIOError to the caller; the popped chains go
-    back at the flush (or the next call) and nothing reaches the used ring."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        h.guest.bring_up(ALL)
-        h.guest.post_rx(8, size=4096)
-        with pytest.raises(BlockingIOError):
-            h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK)
-        h.link.flush()
-        vq = h.link._queue(net.RX_QUEUE)
-        assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
-        assert h.guest.rx.get_used() == []
-        a.sendall(b"w" * 10)
-        got = h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK)
-        assert got is not None and got[:2] == (10, [1460, 1460])
-        h.link.flush()
-    finally:
-        a.close()
-        b.close()
-
-
-def test_rx_peek_layout_refused_falls_back(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """recv_frames() refusing the records is our bug, not the guest's: None (rx_scatter()
-    still works), the chains given back, the front end kept."""
-    import vhostpasst.link.vhost as vhost
-
-    def refuse(*args: object) -> tuple[int, list[int]]:
-        raise ValueError("frame layout outside the guest buffers given")
-
-    monkeypatch.setattr(vhost, "recv_frames", refuse)
-    _assert_peek_declined(h)
-    assert h.link.connected and h.disconnects == 0
-    assert len(h.link.rx_scatter(2, 1514, 54)) == 2
-    h.link.flush()
-
-
-def test_rx_peek_hostile_ring_disconnects(h: Harness) -> None:
-    h.guest.bring_up(ALL)
-    rx = h.guest.rx
-    i = rx.free.pop(0)
-    rx.write_desc(i, 0xDEAD0000, 4096, 2, 0)  # writable, outside guest memory
-    rx.publish(i)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        a.sendall(b"q" * 100)
-        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) == (0, [], [])
-        assert h.disconnects == 1 and h.guest.fe.is_closed()
-        assert b.recv(200) == b"q" * 100
-    finally:
-        a.close()
-        b.close()
-
-
-def test_rx_peek_through_the_listener(tmp_path: Path) -> None:
-    """The listener (what TCP holds) forwards rx_peek(); a Link without the path says None."""
-    from vhostpasst.link.base import Link
+def test_rx_fill_through_the_listener(tmp_path: Path) -> None:
+    """The listener (what TCP holds) forwards rx_fill(); a Link without the path says None."""
     loop = Loop()
     lst = VhostUserListener(loop, str(tmp_path / "vu.sock"), lambda frames: None)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1536,51 +1514,64 @@ def test_rx_peek_through_the_listener(tmp_path: Path) -> None:
         g.bring_up(ALL)
         g.post_rx(4, size=4096)
         a.sendall(_payload(3000))
-        got = lst.rx_peek(b.fileno(), 4, 54 + 1460, 54, 1 << 20, PEEK)
-        assert got is not None and got[:2] == (3000, [1460, 1460, 1460, 1460])
-        for f in got[2][:3]:
-            f[:54] = bytes(54)
-        lst.commit_scatter([54 + 1460, 54 + 1460, 54 + 80])
+        f = Fill(7, 0, 0, None)
+        got = lst.rx_fill(b.fileno(), 4, 54 + 1460, 54, 1 << 20, PEEK, WRITER, f.arg, None)
+        assert got == (3000, 3, 4 * 1460)
+        assert f.f.seq == 7 + 3000
         lst.flush()
-        assert [f for _, f in g.received()] == [bytes(54) + _payload(3000)[k:k + 1460]
-                                               for k in (0, 1460, 2920)]
+        frames = [f for _, f in g.received()]
+        assert [fr[54:] for fr in frames] == [_payload(3000)[k:k + 1460]
+                                              for k in (0, 1460, 2920)]
+        assert [struct.unpack("!I", fr[38:42])[0] for fr in frames] == [7, 1467, 2927]
         g.close()
     finally:
         a.close()
         b.close()
         lst.close()
         loop.close()
-    assert Link.rx_peek(lst, 0, 1, 1514, 54, 1, 0) is None
+    assert Link.rx_fill(lst, 0, 1, 1514, 54, 1, 0, WRITER, 0, None) is None
 
 
 # --- the short-ring memo: a try that found too few chains for one frame ------------------------
 
 def _count_pops(vq: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of either pop the link makes (pop_rx_frames(): rx_scatter(); fill_rx_frames():
+    rx_fill()), by the count asked."""
     calls: list[int] = []
-    real = vq.pop_rx_frames  # type: ignore[attr-defined]
+    for name in ("pop_rx_frames", "fill_rx_frames"):
+        real = getattr(vq, name)
 
-    def pop_rx_frames(count: int, *args: object, **kwargs: object) -> object:
-        calls.append(count)
-        return real(count, *args, **kwargs)
+        def counted(count: int, *args: object, _real: object = real, **kwargs: object) -> object:
+            calls.append(count)
+            return _real(count, *args, **kwargs)  # type: ignore[operator]
 
-    monkeypatch.setattr(vq, "pop_rx_frames", pop_rx_frames)
+        monkeypatch.setattr(vq, name, counted)
     return calls
 
 
-@pytest.mark.parametrize("peek", [True, False], ids=["rx_peek", "rx_scatter"])
+@pytest.mark.parametrize("fill", [True, False], ids=["rx_fill", "rx_scatter"])
 def test_short_ring_is_not_popped_again_until_it_changes(
-        h: Harness, monkeypatch: pytest.MonkeyPatch, peek: bool) -> None:
+        h: Harness, monkeypatch: pytest.MonkeyPatch, fill: bool) -> None:
     """Half a frame's chains: the first try pops them and gives them back; tries with the
-    ring unchanged pop nothing (not one pop_rx_frames() call) and return nothing; a smaller
-    frame, or buffers the guest posts (kicked or not), are tried again."""
+    ring unchanged pop nothing (not one pop call) and return nothing; a smaller frame, or
+    buffers the guest posts (kicked or not), are tried again."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def get(frame_len: int) -> int:
-        if peek:
-            got = h.link.rx_peek(b.fileno(), 4, frame_len, 54, 1 << 20, PEEK)
+        if fill:
+            got = h.link.rx_fill(b.fileno(), 4, frame_len, 54, 1 << 20, PEEK, WRITER,
+                                 Fill(0, 0, 0, None).arg, None)
             assert got is not None
-            return len(got[2])
+            return got[1]
         return len(h.link.rx_scatter(4, frame_len, 54))
+
+    def give_back(frames: int) -> None:
+        """The frames get() handed out back in the ring as they were: rx_scatter()'s
+        rewound at the flush; rx_fill()'s used (the guest reposts as many buffers)."""
+        h.link.flush()
+        if fill:
+            assert len(h.guest.rx.get_used()) == frames
+            h.guest.post_rx(frames, size=1536)
 
     try:
         h.guest.bring_up(ALL)
@@ -1597,8 +1588,10 @@ def test_short_ring_is_not_popped_again_until_it_changes(
             assert get(frame_len) == 0
         assert calls == [] and (vq.last_avail_idx, vq.inflight) == (0, 0) and h.link._starved
         assert get(1514) == 2 and calls  # a smaller frame fits: popped and handed out
-        h.link.flush()
-        assert get(5054) == 0  # the memo is gone, so this popped again and set it again
+        give_back(2)
+        calls.clear()
+        assert get(5054) == 0 and calls  # the memo is gone, so this popped again...
+        assert h.link._short is not None  # ... and set it again
         calls.clear()
         h.guest.rx.add([], [1536])  # posted, no kick yet: the ring changed all the same
         assert get(5054) == 0 and calls  # 3 of 4 chains: still short, but it looked
@@ -1614,16 +1607,20 @@ def test_short_ring_is_not_popped_again_until_it_changes(
 
 
 @pytest.mark.parametrize("features", [BASE | net.F_GUEST_CSUM, ALL], ids=["plain", "event-idx"])
-def test_rx_kick_wakes_after_a_starved_rx_peek(h: Harness, features: int) -> None:
-    """A starved rx_peek() (and the memo's answer after it) leaves the link waiting for the
+def test_rx_kick_wakes_after_a_starved_rx_fill(h: Harness, features: int) -> None:
+    """A starved rx_fill() (and the memo's answer after it) leaves the link waiting for the
     RX kick: when the guest posts enough buffers, on_rx_ready callbacks run and get frames."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     woken: list[int] = []
 
+    def fill(count: int) -> tuple[int, int, int] | None:
+        return h.link.rx_fill(b.fileno(), count, 5054, 54, 1 << 20, PEEK, WRITER,
+                              Fill(0, 0, 0, None).arg, None)
+
     def ready() -> None:
-        got = h.link.rx_peek(b.fileno(), 1, 5054, 54, 1 << 20, PEEK)
+        got = fill(1)
         assert got is not None
-        woken.append(len(got[2]))
+        woken.append(got[1])
 
     try:
         h.guest.bring_up(features)
@@ -1631,14 +1628,15 @@ def test_rx_kick_wakes_after_a_starved_rx_peek(h: Harness, features: int) -> Non
         a.sendall(_payload(20000))
         h.guest.post_rx(2, size=1536)
         h.pump()
-        assert h.link.rx_peek(b.fileno(), 4, 5054, 54, 1 << 20, PEEK) == (0, [], [])
-        assert h.link.rx_peek(b.fileno(), 4, 5054, 54, 1 << 20, PEEK) == (0, [], [])  # memo
+        assert fill(4) == (0, 0, 0)
+        assert fill(4) == (0, 0, 0)  # memo
         h.pump()
         assert woken == []
         h.guest.post_rx(2, size=1536)  # now one whole frame; the kick
         h.pump()
         assert woken == [1]
         h.link.flush()
+        assert len(h.guest.received()) == 1
         h.guest.post_rx(1, size=1536)  # not starved any more: no wake-up
         h.pump()
         assert woken == [1]

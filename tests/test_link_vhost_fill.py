@@ -1,12 +1,14 @@
 """VhostUserLink.rx_fill() (VirtQueue.fill_rx_frames() with tcpsg.c's vp_tcp_fill_writer, as
-TcpHandler._fill_frames() calls it) against the path it replaces: rx_peek(), the headers by
-vp_tcp_frames_sg_tso() and commit_scatter(); and where it declines, fails or disconnects."""
+TcpHandler._fill_frames() calls it) against the path tcp takes without it: rx_scatter(),
+recvmsg_into() over its views, the headers by vp_tcp_frames_sg_tso() over the frames' first
+views and commit_scatter() (test_link_vhost._scatter_fill()); and where it declines, fails or
+disconnects."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
-from ipaddress import IPv4Address as A4
 from pathlib import Path
 from typing import Any
 
@@ -14,55 +16,30 @@ import pytest
 from test_link_vhost import (
     ALL,
     BASE,
+    FPORT,
+    GPORT,
     GUEST_MAC,
     OUR_MAC,
     PEEK,
     TSO,
+    WRITER,
+    Fill,
     Harness,
-    _guest_memory,
-    _guest_ram,
+    _fill_run,
     _payload,
 )
-from vhostpasst._tcpsg import ffi as sg_ffi
-from vhostpasst._tcpsg import lib as sg_lib
+from test_link_vhost import FADDR4 as FADDR
+from test_link_vhost import GADDR4 as GADDR
 
 from vhostpasst.link.base import Tso
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from virtio import net
+from virtio.ring import FILL_LAYOUT
+from virtio.virtqueue import VirtQueue
 
-FADDR, GADDR = A4("198.51.100.7").packed, A4("10.0.2.15").packed
-FPORT, GPORT = 80, 40000
 OFF = wtcp.TCP4_PAYLOAD_OFFSET  # 54
 TSO4 = Tso(False, OFF - wtcp.TCP_HLEN, OFF, 1448)
-WRITER = int(sg_ffi.cast("uintptr_t", sg_ffi.addressof(sg_lib, "vp_tcp_fill_writer")))
-
-
-def template() -> tuple[bytes, int]:
-    """TcpHandler._template() for an IPv4 connection FADDR:FPORT -> GADDR:GPORT: headers with
-    the per-segment fields zero, and the pseudo-header sum."""
-    scratch = memoryview(bytearray(OFF))
-    wtcp.write_eth_ipv4_tcp_headers(scratch, GUEST_MAC, OUR_MAC, FADDR, GADDR, FPORT, GPORT,
-                                    0, 0, 0, 0, 0)
-    tmpl = bytearray(scratch)
-    tmpl[14 + 10:14 + 12] = b"\0\0"
-    tmpl[OFF - wtcp.TCP_HLEN + 16:OFF - wtcp.TCP_HLEN + 18] = b"\0\0"
-    return bytes(tmpl), checksum.partial(FADDR + GADDR) + socket.IPPROTO_TCP
-
-
-class Fill:
-    """A struct vp_tcp_fill filled as TcpHandler._fill_frames() fills it."""
-
-    def __init__(self, seq: int, ack: int, wnd: int, tso: Tso | None) -> None:
-        tmpl, pseudo = template()
-        self.f = sg_ffi.new("struct vp_tcp_fill *")
-        self.f.flags, self.f.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH
-        self.f.tmpl = tmpl
-        self.f.six = 0
-        self.f.pseudo = pseudo
-        self.f.seq, self.f.ack, self.f.wnd = seq, ack, wnd
-        self.f.tso_mss = tso.mss if tso is not None else 0
-        self.arg = int(sg_ffi.cast("uintptr_t", self.f))
 
 
 def rx_fill(h: Harness, fd: int, count: int, size: int, room: int, fill: Fill | None,
@@ -70,90 +47,6 @@ def rx_fill(h: Harness, fd: int, count: int, size: int, room: int, fill: Fill | 
     if fill is None:
         fill = Fill(1, 2, 3, tso)
     return h.link.rx_fill(fd, count, OFF + size, OFF, room, flags, WRITER, fill.arg, tso)
-
-
-def peek_path(h: Harness, fd: int, count: int, size: int, room: int, seq: int, ack: int,
-              wnd: int, tso: Tso | None) -> tuple[tuple[int, int, int] | None, int]:
-    """What TcpHandler._from_sock() does with rx_peek(): the read, the headers over the
-    first buffers (no checksum: GUEST_CSUM), commit_scatter(). ((bytes, frames, caps' sum)
-    as rx_fill() says it, the next seq)."""
-    got = h.link.rx_peek(fd, count, OFF + size, OFF, room, PEEK)
-    if got is None:
-        return None, seq
-    n, caps, firsts = got
-    sizes: list[int] = []
-    left = n
-    for cap in caps:
-        if left <= 0:
-            break
-        sizes.append(min(cap, left))
-        left -= sizes[-1]
-    k = len(sizes)
-    if not k:
-        h.link.commit_scatter([])
-        return (n, 0, sum(caps)), seq
-    tmpl, pseudo = template()
-    out = sg_ffi.new("uint32_t[]", k)
-    fb = sg_ffi.from_buffer
-    nxt = sg_lib.vp_tcp_frames_sg_tso(
-        [fb(v, require_writable=True) for v in firsts[:k]], [len(v) for v in firsts[:k]], k,
-        list(range(k + 1)), sizes, k, tmpl, 0, pseudo, seq, ack, wnd, wtcp.ACK,
-        wtcp.ACK | wtcp.PSH, 0, tso.mss if tso is not None else 0, out)
-    assert nxt >= 0
-    h.link.commit_scatter(sg_ffi.unpack(out, k), tso)
-    return (n, k, sum(caps)), nxt
-
-
-def run(fill: bool, features: int, sizes: list[int], rounds: list[tuple[int, int, int]],
-        data: bytes, tso: Tso | None, mem: tuple[int, ...] = (1 << 20,)) -> list[object]:
-    """Post RX buffers of `sizes`, queue `data`, then per round (count, payload per frame,
-    room) read, write headers and commit one way or the other, consume what was sent (the
-    guest's ACK). Everything the guest and the link show."""
-    h = Harness(queue_size=64)
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    seen: list[object] = []
-    seq, ack, wnd = 0xFFFFF000, 0x12345678, 0xABCD  # seq wraps within the rounds
-    try:
-        _guest_memory(h, mem)
-        h.guest.bring_up(features)
-        for size in sizes:
-            h.guest.rx.add([], [size])
-        h.guest.rx.kick()
-        a.sendall(data)
-        for count, size, room in rounds:
-            got: object
-            try:
-                if fill:
-                    f = Fill(seq, ack, wnd, tso)
-                    got = rx_fill(h, b.fileno(), count, size, room, f, tso)
-                    nxt = f.f.seq
-                else:
-                    got, nxt = peek_path(h, b.fileno(), count, size, room, seq, ack, wnd, tso)
-            except BlockingIOError:
-                got, nxt = "EAGAIN", seq  # all of it sent: nothing queued
-            seen.append((got, nxt))
-            h.link.flush()
-            used = h.guest.rx.get_used()
-            seen.append(used)
-            seen.append([h.guest.rx.written(head, length) for head, length in used])
-            if isinstance(got, tuple) and got[1]:
-                sent = (nxt - seq) & 0xFFFFFFFF
-                assert len(b.recv(sent)) == sent
-            seq = nxt
-            for _ in range(min(len(used), len(h.guest.rx.free))):
-                h.guest.rx.add([], [sizes[0]])
-            h.guest.rx.kick()
-            h.pump(1)
-        vq = h.link._queue(net.RX_QUEUE)
-        seen.append((h.link.tx_frames, h.link.tx_zero_copy, h.link.tx_scattered,
-                     h.link.tx_gso, h.link.tx_dropped, h.disconnects))
-        seen.append(None if vq is None else (vq.last_avail_idx, vq.used_idx, vq.inflight))
-        seen.append(_guest_ram(h.guest))
-    finally:
-        a.close()
-        b.close()
-        h.close()
-    return seen
 
 
 @pytest.mark.parametrize("features, tso, sizes, size, count, room", [
@@ -164,20 +57,24 @@ def run(fill: bool, features: int, sizes: list[int], rounds: list[tuple[int, int
     (ALL | TSO, TSO4, [1536, 4096, 2000, 1536, 3000] * 8, 9000, 8, 1 << 20),  # any sizes
 ], ids=["1460-4k", "1460-1.5k-window", "64k-tso", "tso-window", "mixed"])
 @pytest.mark.parametrize("mem", [(1 << 20,), (40000, 1 << 20)], ids=["one-region", "two"])
-def test_rx_fill_same_as_rx_peek_headers_and_commit_scatter(
+def test_rx_fill_same_as_rx_scatter_headers_and_commit_scatter(
         features: int, tso: Tso | None, sizes: list[int], size: int, count: int, room: int,
         mem: tuple[int, ...]) -> None:
     """vp_tcp_fill_writer through rx_fill(): the guest sees the same frames (bytes, used
     entries, virtio-net headers), the link counts the same, the queue ends in the same
-    state and the seq moves the same as rx_peek(), vp_tcp_frames_sg_tso() over the first
-    buffers and commit_scatter(); an empty ring and the end of the data on the way."""
+    state and the seq moves the same as rx_scatter(), recvmsg_into() over its views,
+    vp_tcp_frames_sg_tso() over the first buffers and commit_scatter(); an empty ring and
+    the end of the data on the way."""
     data = _payload(150000, 4)
-    rounds = [(count, size, room)] * 3 + [(count, size, 1 << 20)] * 2
-    ours = run(True, features, sizes, rounds, data, tso, mem)
-    theirs = run(False, features, sizes, rounds, data, tso, mem)
+    rounds: list[tuple[int, int, int, int, bool, int | None]] = \
+        [(count, OFF + size, OFF, room, True, None)] * 3 + \
+        [(count, OFF + size, OFF, 1 << 20, True, None)] * 2
+    ours, took = _fill_run(True, features, mem, sizes, rounds, data)
+    theirs, _ = _fill_run(False, features, mem, sizes, rounds, data)
     assert ours == theirs
+    assert took[0], "rx_fill() declined: only the reference ran"
     assert ours[1], "nothing reached the guest"
-    counters = ours[-3]
+    counters = ours[-4]
     assert counters[0] > 0  # type: ignore[index]
     if tso is not None and size > tso.mss:
         assert counters[3] > 0  # type: ignore[index]
@@ -282,7 +179,7 @@ def test_rx_fill_tso_frames_get_the_gso_header() -> None:
 # --- where it declines, finds nothing, fails ----------------------------------------------------
 
 def _assert_fill_declined(h: Harness, features: int = ALL) -> None:
-    """8 RX buffers, 3000 bytes queued: rx_fill() says None (as rx_peek()), nothing popped,
+    """8 RX buffers, 3000 bytes queued: rx_fill() says None, nothing popped, no batch kept,
     nothing read, the writer's seq untouched."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -291,10 +188,10 @@ def _assert_fill_declined(h: Harness, features: int = ALL) -> None:
         a.sendall(b"q" * 3000)
         f = Fill(9, 0, 0, None)
         assert rx_fill(h, b.fileno(), 2, 1460, 10000, f, flags=socket.MSG_DONTWAIT) is None
-        assert h.link.rx_peek(b.fileno(), 2, 1514, 54, 10000, PEEK) is None
         assert f.f.seq == 9
         vq = h.link._queue(net.RX_QUEUE)
         assert vq is not None and (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.link._batch is None
         assert h.link.tx_frames == 0
         assert b.recv(5000) == b"q" * 3000
     finally:
@@ -325,7 +222,7 @@ def test_rx_fill_none_with_pcap(tmp_path: Path) -> None:
 
 
 def test_rx_fill_none_for_a_general_ring() -> None:
-    """Chains of two buffers: None (rx_peek() says so too; rx_scatter() takes them)."""
+    """Chains of two buffers: None (the lean path doesn't apply; rx_scatter() takes them)."""
     h = Harness()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -343,6 +240,46 @@ def test_rx_fill_none_for_a_general_ring() -> None:
         a.close()
         b.close()
         h.close()
+
+
+@pytest.mark.parametrize("how", ["no-writer", "records"])
+def test_rx_fill_layout_refused_falls_back(h: Any, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """vr_rx_fill()'s FILL_LAYOUT (no writer given, or the records not holding the frames)
+    is our bug, not the guest's: logged, None (rx_scatter() still works), nothing popped or
+    read, the writer's seq untouched, the front end kept."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        h.guest.bring_up(ALL)
+        h.guest.post_rx(8, size=4096)
+        vq = h.link._queue(net.RX_QUEUE)
+        assert vq is not None
+        writer = WRITER
+        if how == "no-writer":
+            writer = 0  # vr_rx_fill() refuses it before it pops anything
+        else:
+            def refuse(self: VirtQueue, *args: object) -> tuple[int, list[int]]:
+                return 0, [FILL_LAYOUT] + [0] * 12
+
+            monkeypatch.setattr(vq, "fill_rx_frames", refuse.__get__(vq))
+        a.sendall(b"q" * 3000)
+        f = Fill(9, 0, 0, None)
+        with caplog.at_level(logging.ERROR):
+            got = h.link.rx_fill(b.fileno(), 2, OFF + 1460, OFF, 10000, socket.MSG_DONTWAIT,
+                                 writer, f.arg, None)
+        assert got is None
+        assert "frame records" in caplog.text
+        assert f.f.seq == 9
+        assert (vq.last_avail_idx, vq.inflight) == (0, 0)
+        assert h.link._batch is None and h.link.tx_frames == 0
+        assert h.link.connected and h.disconnects == 0 and not h.guest.fe.is_closed()
+        assert len(h.link.rx_scatter(2, 1514, 54)) == 2
+        h.link.flush()
+        assert h.guest.rx.get_used() == []
+        assert b.recv(5000) == b"q" * 3000
+    finally:
+        a.close()
+        b.close()
 
 
 def test_rx_fill_empty_ring_and_no_guest(h: Any) -> None:

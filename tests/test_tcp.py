@@ -647,11 +647,8 @@ class FakeScatterLink(FakeLink):
         self._scatter = out
         return out
 
-    def rx_peek(self, *args: object) -> None:
-        return None  # as Link's: this link has no faster read than rx_scatter()
-
     def rx_fill(self, *args: object) -> None:
-        return None  # as Link's
+        return None  # as Link's: this link has no faster read than rx_scatter()
 
     def commit_scatter(self, lengths: list[int], tso: object = None) -> None:
         self.tsos.append(tso)
@@ -762,9 +759,12 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
     def data_frames() -> list[TCP]:
         return [parse(f) for f in link.frames if bytes(parse(f).payload)]
 
+    # the peek after the handshake asked already (it found nothing): stale now, asked again
+    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 0.0)
     sock.rx += b"a" * (2 * seg)
     loop.fds[sock.fd][1](tcp.EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1 and len(data_frames()) == 2
+    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 60.0)
     sock.rx += b"b" * (3 * seg)  # lands after a full peek
     loop.fds[sock.fd][1](tcp.EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1  # neither asked again

@@ -756,7 +756,6 @@ class TcpHandler:
             count = min(count, max(1, -(-fresh // seg)))
         off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
         frames: list[list[memoryview]] = []
-        peeked = None  # (bytes, caps, first buffers) when the link read the socket itself
         acked = None  # (ACK, window) _fill_frames() found before it fell back
         if sg:
             # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
@@ -769,24 +768,13 @@ class TcpHandler:
                 # Not when SIOCINQ saw nothing new: data landing between it and the peek
                 # would go out one byte first (a whole segment's room costs nothing then).
                 size = fresh + 1
-            # the one-call path computes the ACK and window before the read: only where
-            # there is data to read (a bulk transfer, or the socket says so)
-            if self._fill is not None and (conn.peek_full or fresh is not None and fresh > 0):
-                acked = self._fill_frames(conn, link, count, off + size, off, room, tso)
-                if acked is None:
-                    return
-            try:
-                peeked = link.rx_peek(conn.fd, count, off + size, off, room,  # type: ignore[union-attr]
-                                      _PEEK_FLAGS)
-            except OSError as e:
-                self._peek_failed(conn, e)
+            # the link reads the socket and commits in one call where it can (vhost-user
+            # with GUEST_CSUM, no pcap); else its buffers, read and committed from here
+            acked = self._fill_frames(conn, link, count, off + size, off, room, tso)
+            if acked is None:
                 return
-            if peeked is None:
-                frames = scatter(count, off + size, off)  # type: ignore[misc]
-                bufs = [frame[0] for frame in frames]
-            else:
-                n, caps, bufs = peeked
-                frames = [[buf] for buf in bufs]
+            frames = scatter(count, off + size, off)  # type: ignore[misc]
+            bufs = [frame[0] for frame in frames]
         else:
             bufs = self.ctx.rx_buffers(count)
         if not bufs:
@@ -796,29 +784,26 @@ class TcpHandler:
             if not conn.rto_armed:
                 self._arm_rto(conn)
             return
-        if peeked is not None:
-            scattered = True  # only headers to write: _tcpsg, without checksums
+        # frames over several buffers, or in one that holds less than a segment (a guest
+        # without mergeable buffers): per-frame room, and headers by _tcpsg
+        full = off + seg
+        # GSO frames need _tcpsg's partial checksum, whatever their buffers
+        scattered = tso is not None or \
+            any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
+        if scattered:
+            iov, caps = _scatter_iov(frames, off, room)
         else:
-            # frames over several buffers, or in one that holds less than a segment (a guest
-            # without mergeable buffers): per-frame room, and headers by _tcpsg
-            full = off + seg
-            # GSO frames need _tcpsg's partial checksum, whatever their buffers
-            scattered = tso is not None or \
-                any(len(frame) > 1 or len(frame[0]) < full for frame in frames)
-            if scattered:
-                iov, caps = _scatter_iov(frames, off, room)
-            else:
-                iov = [buf[off:full] for buf in bufs]
-                caps = [seg] * len(bufs)
-                last = room - (len(bufs) - 1) * seg  # the window may cut the last one short
-                if last < seg:
-                    iov[-1] = bufs[-1][off:off + last]
-                    caps[-1] = last
-            try:
-                n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
-            except OSError as e:
-                self._peek_failed(conn, e)
-                return
+            iov = [buf[off:full] for buf in bufs]
+            caps = [seg] * len(bufs)
+            last = room - (len(bufs) - 1) * seg  # the window may cut the last one short
+            if last < seg:
+                iov[-1] = bufs[-1][off:off + last]
+                caps[-1] = last
+        try:
+            n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
+        except OSError as e:
+            self._peek_failed(conn, e)
+            return
         if n == 0:
             # end of stream, everything before it peeked: FIN to the guest
             conn.sock_eof = True
@@ -844,7 +829,7 @@ class TcpHandler:
         if scattered:
             assert link is not None
             written = self._scattered_headers(conn, link, frames[:count], sizes, mac, ack, wnd,
-                                              tso, peeked is None)
+                                              tso)
             if written is None:  # the link's buffers broke its promises: resend on the RTO
                 link.commit_scatter([])
                 if not conn.rto_armed:
@@ -952,18 +937,16 @@ class TcpHandler:
 
     def _scattered_headers(self, conn: TcpConn, link: Link, frames: list[list[memoryview]],
                            sizes: list[int], mac: bytes, ack: int, wnd: int,
-                           tso: Tso | None = None,
-                           sums: bool = True) -> tuple[int, list[int]] | None:
+                           tso: Tso | None = None) -> tuple[int, list[int]] | None:
         """Headers (and the TCP checksum, unless the guest takes DATA_VALID) for frames whose
         payload spans several buffers, in one C call; the next seq and the frame lengths, or
         None if the buffers can't hold what they should (the C side checks every access).
-        With `tso`, frames of more than one segment get the partial (pseudo-header) sum.
-        `sums` False: no checksum whatever the link (rx_peek() frames: first buffers only)."""
+        With `tso`, frames of more than one segment get the partial (pseudo-header) sum."""
         assert _sg_ffi is not None and _sg_lib is not None
         tmpl = self._template(conn, mac)
         # GUEST_CSUM: the guest checks nothing, so the payload need not be read again (summed
         # anyway with --pcap, which should show frames as a guest without offload sees them)
-        csum = sums and not (getattr(link, "csum_offload", False) and link.pcap is None)
+        csum = not (getattr(link, "csum_offload", False) and link.pcap is None)
         if csum:
             pieces = [v for frame in frames for v in frame]
             first = [0]

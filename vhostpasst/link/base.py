@@ -118,26 +118,19 @@ class Link(abc.ABC):
         """
         return [[buf[:frame_len]] for buf in self.rx_buffers(min(count, IOV_MAX))]
 
-    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
-                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
-        """rx_scatter() and a recvmsg(fd, flags) into the frames' bytes from `off` on (at most
-        `room` bytes) in one, for a link that can read a socket into its buffers faster than
-        recvmsg_into() over rx_scatter()'s views: (bytes read, each frame's payload room,
-        each frame's first buffer), then commit_scatter(). Only when nothing but headers is
-        written into the frames afterwards (no checksum over the payload). None: no such
-        path now, use rx_scatter() (this default)."""
-        return None
-
     def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
                 writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
-        """rx_peek(), the frames' headers and commit_scatter() in one call, for a link whose
-        buffers C code can fill: `writer` is the address of a C frame writer (virtio's
-        vr_frame_writer, cffi_build/ring.c) and `writer_arg` of its argument; it writes each
-        frame's headers given its first buffer and payload size. Returns (bytes read,
-        frames sent, the payload room the frames had in all): 0 bytes with frames laid out
-        is the end of the stream (nothing sent); (0, 0, 0) when there is no room; bytes read
-        and none sent when the writer refused them. None: no such path now, use rx_peek()
-        (this default). OSError from recvmsg() goes to the caller."""
+        """rx_scatter(), a recvmsg(fd, flags) into the frames' bytes from `off` on (at most
+        `room` bytes), their headers and commit_scatter() in one call, for a link whose
+        buffers C code can fill faster than recvmsg_into() over rx_scatter()'s views: only
+        when nothing but headers is written into the frames (no checksum over the payload).
+        `writer` is the address of a C frame writer (virtio's vr_frame_writer,
+        cffi_build/ring.c) and `writer_arg` of its argument; it writes each frame's headers
+        given its first buffer and payload size. Returns (bytes read, frames sent, the
+        payload room the frames had in all): 0 bytes with frames laid out is the end of the
+        stream (nothing sent); (0, 0, 0) when there is no room; bytes read and none sent
+        when the writer refused them. None: no such path now, use rx_scatter() (this
+        default). OSError from recvmsg() goes to the caller."""
         return None
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
@@ -218,10 +211,6 @@ class ForwardingLink(Link):
 
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
         return self.link.rx_scatter(count, frame_len, head)
-
-    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
-                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
-        return self.link.rx_peek(fd, count, frame_len, off, room, flags)
 
     def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
                 writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:

@@ -64,7 +64,6 @@ from virtio.ring import (
     FILL_OK,
     FILL_RECV,
     FILL_WRITER,
-    recv_frames,
     rx_commit,
 )
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
@@ -480,7 +479,7 @@ class VhostUserLink(Link):
             return []
         if self._mergeable:
             # Linux's buffers (one writable descriptor per chain): flat records, no Chains
-            batch = self._lean_batch(vq, count, frame_len, head, False)
+            batch = self._lean_batch(vq, count, frame_len, head)
             if batch is not None:
                 return batch.frames
             if not self.connected:
@@ -542,8 +541,8 @@ class VhostUserLink(Link):
         return out
 
     def _lean_batch(self, vq: VirtQueue, count: int, frame_len: int, head: int,
-                    records: bool) -> net.RxBatch | None:
-        """net.rx_frames() for rx_scatter() / rx_peek(), remembered for the commit; an empty
+                    ) -> net.RxBatch | None:
+        """net.rx_frames() for rx_scatter(), remembered for the commit; an empty
         batch when there is no room yet, None when the general path must do it (or the
         front end was just disconnected: then `connected` is False)."""
         short = self._short
@@ -555,7 +554,7 @@ class VhostUserLink(Link):
                 # again. Socket events and guest ACKs call here between RX kicks.
                 self._starved = True
                 return net.RxBatch.empty()
-            batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint, records)
+            batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint)
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return None
@@ -571,42 +570,15 @@ class VhostUserLink(Link):
         self._batch = batch if batch.count else None
         return batch
 
-    def rx_peek(self, fd: int, count: int, frame_len: int, off: int, room: int,
-                flags: int) -> tuple[int, list[int], list[memoryview]] | None:
-        """rx_scatter() and the caller's socket read in one, where nothing but the headers
-        is written in the frames afterwards (GUEST_CSUM: no checksum to sum over the payload;
-        no pcap): the lean path's chains stay (region, offset, length) records and C reads
-        the socket (recvmsg with `flags`) straight into them, frame bytes `off` on, `room`
-        bytes at most. A memoryview per guest buffer (17 per 64 KiB frame) cost more than
-        all the rest. Returns (bytes read, each frame's payload room, each frame's first
-        buffer from the frame's first byte on), then commit_scatter() as after rx_scatter();
-        (0, [], []) when the ring has no room (as rx_scatter()'s []). None when this path
-        doesn't apply: use rx_scatter(). OSError from recvmsg() goes to the caller."""
-        if not self._mergeable or not self.csum_offload or self.pcap is not None:
-            return None
-        vq = self._rx_queue(count)
-        if vq is None:
-            return 0, [], []
-        batch = self._lean_batch(vq, count, frame_len, off, True)
-        if batch is None:
-            return None if self.connected else (0, [], [])
-        if not batch.starts:
-            return 0, [], []
-        try:
-            n, caps = recv_frames(fd, flags, vq.memory.table, batch.records, batch.starts,
-                                  net.HDR_LEN, frame_len, off, room)
-        except ValueError:  # our bug, not the guest's: the general path still works
-            log.exception("vhost-user RX: frame records")
-            self._release()
-            return None
-        return n, caps, [batch.buf(s)[net.HDR_LEN:] for s in batch.starts]
-
     def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
                 writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
-        """rx_peek(), the writer's headers and the commit in one C call (VirtQueue.
-        fill_rx_frames()) where rx_peek() applies: the Python between them cost more than
-        what they do. The frames are in the used ring when this returns; flush() tells
-        the guest."""
+        """The lean path (mergeable buffers, GUEST_CSUM: only headers to write, no --pcap)
+        with the caller's socket read, the writer's headers and the commit in one C call
+        (VirtQueue.fill_rx_frames()): the chains stay (region, offset, length) records and
+        C reads the socket (recvmsg with `flags`) straight into them, frame bytes `off` on,
+        `room` bytes at most. A memoryview per guest buffer (17 per 64 KiB frame), and the
+        Python between the steps, cost more than the steps. The frames are in the used ring
+        when this returns; flush() tells the guest."""
         if not self._mergeable or not self.csum_offload or self.pcap is not None:
             return None
         vq = self._rx_queue(count)
@@ -647,7 +619,8 @@ class VhostUserLink(Link):
         if code == FILL_RECV:
             raise OSError(-n, os.strerror(-n))
         if code == FILL_LAYOUT:  # our bug, not the guest's: the general path still works
-            log.error("vhost-user RX: frame records don't hold the frames (%d)", out[4])
+            log.error("vhost-user RX: the one-call fill refused its writer or the frame "
+                      "records (%d frames): rx_scatter() instead", out[4])
             return None
         _ratelimited.warning("vu-rx-fill", "vhost-user RX: %d frames read and not sent (%s)",
                              out[4], "header writer refused them" if code == FILL_WRITER
