@@ -22,7 +22,7 @@ from sandbox import Sandbox, vhostpasst_command
 from vhostpasst._tcpsg import ffi as sg_ffi
 from vhostpasst._tcpsg import lib as sg_lib
 
-from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
+from tests.virtio.frontend import DriverMemory, DriverRing, Frontend, frame_sizes
 from vhostpasst.conf import Config, Ip4Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link import vhost as vhost_mod
@@ -1281,13 +1281,7 @@ def _scatter_fill(link: Link, fd: int, count: int, frame_len: int, off: int, roo
     n = _recvmsg_into(fd, iov, flags)
     if n == 0:  # the end of the stream: nothing sent
         return 0, 0, sum(caps)
-    sizes = []
-    left = n
-    for cap in caps:
-        if left <= 0:
-            break
-        sizes.append(min(cap, left))
-        left -= sizes[-1]
+    sizes = frame_sizes(n, caps)
     k = len(sizes)
     firsts = [f[0] for f in frames[:k]]
     out = sg_ffi.new("uint32_t[]", k)

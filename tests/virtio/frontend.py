@@ -272,3 +272,16 @@ class Frontend:
         assert self.ack(m.Request.SET_VRING_ADDR, m.encode_vring_addr(ring.addr(index))) == 0
         assert self.ack(m.Request.SET_VRING_CALL, m.encode_u64(index), [ring.call_fd]) == 0
         assert self.ack(m.Request.SET_VRING_KICK, m.encode_u64(index), [ring.kick_fd]) == 0
+
+
+def frame_sizes(n: int, caps: list[int]) -> list[int]:
+    """The payload bytes each frame holds after a read of n bytes into frames with room
+    `caps` (in order; frames past the data get none): what vr_rx_fill() hands its writer."""
+    sizes: list[int] = []
+    left = n
+    for cap in caps:
+        if left <= 0:
+            break
+        sizes.append(min(cap, left))
+        left -= sizes[-1]
+    return sizes

@@ -29,6 +29,7 @@ from virtio.ring import (
 )
 from virtio.virtqueue import DESC_F_WRITE, VirtQueueError
 
+from .frontend import frame_sizes
 from .test_virtqueue import Setup
 
 HDR = 12
@@ -208,13 +209,7 @@ def reference(setup: Setup, fd: int, count: int, frame_len: int, head: int, room
     except OSError as e:
         vq.rewind(kept)
         return -e.errno, None
-    sizes = []
-    left = n
-    for cap in caps:
-        if left <= 0:
-            break
-        sizes.append(min(cap, left))
-        left -= sizes[-1]
+    sizes = frame_sizes(n, caps)
     if not sizes:
         vq.rewind(kept)
         return n, []
