@@ -17,6 +17,7 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "vhostpasst._tcpseg",
     (Path(__file__).parent / "tcpseg.c").read_text(),
+    include_dirs=[str(Path(__file__).parent)],  # tcp_frame.h
     extra_compile_args=["-O2", "-Wall"],
 )
 

@@ -11,72 +11,11 @@
  * just those. Every access is checked against the lengths given: returns -1 (nothing is
  * promised about frames already written) if a frame's pieces can't hold its headers or, with
  * `csum`, its payload; else the next seq. out_lens[i]: the frame's length. */
-#include <stdint.h>
-#include <stddef.h>
-#include <string.h>
-
-#define ETH_HLEN 14
-#define IP4_HLEN 20
-#define IP6_HLEN 40
-#define TCP_HLEN 20
-
-/* Ones' complement sum of `len` bytes as big-endian 16-bit words, folded to 16 bits
- * (RFC 1071: summed in native order, byte-swapped once at the end). An odd last byte
- * counts as the high byte of a word. */
-static uint32_t sum16(const uint8_t *buf, size_t len)
-{
-	uint64_t acc = 0;
-	size_t i = 0;
-	uint32_t w;
-	uint16_t h;
-
-	for (; i + 4 <= len; i += 4) {
-		memcpy(&w, buf + i, 4);
-		acc += w;
-	}
-	if (i + 2 <= len) {
-		memcpy(&h, buf + i, 2);
-		acc += h;
-		i += 2;
-	}
-	if (i < len) {
-		h = 0;
-		memcpy(&h, buf + i, 1);
-		acc += h;
-	}
-	while (acc >> 16)
-		acc = (acc & 0xffff) + (acc >> 16);
-	h = (uint16_t)acc;
-	{
-		const uint8_t *p = (const uint8_t *)&h;
-		return (uint32_t)p[0] << 8 | p[1];
-	}
-}
+#include "tcp_frame.h"
 
 static inline uint32_t swap16(uint32_t s)
 {
 	return ((s & 0xff) << 8) | (s >> 8);
-}
-
-static inline void put16(uint8_t *p, uint16_t v)
-{
-	p[0] = v >> 8;
-	p[1] = v & 0xff;
-}
-
-static inline void put32(uint8_t *p, uint32_t v)
-{
-	p[0] = v >> 24;
-	p[1] = v >> 16;
-	p[2] = v >> 8;
-	p[3] = v;
-}
-
-static inline uint16_t fold(uint64_t sum)
-{
-	while (sum >> 16)
-		sum = (sum & 0xffff) + (sum >> 16);
-	return (uint16_t)~sum;
 }
 
 /* The pseudo-header sum over the whole TCP length, folded and not complemented: what a
@@ -118,7 +57,7 @@ int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigne
 			put16(f + ETH_HLEN + 4, (uint16_t)l4);
 		} else {
 			put16(f + ETH_HLEN + 2, (uint16_t)(IP4_HLEN + l4));
-			put16(f + ETH_HLEN + 10, fold(sum16(f + ETH_HLEN, IP4_HLEN)));
+			put16(f + ETH_HLEN + 10, fold(csum_partial(f + ETH_HLEN, IP4_HLEN, 0)));
 		}
 		put32(t + 4, seq);
 		put32(t + 8, ack);
@@ -129,7 +68,7 @@ int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigne
 		} else if (csum) {
 			/* header (even length), then the payload piece by piece: a piece that
 			 * starts at an odd offset has its bytes in swapped roles */
-			sum = (uint64_t)pseudo + l4 + sum16(t, TCP_HLEN);
+			sum = (uint64_t)pseudo + l4 + csum_partial(t, TCP_HLEN, 0);
 			left = size;
 			for (p = start; p < end && left; p++) {
 				uint32_t off = p == start ? hlen + TCP_HLEN : 0;
@@ -139,7 +78,7 @@ int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigne
 					return -1;
 				if (len > left)
 					len = left;
-				s = sum16(bufs[p] + off, len);
+				s = csum_partial(bufs[p] + off, len, 0);
 				sum += odd ? swap16(s) : s;
 				odd ^= len & 1;
 				left -= len;

@@ -34,6 +34,7 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "vhostpasst._tcpsg",
     (Path(__file__).parent / "tcpsg.c").read_text(),
+    include_dirs=[str(Path(__file__).parent)],  # tcp_frame.h
     extra_compile_args=["-O2", "-Wall"],
 )
 
