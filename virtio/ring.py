@@ -274,7 +274,8 @@ class RingAccess:
 
     def used_publish(self, idx: int) -> None:
         """used->idx with release ordering, then a full fence (before reading used_event)."""
-        _ok(lib.vr_used_publish(self._used, self._used_len, idx & 0xFFFF))
+        if lib.vr_used_publish(self._used, self._used_len, idx & 0xFFFF) < 0:  # _ok(), inline:
+            raise RingError("ring access outside the mapped ring area")  # once per flush
 
     def used_idx(self) -> int:
         return _ok(lib.vr_used_idx(self._used, self._used_len))

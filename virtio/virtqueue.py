@@ -541,7 +541,8 @@ class VirtQueue:
             return False
         used, self._used = self._used, []
         # the list holds the latest pushes (push_written() wrote those before it already)
-        self._ring.used_put_many((self.used_idx - len(used) // 2) & 0xFFFF, used)
+        if used:
+            self._ring.used_put_many((self.used_idx - len(used) // 2) & 0xFFFF, used)
         self._ring.used_publish(self.used_idx)
         self._pending = 0
         if self._should_notify():

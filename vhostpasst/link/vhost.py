@@ -296,7 +296,12 @@ class VhostUserLink(Link):
 
     @property
     def connected(self) -> bool:
-        return self._queue(net.RX_QUEUE) is not None and self._queue(net.TX_QUEUE) is not None
+        # _queue() for both, spelled out: TCP asks this on every peek
+        backend = self.backend
+        if backend is None or backend.closed:
+            return False
+        rx, tx = backend.queues[net.RX_QUEUE], backend.queues[net.TX_QUEUE]
+        return rx.ready and rx.enabled and tx.ready and tx.enabled
 
     def _features_set(self, features: int) -> None:
         self.csum_offload = bool(features & net.F_GUEST_CSUM)
