@@ -1044,11 +1044,16 @@ def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> N
         sandbox.host_ns, *vhostpasst_command(), "-f", "--vhost-user", "-1", "-s", path,
         stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
-    while not os.path.exists(path):
-        assert daemon.poll() is None and time.monotonic() < deadline, "no socket"
-        time.sleep(0.05)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    sock = None
+    while sock is None:  # the path exists once bound, and accepts once listening
+        assert daemon.poll() is None and time.monotonic() < deadline, "no listening socket"
+        attempt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            attempt.connect(path)
+            sock = attempt
+        except (FileNotFoundError, ConnectionRefusedError):
+            attempt.close()
+            time.sleep(0.05)
     g = _remote_guest(sock)
     try:
         _dhcp_over(g)
