@@ -793,7 +793,7 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
  * the steps. The ring library knows nothing of what the frames carry: `writer` (a
  * vr_frame_writer, its address as an integer) gets each frame's first buffer from the frame's
  * first byte on (past the virtio-net header), that buffer's length and the frame's payload
- * size, and sets each frame's length; it returns >= 0 (kept in *wres) or < 0 if it can't.
+ * size, and sets each frame's length; it returns >= 0, or < 0 if it can't.
  * Its pointers come from records checked against their regions here.
  *
  * Arguments as for those calls; at most VR_FILL_MAX frames. out[0] says how it went
@@ -826,9 +826,8 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
 		unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
 		uint32_t *chrecs, unsigned cap, int fd, int flags, uint64_t room,
-		uintptr_t writer, uintptr_t writer_arg, int64_t *wres, const uint8_t *plain,
-		const uint8_t *gso, uint32_t gso_from, uint32_t *elems, uint32_t *spare,
-		uint64_t *out)
+		uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain, const uint8_t *gso,
+		uint32_t gso_from, uint32_t *elems, uint32_t *spare, uint64_t *out)
 {
 	uint32_t starts[VR_FILL_MAX], caps[VR_FILL_MAX], sizes[VR_FILL_MAX];
 	uint32_t first_lens[VR_FILL_MAX], lens[VR_FILL_MAX], gout[4], tail, counters[3];
@@ -836,7 +835,7 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 	unsigned i, nf, sent = 0;
 	uint64_t left, capsum = 0;
 	long n;
-	int pairs;
+	int got, pairs;
 
 	memset(out, 0, 13 * sizeof(*out));
 	if (count > VR_FILL_MAX)
@@ -845,10 +844,8 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		out[0] = VR_FILL_LAYOUT;
 		return 0;
 	}
-	nf = 0;
-	i = (unsigned)vr_rx_gather(ctx, last_avail, indirect, regions, nregions, used, used_len,
-				   rearm, count, need, hdr, head, max_views, hint, recs, chrecs,
-				   cap, starts, gout);
+	got = vr_rx_gather(ctx, last_avail, indirect, regions, nregions, used, used_len, rearm,
+			   count, need, hdr, head, max_views, hint, recs, chrecs, cap, starts, gout);
 	out[1] = gout[0];
 	out[2] = gout[1];
 	out[3] = gout[2];
@@ -860,7 +857,7 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		out[0] = VR_FILL_GENERAL;
 		return 0;
 	}
-	nf = i;
+	nf = (unsigned)got;	/* >= 0 unless VR_GATHER_ERROR */
 	out[4] = nf;
 	if (!nf) {
 		out[0] = VR_FILL_EMPTY;
@@ -896,9 +893,8 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		left -= sizes[i];
 		sent++;
 	}
-	*wres = ((vr_frame_writer)writer)((void *)writer_arg, firsts, first_lens, sizes, sent,
-					  lens);
-	if (*wres < 0) {
+	if (((vr_frame_writer)writer)((void *)writer_arg, firsts, first_lens, sizes, sent,
+				      lens) < 0) {
 		out[0] = VR_FILL_WRITER;
 		return n;
 	}

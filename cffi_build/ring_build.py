@@ -67,9 +67,9 @@ ffibuilder.cdef(
                     size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
                     unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
                     uint32_t *chrecs, unsigned cap, int fd, int flags, uint64_t room,
-                    uintptr_t writer, uintptr_t writer_arg, int64_t *wres,
-                    const uint8_t *plain, const uint8_t *gso, uint32_t gso_from,
-                    uint32_t *elems, uint32_t *spare, uint64_t *out);
+                    uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain,
+                    const uint8_t *gso, uint32_t gso_from, uint32_t *elems,
+                    uint32_t *spare, uint64_t *out);
     int vr_tx_frames(const struct vr_region *regions, unsigned nregions,
                      const uint32_t *chains, unsigned nchains, const uint64_t *bufs,
                      unsigned nbufs, unsigned hdr, uint64_t max_frame, uint8_t *hdrs,

@@ -1658,11 +1658,12 @@ def test_short_ring_memo_forgotten_on_reconnect(h: Harness) -> None:
     h.link.flush()
 
 
-# --- net.rx_frames(records=True): the chains' records, no views ---------------------------------
+# --- net.rx_frames(): the chains' records next to the views ---------------------------------------
 
 def test_rx_frames_records_same_as_views() -> None:
-    """records=True: the same chains and frames as with views, the raw records of exactly
-    the chains kept (region, offset, length, as RxBatch.buf() reads them), no views."""
+    """The batch's raw records are those of exactly the chains kept (region, offset, length,
+    as RxBatch.buf() reads them), and a second pop of the same chains lays them out the
+    same."""
     h = Harness(queue_size=64)
     try:
         _guest_memory(h, (40000, 1 << 20))
@@ -1673,8 +1674,8 @@ def test_rx_frames_records_same_as_views() -> None:
         views = net.rx_frames(vq, 8, 20000, 54)  # 5 chains a frame: 6 frames, then dry
         assert views is not None and len(views.frames) == 6
         vq.rewind(len(views.heads))
-        recs = net.rx_frames(vq, 8, 20000, 54, records=True)
-        assert recs is not None and recs.records is not None and recs.frames == []
+        recs = net.rx_frames(vq, 8, 20000, 54)
+        assert recs is not None and recs.records is not None
         assert (recs.heads, recs.lens, recs.regions, recs.offsets, recs.starts) == \
             (views.heads, views.lens, views.regions, views.offsets, views.starts)
         assert (recs.starved, recs.seen) == (views.starved, views.seen) == (True, 30)
@@ -1701,7 +1702,7 @@ def test_rx_frames_records_trimmed_to_the_chains_kept() -> None:
         h.guest.post_rx(10, size=1536)
         vq = h.link._queue(net.RX_QUEUE)
         assert vq is not None
-        batch = net.rx_frames(vq, 4, 5000, 54, hint=1536, records=True)  # 4 chains a frame
+        batch = net.rx_frames(vq, 4, 5000, 54, hint=1536)  # 4 chains a frame
         assert batch is not None and batch.records is not None
         assert batch.starts == [0, 4] and len(batch.heads) == 8 and batch.seen == 10
         assert len(batch.records) == 24 * 8 and vq.inflight == 8

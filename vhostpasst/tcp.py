@@ -778,11 +778,7 @@ class TcpHandler:
         else:
             bufs = self.ctx.rx_buffers(count)
         if not bufs:
-            # no guest, or its ring is full: rx_ready() resumes, the RTO timer if it never comes
-            self._stall(conn, True)
-            self._waiting[conn] = None
-            if not conn.rto_armed:
-                self._arm_rto(conn)
+            self._no_room(conn)
             return
         # frames over several buffers, or in one that holds less than a segment (a guest
         # without mergeable buffers): per-frame room, and headers by _tcpsg
@@ -805,16 +801,10 @@ class TcpHandler:
             self._peek_failed(conn, e)
             return
         if n == 0:
-            # end of stream, everything before it peeked: FIN to the guest
-            conn.sock_eof = True
-            conn.peek_full = False
-            self._stall(conn, False, drained=True)
-            self._send_fin(conn)
+            self._peeked_eof(conn)
             return
         conn.last_seen = now = time.monotonic()
-        # buffers not filled: nothing more to peek until new data arrives (an edge)
-        conn.peek_full = n >= sum(caps)
-        self._stall(conn, n >= room, drained=not conn.peek_full)
+        self._peeked(conn, n, sum(caps), room)
         ack, wnd = acked if acked is not None else self._data_ack_wnd(conn, now)
         mac = self.ctx.guest_mac()
         sizes = []  # segments filled: all full but the last
@@ -862,6 +852,27 @@ class TcpHandler:
             self.ctx.commit(lengths)
         self._data_sent(conn, seq, ack, wnd)
 
+    def _no_room(self, conn: TcpConn) -> None:
+        """No guest, or its RX ring is full: rx_ready() resumes, the RTO if it never comes."""
+        self._stall(conn, True)
+        self._waiting[conn] = None
+        if not conn.rto_armed:
+            self._arm_rto(conn)
+
+    def _peeked_eof(self, conn: TcpConn) -> None:
+        """The peek found the end of the stream, everything before it peeked: FIN."""
+        conn.sock_eof = True
+        conn.peek_full = False
+        self._stall(conn, False, drained=True)
+        self._send_fin(conn)
+
+    def _peeked(self, conn: TcpConn, n: int, caps: int, room: int) -> None:
+        """n bytes peeked into frames with `caps` bytes of room, `room` what the guest's
+        window allowed: frames not filled mean nothing more to peek until new data arrives
+        (an edge); a full window waits for the guest's ACK."""
+        conn.peek_full = n >= caps
+        self._stall(conn, n >= room, drained=not conn.peek_full)
+
     def _data_sent(self, conn: TcpConn, seq: int, ack: int, wnd: int) -> None:
         """Data frames up to `seq` went to the guest, carrying `ack` and `wnd`."""
         self._acked_to_tap(conn, ack, wnd)
@@ -903,21 +914,14 @@ class TcpHandler:
         if got is None:
             return ack, wnd
         n, sent, caps = got
-        if n == 0 and sent == 0 and caps == 0:  # no room in the ring: rx_ready() resumes
-            self._stall(conn, True)
-            self._waiting[conn] = None
-            if not conn.rto_armed:
-                self._arm_rto(conn)
+        if n == 0 and caps == 0:
+            self._no_room(conn)
             return None
-        if n == 0:  # end of stream, everything before it peeked: FIN to the guest
-            conn.sock_eof = True
-            conn.peek_full = False
-            self._stall(conn, False, drained=True)
-            self._send_fin(conn)
+        if n == 0:
+            self._peeked_eof(conn)
             return None
         conn.last_seen = now
-        conn.peek_full = n >= caps
-        self._stall(conn, n >= room, drained=not conn.peek_full)
+        self._peeked(conn, n, caps, room)
         if not sent:  # the link's buffers broke their promises: resend on the RTO
             if not conn.rto_armed:
                 self._arm_rto(conn)

@@ -286,8 +286,7 @@ class RxBatch:
         self.chain_records = chain_records  # (head, readable, writable) u32 per chain
         self.views = views  # the guest memory regions (memory.table.views)
         self.starts = starts  # frame i holds chains starts[i]:starts[i + 1] (last: to the end)
-        self.frames: list[list[memoryview]] = []  # per frame, views past the header (unless
-        # the caller reads through the records)
+        self.frames: list[list[memoryview]] = []  # per frame, views past the header
         self.starved = starved  # the ring ran dry before `count` frames (the kick re-armed)
         self.seen = seen  # chains popped before the rewind: all there were, when starved
         self.count = len(records) // 24  # chains the frames hold, in pop order
@@ -340,14 +339,14 @@ class RxBatch:
 
 
 def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
-              max_views: int = 1 << 30, hint: int = 0, records: bool = False) -> RxBatch | None:
+              max_views: int = 1 << 30, hint: int = 0) -> RxBatch | None:
     """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
     grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
     (each frame takes the fewest chains that hold it), at most `max_views` views in all;
     popped and laid out in one C call (VirtQueue.pop_rx_frames()) over the chains' raw
-    records. `hint`: the guest's buffer size seen last (how many chains to pop first). With
-    `records`, no views (`frames` stays empty): ring.recv_frames() reads into the records
-    (a memoryview per guest buffer costs more than all the rest).
+    records, and a view per buffer of each frame (`frames`). `hint`: the guest's buffer size
+    seen last (how many chains to pop first). (VirtQueue.fill_rx_frames() does the same
+    without views, reading a socket into the records in C.)
 
     The chains are popped as rx_layout() needs them: a frame takes its first chain, then
     ceil(missing / first's length) more at a time; a pop that finds the ring dry re-arms
@@ -362,8 +361,7 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
         return None
     starts, seen, starved, recs, chains = got
     batch = RxBatch(recs, chains, vq.memory.table.views, starts, starved, seen)
-    if not records:
-        batch.frames = [batch.frame_views(k, frame_len) for k in range(len(starts))]
+    batch.frames = [batch.frame_views(k, frame_len) for k in range(len(starts))]
     return batch
 
 

@@ -105,7 +105,9 @@ _scratch = _Scratch()
 def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
                 starts: list[int], hdr: int, frame_len: int, off: int,
                 room: int) -> tuple[int, list[int]]:
-    """recvmsg(fd, flags) straight into frames laid out over guest buffers: frame i over
+    """vr_recv_frames() (cffi_build/ring.c) on its own, as vr_rx_fill() calls it (the daemon
+    goes through RingAccess.rx_fill(); the tests check the read here).
+    recvmsg(fd, flags) straight into frames laid out over guest buffers: frame i over
     the chains records[starts[i]:starts[i + 1]] ((region, offset, length) u64 triples as
     RingAccess.pop() writes them), `frame_len` bytes from byte `hdr` of its first buffer
     on; each frame's payload from frame byte `off` on, `room` bytes at most in all.
@@ -206,7 +208,7 @@ class RingAccess:
     __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
                  "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "_ctx", "status_mv",
                  "_elems", "_elems_cap", "_grecs", "_grecs_mv", "_gchains", "_gchains_mv",
-                 "_gout", "_fout", "_wres", "_felems", "_fspare")
+                 "_gout", "_fout", "_felems", "_fspare")
 
     def __init__(self, avail: memoryview, used: memoryview, num: int,
                  desc: memoryview | None = None) -> None:
@@ -248,7 +250,6 @@ class RingAccess:
         self._gout = ffi.new("uint32_t[]", 4)
         # rx_fill()'s outputs
         self._fout = ffi.new("uint64_t[]", 13)
-        self._wres = ffi.new("int64_t *")
         self._felems = ffi.new("uint32_t[]", 2 * num)
         self._fspare = ffi.new("uint32_t[]", num)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
@@ -367,8 +368,8 @@ class RingAccess:
         n = lib.vr_rx_fill(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
                            regions.count, self._used, self._used_len, rearm, max(count, 0),
                            need, hdr, head, max_views, hint, self._grecs, self._gchains,
-                           self.num, fd, flags, max(room, 0), writer, writer_arg, self._wres,
-                           plain, gso, gso_from, self._felems, self._fspare, out)
+                           self.num, fd, flags, max(room, 0), writer, writer_arg, plain, gso,
+                           gso_from, self._felems, self._fspare, out)
         return n, ffi.unpack(out, 13), self._felems
 
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,

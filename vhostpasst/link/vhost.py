@@ -69,6 +69,8 @@ from virtio.ring import (
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
+# rx_fill()'s header for frames that are not GSO (it runs only with GUEST_CSUM)
+_DATA_VALID_HDR = net.HEADER.pack(net.HDR_F_DATA_VALID, net.GSO_NONE, 0, 0, 0, 0, 0)
 _ratelimited = RateLimitedLog(log)
 
 TX_BATCH = 256  # guest frames handled per wake-up; more wait for the next loop iteration
@@ -228,6 +230,7 @@ class VhostUserLink(Link):
         self.tx_zero_copy = 0  # frames to the guest written in place (no bounce)
         self.tx_bounced = 0  # data frames read into a bounce buffer, then copied to the guest
         self.tx_scattered = 0  # of those, frames over several chains (mergeable, rx_scatter)
+        self.tx_filled = 0  # of those, frames read and committed by rx_fill() in one C call
         self.rx_gso = 0  # GSO (TSO) frames from the guest
         self.tx_gso = 0  # GSO (TSO) frames to the guest
         self.kicks_coalesced = 0  # TX kicks served TX_COALESCE later (after a bulk pass)
@@ -254,10 +257,10 @@ class VhostUserLink(Link):
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
                  "TSO frames %d from the guest, %d to it, %d data frames bounced, "
-                 "%d TX kicks coalesced",
+                 "%d TX kicks coalesced, %d frames read and committed in one call",
                  self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
                  self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
-                 self.kicks_coalesced)
+                 self.kicks_coalesced, self.tx_filled)
         self.backend = None
         self.device = None
         self._reset_state()
@@ -545,19 +548,36 @@ class VhostUserLink(Link):
         self._frames = frames
         return out
 
+    def _short_ring(self, vq: VirtQueue, frame_len: int) -> bool:
+        """The last try found too few chains for one frame this big and none came since (its
+        empty pop asked for a kick at the next one): don't pop them all again. Socket events
+        and guest ACKs call here between RX kicks."""
+        short = self._short
+        if short is not None and frame_len >= short[0] and \
+                vq.last_avail_idx == short[1] and vq.available() == short[2]:
+            self._starved = True
+            return True
+        return False
+
+    def _gathered(self, vq: VirtQueue, frame_len: int, starved: bool, frames: int,
+                  seen: int, first_len: int) -> None:
+        """After a lean gather: remember a ring too short for one frame (_short_ring()), that
+        the kick is re-armed, and the guest's buffer size (how many chains to pop next)."""
+        self._short = None
+        if starved:
+            self._starved = True
+            if not frames:
+                self._short = (frame_len, vq.last_avail_idx, seen)
+        if frames:
+            self._rx_hint = first_len
+
     def _lean_batch(self, vq: VirtQueue, count: int, frame_len: int, head: int,
                     ) -> net.RxBatch | None:
         """net.rx_frames() for rx_scatter(), remembered for the commit; an empty
         batch when there is no room yet, None when the general path must do it (or the
         front end was just disconnected: then `connected` is False)."""
-        short = self._short
         try:
-            if short is not None and frame_len >= short[0] and \
-                    vq.last_avail_idx == short[1] and vq.available() == short[2]:
-                # The last try found too few chains for one frame this big and none came
-                # since (its empty pop asked for a kick at the next one): don't pop them all
-                # again. Socket events and guest ACKs call here between RX kicks.
-                self._starved = True
+            if self._short_ring(vq, frame_len):
                 return net.RxBatch.empty()
             batch = net.rx_frames(vq, count, frame_len, head, IOV_MAX, self._rx_hint)
         except VirtQueueError as e:
@@ -565,13 +585,8 @@ class VhostUserLink(Link):
             return None
         if batch is None:
             return None
-        self._short = None
-        if batch.starved:
-            self._starved = True
-            if not batch.starts:
-                self._short = (frame_len, vq.last_avail_idx, batch.seen)
-        if batch.count:
-            self._rx_hint = batch.buf_len(0)
+        self._gathered(vq, frame_len, batch.starved, len(batch.starts), batch.seen,
+                       batch.buf_len(0) if batch.count else 0)
         self._batch = batch if batch.count else None
         return batch
 
@@ -589,10 +604,7 @@ class VhostUserLink(Link):
         vq = self._rx_queue(count)
         if vq is None:
             return 0, 0, 0
-        short = self._short
-        if short is not None and frame_len >= short[0] and \
-                vq.last_avail_idx == short[1] and vq.available() == short[2]:
-            self._starved = True  # as _lean_batch(): no chain came since the last try
+        if self._short_ring(vq, frame_len):
             return 0, 0, 0
         plain, gso, gso_from = self._fill_headers(tso)
         try:
@@ -605,19 +617,14 @@ class VhostUserLink(Link):
         code = out[0]
         if code == FILL_GENERAL:
             return None
-        self._short = None
-        if out[3]:  # the ring ran dry: the kick is re-armed
-            self._starved = True
-            if not out[4]:
-                self._short = (frame_len, vq.last_avail_idx, out[2])
-        if out[4]:
-            self._rx_hint = out[12]
+        self._gathered(vq, frame_len, bool(out[3]), out[4], out[2], out[12])
         if code == FILL_OK:
             done = out[8]
             self.tx_frames += done
             self.tx_zero_copy += done
             self.tx_scattered += out[9]
             self.tx_gso += out[10]
+            self.tx_filled += done
             return n, out[5], out[11]
         if code == FILL_EMPTY:
             return 0, 0, 0
@@ -633,14 +640,14 @@ class VhostUserLink(Link):
         return n, 0, out[11]
 
     def _fill_headers(self, tso: Tso | None) -> tuple[bytes, bytes, int]:
-        """rx_fill()'s virtio-net headers: DATA_VALID, or past gso_from bytes the GSO one."""
-        if tso is not None and tso is self._fill_tso:
-            return self._fill_hdrs
-        plain = net.HEADER.pack(net.HDR_F_DATA_VALID, net.GSO_NONE, 0, 0, 0, 0, 0)
+        """rx_fill()'s virtio-net headers: DATA_VALID, or past gso_from bytes the GSO one
+        (built once per Tso: a connection keeps its Tso while its MSS stays)."""
         if tso is None:
-            return plain, plain, ETH_MAX_FRAME
-        gso = net.HEADER.pack(net.HDR_F_NEEDS_CSUM, *self._gso(tso), 0)
-        self._fill_tso, self._fill_hdrs = tso, (plain, gso, tso.hdr_len + tso.mss)
+            return _DATA_VALID_HDR, _DATA_VALID_HDR, ETH_MAX_FRAME
+        if tso is not self._fill_tso:
+            gso = net.HEADER.pack(net.HDR_F_NEEDS_CSUM, *self._gso(tso), 0)
+            self._fill_tso, self._fill_hdrs = tso, (_DATA_VALID_HDR, gso,
+                                                    tso.hdr_len + tso.mss)
         return self._fill_hdrs
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
