@@ -10,10 +10,15 @@ passt from bench/fetch_passt.py), run with --vhost-user: a single bench run swin
 with the TCG guest's speed, and alternated rounds with medians give a steadier ratio. The
 medians and their ratio (second side over first) close the output.
 
+CPU per byte falls as throughput rises (fuller batches per wake-up), and a TCG guest's
+throughput swings from run to run: `--bitrate 2G` (iperf3 -b) makes both sides move the same
+bytes per second, a steadier comparison of the cost per wake-up. `--pin` puts qemu on CPU 1
+and the daemon and iperf3 on CPU 0.
+
 Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
 (PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
-reads the daemon's CPU (schedstat, ns) and its user/sys split (/proc/PID/stat ticks) around
-the second run. Read the figures from an otherwise idle machine only: on a loaded one the
+reads the daemon's CPU (schedstat, ns), its user/sys split (/proc/PID/stat ticks) and its
+loop's wake-ups (voluntary context switches, /proc/PID/status) around the second run. Read the figures from an otherwise idle machine only: on a loaded one the
 daemon gets the CPU less often, batches more, and its CPU per byte drops.
 """
 
@@ -43,6 +48,25 @@ def ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of `pid` (single-threaded, as both daemons are): each is
+    a wait in epoll that blocked, so their count is the loop's wake-ups."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of `pid` onto `cpu` alone."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), {cpu})
+        except ProcessLookupError:
+            pass  # a thread that just ended
+
+
 def is_passt(side: str) -> bool:
     return side.startswith("passt:")
 
@@ -58,10 +82,9 @@ def imported_from(tree: Path) -> None:
             raise SystemExit(f"the daemon would import {path}, not from {tree}")
 
 
-def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, float, float,
-                                                                         float]:
-    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB) of one guest over the daemon from the
-    source tree `side`, or the passt binary `passt:PATH`."""
+def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, ...]:
+    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB, wake-ups per GiB) of one guest over the
+    daemon from the source tree `side`, or the passt binary `passt:PATH`."""
     workdir = harness.make_workdir()
     netns = harness.HostNetns()
     old_daemon, old_path = harness.DAEMON, os.environ.get("PYTHONPATH")
@@ -83,21 +106,32 @@ def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, fl
                               netns, mem="512M")
         harness.dhcp_lease(guest)
         pid = daemon.proc.pid
-        result = (0.0, 0.0, 0.0, 0.0)
+        if args.pin:
+            # qemu (its TCG vCPU and I/O threads) on one core, the daemon and iperf3 on the
+            # other: neither preempts the other (the spread stays: it is the guest's)
+            assert guest.proc is not None
+            pin(guest.proc.pid, 1)
+            pin(pid, 0)
+        result: tuple[float, ...] = (0.0,) * 5
         for seconds in (args.warmup, args.seconds):
-            server = subprocess.Popen(netns.argv(["iperf3", "-s", "-1", "-B", "127.0.0.1",
+            server = subprocess.Popen(netns.argv([*(["taskset", "-c", "0"] if args.pin else []),
+                                                  "iperf3", "-s", "-1", "-B", "127.0.0.1",
                                                   "-p", str(IPERF_PORT)]),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(netns.argv, IPERF_PORT)
-            cpu0, (user0, sys0) = cpu_seconds(pid), ticks(pid)
+            cpu0, (user0, sys0), sleeps0 = cpu_seconds(pid), ticks(pid), sleeps(pid)
             _, out = guest.run(f"iperf3 -c {GW4} -p {IPERF_PORT} -t {seconds} -f m"
-                               + (" -R" if args.reverse else ""), timeout=seconds + 60)
+                               + (" -R" if args.reverse else "")
+                               + (f" -b {args.bitrate}" if args.bitrate else ""),
+                               timeout=seconds + 60)
             cpu, (user1, sys1) = cpu_seconds(pid) - cpu0, ticks(pid)
+            wakes = sleeps(pid) - sleeps0
             server.wait(20)
             mbps, nbytes = iperf_mbps(out)
             gib = nbytes / GIB
             hz = os.sysconf("SC_CLK_TCK")
-            result = (mbps, cpu / gib, (user1 - user0) / hz / gib, (sys1 - sys0) / hz / gib)
+            result = (mbps, cpu / gib, (user1 - user0) / hz / gib, (sys1 - sys0) / hz / gib,
+                      wakes / gib)
         return result
     finally:
         harness.DAEMON = old_daemon
@@ -121,25 +155,30 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per tree, alternated")
     p.add_argument("--seconds", type=int, default=8, help="measured iperf3 -t")
     p.add_argument("--warmup", type=int, default=2, help="iperf3 -t before measuring")
+    p.add_argument("--bitrate", metavar="RATE",
+                   help="iperf3 -b RATE (e.g. 2G): both sides move the same bytes per second")
+    p.add_argument("--pin", action="store_true",
+                   help="qemu on CPU 1, the daemon and the iperf3 server on CPU 0")
     args = p.parse_args()
     image = build_image()
     direction = "host->guest" if args.reverse else "guest->host"
-    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in args.sides}
+    results: dict[str, list[tuple[float, ...]]] = {s: [] for s in args.sides}
     for _ in range(args.rounds):
         for side in args.sides:
-            mbps, cpu, user, sys_ = one_run(side, image, args)
-            results[side].append((mbps, cpu, user, sys_))
+            mbps, cpu, user, sys_, wakes = one_run(side, image, args)
+            results[side].append((mbps, cpu, user, sys_, wakes))
             print(f"{side}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
-                  f"(user {user:.3f}, sys {sys_:.3f})", flush=True)
-    medians = {side: [statistics.median(r[i] for r in runs) for i in range(4)]
+                  f"(user {user:.3f}, sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB", flush=True)
+    medians = {side: [statistics.median(r[i] for r in runs) for i in range(5)]
                for side, runs in results.items()}
-    for side, (mbps, cpu, user, sys_) in medians.items():
+    for side, (mbps, cpu, user, sys_, wakes) in medians.items():
         print(f"median {side}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB (user {user:.3f}, "
-              f"sys {sys_:.3f})")
+              f"sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB")
     first, second = (medians[side] for side in args.sides)
     if first[0] and first[1]:
         print(f"second / first: throughput {second[0] / first[0]:.2f}x, "
-              f"CPU per GiB {second[1] / first[1]:.2f}x")
+              f"CPU per GiB {second[1] / first[1]:.2f}x"
+              + (f", wake-ups per GiB {second[4] / first[4]:.2f}x" if first[4] else ""))
     return 0
 
 
