@@ -18,8 +18,9 @@ and the daemon and iperf3 on CPU 0.
 Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
 (PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
 reads the daemon's CPU (schedstat, ns), its user/sys split (/proc/PID/stat ticks) and its
-loop's wake-ups (voluntary context switches, /proc/PID/status) around the second run. Read the figures from an otherwise idle machine only: on a loaded one the
-daemon gets the CPU less often, batches more, and its CPU per byte drops.
+loop's wake-ups (voluntary context switches, /proc/PID/status) around the second run.
+Read the figures from an otherwise idle machine only: on a loaded one the daemon gets the
+CPU less often, batches more, and its CPU per byte drops.
 """
 
 from __future__ import annotations
