@@ -10,6 +10,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import time
 from ipaddress import IPv4Address as A4
 from ipaddress import IPv6Address as A6
@@ -1038,11 +1039,13 @@ def test_daemon_vhost_user_fd(sandbox: Sandbox) -> None:
     assert daemon.wait(10) == 0, daemon.stderr.read().decode() if daemon.stderr else ""
 
 
-def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> None:
-    path = str(tmp_path / "vu.sock")
+def _one_off_dhcp(sandbox: Sandbox, path: str,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`vhostpasst -f --vhost-user -1 -s path` in the host namespace, a front end that
+    takes a DHCP lease through it and leaves; returns the daemon, exited."""
     daemon = sandbox.popen_in(
         sandbox.host_ns, *vhostpasst_command(), "-f", "--vhost-user", "-1", "-s", path,
-        stderr=subprocess.PIPE)
+        stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 20
     sock = None
     while sock is None:  # the path exists once bound, and accepts once listening
@@ -1060,8 +1063,34 @@ def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> N
     finally:
         g.close()
     assert daemon.wait(10) == 0
+    return daemon
+
+
+def test_daemon_vhost_user_socket_one_off(sandbox: Sandbox, tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    daemon = _one_off_dhcp(sandbox, path)
     err = daemon.stderr.read().decode() if daemon.stderr else ""
     assert f"-chardev socket,id=chr0,path={path} -netdev vhost-user" in err, err
+
+
+def test_daemon_writes_its_loop_trace(sandbox: Sandbox, tmp_path: Path) -> None:
+    """VHOSTPASST_LOOP_TRACE: the daemon records its wake-ups and writes them when it ends;
+    the front end's requests and the guest's TX kicks (queue 1) are among them, and
+    bench/wakeups.py reads the file."""
+    trace = tmp_path / "loop.tsv"
+    _one_off_dhcp(sandbox, str(tmp_path / "vu.sock"),
+                  env={**os.environ, "VHOSTPASST_LOOP_TRACE": str(trace)})
+    lines = trace.read_text().splitlines()
+    assert lines[0] == "start_s\tduration_us\ttimers\tcallbacks"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert rows and all(len(r) == 4 and float(r[1]) >= 0 for r in rows)
+    kinds = {k for r in rows for k in r[3].split(",")}
+    assert "VhostUserBackend._on_readable" in kinds, kinds
+    assert "VhostUserBackend._on_kick[1]" in kinds, kinds
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "wakeups.py"),
+                          str(trace)], capture_output=True, text=True, check=True).stdout
+    assert f"{len(rows)} wake-ups in" in out, out
+    assert "VhostUserBackend._on_kick[1]" in out, out
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,6 +20,7 @@ from vhostpasst.link.base import Link
 from vhostpasst.link.stream import ETH_HLEN, StreamListener
 from vhostpasst.log import setup_logging
 from vhostpasst.loop import Loop
+from vhostpasst.looptrace import ENV_LOOP_TRACE
 from vhostpasst.pcap import PcapWriter
 
 log = logging.getLogger("vhostpasst")
@@ -142,6 +143,13 @@ def run(config: Config) -> int:
             return 1
     pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
     loop = Loop()
+    trace_path = os.environ.get(ENV_LOOP_TRACE)
+    if trace_path:
+        try:  # opened now: privileges go before the loop runs
+            loop.trace_to(open(trace_path, "w"))
+        except OSError as e:
+            log.error("%s: cannot open %s: %s", ENV_LOOP_TRACE, trace_path, e.strerror)
+            return 1
     dispatcher = Dispatcher(config, loop)
     exit_status = 0
 

@@ -12,6 +12,9 @@ import logging
 import select
 import time
 from collections.abc import Callable
+from typing import TextIO
+
+from vhostpasst.looptrace import TRACE_LIMIT, WakeupTrace, label
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,12 @@ class Loop:
         self._flush_hooks: list[Callback] = []
         self._running = False
         self.now = time.monotonic()
+        self._trace: WakeupTrace | None = None
+
+    def trace_to(self, out: TextIO, limit: int = TRACE_LIMIT) -> None:
+        """Record every wake-up from now on and write them to `out` at close()
+        (vhostpasst/looptrace.py)."""
+        self._trace = WakeupTrace(out, limit)
 
     # fds
     def add_fd(self, fd: int, events: int, callback: FdCallback) -> None:
@@ -100,20 +109,31 @@ class Loop:
         except InterruptedError:
             events = []
         self.now = time.monotonic()
+        trace = self._trace
+        labels = [label(self._fds.get(fd)) for fd, _ in events] if trace is not None else ()
         for fd, mask in events:
             callback = self._fds.get(fd)
             if callback is not None:
                 callback(mask)
-        self._run_timers()
+        fired = self._run_timers()
         for hook in list(self._flush_hooks):
             hook()
+        if trace is not None:
+            trace.add(self.now, time.monotonic(), fired, labels)
 
-    def _run_timers(self) -> None:
+    def _run_timers(self) -> int:
+        """Run the timers that are due; how many fired."""
         now = time.monotonic()
+        fired = 0
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
+                fired += 1
                 timer.callback()
+        return fired
 
     def close(self) -> None:
         self._epoll.close()
+        if self._trace is not None:
+            trace, self._trace = self._trace, None
+            trace.write()

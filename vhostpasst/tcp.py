@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import mmap
@@ -659,7 +660,7 @@ class TcpHandler:
         if conn.events:
             self.loop.modify_fd(conn.fd, events)
         else:
-            self.loop.add_fd(conn.fd, events, lambda mask: self._on_sock(conn, mask))
+            self.loop.add_fd(conn.fd, events, functools.partial(self._on_sock, conn))
         conn.events = events
 
     def _update_events(self, conn: TcpConn) -> None:

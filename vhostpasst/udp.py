@@ -294,7 +294,7 @@ class UdpHandler:
             return None
         flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout)
         flow.target = target
-        ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda mask: self._on_flow_sock(flow, mask))
+        ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_flow_sock, flow))
         return flow
 
     # --- host -> guest ----------------------------------------------------------------------
@@ -443,7 +443,7 @@ class UdpHandler:
         it cannot be bound."""
         lst = Listener(self._listen_one(six, None, None, port), six, guest_port)
         self.listeners.append(lst)
-        self.ctx.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda mask: self._on_listener(lst, mask))
+        self.ctx.loop.add_fd(lst.sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
         return lst
 
     def remove_listener(self, lst: Listener) -> None:
