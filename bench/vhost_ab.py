@@ -161,6 +161,8 @@ def main() -> int:
     p.add_argument("--pin", action="store_true",
                    help="qemu on CPU 1, the daemon and the iperf3 server on CPU 0")
     args = p.parse_args()
+    if args.pin and not {0, 1} <= os.sched_getaffinity(0):
+        p.error("--pin needs CPUs 0 and 1")
     image = build_image()
     direction = "host->guest" if args.reverse else "guest->host"
     results: dict[str, list[tuple[float, ...]]] = {s: [] for s in args.sides}

@@ -152,6 +152,21 @@ FILL_LAYOUT = 5  # the records don't hold the frames: nothing read
 FILL_WRITER = 6  # the frame writer refused the frames: read, nothing committed
 FILL_COMMIT = 7  # the frames can't hold their lengths: nothing committed
 FILL_MAX = 256  # frames per call
+# vr_rx_fill()'s out[] slots
+FILL_OUT_CODE = 0  # FILL_*
+FILL_OUT_KEPT = 1  # chains popped and kept (the caller moves last_avail on by them)
+FILL_OUT_POPPED = 2  # chains popped in all
+FILL_OUT_DRY = 3  # 1 if the ring ran dry (the kick re-armed)
+FILL_OUT_LAID = 4  # frames laid out
+FILL_OUT_SENT = 5  # frames sent
+FILL_OUT_PAIRS = 6  # (head, length) pairs to push
+FILL_OUT_GIVE_BACK = 7  # chains to give back after them
+FILL_OUT_COMMITTED = 8  # vr_rx_commit()'s counters: frames, over several chains, GSO
+FILL_OUT_SCATTERED = 9
+FILL_OUT_GSO = 10
+FILL_OUT_ROOM = 11  # the payload room of all frames laid out
+FILL_OUT_BUF_LEN = 12  # the first frame's first buffer length (the guest's buffer size)
+FILL_OUT_LEN = 13
 
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
@@ -249,7 +264,7 @@ class RingAccess:
         self._gchains_mv = memoryview(ffi.buffer(self._gchains))
         self._gout = ffi.new("uint32_t[]", 4)
         # rx_fill()'s outputs
-        self._fout = ffi.new("uint64_t[]", 13)
+        self._fout = ffi.new("uint64_t[]", FILL_OUT_LEN)
         self._felems = ffi.new("uint32_t[]", 2 * num)
         self._fspare = ffi.new("uint32_t[]", num)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
@@ -361,7 +376,7 @@ class RingAccess:
         """rx_gather(), recv_frames(), the frame writer and rx_commit() in one C call
         (vr_rx_fill() in cffi_build/ring.c): `writer` and `writer_arg` are the addresses of
         a vr_frame_writer and its argument. Returns (bytes read or -errno, vr_rx_fill()'s
-        out[0..12] (FILL_* first), the (head, length) pairs to push: VirtQueue.
+        out[] (its slots: FILL_OUT_*), the (head, length) pairs to push: VirtQueue.
         push_written(), valid until the next call)."""
         # (vr_rx_fill() clamps count to the ring and FILL_MAX itself)
         out = self._fout
@@ -370,7 +385,7 @@ class RingAccess:
                            need, hdr, head, max_views, hint, self._grecs, self._gchains,
                            self.num, fd, flags, max(room, 0), writer, writer_arg, plain, gso,
                            gso_from, self._felems, self._fspare, out)
-        return n, ffi.unpack(out, 13), self._felems
+        return n, ffi.unpack(out, FILL_OUT_LEN), self._felems
 
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:

@@ -33,6 +33,12 @@ from .message import VringAddr
 from .ring import (
     FILL_ERROR,
     FILL_OK,
+    FILL_OUT_CODE,
+    FILL_OUT_GIVE_BACK,
+    FILL_OUT_KEPT,
+    FILL_OUT_PAIRS,
+    FILL_OUT_POPPED,
+    FILL_OUT_SENT,
     GATHER_ERROR,
     GATHER_GENERAL,
     POP_E_AVAIL_JUMP,
@@ -371,25 +377,27 @@ class VirtQueue:
                        plain: bytes, gso: bytes, gso_from: int) -> tuple[int, list[int]]:
         """pop_rx_frames(), a socket read into the frames, their headers by `writer` and
         their push, in one C call (RingAccess.rx_fill()): the frames are in the used ring
-        when it returns (flush() publishes them). Returns (bytes read or -errno, vr_rx_fill()'s
-        out[]: FILL_* first). Only FILL_OK with frames sent keeps chains; every other outcome
-        gives back what was popped. A bad chain breaks the queue (VirtQueueError)."""
+        when it returns (flush() publishes them). Returns (bytes read or -errno,
+        vr_rx_fill()'s out[], its slots FILL_OUT_*). Only FILL_OK with frames sent keeps
+        chains; every other outcome gives back what was popped. A bad chain breaks the queue
+        (VirtQueueError)."""
         ring = self._ring_or_fail()
         n, out, elems = ring.rx_fill(
             self.last_avail_idx, self.indirect, self.memory.table, self.event_idx and self._notify,
             count, need, hdr, head, max_views, hint, fd, flags, room, writer, writer_arg, plain,
             gso, gso_from)
-        if out[0] == FILL_ERROR:
-            seen = out[2]
+        if out[FILL_OUT_CODE] == FILL_ERROR:
+            seen = out[FILL_OUT_POPPED]
             self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
             self.inflight += seen  # the good chains before the bad one: lost with the queue
             status = ring.status()
             raise self._fail(self._pop_error(status[0], status[1], status[2]))
-        if out[0] == FILL_OK and out[5]:
-            self.last_avail_idx = (self.last_avail_idx + out[1]) & 0xFFFF
-            self.inflight += out[1]
-            self.push_written(elems, out[6])
-            self.rewind(out[7])
+        if out[FILL_OUT_CODE] == FILL_OK and out[FILL_OUT_SENT]:
+            kept = out[FILL_OUT_KEPT]
+            self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
+            self.inflight += kept
+            self.push_written(elems, out[FILL_OUT_PAIRS])
+            self.rewind(out[FILL_OUT_GIVE_BACK])
         return n, out
 
     @staticmethod

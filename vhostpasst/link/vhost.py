@@ -62,6 +62,16 @@ from virtio.ring import (
     FILL_GENERAL,
     FILL_LAYOUT,
     FILL_OK,
+    FILL_OUT_BUF_LEN,
+    FILL_OUT_CODE,
+    FILL_OUT_COMMITTED,
+    FILL_OUT_DRY,
+    FILL_OUT_GSO,
+    FILL_OUT_LAID,
+    FILL_OUT_POPPED,
+    FILL_OUT_ROOM,
+    FILL_OUT_SCATTERED,
+    FILL_OUT_SENT,
     FILL_RECV,
     FILL_WRITER,
     rx_commit,
@@ -614,30 +624,32 @@ class VhostUserLink(Link):
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return 0, 0, 0
-        code = out[0]
+        code = out[FILL_OUT_CODE]
         if code == FILL_GENERAL:
             return None
-        self._gathered(vq, frame_len, bool(out[3]), out[4], out[2], out[12])
+        laid = out[FILL_OUT_LAID]
+        self._gathered(vq, frame_len, bool(out[FILL_OUT_DRY]), laid, out[FILL_OUT_POPPED],
+                       out[FILL_OUT_BUF_LEN])
         if code == FILL_OK:
-            done = out[8]
+            done = out[FILL_OUT_COMMITTED]
             self.tx_frames += done
             self.tx_zero_copy += done
-            self.tx_scattered += out[9]
-            self.tx_gso += out[10]
+            self.tx_scattered += out[FILL_OUT_SCATTERED]
+            self.tx_gso += out[FILL_OUT_GSO]
             self.tx_filled += done
-            return n, out[5], out[11]
+            return n, out[FILL_OUT_SENT], out[FILL_OUT_ROOM]
         if code == FILL_EMPTY:
             return 0, 0, 0
         if code == FILL_RECV:
             raise OSError(-n, os.strerror(-n))
         if code == FILL_LAYOUT:  # our bug, not the guest's: the general path still works
             log.error("vhost-user RX: the one-call fill refused its writer or the frame "
-                      "records (%d frames): rx_scatter() instead", out[4])
+                      "records (%d frames): rx_scatter() instead", laid)
             return None
         _ratelimited.warning("vu-rx-fill", "vhost-user RX: %d frames read and not sent (%s)",
-                             out[4], "header writer refused them" if code == FILL_WRITER
+                             laid, "header writer refused them" if code == FILL_WRITER
                              else "frames too short for their lengths")
-        return n, 0, out[11]
+        return n, 0, out[FILL_OUT_ROOM]
 
     def _fill_headers(self, tso: Tso | None) -> tuple[bytes, bytes, int]:
         """rx_fill()'s virtio-net headers: DATA_VALID, or past gso_from bytes the GSO one
