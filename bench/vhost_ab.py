@@ -13,7 +13,11 @@ medians and their ratio (second side over first) close the output.
 CPU per byte falls as throughput rises (fuller batches per wake-up), and a TCG guest's
 throughput swings from run to run: `--bitrate 2G` (iperf3 -b) makes both sides move the same
 bytes per second, a steadier comparison of the cost per wake-up. `--pin` puts qemu on CPU 1
-and the daemon and iperf3 on CPU 0.
+and the daemon and iperf3 on CPU 0. `--profile PREFIX` runs py-spy on each vhostpasst run's
+measured part (collapsed stacks; it samples without stopping the daemon, so its wait in
+epoll counts as active: leave out the samples that end in `Loop.run_once`'s poll line), or
+with `--profiler perf`, `perf record` (CPU time only; `perf report --sort dso` splits the
+interpreter from the kernel).
 
 Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
 (PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
@@ -28,9 +32,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +89,29 @@ def imported_from(tree: Path) -> None:
             raise SystemExit(f"the daemon would import {path}, not from {tree}")
 
 
-def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, ...]:
+def spy_on(pid: int, out: str, profiler: str) -> subprocess.Popen[bytes]:
+    """py-spy (collapsed Python stacks) or perf (CPU samples, user and kernel, no Python
+    names) on the daemon, writing `out`, until unspy()."""
+    argv = (["perf", "record", "-e", "cpu-clock", "-F", "1000", "-g", "-p", str(pid), "-o", out]
+            if profiler == "perf" else
+            ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+             "--nonblocking", "-o", out])
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # attached
+    return spy
+
+
+def unspy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # the profiler writes its output and exits
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+def one_run(side: str, image: Path, args: argparse.Namespace,
+            run_no: int = 0) -> tuple[float, ...]:
     """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB, wake-ups per GiB) of one guest over the
     daemon from the source tree `side`, or the passt binary `passt:PATH`."""
     workdir = harness.make_workdir()
@@ -120,6 +148,10 @@ def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, ..
                                                   "-p", str(IPERF_PORT)]),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(netns.argv, IPERF_PORT)
+            spy = (spy_on(pid, f"{args.profile}-{args.sides.index(side)}-{run_no}"
+                          + (".data" if args.profiler == "perf" else ".txt"), args.profiler)
+                   if args.profile and seconds == args.seconds
+                   and (args.profiler == "perf" or not is_passt(side)) else None)
             cpu0, (user0, sys0), sleeps0 = cpu_seconds(pid), ticks(pid), sleeps(pid)
             _, out = guest.run(f"iperf3 -c {GW4} -p {IPERF_PORT} -t {seconds} -f m"
                                + (" -R" if args.reverse else "")
@@ -127,6 +159,8 @@ def one_run(side: str, image: Path, args: argparse.Namespace) -> tuple[float, ..
                                timeout=seconds + 60)
             cpu, (user1, sys1) = cpu_seconds(pid) - cpu0, ticks(pid)
             wakes = sleeps(pid) - sleeps0
+            if spy is not None:
+                unspy(spy)
             server.wait(20)
             mbps, nbytes = iperf_mbps(out)
             gib = nbytes / GIB
@@ -160,15 +194,22 @@ def main() -> int:
                    help="iperf3 -b RATE (e.g. 2G): both sides move the same bytes per second")
     p.add_argument("--pin", action="store_true",
                    help="qemu on CPU 1, the daemon and the iperf3 server on CPU 0")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="profile each vhostpasst run's measured part (it costs the daemon some "
+                        "CPU): PREFIX-SIDE-ROUND.txt (py-spy) or .data (perf), SIDE 0 or 1")
+    p.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+                   help="py-spy: Python stacks, wall time; perf: CPU time, user and kernel")
     args = p.parse_args()
+    if args.profile and not shutil.which(args.profiler):
+        p.error(f"--profile needs {args.profiler}")
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         p.error("--pin needs CPUs 0 and 1")
     image = build_image()
     direction = "host->guest" if args.reverse else "guest->host"
     results: dict[str, list[tuple[float, ...]]] = {s: [] for s in args.sides}
-    for _ in range(args.rounds):
+    for run_no in range(args.rounds):
         for side in args.sides:
-            mbps, cpu, user, sys_, wakes = one_run(side, image, args)
+            mbps, cpu, user, sys_, wakes = one_run(side, image, args, run_no)
             results[side].append((mbps, cpu, user, sys_, wakes))
             print(f"{side}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
                   f"(user {user:.3f}, sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB", flush=True)
