@@ -280,6 +280,7 @@ class GuestNet:
     socket: Path
     extra: list[str] = field(default_factory=list)
     reconnect_ms: int | None = None  # qemu reconnects to a restarted daemon
+    queues: int = 1  # vhost-user queue pairs (multiqueue); the guest uses min(this, vCPUs)
 
     def qemu_args(self, mem: str) -> list[str]:
         if self.kind == "stream":
@@ -293,8 +294,11 @@ class GuestNet:
             return [
                 "-chardev", f"socket,id=c,path={self.socket}"
                 + (f",reconnect-ms={self.reconnect_ms}" if self.reconnect_ms else ""),
-                "-netdev", "vhost-user,id=v,chardev=c",
-                "-device", "virtio-net-pci,netdev=v,romfile=",
+                "-netdev", "vhost-user,id=v,chardev=c"
+                + (f",queues={self.queues}" if self.queues > 1 else ""),
+                # a vector per queue, the control queue's and the config's
+                "-device", "virtio-net-pci,netdev=v,romfile="
+                + (f",mq=on,vectors={2 * self.queues + 2}" if self.queues > 1 else ""),
                 "-object", f"memory-backend-memfd,id=m,share=on,size={mem}",
                 "-numa", "node,memdev=m",
             ]
@@ -315,6 +319,7 @@ class Guest:
         mem: str = "256M",
         boot_timeout: float = BOOT_TIMEOUT,
         append: str = "",
+        smp: int = 1,
     ) -> None:
         self.workdir = workdir
         self.console_log = workdir / "console.log"
@@ -325,7 +330,7 @@ class Guest:
         self._seq = itertools.count()
         accel = ["-accel", "kvm", "-cpu", "host"] if ACCEL == "kvm" else ["-accel", "tcg"]
         argv = [
-            QEMU, *accel, "-m", mem, "-smp", "1",
+            QEMU, *accel, "-m", mem, "-smp", str(smp),
             "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
             "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
             "-append", f"console=ttyS0 panic=-1 vpt_noecho=1 {append}".strip(),

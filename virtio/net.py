@@ -26,6 +26,8 @@ F_HOST_TSO6 = 1 << 12
 F_HOST_ECN = 1 << 13  # ... with GSO_ECN set (CWR on the first segment only)
 F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
+F_CTRL_VQ = 1 << 17  # the control queue (after the last pair); qemu serves it, not the back end
+F_MQ = 1 << 22  # several RX/TX queue pairs, the driver picks how many through the control queue
 
 HDR_F_NEEDS_CSUM = 1
 HDR_F_DATA_VALID = 2
@@ -43,7 +45,7 @@ GSO_TYPE_OFFSET = 1
 NUM_BUFFERS_OFFSET = 10
 
 RX_QUEUE = 0  # even queue indices receive (device → driver), odd ones transmit
-TX_QUEUE = 1
+TX_QUEUE = 1  # queue pair n is RX 2n and TX 2n + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +368,8 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
 
 
 class NetDevice(Device):
-    """A virtio-net device: one RX/TX queue pair, mergeable RX buffers."""
+    """A virtio-net device: one RX/TX queue pair, mergeable RX buffers. A subclass that
+    offers F_MQ sets num_queues to twice the queue pairs it takes."""
 
     features = F_MRG_RXBUF
     num_queues = 2

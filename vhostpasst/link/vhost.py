@@ -35,6 +35,7 @@ disconnected: the listener then serves the next one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -104,8 +105,14 @@ TX_BULK_BYTES = 64 * 1024
 # to host sockets, so a frame's size costs nothing and the guest's ECN bit means nothing here.
 # GUEST_TSO4/6: TCP data to the guest in frames of up to 64 KiB (the guest needs GUEST_CSUM
 # for them), segmented by the guest's GRO-aware stack or not at all on local delivery.
+# MQ: a guest given several queue pairs (qemu's queues=N, libvirt's <driver queues='N'/>)
+# transmits on any of them; everything for it goes out on the first RX queue (one loop serves
+# them all, and the spec's receive steering by flow is only a SHOULD). Without MQ qemu refuses
+# to start such a guest at all ("asking more queues than supported").
 NET_FEATURES = (net.F_MRG_RXBUF | net.F_CSUM | net.F_GUEST_CSUM | net.F_HOST_TSO4
-                | net.F_HOST_TSO6 | net.F_HOST_ECN | net.F_GUEST_TSO4 | net.F_GUEST_TSO6)
+                | net.F_HOST_TSO6 | net.F_HOST_ECN | net.F_GUEST_TSO4 | net.F_GUEST_TSO6
+                | net.F_MQ)
+QUEUE_PAIRS_MAX = 128  # GET_QUEUE_NUM's answer; a VirtQueue per queue costs ~1 µs and 256 bytes
 _OFFLOADS = (("from the guest", ((net.F_CSUM, "csum"), (net.F_HOST_TSO4, "tso4"),
                                  (net.F_HOST_TSO6, "tso6"), (net.F_HOST_ECN, "ecn"))),
              ("to the guest", ((net.F_GUEST_CSUM, "csum"), (net.F_GUEST_TSO4, "tso4"),
@@ -159,6 +166,7 @@ class _Device(net.NetDevice):
     """The virtio-net device the back end drives; every event goes to the link."""
 
     features = NET_FEATURES
+    num_queues = 2 * QUEUE_PAIRS_MAX
 
     def __init__(self, link: VhostUserLink) -> None:
         self.link = link
@@ -176,12 +184,19 @@ class _Device(net.NetDevice):
 
     def queue_enabled(self, vq: VirtQueue, enabled: bool) -> None:
         self.link._state_changed()
+        if vq.index & 1 and vq.index != net.TX_QUEUE:  # a multiqueue guest's other pairs
+            log.debug("vhost-user queue pair %d %s", vq.index // 2,
+                      "enabled" if enabled else "disabled")
+            if enabled and self.link.connected:
+                self.link._on_tx(vq.index)  # frames may wait in it
 
     def queue_kicked(self, vq: VirtQueue) -> None:
-        if vq.index == net.TX_QUEUE:
-            self.link._tx_kicked()
-        elif vq.index == net.RX_QUEUE:
+        index = vq.index
+        if index & 1:
+            self.link._tx_kicked(index)
+        elif index == net.RX_QUEUE:
             self.link._on_rx_kick()
+        # the other RX queues: their buffers are never used (everything goes out on the first)
 
 
 class VhostUserLink(Link):
@@ -215,8 +230,8 @@ class VhostUserLink(Link):
         self._rx_header = net.NetHeader()  # for rx_put(): DATA_VALID once GUEST_CSUM is acked
         self._was_connected = False
         self._starved = False
-        self._tx_scheduled = False
-        self._tx_bulk = False  # the last TX pass was a bulk one: coalesce the next kick
+        self._tx_scheduled: set[int] = set()  # TX queues with a pass due
+        self._tx_bulk: set[int] = set()  # their last pass was a bulk one: coalesce the next kick
         self._handed: list[Chain] = []  # zero-copy chains of the last rx_buffers()
         self._frames: list[list[Chain]] = []  # chains per frame of the last rx_scatter()
         self._batch: net.RxBatch | None = None  # or its frames on the lean path
@@ -244,6 +259,9 @@ class VhostUserLink(Link):
         self.rx_gso = 0  # GSO (TSO) frames from the guest
         self.tx_gso = 0  # GSO (TSO) frames to the guest
         self.kicks_coalesced = 0  # TX kicks served TX_COALESCE later (after a bulk pass)
+        # of rx_frames, those a multiqueue guest sent on its other pairs, by pair (numbered
+        # from 0, as the guest's tx-N queues are)
+        self.rx_frames_per_pair: dict[int, int] = {}
         self.resets = 0
         loop.add_flush_hook(self.flush)
 
@@ -271,6 +289,10 @@ class VhostUserLink(Link):
                  self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
                  self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
                  self.kicks_coalesced, self.tx_filled)
+        if self.rx_frames_per_pair:
+            log.info("vhost-user: of those, from queue pairs after the first: %s",
+                     ", ".join(f"pair {pair}: {n}"
+                               for pair, n in sorted(self.rx_frames_per_pair.items())))
         self.backend = None
         self.device = None
         self._reset_state()
@@ -279,6 +301,7 @@ class VhostUserLink(Link):
             self.on_disconnect()
 
     def _reset_state(self) -> None:
+        self._tx_bulk.clear()  # (a pass still due finds no queue and returns)
         self._handed = []
         self._frames = []
         self._batch = None
@@ -333,9 +356,10 @@ class VhostUserLink(Link):
                      offloads(features))
             self._was_connected = True
             self._wake()  # data may have waited for the guest
-            # and the guest may have queued frames before enabling the ring (this pass also
-            # sets _tx_bulk afresh: a new front end's first kick is not held)
-            self._on_tx()
+            # and the guest may have queued frames before enabling the rings (these passes
+            # also set _tx_bulk afresh: a new front end's first kick is not held)
+            for index in self._tx_queues():
+                self._on_tx(index)
         elif not now:
             self._was_connected = False
 
@@ -354,8 +378,15 @@ class VhostUserLink(Link):
         self.disconnect(f"{where}: {e}")
 
     # --- TX: frames from the guest -------------------------------------------------------
-    def _on_tx(self) -> None:
-        vq = self._queue(net.TX_QUEUE)
+    def _tx_queues(self) -> list[int]:
+        """The TX queues of the pairs the front end has enabled."""
+        backend = self.backend
+        if backend is None:
+            return []
+        return [vq.index for vq in backend.queues[net.TX_QUEUE::2] if vq.ready and vq.enabled]
+
+    def _on_tx(self, index: int = net.TX_QUEUE) -> None:
+        vq = self._queue(index)
         if vq is None:
             return
         backend = self.backend
@@ -387,36 +418,42 @@ class VhostUserLink(Link):
                     continue
                 self.rx_gso += 1
             frames.append(frame)
-        self._tx_bulk = size >= TX_BULK_BYTES
+        if size >= TX_BULK_BYTES:
+            self._tx_bulk.add(index)
+        else:
+            self._tx_bulk.discard(index)
         try:
             if frames:
                 self.rx_frames += len(frames)
+                if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
+                    counts, pair = self.rx_frames_per_pair, index // 2
+                    counts[pair] = counts.get(pair, 0) + len(frames)
                 self._deliver(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
             if self.backend is backend and vq.ready:
                 vq.push_flat([x for head in heads for x in (head, 0)])
                 vq.flush()
-        if (len(heads) == self.tx_batch or self._tx.full) and not self._tx_scheduled:
-            self._tx_scheduled = True  # the ring may hold more: no kick will say so
-            self._loop.call_later(0, self._tx_again)
+        if (len(heads) == self.tx_batch or self._tx.full) and index not in self._tx_scheduled:
+            self._tx_scheduled.add(index)  # the ring may hold more: no kick will say so
+            self._loop.call_later(0, functools.partial(self._tx_again, index))
 
-    def _tx_kicked(self) -> None:
+    def _tx_kicked(self, index: int = net.TX_QUEUE) -> None:
         """A TX kick: served now, or TX_COALESCE later after a bulk pass. Meanwhile the kick
         stays disarmed (nothing popped, avail_event not moved: with EVENT_IDX no more kicks
         come) and the deferred pass re-arms it as every pass does."""
-        if self._tx_scheduled:
+        if index in self._tx_scheduled:
             return  # a pass is due already: it takes this kick's frames
-        if self._tx_bulk:
-            self._tx_scheduled = True
+        if index in self._tx_bulk:
+            self._tx_scheduled.add(index)
             self.kicks_coalesced += 1
-            self._loop.call_later(TX_COALESCE, self._tx_again)
+            self._loop.call_later(TX_COALESCE, functools.partial(self._tx_again, index))
             return
-        self._on_tx()
+        self._on_tx(index)
 
-    def _tx_again(self) -> None:
-        self._tx_scheduled = False
-        self._on_tx()
+    def _tx_again(self, index: int = net.TX_QUEUE) -> None:
+        self._tx_scheduled.discard(index)
+        self._on_tx(index)
 
     # --- RX: frames to the guest ---------------------------------------------------------
     def _header(self, num_buffers: int = 1) -> net.NetHeader:
