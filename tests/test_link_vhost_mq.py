@@ -144,3 +144,25 @@ def test_vring_index_past_the_last_pair_refused(h: Harness) -> None:
     assert h.guest.fe.ack(R.SET_VRING_NUM, m.encode_state(last - 1, 16)) == 0
     assert h.guest.fe.ack(R.SET_VRING_NUM, m.encode_state(last, 16)) != 0
     assert h.link.connected
+
+
+def test_hostile_descriptor_on_a_later_pair_disconnects(h: Harness) -> None:
+    """A descriptor outside guest memory on pair 1's TX queue: the front end is dropped as on
+    the first pair, and the next one is served."""
+    pairs = Pairs(h, extra=1)
+    try:
+        tx = pairs.tx[0]
+        tx.write_desc(0, 0xDEAD0000, 64, 0, 0)  # outside guest memory
+        tx.publish(0)
+        tx.kick()
+        h.pump()
+        assert h.disconnects == 1 and h.guest.fe.is_closed()
+    finally:
+        pairs.close()
+    h.guest.close()
+    h.guest = h.connect()
+    h.guest.bring_up(MQ)
+    h.guest.post_rx(4)
+    h.guest.transmit(discover())
+    h.pump()
+    assert h.delivered == [discover()] and h.link.connected
