@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -76,12 +75,7 @@ def test_two_queue_pairs_second_tx_queue_carries_the_traffic(
             server.wait(10)
         if guest is not None:
             guest.close()  # the front end goes: the daemon logs its counters
-        # (unmapping the guest's memory takes a moment: a SIGTERM now would cut the log short)
-        for _ in range(100):
-            if "front end gone" in daemon.log_text():
-                break
-            time.sleep(0.1)
-        daemon.close()
+        daemon.close()  # (even when its SIGTERM comes while it unmaps the guest's memory)
     log = (workdir / "daemon.log").read_text()
     found = re.search(r"from queue pairs after the first: pair 1: (\d+)", log)
     assert found, log[-3000:]

@@ -199,13 +199,17 @@ class VhostUserBackend:
         self.closed = True
         self.close_reason = reason
         log.info("vhost-user connection closed: %s", reason)
-        self.loop.remove_fd(self.sock.fileno())
-        self._reset_queues()
-        self.memory.reset()
-        self._reader.close()
-        self.sock.close()
-        if self.on_close is not None:
-            self.on_close(reason)
+        try:
+            self.loop.remove_fd(self.sock.fileno())
+            self._reset_queues()
+            self.memory.reset()  # unmapping a large guest takes a while: a signal may come
+            self._reader.close()
+            self.sock.close()
+        finally:
+            # The device hears of it whatever cut the clean-up short (the daemon's SIGTERM
+            # raises where it lands): its closing counters are not lost.
+            if self.on_close is not None:
+                self.on_close(reason)
 
     # --- helpers ----------------------------------------------------------------------------
     def _queue(self, index: int) -> VirtQueue:

@@ -417,6 +417,24 @@ def test_peer_close_mid_message_and_cleanup(h):
     assert ("stopped", 1) in h.device.events
 
 
+def test_close_cut_short_still_tells_the_device(h, monkeypatch):
+    """The daemon's SIGTERM raises wherever it lands, e.g. while a large guest is unmapped:
+    the device still hears of the close (its closing counters are logged), and the exception
+    goes on to the caller."""
+    h.bring_up()
+
+    class Terminate(Exception):
+        pass
+
+    def reset() -> None:
+        raise Terminate
+
+    monkeypatch.setattr(h.backend.memory, "reset", reset)
+    with pytest.raises(Terminate):
+        h.backend.close("link closed")
+    assert h.closed == ["link closed"] and h.backend.closed
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(msgs=st.lists(st.tuples(st.sampled_from(list(R) + [0, 77]),
                                st.sampled_from([m.VERSION, m.VERSION | m.FLAG_NEED_REPLY]),
