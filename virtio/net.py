@@ -26,8 +26,9 @@ F_HOST_TSO6 = 1 << 12
 F_HOST_ECN = 1 << 13  # ... with GSO_ECN set (CWR on the first segment only)
 F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
-F_CTRL_VQ = 1 << 17  # the control queue (after the last pair); qemu serves it, not the back end
-F_MQ = 1 << 22  # several RX/TX queue pairs, the driver picks how many through the control queue
+# several RX/TX queue pairs; the driver picks how many through the control queue, which qemu
+# serves itself (a vhost-user back end never sees it, nor offers CTRL_VQ)
+F_MQ = 1 << 22
 
 HDR_F_NEEDS_CSUM = 1
 HDR_F_DATA_VALID = 2

@@ -301,7 +301,8 @@ class VhostUserLink(Link):
             self.on_disconnect()
 
     def _reset_state(self) -> None:
-        self._tx_bulk.clear()  # (a pass still due finds no queue and returns)
+        # (_tx_scheduled stays: a pass still due finds no queue, and takes its index out)
+        self._tx_bulk.clear()
         self._handed = []
         self._frames = []
         self._batch = None
