@@ -116,6 +116,42 @@ def test_default_capacity_stays_below_the_descriptor_limit() -> None:
     assert 16 <= n and (soft == resource.RLIM_INFINITY or n < soft)
 
 
+_LIMITS = """
+import resource, sys
+from vhostpasst import flow
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+print(flow.raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE), flow.default_max_flows())
+print(flow.raise_fd_limit())  # already raised
+flow.restore_fd_limit()
+print(resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def _limits(soft: int, hard: int) -> list[str]:
+    """raise_fd_limit() and restore_fd_limit() in a child (limits are per process)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LIMITS, str(soft), str(hard)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_open_files_limit_raised_to_the_hard_limit_and_flows_sized_by_it() -> None:
+    """As passt at start: a soft limit of 300 would cap us at 236 flows."""
+    raised, again, restored = _limits(300, 4096)
+    assert raised == "(300, 4096) (4096, 4096) 4032"
+    assert again == "None"
+    assert restored == "(300, 4096)"  # what pasta's command gets back
+
+
+def test_open_files_limit_already_at_the_hard_limit_left_alone() -> None:
+    raised, again, restored = _limits(2048, 2048)
+    assert raised == "None (2048, 2048) 1984"
+    assert again == "None" and restored == "(2048, 2048)"
+
+
 def test_flows_without_timeout_never_expire_and_close_all() -> None:
     loop, ft = table()
 

@@ -159,7 +159,41 @@ def test_passt_runas_0_stays_root(sandbox: Sandbox) -> None:
     assert st["Uid"].split()[0] == "0"
 
 
+def _max_open_files(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no Max open files line")
+
+
+def test_passt_raises_its_open_files_limit(sandbox: Sandbox,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """As passt at start: the soft limit goes up to the hard one (every flow holds a socket)."""
+    import sandbox as sandbox_module
+
+    plain = sandbox_module.vhostpasst_command
+    monkeypatch.setattr(sandbox_module, "vhostpasst_command",
+                        lambda: ["prlimit", "--nofile=256:8192", "--", *plain()])
+    sandbox.start_daemon("-d")
+    pid = sandbox.daemon_pid
+    assert pid is not None
+    assert _max_open_files(pid) == (8192, 8192)
+    sandbox.start_relay()
+    assert sandbox.udhcpc()["ip"] == "192.0.2.2"
+    assert "open files limit raised from 256 to 8192" in sandbox.daemon_log()
+
+
 # -- pasta mode -----------------------------------------------------------------------------------
+
+
+def test_pasta_raises_its_open_files_limit_but_not_its_commands(sandbox: Sandbox) -> None:
+    r = sandbox.host("prlimit", "--nofile=256:8192", "--", *pasta_command(), "-d",
+                     "--config-net", "--", "sh", "-c", "ulimit -n", timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["256"], r.stdout
+    assert "open files limit raised from 256 to 8192" in r.stderr
 
 
 @pytest.fixture

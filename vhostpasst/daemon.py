@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from vhostpasst import __version__
+from vhostpasst import __version__, flow
 from vhostpasst.conf import Config, summary
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
@@ -126,6 +126,7 @@ def run(config: Config) -> int:
     setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
+    flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst import isolation
 
     try:  # root in the initial user namespace becomes nobody (or --runas) once set up

@@ -30,6 +30,39 @@ FLOW_MAX = 65536  # a guest must not make us hold unbounded sockets
 FD_RESERVE = 64  # descriptors kept for the link, listeners, logging and the like
 
 
+_nofile_at_start: tuple[int, int] | None = None  # (soft, hard) before raise_fd_limit()
+
+
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise the open files limit to the hard limit, as passt and pasta do at start: nearly
+    every flow holds a socket, and a soft limit of 1024 (systemd's default) would cap a busy
+    guest or container at some 960 connections. (before, after) when it was raised; None
+    when it already was as high as allowed or the kernel refused."""
+    global _nofile_at_start
+    try:
+        # (Linux never reports RLIM_INFINITY here: the hard limit is at most fs.nr_open)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft >= hard:
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as e:
+        log.debug("open files limit not raised: %s", e)
+        return None
+    _nofile_at_start = (soft, hard)
+    log.debug("open files limit raised from %d to %d", soft, hard)
+    return soft, hard
+
+
+def restore_fd_limit() -> None:
+    """For a command we start (pasta's): the open files limit it would have had without us
+    (a program using select() may rely on 1024)."""
+    if _nofile_at_start is not None:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, _nofile_at_start)
+        except (OSError, ValueError):
+            pass
+
+
 def default_max_flows() -> int:
     """Most flows hold a socket: stay below the descriptor limit, so a guest opening flows
     gets its own new flows refused rather than starving the daemon of descriptors."""

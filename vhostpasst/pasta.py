@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import Any
 
-from vhostpasst import isolation, netns
+from vhostpasst import flow, isolation, netns
 from vhostpasst.conf import Config, summary
 from vhostpasst.log import setup_logging
 from vhostpasst.loop import EPOLLIN
@@ -85,6 +85,7 @@ def _exec_command(command: tuple[str, ...]) -> None:
     else:  # a login shell, named "-<path>" as login(1) would
         path = os.environ.get("SHELL") or "/bin/sh"
         argv = [f"-{path}"]
+    flow.restore_fd_limit()  # ours was raised for our sockets, not the command's
     # Python ignores SIGPIPE (and we ignore SIGINT): exec keeps ignored signals ignored
     for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
@@ -716,6 +717,7 @@ def run(config: Config) -> int:
         log.error("cannot open %s: %s", e.filename, e.strerror)
         return 1
 
+    flow.raise_fd_limit()  # before the flow table sizes itself by it (the command gets it back)
     loop = Loop()
     dispatcher = Dispatcher(config, loop)
     try:
