@@ -308,6 +308,12 @@ def test_dns_sources(netns: Callable[[], Netns]) -> None:
     # nothing maps the host's loopback: a loopback resolver cannot be offered
     c = ns.conf(["--no-map-gw"], loop)
     assert c["ip4"]["dns"] == ["198.51.100.53"] and c["ip4"]["dns_match"] is None
+    # ... but podman's --dns-forward address still reaches it (the first resolver, as passt)
+    c = ns.conf(["--no-map-gw", "--dns-forward", "169.254.1.1"], loop)
+    assert (c["ip4"]["dns_match"], c["ip4"]["dns_host"]) == ("169.254.1.1", "127.0.0.53")
+    # the first resolver of the family is the target, loopback or not
+    c = ns.conf(["--dns-forward", "192.0.2.3"], "nameserver 198.51.100.53\nnameserver 127.0.0.53\n")
+    assert (c["ip4"]["dns_match"], c["ip4"]["dns_host"]) == ("192.0.2.3", "198.51.100.53")
     # -D replaces resolv.conf servers; -S the search list
     c = ns.conf(["-D", "192.0.2.53", "-S", "a.example"], RESOLV)
     assert c["ip4"]["dns"] == ["192.0.2.53"] and c["search"] == ["a.example"]

@@ -295,6 +295,32 @@ def test_podman_command_line(box: Sandbox) -> None:
         _remove_netns_file(path)
 
 
+@pytest.mark.sandbox(resolv_conf="nameserver 127.0.0.53\n")
+def test_podman_dns_to_a_loopback_resolver(box: Sandbox) -> None:
+    """A systemd-resolved host: resolv.conf names only 127.0.0.53, and podman passes
+    --no-map-gw with --dns-forward 169.254.1.1. The container's queries to that address reach
+    127.0.0.53 on the host (passt takes resolv.conf's first server, loopback or not)."""
+    echo = box.popen_in(box.host_ns, sys.executable, "-c", UDP_ECHO, "127.0.0.53", "53",
+                        stdout=subprocess.PIPE)
+    assert echo.stdout is not None and echo.stdout.readline() == b"ready\n"
+    path, _ = _podman_netns(box)
+    pid_file = box.dir / "pasta.pid"
+    try:
+        parent, err = start_pasta(box, *PODMAN_ARGS, "--pid", str(pid_file), "--netns",
+                                  str(path))
+        pid = background_pid(box, parent, pid_file, err)
+        try:
+            r = in_netns(str(path), sys.executable, "-c",
+                         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                         "s.settimeout(5); s.sendto(b'q', ('169.254.1.1', 53));"
+                         "d, a = s.recvfrom(100); print(d, a[0])")
+            assert r.stdout.strip() == "b'echo:q' 169.254.1.1", r.stderr + err.read_text()
+        finally:
+            kill_quietly(pid)
+    finally:
+        _remove_netns_file(path)
+
+
 def test_rootlesskit_command_line(box: Sandbox) -> None:
     # rootlesskit's child: new user and network namespaces; pasta joins both by path
     holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sleep", "60"])

@@ -379,26 +379,25 @@ def _dns_family(
     A loopback nameserver (say systemd-resolved's 127.0.0.53) is unreachable from the guest:
     the guest is told the map-host-loopback address instead, and queries to that address are
     redirected to the loopback nameserver itself (not to 127.0.0.1, which mapping alone gives).
+    The redirect target is the family's first nameserver, loopback or not, as in passt: with
+    --no-map-gw the loopback one is not advertised, but podman's --dns-forward address
+    (169.254.1.1) must still reach it.
     """
     advertised: list[IPAddr] = []
     match = dns_forward
-    first: IPAddr | None = None
-    first_loopback: IPAddr | None = None
     for ns in servers:
         if len(advertised) >= MAXNS:
             break
         if ns.is_loopback:
             if map_host_loopback is None:
                 continue  # nothing the guest could reach it through
-            first_loopback = first_loopback or ns
             match = match or map_host_loopback
             shown = map_host_loopback
         else:
-            first = first or ns
             shown = ns
         if shown not in advertised:
             advertised.append(shown)
-    return _Dns(tuple(advertised), match, dns_host or first_loopback or first)
+    return _Dns(tuple(advertised), match, dns_host or (servers[0] if servers else None))
 
 
 # -- build_config -------------------------------------------------------------------------------
