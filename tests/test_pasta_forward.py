@@ -95,6 +95,26 @@ def test_tcp_host_to_ns_spliced_200mib(box_: Sandbox) -> None:
         ns.wait(5)
 
 
+def test_tcp_host_ipv6_loopback_to_ns_after_link_local_frames(box_: Sandbox) -> None:
+    """`curl localhost:PORT` tries ::1 first. The namespace's first IPv6 frames come from its
+    link-local address (MLD reports, router solicitations); the spliced connection must still
+    go to its assigned address, not to a link-local one without a scope."""
+    box = box_
+    ns = box.popen_in(box.host_ns, *pasta_command(), *AS_ROOT, "--config-net", "-t", "5103",
+                      "-T", "none", "--", sys.executable, "-c", TCP_ECHO_ONCE, "::", "5103",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert ns.stdout is not None and ns.stdout.readline() == b"ready\n"
+        time.sleep(2)  # the link's MLD reports and router solicitations have gone out
+        out = _host_tcp_get(box, "::1", 5103)
+        # spliced to the namespace's own address (copied from the host): it connects from it
+        assert out == "hello from 2001:db8::2", out
+        assert ns.wait(10) == 0
+    finally:
+        ns.kill()
+        ns.wait(5)
+
+
 def test_tcp_host_to_ns_no_splice_goes_through_tap(box_: Sandbox) -> None:
     box = box_
     pcap = box.dir / "tap.pcap"

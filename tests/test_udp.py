@@ -524,3 +524,22 @@ def test_a_run_of_guest_datagrams_goes_out_in_order_through_sendmmsg() -> None:
         h.d.on_frames(frames)
         a.settimeout(1)
         assert [a.recv(10) for _ in range(5)] == [bytes([i]) * (i + 1) for i in range(5)]
+
+
+def test_link_local_source_does_not_replace_the_assigned_address() -> None:
+    """Reference 4.2: the guest's link-local source stands in for its address only when it
+    was given none; traffic from the host then still goes to the assigned address."""
+    from vhostpasst import nat
+
+    h = Harness()
+    h.guest6(40001, "ff02::16", 5001, b"mld-like", src="fe80::99")
+    assert h.d.addr6_ll_seen == A6("fe80::99") and h.d.addr6_seen is None
+    assert h.d.ctx is not None
+    assert nat.guest_destination(h.d.config, h.d.ctx.guest, True) == HOST6
+    h.guest6(40001, GW6, 5001, b"from its address", src="2001:db8::77")
+    assert h.d.addr6_seen == A6("2001:db8::77")
+    # given no address, the link-local one is all there is
+    h2 = Harness()
+    h2.d._addr6_given = None
+    h2.guest6(40001, "ff02::16", 5001, b"x", src="fe80::99")
+    assert h2.d.addr6_seen == A6("fe80::99")

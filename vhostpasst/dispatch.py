@@ -79,6 +79,9 @@ class Dispatcher:
         self.addr4_seen: IPv4Address | None = None
         self.addr6_seen: IPv6Address | None = None
         self.addr6_ll_seen: IPv6Address | None = None
+        # the address the guest is given counts as seen (passt's addr_seen = addr): its
+        # link-local sources only stand in for an address when it has none
+        self._addr6_given = config.ip6.addr if config.ip6 is not None else None
         self._seen4 = -1  # addr4_seen as an int (fast path: no IPv4Address per frame)
         self._learned6 = -1  # the last source _learn6() took, as an int
         self._drops = RateLimitedLog(log)
@@ -331,13 +334,15 @@ class Dispatcher:
 
     def _learn6(self, src: IPv6Address) -> None:
         """Reference 4.2: a link-local source is the guest's link-local address (and its
-        address until it has another); any other specified source is its address."""
+        address if it was given none and has shown no other); any other specified source is
+        its address. (A link-local address there would send host traffic, pasta's splice
+        to ::1 among it, to an address without a scope.)"""
         self._learned6 = int(src)
         if src.is_unspecified or src.is_multicast:
             return
         if src.is_link_local:
             self.addr6_ll_seen = src
-            if self.addr6_seen is None:
+            if self.addr6_seen is None and self._addr6_given is None:
                 self.addr6_seen = src
         else:
             self.addr6_seen = src
