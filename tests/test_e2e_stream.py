@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from sandbox import (
     ipv4_udp_frame,
     mac_bytes,
     parse_dhcp_reply,
+    vhostpasst_command,
     wait_until,
 )
 
@@ -325,9 +327,27 @@ def test_without_f_the_daemon_forks_and_records_the_childs_pid(sandbox: Sandbox)
     assert child != parent.pid and sandbox.daemon_pid == child
     cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
     assert b"vhostpasst" in cmdline
+    # before going to the background it printed its summary, as passt does
+    assert "UNIX domain socket bound at" in sandbox.daemon_stderr_text()
 
     sandbox.start_relay()
     assert sandbox.udhcpc()["ip"] == "192.0.2.2"
 
     sandbox.stop_daemon()  # SIGTERM, then waits for the pid to go (SIGKILL after 5 s)
     assert not sandbox.daemon_killed, "the background daemon ignored SIGTERM"
+
+
+def test_without_f_a_start_up_error_reaches_stderr(sandbox: Sandbox) -> None:
+    """Logging to a file (or to syslog), the caller (podman, libvirt) still reads stderr when
+    we exit 1 before going to the background: here -t on a port something else holds (in the
+    sandbox's host namespace), with --quiet as podman passes it."""
+    hold = ("import socket, subprocess, sys\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 5321)); s.listen()\n"
+            "sys.exit(subprocess.call(sys.argv[1:]))\n")
+    log_file = sandbox.dir / "err.log"
+    r = sandbox.host(sys.executable, "-c", hold, *vhostpasst_command(), "-q", "-s",
+                     str(sandbox.dir / "err.socket"), "-l", str(log_file),
+                     "-t", "127.0.0.1/5321", timeout=20)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cannot forward ports" in r.stderr, r.stderr
+    assert "cannot forward ports" in log_file.read_text()

@@ -14,6 +14,7 @@ from vhostpasst.log import (
     TRACE,
     RateLimitedLog,
     SizeCappedFileHandler,
+    detached,
     log_ratelimited,
     setup_logging,
     trace,
@@ -50,7 +51,10 @@ def test_log_file_header_and_lines(restore_root: None, tmp_path: Path) -> None:
     path = tmp_path / "vp.log"
     path.write_text("old content that must go\n" * 10)
     handlers = setup_logging("vhostpasst", False, False, False, False, str(path), 65536)
-    assert len(handlers) == 1  # background with a log file: only the file
+    # background with a log file: the file, and stderr until the daemon is detached
+    assert [type(h) for h in handlers] == [SizeCappedFileHandler, logging.StreamHandler]
+    detached()
+    assert handlers[1] not in logging.getLogger().handlers
     logger = logging.getLogger("vhostpasst.test")
     logger.info("hello %s", "world")
     logger.debug("not at info level")
@@ -68,7 +72,7 @@ def test_second_setup_replaces_handlers(restore_root: None, tmp_path: Path) -> N
     n = len(root.handlers)
     setup_logging("p", False, False, False, False, str(tmp_path / "a.log"), 65536)
     setup_logging("p", False, False, False, False, str(tmp_path / "b.log"), 65536)
-    assert len(root.handlers) == n + 1
+    assert len(root.handlers) == n + 2  # the file, and stderr until detached
 
 
 def test_foreground_logs_to_stderr(restore_root: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,12 +89,28 @@ def test_foreground_with_log_file_writes_both(restore_root: None, tmp_path: Path
 
 def test_background_without_file_uses_syslog_or_stderr(restore_root: None) -> None:
     handlers = setup_logging("p", False, False, False, False, None, 0)
-    assert len(handlers) == 1
     h = handlers[0]
     if os.path.exists("/dev/log") and isinstance(h, logging.handlers.SysLogHandler):
         assert h.facility == logging.handlers.SysLogHandler.LOG_DAEMON
+        assert [type(x) for x in handlers[1:]] == [logging.StreamHandler]  # until detached
     else:
-        assert isinstance(h, logging.StreamHandler)
+        assert len(handlers) == 1 and isinstance(h, logging.StreamHandler)
+
+
+def test_background_writes_stderr_until_detached(restore_root: None, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """As passt: before it goes to the background its caller (podman, libvirt, a terminal)
+    reads its stderr, so a start-up error reaches it; after, only the log file does."""
+    path = tmp_path / "bg.log"
+    setup_logging("p", False, False, False, True, str(path), 65536)  # --quiet too
+    log = logging.getLogger("vhostpasst.x")
+    log.error("cannot forward ports: address in use")
+    log.info("not with --quiet")
+    assert capsys.readouterr().err == "cannot forward ports: address in use\n"
+    detached()
+    log.error("after detaching")
+    assert capsys.readouterr().err == ""
+    assert "after detaching" in path.read_text()
 
 
 def test_rotation_stays_under_cap_and_keeps_newest(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from vhostpasst.conf import Config, summary
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
 from vhostpasst.link.stream import ETH_HLEN, StreamListener
-from vhostpasst.log import setup_logging
+from vhostpasst.log import detached, setup_logging
 from vhostpasst.loop import Loop
 from vhostpasst.looptrace import ENV_LOOP_TRACE
 from vhostpasst.pcap import PcapWriter
@@ -96,6 +96,7 @@ def _daemonize(pid_file: str | None, pid_fd: int | None = None) -> None:
     if pid_fd is not None:
         os.close(pid_fd)
     os.setsid()
+    detached()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -28,6 +28,7 @@ ROTATE_CUT = 0.30  # share of the cap dropped (oldest lines) when the file is fu
 
 # Handlers installed by setup_logging(), so calling it again replaces rather than adds.
 _installed: list[logging.Handler] = []
+_until_detached: list[logging.Handler] = []  # stderr of a daemon not in the background yet
 
 
 def trace(logger: logging.Logger, msg: str, *args: object) -> None:
@@ -121,6 +122,7 @@ def setup_logging(
         root.removeHandler(handler)
         handler.close()
     _installed.clear()
+    _until_detached.clear()
 
     start = time.time()
     plain = logging.Formatter(f"{prog}: %(message)s")
@@ -149,12 +151,31 @@ def setup_logging(
             sh = logging.StreamHandler(sys.stderr)
             sh.setFormatter(plain)
             handlers.append(sh)
+            stderr_wanted = True
+    if not stderr_wanted:
+        # Until the daemon goes to the background its caller reads stderr, as passt's does:
+        # podman and libvirt show it when we exit 1 ("cannot forward ports: ..."), a user at
+        # a terminal sees the summary and the qemu command line. detached() removes it.
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(logging.Formatter())
+        handlers.append(sh)
+        _until_detached.append(sh)
 
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(_level(debug, trace, quiet))
     _installed.extend(handlers)
     return handlers
+
+
+def detached() -> None:
+    """The daemon is in the background now (stdio on /dev/null): no more stderr."""
+    root = logging.getLogger()
+    for handler in _until_detached:
+        root.removeHandler(handler)
+        if handler in _installed:
+            _installed.remove(handler)
+    _until_detached.clear()
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 
 from vhostpasst import flow, isolation, netns
 from vhostpasst.conf import Config, summary
-from vhostpasst.log import setup_logging
+from vhostpasst.log import detached, setup_logging
 from vhostpasst.loop import EPOLLIN
 from vhostpasst.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.tcp_splice import TcpSplice
@@ -665,6 +665,7 @@ class _Background:
 
     def ready(self) -> None:
         """Everything is in place: release the parent, detach from the terminal."""
+        detached()
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
