@@ -395,8 +395,24 @@ def test_keepalive_is_answered(env: tuple) -> None:
     assert not sock.closed
 
 
-def test_inactivity_timeout_resets(env: tuple) -> None:
+def test_no_inactivity_reset_by_default(env: tuple) -> None:
+    """As passt in practice: an idle established connection (an SSH session left open for a
+    day) is never reset; the handshake timer is gone once it is established."""
     d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
+    assert d.tcp.idle_timeout is None and conn.idle_timer is None
+    conn.last_seen -= 86400
+    loop.fire_timers()
+    assert not sock.closed
+
+
+def test_inactivity_timeout_resets_when_set(env: tuple,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VHOSTPASST_TCP_IDLE_TIMEOUT", "100")
+    d, loop, link = env
+    assert Dispatcher(d.config, loop).tcp.idle_timeout == 100.0  # type: ignore[union-attr]
+    d.tcp.idle_timeout = 100.0
     sock, synack = _handshake(d, loop, link)
     conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
     loop.fire_timers()

@@ -84,7 +84,10 @@ SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve
 ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
 HANDSHAKE_TIMEOUT = 10.0
 FIN_TIMEOUT = 60.0
-IDLE_TIMEOUT = 7200.0
+# No inactivity reset by default: passt means to reset after 7200 s, yet in practice only
+# re-arms its timer (reference 4.4), so idle SSH sessions and connection pools live on;
+# VHOSTPASST_TCP_IDLE_TIMEOUT sets one.
+IDLE_TIMEOUT: float | None = None
 RTO_INIT = 1.0  # RFC 6298 §2.1
 RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
 RTO_MAX = 60.0
@@ -312,7 +315,8 @@ class TcpHandler:
         self.socket_factory: Callable[..., socket.socket] = socket.socket
         self.max_retrans = int(_env_number(ENV_MAX_RETRANS, MAX_RETRANS))
         self.rto_max = _env_number(ENV_RTO_MAX, RTO_MAX)
-        self.idle_timeout = _env_number(ENV_IDLE, IDLE_TIMEOUT)
+        idle = _env_number(ENV_IDLE, 0.0)
+        self.idle_timeout = idle if idle > 0 else IDLE_TIMEOUT
         self.half_open_max = int(_env_number(ENV_HALF_OPEN, HALF_OPEN_MAX))
         self.half_open = 0
         self.listeners: list[Listener] = []
@@ -1536,9 +1540,13 @@ class TcpHandler:
         if not conn.rto_armed:
             self._arm_rto(conn)
 
-    def _arm_idle(self, conn: TcpConn, timeout: float) -> None:
+    def _arm_idle(self, conn: TcpConn, timeout: float | None) -> None:
+        """The one connection timer (handshake, FIN, inactivity); None: no timer."""
         if conn.idle_timer is not None:
             conn.idle_timer.cancel()
+            conn.idle_timer = None
+        if timeout is None:
+            return
         conn.idle_timer = self.loop.call_at(time.monotonic() + timeout,
                                             lambda: self._idle(conn, timeout))
 
