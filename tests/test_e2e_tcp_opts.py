@@ -6,6 +6,9 @@ everything inside the sandbox's namespaces).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from sandbox import Sandbox, wait_until
 from test_e2e_tcp import GW4, GW6, HOST4, MIB, client, log_lines, serve, start
@@ -80,6 +83,16 @@ def test_outbound_if4_binds_to_the_interface(sandbox: Sandbox) -> None:
     assert log_lines(log, 2)[1].split()[0] == "198.51.100.2"
 
 
+UDP_ECHO_ONCE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+d, peer = s.recvfrom(2048)
+s.sendto(b"echo:" + d, peer)
+"""
+
+
 def test_freebind_listener_on_an_address_not_yet_configured(sandbox: Sandbox) -> None:
     """-t ADDR/PORT with ADDR not on the host: without --freebind the daemon cannot bind
     and exits; with it, it listens, and once ADDR appears connections to it are forwarded."""
@@ -95,6 +108,26 @@ def test_freebind_listener_on_an_address_not_yet_configured(sandbox: Sandbox) ->
     r = client(sandbox, sandbox.world_ns, "192.0.2.77", 5103, "send", MIB)
     assert r["answer"] == [str(MIB), r["sha"]], r
     assert log_lines(log)[0].split()[0] == GW4  # the world's address, as the guest sees it
+
+
+def test_freebind_udp_listener_on_an_address_not_yet_configured(sandbox: Sandbox) -> None:
+    """--freebind holds for -u as for -t (reference 2.3): without it the daemon cannot
+    bind the address and exits; with it, it starts and forwards once the address appears."""
+    sandbox.start_daemon("-u", "192.0.2.78/5105", "-t", "none", wait=False)
+    wait_until(lambda: sandbox.daemon.poll() is not None, 10,  # type: ignore[union-attr]
+               "the daemon to give up")
+    assert sandbox.daemon.returncode != 0  # type: ignore[union-attr]
+    sandbox.daemon_pid = None
+    start(sandbox, "--freebind", "-u", "192.0.2.78/5105", "-t", "none")
+    echo = sandbox.popen_in(sandbox.guest_ns, sys.executable, "-c", UDP_ECHO_ONCE, HOST4,
+                            "5105", stdout=subprocess.PIPE)
+    assert echo.stdout is not None and echo.stdout.readline() == b"ready\n"
+    sandbox.host("ip", "addr", "add", "192.0.2.78/24", "dev", "up0", check=True)
+    r = sandbox.world(sys.executable, "-c",
+                      "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                      "s.settimeout(5); s.sendto(b'q', ('192.0.2.78', 5105));"
+                      "print(s.recvfrom(100)[0].decode())", timeout=15)
+    assert r.stdout.strip() == "echo:q", r.stderr + sandbox.daemon_log()
 
 
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])

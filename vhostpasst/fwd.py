@@ -308,3 +308,16 @@ def bind_all(forwards: PortForwards | None, ipv4: bool, ipv6: bool, proto: str,
     if tolerant_tried and not tolerant_ok and not bound:
         raise OSError(errno.EADDRINUSE, f"no {proto} port could be forwarded")
     return bound
+
+
+IP_FREEBIND = 15  # not in Python's socket module
+IPV6_FREEBIND = 78
+
+
+def set_freebind(sock: socket.socket, six: bool) -> None:
+    """--freebind on a -t/-u listening socket: bind to an address the host does not have
+    (yet), as passt does for both protocols."""
+    if six:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)

@@ -101,8 +101,6 @@ DATA_ACK_TTL = 0.001  # host->guest data reuses its ACK number and window this l
 ACK_POLL_FAST = 0.001  # the window we showed was cut by bytes the far end has yet to ACK
 LISTEN_BACKLOG = 128
 ACCEPT_BATCH = 16
-IP_FREEBIND = 15
-IPV6_FREEBIND = 78
 
 # Test hooks: shorter timeouts so end-to-end tests can watch them happen
 ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
@@ -594,10 +592,7 @@ class TcpHandler:
             if six:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.ctx.config.freebind:
-                if six:
-                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-                else:
-                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+                fwd.set_freebind(sock, six)
             if ifname:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             sock.bind((str(addr) if addr is not None else "", port))

@@ -467,6 +467,8 @@ class UdpHandler:
             if six:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _set_recverr(sock, six)
+            if self.ctx.config.freebind:
+                fwd.set_freebind(sock, six)
             if ifname:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             sock.bind((str(addr) if addr is not None else "", port))
