@@ -197,6 +197,8 @@ def test_pasta_operands() -> None:
     assert o.command == ("1", "2") and o.target_pid is None
     o = parse_args(["--netns", "/run/netns/x"], "pasta")
     assert o.netns_only  # implied without --userns
+    o = parse_args(["--userns", "/proc/1/ns/user", "42"], "pasta")  # a PID, its userns given
+    assert o.target_pid == 42 and o.userns == "/proc/1/ns/user" and not o.netns_only
     o = parse_args(["--userns", "/proc/1/ns/user", "--netns", "/proc/1/ns/net"], "pasta")
     assert not o.netns_only
 
@@ -283,7 +285,8 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("pasta", ["--print-capabilities"], "--print-capabilities", "only valid in passt mode"),
     ("pasta", ["--no-copy-routes"], "--no-copy-routes", "needs --config-net"),
     ("pasta", ["--netns", "x", "1234"], "--netns", "cannot be combined"),
-    ("pasta", ["--userns", "/proc/1/ns/user"], "--userns", "needs --netns"),
+    ("pasta", ["--userns", "/proc/1/ns/user"], "--userns", "needs --netns or a PID"),
+    ("pasta", ["--userns", "/proc/1/ns/user", "--", "sh"], "--userns", "needs --netns or a PID"),
     ("pasta", ["0"], "PID", "not a process ID"),
     ("passt", ["extra"], "extra", "unexpected argument"),
     ("passt", ["--bogus"], "--bogus", "unrecognized option"),

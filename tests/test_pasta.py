@@ -321,6 +321,30 @@ def test_podman_dns_to_a_loopback_resolver(box: Sandbox) -> None:
         _remove_netns_file(path)
 
 
+def test_attach_pid_with_an_explicit_userns(box: Sandbox) -> None:
+    """PID plus --userns PATH (reference 6.1: the given user namespace instead of the
+    process's own): the namespace is configured and reachable."""
+    holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sleep", "60"])
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/user")
+                   != os.readlink("/proc/self/ns/user"), 5, "the holder's namespaces")
+        p, err = start_pasta(box, "-f", "--config-net", "-a", "198.51.100.100", "-n", "24",
+                             "-g", "198.51.100.2",
+                             f"--userns=/proc/{holder.pid}/ns/user", str(holder.pid))
+        try:
+            netns_path = f"/proc/{holder.pid}/ns/net"
+            wait_until(lambda: "198.51.100.100" in in_netns(netns_path, "ip", "-o", "addr").stdout,
+                       10, "the namespace to be configured")
+            r = in_netns(netns_path, "busybox", "ping", "-c1", "-W3", "192.0.2.1")
+            assert r.returncode == 0, r.stdout + r.stderr + err.read_text()
+        finally:
+            p.kill()
+            p.wait(5)
+    finally:
+        holder.kill()
+        holder.wait(5)
+
+
 def test_rootlesskit_command_line(box: Sandbox) -> None:
     # rootlesskit's child: new user and network namespaces; pasta joins both by path
     holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sleep", "60"])

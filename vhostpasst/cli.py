@@ -706,8 +706,10 @@ class _Parser:
             raise ConfigError(flag, "needs --config-net")
         if o.netns and (o.target_pid is not None or o.command):
             raise ConfigError("--netns", "cannot be combined with a PID or a command")
-        if o.userns and not o.netns:
-            raise ConfigError("--userns", "needs --netns")
+        if o.userns and not o.netns and o.target_pid is None:
+            # with a PID it replaces /proc/PID/ns/user (reference 6.1); a spawned command's
+            # user namespace is ours to make
+            raise ConfigError("--userns", "needs --netns or a PID")
         if o.netns and not o.userns:
             o.netns_only = True  # nothing to join: stay in our own user namespace
         return o
@@ -778,7 +780,8 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --runas UID|UID:GID   Run as given user, default nobody when started as root
   -p, --pcap FILE           Capture guest link traffic to FILE
   -P, --pid FILE            Write our PID to FILE
-  -F, --fd FD               Use an already connected socket (implies --one-off)
+  -F, --fd FD               Use this descriptor: a connected socket (passt, implies
+                            --one-off) or a tap device (pasta)
   -c, --conf-path PATH      Control socket (not supported yet)
   -m, --mtu MTU             MTU for the guest, 0 or {MTU_MIN}..{MTU_MAX} (default 65520)
   -a, --address ADDR[/LEN]  Address assigned to the guest (default: the host's)
@@ -803,8 +806,8 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --no-map-gw           Do not map the gateway to the host's loopback
   -4, --ipv4-only           IPv4 only
   -6, --ipv6-only           IPv6 only
-  -t, --tcp-ports SPEC      Forward TCP ports to the guest (only 'none' supported yet)
-  -u, --udp-ports SPEC      Forward UDP ports to the guest (only 'none' supported yet)
+  -t, --tcp-ports SPEC      Forward TCP ports from the host to the guest
+  -u, --udp-ports SPEC      Forward UDP ports from the host to the guest
   -h, --help                Show this help
       --version             Show the version
 """
@@ -830,8 +833,8 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
       --netns-only, --no-netns-quit, --no-splice, --dhcp-dns, --dhcp-search
       --no-copy-routes, --no-copy-addrs, --host-lo-to-ns-lo   Deprecated
 
-Not supported yet: -U other than 'none', 'auto' forwarding (the default 'auto' forwards
-nothing for now), the host-to-namespace loopback splice path, --fd.
+SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
+(pasta's default is auto: ports bound in the namespace, or on the host for -T/-U, follow)
 """
 
 
