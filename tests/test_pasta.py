@@ -261,10 +261,28 @@ def _remove_netns_file(path: Path) -> None:
         path.unlink()
 
 
-def test_podman_command_line(box: Sandbox) -> None:
-    # the DNS server pasta forwards to: resolv.conf's first one, in the world namespace
-    box.world("ip", "addr", "add", "198.51.100.53/32", "dev", "lo", check=True)
-    echo = box.popen_in(box.world_ns, sys.executable, "-c", UDP_ECHO, "198.51.100.53", "53",
+# a query to podman's --dns-forward address, and where the answer came from
+ASK_DNS_FORWARDER = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                     "s.settimeout(5); s.sendto(b'q', ('169.254.1.1', 53));"
+                     "d, a = s.recvfrom(100); print(d, a[0])")
+
+
+@pytest.mark.parametrize("resolver", [
+    pytest.param("198.51.100.53", id="resolver-in-the-world"),
+    # a systemd-resolved host: resolv.conf names only 127.0.0.53, and podman's --no-map-gw
+    # must not stop --dns-forward reaching it (passt takes the first server, loopback or not)
+    pytest.param("127.0.0.53", id="loopback-resolver",
+                 marks=pytest.mark.sandbox(resolv_conf="nameserver 127.0.0.53\n")),
+])
+def test_podman_command_line(box: Sandbox, resolver: str) -> None:
+    # the DNS server pasta forwards to: resolv.conf's first one, in the world namespace or on
+    # the host's loopback
+    if resolver.startswith("127."):
+        ns = box.host_ns
+    else:
+        ns = box.world_ns
+        box.world("ip", "addr", "add", f"{resolver}/32", "dev", "lo", check=True)
+    echo = box.popen_in(ns, sys.executable, "-c", UDP_ECHO, resolver, "53",
                         stdout=subprocess.PIPE)
     assert echo.stdout is not None and echo.stdout.readline() == b"ready\n"
     path, _ = _podman_netns(box)
@@ -282,39 +300,10 @@ def test_podman_command_line(box: Sandbox) -> None:
             assert r.returncode == 0, r.stdout + r.stderr
             # the DNS forwarder: 169.254.1.1:53 reaches the host's resolver, replies come back
             # from 169.254.1.1
-            r = in_netns(str(path), sys.executable, "-c",
-                         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
-                         "s.settimeout(5); s.sendto(b'q', ('169.254.1.1', 53));"
-                         "d, a = s.recvfrom(100); print(d, a[0])")
+            r = in_netns(str(path), sys.executable, "-c", ASK_DNS_FORWARDER)
             assert r.stdout.strip() == "b'echo:q' 169.254.1.1", r.stderr + err.read_text()
             _remove_netns_file(path)
             wait_gone(pid, 5)
-        finally:
-            kill_quietly(pid)
-    finally:
-        _remove_netns_file(path)
-
-
-@pytest.mark.sandbox(resolv_conf="nameserver 127.0.0.53\n")
-def test_podman_dns_to_a_loopback_resolver(box: Sandbox) -> None:
-    """A systemd-resolved host: resolv.conf names only 127.0.0.53, and podman passes
-    --no-map-gw with --dns-forward 169.254.1.1. The container's queries to that address reach
-    127.0.0.53 on the host (passt takes resolv.conf's first server, loopback or not)."""
-    echo = box.popen_in(box.host_ns, sys.executable, "-c", UDP_ECHO, "127.0.0.53", "53",
-                        stdout=subprocess.PIPE)
-    assert echo.stdout is not None and echo.stdout.readline() == b"ready\n"
-    path, _ = _podman_netns(box)
-    pid_file = box.dir / "pasta.pid"
-    try:
-        parent, err = start_pasta(box, *PODMAN_ARGS, "--pid", str(pid_file), "--netns",
-                                  str(path))
-        pid = background_pid(box, parent, pid_file, err)
-        try:
-            r = in_netns(str(path), sys.executable, "-c",
-                         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
-                         "s.settimeout(5); s.sendto(b'q', ('169.254.1.1', 53));"
-                         "d, a = s.recvfrom(100); print(d, a[0])")
-            assert r.stdout.strip() == "b'echo:q' 169.254.1.1", r.stderr + err.read_text()
         finally:
             kill_quietly(pid)
     finally:
