@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import profiler  # noqa: E402
 from sandbox import Sandbox, SandboxConfig  # noqa: E402
 from tcp_throughput import GW4, start_guest  # noqa: E402
 
@@ -143,24 +144,6 @@ def _measure(box: Sandbox, srv_ns: str, srv_addr: str, port: int, cli_ns: str, d
     return json.loads(r.stdout)
 
 
-def _spy(pid: int, out: str) -> subprocess.Popen[bytes]:
-    """py-spy on the daemon (collapsed stacks in `out`), stopped by _unspy()."""
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
-                            "--rate", "500", "--nonblocking", "-o", out],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    return spy
-
-
-def _unspy(spy: subprocess.Popen[bytes]) -> None:
-    spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-    try:
-        spy.wait(30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
-
-
 def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float,
                       profile: str | None = None) -> dict:
     box = Sandbox(SandboxConfig()).setup()
@@ -168,7 +151,9 @@ def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float,
     try:
         start_guest(box, daemon, mtu, "-t", str(PORT_IN))
         if profile and daemon == "vhostpasst" and box.daemon_pid is not None:
-            spy = _spy(box.daemon_pid, f"{profile}-{mtu}-{direction.replace('->', '-to-')}.txt")
+            spy = profiler.start(box.daemon_pid,
+                                 f"{profile}-{mtu}-{direction.replace('->', '-to-')}.txt",
+                                 rate=500)
         if direction == "guest->host":
             return _measure(box, box.host_ns, "127.0.0.1", PORT_OUT, box.guest_ns, GW4,
                             seconds)
@@ -178,7 +163,7 @@ def run_stream_daemon(daemon: str, mtu: int, direction: str, seconds: float,
                         seconds)
     finally:
         if spy is not None:
-            _unspy(spy)
+            profiler.stop(spy)
         box.teardown()
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import profiler  # noqa: E402
 from sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 TOOL = str(ROOT / "tests" / "tcp_tool.py")
@@ -80,10 +81,7 @@ def run_one(daemon: str, mtu: int, direction: str, size: int,
         spy = None
         if profile and daemon == "vhostpasst":  # py-spy samples the daemon during the transfer
             out = f"{profile}-{mtu}-{direction.replace('->', '-to-')}.txt"
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
-                                    "--rate", "250", "--nonblocking", "-o", out],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
+            spy = profiler.start(pid, out)
         cpu0 = cpu_seconds(pid)
         t0 = time.monotonic()
         cmd = [sys.executable, TOOL, "connect", GW4, "5201",
@@ -92,12 +90,7 @@ def run_one(daemon: str, mtu: int, direction: str, size: int,
         wall = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu0
         if spy is not None:
-            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
+            profiler.stop(spy)
         if r.returncode != 0:
             return {"error": r.stderr[-500:]}
         rep = json.loads(r.stdout)

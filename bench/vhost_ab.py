@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +42,7 @@ sys.path.insert(0, str(ROOT / "qemu-tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import harness  # noqa: E402
+import profiler  # noqa: E402
 from image import build_image  # noqa: E402
 from vhost_throughput import GIB, GW4, IPERF_PORT, cpu_seconds, iperf_mbps, wait_listening  # noqa: E402
 
@@ -89,29 +88,8 @@ def imported_from(tree: Path) -> None:
             raise SystemExit(f"the daemon would import {path}, not from {tree}")
 
 
-def spy_on(pid: int, out: str, profiler: str) -> subprocess.Popen[bytes]:
-    """py-spy (collapsed Python stacks) or perf (CPU samples, user and kernel, no Python
-    names) on the daemon, writing `out`, until unspy()."""
-    argv = (["perf", "record", "-e", "cpu-clock", "-F", "1000", "-g", "-p", str(pid), "-o", out]
-            if profiler == "perf" else
-            ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-             "--nonblocking", "-o", out])
-    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)  # attached
-    return spy
-
-
-def unspy(spy: subprocess.Popen[bytes]) -> None:
-    spy.send_signal(signal.SIGINT)  # the profiler writes its output and exits
-    try:
-        spy.wait(30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
-
-
 def one_run(side: str, image: Path, args: argparse.Namespace,
-            run_no: int = 0) -> tuple[float, ...]:
+            profile_as: str = "") -> tuple[float, ...]:
     """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB, wake-ups per GiB) of one guest over the
     daemon from the source tree `side`, or the passt binary `passt:PATH`."""
     workdir = harness.make_workdir()
@@ -148,8 +126,9 @@ def one_run(side: str, image: Path, args: argparse.Namespace,
                                                   "-p", str(IPERF_PORT)]),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(netns.argv, IPERF_PORT)
-            spy = (spy_on(pid, f"{args.profile}-{args.sides.index(side)}-{run_no}"
-                          + (".data" if args.profiler == "perf" else ".txt"), args.profiler)
+            spy = (profiler.start(pid, f"{args.profile}-{profile_as}"
+                                  + (".data" if args.profiler == "perf" else ".txt"),
+                                  args.profiler, 1000 if args.profiler == "perf" else 250)
                    if args.profile and seconds == args.seconds
                    and (args.profiler == "perf" or not is_passt(side)) else None)
             cpu0, (user0, sys0), sleeps0 = cpu_seconds(pid), ticks(pid), sleeps(pid)
@@ -160,7 +139,7 @@ def one_run(side: str, image: Path, args: argparse.Namespace,
             cpu, (user1, sys1) = cpu_seconds(pid) - cpu0, ticks(pid)
             wakes = sleeps(pid) - sleeps0
             if spy is not None:
-                unspy(spy)
+                profiler.stop(spy)
             server.wait(20)
             mbps, nbytes = iperf_mbps(out)
             gib = nbytes / GIB
@@ -208,8 +187,8 @@ def main() -> int:
     direction = "host->guest" if args.reverse else "guest->host"
     results: dict[str, list[tuple[float, ...]]] = {s: [] for s in args.sides}
     for run_no in range(args.rounds):
-        for side in args.sides:
-            mbps, cpu, user, sys_, wakes = one_run(side, image, args, run_no)
+        for side_no, side in enumerate(args.sides):  # (both sides may be one tree)
+            mbps, cpu, user, sys_, wakes = one_run(side, image, args, f"{side_no}-{run_no}")
             results[side].append((mbps, cpu, user, sys_, wakes))
             print(f"{side}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
                   f"(user {user:.3f}, sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB", flush=True)
