@@ -540,6 +540,7 @@ def test_link_local_source_does_not_replace_the_assigned_address() -> None:
     assert h.d.addr6_seen == A6("2001:db8::77")
     # given no address, the link-local one is all there is
     h2 = Harness()
-    h2.d._addr6_given = None
+    assert h2.d.config.ip6 is not None
+    h2.d.config = replace(h2.d.config, ip6=replace(h2.d.config.ip6, addr=None))
     h2.guest6(40001, "ff02::16", 5001, b"x", src="fe80::99")
     assert h2.d.addr6_seen == A6("fe80::99")

@@ -79,9 +79,6 @@ class Dispatcher:
         self.addr4_seen: IPv4Address | None = None
         self.addr6_seen: IPv6Address | None = None
         self.addr6_ll_seen: IPv6Address | None = None
-        # the address the guest is given counts as seen (passt's addr_seen = addr): its
-        # link-local sources only stand in for an address when it has none
-        self._addr6_given = config.ip6.addr if config.ip6 is not None else None
         self._seen4 = -1  # addr4_seen as an int (fast path: no IPv4Address per frame)
         self._learned6 = -1  # the last source _learn6() took, as an int
         self._drops = RateLimitedLog(log)
@@ -342,7 +339,9 @@ class Dispatcher:
             return
         if src.is_link_local:
             self.addr6_ll_seen = src
-            if self.addr6_seen is None and self._addr6_given is None:
+            # the address the guest is given counts as seen (passt's addr_seen = addr)
+            ip6 = self.config.ip6
+            if self.addr6_seen is None and (ip6 is None or ip6.addr is None):
                 self.addr6_seen = src
         else:
             self.addr6_seen = src
