@@ -441,7 +441,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "prog, argv, message",
     [
-        ("vhostpasst", ["--repair-path", "/r"], "vhostpasst: --repair-path is not supported yet"),
         ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
     ],
 )

@@ -310,6 +310,16 @@ def test_sigterm_ends_the_daemon_with_status_0(sandbox: Sandbox) -> None:
     assert relay.wait(5) == 0  # the relay exits when its socket closes
 
 
+def test_repair_path_is_accepted_and_said_to_be_ignored(sandbox: Sandbox) -> None:
+    """libvirt and KubeVirt set-ups may pass passt's --repair-path: the daemon starts, serves,
+    and says the option does nothing here (no live migration)."""
+    sandbox.start_daemon("--repair-path", str(sandbox.dir / "passt.socket.repair"))
+    sandbox.start_relay()
+    assert sandbox.udhcpc()["ip"] == "192.0.2.2"
+    assert "--repair-path" in sandbox.daemon_log() and "live migration is not supported" \
+        in sandbox.daemon_log()
+
+
 def test_sigterm_ends_an_idle_daemon_with_status_0(sandbox: Sandbox) -> None:
     sandbox.start_daemon()
     assert sandbox.stop_daemon() == 0, sandbox.daemon_log()

@@ -408,3 +408,56 @@ def test_ns_thread_serves_calls_and_leaves_signals_to_the_main_thread() -> None:
         helper.close()
         os.close(fd)
     assert fd not in netns._helpers
+
+
+# -- descriptors the caller left open -------------------------------------------------------------
+
+
+def test_descriptors_the_caller_leaked_are_closed_but_fd_is_kept(sandbox: Sandbox) -> None:
+    """As passt at start: a descriptor the caller let the daemon inherit is closed (here a
+    pipe's write end, so the caller's reader sees EOF while the daemon runs), the one --fd
+    names stays and serves the guest (covered end to end by tests/test_e2e_fd.py)."""
+    from sandbox import vhostpasst_command
+
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        p = subprocess.Popen(["ip", "netns", "exec", sandbox.host_ns, *vhostpasst_command(),
+                              "-f", "-s", sandbox.socket_path],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, pass_fds=(w, other_w))
+        os.close(w)
+        os.close(other_w)
+        try:
+            wait_until(lambda: os.path.exists(sandbox.socket_path) or p.poll() is not None, 15,
+                       "the daemon's socket")
+            fds = {int(n) for n in os.listdir(f"/proc/{p.pid}/fd")}
+            assert w not in fds and other_w not in fds, sorted(fds)
+            os.set_blocking(r, False)
+            assert os.read(r, 1) == b""  # EOF: no writer is left
+            assert p.poll() is None
+        finally:
+            p.terminate()
+            assert p.wait(10) == 0, p.stderr.read() if p.stderr else ""
+    finally:
+        os.close(r)
+        os.close(other_r)
+
+
+def test_close_inherited_fds_keeps_what_it_is_told(tmp_path: Path) -> None:
+    """In a child process (closing descriptors of the test runner would break it)."""
+    code = (
+        "import os, sys\n"
+        "from vhostpasst import isolation\n"
+        "fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(4)]\n"
+        "isolation.close_inherited_fds([fds[1], fds[3], 1])\n"
+        "def is_open(fd):\n"
+        "    try:\n"
+        "        return os.fstat(fd) is not None\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "print([is_open(fd) for fd in [0, 1, 2, *fds]])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    assert r.stdout.strip() == "[True, True, True, False, True, False, True]", r.stdout + r.stderr

@@ -4,4 +4,4 @@ import sys
 
 from vhostpasst.cli import main
 
-sys.exit(main())
+sys.exit(main(close_inherited=True))

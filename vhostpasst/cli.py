@@ -738,12 +738,10 @@ def check_supported(o: Options) -> None:
         # pasta.py serves the namespace; -T/-U (tcp_splice.py, udp_splice.py), 'auto'
         # (portscan.py) and --fd (a pre-opened tap) all work
         pass
-    for value, flag in (
-        (o.repair_path, "--repair-path"),
-        (o.conf_path, "--conf-path"),
-    ):
-        if value:
-            raise NotSupported(flag)
+    # --repair-path is accepted (the daemon logs that it is ignored): qemu already refuses to
+    # migrate a guest whose back end lacks VHOST_F_LOG_ALL, so starting costs nothing
+    if o.conf_path:
+        raise NotSupported("--conf-path")
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -817,7 +815,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -1, --one-off             Quit after the first client disconnects
       --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
-      --repair-path PATH    TCP_REPAIR helper socket (not supported yet)
+      --repair-path PATH    TCP_REPAIR helper socket (ignored: no live migration)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains
 
 SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
@@ -838,8 +836,11 @@ SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q
 """
 
 
-def main(argv: list[str] | None = None, prog: str | None = None, default: str = PASST) -> int:
-    """Parse, check, build the configuration, run the daemon; return the exit status."""
+def main(argv: list[str] | None = None, prog: str | None = None, default: str = PASST,
+         close_inherited: bool = False) -> int:
+    """Parse, check, build the configuration, run the daemon; return the exit status.
+    `close_inherited` (the installed commands, not in-process callers such as tests): close
+    what the caller left open, but --fd, before anything else is opened."""
     if argv is None:
         argv = sys.argv[1:]
     if prog is None:
@@ -858,6 +859,10 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
             print('{"type": "net"}')
             return 0
         check_supported(options)
+        if close_inherited:
+            from vhostpasst import isolation
+
+            isolation.close_inherited_fds(() if options.fd is None else (options.fd,))
         from vhostpasst.conf import build_config  # host look-ups only once parsing is done
 
         config = build_config(options)
@@ -870,9 +875,9 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
 
 
 def main_passt() -> int:
-    return main(default=PASST)
+    return main(default=PASST, close_inherited=True)
 
 
 def main_pasta() -> int:
-    return main(default=PASTA)
+    return main(default=PASTA, close_inherited=True)
 

@@ -77,6 +77,7 @@ class Config:
     socket_path: str | None = None  # None: probe /tmp/passt_N.socket
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
+    repair_path: str | None = None  # accepted for passt's command line; no live migration
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link
@@ -497,6 +498,7 @@ def build_config(
         socket_path=opts.socket_path,
         fd=opts.fd,
         one_off=opts.one_off or opts.fd is not None,
+        repair_path=opts.repair_path,
         mtu=opts.mtu if opts.mtu is not None else DEFAULT_MTU,
         our_mac=opts.mac or DEFAULT_MAC,
         ifname=template.ifname if template else None,

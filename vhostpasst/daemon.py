@@ -127,6 +127,9 @@ def run(config: Config) -> int:
     setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
+    if config.repair_path:
+        log.warning("--repair-path %s ignored: live migration is not supported (qemu refuses "
+                    "to migrate a guest on this back end)", config.repair_path)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst import isolation
 

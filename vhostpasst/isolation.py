@@ -44,6 +44,17 @@ class RunasError(ValueError):
     """--runas names no such user or group."""
 
 
+def close_inherited_fds(keep: Iterable[int] = ()) -> None:
+    """Close every descriptor above stderr but `keep` (--fd), as passt does first thing: a
+    caller's leaked socket or pipe must not stay open, and reachable, for the daemon's
+    lifetime (nor keep the caller's pipe readers from seeing EOF)."""
+    start = 3
+    for fd in sorted(k for k in set(keep) if k >= 3):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, 1 << 20)  # os.closerange uses close_range(2) where it can
+
+
 @dataclass(frozen=True)
 class Ids:
     uid: int
