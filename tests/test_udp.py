@@ -1,14 +1,19 @@
 """UDP and the ICMP-error relay, with fake sockets, loop and link: nothing here touches a real
 network, so guest frames can be fuzzed freely. (End-to-end: tests/test_e2e_udp_icmp.py.)
-Frames we emit are decoded by scapy, an independent implementation."""
+Frames we emit are decoded by scapy, an independent implementation. The broadcast and multicast
+tests at the end use real sockets, in a pair of network namespaces they create themselves."""
 
 from __future__ import annotations
 
 import errno
 import itertools
+import logging
+import os
+import shutil
 import socket
 import struct
-from collections.abc import Callable, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address as A4
 from ipaddress import IPv6Address as A6
@@ -17,8 +22,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sandbox import NS_PREFIX, dhcp_payload, parse_dhcp_reply, wait_until
 
-from vhostpasst import fwd
+from vhostpasst import fwd, netns
 from vhostpasst import udp as udp_mod
 from vhostpasst.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.dispatch import Dispatcher
@@ -42,12 +48,15 @@ class FakeSocket:
 
     instances: list[FakeSocket] = []
     bind_fails_for_port: set[int] = set()
+    broadcast_addrs: set[str] = set()  # connect() needs SO_BROADCAST, as Linux's does
+    connect_errno: dict[str, int] = {}  # connect() to these always fails
 
     def __init__(self, family: int, type_: int, proto: int = 0) -> None:
         self.family, self.type, self.proto = family, type_, proto
         self.fd = next(_fds)
         self.bound: Any = None
         self.connected: Any = None
+        self.connects = 0
         self.sent: list[tuple[bytes, Any]] = []
         self.rx: list[tuple[bytes, Any, int]] = []
         self.errq: list[tuple[bytes, list[tuple[int, int, bytes]], Any]] = []
@@ -67,6 +76,12 @@ class FakeSocket:
         self.bound = addr
 
     def connect(self, addr: Any) -> None:
+        self.connects += 1
+        if addr[0] in self.connect_errno:
+            raise OSError(self.connect_errno[addr[0]], "connect failed")
+        if addr[0] in self.broadcast_addrs and not self.opts.get(
+                (socket.SOL_SOCKET, socket.SO_BROADCAST)):
+            raise OSError(errno.EACCES, "Permission denied")
         self.connected = addr
 
     def send(self, data: Any) -> int:
@@ -156,6 +171,8 @@ class Harness:
     def __init__(self, **kw: Any) -> None:
         FakeSocket.instances = []
         FakeSocket.bind_fails_for_port = set()
+        FakeSocket.broadcast_addrs = set()
+        FakeSocket.connect_errno = {}
         self.loop = FakeLoop()
         self.d = Dispatcher(make_config(**kw), self.loop, FlowTable(self.loop))  # type: ignore
         self.link = FakeLink()
@@ -240,15 +257,47 @@ def test_datagrams_beyond_the_guest_mtu_are_dropped_not_truncated() -> None:
     assert [len(f) for f in h.link.frames] == [1514, 43]
 
 
-def test_multicast_broadcast_port_zero_and_loopback_are_dropped() -> None:
+def test_bad_sources_unspecified_destinations_port_zero_and_loopback_are_dropped() -> None:
     h = Harness()
     h.guest4(0, GW4, 5001, b"x")
     h.guest4(1, GW4, 0, b"x")
-    h.guest4(1, "255.255.255.255", 9, b"x")
-    h.guest4(1, "224.0.0.9", 520, b"x")
+    h.guest4(1, "255.255.255.255", 0, b"x")
+    h.guest4(1, GW4, 9, b"x", src="224.0.0.9")
+    h.guest4(1, GW4, 9, b"x", src="0.0.0.0")
+    h.guest4(1, "0.0.0.0", 9, b"x")
+    h.guest6(1, GW6, 9, b"x", src="ff02::1")
+    h.guest6(1, GW6, 9, b"x", src="::")
+    h.guest6(1, "::", 9, b"x")
     h.guest4(1, "127.0.0.1", 9, b"x")
     h.guest4(1, GW4, 9, b"x", src="127.0.0.1")
     assert FakeSocket.instances == []
+
+
+def test_broadcast_and_multicast_get_flows_but_dhcp_comes_first() -> None:
+    h = Harness()
+    FakeSocket.broadcast_addrs = {"255.255.255.255", "203.0.113.255"}
+    FakeSocket.connect_errno = {"198.51.100.255": errno.EACCES}  # refused even so
+    h.guest4(40001, "255.255.255.255", 9, b"all")
+    h.guest4(40001, "203.0.113.255", 9, b"subnet")  # the host routes it as a broadcast
+    h.guest4(40001, "224.0.0.9", 520, b"rip")
+    h.guest6(40001, "ff05::db8", 9, b"six")
+    h.guest4(40001, "198.51.100.255", 9, b"refused")
+    limited, subnet, group, group6, refused = FakeSocket.instances
+    broadcast = (socket.SOL_SOCKET, socket.SO_BROADCAST)
+    assert limited.opts[broadcast] == 1 and limited.connects == 1  # set before connect()
+    assert limited.bound == ("", 40001) and limited.sent == [(b"all", ("255.255.255.255", 9))]
+    assert subnet.opts[broadcast] == 1 and subnet.connects == 2  # EACCES, then once more
+    assert subnet.sent == [(b"subnet", ("203.0.113.255", 9))]
+    assert broadcast not in group.opts and group.sent == [(b"rip", ("224.0.0.9", 520))]
+    assert group6.sent == [(b"six", ("ff05::db8", 9, 0, 0))]
+    assert refused.connects == 2 and refused.closed and refused.sent == []
+    assert refused.fd not in h.loop.fds
+    # The guest's DHCP and DHCPv6 servers take their frames before UDP sees them.
+    h.guest4(68, "255.255.255.255", 67, dhcp_payload(1, GUEST_MAC, 7), src=HOST4)
+    h.guest6(546, "ff02::1:2", 547, b"\x01\x00\x00\x07")
+    assert len(FakeSocket.instances) == 5
+    offer = parse_dhcp_reply(h.link.frames[-1])
+    assert offer is not None and offer.msg_type == "OFFER"
 
 
 def test_no_udp_drops_everything() -> None:
@@ -461,7 +510,8 @@ def test_malformed_guest_frames_never_raise(frames: list[bytes]) -> None:
     assert h.d.ctx is not None
     for flow in h.d.ctx.flows:  # every flow made from fuzz is for a sane guest-side tuple
         if isinstance(flow, UdpFlow):
-            assert flow.gport and flow.fport and not flow.faddr.is_multicast
+            assert flow.gport and flow.fport and not flow.gaddr.is_multicast
+            assert not flow.gaddr.is_unspecified and not flow.faddr.is_unspecified
 
 
 # --- recvmmsg/sendmmsg (cffi) on a local socketpair: no network involved --------------------
@@ -544,3 +594,118 @@ def test_link_local_source_does_not_replace_the_assigned_address() -> None:
     h2.d.config = replace(h2.d.config, ip6=replace(h2.d.config.ip6, addr=None))
     h2.guest6(40001, "ff02::16", 5001, b"x", src="fe80::99")
     assert h2.d.addr6_seen == A6("fe80::99")
+
+
+# --- broadcast and multicast for real, in two namespaces of the test's own ------------------
+#
+# Namespace "a" holds the flow sockets (v0: 192.0.2.2/24, 2001:db8::2/64, default routes via
+# .1 / ::1); its veth peer v1 (192.0.2.1/24, 2001:db8::1/64) in namespace "b" holds the
+# receivers. Deleting the namespaces removes the veth pair; nothing else is touched.
+
+_ns_ids = itertools.count(1)
+RECV_TIMEOUT = 3.0
+GROUP4, GROUP6 = "239.255.0.1", "ff15::db8:1"
+
+
+class Upstream:
+    def __init__(self, a: int, b: int) -> None:
+        self.a, self.b = a, b  # namespace fds
+
+    def harness(self) -> Harness:
+        """A Harness whose UDP flow sockets are real ones, created in namespace a."""
+        h = Harness()
+        assert h.d.udp is not None
+        h.d.udp.socket_factory = lambda *args: netns.call_in_netns(  # type: ignore[assignment]
+            self.a, socket.socket, *args)
+        return h
+
+    def receiver(self, six: bool, port: int, group: str | None = None) -> socket.socket:
+        """A socket in namespace b on [::]:port or 0.0.0.0:port, in `group` on v1."""
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(RECV_TIMEOUT)
+            s.bind(("", port))
+            if group and six:
+                mreq = A6(group).packed + struct.pack("@I", socket.if_nametoindex("v1"))
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            elif group:
+                mreq = socket.inet_aton(group) + socket.inet_aton(str(GW4))
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            return s
+        return netns.call_in_netns(self.b, make)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
+
+
+def _multicast_route(ns: str) -> str:
+    return subprocess.run(["ip", "-n", ns, "-6", "route", "show", "table", "local", "ff00::/8"],
+                          capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and ip(8) to create network namespaces")
+    # sandbox.remove_stale_namespaces() deletes what a killed run leaves behind
+    base = f"{NS_PREFIX}{os.getpid()}-udp{next(_ns_ids)}"
+    a, b = f"{base}-a", f"{base}-b"
+    fds: list[int] = []
+    try:
+        for ns in (a, b):
+            _ip("netns", "add", ns)
+            fds.append(os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", a, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", b)
+        for ns, dev, addr4, addr6 in ((a, "v0", HOST4, HOST6), (b, "v1", GW4, GW6)):
+            _ip("-n", ns, "addr", "add", f"{addr4}/24", "dev", dev)
+            _ip("-n", ns, "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
+            _ip("-n", ns, "link", "set", dev, "up")
+        _ip("-n", a, "route", "add", "default", "via", str(GW4))
+        _ip("-n", a, "-6", "route", "add", "default", "via", str(GW6))
+        # The carrier comes through linkwatch, later: it activates the queues and adds the
+        # IPv6 multicast route (ff00::/8) that incoming group traffic needs.
+        wait_until(lambda: all(_multicast_route(ns) for ns in (a, b)), 5,
+                   "the veth pair's carrier (ff00::/8 routes)")
+        yield Upstream(*fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=10)
+
+
+def test_guest_broadcasts_reach_the_link(upstream: Upstream) -> None:
+    """255.255.255.255 (SO_BROADCAST set up front) and 192.0.2.255, the subnet-directed
+    broadcast of v0's /24 (connect() gets EACCES first), both arrive from the guest's port."""
+    h = upstream.harness()
+    with upstream.receiver(False, 5300) as r:
+        h.guest4(40001, "255.255.255.255", 5300, b"limited")
+        assert r.recvfrom(64) == (b"limited", (str(HOST4), 40001))
+        h.guest4(40002, "192.0.2.255", 5300, b"directed")
+        assert r.recvfrom(64) == (b"directed", (str(HOST4), 40002))
+    h.d.close()
+
+
+def test_guest_multicast_reaches_a_group_joined_on_the_link(
+        upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    h = upstream.harness()
+    with upstream.receiver(False, 5301, GROUP4) as r4, upstream.receiver(True, 5302,
+                                                                           GROUP6) as r6:
+        h.guest4(40003, GROUP4, 5301, b"group4")
+        assert r4.recvfrom(64) == (b"group4", (str(HOST4), 40003))
+        h.guest6(40004, GROUP6, 5302, b"group6")
+        data, addr = r6.recvfrom(64)
+        assert (data, addr[:2]) == (b"group6", (str(HOST6), 40004))
+        # A link-scope group needs an interface the flow does not name: connect() fails
+        # (EINVAL), and that is a debug line and a dropped datagram, not an error.
+        with caplog.at_level(logging.DEBUG, logger="vhostpasst"):
+            h.guest6(40005, "ff02::db8:1", 5302, b"nowhere")
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+        assert any(rec.getMessage().startswith("UDP flow to ff02::db8:1:5302: [Errno 22]")
+                   for rec in caplog.records)
+        assert h.d.ctx is not None
+        flows = {f.faddr for f in h.d.ctx.flows if isinstance(f, UdpFlow)}
+        assert flows == {A4(GROUP4), A6(GROUP6)}
+    h.d.close()

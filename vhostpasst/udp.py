@@ -5,7 +5,9 @@ Guest -> host: a flow per (guest address and port, destination and port) owns a 
 to the guest's source port where the host allows it (so servers see the port the guest used)
 and connected to the translated destination; payloads go out with send(). Replies are read
 with recvmsg_into straight into link buffers after the room for the headers, which are then
-written in place: one copy from the socket to the guest.
+written in place: one copy from the socket to the guest. Broadcast and multicast destinations
+go out too (with SO_BROADCAST where the host's routes call for it); as the socket is connected
+to that address, the kernel filters out unicast answers, as with passt.
 
 Host -> guest (`-u`): listening sockets per forwarded port. A datagram from a new host source
 makes a flow towards the guest's address and the mapped port; what the guest answers goes back
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 IPAddr = IPv4Address | IPv6Address
 
 UDP_TIMEOUT = 180.0
+BROADCAST4 = IPv4Address("255.255.255.255")
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
@@ -205,8 +208,9 @@ class UdpHandler:
         if dgram.sport == 0 or dgram.dport == 0:
             self._log.debug("udp-port0", "UDP datagram with port 0 from the guest dropped")
             return
-        if src.is_unspecified or src.is_multicast or dst.is_unspecified or dst.is_multicast \
-                or dst == IPv4Address("255.255.255.255"):
+        # Broadcast and multicast destinations go out like unicast ones (reference 4.6); a
+        # multicast or unspecified source could never be answered, and 0.0.0.0/:: is no target.
+        if src.is_unspecified or src.is_multicast or dst.is_unspecified:
             self._log.debug(("udp-addr", dst), "UDP from %s to %s dropped", src, dst)
             return
         key = _tap_key(six, src, dgram.sport, dst, dgram.dport)
@@ -283,11 +287,21 @@ class UdpHandler:
                 # taken (by a socket without SO_REUSEADDR) or privileged: any port will do
                 self._log.debug(("udp-bind", sport), "UDP source port %d: %s", sport, e)
                 sock.bind((local, 0))
+            if target == BROADCAST4:  # Linux refuses broadcasts without it (EACCES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if six:
                 scope = conf.ifindex if conf is not None and target.is_link_local else 0
-                sock.connect((str(target), dport, 0, scope))
+                addr: tuple = (str(target), dport, 0, scope)
             else:
-                sock.connect((str(target), dport))
+                addr = (str(target), dport)
+            try:
+                sock.connect(addr)
+            except OSError as e:
+                if e.errno != errno.EACCES:
+                    raise
+                # an address the host routes as a broadcast (say a subnet-directed one)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.connect(addr)
         except OSError as e:
             sock.close()
             self._log.debug(("udp-sock", e.errno), "UDP flow to %s:%d: %s", target, dport, e)
