@@ -114,6 +114,36 @@ int vr_avail_event_set(uint8_t *used, size_t len, unsigned num, unsigned value)
 	return 0;
 }
 
+/* --- the dirty log (live migration, VHOST_F_LOG_ALL) -----------------------------------------
+ *
+ * One bit per 4 KiB page of guest-physical memory, in a bitmap the front end shares with us
+ * and maybe with other back ends of the same guest, and clears while we write: hence an
+ * atomic OR per byte. Marks the pages of [addr, addr + size); returns 0, or -1 if part of
+ * the range lies beyond the log (that part is not marked). */
+#define VR_LOG_PAGE 4096
+
+int vr_log_mark(uint8_t *log, size_t log_len, uint64_t addr, uint64_t size)
+{
+	uint64_t page, last, pages = (uint64_t)log_len * 8;
+	int ret = 0;
+
+	if (size == 0)
+		return 0;
+	if (addr > UINT64_MAX - (size - 1))
+		return -1;
+	page = addr / VR_LOG_PAGE;
+	last = (addr + size - 1) / VR_LOG_PAGE;
+	if (last >= pages) {
+		if (page >= pages)
+			return -1;
+		last = pages - 1;
+		ret = -1;
+	}
+	for (; page <= last; page++)
+		__atomic_fetch_or(log + page / 8, (uint8_t)(1u << (page % 8)), __ATOMIC_RELAXED);
+	return ret;
+}
+
 /* --- descriptor chains, one call per batch -------------------------------------------------
  *
  * vr_pop_chains() pops up to `count` chains the way virtio/virtqueue.py's reference walk

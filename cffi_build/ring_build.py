@@ -18,6 +18,7 @@ ffibuilder.cdef(
     int vr_used_idx(const uint8_t *used, size_t len);
     int vr_used_flags_set(uint8_t *used, size_t len, unsigned flags);
     int vr_avail_event_set(uint8_t *used, size_t len, unsigned num, unsigned value);
+    int vr_log_mark(uint8_t *log, size_t log_len, uint64_t addr, uint64_t size);
 
     struct vr_region {
         uint64_t gpa;

@@ -415,3 +415,62 @@ def h() -> Any:
     harness = Harness()
     yield harness
     harness.close()
+
+
+def test_rx_fill_and_bounced_frames_are_marked_for_live_migration() -> None:
+    """With VHOST_F_LOG_ALL and a dirty log (a migration running), the pages the link wrote
+    (TCP data read in place by rx_fill(), a DHCP offer sent through the bounce path) are
+    marked, and no others."""
+    import mmap
+    import os
+
+    from test_link_vhost import discover, is_offer
+
+    from virtio import message as m
+    from virtio.backend import F_LOG_ALL
+    from virtio.dirtylog import LOG_PAGE
+
+    h = Harness(queue_size=64)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    log_size = 1 << 12  # 32768 pages: more than the 1 MiB of guest memory
+    log_fd = os.memfd_create("dirty-log")
+    os.ftruncate(log_fd, log_size)
+    log = mmap.mmap(log_fd, log_size)
+
+    def marked() -> set[int]:
+        got = {i * 8 + bit for i, v in enumerate(log[:]) if v for bit in range(8) if v >> bit & 1}
+        log[:] = bytes(log_size)
+        return got
+
+    def written(used: list[tuple[int, int]]) -> set[int]:
+        pages: set[int] = set()
+        for head, length in used:
+            gpa, size, _ = h.guest.rx.buffers[head][0]
+            n = min(size, length)
+            pages |= set(range(gpa // LOG_PAGE, (gpa + n - 1) // LOG_PAGE + 1))
+        return pages
+
+    try:
+        h.guest.bring_up(ALL | F_LOG_ALL)
+        assert h.guest.fe.ack(m.Request.SET_LOG_BASE, m.LOG.pack(log_size, 0), [log_fd]) == 0
+        h.guest.post_rx(8, size=4096)
+        h.pump()
+        marked()
+        a.sendall(_payload(3000, 9))
+        assert rx_fill(h, b.fileno(), 4, 1460, 1 << 20, None) is not None
+        h.link.flush()
+        used = h.guest.rx.get_used()
+        assert len(used) == 3
+        assert marked() == written(used) != set()
+
+        h.guest.transmit(discover())
+        h.pump()
+        used = h.guest.rx.get_used()
+        assert len(used) == 1 and is_offer(h.guest.rx.written(*used[0])[net.HDR_LEN:])
+        assert marked() == written(used)
+    finally:
+        a.close()
+        b.close()
+        h.close()
+        log.close()
+        os.close(log_fd)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import message as m
+from .dirtylog import LOG_PAGE, DirtyLog, DirtyLogError
 from .memory import GuestMemory, GuestMemoryError
 from .message import Message, Request, RequestError
 from .virtqueue import VirtQueue, VirtQueueError
@@ -33,12 +34,14 @@ log = logging.getLogger(__name__)
 F_RING_INDIRECT_DESC = 1 << 28
 F_RING_EVENT_IDX = 1 << 29
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
+F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: log writes to guest memory (live migration)
 F_VERSION_1 = 1 << 32
 RING_FEATURES = F_VERSION_1 | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX
 
 PROTOCOL_FEATURES = (1 << m.ProtocolFeature.MQ | 1 << m.ProtocolFeature.REPLY_ACK
                      | 1 << m.ProtocolFeature.CONFIGURE_MEM_SLOTS
-                     | 1 << m.ProtocolFeature.RESET_DEVICE)
+                     | 1 << m.ProtocolFeature.RESET_DEVICE
+                     | 1 << m.ProtocolFeature.LOG_SHMFD)
 
 MESSAGES_PER_WAKEUP = 64  # then yield to the loop; level-triggered epoll brings us back
 
@@ -99,7 +102,9 @@ class VhostUserBackend:
         self.loop = loop
         self.device = device
         self.on_close = on_close
-        self.features = device.features | ring_features | F_PROTOCOL_FEATURES
+        # Every write the device makes to guest memory goes through a queue (used chains,
+        # the used ring), which marks it in the dirty log: live migration comes for free.
+        self.features = device.features | ring_features | F_PROTOCOL_FEATURES | F_LOG_ALL
         self.protocol_features = PROTOCOL_FEATURES
         if device.config() is not None:
             self.protocol_features |= 1 << m.ProtocolFeature.CONFIG
@@ -109,6 +114,7 @@ class VhostUserBackend:
         self.closed = False
         self.close_reason = ""
         self.memory = GuestMemory(max_mem_slots)
+        self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE's, used while LOG_ALL is on
         self.queues = [VirtQueue(i, self.memory, device.max_queue_size)
                        for i in range(device.num_queues)]
         self._reader = m.MessageReader(sock)
@@ -122,6 +128,8 @@ class VhostUserBackend:
             Request.RESET_DEVICE: self._reset_device,
             Request.GET_QUEUE_NUM: lambda msg: m.encode_u64(self.device.queue_num()),
             Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
             Request.GET_MAX_MEM_SLOTS: lambda msg: m.encode_u64(self.memory.max_regions),
             Request.ADD_MEM_REG: self._add_mem_reg,
             Request.REM_MEM_REG: self._rem_mem_reg,
@@ -202,6 +210,7 @@ class VhostUserBackend:
         try:
             self.loop.remove_fd(self.sock.fileno())
             self._reset_queues()
+            self._drop_log()
             self.memory.reset()  # unmapping a large guest takes a while: a signal may come
             self._reader.close()
             self.sock.close()
@@ -257,10 +266,15 @@ class VhostUserBackend:
             raise RequestError(f"features {features & ~self.features:#x} were not offered")
         if not features & F_VERSION_1:
             raise RequestError("legacy (pre-VERSION_1) drivers are not supported")
+        was_logging = bool(self.acked_features & F_LOG_ALL)
         self.acked_features = features
         for vq in self.queues:
             vq.event_idx = bool(features & F_RING_EVENT_IDX)
             vq.indirect = bool(features & F_RING_INDIRECT_DESC)
+        self._attach_log()
+        if bool(features & F_LOG_ALL) != was_logging:
+            log.info("vhost-user: dirty page logging %s (live migration)",
+                     "on" if features & F_LOG_ALL else "off")
         self._callback(self.device.features_set, features)
         if not features & F_PROTOCOL_FEATURES:
             for vq in self.queues:  # without PROTOCOL_FEATURES rings start enabled
@@ -288,8 +302,43 @@ class VhostUserBackend:
 
     def _reset_device(self, msg: Message) -> None:
         self._reset_queues()
+        self._drop_log()
         self.memory.reset()
         self.acked_features = 0
+
+    # --- live migration: the dirty log ---------------------------------------------------
+    def _set_log_base(self, msg: Message) -> bytes:
+        """The shared log (LOG_SHMFD): its fd, size and offset. Replaces the last one."""
+        if len(msg.payload) != m.LOG.size or len(msg.fds) != 1:
+            raise RequestError("a log base without a shared memory fd is not supported")
+        size, offset = m.LOG.unpack_from(msg.payload)
+        try:
+            dirty = DirtyLog(msg.take_fd(), size, offset)
+        except DirtyLogError as e:
+            raise RequestError(str(e)) from None
+        self._drop_log()
+        self.dirty_log = dirty
+        self._attach_log()
+        log.debug("vhost-user: dirty log of %d bytes (%d MiB of guest memory)", size,
+                  size * 8 * LOG_PAGE >> 20)
+        return m.encode_u64(0)  # the front end waits for this reply (LOG_SHMFD)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        """An eventfd to say the log changed: optional, and qemu reads the log anyway."""
+
+    def _attach_log(self) -> None:
+        dirty = self.dirty_log if self.acked_features & F_LOG_ALL else None
+        for vq in self.queues:
+            vq.dirty_log = dirty
+
+    def _drop_log(self) -> None:
+        dirty, self.dirty_log = self.dirty_log, None
+        self._attach_log()
+        if dirty is not None:
+            if dirty.outside:
+                log.warning("vhost-user: %d writes fell outside the front end's dirty log",
+                            dirty.outside)
+            dirty.close()
 
     def _set_mem_table(self, msg: Message) -> None:
         descs = msg.mem_table()

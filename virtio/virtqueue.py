@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from .dirtylog import DirtyLog
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
 from .ring import (
@@ -66,6 +67,8 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
+VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to the used ring at addr.log
+USED_ELEM = struct.Struct("<II")  # id, len
 
 MAX_QUEUE_SIZE = 32768  # the split-ring limit (virtio 1.2, 2.7)
 MAX_INDIRECT = 32768  # entries in one indirect table; bounds the walk
@@ -128,6 +131,7 @@ class VirtQueue:
         self.started = False
         self._ring: RingAccess | None = None
         self._desc: memoryview | None = None
+        self._used_area: memoryview | None = None
         self.reset()
 
     # --- configuration (from the vhost-user messages) --------------------------------------
@@ -147,6 +151,10 @@ class VirtQueue:
         self._pending = 0
         self._used: list[int] = []  # pushed, not yet written: [head, length, head, ...]
         self._notify = True
+        # Live migration: the front end's dirty log while it asks for one (VHOST_F_LOG_ALL),
+        # and the used index up to which the writes of used chains were marked in it.
+        self.dirty_log: DirtyLog | None = None
+        self._logged_idx = 0
 
     def set_num(self, num: int) -> None:
         if not 1 <= num <= self.max_size or num & (num - 1):
@@ -161,13 +169,16 @@ class VirtQueue:
             raise VirtQueueError(f"queue {self.index}: ring address before ring size")
         if addr.desc % 16 or addr.avail % 2 or addr.used % 4:
             raise VirtQueueError(f"queue {self.index}: misaligned ring address")
-        self.addr = addr
+        old, self.addr = self.addr, addr
+        if self._ring is not None and old is not None and \
+                (old.desc, old.avail, old.used) == (addr.desc, addr.avail, addr.used):
+            return  # a running ring's logging turned on or off (migration): no remap
         self.map()
 
     def set_base(self, base: int) -> None:
         if base > 0xFFFF:
             raise VirtQueueError(f"queue {self.index}: base {base} out of range for a split ring")
-        self.last_avail_idx = self.used_idx = base
+        self.last_avail_idx = self.used_idx = self._logged_idx = base
         self.signalled_used_valid = False
         self.inflight = 0
 
@@ -187,6 +198,7 @@ class VirtQueue:
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {self.index}: ring not in guest memory: {e}") from None
         self._desc = desc
+        self._used_area = used
         self._ring = RingAccess(avail, used, self.num, desc)
 
     def unmap(self) -> None:
@@ -196,6 +208,9 @@ class VirtQueue:
         if self._desc is not None:
             self._desc.release()
             self._desc = None
+        used, self._used_area = self._used_area, None
+        if used is not None:
+            used.release()
 
     @property
     def mapped(self) -> bool:
@@ -215,6 +230,8 @@ class VirtQueue:
     def stop(self) -> int:
         """Stop processing (GET_VRING_BASE); returns the index to resume from."""
         self.started = False
+        if self.dirty_log is not None:  # the last flags and avail_event written, for the copy
+            self._log_used_ring()
         return self.last_avail_idx
 
     # --- driver → device --------------------------------------------------------------------
@@ -551,12 +568,65 @@ class VirtQueue:
         # the list holds the latest pushes (push_written() wrote those before it already)
         if used:
             self._ring.used_put_many((self.used_idx - len(used) // 2) & 0xFFFF, used)
+        if self.dirty_log is not None:  # marked before the driver may reuse the chains
+            self._log_writes()
         self._ring.used_publish(self.used_idx)
         self._pending = 0
         if self._should_notify():
             self.signal()
             return True
         return False
+
+    # --- live migration: what the front end must copy again -----------------------------
+    def _log_writes(self) -> None:
+        """Mark in the dirty log what the chains used since the last mark had written (their
+        used lengths, over their device-writable buffers) and the used ring. The chains are
+        still ours until used->idx moves, so their descriptors are as we popped them; a
+        driver that changed them anyway only misdirects its own log, as the walk reads
+        nothing but the descriptor tables, within bounds."""
+        used = self._used_area
+        if used is None or self.num == 0:
+            return
+        mask = self.num - 1
+        idx = self._logged_idx
+        while idx != self.used_idx:
+            head, length = USED_ELEM.unpack_from(used, 4 + 8 * (idx & mask))
+            if length:
+                self._log_chain(head, length)
+            idx = (idx + 1) & 0xFFFF
+        self._logged_idx = idx
+        self._log_used_ring()
+
+    def _log_chain(self, head: int, length: int) -> None:
+        dirty, table = self.dirty_log, self._desc
+        if dirty is None or table is None or head >= self.num:
+            return
+        entries, i = self.num, head
+        for _ in range(MAX_QUEUE_SIZE + MAX_INDIRECT):  # bounded whatever the tables say
+            addr, size, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
+            if flags & DESC_F_INDIRECT and table is self._desc:
+                try:
+                    table = self.memory.gpa(addr, size - size % DESC_SIZE)
+                except GuestMemoryError:
+                    return
+                entries, i = len(table) // DESC_SIZE, 0
+                if not entries:
+                    return
+                continue
+            if flags & DESC_F_WRITE:
+                n = min(size, length)
+                dirty.mark(addr, n)
+                length -= n
+                if length <= 0:
+                    return
+            if not flags & DESC_F_NEXT or nxt >= entries:
+                return
+            i = nxt
+
+    def _log_used_ring(self) -> None:
+        dirty = self.dirty_log
+        if dirty is not None and self.addr is not None and self.addr.flags & VRING_F_LOG:
+            dirty.mark(self.addr.log, used_size(self.num))
 
     def _should_notify(self) -> bool:
         assert self._ring is not None

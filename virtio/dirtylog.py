@@ -1,0 +1,65 @@
+"""The dirty-page log of a live migration (vhost-user "Migration", VHOST_F_LOG_ALL).
+
+While the guest's memory is copied to the destination, the front end must learn which pages
+the back end wrote behind its back (the used rings, the buffers of RX chains), to copy them
+again. It hands over a shared bitmap with SET_LOG_BASE (VHOST_USER_PROTOCOL_F_LOG_SHMFD): bit
+`page % 8` of byte `page / 8` stands for guest-physical page `page` (4 KiB). The marking is
+an atomic OR in C (cffi_build/ring.c, vr_log_mark): the front end clears bits while we set
+them, and other back ends of the same guest may share the bitmap.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from ._ring import ffi, lib  # type: ignore[import-not-found]
+
+LOG_PAGE = 4096  # VHOST_LOG_PAGE
+MAX_LOG_SIZE = 1 << 40  # one bit per 4 KiB page: covers 2^55 bytes of guest memory
+
+
+class DirtyLogError(Exception):
+    """The front end's log description cannot be mapped."""
+
+
+class DirtyLog:
+    __slots__ = ("size", "_map", "_view", "_c", "outside")
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        """Map `size` bytes of log at `offset` in `fd`; the fd is closed (we own it)."""
+        try:
+            if not 0 < size <= MAX_LOG_SIZE or not 0 <= offset <= MAX_LOG_SIZE:
+                raise DirtyLogError(f"log size {size:#x} at offset {offset:#x} out of range")
+            try:
+                # From offset 0, as guest memory: mmap's offset must be page-aligned and the
+                # front end's need not be; mmap refuses a length beyond the file's end, so a
+                # short memfd cannot SIGBUS us.
+                self._map = mmap.mmap(fd, offset + size, mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError, OverflowError) as e:
+                raise DirtyLogError(f"cannot map the log: {e}") from None
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.size = size
+        self._view = memoryview(self._map)[offset:offset + size]
+        self._c = ffi.from_buffer("uint8_t[]", self._view, require_writable=True)
+        self.outside = 0  # marks that reached beyond the log (the front end's mistake)
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Guest-physical [gpa, gpa + length) was written."""
+        if length <= 0 or self._c is None:
+            return
+        if gpa < 0 or gpa > 0xFFFFFFFFFFFFFFFF or \
+                lib.vr_log_mark(self._c, self.size, gpa, min(length, 1 << 63)) < 0:
+            self.outside += 1
+
+    def close(self) -> None:
+        if self._c is not None:
+            ffi.release(self._c)
+            self._c = None
+            self._view.release()
+            self._map.close()
