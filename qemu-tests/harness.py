@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -29,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from image import Image
 
@@ -320,7 +323,11 @@ class Guest:
         boot_timeout: float = BOOT_TIMEOUT,
         append: str = "",
         smp: int = 1,
+        qmp: Path | None = None,
+        incoming: str | None = None,
     ) -> None:
+        """`qmp`: a QMP socket to drive qemu with (Qmp). `incoming`: a migration URI to wait
+        on (qemu -incoming) instead of booting: the guest arrives by live migration."""
         self.workdir = workdir
         self.console_log = workdir / "console.log"
         self.qemu_log = workdir / "qemu.log"
@@ -340,6 +347,10 @@ class Guest:
             "-append", f"console=ttyS0 panic=-1 vpt_noecho=1 {append}".strip(),
         ]
         argv += net.qemu_args(mem) if net else ["-nic", "none"]
+        if qmp is not None:
+            argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        if incoming is not None:
+            argv += ["-incoming", incoming]
         self.argv = netns.argv(argv) if netns else argv
         self._qemu_err = open(self.qemu_log, "wb")  # closed in close(), after qemu
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -353,7 +364,10 @@ class Guest:
         self._reader.start()
         t0 = time.monotonic()
         try:
-            self.wait_for(r"^VPT-READY\r?\n", boot_timeout, what="boot")
+            if incoming is None:
+                self.wait_for(r"^VPT-READY\r?\n", boot_timeout, what="boot")
+            elif qmp is not None:
+                _wait_path(qmp, 30, self)
         except BaseException:
             self.close()
             raise
@@ -439,6 +453,54 @@ class Guest:
                 self.proc.stdout.close()
             self.proc = None
         self._qemu_err.close()
+
+
+def _wait_path(path: Path, timeout: float, guest: Guest) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if guest.proc is None or guest.proc.poll() is not None or time.monotonic() > deadline:
+            raise guest.failure(f"no {path.name}")
+        time.sleep(0.05)
+
+
+class Qmp:
+    """A minimal QMP client (qemu's JSON monitor) on a UNIX socket: commands, replies, and
+    the events that come between them (kept in `events`)."""
+
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._file = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise HarnessError(f"QMP: no greeting: {greeting}")
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise HarnessError("QMP: qemu closed the monitor")
+        return json.loads(line)
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise HarnessError(f"QMP {name}: {reply['error']}")
+            else:
+                return reply.get("return")
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
 
 
 def dhcp_lease(guest: Guest) -> dict[str, str]:

@@ -329,7 +329,7 @@ class VhostUserBackend:
     def _attach_log(self) -> None:
         dirty = self.dirty_log if self.acked_features & F_LOG_ALL else None
         for vq in self.queues:
-            vq.dirty_log = dirty
+            vq.set_dirty_log(dirty)
 
     def _drop_log(self) -> None:
         dirty, self.dirty_log = self.dirty_log, None
@@ -385,6 +385,8 @@ class VhostUserBackend:
         vq = self._queue(index)
         self._stop(vq)
         base = vq.last_avail_idx
+        log.debug("vhost-user: queue %d stopped at avail index %d (used index %d, used->idx "
+                  "%s, %d in flight)", index, base, vq.used_idx, vq.ring_used_idx(), vq.inflight)
         for fd in (vq.call_fd, vq.err_fd):  # the front end sends fresh ones on restart
             _close(fd)
         vq.call_fd = vq.err_fd = None
@@ -410,6 +412,8 @@ class VhostUserBackend:
             vq.kick_fd = fd
         if not vq.started:
             vq.start()
+            log.debug("vhost-user: queue %d started at avail index %d (used->idx %s)", vq.index,
+                      vq.last_avail_idx, vq.ring_used_idx())
             self._callback(self.device.queue_started, vq)
 
     def _on_kick(self, vq: VirtQueue, mask: int = 0) -> None:

@@ -252,6 +252,10 @@ class VirtQueue:
                                  f"({'broken' if self.broken else 'not mapped'})")
         return ring
 
+    def ring_used_idx(self) -> int | None:
+        """used->idx as guest memory holds it (None if the ring is not mapped): for logs."""
+        return self._ring.used_idx() if self._ring is not None else None
+
     def ring_access(self) -> RingAccess:
         """The ring's C accessor (its record arrays after pop_records()); VirtQueueError if
         the queue is not usable."""
@@ -578,6 +582,13 @@ class VirtQueue:
         return False
 
     # --- live migration: what the front end must copy again -----------------------------
+    def set_dirty_log(self, dirty: DirtyLog | None) -> None:
+        """Log writes into `dirty` from now on (None: stop). Marking starts at the entries
+        not yet published: what the driver saw before was copied with the rest of memory."""
+        if dirty is not None and self.dirty_log is None:
+            self._logged_idx = (self.used_idx - self._pending) & 0xFFFF
+        self.dirty_log = dirty
+
     def _log_writes(self) -> None:
         """Mark in the dirty log what the chains used since the last mark had written (their
         used lengths, over their device-writable buffers) and the used ring. The chains are

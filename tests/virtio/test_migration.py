@@ -208,3 +208,20 @@ def test_dirty_log_marks_within_bounds():
     finally:
         log.close()
         os.close(check)
+
+
+def test_marking_starts_where_logging_began(mh):
+    """Chains used while no migration ran are not walked when one starts (after 65536 of
+    them the index would have wrapped onto stale entries): only what follows is marked."""
+    mh.bring_up(FEATURES)
+    for _ in range(4):
+        page_buffer(mh.rx, LOG_PAGE)
+    mh.rx.kick()
+    assert mh.set_log_base() == 0
+    first, _ = mh.echo(b"\x05" * 40)
+    assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(FEATURES | F_LOG_ALL)) == 0
+    mh.dirty()
+    second, length = mh.echo(b"\x06" * 40)
+    gpa = mh.rx.buffers[second][0][0]
+    assert mh.dirty() == pages(gpa, length)
+    assert mh.rx.buffers[first][0][0] // LOG_PAGE not in pages(gpa, length)

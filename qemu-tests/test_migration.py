@@ -1,0 +1,97 @@
+"""Live migration of a guest on vhost-user (what KubeVirt and libvirt do to move a VM): qemu
+migrates it from one daemon to another while it pings through the first, with the daemon
+marking what it writes into guest memory in qemu's dirty log (VHOST_F_LOG_ALL); on the
+destination the guest carries on through the second daemon (ping, a TCP download checked with
+sha256). Connections open through the first daemon do not move: that takes passt's
+TCP_REPAIR helper, which we do not have."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import _track
+from harness import DAEMON, HOST_GW4, Daemon, Guest, GuestNet, HostNetns, Qmp, dhcp_lease
+from image import Image
+from test_multiqueue import _hostside
+
+PORT = 10009
+SIZE = (1 << 20) + 77
+MIGRATE_TIMEOUT = 180
+
+
+def _migrate(qmp: Qmp, uri: str) -> dict:
+    # no bandwidth cap on a local socket, and room for a TCG guest's last pass
+    qmp.command("migrate-set-parameters", **{"max-bandwidth": 4 << 30,
+                                             "downtime-limit": 2000})
+    qmp.command("migrate", uri=uri)
+    deadline = time.monotonic() + MIGRATE_TIMEOUT
+    while time.monotonic() < deadline:
+        info = qmp.command("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"migration did not end in {MIGRATE_TIMEOUT} s: {info}")
+
+
+def test_guest_migrates_to_another_daemon_and_keeps_its_network(
+    image: Image, host_netns: HostNetns, workdir: Path, request: pytest.FixtureRequest
+) -> None:
+    if "vhostpasst" not in " ".join(DAEMON):
+        pytest.skip(f"{DAEMON[0]}: this passt build offers no dirty logging")
+    src, dst = workdir / "src", workdir / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for side in (src, dst):
+        for log in ("daemon.log", "console.log", "qemu.log"):
+            _track(request, f"{side.name} {log}", side / log)
+    first = Daemon(src, host_netns, ("-d",), vhost_user=True)
+    second = Daemon(dst, host_netns, ("-d",), vhost_user=True)
+    source = target = None
+    qmps: list[Qmp] = []
+    server = None
+    try:
+        source = Guest(image, src, GuestNet("vhost-user", first.socket), host_netns,
+                       qmp=src / "qmp.sock")
+        lease = dhcp_lease(source)
+        source.run(f"ping -c 1 -W 5 {HOST_GW4}", timeout=30)
+        target = Guest(image, dst, GuestNet("vhost-user", second.socket), host_netns,
+                       qmp=dst / "qmp.sock", incoming="defer")
+        # frames to and from the guest while its memory is copied
+        source.run(f"(ping -q -i 0.05 -c 400 {HOST_GW4} > /dev/null 2>&1 &)")
+        qmps += [Qmp(src / "qmp.sock"), Qmp(dst / "qmp.sock")]
+        qmps[1].command("migrate-incoming", uri=f"unix:{workdir}/migrate.sock")  # listening
+        info = _migrate(qmps[0], f"unix:{workdir}/migrate.sock")
+        assert info["status"] == "completed", info
+        for _ in range(100):
+            if qmps[1].command("query-status")["status"] == "running":
+                break
+            time.sleep(0.1)
+        assert qmps[1].command("query-status")["status"] == "running"
+        source.close()  # the first daemon's front end goes
+
+        # The guest now runs behind the second daemon, with the lease it had.
+        _, addr = target.run("ip -4 -o addr show dev eth0", timeout=30)
+        assert lease["ip"] in addr, addr
+        target.run(f"ping -c 2 -W 5 {HOST_GW4}", timeout=60)
+        data = src / "down"
+        data.write_bytes(os.urandom(SIZE))
+        digest = hashlib.sha256(data.read_bytes()).hexdigest()
+        server = _hostside(host_netns, "serve-send", "127.0.0.1", str(PORT), str(data))
+        _, out = target.run(f"nc {HOST_GW4} {PORT} | sha256sum", timeout=120)
+        assert out.split()[0] == digest
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(10)
+        for qmp in qmps:
+            qmp.close()
+        for guest in (source, target):
+            if guest is not None:
+                guest.close()
+        first.close()
+        second.close()
+    assert "dirty page logging on" in (src / "daemon.log").read_text()
