@@ -66,6 +66,9 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
         qmps[1].command("migrate-incoming", uri=f"unix:{workdir}/migrate.sock")  # listening
         info = _migrate(qmps[0], f"unix:{workdir}/migrate.sock")
         assert info["status"] == "completed", info
+        ram = info.get("ram", {})
+        print(f"migration: {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+              f"{ram.get('transferred', 0) >> 20} MiB sent, {ram.get('dirty-sync-count')} passes")
         for _ in range(100):
             if qmps[1].command("query-status")["status"] == "running":
                 break
