@@ -499,6 +499,24 @@ def test_rx_buffers_point_into_guest_memory_when_big_enough() -> None:
         h.close()
 
 
+def test_rx_chains_handed_out_go_back_when_the_ring_stops() -> None:
+    """GET_VRING_BASE while chains are handed out for a socket read (not committed): the
+    index it reports does not count them, so whoever resumes the ring (qemu after a stop, the
+    daemon on a migration's destination) offers them again instead of losing them."""
+    h = Harness(frame_max=1514)
+    try:
+        h.guest.bring_up()
+        h.guest.post_rx(3, size=1536)
+        assert len(h.link.rx_buffers(2)) == 2
+        assert h.link.tx_bounced == 0 and h.link.backend.queues[net.RX_QUEUE].inflight == 2
+        reply = h.guest.fe.request(R.GET_VRING_BASE, m.encode_state(net.RX_QUEUE, 0))
+        assert reply is not None and reply.state() == (net.RX_QUEUE, 0)
+        h.link.flush()  # nothing left to rewind or publish
+        assert h.guest.rx.used_idx() == 0
+    finally:
+        h.close()
+
+
 def test_frame_bigger_than_one_rx_buffer_uses_mergeable_buffers(h: Harness) -> None:
     h.guest.bring_up()
     h.guest.post_rx(12, size=256)

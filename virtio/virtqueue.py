@@ -228,7 +228,12 @@ class VirtQueue:
             self._ring.avail_event_set(self.last_avail_idx)
 
     def stop(self) -> int:
-        """Stop processing (GET_VRING_BASE); returns the index to resume from."""
+        """Stop processing (GET_VRING_BASE); returns the index to resume from. Entries
+        pushed but not yet published are published first (and the driver told): the front
+        end reads used->idx from guest memory as the ring stops, and a back end that resumes
+        this ring (after a migration, another daemon) writes after it."""
+        if self._pending and self._ring is not None and not self.broken:
+            self.flush()
         self.started = False
         if self.dirty_log is not None:  # the last flags and avail_event written, for the copy
             self._log_used_ring()

@@ -217,6 +217,24 @@ def test_get_vring_base_stops_and_set_base_resumes(h):
     assert h.device.frames == [b"a" * 20, b"b" * 20]
 
 
+def test_get_vring_base_publishes_what_was_pushed_first(h):
+    """A device pushes in one event and flushes at the end of the loop's pass: a
+    GET_VRING_BASE in between must not report an index past used->idx in guest memory (the
+    front end reads it as the ring stops; whoever resumes the ring writes after it)."""
+    h.bring_up()
+    h.tx.add([bytes(net.HDR_LEN) + b"a" * 20])
+    vq = h.backend.queues[net.TX_QUEUE]
+    chain = vq.pop()
+    assert chain is not None
+    vq.push(chain.head, 0)  # not flushed yet
+    h.tx.calls()
+    reply = h.fe.request(R.GET_VRING_BASE, m.encode_state(1, 0))
+    assert reply is not None and reply.state() == (1, 1)
+    assert h.tx.used_idx() == 1
+    assert h.tx.get_used() == [(chain.head, 0)]
+    assert h.tx.calls() == 1  # and the driver told
+
+
 def test_set_vring_num_refused_while_running(h):
     h.bring_up()
     assert h.fe.ack(R.SET_VRING_NUM, m.encode_state(1, 8)) != 0

@@ -366,7 +366,11 @@ class VhostUserLink(Link):
 
     def _queue_stopped(self, vq: VirtQueue) -> None:
         if vq.index == net.RX_QUEUE:
-            # The chains are the front end's again (GET_VRING_BASE reported the index).
+            # Chains handed out and never committed go back before GET_VRING_BASE reports
+            # the index (it is read after this), so whoever resumes the ring offers them again.
+            popped = self._uncommitted()
+            if popped and not vq.broken:
+                vq.rewind(min(popped, vq.inflight))
             self._handed = []
             self._frames = []
             self._batch = None
@@ -461,13 +465,16 @@ class VhostUserLink(Link):
         return net.NetHeader(flags=net.HDR_F_DATA_VALID if self.csum_offload else 0,
                              num_buffers=num_buffers)
 
+    def _uncommitted(self) -> int:
+        """How many RX chains rx_buffers() / rx_scatter() handed out and nothing committed."""
+        popped = len(self._handed) + sum(len(chains) for chains in self._frames)
+        return popped + (self._batch.count if self._batch is not None else 0)
+
     def _release(self) -> None:
         """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
         if not (self._handed or self._frames or self._batch is not None or self._bounced):
             return  # the usual case: every call that hands out chains commits them
-        popped = len(self._handed) + sum(len(chains) for chains in self._frames)
-        if self._batch is not None:
-            popped += self._batch.count
+        popped = self._uncommitted()
         if popped:
             vq = self._queue(net.RX_QUEUE)
             if vq is not None:
