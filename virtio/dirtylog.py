@@ -10,10 +10,10 @@ them, and other back ends of the same guest may share the bitmap.
 
 from __future__ import annotations
 
-import mmap
 import os
 
 from ._ring import ffi, lib  # type: ignore[import-not-found]
+from .memory import MapError, map_shared
 
 LOG_PAGE = 4096  # VHOST_LOG_PAGE
 MAX_LOG_SIZE = 1 << 40  # one bit per 4 KiB page: covers 2^55 bytes of guest memory
@@ -28,24 +28,14 @@ class DirtyLog:
 
     def __init__(self, fd: int, size: int, offset: int) -> None:
         """Map `size` bytes of log at `offset` in `fd`; the fd is closed (we own it)."""
+        if not 0 < size <= MAX_LOG_SIZE or not 0 <= offset <= MAX_LOG_SIZE:
+            os.close(fd)
+            raise DirtyLogError(f"log size {size:#x} at offset {offset:#x} out of range")
         try:
-            if not 0 < size <= MAX_LOG_SIZE or not 0 <= offset <= MAX_LOG_SIZE:
-                raise DirtyLogError(f"log size {size:#x} at offset {offset:#x} out of range")
-            try:
-                # From offset 0, as guest memory: mmap's offset must be page-aligned and the
-                # front end's need not be; mmap refuses a length beyond the file's end, so a
-                # short memfd cannot SIGBUS us.
-                self._map = mmap.mmap(fd, offset + size, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE)
-            except (OSError, ValueError, OverflowError) as e:
-                raise DirtyLogError(f"cannot map the log: {e}") from None
-        finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            self._map, self._view = map_shared(fd, offset, size)
+        except MapError as e:
+            raise DirtyLogError(f"cannot map the log: {e}") from None
         self.size = size
-        self._view = memoryview(self._map)[offset:offset + size]
         self._c = ffi.from_buffer("uint8_t[]", self._view, require_writable=True)
         self.outside = 0  # marks that reached beyond the log (the front end's mistake)
 

@@ -29,6 +29,32 @@ from .ring import RegionTable
 U64_MAX = (1 << 64) - 1
 
 
+class MapError(Exception):
+    """The front end's fd cannot be mapped as it described it."""
+
+
+def map_shared(fd: int, offset: int, size: int) -> tuple[mmap.mmap, memoryview]:
+    """Map `size` bytes at `offset` of the front end's `fd` (guest memory, the dirty log),
+    shared and writable; the fd is closed whatever happens (we own it). Mapped from offset 0
+    with the offset skipped in the view: mmap's offset must be page-aligned and the front
+    end's need not be. mmap() refuses a length beyond the end of a regular file, so a short
+    memfd cannot SIGBUS us (unless the front end truncates it later, which qemu never does)."""
+    try:
+        mm = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError) as e:
+        raise MapError(str(e)) from None
+    finally:
+        _close(fd)
+    return mm, memoryview(mm)[offset:offset + size]
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class GuestMemoryError(Exception):
     """Base for guest-memory errors."""
 
@@ -141,21 +167,13 @@ class GuestMemory:
                 raise RegionError(f"guest range {desc.gpa:#x}+{desc.size:#x} overlaps a region")
             if self._by_uaddr.overlaps(desc.uaddr, desc.size, "uaddr"):
                 raise RegionError(f"user range {desc.uaddr:#x}+{desc.size:#x} overlaps a region")
-            try:
-                # Map from offset 0 and skip mmap_offset ourselves: mmap's offset must be
-                # page-aligned and the front end's is not required to be. mmap() refuses a
-                # length beyond the end of a regular file, so a short memfd cannot SIGBUS us
-                # (unless the front end truncates it later, which qemu never does).
-                mm = mmap.mmap(fd, desc.mmap_offset + desc.size, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE)
-            except (OSError, ValueError, OverflowError) as e:
-                raise RegionError(f"cannot map region: {e}") from None
-        finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        view = memoryview(mm)[desc.mmap_offset:desc.mmap_offset + desc.size]
+        except BaseException:
+            _close(fd)
+            raise
+        try:
+            mm, view = map_shared(fd, desc.mmap_offset, desc.size)
+        except MapError as e:
+            raise RegionError(f"cannot map region: {e}") from None
         region = Region(desc, mm, view)
         self._by_gpa.insert(desc.gpa, region)
         self._by_uaddr.insert(desc.uaddr, region)
