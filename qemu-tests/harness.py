@@ -16,6 +16,7 @@ a namespace, socket or log.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -501,6 +503,46 @@ class Qmp:
     def close(self) -> None:
         self._file.close()
         self.sock.close()
+
+
+HOSTSIDE = str(Path(__file__).with_name("hostside.py"))
+
+
+def hostside(netns: HostNetns, *args: str, ready: bool = True) -> subprocess.Popen[str]:
+    """Start hostside.py (a TCP or DNS peer) in the host namespace; wait for its "ready"
+    when it is a server."""
+    proc = subprocess.Popen(netns.argv([sys.executable, HOSTSIDE, *args]),
+                            stdout=subprocess.PIPE, text=True)
+    if ready:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            stop_proc(proc)
+            raise HarnessError(f"hostside.py {' '.join(args)}: {line!r} instead of ready")
+    return proc
+
+
+def stop_proc(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def download_checked(guest: Guest, netns: HostNetns, data: Path, size: int, port: int,
+                     server: str = "127.0.0.1", via: str = HOST_GW4, keep: str = "") -> str:
+    """`size` random bytes written to `data`, served once by hostside.py on `server`:`port`
+    in the host namespace, fetched by the guest from `via` (the gateway) with busybox nc and
+    checked with sha256 (kept in the guest at `keep` if given). Returns the digest."""
+    data.write_bytes(os.urandom(size))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    proc = hostside(netns, "serve-send", server, str(port), str(data))
+    try:
+        tee = f" | tee {keep}" if keep else ""
+        _, out = guest.run(f"nc {via} {port}{tee} | sha256sum", timeout=180)
+    finally:
+        stop_proc(proc)
+    if out.split()[:1] != [digest]:
+        raise AssertionError(f"download of {size} bytes: sha256 {out!r}, sent {digest}")
+    return digest
 
 
 def dhcp_lease(guest: Guest) -> dict[str, str]:

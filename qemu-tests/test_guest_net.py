@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,11 +40,12 @@ from harness import (
     GuestNet,
     HostNetns,
     dhcp_lease,
+    hostside,
     make_workdir,
+    stop_proc,
 )
 from image import Image
 
-HOSTSIDE = str(Path(__file__).with_name("hostside.py"))
 SEARCH = "test.example"
 RESOLV = f"nameserver 127.0.0.53\nnameserver ::1\nsearch {SEARCH}\n"
 DNS_NAME, DNS_A, DNS_AAAA = f"vpt.{SEARCH}", "203.0.113.7", "2001:db8:1::7"
@@ -92,26 +92,6 @@ class GuestEnv:
                              vhost_user=self.daemon.vhost_user)
 
 
-def hostside(netns: HostNetns, *args: str, ready: bool = True) -> subprocess.Popen[str]:
-    """Start hostside.py in the host namespace; wait for its "ready" when it is a server."""
-    proc = subprocess.Popen(netns.argv([sys.executable, HOSTSIDE, *args]),
-                            stdout=subprocess.PIPE, text=True)
-    if ready:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if line != "ready":
-            _stop(proc)
-            raise AssertionError(f"hostside.py {' '.join(args)}: {line!r} instead of ready")
-    return proc
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.kill()
-    proc.wait(timeout=10)
-    if proc.stdout:
-        proc.stdout.close()
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def env(request: pytest.FixtureRequest, image: Image) -> Iterator[GuestEnv]:
     kind: str = request.param
@@ -141,7 +121,7 @@ def env(request: pytest.FixtureRequest, image: Image) -> Iterator[GuestEnv]:
         for obj in reversed(started):
             obj.close()
         for proc in dns:
-            _stop(proc)
+            stop_proc(proc)
         netns.close()
         if not os.environ.get("VPT_KEEP"):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -288,7 +268,7 @@ def test_tcp_guest_to_host(env: GuestEnv, ip: int, size: int) -> None:
         down = time.monotonic() - t0
         assert out.split()[0] == digest
     finally:
-        _stop(server)
+        stop_proc(server)
 
     server = hostside(env.netns, "serve-recv", loop, str(SRV_PORT))
     try:
@@ -300,7 +280,7 @@ def test_tcp_guest_to_host(env: GuestEnv, ip: int, size: int) -> None:
         assert server.stdout is not None
         assert server.stdout.readline().split() == [str(size), digest]
     finally:
-        _stop(server)
+        stop_proc(server)
     print(f"{env.kind} IPv{ip} {size} B: down {size / down / 1e6:.1f} MB/s, "
           f"up {size / up / 1e6:.1f} MB/s")
 
@@ -322,7 +302,7 @@ def test_tcp_host_to_guest(env: GuestEnv, ip: int, size: int) -> None:
         g.run("wait", timeout=180)  # nc ends at the host's FIN
         elapsed = time.monotonic() - t0
     finally:
-        _stop(sender)
+        stop_proc(sender)
     _, out = g.run("cat /tmp/fwd.sha")
     assert out.split()[0] == _sha(src)
     print(f"{env.kind} IPv{ip} {size} B host->guest via -t: {size / elapsed / 1e6:.1f} MB/s")

@@ -7,16 +7,23 @@ TCP_REPAIR helper, which we do not have."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from pathlib import Path
 
 import pytest
 from conftest import _track
-from harness import DAEMON, HOST_GW4, Daemon, Guest, GuestNet, HostNetns, Qmp, dhcp_lease
+from harness import (
+    DAEMON,
+    HOST_GW4,
+    Daemon,
+    Guest,
+    GuestNet,
+    HostNetns,
+    Qmp,
+    dhcp_lease,
+    download_checked,
+)
 from image import Image
-from test_multiqueue import _hostside
 
 PORT = 10009
 SIZE = (1 << 20) + 77
@@ -52,7 +59,6 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
     second = Daemon(dst, host_netns, ("-d",), vhost_user=True)
     source = target = None
     qmps: list[Qmp] = []
-    server = None
     try:
         source = Guest(image, src, GuestNet("vhost-user", first.socket), host_netns,
                        qmp=src / "qmp.sock")
@@ -80,16 +86,8 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
         _, addr = target.run("ip -4 -o addr show dev eth0", timeout=30)
         assert lease["ip"] in addr, addr
         target.run(f"ping -c 2 -W 5 {HOST_GW4}", timeout=60)
-        data = src / "down"
-        data.write_bytes(os.urandom(SIZE))
-        digest = hashlib.sha256(data.read_bytes()).hexdigest()
-        server = _hostside(host_netns, "serve-send", "127.0.0.1", str(PORT), str(data))
-        _, out = target.run(f"nc {HOST_GW4} {PORT} | sha256sum", timeout=120)
-        assert out.split()[0] == digest
+        download_checked(target, host_netns, workdir / "down", SIZE, PORT)
     finally:
-        if server is not None:
-            server.kill()
-            server.wait(10)
         for qmp in qmps:
             qmp.close()
         for guest in (source, target):

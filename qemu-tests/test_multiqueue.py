@@ -6,33 +6,27 @@ counts the frames that came on that pair."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import _track
-from harness import DAEMON, HOST_GW4, Daemon, Guest, GuestNet, HostNetns, dhcp_lease
+from harness import (
+    DAEMON,
+    HOST_GW4,
+    Daemon,
+    Guest,
+    GuestNet,
+    HostNetns,
+    dhcp_lease,
+    download_checked,
+    hostside,
+    stop_proc,
+)
 from image import Image
 
-HOSTSIDE = str(Path(__file__).with_name("hostside.py"))
 PORT = 10007
 SIZE = (4 << 20) + 321
-
-
-def _hostside(netns: HostNetns, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(netns.argv([sys.executable, HOSTSIDE, *args]),
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != "ready":
-        proc.kill()
-        proc.wait(10)
-        raise AssertionError(f"hostside.py {' '.join(args)}: {line!r} instead of ready")
-    return proc
 
 
 def test_two_queue_pairs_second_tx_queue_carries_the_traffic(
@@ -57,22 +51,14 @@ def test_two_queue_pairs_second_tx_queue_carries_the_traffic(
         assert lease["router"] == HOST_GW4
         guest.run(f"ping -c 2 -W 5 {HOST_GW4}", timeout=30)
 
-        src = workdir / "down"
-        src.write_bytes(os.urandom(SIZE))
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()
-        server = _hostside(host_netns, "serve-send", "127.0.0.1", str(PORT), str(src))
-        _, out = guest.run(f"nc {HOST_GW4} {PORT} | tee /tmp/up | sha256sum", timeout=180)
-        assert out.split()[0] == digest
-        server.kill()
-        server.wait(10)
-        server = _hostside(host_netns, "serve-recv", "127.0.0.1", str(PORT))
+        digest = download_checked(guest, host_netns, workdir / "down", SIZE, PORT, keep="/tmp/up")
+        server = hostside(host_netns, "serve-recv", "127.0.0.1", str(PORT))
         guest.run(f"nc {HOST_GW4} {PORT} < /tmp/up", timeout=180)
         assert server.stdout is not None
         assert server.stdout.readline().split() == [str(SIZE), digest]
     finally:
         if server is not None:
-            server.kill()
-            server.wait(10)
+            stop_proc(server)
         if guest is not None:
             guest.close()  # the front end goes: the daemon logs its counters
         daemon.close()  # (even when its SIGTERM comes while it unmaps the guest's memory)
