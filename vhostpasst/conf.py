@@ -210,7 +210,7 @@ class HostNetlink:
     """The few netlink queries host detection needs, on one IPRoute socket."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute  # imported here: `--help` must not need netlink
+        from vhostpasst.rtnl import IPRoute  # imported here: `--help` opens no socket
 
         self.ipr = IPRoute()
         self.links = {ln["index"]: ln for ln in self.ipr.get_links()}

@@ -7,7 +7,7 @@ Start-up, as pasta does it:
    its user namespace unless --userns/--netns-only) or of --netns PATH|NAME.
 2. Inside the namespace (a helper thread that setns()es, see netns.call_in_netns): open the
    tap, bring `lo` up, set or read the tap's MAC, and with --config-net give the tap the host's
-   MTU, addresses and routes (pyroute2).
+   MTU, addresses and routes (rtnl.py).
 3. The same Dispatcher and Loop as passt mode, with a TapLink as the guest link.
 4. Started as root, give that up once all of the above is done (isolation.py): nobody or
    --runas; the namespace helper thread (netns.NsThread) entered the namespace before, so
@@ -237,7 +237,7 @@ class HostSnapshot:
     """The template interfaces' addresses and routes, read in the host namespace."""
 
     addrs: list[tuple[str, int]] = field(default_factory=list)  # (address, prefix length)
-    routes: list[dict[str, Any]] = field(default_factory=list)  # pyroute2 route() kwargs
+    routes: list[dict[str, Any]] = field(default_factory=list)  # IPRoute.route() kwargs (rtnl.py)
 
 
 def _route_kwargs(r: Any, family: int, ifindex: int) -> dict[str, Any] | None:
@@ -275,7 +275,7 @@ def _route_kwargs(r: Any, family: int, ifindex: int) -> dict[str, Any] | None:
 
 def host_snapshot(config: Config) -> dict[int, HostSnapshot]:
     """Per family, what --config-net copies (nothing for a family given -a / -g)."""
-    from pyroute2 import IPRoute
+    from vhostpasst.rtnl import IPRoute
 
     out: dict[int, HostSnapshot] = {}
     fams: list[tuple[int, Any]] = [(socket.AF_INET, config.ip4), (socket.AF_INET6, config.ip6)]
@@ -438,9 +438,8 @@ def tap_name(fd: int) -> str:
 
 def setup_ns_link(config: Config, host: dict[int, HostSnapshot]) -> NsLink:
     """Runs in the namespace: the tap (opened, or --fd's), `lo` up, the MAC, --config-net."""
-    from pyroute2 import IPRoute
-
     from vhostpasst.link.tuntap import open_tap
+    from vhostpasst.rtnl import IPRoute
 
     assert config.ns_ifname is not None
     if config.fd is not None:  # the caller's tap: used as it is, only made non-blocking
@@ -767,7 +766,7 @@ def run(config: Config) -> int:
         return 1
     try:
         nslink = netns.call_in_netns(target.netns_fd, setup_ns_link, config, host)
-    except Exception as e:  # PastaError, OSError, pyroute2's NetlinkError
+    except Exception as e:  # PastaError, OSError (rtnl's NetlinkError)
         log.error("cannot set up the namespace interface: %s", e)
         helper.close()
         abandon()
