@@ -55,7 +55,6 @@ RTN_UNICAST = 1
 RT_SCOPE_LINK = 253
 IFA_F_NODAD = 0x02
 IFA_F_DEPRECATED = 0x20
-IFA_F_TENTATIVE = 0x40
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 _ROUTE_RETRY = (errno.ENETUNREACH, errno.EHOSTUNREACH)
@@ -349,12 +348,15 @@ def _add_routes(ipr: Any, routes: list[dict[str, Any]], ifindex: int) -> None:
 
 
 def _link_local(ipr: Any, ifindex: int, wait: float) -> IPv6Address | None:
-    """The tap's IPv6 link-local address once it is usable (not tentative)."""
+    """The tap's IPv6 link-local address, as soon as the kernel has added it (at once, when
+    the link comes up). It stays tentative until the kernel's link watch has seen the tap's
+    carrier, which runs at most once a second for all interfaces: 0.3-0.9 s here, and waiting
+    for that was half of a start with IPv6. pasta does not wait either; the global addresses
+    (NODAD) work at once, and NDP takes them as source meanwhile."""
     deadline = time.monotonic() + wait
     while True:
         for m in ipr.get_addr(family=socket.AF_INET6, index=ifindex):
-            flags = m.get_attr("IFA_FLAGS") or m["flags"]
-            if m["scope"] == RT_SCOPE_LINK and not flags & IFA_F_TENTATIVE:
+            if m["scope"] == RT_SCOPE_LINK:
                 return IPv6Address(m.get_attr("IFA_ADDRESS"))
         if time.monotonic() >= deadline:
             return None
