@@ -31,6 +31,7 @@ RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 
 IFF_UP = 0x1
+REPLY_TIMEOUT = 10.0  # seconds
 RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
@@ -163,6 +164,7 @@ class IPRoute:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                   NETLINK_ROUTE)
         self.sock.bind((0, 0))
+        self.sock.settimeout(REPLY_TIMEOUT)  # a kernel that never answers is an error, not a hang
         self._seq = itertools.count(1)
 
     def close(self) -> None:
