@@ -7,6 +7,7 @@ TCP_REPAIR helper, which we do not have."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -95,4 +96,10 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
                 guest.close()
         first.close()
         second.close()
-    assert "dirty page logging on" in (src / "daemon.log").read_text()
+    log = (src / "daemon.log").read_text()
+    assert "dirty page logging on" in log
+    # what the first daemon wrote while qemu copied memory was marked (said as the log went,
+    # when the source qemu quit)
+    found = re.search(r"dirty log released: (\d+) writes marked", log)
+    assert found and int(found.group(1)) > 0, log[-3000:]
+    print(f"first daemon: {found.group(0)}")

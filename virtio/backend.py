@@ -273,8 +273,10 @@ class VhostUserBackend:
             vq.indirect = bool(features & F_RING_INDIRECT_DESC)
         self._attach_log()
         if bool(features & F_LOG_ALL) != was_logging:
-            log.info("vhost-user: dirty page logging %s (live migration)",
-                     "on" if features & F_LOG_ALL else "off")
+            marked = f", {self.dirty_log.marks} writes marked so far" \
+                if self.dirty_log is not None and was_logging else ""
+            log.info("vhost-user: dirty page logging %s (live migration)%s",
+                     "on" if features & F_LOG_ALL else "off", marked)
         self._callback(self.device.features_set, features)
         if not features & F_PROTOCOL_FEATURES:
             for vq in self.queues:  # without PROTOCOL_FEATURES rings start enabled
@@ -338,6 +340,8 @@ class VhostUserBackend:
             if dirty.outside:
                 log.warning("vhost-user: %d writes fell outside the front end's dirty log",
                             dirty.outside)
+            if dirty.marks:  # a migration's source: qemu stops without turning logging off
+                log.info("vhost-user: dirty log released: %d writes marked in it", dirty.marks)
             dirty.close()
 
     def _set_mem_table(self, msg: Message) -> None:

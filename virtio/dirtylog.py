@@ -24,7 +24,7 @@ class DirtyLogError(Exception):
 
 
 class DirtyLog:
-    __slots__ = ("size", "_map", "_view", "_c", "outside")
+    __slots__ = ("size", "_map", "_view", "_c", "outside", "marks")
 
     def __init__(self, fd: int, size: int, offset: int) -> None:
         """Map `size` bytes of log at `offset` in `fd`; the fd is closed (we own it)."""
@@ -38,11 +38,13 @@ class DirtyLog:
         self.size = size
         self._c = ffi.from_buffer("uint8_t[]", self._view, require_writable=True)
         self.outside = 0  # marks that reached beyond the log (the front end's mistake)
+        self.marks = 0  # writes marked: said in the log when the log goes
 
     def mark(self, gpa: int, length: int) -> None:
         """Guest-physical [gpa, gpa + length) was written."""
         if length <= 0 or self._c is None:
             return
+        self.marks += 1
         if gpa < 0 or gpa > 0xFFFFFFFFFFFFFFFF or \
                 lib.vr_log_mark(self._c, self.size, gpa, min(length, 1 << 63)) < 0:
             self.outside += 1

@@ -159,6 +159,25 @@ def test_logging_toggles_while_the_rings_run(mh):
     assert mh.alive()
 
 
+def test_the_log_says_how_many_writes_were_marked(mh, caplog):
+    """qemu's migration source stops without turning logging off: the count is said when the
+    log goes (here, the front end closing), and when logging is turned off."""
+    caplog.set_level("INFO", logger="virtio")
+    mh.bring_up(FEATURES)
+    for _ in range(4):
+        page_buffer(mh.rx, LOG_PAGE)
+    mh.rx.kick()
+    assert mh.set_log_base() == 0
+    assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(FEATURES | F_LOG_ALL)) == 0
+    mh.echo(b"\x01" * 100)
+    assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(FEATURES)) == 0
+    assert "dirty page logging off (live migration), 1 writes marked so far" in caplog.text
+    assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(FEATURES | F_LOG_ALL)) == 0
+    mh.echo(b"\x02" * 100)
+    mh.backend.close("front end gone")
+    assert "dirty log released: 2 writes marked in it" in caplog.text
+
+
 def test_stopping_a_ring_marks_its_used_ring(mh):
     mh.bring_up(FEATURES | F_LOG_ALL)
     assert mh.set_log_base() == 0
