@@ -9,14 +9,19 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
 from sandbox import Sandbox, _pid_alive, wait_until
+
+from vhostpasst import pasta
+from vhostpasst.rtnl import Message
 
 # podman's exact argument list (reference callers.md 3.4), before --pid FILE --netns PATH
 PODMAN_ARGS = ["--config-net", "--dns-forward", "169.254.1.1", "-t", "none", "-u", "none",
@@ -100,6 +105,20 @@ def background_pid(box: Sandbox, parent: subprocess.Popen[bytes], pid_file: Path
 def kill_quietly(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def test_the_tap_link_local_address_is_taken_while_still_tentative() -> None:
+    """The kernel keeps it tentative until its link watch has seen the tap's carrier (up to a
+    second): --config-net takes it at once, as pasta does, instead of waiting for that."""
+
+    class Tap:  # the one netlink query _link_local() makes, answered as the kernel does then
+        def get_addr(self, family: int, index: int) -> list[Message]:
+            assert (family, index) == (socket.AF_INET6, 7)
+            return [Message({"family": family, "prefixlen": 64, "flags": 0x80 | 0x40,
+                             "scope": 253, "index": index},
+                            {"IFA_ADDRESS": "fe80::1:2ff:fe03:405", "IFA_FLAGS": 0xC0})]
+
+    assert pasta._link_local(Tap(), 7, wait=0) == IPv6Address("fe80::1:2ff:fe03:405")
 
 
 # -- spawn mode ---------------------------------------------------------------------------------

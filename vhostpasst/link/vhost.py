@@ -368,13 +368,7 @@ class VhostUserLink(Link):
         if vq.index == net.RX_QUEUE:
             # Chains handed out and never committed go back before GET_VRING_BASE reports
             # the index (it is read after this), so whoever resumes the ring offers them again.
-            popped = self._uncommitted()
-            if popped and not vq.broken:
-                vq.rewind(min(popped, vq.inflight))
-            self._handed = []
-            self._frames = []
-            self._batch = None
-            self._bounced = 0
+            self._release(vq)
             self._short = None  # a restarted ring may hold other buffers at the same index
         self._state_changed()
 
@@ -465,22 +459,20 @@ class VhostUserLink(Link):
         return net.NetHeader(flags=net.HDR_F_DATA_VALID if self.csum_offload else 0,
                              num_buffers=num_buffers)
 
-    def _uncommitted(self) -> int:
-        """How many RX chains rx_buffers() / rx_scatter() handed out and nothing committed."""
-        popped = len(self._handed) + sum(len(chains) for chains in self._frames)
-        return popped + (self._batch.count if self._batch is not None else 0)
-
-    def _release(self) -> None:
-        """Give back chains handed out by rx_buffers() / rx_scatter() and never committed."""
+    def _release(self, vq: VirtQueue | None = None) -> None:
+        """Give back chains handed out by rx_buffers() / rx_scatter() and never committed,
+        to `vq` if given (the RX queue as it stops: no longer `_queue()`'s)."""
         if not (self._handed or self._frames or self._batch is not None or self._bounced):
             return  # the usual case: every call that hands out chains commits them
-        popped = self._uncommitted()
+        popped = len(self._handed) + sum(len(chains) for chains in self._frames)
+        if self._batch is not None:
+            popped += self._batch.count
         if popped:
-            vq = self._queue(net.RX_QUEUE)
-            if vq is not None:
+            vq = vq or self._queue(net.RX_QUEUE)
+            if vq is not None and not vq.broken:
                 vq.rewind(popped)
-            self._handed = []
-            self._frames = []
+        self._handed = []
+        self._frames = []
         self._batch = None
         self._bounced = 0
 
