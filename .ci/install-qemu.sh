@@ -1,38 +1,98 @@
 #!/bin/sh
-# Install what qemu-tests/ needs on Debian 12 (bookworm). Idempotent: safe to re-run.
-# qemu 7.2 from bookworm crashes with vhost-user under TCG, so qemu comes from
-# bookworm-backports; everything else (busybox-static, cpio, compressors for the
-# kernel modules) comes from bookworm itself.
+# Install what qemu-tests/ needs (run as root). Idempotent: safe to re-run.
+#
+# qemu 7.2 (Debian 12's own) crashes with vhost-user under TCG, so qemu must be 8 or newer:
+# the distribution's own where it is (Debian 13, recent Ubuntu), else, on Debian 12, from
+# bookworm-backports. Backports come from the mirror apt already uses (read from its sources),
+# in a sources file of our own; the system's sources files are never edited.
 set -eu
 
 export DEBIAN_FRONTEND=noninteractive
-SOURCES=/etc/apt/sources.list.d/debian.sources
+QEMU_MIN=8
+OUR_SOURCES=/etc/apt/sources.list.d/vhostpasst-backports.sources
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "install-qemu.sh: must run as root" >&2
 	exit 1
 fi
 
-# Enable bookworm-backports on the stanza that lists "bookworm bookworm-updates",
-# only if no apt source mentions it yet.
-if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-	if [ -f "$SOURCES" ] && grep -q '^Suites: bookworm bookworm-updates' "$SOURCES"; then
-		sed -i '0,/^Suites: bookworm bookworm-updates/s//& bookworm-backports/' "$SOURCES"
-	else
-		echo 'deb http://deb.debian.org/debian bookworm-backports main' \
-			>/etc/apt/sources.list.d/bookworm-backports.list
-	fi
-	updated=0
-else
-	updated=1
-fi
+. /etc/os-release
+codename=${VERSION_CODENAME:-}
 
-# Refresh the indexes when we just added backports or they were never fetched.
-if [ "$updated" -eq 0 ] || ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q bookworm-backports; then
+# The major version of the qemu-system-x86 apt would install, or 0 if none.
+candidate_major() {
+	apt-cache policy qemu-system-x86 2>/dev/null |
+		sed -n 's/^ *Candidate: *\([0-9]*:\)\{0,1\}\([0-9][0-9]*\)\..*/\2/p' | head -n1 |
+		grep . || echo 0
+}
+
+# The first URI and Signed-By of the enabled source for suite $1, from the deb822 files
+# (Types/URIs/Suites/Signed-By stanzas) and the one-line sources.list files apt reads.
+mirror_of() {
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[ -f "$f" ] || continue
+		awk -v suite="$1" '
+			function flush() {
+				if (uri != "" && enabled && (" " suites " ") ~ (" " suite " ")) {
+					print uri "|" keyring; found = 1; exit
+				}
+				uri = ""; suites = ""; keyring = ""; enabled = 1
+			}
+			BEGIN { enabled = 1 }
+			/^[ \t]*$/ { flush(); next }
+			/^URIs:/ { uri = $2 }
+			/^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
+			/^Signed-By:/ { keyring = $2 }
+			/^Enabled:[ \t]*no/ { enabled = 0 }
+			END { if (!found) flush() }' "$f"
+	done | head -n1 | grep . && return 0
+	cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+		awk -v suite="$1" '$1 == "deb" {
+			i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+			if ($(i + 1) == suite) { print $i "|"; exit } }' | grep .
+}
+
+apt_has_suite() {
+	grep -rqsw -- "$1" /etc/apt/sources.list /etc/apt/sources.list.d/
+}
+
+[ -n "$(apt-cache policy 2>/dev/null | grep -m1 http)" ] || apt-get update
+release=""
+if [ "$(candidate_major)" -lt "$QEMU_MIN" ]; then
 	apt-get update
+fi
+if [ "$(candidate_major)" -lt "$QEMU_MIN" ]; then
+	if [ "${ID:-}" != debian ] || [ -z "$codename" ]; then
+		echo "install-qemu.sh: this system's qemu is older than $QEMU_MIN, which crashes with" \
+			"vhost-user under TCG; install qemu $QEMU_MIN or newer by hand" >&2
+		exit 1
+	fi
+	if ! apt_has_suite "$codename-backports"; then
+		found=$(mirror_of "$codename") || {
+			echo "install-qemu.sh: no apt source for $codename to take the mirror from" >&2
+			exit 1
+		}
+		uri=${found%%|*}
+		keyring=${found#*|}
+		{
+			echo "# Written by vhostpasst's .ci/install-qemu.sh: qemu >= $QEMU_MIN for its tests"
+			echo "Types: deb"
+			echo "URIs: $uri"
+			echo "Suites: $codename-backports"
+			echo "Components: main"
+			[ -z "$keyring" ] || echo "Signed-By: $keyring"
+		} >"$OUR_SOURCES"
+		echo "install-qemu.sh: added $codename-backports from $uri in $OUR_SOURCES"
+		apt-get update
+	fi
+	release="$codename-backports"
 fi
 
 apt-get install -y --no-install-recommends busybox-static cpio xz-utils zstd iproute2 iperf3
-apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-x86
+if [ -n "$release" ]; then
+	apt-get install -y --no-install-recommends -t "$release" qemu-system-x86
+else
+	apt-get install -y --no-install-recommends qemu-system-x86
+fi
 
 qemu-system-x86_64 --version | head -n1
