@@ -26,31 +26,7 @@ candidate_major() {
 		grep . || echo 0
 }
 
-# The first URI and Signed-By of the enabled source for suite $1, from the deb822 files
-# (Types/URIs/Suites/Signed-By stanzas) and the one-line sources.list files apt reads.
-mirror_of() {
-	for f in /etc/apt/sources.list.d/*.sources; do
-		[ -f "$f" ] || continue
-		awk -v suite="$1" '
-			function flush() {
-				if (uri != "" && enabled && (" " suites " ") ~ (" " suite " ")) {
-					print uri "|" keyring; found = 1; exit
-				}
-				uri = ""; suites = ""; keyring = ""; enabled = 1
-			}
-			BEGIN { enabled = 1 }
-			/^[ \t]*$/ { flush(); next }
-			/^URIs:/ { uri = $2 }
-			/^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
-			/^Signed-By:/ { keyring = $2 }
-			/^Enabled:[ \t]*no/ { enabled = 0 }
-			END { if (!found) flush() }' "$f"
-	done | head -n1 | grep . && return 0
-	cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-		awk -v suite="$1" '$1 == "deb" {
-			i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
-			if ($(i + 1) == suite) { print $i "|"; exit } }' | grep .
-}
+. "$(dirname "$0")/../scripts/apt-mirror.sh"  # mirror_of SUITE
 
 apt_has_suite() {
 	grep -rqsw -- "$1" /etc/apt/sources.list /etc/apt/sources.list.d/
