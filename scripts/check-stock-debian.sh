@@ -13,7 +13,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 suite=${1:?usage: $0 bookworm|trixie [ROOT_DIR]}
-root=${2:-.cache/stock-$suite}
+mkdir -p "${2:-.cache/stock-$suite}"
+root=$(cd "${2:-.cache/stock-$suite}" && pwd)
 here=$(pwd)
 . scripts/apt-mirror.sh
 
