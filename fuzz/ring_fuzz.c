@@ -112,6 +112,33 @@ static void shape_descs(const struct guest *g, uint8_t *table, size_t len)
 	}
 }
 
+struct rings {
+	const uint8_t *desc, *avail;
+	uint8_t *used;
+	size_t desc_len, avail_len, used_len;
+};
+
+/* Linux's RX ring: every descriptor one writable buffer, the avail ring holding heads < num
+ * from `last` on (with `some`, fewer than all), so the gather gets past its first pop. */
+static void shape_rx(const struct rings *rg, unsigned num, unsigned last, int some)
+{
+	uint8_t *desc = (uint8_t *)rg->desc, *avail = (uint8_t *)rg->avail;
+	uint16_t flags = VR_DESC_F_WRITE, idx, head;
+	size_t i;
+
+	for (i = 0; i + 16 <= rg->desc_len; i += 16)
+		memcpy(desc + i + 12, &flags, 2);
+	if (rg->avail_len < AVAIL_SIZE(num))
+		return;
+	idx = (uint16_t)(last + (some ? avail[4] % num : num));
+	memcpy(avail + 2, &idx, 2);
+	for (i = 0; i < num; i++) {
+		memcpy(&head, avail + 4 + 2 * i, 2);
+		head %= num;
+		memcpy(avail + 4 + 2 * i, &head, 2);
+	}
+}
+
 /* What pop gave Python: every record inside its region, counts that add up. */
 static void check_pop(const struct guest *g, const struct vr_pop_ctx *ctx, int ret,
 		      unsigned count)
@@ -132,12 +159,6 @@ static void check_pop(const struct guest *g, const struct vr_pop_ctx *ctx, int r
 		CHECK(r[2] <= g->r[r[0]].size && r[1] <= g->r[r[0]].size - r[2]);
 	}
 }
-
-struct rings {
-	const uint8_t *desc, *avail;
-	uint8_t *used;
-	size_t desc_len, avail_len, used_len;
-};
 
 /* The three ring areas in region 0 at input-chosen offsets, `num` entries. */
 static void place_rings(struct guest *g, struct in *in, unsigned num, struct rings *rg)
@@ -273,6 +294,8 @@ static void op_rx(struct guest *g, struct in *in, unsigned num, int race, uint64
 	guest_fill(g, in);
 	if (mode & 4)
 		shape_descs(g, (uint8_t *)rg.desc, rg.desc_len);
+	if (mode & 32)
+		shape_rx(&rg, num, last, mode & 64);
 	if (mode & 1) {
 		drain();
 		if (sendlen)
