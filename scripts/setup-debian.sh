@@ -22,7 +22,8 @@ fi
 # The tests' tools, then what building the cffi modules needs (a C compiler, the headers of
 # the interpreter that makes the venv, libffi's) and what makes the venv itself.
 debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps
-      gcc libc6-dev libffi-dev ca-certificates)
+      gcc libc6-dev libffi-dev ca-certificates make
+      clang libclang-rt-dev)  # the C fuzz harnesses (fuzz/, tests/test_fuzz_c.py)
 if [ "$(command -v "$PYTHON")" = /usr/bin/python3 ] || [ ! -x "$(command -v "$PYTHON" || true)" ]; then
     # Debian's interpreter: its venv module, ensurepip and headers are separate packages
     debs+=(python3 python3-venv python3-dev)
