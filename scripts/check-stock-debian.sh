@@ -47,9 +47,14 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 # pip as configured on this machine (its index and certificates), nothing else of ours
 [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$root/etc/pip.conf"
 [ ! -d /etc/xdg/pip ] || { mkdir -p "$root/etc/xdg"; cp -r /etc/xdg/pip "$root/etc/xdg/"; }
-for f in /etc/ssl/certs/ca-certificates.crt; do
-	[ -e "$root$f" ] || { mkdir -p "$root$(dirname "$f")"; cp "$f" "$root$f"; }
-done
+# and the certificate authorities this machine adds (a TLS proxy's): ca-certificates in the
+# root merges them into its bundle when the set-up installs it; until then the host's bundle
+if [ -d /usr/local/share/ca-certificates ]; then
+	mkdir -p "$root/usr/local/share/ca-certificates"
+	cp -r /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
+f=/etc/ssl/certs/ca-certificates.crt
+[ -e "$root$f" ] || { mkdir -p "$root${f%/*}"; cp "$f" "$root$f"; }
 
 rm -rf "$root/root/vhostpasst"
 mkdir -p "$root/root/vhostpasst"
