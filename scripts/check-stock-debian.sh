@@ -35,10 +35,13 @@ fi
 
 cleanup() {
 	for m in run dev/pts dev sys proc; do
-		mountpoint -q "$root/$m" && umount -l "$root/$m"
+		! mountpoint -q "$root/$m" || umount -l "$root/$m"
 	done
+	! mountpoint -q "$root" || umount -l "$root"
 }
 trap cleanup EXIT INT TERM
+# the root a mount point of its own: `ip netns exec` remounts / as a slave there
+mountpoint -q "$root" || mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount -t sysfs sys "$root/sys"
 mount --rbind /dev "$root/dev"
