@@ -47,7 +47,8 @@ MESSAGES_PER_WAKEUP = 64  # then yield to the loop; level-triggered epoll brings
 
 
 class EventLoop(Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None: ...
 
     def remove_fd(self, fd: int) -> None: ...
 
@@ -144,7 +145,7 @@ class VhostUserBackend:
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
         }
-        loop.add_fd(sock.fileno(), select.EPOLLIN, self._on_readable)
+        loop.add_fd(sock.fileno(), select.EPOLLIN, self._on_readable, on_error=self._loop_error)
 
     # --- connection -------------------------------------------------------------------------
     def _on_readable(self, mask: int) -> None:
@@ -167,6 +168,10 @@ class VhostUserBackend:
                     self.close("control socket hung up")
                 return
             self._dispatch(msg)
+
+    def _loop_error(self, e: Exception) -> None:
+        """The loop's last resort (vhostpasst/loop.py): one of our callbacks raised."""
+        self.close(f"internal error: {type(e).__name__}: {e}")
 
     def _dispatch(self, msg: Message) -> None:
         try:
@@ -208,12 +213,16 @@ class VhostUserBackend:
         self.close_reason = reason
         log.info("vhost-user connection closed: %s", reason)
         try:
-            self.loop.remove_fd(self.sock.fileno())
-            self._reset_queues()
-            self._drop_log()
-            self.memory.reset()  # unmapping a large guest takes a while: a signal may come
-            self._reader.close()
-            self.sock.close()
+            # Each step whatever the one before did: a failing one (a bug) must not leave
+            # the socket watched or the memory mapped.
+            for step in (lambda: self.loop.remove_fd(self.sock.fileno()), self._reset_queues,
+                         self._drop_log,
+                         self.memory.reset,  # a large guest takes a while: a signal may come
+                         self._reader.close, self.sock.close):
+                try:
+                    step()
+                except Exception:
+                    log.exception("vhost-user: closing the connection")
         finally:
             # The device hears of it whatever cut the clean-up short (the daemon's SIGTERM
             # raises where it lands): its closing counters are not lost.
@@ -409,7 +418,8 @@ class VhostUserBackend:
             vq.kick_fd = None
         if fd is not None:
             try:
-                self.loop.add_fd(fd, select.EPOLLIN, functools.partial(self._on_kick, vq))
+                self.loop.add_fd(fd, select.EPOLLIN, functools.partial(self._on_kick, vq),
+                                 on_error=self._loop_error)
             except OSError as e:
                 _close(fd)
                 raise RequestError(f"kick fd cannot be polled: {e}") from None
