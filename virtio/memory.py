@@ -86,7 +86,10 @@ class Region:
         return self.desc.size
 
     def unmap(self) -> None:
-        self.view.release()
+        try:
+            self.view.release()
+        except BufferError:
+            pass  # exported (a bug elsewhere): the mapping goes when the export does
         try:
             self.mm.close()
         except BufferError:

@@ -54,6 +54,7 @@ from .ring import (
     POP_E_READ_AFTER_WRITE,
     POP_FULL,
     RingAccess,
+    RingError,
     avail_size,
     used_size,
 )
@@ -197,20 +198,31 @@ class VirtQueue:
             used = self.memory.uva(self.addr.used, used_size(self.num))
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {self.index}: ring not in guest memory: {e}") from None
+        try:
+            ring = RingAccess(avail, used, self.num, desc)
+        except RingError as e:  # e.g. a region mapped at an odd offset: refused, not a bug
+            for view in (desc, avail, used):
+                view.release()
+            raise VirtQueueError(f"queue {self.index}: {e}") from None
         self._desc = desc
         self._used_area = used
-        self._ring = RingAccess(avail, used, self.num, desc)
+        self._ring = ring  # holds the avail view (exported) until released
 
     def unmap(self) -> None:
-        if self._ring is not None:
-            self._ring.release()
-            self._ring = None
-        if self._desc is not None:
-            self._desc.release()
-            self._desc = None
+        """Release the ring's views: the C exports first, then the views they were made
+        from. Never raises: a view still exported (a bug) is left to the garbage collector
+        (its region's mapping goes with it)."""
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.release()
+        desc, self._desc = self._desc, None
         used, self._used_area = self._used_area, None
-        if used is not None:
-            used.release()
+        for view in (desc, used):
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:
+                    log.error("queue %d: a ring view is still exported", self.index)
 
     @property
     def mapped(self) -> bool:

@@ -18,6 +18,7 @@ from virtio import net
 from virtio.backend import F_PROTOCOL_FEATURES, F_VERSION_1
 from virtio.message import Request as R
 
+from .frontend import DriverMemory, DriverRing
 from .test_backend import Harness
 
 FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | net.F_MRG_RXBUF
@@ -156,3 +157,52 @@ def test_message_reader_fds_are_close_on_exec() -> None:
             os.close(fd)
         a.close()
         b.close()
+
+
+# --- a ring at a misaligned host address -----------------------------------------------------
+
+@pytest.mark.parametrize("need_reply", [True, False], ids=["ack", "no-ack"])
+def test_ring_in_a_region_at_an_odd_offset_is_refused(need_reply: bool) -> None:
+    """A region mapped from an odd mmap_offset puts every ring at an odd host address: the
+    ring is refused (a NAK, or without NEED_REPLY the connection closed), nothing raises."""
+    h = Harness()
+    try:
+        h.dmem.close()
+        h.rx.close()
+        h.tx.close()
+        h.dmem = DriverMemory((1 << 18,), mmap_offset=1)
+        h.rx = DriverRing(h.dmem, 16)
+        h.tx = DriverRing(h.dmem, 16)
+        h.negotiate(FEATURES)
+        assert h.fe.ack(R.SET_MEM_TABLE, m.encode_mem_table(h.dmem.table()),
+                        h.dmem.fds()) == 0
+        assert h.fe.ack(R.SET_VRING_NUM, m.encode_state(0, 16)) == 0
+        payload = m.encode_vring_addr(h.rx.addr(0))
+        if need_reply:
+            assert h.fe.ack(R.SET_VRING_ADDR, payload) != 0
+            assert h.alive()
+        else:
+            h.fe.request(R.SET_VRING_ADDR, payload)
+            assert h.fe.is_closed() and "misaligned" in h.closed[0]
+        served(h.loop)
+    finally:
+        close_front_end(h)
+        h.loop.close()
+
+
+def test_second_mem_table_at_an_odd_offset_under_live_rings(h: Harness) -> None:
+    """A second SET_MEM_TABLE maps the live rings' memory at an odd offset: the rings are
+    left unmapped (logged), a kick does nothing, closing raises nothing."""
+    h.bring_up(FEATURES)
+    odd = DriverMemory((1 << 18, 1 << 18), mmap_offset=1)
+    try:
+        assert h.fe.ack(R.SET_MEM_TABLE, m.encode_mem_table(odd.table()), odd.fds()) == 0
+        assert not any(vq.mapped for vq in h.backend.queues)
+        h.tx.kick()
+        h.loop.run_once(0)
+        assert h.alive()
+        h.backend.close("test")
+        assert h.fe.is_closed()
+    finally:
+        odd.close()
+    served(h.loop)
