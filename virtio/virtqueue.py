@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from . import guard
 from .dirtylog import DirtyLog
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
@@ -130,6 +131,7 @@ class VirtQueue:
         self.err_fd: int | None = None
         self.enabled = False
         self.started = False
+        self.stalled = False  # a write to its call/err eventfd blocked: drop the front end
         self._ring: RingAccess | None = None
         self._desc: memoryview | None = None
         self._used_area: memoryview | None = None
@@ -149,6 +151,7 @@ class VirtQueue:
         self.broken = False
         self.started = False
         self.enabled = False
+        self.stalled = False
         self._pending = 0
         self._used: list[int] = []  # pushed, not yet written: [head, length, head, ...]
         self._notify = True
@@ -255,11 +258,8 @@ class VirtQueue:
     def _fail(self, why: str) -> VirtQueueError:
         self.broken = True
         log.warning("virtqueue %d broken: %s", self.index, why)
-        if self.err_fd is not None:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError:
-                pass
+        if self.err_fd is not None and guard.signal(self.err_fd) == guard.STALLED:
+            self.stalled = True
         return VirtQueueError(f"queue {self.index}: {why}")
 
     def _ring_or_fail(self) -> RingAccess:
@@ -667,11 +667,16 @@ class VirtQueue:
         return not valid or need_event(self._ring.used_event(), new, old)
 
     def signal(self) -> None:
+        """Notify the driver (the call eventfd): never blocks for long (virtio/guard.py). A
+        write the front end made block sets `stalled` (the back end drops it); a full
+        counter is a notification already pending."""
         if self.call_fd is not None:
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError as e:
-                log.debug("queue %d: call eventfd: %s", self.index, e)
+            rc = guard.signal(self.call_fd)
+            if rc < 0:
+                if rc == guard.STALLED:
+                    self.stalled = True
+                else:
+                    log.debug("queue %d: call eventfd: %s", self.index, os.strerror(-rc))
 
     # --- notification suppression (driver → device kicks) -----------------------------------
     def disable_notifications(self) -> None:
@@ -709,13 +714,11 @@ class VirtQueue:
             ring.avail_event_set((self.last_avail_idx + seen) & 0xFFFF)  # then a full fence
         return self.available() != seen
 
-    def drain_kick(self) -> bool:
-        """Consume the kick eventfd's counter; False if the fd is at EOF or broken."""
+    def drain_kick(self) -> int:
+        """Consume the kick eventfd's counter, never blocking (virtio/guard.py): 1 if the
+        driver kicked, 0 if there was nothing to read (the front end read it first), -1 if
+        the fd is broken or not an eventfd."""
         if self.kick_fd is None:
-            return False
-        try:
-            return len(os.read(self.kick_fd, 8)) > 0
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+            return -1
+        rc = guard.drain(self.kick_fd)
+        return rc if rc >= 0 else -1

@@ -414,14 +414,16 @@ def test_kick_fd_that_cannot_be_polled(h, tmp_path):
     assert h.alive()
 
 
-def test_kick_pipe_at_eof_is_dropped(h):
+@pytest.mark.parametrize("request_", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_vring_fd_that_is_not_an_eventfd_is_refused(h, request_):
+    """A pipe (it could block us, or be at EOF) is not an eventfd: refused, fd closed."""
     h.bring_up()
     r, w = os.pipe()
-    assert h.fe.ack(R.SET_VRING_KICK, m.encode_u64(1), [r]) == 0
+    before = _fd_count()
+    assert h.fe.ack(request_, m.encode_u64(1), [r]) != 0
+    assert _fd_count() == before
     os.close(r)
-    os.close(w)  # EOF on the back end's copy
-    h.fe.pump()
-    h.fe.pump()
+    os.close(w)
     assert h.alive()
 
 

@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pathlib
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 
 import pytest
 
 from vhostpasst.loop import Loop
+from virtio import guard, net
 from virtio import message as m
-from virtio import net
-from virtio.backend import F_PROTOCOL_FEATURES, F_VERSION_1
+from virtio.backend import F_LOG_ALL, F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_VERSION_1
 from virtio.message import Request as R
 
 from .frontend import DriverMemory, DriverRing
 from .test_backend import Harness
+from .test_migration import MigrationHarness
 
 FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | net.F_MRG_RXBUF
+MIGRATION_FEATURES = FEATURES | F_RING_EVENT_IDX
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def close_front_end(h: Harness) -> None:
@@ -205,4 +213,137 @@ def test_second_mem_table_at_an_odd_offset_under_live_rings(h: Harness) -> None:
         assert h.fe.is_closed()
     finally:
         odd.close()
+    served(h.loop)
+
+
+# --- a memory file shrunk after it was mapped (SIGBUS) ---------------------------------------
+
+def test_guest_memory_shrunk_after_mapping(h: Harness) -> None:
+    """ftruncate(memfd, 0) after SET_MEM_TABLE, then a kick: our reads of the ring fault
+    with SIGBUS; the guard maps zeros there, and the back end drops that front end."""
+    h.bring_up(FEATURES)
+    h.tx.add([bytes(net.HDR_LEN) + b"x"])
+    os.ftruncate(h.dmem.regions[0].fd, 0)
+    os.eventfd_write(h.tx.kick_fd, 1)  # (the driver's own kick() would read the lost ring)
+    for _ in range(5):
+        h.loop.run_once(0)
+        if h.backend.closed:
+            break
+    vq = h.backend.queues[net.TX_QUEUE]
+    assert h.backend.closed and "shrank" in h.closed[0], \
+        (guard.events(), [r.guard.slot for r in h.backend.memory.regions], vq.ready, vq.broken,
+         h.device.events[-3:])
+    assert h.fe.is_closed()
+    served(h.loop)
+
+
+def test_guest_memory_shorter_than_the_region_is_refused(h: Harness) -> None:
+    h.negotiate(FEATURES)
+    os.ftruncate(h.dmem.regions[1].fd, 4096)
+    assert h.fe.ack(R.SET_MEM_TABLE, m.encode_mem_table(h.dmem.table()), h.dmem.fds()) != 0
+    assert h.alive() and len(h.backend.memory) == 0
+    served(h.loop)
+
+
+def test_dirty_log_shrunk_after_mapping() -> None:
+    """The same with the dirty log's file: the next mark faults; that front end goes."""
+    mh = MigrationHarness()
+    try:
+        mh.bring_up(MIGRATION_FEATURES)
+        mh.rx.add([], [2048])
+        mh.rx.kick()
+        assert mh.set_log_base() == 0
+        assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(MIGRATION_FEATURES | F_LOG_ALL)) == 0
+        os.ftruncate(mh.log_fd, 0)
+        mh.tx.add([bytes(net.HDR_LEN) + b"x" * 64])
+        mh.tx.kick()
+        mh.loop.run_once(0)
+        assert mh.backend.closed and "dirty log" in mh.closed[0]
+        served(mh.loop)
+    finally:
+        mh.close()
+
+
+def test_sigbus_outside_guest_memory_still_kills(tmp_path: pathlib.Path) -> None:
+    """The guard only covers registered guest mappings: a SIGBUS elsewhere in the process
+    is the crash it always was (in a child process)."""
+    code = textwrap.dedent("""
+        import mmap, os
+        from virtio import guard
+        fd = os.memfd_create("g"); os.ftruncate(fd, 8192)
+        guarded = mmap.mmap(fd, 8192)
+        reg = guard.Registration(guarded)
+        os.ftruncate(fd, 0)
+        assert guarded[0] == 0 and reg.faults() == 1  # guarded: zeros, counted
+        other = os.memfd_create("o"); os.ftruncate(other, 8192)
+        mm = mmap.mmap(other, 8192)
+        os.ftruncate(other, 0)
+        print("before", flush=True)
+        mm[0]
+        print("survived", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGBUS, proc.stderr
+    assert "before" in proc.stdout and "survived" not in proc.stdout
+
+
+# --- eventfds that would block the loop ------------------------------------------------------
+
+def test_kick_fd_drained_by_the_front_end_does_not_block(h: Harness) -> None:
+    """The front end makes its kick fd blocking again and reads the kick itself before we
+    do: our read must not block (RWF_NOWAIT) and finds nothing to do."""
+    h.bring_up(FEATURES)
+    kick = h.tx.kick_fd
+    os.set_blocking(kick, True)  # the file description is shared: ours is blocking too
+    vq = h.backend.queues[net.TX_QUEUE]
+    assert vq.kick_fd is not None and os.get_blocking(vq.kick_fd)
+    assert vq.drain_kick() == 0  # nothing there: no wait
+    h.backend._on_kick(vq)  # as if epoll had said it was readable
+    assert h.alive()
+    os.eventfd_write(kick, 1)
+    assert vq.drain_kick() == 1
+    served(h.loop)
+
+
+def test_call_fd_at_its_maximum_counter(h: Harness) -> None:
+    """A non-blocking call fd whose counter is full: the write fails with EAGAIN, which is
+    a notification already pending; nothing blocks, the front end is still served."""
+    h.bring_up(FEATURES)
+    os.eventfd_write(h.tx.call_fd, 0xFFFFFFFFFFFFFFFE)
+    h.tx.add([bytes(net.HDR_LEN) + b"x"])
+    h.tx.kick()
+    h.loop.run_once(0)
+    assert h.alive() and len(h.tx.get_used()) == 1
+
+
+def test_call_fd_made_blocking_at_its_maximum_is_cut_short(h: Harness) -> None:
+    """The front end clears O_NONBLOCK on its call fd and fills the counter: our write
+    blocks, the watchdog interrupts it (EINTR, within 100 ms) and the back end drops that
+    front end; the loop goes on."""
+    h.bring_up(FEATURES)
+    os.set_blocking(h.tx.call_fd, True)
+    os.eventfd_write(h.tx.call_fd, 0xFFFFFFFFFFFFFFFE)
+    h.tx.add([bytes(net.HDR_LEN) + b"x"])
+    h.tx.kick()
+    h.loop.run_once(0)
+    assert h.backend.closed and "blocked" in h.closed[0]
+    served(h.loop)
+
+
+def test_error_fd_made_blocking_at_its_maximum_is_cut_short(h: Harness) -> None:
+    h.bring_up(FEATURES)
+    err = os.eventfd(0, 0)
+    try:
+        assert h.fe.ack(R.SET_VRING_ERR, m.encode_u64(net.TX_QUEUE), [err]) == 0
+        os.set_blocking(err, True)  # after we made it non-blocking
+        os.eventfd_write(err, 0xFFFFFFFFFFFFFFFE)
+        h.tx.write_desc(0, 0xDEAD0000, 64, 0, 0)  # outside guest memory: the queue breaks
+        h.tx.publish(0)
+        h.tx.kick()
+        h.loop.run_once(0)
+        assert h.backend.closed
+    finally:
+        os.close(err)
     served(h.loop)
