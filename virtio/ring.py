@@ -385,6 +385,13 @@ class RingAccess:
         return (out[3], ffi.unpack(starts, n) if n > 0 else [], kept, out[1], bool(out[2]),
                 self._grecs_mv[:24 * kept].tobytes(), self._gchains_mv[:12 * kept].tobytes())
 
+    def gather_records(self, kept: int) -> tuple[list[int], list[int]]:
+        """The chain records (head, readable, writable) and buffer records (region, offset,
+        length) of the first `kept` chains the last rx_gather()/rx_fill() popped."""
+        chains = memoryview(ffi.buffer(self._gchains, 12 * kept)).cast("I").tolist()
+        bufs = memoryview(ffi.buffer(self._grecs, 24 * kept)).cast("Q").tolist()
+        return chains, bufs
+
     def rx_fill(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
                 count: int, need: int, hdr: int, head: int, max_views: int, hint: int,
                 fd: int, flags: int, room: int, writer: int, writer_arg: int, plain: bytes,

@@ -159,6 +159,8 @@ class VirtQueue:
         # and the used index up to which the writes of used chains were marked in it.
         self.dirty_log: DirtyLog | None = None
         self._logged_idx = 0
+        self._popped_writes: dict[int, list[tuple[int, int]]] = {}  # while logging, by head
+        self._budget_warned = False
 
     def set_num(self, num: int) -> None:
         if not 1 <= num <= self.max_size or num & (num - 1):
@@ -299,6 +301,9 @@ class VirtQueue:
             head, nread, nwrite = ring.chains_mv[:3].tolist()
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             self.inflight += 1
+            if self.dirty_log is not None and nwrite:
+                self._record_writes([head, nread, nwrite],
+                                    ring.bufs_mv[:3 * (nread + nwrite)].tolist())
             if nread + nwrite == 1:
                 ri, o, length = ring.bufs_mv[:3].tolist()
                 view = table.views[ri][o:o + length]
@@ -347,6 +352,8 @@ class VirtQueue:
                                else Chain(heads[0], [view], []))
                 else:
                     self._chains_from(heads, bufs, views, out)
+                if self.dirty_log is not None:
+                    self._record_writes(heads, bufs)
                 # The popped chains are ours even when the next one is bad (as the Python
                 # walk).
                 self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
@@ -379,6 +386,9 @@ class VirtQueue:
             n = r if r >= 0 else -1 - r
             self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
             self.inflight += n
+            if n and self.dirty_log is not None:
+                self._record_writes(ring.chains_mv[:3 * n].tolist(),
+                                    ring.bufs_mv[:3 * ring.status_mv[3]].tolist())
             if r >= 0:
                 return n
             code, value, value2, _ = ring.status()
@@ -408,6 +418,9 @@ class VirtQueue:
             return None
         self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
         self.inflight += kept
+        if kept and self.dirty_log is not None:
+            self._record_writes(memoryview(chains).cast("I").tolist(),
+                                memoryview(recs).cast("Q").tolist())
         return starts, seen, starved, recs, chains
 
     def fill_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
@@ -434,6 +447,8 @@ class VirtQueue:
             kept = out[FILL_OUT_KEPT]
             self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
             self.inflight += kept
+            if kept and self.dirty_log is not None:
+                self._record_writes(*ring.gather_records(kept))
             self.push_written(elems, out[FILL_OUT_PAIRS])
             self.rewind(out[FILL_OUT_GIVE_BACK])
         return n, out
@@ -604,52 +619,89 @@ class VirtQueue:
         not yet published: what the driver saw before was copied with the rest of memory."""
         if dirty is not None and self.dirty_log is None:
             self._logged_idx = (self.used_idx - self._pending) & 0xFFFF
+        if dirty is None:
+            self._popped_writes.clear()
         self.dirty_log = dirty
+
+    def _record_writes(self, heads: list[int], bufs: list[int]) -> None:
+        """While logging: the device-writable buffers of chains just popped ((head, readable,
+        writable) triples and their (region, offset, length) records, as the C pop returns
+        them), as guest-physical (address, length) by head, for _log_writes(): the log is
+        written from what we popped, never from descriptor tables read again."""
+        table = self.memory.table
+        gpas = [table.cdata[i].gpa for i in range(table.count)]
+        record = self._popped_writes
+        b = 0
+        for i in range(0, len(heads) - 2, 3):
+            head, nread, nwrite = heads[i], heads[i + 1], heads[i + 2]
+            b += 3 * nread
+            if nwrite:
+                record[head] = [(gpas[bufs[j]] + bufs[j + 1], bufs[j + 2])
+                                for j in range(b, b + 3 * nwrite, 3) if bufs[j] < len(gpas)]
+            b += 3 * nwrite
 
     def _log_writes(self) -> None:
         """Mark in the dirty log what the chains used since the last mark had written (their
-        used lengths, over their device-writable buffers) and the used ring. The chains are
-        still ours until used->idx moves, so their descriptors are as we popped them; a
-        driver that changed them anyway only misdirects its own log, as the walk reads
-        nothing but the descriptor tables, within bounds."""
+        used lengths, over the device-writable buffers recorded when they were popped) and
+        the used ring. A chain popped before logging began has no record: its descriptors
+        are walked again, within a budget of one ring's worth of descriptors per flush (a
+        driver that rewrote them into loops only misdirects its own log)."""
         used = self._used_area
         if used is None or self.num == 0:
             return
         mask = self.num - 1
         idx = self._logged_idx
+        record = self._popped_writes
+        dirty = self.dirty_log
+        budget = self.num
         while idx != self.used_idx:
             head, length = USED_ELEM.unpack_from(used, 4 + 8 * (idx & mask))
-            if length:
-                self._log_chain(head, length)
+            bufs = record.pop(head, None)
+            if bufs is not None and dirty is not None:
+                for gpa, size in bufs:
+                    if length <= 0:
+                        break
+                    n = min(size, length)
+                    dirty.mark(gpa, n)
+                    length -= n
+            elif length and budget > 0:
+                budget = self._log_chain(head, length, budget)
             idx = (idx + 1) & 0xFFFF
         self._logged_idx = idx
         self._log_used_ring()
 
-    def _log_chain(self, head: int, length: int) -> None:
+    def _log_chain(self, head: int, length: int, budget: int) -> int:
+        """The walk for a chain popped before logging began; returns the budget left."""
         dirty, table = self.dirty_log, self._desc
         if dirty is None or table is None or head >= self.num:
-            return
+            return budget
         entries, i = self.num, head
-        for _ in range(MAX_QUEUE_SIZE + MAX_INDIRECT):  # bounded whatever the tables say
+        while budget > 0:
+            budget -= 1
             addr, size, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
             if flags & DESC_F_INDIRECT and table is self._desc:
                 try:
                     table = self.memory.gpa(addr, size - size % DESC_SIZE)
                 except GuestMemoryError:
-                    return
+                    return budget
                 entries, i = len(table) // DESC_SIZE, 0
                 if not entries:
-                    return
+                    return budget
                 continue
             if flags & DESC_F_WRITE:
                 n = min(size, length)
                 dirty.mark(addr, n)
                 length -= n
                 if length <= 0:
-                    return
+                    return budget
             if not flags & DESC_F_NEXT or nxt >= entries:
-                return
+                return budget
             i = nxt
+        if not self._budget_warned:
+            self._budget_warned = True
+            log.warning("queue %d: dirty log: descriptor walk budget spent in one flush",
+                        self.index)
+        return 0
 
     def _log_used_ring(self) -> None:
         dirty = self.dirty_log

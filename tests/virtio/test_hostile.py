@@ -10,6 +10,7 @@ import os
 import pathlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 
 from vhostpasst.loop import Loop
-from virtio import guard, net
+from virtio import guard, net, virtqueue
 from virtio import message as m
 from virtio.backend import F_LOG_ALL, F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_VERSION_1
+from virtio.dirtylog import LOG_PAGE
 from virtio.message import Request as R
 
 from .frontend import DriverMemory, DriverRing
@@ -347,3 +349,81 @@ def test_error_fd_made_blocking_at_its_maximum_is_cut_short(h: Harness) -> None:
     finally:
         os.close(err)
     served(h.loop)
+
+
+# --- dirty logging from what was popped --------------------------------------------------------
+
+class _CountingDesc:
+    """virtqueue.DESC, counting the descriptor reads of the log's fallback walk."""
+
+    def __init__(self, real: struct.Struct) -> None:
+        self.real = real
+        self.size = real.size
+        self.reads = 0
+
+    def unpack_from(self, buf: memoryview, offset: int = 0) -> tuple[int, ...]:
+        self.reads += 1
+        return self.real.unpack_from(buf, offset)
+
+
+def _logging(mh: MigrationHarness) -> None:
+    mh.bring_up(MIGRATION_FEATURES)
+    assert mh.set_log_base() == 0
+    assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(MIGRATION_FEATURES | F_LOG_ALL)) == 0
+    mh.dirty()
+
+
+def test_dirty_log_marks_what_was_popped_not_rewritten_descriptors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver rewrites a popped chain into a 0-length self-loop elsewhere before we
+    push it: the log is written from the buffers recorded at pop time, with no walk."""
+    mh = MigrationHarness()
+    try:
+        _logging(mh)
+        vq = mh.backend.queues[net.RX_QUEUE]
+        heads = [mh.rx.add([], [64]) for _ in range(4)]
+        counting = _CountingDesc(virtqueue.DESC)
+        monkeypatch.setattr(virtqueue, "DESC", counting)
+        chains = vq.pop_many(4)
+        assert [c.head for c in chains] == heads
+        elsewhere = mh.dmem.alloc(64)
+        for head in heads:  # NEXT | WRITE, 0 bytes, next = itself
+            mh.rx.write_desc(head, elsewhere, 0, 1 | 2, head)
+        for c in chains:
+            c.writable[0][:8] = b"written!"
+            vq.push(c.head, 8)
+        vq.flush()
+        assert counting.reads == 0
+        got = mh.dirty()
+        for head in heads:
+            gpa = mh.rx.buffers[head][0][0]
+            assert gpa // LOG_PAGE in got
+        assert mh.alive()
+    finally:
+        mh.close()
+
+
+def test_dirty_log_walk_of_chains_popped_before_logging_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chains popped before logging began have no record: their descriptors are walked
+    again, within one ring's worth of descriptor reads per flush, self-loops or not."""
+    mh = MigrationHarness()
+    try:
+        mh.bring_up(MIGRATION_FEATURES)
+        vq = mh.backend.queues[net.RX_QUEUE]
+        heads = [mh.rx.add([], [64]) for _ in range(8)]
+        chains = vq.pop_many(8)
+        assert mh.set_log_base() == 0
+        assert mh.fe.ack(R.SET_FEATURES, m.encode_u64(MIGRATION_FEATURES | F_LOG_ALL)) == 0
+        for head in heads:
+            mh.rx.write_desc(head, mh.rx.buffers[head][0][0], 0, 1 | 2, head)  # self-loops
+        counting = _CountingDesc(virtqueue.DESC)
+        monkeypatch.setattr(virtqueue, "DESC", counting)
+        for c in chains:
+            vq.push(c.head, 8)
+        vq.flush()
+        assert 0 < counting.reads <= vq.num
+        assert mh.alive()
+        served(mh.loop)
+    finally:
+        mh.close()
