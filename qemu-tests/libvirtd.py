@@ -87,7 +87,7 @@ class Libvirtd:
     docstring). `virsh(...)` runs a command against it. close() destroys the domains left,
     stops the daemon and kills what it started that would outlive it."""
 
-    def __init__(self, root: Path, netns: HostNetns, timeout: float = 60) -> None:
+    def __init__(self, root: Path, netns: HostNetns, timeout: float = 120) -> None:
         self.root = root
         self.log = root / "libvirtd.log"
         self.bindir = root / "bin"
