@@ -4,11 +4,19 @@ driven over the UNIX socket libvirt gives the domain's serial port.
 
 libvirtd running as root always uses the system paths (/etc/libvirt, /run/libvirt,
 /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt); session mode does not exist for root.
-So the daemon runs in a mount namespace of its own (`unshare -m`, inside `ip netns exec`),
+So the daemon runs in a mount namespace of its own (`unshare`, inside `ip netns exec`),
 where directories of the test's work directory are bind-mounted over those paths (and over
 /run as a whole: /run/libvirt does not exist before a daemon creates it, and the system's /run
 stays out of sight). The system's directories are never written; `virsh` reaches the daemon
 at `<workdir>/run/libvirt/libvirt-sock`, the same socket seen from outside.
+
+It also runs in a PID namespace of its own (`unshare --pid --kill-child`, with its own /proc)
+under a tiny init (INIT) that reaps the orphans (libvirt detaches qemu from itself, and waits
+for the processes it kills to be gone, zombies included) and forwards SIGTERM. When libvirtd
+ends, the init ends, and the kernel kills what is left in the namespace (qemu, passt); the
+whole tree dies with the test process (PR_SET_PDEATHSIG, as in harness.py), so nothing
+outlives a crashed test run. The pids in libvirt's pid files are that namespace's;
+`host_pid()` translates them.
 
 `passt` is found in libvirtd's PATH: a directory of the work directory comes first, holding
 `vhostpasst` (a console script bound to this checkout, as pip would write it) and a `passt`
@@ -53,6 +61,21 @@ security_driver = "none"
 namespaces = []
 cgroup_controllers = []
 stdio_handler = "file"
+"""
+
+
+# Process 1 of libvirtd's PID namespace: runs argv, reaps every child (adopted orphans too),
+# forwards SIGTERM, and exits with argv's status.
+INIT = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
+while True:
+    child, status = os.waitpid(-1, 0)
+    if child == pid:
+        sys.exit(os.waitstatus_to_exitcode(status) & 0xff)
 """
 
 
@@ -102,9 +125,10 @@ class Libvirtd:
         self.uri = f"qemu:///system?socket={root}/run/libvirt/libvirt-sock"
         mounts = " && ".join(f"mount --bind {shlex.quote(str(root / sub))} {path}"
                              for sub, path in MOUNTS.items())
-        script = f"{mounts} && exec {LIBVIRTD} --pid-file /run/libvirtd.pid"
-        self.argv = netns.argv(["unshare", "--mount", "--propagation", "private",
-                                "sh", "-c", script])
+        script = (f"{mounts} && exec {shlex.quote(sys.executable)} -c {shlex.quote(INIT)} "
+                  f"{LIBVIRTD} --pid-file /run/libvirtd.pid")
+        self.argv = netns.argv(["unshare", "--mount", "--propagation", "private", "--pid",
+                                "--mount-proc", "--kill-child", "sh", "-c", script])
         env = dict(os.environ, PATH=f"{self.bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         with open(self.log, "wb") as log:
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -139,27 +163,45 @@ class Libvirtd:
         """The pid files of the qemu and passt processes the daemon started."""
         return sorted((self.root / "run" / "libvirt" / "qemu").glob("**/*.pid"))
 
+    def host_pid(self, ns_pid: int) -> int | None:
+        """The pid, as this test sees it, of process `ns_pid` of the daemon's PID namespace
+        (from the NSpid lines of /proc/*/status); None if there is no such process."""
+        if self.proc is None:
+            return None
+        try:
+            ns = os.readlink(f"/proc/{self.proc.pid}/ns/pid_for_children")  # unshare's
+        except OSError:
+            return None
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                nspid = next(line.split()[1:] for line in status.read_text().splitlines()
+                             if line.startswith("NSpid:"))
+                if (len(nspid) > 1 and int(nspid[-1]) == ns_pid
+                        and os.readlink(status.parent / "ns" / "pid") == ns):
+                    return int(nspid[0])
+            except (OSError, StopIteration, ValueError):
+                continue
+        return None
+
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Destroy the domains left, then stop libvirtd: SIGTERM (through the namespace's
+        init), then (after 15 s) SIGKILL for unshare, whose --kill-child takes the init and
+        with it the whole PID namespace."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             res = self.virsh("list", "--name", check=False, timeout=30)
             for name in res.stdout.split():
                 self.virsh("destroy", name, check=False, timeout=60)
-        # Whatever is still running (a daemon that died, a destroy that failed) goes too:
-        # qemu and passt run detached from libvirtd and would outlive it.
-        for pid_file in self.pid_files():
+            init = self.host_pid(1)
+            if init is not None:
+                os.kill(init, signal.SIGTERM)
             try:
-                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-            except (ValueError, OSError):
-                pass
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-            self.proc = None
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
 
 
 def process_state(pid: int) -> str | None:

@@ -149,10 +149,14 @@ def libvirt_env(image: Image) -> Iterator[LibvirtEnv]:
 
 
 def _passt_pid(daemon: Libvirtd, name: str) -> int:
+    """Our passt's pid (as the test sees it) from libvirt's pid file for the domain."""
     files = [p for p in daemon.pid_files()
              if p.parent.name == "passt" and p.name.endswith(f"-{name}-net0-passt.pid")]
     assert len(files) == 1, files
-    return int(files[0].read_text().strip())
+    ns_pid = int(files[0].read_text().strip())
+    pid = daemon.host_pid(ns_pid)
+    assert pid is not None, f"no process {ns_pid} ({files[0].name}) in libvirt's namespace"
+    return pid
 
 
 def _sha(data: bytes) -> str:
