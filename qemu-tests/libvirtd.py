@@ -88,9 +88,9 @@ def libvirt_version() -> tuple[int, ...] | None:
     return tuple(int(g or 0) for g in m.groups()) if m else None
 
 
-def write_passt_bin(bindir: Path) -> Path:
+def write_passt_bin(bindir: Path) -> None:
     """`bindir/vhostpasst`, a console script running this checkout (whatever else is
-    installed), and `bindir/passt` linked to it. Returns the script."""
+    installed), and `bindir/passt` linked to it."""
     bindir.mkdir(parents=True, exist_ok=True)
     script = bindir / "vhostpasst"
     script.write_text(
@@ -102,7 +102,6 @@ def write_passt_bin(bindir: Path) -> Path:
         "sys.exit(main_passt())\n")
     script.chmod(0o755)
     (bindir / "passt").symlink_to("vhostpasst")
-    return script
 
 
 class Libvirtd:
@@ -114,7 +113,7 @@ class Libvirtd:
         self.root = root
         self.log = root / "libvirtd.log"
         self.bindir = root / "bin"
-        self.script = write_passt_bin(self.bindir)
+        write_passt_bin(self.bindir)
         for sub in MOUNTS:
             (root / sub).mkdir()
         (root / "run" / "libvirt").mkdir()
@@ -139,8 +138,14 @@ class Libvirtd:
         while True:
             if self.proc.poll() is not None:
                 self._fail(f"exited with status {self.proc.returncode}")
-            if sock.exists() and self.virsh("version", check=False).returncode == 0:
-                break
+            # The first connection waits for libvirt's probe of qemu's capabilities (~8 s).
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                if sock.exists() and self.virsh("version", check=False,
+                                                timeout=left).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                self._fail(f"not answering on {sock} after {timeout:.0f}s")
             if time.monotonic() > deadline:
                 self._fail(f"not answering on {sock} after {timeout:.0f}s")
             time.sleep(0.2)

@@ -4,8 +4,9 @@ Theory of operation. The test makes the usual host namespace with its world behi
 (harness.HostNetns: documentation addresses only, nothing leaves), and starts a private
 libvirtd inside it (libvirtd.py: a mount namespace of its own puts the work directory's
 directories over /etc/libvirt, /run, /var/lib/libvirt, ..., so the system's libvirt is never
-touched). libvirtd's PATH starts with a directory holding `passt`, a link to a console script
-running this checkout: libvirt finds `passt` in PATH as it does on any system.
+touched; a PID namespace of its own ends whatever it started when it ends, crash or not).
+libvirtd's PATH starts with a directory holding `passt`, a link to a console script running
+this checkout: libvirt finds `passt` in PATH as it does on any system.
 
 One transient domain per interface type, created with `virsh create --paused` from XML:
 TCG, the qemu-tests image as `<kernel>`/`<initrd>`/`<cmdline>`, the serial console on a UNIX
@@ -234,6 +235,7 @@ def test_libvirt_starts_our_passt(
         assert process_state(pid) not in (None, "Z"), "passt died during the test"
         daemon.virsh("destroy", name)
         assert wait_exited(pid, 30), f"passt {pid} still running after virsh destroy"
+        assert "Traceback" not in passt_log.read_text(), "passt crashed (see its log)"
         assert not re.search(rf"\b{re.escape(name)}\b", daemon.virsh("list", "--all").stdout)
     finally:
         if guest is not None:
