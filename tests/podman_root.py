@@ -6,11 +6,12 @@ Debian 12's podman (4.3) predates `--network pasta`; Debian 13's (5.4) has it. T
 a trixie root with debootstrap (minbase, plus `PACKAGES` and their dependencies, no
 recommends: so no passt/pasta of Debian's), from the mirror apt already uses on this machine
 (`mirror_of` in scripts/apt-mirror.sh: no package host is named here), and caches it under
-`.cache/podman/` (gitignored). The cache key hashes the package list, this builder's version
-and the `Date:` of the suite's InRelease file on that mirror: the archive changes that file
-whenever any package version in the suite changes, so the root is rebuilt exactly when the
-versions it would get change, and reused otherwise (one small HTTP request per session). The
-versions installed are kept beside the root (`versions.txt`). If the archive cannot be reached
+`.cache/podman/` (gitignored; $VHOSTPASST_PODMAN_CACHE overrides). The cache key hashes the
+package list, this builder's version and the `Date:` of the suite's InRelease file on that
+mirror: the archive changes that file whenever any package version in the suite changes, so the
+root is rebuilt exactly when the versions it would get change, and reused otherwise (one small
+HTTP request per session). The versions installed are kept beside the root
+(`<root>.versions.txt`). If the archive cannot be reached
 the newest cached root is used; with none, `Unavailable` says why (tests skip on it).
 
 What the build adds to the plain root, once:
@@ -61,7 +62,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache" / "podman"
+# VHOSTPASST_PODMAN_CACHE: somewhere a CI keeps between runs (a fresh clone has no .cache/)
+CACHE = Path(os.environ.get("VHOSTPASST_PODMAN_CACHE", REPO / ".cache" / "podman"))
 SUITE = "trixie"
 BUILDER_VERSION = "1"  # bump when the build below changes
 PACKAGES = ("podman", "crun", "conmon", "netavark", "uidmap", "python3",

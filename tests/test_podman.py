@@ -170,7 +170,7 @@ def test_podman_container_resolves_through_the_forwarder_and_downloads_from_the_
     via_conf, rest = r.stdout.split("VIA", 1)
     via_forwarder, got = rest.split("GET", 1)
     assert NAME_ADDR in via_conf and NAME_ADDR in via_forwarder, r.stdout
-    assert f"Server:\t\t{DNS_FORWARD}" in via_forwarder or DNS_FORWARD in via_forwarder
+    assert DNS_FORWARD in via_forwarder, r.stdout  # busybox names the server it asked
     # the responder saw the queries, from the host namespace's address (pasta's socket)
     seen = queries.read_text().splitlines()
     assert f"{NAME} 1 192.0.2.2" in seen, seen
