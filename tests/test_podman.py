@@ -191,9 +191,10 @@ def test_podman_publishes_a_port_with_p_and_pasta_is_ours(
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         text = wait_until(lambda: (t := out_path.read_text()) and "SERVING" in t and t
-                          or (proc.poll() is not None and t), 60, "the container to serve")
+                          or (proc.poll() is not None and (t or "(no output)")), 60,
+                          "the container to serve")
         assert "SERVING" in text, text
-        md5 = text.split()[0]
+        md5 = next(line.split()[0] for line in text.splitlines() if line.endswith("/www/blob"))
 
         # the pasta podman started is ours, with podman's command line
         pastas = list(iter_named(podman.processes(), "pasta"))
