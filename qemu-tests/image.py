@@ -1,6 +1,8 @@
 """Build the guest image for the qemu tests: a Debian kernel plus a busybox initramfs.
 
-Everything comes from Debian packages: the newest `linux-image-6.1.0-N-amd64` (kernel and the
+Everything comes from Debian packages: the distribution's newest kernel package
+(`linux-image-6.1.0-N-amd64` on Debian 12, `linux-image-6.12.N+deb13-amd64` on Debian 13;
+not backports' kernels, so each release tests its own) (kernel and the
 virtio-net modules with their dependencies), `busybox-static`, and, when the host has them
 installed, `iperf3` and ISC `dhclient` (busybox in Debian 12 has no DHCPv6 client) with their
 shared libraries. The result is cached under
@@ -39,7 +41,9 @@ CACHE_DIR = Path(os.environ.get("VPT_IMAGE_CACHE", HERE / ".cache"))
 WANTED_MODULES = ("virtio_pci", "virtio_net")
 # Where in the kernel package to look for them (kept narrow so the unpack stays fast).
 MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/net/", "kernel/net/core/")
-KERNEL_PKG_RE = re.compile(r"^linux-image-6\.1\.0-(\d+)-amd64$")
+# linux-image-6.1.0-40-amd64 (Debian 12: version, then ABI), linux-image-6.12.57+deb13-amd64
+# (Debian 13); not +bpo (backports) nor -rt/-cloud flavours
+KERNEL_PKG_RE = re.compile(r"^linux-image-(\d+)\.(\d+)\.(\d+)(?:-(\d+)|\+deb\d+)-amd64$")
 
 INIT_SCRIPT = r"""#!/bin/sh
 # vhostpasst qemu-tests guest init (busybox). Kernel command line variables (passed to us in the
@@ -154,16 +158,19 @@ def _candidates(pkgs: list[str]) -> dict[str, str]:
 
 
 def _kernel_packages() -> list[str]:
-    """linux-image-6.1.0-N-amd64 names apt knows, newest ABI first (or VPT_KERNEL_PKG)."""
+    """The distribution's linux-image-*-amd64 names apt knows, newest first (or
+    VPT_KERNEL_PKG)."""
     override = os.environ.get("VPT_KERNEL_PKG")
     if override:
         return [override]
-    out = _run(["apt-cache", "pkgnames", "linux-image-6.1.0-"])
-    abis = sorted(
-        ((int(m.group(1)), m.group(0)) for n in out.split() if (m := KERNEL_PKG_RE.match(n))),
+    out = _run(["apt-cache", "pkgnames", "linux-image-"])
+    # Debian 12's own 6.1 (ABI-numbered names) before the 6.12 it also carries for upgrades
+    found = sorted(
+        ((m.group(4) is not None, tuple(int(g or 0) for g in m.groups()), m.group(0))
+         for n in out.split() if (m := KERNEL_PKG_RE.match(n))),
         reverse=True,
     )
-    return [name for _, name in abis[:5]]
+    return [name for _, _, name in found[:5]]
 
 
 def _file_digest(path: Path) -> str:
@@ -197,7 +204,7 @@ def image_inputs() -> dict[str, object]:
     # The newest kernel apt can actually fetch (a name may linger without a candidate).
     kpkg = next((k for k in kernels if k in versions), None)
     if kpkg is None:
-        raise ImageError("no linux-image-6.1.0-*-amd64 package known to apt (run apt-get update)")
+        raise ImageError("no linux-image-*-amd64 package known to apt (run apt-get update)")
     if "busybox-static" not in versions:
         raise ImageError("apt does not know busybox-static (run apt-get update)")
     inputs: dict[str, object] = {
