@@ -290,8 +290,10 @@ def _unpack_kernel(deb: Path) -> tuple[bytes, str, list[tuple[str, bytes]]]:
     release = ""
     builtin: set[str] = set()
     modules: dict[str, tuple[str, bytes]] = {}
-    patterns = [r"^boot/vmlinuz-", r"^lib/modules/[^/]+/modules\.builtin$"]
-    patterns += [rf"^lib/modules/[^/]+/{re.escape(d)}[^/]+\.ko(\.[a-z]+)?$" for d in MODULE_DIRS]
+    # /lib/modules on Debian 12, /usr/lib/modules on Debian 13 (merged /usr)
+    patterns = [r"^boot/vmlinuz-", r"^(usr/)?lib/modules/[^/]+/modules\.builtin$"]
+    patterns += [rf"^(usr/)?lib/modules/[^/]+/{re.escape(d)}[^/]+\.ko(\.[a-z]+)?$"
+                 for d in MODULE_DIRS]
     for path, data in _deb_members(deb, patterns):
         if path.startswith("boot/vmlinuz-"):
             vmlinuz, release = data, path.removeprefix("boot/vmlinuz-")
