@@ -381,9 +381,11 @@ def _build(inputs: dict[str, object], out: Path, debs: Path) -> None:
     kpkg, kver = str(inputs["kernel_pkg"]), str(inputs["kernel_ver"])
     vmlinuz, release, modules = _unpack_kernel(_download(kpkg, kver, debs))
     bb_deb = _download("busybox-static", str(inputs["busybox_ver"]), debs)
-    busybox = dict(_deb_members(bb_deb, [r"^bin/busybox$"])).get("bin/busybox")
+    # /bin/busybox on Debian 12, /usr/bin/busybox on Debian 13 (merged /usr)
+    found = dict(_deb_members(bb_deb, [r"^(usr/)?bin/busybox$"]))
+    busybox = found.get("bin/busybox") or found.get("usr/bin/busybox")
     if not busybox:
-        raise ImageError(f"{bb_deb} has no /bin/busybox")
+        raise ImageError(f"{bb_deb} has no /bin/busybox or /usr/bin/busybox")
 
     cpio = Cpio()
     for d in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "lib/modules"):
