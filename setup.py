@@ -9,5 +9,6 @@ setup(
         "cffi_build/ns_build.py:ffibuilder",
         "cffi_build/tcpseg_build.py:ffibuilder",
         "cffi_build/tcpsg_build.py:ffibuilder",
+        "cffi_build/seccomp_build.py:ffibuilder",
     ]
 )

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
-debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps)
+debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps libseccomp-dev strace)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
