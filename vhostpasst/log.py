@@ -60,7 +60,8 @@ class SizeCappedFileHandler(logging.Handler):
         super().__init__()
         self.path = path
         self.size = max(size, 256)  # room for a header and a few lines, whatever we are given
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # read back through the same fd when cutting: the sandbox leaves no path to open
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._header = (header.rstrip("\n") + "\n").encode()[: self.size // 4]
         os.write(self._fd, self._header)
         self._len = len(self._header)
@@ -80,8 +81,7 @@ class SizeCappedFileHandler(logging.Handler):
 
     def _rotate(self) -> None:
         """Drop the oldest lines after the header: about ROTATE_CUT of the cap."""
-        with open(self.path, "rb") as f:
-            data = f.read(self._len)
+        data = os.pread(self._fd, self._len, 0)
         body = data[len(self._header) :]
         cut = int(self.size * ROTATE_CUT)
         newline = body.find(b"\n", cut - 1)
