@@ -17,6 +17,14 @@ int vp_seccomp_allow(void *ctx, int nr, uint32_t action)
 {
 	return seccomp_rule_add(ctx, action, nr, 0);
 }
+/* allowed only when argument `arg` & mask == value (several rules for one call are OR'd) */
+int vp_seccomp_allow_arg(void *ctx, int nr, uint32_t action, unsigned int arg,
+			 uint64_t mask, uint64_t value)
+{
+	struct scmp_arg_cmp cmp = { arg, SCMP_CMP_MASKED_EQ, mask, value };
+
+	return seccomp_rule_add_array(ctx, action, nr, 1, &cmp);
+}
 int vp_seccomp_attr_set(void *ctx, int attr, uint32_t value)
 {
 	return seccomp_attr_set(ctx, attr, value);

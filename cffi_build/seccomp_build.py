@@ -17,6 +17,8 @@ ffibuilder.cdef(
     void *vp_seccomp_init(uint32_t def_action);
     void vp_seccomp_release(void *ctx);
     int vp_seccomp_allow(void *ctx, int nr, uint32_t action);
+    int vp_seccomp_allow_arg(void *ctx, int nr, uint32_t action, unsigned int arg,
+                             uint64_t mask, uint64_t value);
     int vp_seccomp_attr_set(void *ctx, int attr, uint32_t value);
     int vp_seccomp_load(void *ctx);
     int vp_seccomp_resolve(const char *name);

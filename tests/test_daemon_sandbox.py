@@ -27,7 +27,8 @@ from vhost_sandbox import start_vhost_daemon, start_vhost_relay
 
 # the file open fails with EPERM where openat is not on the list (passt mode), with ENOENT
 # (no such file in the empty root) where it is (pasta: the netns quit watch uses it)
-PROBE = "sandbox probe: open /etc/passwd: {}; personality: EPERM"
+# and socket() is allowed for AF_INET and AF_INET6 only
+PROBE = "sandbox probe: open /etc/passwd: {}; personality: EPERM; netlink socket: EPERM"
 KEYS = ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb", "NSpid")
 
 

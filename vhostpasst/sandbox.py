@@ -31,6 +31,7 @@ import logging
 import os
 import pkgutil
 import platform
+import socket
 import sys
 import threading
 import time
@@ -322,7 +323,13 @@ class Sandbox:
             opened = errno.errorcode.get(e.errno or 0, str(e.errno))
         ret = isolation._libc.personality(0xFFFFFFFF)  # harmless query, not on any list
         call = "ok" if ret >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
-        log.warning("sandbox probe: open %s: %s; personality: %s", PROBE_FILE, opened, call)
+        try:  # socket() is listed, but for AF_INET and AF_INET6 only
+            socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()
+            netlink = "ok"
+        except OSError as e:
+            netlink = errno.errorcode.get(e.errno or 0, str(e.errno))
+        log.warning("sandbox probe: open %s: %s; personality: %s; netlink socket: %s",
+                    PROBE_FILE, opened, call, netlink)
         try:  # the guard must report this one (tests ignore this name, and only this one)
             importlib.import_module(PROBE_MODULE)
         except ImportError:
@@ -375,7 +382,14 @@ def load_filter(mode: str) -> None:
             if nr < 0:
                 log.debug("sandbox: no syscall %s here", name)
                 continue
-            rc = lib.vp_seccomp_allow(ctx, nr, action)
+            if name in syscalls.ARGS and action == lib.VP_ACT_ALLOW:
+                arg, values = syscalls.ARGS[name]
+                for value in values:
+                    rc = lib.vp_seccomp_allow_arg(ctx, nr, action, arg, 0xFFFFFFFF, value)
+                    if rc < 0:
+                        break
+            else:
+                rc = lib.vp_seccomp_allow(ctx, nr, action)
             if rc < 0:
                 raise SandboxError(f"seccomp rule for {name}: {os.strerror(-rc)}")
         rc = lib.vp_seccomp_load(ctx)

@@ -42,6 +42,19 @@ REASONED_VHOST_USER: tuple[str, ...] = ()
 # pasta: on exit, the spawned command's PID namespace is taken down (kill of its PID 1)
 REASONED_PASTA = ("kill",)
 
+# calls allowed with some values of one argument only: name -> (argument, allowed values);
+# measured as well (doc/sandbox.md). ioctl: FIONBIO (Python's setblocking/settimeout) and
+# FIONREAD; nothing else (the tap and netlink are set up before). socket: AF_INET and
+# AF_INET6 only, so no netlink, packet or UNIX socket can be made once sandboxed.
+FIONREAD = 0x541B
+FIONBIO = 0x5421
+AF_INET = 2
+AF_INET6 = 10
+ARGS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "ioctl": (1, (FIONBIO, FIONREAD)),
+    "socket": (0, (AF_INET, AF_INET6)),
+}
+
 STREAM = MEASURED_STREAM + REASONED_COMMON
 VHOST_USER = MEASURED_VHOST_USER + REASONED_COMMON + REASONED_VHOST_USER
 PASTA = MEASURED_PASTA + REASONED_COMMON + REASONED_PASTA
