@@ -14,8 +14,10 @@ namespaces and documentation addresses only; every wait is bounded.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,40 @@ def test_stream_background_is_pid_1_of_its_own_pid_namespace(sandbox: Sandbox) -
     assert sandbox.udhcpc()["ip"] == "192.0.2.2"
     sandbox.stop_daemon()
     assert_probe(log.read_text())
+
+
+def test_syslog_still_reaches_the_socket_connected_before_the_pivot(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the background without -l, the daemon logs to syslog: a datagram socket of ours
+    (VHOSTPASST_SYSLOG) receives the probe's report, sent once sandboxed."""
+    path = str(sandbox.dir / "log.sock")
+    got: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(20)
+
+        def read() -> None:  # as syslogd: read at once (a full queue would block the daemon)
+            for _ in range(500):  # bounded: the start-up summary, then the probe's lines
+                try:
+                    msg = server.recv(4096).decode(errors="replace")
+                except OSError:
+                    return
+                got.append(msg)
+                if "sandbox probe" in msg:
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        monkeypatch.setenv("VHOSTPASST_SYSLOG", path)
+        sandbox.start_daemon(foreground=False)
+        pid = sandbox.daemon_pid
+        assert pid is not None
+        wait_sandboxed(pid)
+        assert_sandboxed(pid)
+        reader.join(25)
+        text = "\n".join(got)
+        assert PROBE.format("EPERM") in text and "passt[" in text, text
+    sandbox.stop_daemon()
 
 
 def test_vhost_user(sandbox: Sandbox) -> None:

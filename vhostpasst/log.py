@@ -97,6 +97,9 @@ class SizeCappedFileHandler(logging.Handler):
         super().close()
 
 
+ENV_SYSLOG = "VHOSTPASST_SYSLOG"  # test hook: another socket than /dev/log
+
+
 def _level(debug: bool, trace: bool, quiet: bool) -> int:
     if trace:
         return TRACE
@@ -138,10 +141,12 @@ def setup_logging(
         sh.setFormatter(_ElapsedFormatter(start) if (debug or trace) else logging.Formatter())
         handlers.append(sh)
     if not handlers:
-        if os.path.exists("/dev/log"):
+        # connected now: the sandbox leaves no /dev/log to connect to later
+        dev_log = os.environ.get(ENV_SYSLOG, "/dev/log")
+        if os.path.exists(dev_log):
             try:
                 syslog = logging.handlers.SysLogHandler(
-                    address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+                    address=dev_log, facility=logging.handlers.SysLogHandler.LOG_DAEMON
                 )
                 syslog.setFormatter(logging.Formatter(f"{prog}[{os.getpid()}]: %(message)s"))
                 handlers.append(syslog)
