@@ -1,18 +1,35 @@
-# Two commands a newcomer needs: `make test` and `make demo`.
+# Two commands a newcomer needs: `make test` and `make demo` (as root on Debian 12 or 13).
+# The project and its test extra live in a virtual environment inside the checkout ($(VENV));
+# PYTHON is only the interpreter that makes it.
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PREFIX ?= /usr/local
+DESTDIR ?=
 
-.PHONY: setup test lint demo
+.PHONY: setup test lint demo install uninstall sdist
 
 setup:
-	./scripts/setup-debian.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) ./scripts/setup-debian.sh
 	./.ci/install-qemu.sh
 
 lint: setup
-	$(PYTHON) -m ruff check .
+	$(PY) -m ruff check .
 
 test: setup lint
-	$(PYTHON) -m pytest -n 2 -p no:cacheprovider tests qemu-tests $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -p no:cacheprovider tests qemu-tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PYTHON) scripts/demo.py
+	$(PY) scripts/demo.py
+
+# The commands, passt/pasta links and the man page under $(PREFIX); the code in a venv of its
+# own under $(PREFIX)/lib/vhostpasst (see doc/integration.md).
+install:
+	PYTHON=$(PYTHON) PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) ./scripts/install.sh
+
+uninstall:
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) ./scripts/install.sh --uninstall
+
+sdist: setup
+	$(PY) -m build --sdist --outdir dist .

@@ -1,5 +1,58 @@
-# setup.py only wires the cffi build scripts; all metadata lives in pyproject.toml.
+"""setup.py wires what pyproject.toml cannot say: the cffi build scripts, the man page, the
+abi3 wheel tag (every extension is built against the stable ABI, Python 3.11 and later), and
+the build's commit, written into vhostpasst/_buildinfo.py of the wheel or sdist when built
+from a git checkout (vhostpasst/version.py reads it). All other metadata is in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILDINFO = os.path.join("vhostpasst", "_buildinfo.py")
+
+
+def _git_commit() -> tuple[str, str] | None:
+    """(short hash, commit date) of HEAD if this is a git checkout with git installed."""
+    if not os.path.exists(os.path.join(HERE, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h %cs"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    parts = out.split()
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def _write_buildinfo(root: str) -> None:
+    info = _git_commit()
+    if info is None:
+        return  # an unpacked sdist already carries its _buildinfo.py
+    path = os.path.join(root, BUILDINFO)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f'"""Written by setup.py at build time."""\nCOMMIT = "{info[0]}"\n'
+                f'DATE = "{info[1]}"\n')
+
+
+class BuildPyWithInfo(build_py):
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:  # a checkout run in place asks git itself
+            _write_buildinfo(self.build_lib)
+
+
+class SdistWithInfo(sdist):
+    def make_release_tree(self, base_dir: str, files: list[str]) -> None:
+        super().make_release_tree(base_dir, files)
+        _write_buildinfo(base_dir)
+
 
 setup(
     cffi_modules=[
@@ -9,6 +62,10 @@ setup(
         "cffi_build/ns_build.py:ffibuilder",
         "cffi_build/tcpseg_build.py:ffibuilder",
         "cffi_build/tcpsg_build.py:ffibuilder",
+        "cffi_build/guard_build.py:ffibuilder",
         "cffi_build/seccomp_build.py:ffibuilder",
-    ]
+    ],
+    cmdclass={"build_py": BuildPyWithInfo, "sdist": SdistWithInfo},
+    data_files=[("share/man/man1", ["doc/vhostpasst.1"])],
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -38,8 +38,11 @@ from typing import Any
 from image import Image
 
 QEMU = os.environ.get("VPT_QEMU", "qemu-system-x86_64")
-# vhostpasst by default; VPT_DAEMON can name another passt-compatible command (e.g. "passt").
-DAEMON = shlex.split(os.environ.get("VPT_DAEMON", "vhostpasst"))
+# vhostpasst by default: the console script next to this interpreter (the checkout's venv), else
+# `python -m vhostpasst`; VPT_DAEMON can name another passt-compatible command (e.g. "passt").
+_OURS = shutil.which("vhostpasst", path=os.path.dirname(sys.executable))
+DAEMON = (shlex.split(os.environ["VPT_DAEMON"]) if "VPT_DAEMON" in os.environ
+          else [_OURS] if _OURS else [sys.executable, "-m", "vhostpasst"])
 # KVM is opt-in (VPT_ACCEL=kvm): /dev/kvm may open yet hang (nested virtualisation), and CI
 # runners rarely have it. TCG boots this image in about 5 s.
 ACCEL = os.environ.get("VPT_ACCEL", "tcg")

@@ -224,16 +224,20 @@ class Sandbox:
 
     def start_daemon(self, *args: str, foreground: bool = True, pcap: bool | str = False,
                      pid_file: str | None = None, wait: bool = True,
-                     timeout: float = 15) -> subprocess.Popen[bytes]:
+                     timeout: float = 15, command: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `vhostpasst [-f] -s <dir>/passt.socket [--pcap F] [-P F] ARGS` in the host ns.
 
         With wait (the default) return once the socket listens, or raise with the daemon's
         stderr. Without -f the daemon forks: we then wait for the parent to exit and take the
         serving pid from the pid file (one is made up in the sandbox dir if not given).
+        `command` replaces the checkout's vhostpasst (e.g. an installed copy), `env` the
+        environment it starts with.
         """
         assert self.daemon_pid is None or not _pid_alive(self.daemon_pid), "daemon running"
         self._daemon_runs += 1
-        cmd = [*vhostpasst_command(), *(["-f"] if foreground else []), "-s", self.socket_path]
+        cmd = [*(command or vhostpasst_command()), *(["-f"] if foreground else []),
+               "-s", self.socket_path]
         if pcap:
             cmd += ["--pcap", self.pcap_path if pcap is True else str(pcap)]
         if not foreground and pid_file is None:
@@ -245,7 +249,8 @@ class Sandbox:
         self.daemon_stderr = self.dir / f"daemon-{self._daemon_runs}.stderr"
         with open(self.daemon_stderr, "wb") as err:
             self.daemon = subprocess.Popen(["ip", "netns", "exec", self.host_ns, *cmd],
-                                           stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+                                           stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                           env=env)
         self.daemon_returncode = None
         if foreground:
             self.daemon_pid = self.daemon.pid  # `ip netns exec` execs, so this is the daemon

@@ -216,3 +216,75 @@ def test_now_is_updated_each_iteration(loop: Loop) -> None:
     time.sleep(0.01)
     loop.run_once(0.0)
     assert loop.now > before
+
+
+# --- the last-resort handler -------------------------------------------------------------------
+
+def test_failing_fd_callback_closes_its_owner_and_the_loop_goes_on(loop: Loop) -> None:
+    """A callback that raises: its owner's on_error closes that connection, the other fds
+    and the timers are still served, run_once() never raises."""
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    errors: list[Exception] = []
+    served: list[bytes] = []
+
+    def bad(_mask: int) -> None:
+        raise RuntimeError("bug in a handler")
+
+    def close_owner(e: Exception) -> None:
+        errors.append(e)
+        loop.remove_fd(a1.fileno())
+        a1.close()
+
+    try:
+        loop.add_fd(a1.fileno(), EPOLLIN, bad, on_error=close_owner)
+        loop.add_fd(a2.fileno(), EPOLLIN, lambda _m: served.append(a2.recv(16)))
+        fired: list[int] = []
+        loop.call_later(0, lambda: fired.append(1))
+        b1.send(b"x")
+        b2.send(b"y")
+        loop.run_once(0.05)
+        assert [type(e) for e in errors] == [RuntimeError] and loop.callback_errors == 1
+        assert served == [b"y"] and fired == [1]
+        with pytest.raises(ConnectionResetError):  # the owner closed it, data unread
+            b1.recv(1)
+        b2.send(b"z")
+        run_until(loop, lambda: served == [b"y", b"z"])
+    finally:
+        loop.remove_fd(a2.fileno())
+        for s in (a1, b1, a2, b2):
+            s.close()
+
+
+def test_failing_callback_without_owner_is_unwatched(loop: Loop) -> None:
+    a, b = socket.socketpair()
+    calls: list[int] = []
+
+    def bad(_mask: int) -> None:
+        calls.append(1)
+        raise ValueError("oops")
+
+    try:
+        loop.add_fd(a.fileno(), EPOLLIN, bad)
+        b.send(b"x")
+        for _ in range(3):
+            loop.run_once(0)
+        assert calls == [1]  # not called again: no busy loop on a level-triggered fd
+    finally:
+        loop.remove_fd(a.fileno())
+        a.close()
+        b.close()
+
+
+def test_failing_timer_and_flush_hook_do_not_end_the_loop(loop: Loop) -> None:
+    hooks: list[int] = []
+
+    def hook() -> None:
+        hooks.append(1)
+        raise KeyError("hook")
+
+    loop.add_flush_hook(hook)
+    loop.call_later(0, lambda: 1 / 0)
+    loop.run_once(0)
+    loop.run_once(0)
+    assert hooks == [1, 1] and loop.callback_errors == 3

@@ -1,3 +1,5 @@
 """vhostpasst: user-mode networking for VMs and namespaces, passt/pasta compatible."""
 
-__version__ = "0.1.0"
+from vhostpasst.version import VERSION as __version__
+
+__all__ = ["__version__"]

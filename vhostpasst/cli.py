@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from vhostpasst import __version__, fwd
+from vhostpasst import fwd
 from vhostpasst.conf import ConfigError
 from vhostpasst.fwd import PortForwards
+from vhostpasst.procname import set_process_name
+from vhostpasst.version import version_line
 
 IPAddr = IPv4Address | IPv6Address
 
@@ -856,12 +858,13 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
             sys.stdout.write(usage(name, mode))
             return 0
         if options.action == "version":
-            print(f"{name} {__version__}")
+            print(version_line(name))
             return 0
         if options.action == "capabilities":
             print('{"type": "net"}')
             return 0
         check_supported(options)
+        set_process_name(name)  # `pgrep passt` finds us (procname.py)
         if close_inherited:
             from vhostpasst import isolation
 

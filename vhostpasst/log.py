@@ -209,9 +209,10 @@ class RateLimitedLog:
         self.max_keys = max_keys
         self._slots: dict[object, _Slot] = {}
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> bool:
-        """Log `msg % args` at `level` unless `key` was logged less than `interval` ago.
-        Returns True if the message was emitted."""
+    def log(self, level: int, key: object, msg: str, *args: object,
+            exc_info: BaseException | None = None) -> bool:
+        """Log `msg % args` at `level` unless `key` was logged less than `interval` ago
+        (with `exc_info`'s traceback). Returns True if the message was emitted."""
         if not self.logger.isEnabledFor(level):
             return False
         now = self.clock()
@@ -230,8 +231,12 @@ class RateLimitedLog:
         if suppressed:
             msg += " (%d similar messages suppressed)"
             args = (*args, suppressed)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
+
+    def error(self, key: object, msg: str, *args: object,
+              exc_info: BaseException | None = None) -> bool:
+        return self.log(logging.ERROR, key, msg, *args, exc_info=exc_info)
 
     def warning(self, key: object, msg: str, *args: object) -> bool:
         return self.log(logging.WARNING, key, msg, *args)

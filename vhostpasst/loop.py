@@ -2,6 +2,16 @@
 
 Every wake-up runs the ready fd callbacks, then the expired timers, then every flush hook
 (so links write out what the handlers queued in one syscall per iteration, not per packet).
+
+Last resort: an exception escaping a callback never leaves the loop (it would end the daemon
+and every guest connection with it). It is logged, rate-limited by callback, with its traceback
+(it is a bug, or hostile input a handler failed to refuse), and then:
+- an fd callback registered with `on_error` (its owner: a front-end connection) has that
+  called with the exception, which closes that one connection; if `on_error` itself fails, or
+  there is none, the fd is no longer watched (a level-triggered fd whose callback keeps
+  failing would otherwise spin the loop);
+- a timer's or flush hook's exception is logged; the timer is gone, the hook stays.
+Only Exception is caught: the daemon's SIGTERM/SIGQUIT (a BaseException) still ends the loop.
 """
 
 from __future__ import annotations
@@ -14,12 +24,15 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from vhostpasst.log import RateLimitedLog
 from vhostpasst.looptrace import TRACE_LIMIT, WakeupTrace, label
 
 log = logging.getLogger(__name__)
+_ratelimited = RateLimitedLog(log)
 
 FdCallback = Callable[[int], None]  # called with the epoll event mask
 Callback = Callable[[], None]
+ErrorHandler = Callable[[Exception], None]  # the owner of an fd: close that connection
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -47,6 +60,8 @@ class Loop:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._fds: dict[int, FdCallback] = {}
+        self._on_error: dict[int, ErrorHandler] = {}
+        self.callback_errors = 0  # exceptions the last-resort handler caught (tests, logs)
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._flush_hooks: list[Callback] = []
@@ -60,14 +75,22 @@ class Loop:
         self._trace = WakeupTrace(out, limit)
 
     # fds
-    def add_fd(self, fd: int, events: int, callback: FdCallback) -> None:
+    def add_fd(self, fd: int, events: int, callback: FdCallback,
+               on_error: ErrorHandler | None = None) -> None:
+        """Watch `fd`; `on_error(exc)`: what to do when `callback` raises (close the
+        connection the fd belongs to), see the module docstring."""
         self._epoll.register(fd, events)
         self._fds[fd] = callback
+        if on_error is not None:
+            self._on_error[fd] = on_error
+        else:
+            self._on_error.pop(fd, None)
 
     def modify_fd(self, fd: int, events: int) -> None:
         self._epoll.modify(fd, events)
 
     def remove_fd(self, fd: int) -> None:
+        self._on_error.pop(fd, None)
         if self._fds.pop(fd, None) is not None:
             try:
                 self._epoll.unregister(fd)
@@ -114,10 +137,16 @@ class Loop:
         for fd, mask in events:
             callback = self._fds.get(fd)
             if callback is not None:
-                callback(mask)
+                try:
+                    callback(mask)
+                except Exception as e:  # the last resort: see the module docstring
+                    self._fd_failed(fd, callback, e)
         fired = self._run_timers()
         for hook in list(self._flush_hooks):
-            hook()
+            try:
+                hook()
+            except Exception as e:
+                self._failed("flush hook", hook, e)
         if trace is not None:
             trace.add(self.now, time.monotonic(), fired, labels)
 
@@ -129,8 +158,31 @@ class Loop:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
                 fired += 1
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as e:
+                    self._failed("timer", timer.callback, e)
         return fired
+
+    def _failed(self, what: str, callback: Callable[..., object], e: Exception) -> None:
+        self.callback_errors += 1
+        name = label(callback)
+        _ratelimited.error((what, name), "%s %s failed: %s: %s", what, name,
+                           type(e).__name__, e, exc_info=e)
+
+    def _fd_failed(self, fd: int, callback: FdCallback, e: Exception) -> None:
+        self._failed(f"fd {fd} callback", callback, e)
+        on_error = self._on_error.get(fd)
+        if on_error is not None:
+            try:
+                on_error(e)
+            except Exception as e2:
+                self._failed(f"fd {fd} error handler", on_error, e2)
+            else:
+                if self._fds.get(fd) is not callback:
+                    return  # the owner closed it (or something else took the fd number)
+        _ratelimited.error(("unwatched", label(callback)), "fd %d no longer watched", fd)
+        self.remove_fd(fd)
 
     def close(self) -> None:
         self._epoll.close()

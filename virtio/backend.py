@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from . import guard
 from . import message as m
 from .dirtylog import LOG_PAGE, DirtyLog, DirtyLogError
 from .memory import GuestMemory, GuestMemoryError
@@ -47,7 +48,8 @@ MESSAGES_PER_WAKEUP = 64  # then yield to the loop; level-triggered epoll brings
 
 
 class EventLoop(Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None: ...
 
     def remove_fd(self, fd: int) -> None: ...
 
@@ -118,6 +120,7 @@ class VhostUserBackend:
         self.queues = [VirtQueue(i, self.memory, device.max_queue_size)
                        for i in range(device.num_queues)]
         self._reader = m.MessageReader(sock)
+        self._guard_events = guard.events()
         self._handlers: dict[Request, Callable[[Message], bytes | None]] = {
             Request.GET_FEATURES: lambda msg: m.encode_u64(self.features),
             Request.SET_FEATURES: self._set_features,
@@ -144,7 +147,7 @@ class VhostUserBackend:
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
         }
-        loop.add_fd(sock.fileno(), select.EPOLLIN, self._on_readable)
+        loop.add_fd(sock.fileno(), select.EPOLLIN, self._on_readable, on_error=self._loop_error)
 
     # --- connection -------------------------------------------------------------------------
     def _on_readable(self, mask: int) -> None:
@@ -167,6 +170,38 @@ class VhostUserBackend:
                     self.close("control socket hung up")
                 return
             self._dispatch(msg)
+            self.check_guards()
+
+    def check_guards(self) -> bool:
+        """After a message, a kick or a flush: did this front end's memory file shrink under
+        us (a SIGBUS turned into zero pages) or a write to its eventfds block? Then drop it
+        (one log line, as every close). One C call when nothing happened; True if closed."""
+        events = guard.events()
+        if events == self._guard_events:
+            return False
+        self._guard_events = events
+        reason = None
+        for region in self.memory.regions:
+            if region.faulted():
+                reason = (f"the memory file of guest region {region.gpa:#x}+{region.size:#x} "
+                          "shrank under us (SIGBUS)")
+                break
+        else:
+            if self.dirty_log is not None and self.dirty_log.faulted():
+                reason = "the dirty log's file shrank under us (SIGBUS)"
+            else:
+                for vq in self.queues:
+                    if vq.stalled:
+                        reason = f"queue {vq.index}: a write to its eventfd blocked"
+                        break
+        if reason is None or self.closed:
+            return False
+        self.close(reason)
+        return True
+
+    def _loop_error(self, e: Exception) -> None:
+        """The loop's last resort (vhostpasst/loop.py): one of our callbacks raised."""
+        self.close(f"internal error: {type(e).__name__}: {e}")
 
     def _dispatch(self, msg: Message) -> None:
         try:
@@ -208,12 +243,16 @@ class VhostUserBackend:
         self.close_reason = reason
         log.info("vhost-user connection closed: %s", reason)
         try:
-            self.loop.remove_fd(self.sock.fileno())
-            self._reset_queues()
-            self._drop_log()
-            self.memory.reset()  # unmapping a large guest takes a while: a signal may come
-            self._reader.close()
-            self.sock.close()
+            # Each step whatever the one before did: a failing one (a bug) must not leave
+            # the socket watched or the memory mapped.
+            for step in (lambda: self.loop.remove_fd(self.sock.fileno()), self._reset_queues,
+                         self._drop_log,
+                         self.memory.reset,  # a large guest takes a while: a signal may come
+                         self._reader.close, self.sock.close):
+                try:
+                    step()
+                except Exception:
+                    log.exception("vhost-user: closing the connection")
         finally:
             # The device hears of it whatever cut the clean-up short (the daemon's SIGTERM
             # raises where it lands): its closing counters are not lost.
@@ -397,9 +436,19 @@ class VhostUserBackend:
         return m.encode_state(index, base)
 
     def _vring_fd(self, msg: Message) -> tuple[VirtQueue, int | None]:
+        """The queue and the eventfd of SET_VRING_KICK/CALL/ERR: checked to be an eventfd
+        and made non-blocking (virtio/guard.py), or refused."""
         value = msg.u64()
         vq = self._queue(value & m.VRING_INDEX_MASK)
-        return vq, (None if value & m.VRING_INVALID_FD else msg.take_fd())
+        if value & m.VRING_INVALID_FD:
+            return vq, None
+        fd = msg.take_fd()
+        try:
+            guard.prepare(fd)
+        except guard.GuardError as e:
+            _close(fd)
+            raise RequestError(f"queue {vq.index}: {e}") from None
+        return vq, fd
 
     def _set_vring_kick(self, msg: Message) -> None:
         vq, fd = self._vring_fd(msg)
@@ -409,7 +458,8 @@ class VhostUserBackend:
             vq.kick_fd = None
         if fd is not None:
             try:
-                self.loop.add_fd(fd, select.EPOLLIN, functools.partial(self._on_kick, vq))
+                self.loop.add_fd(fd, select.EPOLLIN, functools.partial(self._on_kick, vq),
+                                 on_error=self._loop_error)
             except OSError as e:
                 _close(fd)
                 raise RequestError(f"kick fd cannot be polled: {e}") from None
@@ -421,13 +471,15 @@ class VhostUserBackend:
             self._callback(self.device.queue_started, vq)
 
     def _on_kick(self, vq: VirtQueue, mask: int = 0) -> None:
-        if not vq.drain_kick():
+        kicked = vq.drain_kick()
+        if kicked < 0:
             log.warning("queue %d: kick fd at EOF or failing; no longer watched", vq.index)
             if vq.kick_fd is not None:
                 self.loop.remove_fd(vq.kick_fd)
             return
-        if vq.started:
+        if kicked and vq.started:  # 0: the front end read its own kick: nothing to do
             self._callback(self.device.queue_kicked, vq)
+        self.check_guards()
 
     def _set_vring_call(self, msg: Message) -> None:
         vq, fd = self._vring_fd(msg)

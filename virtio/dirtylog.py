@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ._ring import ffi, lib  # type: ignore[import-not-found]
-from .memory import MapError, map_shared
+from .memory import MapError, map_shared, unmap_shared
 
 LOG_PAGE = 4096  # VHOST_LOG_PAGE
 MAX_LOG_SIZE = 1 << 40  # one bit per 4 KiB page: covers 2^55 bytes of guest memory
@@ -24,7 +24,7 @@ class DirtyLogError(Exception):
 
 
 class DirtyLog:
-    __slots__ = ("size", "_map", "_view", "_c", "outside", "marks")
+    __slots__ = ("size", "_map", "_view", "_guard", "_c", "outside", "marks")
 
     def __init__(self, fd: int, size: int, offset: int) -> None:
         """Map `size` bytes of log at `offset` in `fd`; the fd is closed (we own it)."""
@@ -32,7 +32,7 @@ class DirtyLog:
             os.close(fd)
             raise DirtyLogError(f"log size {size:#x} at offset {offset:#x} out of range")
         try:
-            self._map, self._view = map_shared(fd, offset, size)
+            self._map, self._view, self._guard = map_shared(fd, offset, size)
         except MapError as e:
             raise DirtyLogError(f"cannot map the log: {e}") from None
         self.size = size
@@ -49,9 +49,12 @@ class DirtyLog:
                 lib.vr_log_mark(self._c, self.size, gpa, min(length, 1 << 63)) < 0:
             self.outside += 1
 
+    def faulted(self) -> bool:
+        """The front end shrank the log's file under us (SIGBUS, zero pages mapped)."""
+        return self._guard.faults() > 0
+
     def close(self) -> None:
         if self._c is not None:
             ffi.release(self._c)
             self._c = None
-            self._view.release()
-            self._map.close()
+            unmap_shared(self._map, self._view, self._guard)

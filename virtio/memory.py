@@ -23,6 +23,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from . import guard
 from .message import RegionDesc
 from .ring import RegionTable
 
@@ -33,19 +34,38 @@ class MapError(Exception):
     """The front end's fd cannot be mapped as it described it."""
 
 
-def map_shared(fd: int, offset: int, size: int) -> tuple[mmap.mmap, memoryview]:
+def map_shared(fd: int, offset: int, size: int
+               ) -> tuple[mmap.mmap, memoryview, guard.Registration]:
     """Map `size` bytes at `offset` of the front end's `fd` (guest memory, the dirty log),
     shared and writable; the fd is closed whatever happens (we own it). Mapped from offset 0
     with the offset skipped in the view: mmap's offset must be page-aligned and the front
-    end's need not be. mmap() refuses a length beyond the end of a regular file, so a short
-    memfd cannot SIGBUS us (unless the front end truncates it later, which qemu never does)."""
+    end's need not be. A file already shorter than offset + size is refused; one the front
+    end shrinks later faults with SIGBUS, which the mapping's guard registration (its slot,
+    returned third; virtio/guard.py) turns into zero pages and a fault count."""
     try:
+        st = guard.check_file(fd, offset + size)
         mm = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError, OverflowError) as e:
+    except (OSError, ValueError, OverflowError, guard.GuardError) as e:
         raise MapError(str(e)) from None
     finally:
         _close(fd)
-    return mm, memoryview(mm)[offset:offset + size]
+    try:
+        reg = guard.Registration(mm, guard.page_size(st))
+    except guard.GuardError as e:
+        mm.close()
+        raise MapError(str(e)) from None
+    return mm, memoryview(mm)[offset:offset + size], reg
+
+
+def unmap_shared(mm: mmap.mmap, view: memoryview, reg: guard.Registration) -> None:
+    """Undo map_shared(). A view still exported (a bug) keeps the mapping, and its guard,
+    until it goes."""
+    try:
+        view.release()
+        mm.close()
+    except BufferError:
+        return  # views handed out still export it; the mapping goes with the last one
+    reg.close()
 
 
 def _close(fd: int) -> None:
@@ -72,6 +92,7 @@ class Region:
     desc: RegionDesc
     mm: mmap.mmap
     view: memoryview  # exactly the region's bytes: [mmap_offset, mmap_offset + size)
+    guard: guard.Registration  # its SIGBUS guard (virtio/guard.py)
 
     @property
     def gpa(self) -> int:
@@ -85,12 +106,12 @@ class Region:
     def size(self) -> int:
         return self.desc.size
 
+    def faulted(self) -> bool:
+        """The front end shrank the file under this region (SIGBUS, zero pages mapped)."""
+        return self.guard.faults() > 0
+
     def unmap(self) -> None:
-        self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # views handed out still export it; the mapping goes with the last one
+        unmap_shared(self.mm, self.view, self.guard)
 
 
 def _check_desc(desc: RegionDesc) -> None:
@@ -171,10 +192,10 @@ class GuestMemory:
             _close(fd)
             raise
         try:
-            mm, view = map_shared(fd, desc.mmap_offset, desc.size)
+            mm, view, reg = map_shared(fd, desc.mmap_offset, desc.size)
         except MapError as e:
             raise RegionError(f"cannot map region: {e}") from None
-        region = Region(desc, mm, view)
+        region = Region(desc, mm, view, reg)
         self._by_gpa.insert(desc.gpa, region)
         self._by_uaddr.insert(desc.uaddr, region)
         self._rebuild_table()

@@ -402,8 +402,11 @@ class MessageReader:
     """Incremental, non-blocking reader of whole messages from a stream socket.
 
     Each recvmsg() asks for at most the rest of the current message, so fds sent with a message
-    are never attributed to its neighbour. Fds beyond MAX_FDS (or truncated ones) are closed and
-    the message is refused: a front end never needs more.
+    are never attributed to its neighbour. Received fds are close-on-exec (MSG_CMSG_CLOEXEC:
+    no window where a fork+exec could inherit them). The reader never holds more than MAX_FDS:
+    one more, even spread over a message sent a byte at a time, closes them all and breaks
+    the stream (ProtocolError: the connection goes), so an unfinished message cannot pile up
+    fds until the process runs out. Truncated fds (MSG_CTRUNC) refuse the message.
     """
 
     def __init__(self, sock: socket.socket, max_payload: int = MAX_PAYLOAD) -> None:
@@ -426,15 +429,18 @@ class MessageReader:
             want = self._need - len(self._buf)
             if want > 0:
                 try:
-                    data, anc, msg_flags, _ = self.sock.recvmsg(want, _CMSG_SPACE,
-                                                                socket.MSG_DONTWAIT)
+                    data, anc, msg_flags, _ = self.sock.recvmsg(
+                        want, _CMSG_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
                 except (BlockingIOError, InterruptedError):
                     return None
                 except OSError as e:
                     if e.errno in (errno.ECONNRESET, errno.EPIPE):
                         raise ConnectionClosed(str(e)) from None
                     raise
-                self._collect_fds(anc, msg_flags)
+                if not self._collect_fds(anc, msg_flags):
+                    held = len(self._fds)
+                    self._drop_fds()
+                    raise ProtocolError(f"more than {MAX_FDS} fds for one message ({held})")
                 if not data:
                     self._drop_fds()
                     raise ConnectionClosed("EOF")
@@ -467,7 +473,8 @@ class MessageReader:
                 raise RequestError(f"{msg.name()}: too many or truncated fds")
             return msg
 
-    def _collect_fds(self, anc: list[tuple[int, int, bytes]], msg_flags: int) -> None:
+    def _collect_fds(self, anc: list[tuple[int, int, bytes]], msg_flags: int) -> bool:
+        """Take the fds of one recvmsg(); False if the message now has more than MAX_FDS."""
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -475,8 +482,7 @@ class MessageReader:
                 self._fds.extend(fds)
         if msg_flags & socket.MSG_CTRUNC:
             self._bad_fds = True
-        if len(self._fds) > MAX_FDS:
-            self._bad_fds = True
+        return len(self._fds) <= MAX_FDS
 
     def _drop_fds(self) -> None:
         for fd in self._fds:

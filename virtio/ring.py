@@ -40,6 +40,15 @@ class RingError(Exception):
     """A ring helper refused an access (area too small or misaligned)."""
 
 
+def _address(view: memoryview) -> int:
+    """The host address of a view's first byte (its export released at once)."""
+    p = ffi.from_buffer("uint8_t[]", view)
+    try:
+        return int(ffi.cast("uintptr_t", p))
+    finally:
+        ffi.release(p)
+
+
 def avail_size(num: int) -> int:
     return 6 + 2 * num
 
@@ -231,6 +240,13 @@ class RingAccess:
             raise RingError("ring areas too small for the queue size")
         if desc is not None and len(desc) < 16 * num:
             raise RingError("descriptor table too small for the queue size")
+        # Alignment (avail 2, used 4, desc 16) of the host addresses, before any export is
+        # made: a region mapped at an odd offset puts a well-aligned ring address at an odd
+        # host address, and a refused ring must leave no export behind (it would keep the
+        # views, and the region, from being released).
+        if _address(avail) % 2 or _address(used) % 4 or \
+                (desc is not None and _address(desc) % 16):
+            raise RingError("misaligned ring area")
         self.num = num
         self._avail = ffi.from_buffer("uint8_t[]", avail)
         self._avail_len = len(avail)
@@ -368,6 +384,13 @@ class RingAccess:
         kept = out[0]
         return (out[3], ffi.unpack(starts, n) if n > 0 else [], kept, out[1], bool(out[2]),
                 self._grecs_mv[:24 * kept].tobytes(), self._gchains_mv[:12 * kept].tobytes())
+
+    def gather_records(self, kept: int) -> tuple[list[int], list[int]]:
+        """The chain records (head, readable, writable) and buffer records (region, offset,
+        length) of the first `kept` chains the last rx_gather()/rx_fill() popped."""
+        chains = memoryview(ffi.buffer(self._gchains, 12 * kept)).cast("I").tolist()
+        bufs = memoryview(ffi.buffer(self._grecs, 24 * kept)).cast("Q").tolist()
+        return chains, bufs
 
     def rx_fill(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
                 count: int, need: int, hdr: int, head: int, max_views: int, hint: int,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from . import guard
 from .dirtylog import DirtyLog
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
@@ -54,6 +55,7 @@ from .ring import (
     POP_E_READ_AFTER_WRITE,
     POP_FULL,
     RingAccess,
+    RingError,
     avail_size,
     used_size,
 )
@@ -129,6 +131,7 @@ class VirtQueue:
         self.err_fd: int | None = None
         self.enabled = False
         self.started = False
+        self.stalled = False  # a write to its call/err eventfd blocked: drop the front end
         self._ring: RingAccess | None = None
         self._desc: memoryview | None = None
         self._used_area: memoryview | None = None
@@ -148,6 +151,7 @@ class VirtQueue:
         self.broken = False
         self.started = False
         self.enabled = False
+        self.stalled = False
         self._pending = 0
         self._used: list[int] = []  # pushed, not yet written: [head, length, head, ...]
         self._notify = True
@@ -155,6 +159,8 @@ class VirtQueue:
         # and the used index up to which the writes of used chains were marked in it.
         self.dirty_log: DirtyLog | None = None
         self._logged_idx = 0
+        self._popped_writes: dict[int, list[tuple[int, int]]] = {}  # while logging, by head
+        self._budget_warned = False
 
     def set_num(self, num: int) -> None:
         if not 1 <= num <= self.max_size or num & (num - 1):
@@ -197,20 +203,31 @@ class VirtQueue:
             used = self.memory.uva(self.addr.used, used_size(self.num))
         except GuestMemoryError as e:
             raise VirtQueueError(f"queue {self.index}: ring not in guest memory: {e}") from None
+        try:
+            ring = RingAccess(avail, used, self.num, desc)
+        except RingError as e:  # e.g. a region mapped at an odd offset: refused, not a bug
+            for view in (desc, avail, used):
+                view.release()
+            raise VirtQueueError(f"queue {self.index}: {e}") from None
         self._desc = desc
         self._used_area = used
-        self._ring = RingAccess(avail, used, self.num, desc)
+        self._ring = ring  # holds the avail view (exported) until released
 
     def unmap(self) -> None:
-        if self._ring is not None:
-            self._ring.release()
-            self._ring = None
-        if self._desc is not None:
-            self._desc.release()
-            self._desc = None
+        """Release the ring's views: the C exports first, then the views they were made
+        from. Never raises: a view still exported (a bug) is left to the garbage collector
+        (its region's mapping goes with it)."""
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.release()
+        desc, self._desc = self._desc, None
         used, self._used_area = self._used_area, None
-        if used is not None:
-            used.release()
+        for view in (desc, used):
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:
+                    log.error("queue %d: a ring view is still exported", self.index)
 
     @property
     def mapped(self) -> bool:
@@ -243,11 +260,8 @@ class VirtQueue:
     def _fail(self, why: str) -> VirtQueueError:
         self.broken = True
         log.warning("virtqueue %d broken: %s", self.index, why)
-        if self.err_fd is not None:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError:
-                pass
+        if self.err_fd is not None and guard.signal(self.err_fd) == guard.STALLED:
+            self.stalled = True
         return VirtQueueError(f"queue {self.index}: {why}")
 
     def _ring_or_fail(self) -> RingAccess:
@@ -287,6 +301,9 @@ class VirtQueue:
             head, nread, nwrite = ring.chains_mv[:3].tolist()
             self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
             self.inflight += 1
+            if self.dirty_log is not None and nwrite:
+                self._record_writes([head, nread, nwrite],
+                                    ring.bufs_mv[:3 * (nread + nwrite)].tolist())
             if nread + nwrite == 1:
                 ri, o, length = ring.bufs_mv[:3].tolist()
                 view = table.views[ri][o:o + length]
@@ -335,6 +352,8 @@ class VirtQueue:
                                else Chain(heads[0], [view], []))
                 else:
                     self._chains_from(heads, bufs, views, out)
+                if self.dirty_log is not None:
+                    self._record_writes(heads, bufs)
                 # The popped chains are ours even when the next one is bad (as the Python
                 # walk).
                 self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
@@ -367,6 +386,9 @@ class VirtQueue:
             n = r if r >= 0 else -1 - r
             self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
             self.inflight += n
+            if n and self.dirty_log is not None:
+                self._record_writes(ring.chains_mv[:3 * n].tolist(),
+                                    ring.bufs_mv[:3 * ring.status_mv[3]].tolist())
             if r >= 0:
                 return n
             code, value, value2, _ = ring.status()
@@ -396,6 +418,9 @@ class VirtQueue:
             return None
         self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
         self.inflight += kept
+        if kept and self.dirty_log is not None:
+            self._record_writes(memoryview(chains).cast("I").tolist(),
+                                memoryview(recs).cast("Q").tolist())
         return starts, seen, starved, recs, chains
 
     def fill_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
@@ -422,6 +447,8 @@ class VirtQueue:
             kept = out[FILL_OUT_KEPT]
             self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
             self.inflight += kept
+            if kept and self.dirty_log is not None:
+                self._record_writes(*ring.gather_records(kept))
             self.push_written(elems, out[FILL_OUT_PAIRS])
             self.rewind(out[FILL_OUT_GIVE_BACK])
         return n, out
@@ -592,52 +619,89 @@ class VirtQueue:
         not yet published: what the driver saw before was copied with the rest of memory."""
         if dirty is not None and self.dirty_log is None:
             self._logged_idx = (self.used_idx - self._pending) & 0xFFFF
+        if dirty is None:
+            self._popped_writes.clear()
         self.dirty_log = dirty
+
+    def _record_writes(self, heads: list[int], bufs: list[int]) -> None:
+        """While logging: the device-writable buffers of chains just popped ((head, readable,
+        writable) triples and their (region, offset, length) records, as the C pop returns
+        them), as guest-physical (address, length) by head, for _log_writes(): the log is
+        written from what we popped, never from descriptor tables read again."""
+        table = self.memory.table
+        gpas = [table.cdata[i].gpa for i in range(table.count)]
+        record = self._popped_writes
+        b = 0
+        for i in range(0, len(heads) - 2, 3):
+            head, nread, nwrite = heads[i], heads[i + 1], heads[i + 2]
+            b += 3 * nread
+            if nwrite:
+                record[head] = [(gpas[bufs[j]] + bufs[j + 1], bufs[j + 2])
+                                for j in range(b, b + 3 * nwrite, 3) if bufs[j] < len(gpas)]
+            b += 3 * nwrite
 
     def _log_writes(self) -> None:
         """Mark in the dirty log what the chains used since the last mark had written (their
-        used lengths, over their device-writable buffers) and the used ring. The chains are
-        still ours until used->idx moves, so their descriptors are as we popped them; a
-        driver that changed them anyway only misdirects its own log, as the walk reads
-        nothing but the descriptor tables, within bounds."""
+        used lengths, over the device-writable buffers recorded when they were popped) and
+        the used ring. A chain popped before logging began has no record: its descriptors
+        are walked again, within a budget of one ring's worth of descriptors per flush (a
+        driver that rewrote them into loops only misdirects its own log)."""
         used = self._used_area
         if used is None or self.num == 0:
             return
         mask = self.num - 1
         idx = self._logged_idx
+        record = self._popped_writes
+        dirty = self.dirty_log
+        budget = self.num
         while idx != self.used_idx:
             head, length = USED_ELEM.unpack_from(used, 4 + 8 * (idx & mask))
-            if length:
-                self._log_chain(head, length)
+            bufs = record.pop(head, None)
+            if bufs is not None and dirty is not None:
+                for gpa, size in bufs:
+                    if length <= 0:
+                        break
+                    n = min(size, length)
+                    dirty.mark(gpa, n)
+                    length -= n
+            elif length and budget > 0:
+                budget = self._log_chain(head, length, budget)
             idx = (idx + 1) & 0xFFFF
         self._logged_idx = idx
         self._log_used_ring()
 
-    def _log_chain(self, head: int, length: int) -> None:
+    def _log_chain(self, head: int, length: int, budget: int) -> int:
+        """The walk for a chain popped before logging began; returns the budget left."""
         dirty, table = self.dirty_log, self._desc
         if dirty is None or table is None or head >= self.num:
-            return
+            return budget
         entries, i = self.num, head
-        for _ in range(MAX_QUEUE_SIZE + MAX_INDIRECT):  # bounded whatever the tables say
+        while budget > 0:
+            budget -= 1
             addr, size, flags, nxt = DESC.unpack_from(table, DESC_SIZE * i)
             if flags & DESC_F_INDIRECT and table is self._desc:
                 try:
                     table = self.memory.gpa(addr, size - size % DESC_SIZE)
                 except GuestMemoryError:
-                    return
+                    return budget
                 entries, i = len(table) // DESC_SIZE, 0
                 if not entries:
-                    return
+                    return budget
                 continue
             if flags & DESC_F_WRITE:
                 n = min(size, length)
                 dirty.mark(addr, n)
                 length -= n
                 if length <= 0:
-                    return
+                    return budget
             if not flags & DESC_F_NEXT or nxt >= entries:
-                return
+                return budget
             i = nxt
+        if not self._budget_warned:
+            self._budget_warned = True
+            log.warning("queue %d: dirty log: descriptor walk budget spent in one flush",
+                        self.index)
+        return 0
 
     def _log_used_ring(self) -> None:
         dirty = self.dirty_log
@@ -655,11 +719,16 @@ class VirtQueue:
         return not valid or need_event(self._ring.used_event(), new, old)
 
     def signal(self) -> None:
+        """Notify the driver (the call eventfd): never blocks for long (virtio/guard.py). A
+        write the front end made block sets `stalled` (the back end drops it); a full
+        counter is a notification already pending."""
         if self.call_fd is not None:
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError as e:
-                log.debug("queue %d: call eventfd: %s", self.index, e)
+            rc = guard.signal(self.call_fd)
+            if rc < 0:
+                if rc == guard.STALLED:
+                    self.stalled = True
+                else:
+                    log.debug("queue %d: call eventfd: %s", self.index, os.strerror(-rc))
 
     # --- notification suppression (driver → device kicks) -----------------------------------
     def disable_notifications(self) -> None:
@@ -697,13 +766,11 @@ class VirtQueue:
             ring.avail_event_set((self.last_avail_idx + seen) & 0xFFFF)  # then a full fence
         return self.available() != seen
 
-    def drain_kick(self) -> bool:
-        """Consume the kick eventfd's counter; False if the fd is at EOF or broken."""
+    def drain_kick(self) -> int:
+        """Consume the kick eventfd's counter, never blocking (virtio/guard.py): 1 if the
+        driver kicked, 0 if there was nothing to read (the front end read it first), -1 if
+        the fd is broken or not an eventfd."""
         if self.kick_fd is None:
-            return False
-        try:
-            return len(os.read(self.kick_fd, 8)) > 0
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+            return -1
+        rc = guard.drain(self.kick_fd)
+        return rc if rc >= 0 else -1

@@ -179,7 +179,8 @@ class StreamLink(Link):
         self._rx_len = 0
         self._pool.clear()
         self._starved = self._want_out = False
-        self._loop.add_fd(sock.fileno(), EPOLLIN | EPOLLRDHUP, self._on_event)
+        self._loop.add_fd(sock.fileno(), EPOLLIN | EPOLLRDHUP, self._on_event,
+                          on_error=lambda e: self.disconnect(f"internal error: {e!r}"))
 
     def disconnect(self, reason: str = "closed") -> None:
         """Drop the client (if any), then tell the owner (listener or --fd) it is gone."""

@@ -973,6 +973,8 @@ class VhostUserLink(Link):
                 vq.flush()
         except VirtQueueError as e:
             self._broken("RX queue", e)
+        if self.backend is not None:
+            self.backend.check_guards()  # the guest memory faulted, a call write blocked
         if self.pcap is not None:
             self.pcap.flush()
 
