@@ -119,6 +119,8 @@ class _LateImportGuard:
     (a module not imported before) would fail with the files gone; say so loudly."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name in sys.builtin_module_names:
+            return None  # compiled into the interpreter (gc, ...): needs no file, works
         log.error("sandbox: %s %s (add it to vhostpasst/sandbox.py's preimport)",
                   LATE_IMPORT, name)
         return None
@@ -303,15 +305,16 @@ class Sandbox:
                    "prctl(PR_SET_NO_NEW_PRIVS)")
         except OSError as e:
             raise SandboxError(str(e)) from None
-        if self.mark:  # measurement (doc/sandbox.md): strace shows where the filter starts
-            marker = f"vhostpasst-sandboxed {self.mode}".encode()
-            for run in threads:
-                run(lambda: _mark(marker))
-            _mark(marker)
         if self.setting == "on":
             load_filter(self.mode)
         if self.probe:
             self.run_probe()
+        if self.mark:  # measurement (doc/sandbox.md): strace shows where the filter starts
+            # (after loading it and after the probe: neither is the daemon's own work)
+            marker = f"vhostpasst-sandboxed {self.mode}".encode()
+            for run in threads:
+                run(lambda: _mark(marker))
+            _mark(marker)
 
     def run_probe(self) -> None:
         """Test-only (VHOSTPASST_SANDBOX_PROBE=1, read at start-up): logs what a compromised
