@@ -341,8 +341,19 @@ class PodmanRoot:
         in one cloned from it (rootless podman's, pasta's), which has the same root."""
         if self.mnt_ns is None or self.root_id is None:
             return []
-        return [int(p) for p in os.listdir("/proc")
-                if p.isdigit() and (_mnt_ns(p) == self.mnt_ns or _root_id(p) == self.root_id)]
+        pids = {int(p) for p in os.listdir("/proc")
+                if p.isdigit() and (_mnt_ns(p) == self.mnt_ns or _root_id(p) == self.root_id)}
+        # and their children: a sandboxed pasta (as passt's) has a mount namespace and an
+        # empty root of its own
+        for p in os.listdir("/proc"):
+            if p.isdigit() and int(p) not in pids:
+                with contextlib.suppress(OSError, ValueError, StopIteration):
+                    text = Path(f"/proc/{p}/status").read_text()
+                    ppid = int(next(line.split()[1] for line in text.splitlines()
+                                    if line.startswith("PPid:")))
+                    if ppid in pids:
+                        pids.add(int(p))
+        return sorted(pids)
 
     def stop(self, timeout: float = 10) -> None:
         if self.keeper is None:
