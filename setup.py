@@ -63,6 +63,7 @@ setup(
         "cffi_build/tcpseg_build.py:ffibuilder",
         "cffi_build/tcpsg_build.py:ffibuilder",
         "cffi_build/guard_build.py:ffibuilder",
+        "cffi_build/seccomp_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithInfo, "sdist": SdistWithInfo},
     data_files=[("share/man/man1", ["doc/vhostpasst.1"])],

@@ -178,26 +178,43 @@ def main() -> int:
                         "CPU): PREFIX-SIDE-ROUND.txt (py-spy) or .data (perf), SIDE 0 or 1")
     p.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
                    help="py-spy: Python stacks, wall time; perf: CPU time, user and kernel")
+    p.add_argument("--first-env", metavar="VAR=VALUE", action="append", default=[],
+                   help="set in the first side's daemon environment only (repeatable): e.g. "
+                        "one tree twice with VHOSTPASST_SANDBOX=off first, the sandbox's cost")
     args = p.parse_args()
+    first_env = dict(item.split("=", 1) for item in args.first_env)
     if args.profile and not shutil.which(args.profiler):
         p.error(f"--profile needs {args.profiler}")
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         p.error("--pin needs CPUs 0 and 1")
     image = build_image()
     direction = "host->guest" if args.reverse else "guest->host"
-    results: dict[str, list[tuple[float, ...]]] = {s: [] for s in args.sides}
+    results: dict[int, list[tuple[float, ...]]] = {0: [], 1: []}
+    names = [f"{side}" + (f" ({' '.join(args.first_env)})" if n == 0 and first_env else "")
+             for n, side in enumerate(args.sides)]
     for run_no in range(args.rounds):
         for side_no, side in enumerate(args.sides):  # (both sides may be one tree)
-            mbps, cpu, user, sys_, wakes = one_run(side, image, args, f"{side_no}-{run_no}")
-            results[side].append((mbps, cpu, user, sys_, wakes))
-            print(f"{side}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB "
-                  f"(user {user:.3f}, sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB", flush=True)
-    medians = {side: [statistics.median(r[i] for r in runs) for i in range(5)]
-               for side, runs in results.items()}
-    for side, (mbps, cpu, user, sys_, wakes) in medians.items():
-        print(f"median {side}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB (user {user:.3f}, "
+            saved = {k: os.environ.get(k) for k in first_env}
+            if side_no == 0:
+                os.environ.update(first_env)
+            try:
+                mbps, cpu, user, sys_, wakes = one_run(side, image, args, f"{side_no}-{run_no}")
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            results[side_no].append((mbps, cpu, user, sys_, wakes))
+            print(f"{names[side_no]}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, "
+                  f"{cpu:.3f} CPU s/GiB (user {user:.3f}, sys {sys_:.3f}), "
+                  f"{wakes:.0f} wake-ups/GiB", flush=True)
+    medians = {n: [statistics.median(r[i] for r in runs) for i in range(5)]
+               for n, runs in results.items()}
+    for n, (mbps, cpu, user, sys_, wakes) in medians.items():
+        print(f"median {names[n]}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB (user {user:.3f}, "
               f"sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB")
-    first, second = (medians[side] for side in args.sides)
+    first, second = medians[0], medians[1]
     if first[0] and first[1]:
         print(f"second / first: throughput {second[0] / first[0]:.2f}x, "
               f"CPU per GiB {second[1] / first[1]:.2f}x"

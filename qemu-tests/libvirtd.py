@@ -173,18 +173,28 @@ class Libvirtd:
         (from the NSpid lines of /proc/*/status); None if there is no such process."""
         if self.proc is None:
             return None
-        try:
-            ns = os.readlink(f"/proc/{self.proc.pid}/ns/pid_for_children")  # unshare's
-        except OSError:
+        def status(pid: int | str) -> dict[str, list[str]]:
+            return {k: v.split() for k, _, v in (line.partition(":") for line in
+                    Path(f"/proc/{pid}/status").read_text().splitlines())}
+
+        try:  # a process of libvirtd's namespace has one NSpid level more than unshare
+            depth = len(status(self.proc.pid)["NSpid"]) + 1
+        except (OSError, KeyError):
             return None
-        for status in Path("/proc").glob("[0-9]*/status"):
+        for proc in Path("/proc").glob("[0-9]*"):
             try:
-                nspid = next(line.split()[1:] for line in status.read_text().splitlines()
-                             if line.startswith("NSpid:"))
-                if (len(nspid) > 1 and int(nspid[-1]) == ns_pid
-                        and os.readlink(status.parent / "ns" / "pid") == ns):
+                st = status(proc.name)
+                nspid = st["NSpid"]
+                # its pid at libvirtd's level: a daemon in a PID namespace of its own below
+                # (passt forking to the background, sandboxed) has more levels
+                if len(nspid) < depth or int(nspid[depth - 1]) != ns_pid:
+                    continue
+                ppid, seen = int(st["PPid"][0]), 0
+                while ppid > 1 and ppid != self.proc.pid and seen < 64:  # bounded walk up
+                    ppid, seen = int(status(ppid)["PPid"][0]), seen + 1
+                if ppid == self.proc.pid:
                     return int(nspid[0])
-            except (OSError, StopIteration, ValueError):
+            except (OSError, KeyError, ValueError, IndexError):
                 continue
         return None
 

@@ -21,7 +21,7 @@ fi
 
 # The tests' tools, then what building the cffi modules needs (a C compiler, the headers of
 # the interpreter that makes the venv, libffi's) and what makes the venv itself.
-debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps
+debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps libseccomp-dev strace
       gcc libc6-dev libffi-dev ca-certificates make
       clang libclang-rt-dev  # the C fuzz harnesses (fuzz/, tests/test_fuzz_c.py)
       debootstrap)  # tests/podman_root.py: the Debian 13 root podman runs in

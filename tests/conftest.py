@@ -59,3 +59,5 @@ def sandbox(request: pytest.FixtureRequest, _sandbox_host: None) -> Iterator[San
         yield box
     finally:
         box.teardown()
+    if box.late_imports:  # the sandboxed daemon imported late: fails in production
+        pytest.fail("late imports in the daemon:\n" + "\n".join(box.late_imports))

@@ -341,8 +341,23 @@ class PodmanRoot:
         in one cloned from it (rootless podman's, pasta's), which has the same root."""
         if self.mnt_ns is None or self.root_id is None:
             return []
-        return [int(p) for p in os.listdir("/proc")
-                if p.isdigit() and (_mnt_ns(p) == self.mnt_ns or _root_id(p) == self.root_id)]
+        pids = {int(p) for p in os.listdir("/proc")
+                if p.isdigit() and (_mnt_ns(p) == self.mnt_ns or _root_id(p) == self.root_id)}
+        # and what runs in their user namespace (rootless podman's, not ours): a sandboxed
+        # pasta (as passt's) has a mount namespace and an empty root of its own, and once in
+        # the background it is nobody's child
+        own = os.readlink("/proc/self/ns/user")
+        userns = set()
+        for p in pids:
+            with contextlib.suppress(OSError):
+                userns.add(os.readlink(f"/proc/{p}/ns/user"))
+        userns.discard(own)
+        for p in os.listdir("/proc"):
+            if p.isdigit() and int(p) not in pids:
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{p}/ns/user") in userns:
+                        pids.add(int(p))
+        return sorted(pids)
 
     def stop(self, timeout: float = 10) -> None:
         if self.keeper is None:

@@ -147,6 +147,7 @@ class Sandbox:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._daemon_runs = 0
         self._relay_runs = 0
+        self.late_imports: list[str] = []  # the daemon's sandbox guard lines, found at teardown
         self._made: list[str] = []  # namespaces created, for teardown
 
     # --- namespaces ----------------------------------------------------------------------
@@ -501,6 +502,7 @@ class Sandbox:
             attempt(f"delete {ns}", lambda ns=ns: self._ip("netns", "delete", ns))
         self._made.clear()
         attempt("remove /etc/netns entry", lambda: shutil.rmtree(self.etc_dir, True))
+        self.late_imports = late_imports(self.dir)
         logs = []  # read before the directory goes; printed last (pytest shows it on failure)
         if self.daemon_stderr_text():
             logs.append(self.daemon_log())
@@ -514,6 +516,23 @@ class Sandbox:
     def daemon_stderr_text(self) -> str:
         path = getattr(self, "daemon_stderr", None)
         return path.read_text(errors="replace") if path and path.exists() else ""
+
+
+LATE_IMPORT = "late import of"  # vhostpasst/sandbox.py's guard, once the root is empty
+PROBE_MODULE = "vhostpasst_sandbox_probe_late_import"  # the probe's, expected
+
+
+def late_imports(directory: Path) -> list[str]:
+    """Lines of any daemon log (*.stderr, *.log) in `directory` saying that the sandboxed
+    daemon imported a module it had not imported before emptying its root: it works in the
+    tests only by luck of the module being cached; in production the import fails."""
+    found = []
+    for path in sorted(directory.glob("*.stderr")) + sorted(directory.glob("*.log")):
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                if LATE_IMPORT in line and PROBE_MODULE not in line:
+                    found.append(f"{path.name}: {line}")
+    return found
 
 
 def _kill_netns_pids(ns: str) -> None:

@@ -95,6 +95,8 @@ GOOD: list[tuple[str, str | None, str, str | None, str, Any]] = [
     ("passt", None, "--no-udp", None, "no_udp", True),
     ("passt", None, "--no-icmp", None, "no_icmp", True),
     ("passt", None, "--freebind", None, "freebind", True),
+    ("passt", None, "--chroot-fallback", None, "chroot_fallback", True),
+    ("pasta", None, "--chroot-fallback", None, "chroot_fallback", True),
     ("passt", None, "--map-host-loopback", "192.0.2.2", "map_host_loopback4", A4("192.0.2.2")),
     ("passt", None, "--map-host-loopback", "none", "map_host_loopback_none", True),
     ("passt", None, "--map-guest-addr", "2001:db8::2", "map_guest_addr6", A6("2001:db8::2")),

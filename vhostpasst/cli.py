@@ -115,6 +115,7 @@ class Options:
     no_udp: bool = False
     no_icmp: bool = False
     freebind: bool = False
+    chroot_fallback: bool = False
     # address translation
     map_host_loopback4: IPv4Address | None = None
     map_host_loopback6: IPv6Address | None = None
@@ -195,6 +196,7 @@ _OPTS = [
     _Opt("no-udp", None, False),
     _Opt("no-icmp", None, False),
     _Opt("freebind", None, False),
+    _Opt("chroot-fallback", None, False),
     _Opt("map-host-loopback", None, True),
     _Opt("map-guest-addr", None, True),
     _Opt("no-map-gw", None, False),
@@ -778,6 +780,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -l, --log-file PATH       Log to file
       --log-size BYTES      Maximum log file size (default 1 MiB, minimum {LOG_SIZE_MIN})
       --runas UID|UID:GID   Run as given user, default nobody when started as root
+      --chroot-fallback     chroot() into an empty root if pivot_root() is impossible
   -p, --pcap FILE           Capture guest link traffic to FILE
   -P, --pid FILE            Write our PID to FILE
   -F, --fd FD               Use this descriptor: a connected socket (passt, implies

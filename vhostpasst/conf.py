@@ -101,6 +101,7 @@ class Config:
     no_dhcp_search: bool = False
     no_map_gw: bool = False
     freebind: bool = False
+    chroot_fallback: bool = False
     # port forwarding (specs parsed and validated by fwd.py)
     tcp_in: PortForwards | None = None  # -t
     udp_in: PortForwards | None = None  # -u
@@ -521,6 +522,7 @@ def build_config(
         no_dhcp_search=(not opts.dhcp_search) if pasta else opts.no_dhcp_search,
         no_map_gw=opts.no_map_gw,
         freebind=opts.freebind,
+        chroot_fallback=opts.chroot_fallback,
         tcp_in=opts.tcp_in or default_fwd,
         udp_in=opts.udp_in or default_fwd,
         tcp_out=(opts.tcp_out or fwd.AUTO) if pasta else None,

@@ -22,6 +22,7 @@ from vhostpasst.log import detached, setup_logging
 from vhostpasst.loop import Loop
 from vhostpasst.looptrace import ENV_LOOP_TRACE
 from vhostpasst.pcap import PcapWriter
+from vhostpasst.sandbox import Sandbox, SandboxError
 
 log = logging.getLogger("vhostpasst")
 
@@ -84,8 +85,9 @@ def _write_pid(path: str, pid: int, fd: int | None = None) -> None:
         f.write(f"{pid}\n")
 
 
-def _daemonize(pid_file: str | None, pid_fd: int | None = None) -> None:
-    """Fork: the parent writes the child's pid and exits 0; the child detaches."""
+def _daemonize(pid_file: str | None, pid_fd: int | None = None, devnull: int = -1) -> None:
+    """Fork: the parent writes the child's pid and exits 0; the child detaches (stdio on
+    `devnull`, opened before the sandbox emptied the root, else opened now)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -97,7 +99,8 @@ def _daemonize(pid_file: str | None, pid_fd: int | None = None) -> None:
         os.close(pid_fd)
     os.setsid()
     detached()
-    devnull = os.open(os.devnull, os.O_RDWR)
+    if devnull < 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
@@ -139,7 +142,7 @@ def run(config: Config) -> int:
         log.error("--runas: %s", e)
         return 1
     pid_fd: int | None = None
-    if config.pid_file and isolation.needs_switch(ids):  # passt opens it before setuid
+    if config.pid_file:  # passt opens it before setuid (and the sandbox empties the root)
         try:
             pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                              | os.O_CLOEXEC, 0o644)
@@ -182,8 +185,11 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
+    box = Sandbox("vhost-user" if config.vhost_user else "stream", config.chroot_fallback)
+    box.prepare()  # every import, while still root
     try:  # the socket exists and listeners are bound: nothing below needs root
-        isolation.drop(ids, ())
+        # CAP_SYS_CHROOT until the sandbox is made (--chroot-fallback), then nothing
+        isolation.drop(ids, box.keep_until_sandboxed)
     except OSError as e:
         log.error("cannot drop privileges: %s", e)
         dispatcher.close()
@@ -196,10 +202,18 @@ def run(config: Config) -> int:
         path = getattr(listener, "path", None)
         if config.fd is None and path is not None:
             log.info("%s", qemu_hint(path, config.vhost_user))
-    if not config.foreground:
-        _daemonize(config.pid_file, pid_fd)
-    elif config.pid_file:
+    if config.foreground and config.pid_file:
         _write_pid(config.pid_file, os.getpid(), pid_fd)
+    try:  # as passt: namespaces and the empty root before the fork, the filter after it
+        box.prefork(own_userns=True, pid_ns=not config.foreground)
+        if not config.foreground:
+            _daemonize(config.pid_file, pid_fd, box.devnull)
+        box.postfork()
+    except SandboxError as e:
+        log.error("%s", e)
+        dispatcher.close()
+        listener.close()
+        return 1
 
     try:
         signals.arm()

@@ -60,7 +60,8 @@ class SizeCappedFileHandler(logging.Handler):
         super().__init__()
         self.path = path
         self.size = max(size, 256)  # room for a header and a few lines, whatever we are given
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # read back through the same fd when cutting: the sandbox leaves no path to open
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._header = (header.rstrip("\n") + "\n").encode()[: self.size // 4]
         os.write(self._fd, self._header)
         self._len = len(self._header)
@@ -80,8 +81,7 @@ class SizeCappedFileHandler(logging.Handler):
 
     def _rotate(self) -> None:
         """Drop the oldest lines after the header: about ROTATE_CUT of the cap."""
-        with open(self.path, "rb") as f:
-            data = f.read(self._len)
+        data = os.pread(self._fd, self._len, 0)
         body = data[len(self._header) :]
         cut = int(self.size * ROTATE_CUT)
         newline = body.find(b"\n", cut - 1)
@@ -95,6 +95,9 @@ class SizeCappedFileHandler(logging.Handler):
             os.close(self._fd)
             self._fd = -1
         super().close()
+
+
+ENV_SYSLOG = "VHOSTPASST_SYSLOG"  # test hook: another socket than /dev/log
 
 
 def _level(debug: bool, trace: bool, quiet: bool) -> int:
@@ -138,10 +141,12 @@ def setup_logging(
         sh.setFormatter(_ElapsedFormatter(start) if (debug or trace) else logging.Formatter())
         handlers.append(sh)
     if not handlers:
-        if os.path.exists("/dev/log"):
+        # connected now: the sandbox leaves no /dev/log to connect to later
+        dev_log = os.environ.get(ENV_SYSLOG, "/dev/log")
+        if os.path.exists(dev_log):
             try:
                 syslog = logging.handlers.SysLogHandler(
-                    address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+                    address=dev_log, facility=logging.handlers.SysLogHandler.LOG_DAEMON
                 )
                 syslog.setFormatter(logging.Formatter(f"{prog}[{os.getpid()}]: %(message)s"))
                 handlers.append(syslog)

@@ -38,6 +38,7 @@ from vhostpasst.conf import Config, summary
 from vhostpasst.log import detached, setup_logging
 from vhostpasst.loop import EPOLLIN
 from vhostpasst.portscan import AutoPorts, Direction, ProcNet
+from vhostpasst.sandbox import Sandbox, SandboxError
 from vhostpasst.tcp_splice import TcpSplice
 from vhostpasst.udp_splice import UdpSplice
 
@@ -483,6 +484,8 @@ class NetnsWatch:
         self.path = path
         self.on_gone = on_gone
         self.dir, self.base = os.path.split(os.path.abspath(path))
+        # held open: the sandbox empties our root, so the check goes relative to it
+        self.dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fd: int | None = None
         self.timer: Any = None
         fstype = _fs_type(self.dir)
@@ -495,7 +498,7 @@ class NetnsWatch:
 
     def _gone(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_PATH | os.O_CLOEXEC)
+            fd = os.open(self.base, os.O_PATH | os.O_CLOEXEC, dir_fd=self.dir_fd)
         except PermissionError:
             return False
         except OSError:
@@ -530,6 +533,9 @@ class NetnsWatch:
             self.loop.remove_fd(self.fd)
             os.close(self.fd)
             self.fd = None
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
 
 
 def _fs_type(path: str) -> str:
@@ -664,10 +670,12 @@ class _Background:
         self.ready_fd: int | None = w
         os.setsid()
 
-    def ready(self) -> None:
-        """Everything is in place: release the parent, detach from the terminal."""
+    def ready(self, devnull: int = -1) -> None:
+        """Everything is in place: release the parent, detach from the terminal (stdio on
+        `devnull`, opened before the sandbox emptied the root)."""
         detached()
-        devnull = os.open(os.devnull, os.O_RDWR)
+        if devnull < 0:
+            devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
@@ -700,6 +708,8 @@ def run(config: Config) -> int:
     quiet = config.quiet or (spawn_mode and not (config.debug or config.trace))
     setup_logging("pasta", foreground, config.debug, config.trace, quiet,
                   config.log_file, config.log_size)
+    box = Sandbox("pasta", config.chroot_fallback)
+    box.prepare()  # every import, while we may read every file
     try:
         ids = isolation.target_ids(config.runas)
     except isolation.RunasError as e:
@@ -711,7 +721,7 @@ def run(config: Config) -> int:
     pid_fd: int | None = None
     pcap: PcapWriter | None = None
     try:
-        if config.pid_file and foreground and switching:
+        if config.pid_file and foreground:  # written at "ready", inside the sandbox
             pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                              | os.O_CLOEXEC, 0o644)
         pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
@@ -803,11 +813,16 @@ def run(config: Config) -> int:
         ok = False
     else:
         try:
+            # mount, IPC and UTS namespaces and the empty root while we may still mount; then
             # the last thing that needs privileges; the helper thread stays in the namespace
             # and keeps CAP_NET_BIND_SERVICE there (reference 7: pasta keeps it for low ports)
+            box.prefork(own_userns=False, threads=(helper.run,))
             isolation.drop(ids if switching else None, (isolation.CAP_NET_BIND_SERVICE,),
                            (helper.run,))
             ok = True
+        except SandboxError as e:
+            log.error("%s", e)
+            ok = False
         except OSError as e:
             log.error("cannot drop privileges: %s", e)
             ok = False
@@ -851,8 +866,13 @@ def run(config: Config) -> int:
         for line in summary(config):
             log.info("%s", line)
     # ready: every listener is bound, so whoever waits on one of these may connect at once
+    try:  # every thread in the empty root, then the filter (reference 7: isolate_postfork)
+        box.postfork((helper.run,))
+    except SandboxError as e:
+        log.error("%s", e)
+        os._exit(1)  # nothing of the host is reachable any more to clean up with
     if background is not None:
-        background.ready()
+        background.ready(box.devnull)
     elif pid_fd is not None:
         os.write(pid_fd, f"{os.getpid()}\n".encode())
         os.close(pid_fd)
