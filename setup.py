@@ -7,31 +7,21 @@ from a git checkout (vhostpasst/version.py reads it). All other metadata is in p
 from __future__ import annotations
 
 import os
-import subprocess
+import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from vhostpasst.version import checkout_commit  # noqa: E402  (the package's own, no deps)
+
 BUILDINFO = os.path.join("vhostpasst", "_buildinfo.py")
 
 
-def _git_commit() -> tuple[str, str] | None:
-    """(short hash, commit date) of HEAD if this is a git checkout with git installed."""
-    if not os.path.exists(os.path.join(HERE, ".git")):
-        return None
-    try:
-        out = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h %cs"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    parts = out.split()
-    return (parts[0], parts[1]) if len(parts) == 2 else None
-
-
 def _write_buildinfo(root: str) -> None:
-    info = _git_commit()
+    info = checkout_commit(HERE)
     if info is None:
         return  # an unpacked sdist already carries its _buildinfo.py
     path = os.path.join(root, BUILDINFO)

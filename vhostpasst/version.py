@@ -28,12 +28,17 @@ def build_info(ask_git: bool = False) -> tuple[str, str] | None:
         pass
     if not ask_git:
         return None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return checkout_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def checkout_commit(root: str) -> tuple[str, str] | None:
+    """(short hash, commit date) of HEAD of the git checkout at `root`, if it is one and git
+    is installed (setup.py uses this at build time too)."""
     if not os.path.exists(os.path.join(root, ".git")):
         return None
     try:
         out = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %cs"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
+                             capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     parts = out.split()
