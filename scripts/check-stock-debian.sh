@@ -64,7 +64,13 @@ mkdir -p "$root/root/vhostpasst"
 git archive HEAD | tar -x -C "$root/root/vhostpasst"
 pipenv=$(env | grep '^PIP_' | tr '\n' ' ' || true)
 
-chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root $pipenv sh -euc '
+# Into the root by pivot_root in a mount namespace of its own, not chroot: the kernel refuses a
+# new user namespace to a chrooted process, and the daemon's sandbox makes one (as passt's does).
+mkdir -p "$root/.oldroot"
+# shellcheck disable=SC2016
+unshare --mount --propagation private sh -c '
+	cd "$1" && pivot_root . .oldroot && cd / && umount -l /.oldroot && shift && exec "$@"' \
+	pivot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root $pipenv sh -euc '
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q
 	apt-get install -y -q --no-install-recommends make
