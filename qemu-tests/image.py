@@ -195,7 +195,12 @@ def _host_tool_files(name: str) -> list[Path]:
 def _iperf3_files() -> list[Path]:
     if os.environ.get("VPT_NO_IPERF3"):
         return []
-    return [Path(p).resolve() if i == 0 else p for i, p in enumerate(_host_tool_files("iperf3"))]
+    files = [Path(p).resolve() if i == 0 else p for i, p in enumerate(_host_tool_files("iperf3"))]
+    # iperf3 >= 3.16 (Debian 13) runs threads and cancels them: glibc then dlopen()s
+    # libgcc_s, which ldd does not list ("libgcc_s.so.1 must be installed for pthread_cancel")
+    libc_dirs = {p.parent for p in files[1:] if p.name.startswith("libc.so")}
+    files += [d / "libgcc_s.so.1" for d in sorted(libc_dirs) if (d / "libgcc_s.so.1").exists()]
+    return files
 
 
 def image_inputs() -> dict[str, object]:
