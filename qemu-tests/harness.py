@@ -105,6 +105,13 @@ def _tail(path: Path | None, limit: int = 6000) -> str:
     return data.decode(errors="replace")
 
 
+def process_failure(kind: str, what: str, argv: Sequence[str], log: Path | None) -> HarnessError:
+    """The error for a helper process (the daemon, libvirtd) that failed: what went wrong, its
+    command line and the end of its log."""
+    return HarnessError(f"{kind} {what}\ncommand: {shlex.join(argv)}\n"
+                        f"--- {kind} log ---\n{_tail(log)}")
+
+
 class HostNetns:
     """A network namespace standing in for the host: one upstream interface with
     192.0.2.2/24 via 192.0.2.1 and 2001:db8::2/64 via 2001:db8::1, and a test resolv.conf
@@ -264,8 +271,7 @@ class Daemon:
 
     def _fail(self, what: str) -> None:
         self.close()
-        raise HarnessError(f"daemon {what}\ncommand: {shlex.join(self.argv)}\n"
-                           f"--- daemon log ---\n{_tail(self.log)}")
+        raise process_failure("daemon", what, self.argv, self.log)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import Guest, HarnessError, HostNetns, _die_with_parent, _tail
+from harness import Guest, HarnessError, HostNetns, _die_with_parent, _tail, process_failure
 
 REPO = Path(__file__).resolve().parent.parent
 LIBVIRTD = "libvirtd"
@@ -152,8 +152,7 @@ class Libvirtd:
 
     def _fail(self, what: str) -> None:
         self.close()
-        raise HarnessError(f"libvirtd {what}\ncommand: {shlex.join(self.argv)}\n"
-                           f"--- libvirtd log ---\n{_tail(self.log)}")
+        raise process_failure("libvirtd", what, self.argv, self.log)
 
     def virsh(self, *args: str, check: bool = True,
               timeout: float = 120) -> subprocess.CompletedProcess[str]:

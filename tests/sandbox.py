@@ -72,6 +72,16 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
+def terminate(proc: subprocess.Popen[Any], grace: float = 5) -> None:
+    """SIGTERM, then SIGKILL if it has not gone after `grace` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
 def vhostpasst_command() -> list[str]:
     """The installed console script next to this interpreter, else `python -m vhostpasst`."""
     script = shutil.which("vhostpasst", path=str(Path(sys.executable).parent))

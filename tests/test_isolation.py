@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, wait_until
+from sandbox import Sandbox, terminate, wait_until
 from test_e2e_tcp import client, configure_guest, serve
 from test_pasta import background_pid, kill_quietly, pasta_command, run_pasta, start_pasta
 
@@ -376,12 +376,7 @@ def test_pasta_fd_uses_the_callers_tap(sandbox: Sandbox, netns_name: str) -> Non
         r = box.run_in(name, "busybox", "ping", "-c1", "-W3", "192.0.2.1")
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        terminate(p)
 
 
 # -- the namespace helper thread --------------------------------------------------------------

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, unix_sockets, vhostpasst_command, wait_until
+from sandbox import Sandbox, terminate, unix_sockets, vhostpasst_command, wait_until
 
 
 def _comm(pid: int) -> str:
@@ -36,10 +36,5 @@ def test_process_is_named_after_its_personality(sandbox: Sandbox, tmp_path: Path
                                timeout=10).stdout.split()
         assert str(proc.pid) in found
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        terminate(proc)
         err.close()
