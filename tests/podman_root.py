@@ -359,6 +359,24 @@ class PodmanRoot:
                         pids.add(int(p))
         return sorted(pids)
 
+    def _kill(self, pids: list[int]) -> None:
+        """SIGKILL those of `pids` still in the root. Through pidfds opened before checking
+        again: with pid_max at 32768 and the other xdist worker forking, a pid that exited
+        after processes() may already name another test's process."""
+        fds = {}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                fds[pid] = os.pidfd_open(pid)
+        try:
+            still = set(self.processes())
+            for pid, fd in fds.items():
+                if pid in still:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
     def stop(self, timeout: float = 10) -> None:
         if self.keeper is None:
             return
@@ -370,9 +388,7 @@ class PodmanRoot:
             pids = self.processes()
             if not pids or time.monotonic() > deadline:
                 break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._kill(pids)
             time.sleep(0.05)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.keeper.wait(5)
