@@ -186,7 +186,13 @@ def run(config: Config) -> int:
         return 1
     dispatcher.link = listener
     box = Sandbox("vhost-user" if config.vhost_user else "stream", config.chroot_fallback)
-    box.prepare()  # every import, while still root
+    try:
+        box.prepare()  # every import, while still root
+    except SandboxError as e:
+        log.error("%s", e)
+        dispatcher.close()
+        listener.close()
+        return 1
     try:  # the socket exists and listeners are bound: nothing below needs root
         # CAP_SYS_CHROOT until the sandbox is made (--chroot-fallback), then nothing
         isolation.drop(ids, box.keep_until_sandboxed)

@@ -709,7 +709,11 @@ def run(config: Config) -> int:
     setup_logging("pasta", foreground, config.debug, config.trace, quiet,
                   config.log_file, config.log_size)
     box = Sandbox("pasta", config.chroot_fallback)
-    box.prepare()  # every import, while we may read every file
+    try:
+        box.prepare()  # every import, while we may read every file
+    except SandboxError as e:
+        log.error("%s", e)
+        return 1
     try:
         ids = isolation.target_ids(config.runas)
     except isolation.RunasError as e:

@@ -138,8 +138,11 @@ def install_import_guard() -> None:
 
 
 def _lib() -> Any:
-    from vhostpasst._seccomp import ffi, lib
-
+    try:
+        from vhostpasst._seccomp import ffi, lib
+    except ImportError as e:  # a source tree whose cffi modules were not built
+        raise SandboxError(f"the seccomp module is missing ({e}): build the package "
+                           f"(pip install .), or set {ENV_SANDBOX}=off") from None
     return ffi, lib
 
 
