@@ -134,7 +134,7 @@ class TimerLoop:
     def __init__(self) -> None:
         self.timers: list[list[Any]] = []  # [when, callback, cancelled]
 
-    def add_fd(self, fd: int, events: int, cb: Any) -> None:
+    def add_fd(self, fd: int, events: int, cb: Any, on_error: Any = None) -> None:
         pass
 
     def remove_fd(self, fd: int) -> None:

@@ -42,11 +42,15 @@ class FakeTimer:
 class FakeLoop:
     def __init__(self) -> None:
         self.fds: dict[int, tuple[int, Callable[[int], None]]] = {}
+        self.on_error: dict[int, Callable[[Exception], None]] = {}
         self.timers: list[FakeTimer] = []
 
-    def add_fd(self, fd: int, events: int, cb: Callable[[int], None]) -> None:
+    def add_fd(self, fd: int, events: int, cb: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None:
         assert fd not in self.fds
         self.fds[fd] = (events, cb)
+        if on_error is not None:
+            self.on_error[fd] = on_error
 
     def modify_fd(self, fd: int, events: int) -> None:
         self.fds[fd] = (events, self.fds[fd][1])
@@ -269,6 +273,18 @@ def test_connect_synack_options_and_data_both_ways(env: tuple) -> None:
     # the guest acknowledges two segments: they are discarded from the socket
     feed(d, guest_frame("A", 1151, ack=synack.seq + 1 + 2920, window=1000))
     assert len(sock.rx) == 5120 - 2920
+
+
+def test_a_connection_whose_callback_raises_is_reset_by_the_loops_last_resort(
+        env: tuple) -> None:
+    """loop.py's last resort calls the fd's owner: for a TCP connection, a reset both ways
+    (RST to the guest, SO_LINGER 0 on the socket) and the socket no longer watched."""
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    loop.on_error[sock.fd](RuntimeError("a bug in a callback"))
+    rst = parse(link.frames[-1])
+    assert rst.flags == "RA" and rst.seq == synack.seq + 1 and rst.ack == 1001
+    assert sock.fd not in loop.fds and sock.closed
 
 
 def test_out_of_order_data_is_dropped_with_duplicate_ack(env: tuple) -> None:

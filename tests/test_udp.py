@@ -121,10 +121,14 @@ class FakeTimer:
 class FakeLoop:
     def __init__(self) -> None:
         self.fds: dict[int, Callable[[int], None]] = {}
+        self.on_error: dict[int, Callable[[Exception], None]] = {}
 
-    def add_fd(self, fd: int, events: int, cb: Callable[[int], None]) -> None:
+    def add_fd(self, fd: int, events: int, cb: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None:
         assert fd not in self.fds
         self.fds[fd] = cb
+        if on_error is not None:
+            self.on_error[fd] = on_error
 
     def remove_fd(self, fd: int) -> None:
         self.fds.pop(fd, None)
@@ -709,3 +713,15 @@ def test_guest_multicast_reaches_a_group_joined_on_the_link(
         flows = {f.faddr for f in h.d.ctx.flows if isinstance(f, UdpFlow)}
         assert flows == {A4(GROUP4), A6(GROUP6)}
     h.d.close()
+
+
+def test_a_flow_whose_callback_raises_is_ended_by_the_loops_last_resort() -> None:
+    """loop.py's last resort calls the fd's owner: for a UDP flow, the flow ends (socket
+    closed, no longer watched), and the next datagram of the guest makes a new one."""
+    h = Harness()
+    h.guest4(40001, GW4, 5001, b"hello")
+    [s] = FakeSocket.instances
+    h.loop.on_error[s.fd](RuntimeError("a bug in a callback"))
+    assert s.fd not in h.loop.fds and s.closed
+    h.guest4(40001, GW4, 5001, b"again")
+    assert len(FakeSocket.instances) == 2 and FakeSocket.instances[1].sent[0][0] == b"again"

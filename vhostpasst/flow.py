@@ -195,7 +195,8 @@ class FlowTable:
 
 
 class LoopFds(LoopLike, Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None: ...
     def remove_fd(self, fd: int) -> None: ...
 
 

@@ -126,7 +126,8 @@ class IcmpHandler:
         _bind_outbound(ctx, sock, six)
         flow = PingFlow(ctx, sock, six, src, dst, ident)
         flow.target = target
-        ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda _mask: self._on_reply(flow))
+        ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda _mask: self._on_reply(flow),
+                        on_error=lambda _e: flow.remove())  # the loop's last resort
         return flow
 
     # host -> guest

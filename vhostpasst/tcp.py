@@ -193,7 +193,8 @@ def _env_number(name: str, default: float) -> float:
 
 
 class TcpLoop(Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None]) -> None: ...
+    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
+               on_error: Callable[[Exception], None] | None = None) -> None: ...
     def modify_fd(self, fd: int, events: int) -> None: ...
     def remove_fd(self, fd: int) -> None: ...
     def call_at(self, when: float, callback: Callable[[], None]) -> TimerLike: ...
@@ -659,7 +660,9 @@ class TcpHandler:
         if conn.events:
             self.loop.modify_fd(conn.fd, events)
         else:
-            self.loop.add_fd(conn.fd, events, functools.partial(self._on_sock, conn))
+            # the loop's last resort (loop.py): a callback that raises resets its connection
+            self.loop.add_fd(conn.fd, events, functools.partial(self._on_sock, conn),
+                             on_error=lambda _e: self._reset(conn))
         conn.events = events
 
     def _update_events(self, conn: TcpConn) -> None:

@@ -308,7 +308,9 @@ class UdpHandler:
             return None
         flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout)
         flow.target = target
-        ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_flow_sock, flow))
+        # the loop's last resort (loop.py): a callback that raises ends its flow
+        ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_flow_sock, flow),
+                        on_error=lambda _e: flow.remove())
         return flow
 
     # --- host -> guest ----------------------------------------------------------------------
