@@ -1,4 +1,5 @@
-"""cffi build script for the namespace helpers (setns, unshare, mount, inotify)."""
+"""cffi build script for the namespace helpers (setns, unshare, mount, pivot_root, umount2,
+inotify)."""
 
 from pathlib import Path
 
@@ -11,6 +12,8 @@ ffibuilder.cdef(
     int vp_unshare(int flags);
     int vp_mount(const char *source, const char *target, const char *fstype,
                  unsigned long flags, const char *data);
+    int vp_pivot_root(const char *new_root, const char *put_old);
+    int vp_umount2(const char *target, int flags);
     int vp_inotify_init1(int flags);
     int vp_inotify_add_watch(int fd, const char *path, uint32_t mask);
     """

@@ -1,11 +1,7 @@
 /* The sandbox's C (vhostpasst/sandbox.py): thin wrappers over libseccomp, whose rule call is
- * variadic and whose actions are macros, and the pivot_root/umount2 calls Python 3.11 lacks.
- * Each returns what the library or libc returns (libseccomp: -errno; libc: -1 and errno). */
+ * variadic and whose actions are macros. Each returns what libseccomp returns (-errno). */
 #include <seccomp.h>
 #include <stdint.h>
-#include <sys/mount.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 static const uint32_t VP_ACT_ALLOW = SCMP_ACT_ALLOW;
 static const uint32_t VP_ACT_KILL_PROCESS = SCMP_ACT_KILL_PROCESS;
@@ -32,8 +28,3 @@ int vp_seccomp_attr_set(void *ctx, int attr, uint32_t value)
 int vp_seccomp_load(void *ctx) { return seccomp_load(ctx); }
 int vp_seccomp_resolve(const char *name) { return seccomp_syscall_resolve_name(name); }
 uint32_t vp_seccomp_arch_native(void) { return seccomp_arch_native(); }
-int vp_pivot_root(const char *new_root, const char *put_old)
-{
-	return syscall(SYS_pivot_root, new_root, put_old);
-}
-int vp_umount2(const char *target, int flags) { return umount2(target, flags); }

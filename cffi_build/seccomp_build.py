@@ -1,5 +1,5 @@
 """cffi build script for the sandbox's C: a small binding of libseccomp (API mode, linked
-with -lseccomp) and the two mount calls Python lacks (pivot_root, umount2)."""
+with -lseccomp)."""
 
 from pathlib import Path
 
@@ -23,8 +23,6 @@ ffibuilder.cdef(
     int vp_seccomp_load(void *ctx);
     int vp_seccomp_resolve(const char *name);
     uint32_t vp_seccomp_arch_native(void);
-    int vp_pivot_root(const char *new_root, const char *put_old);
-    int vp_umount2(const char *target, int flags);
     """
 )
 ffibuilder.set_source(

@@ -26,6 +26,7 @@ CAP_NET_BIND_SERVICE = 10
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -206,6 +207,11 @@ def set_dumpable(on: bool) -> None:
     """A uid change makes the process non-dumpable, which leaves /proc/self owned by root:
     pasta's spawn mode must write its own uid_map afterwards."""
     _check(_libc.prctl(PR_SET_DUMPABLE, int(on), 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def set_no_new_privs() -> None:
+    """No exec() can ever give this process (and its threads) more privileges."""
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 ThreadRunner = Callable[[Callable[[], None]], None]

@@ -22,6 +22,7 @@ from vhostpasst._ns import ffi, lib
 
 T = TypeVar("T")
 
+CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -67,6 +68,14 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
         return ffi.NULL if s is None else s.encode()
 
     _check(lib.vp_mount(c(source), c(target), c(fstype), flags, c(data)), "mount", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(lib.vp_pivot_root(new_root.encode(), put_old.encode()), "pivot_root", new_root)
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(lib.vp_umount2(target.encode(), flags), "umount2", target)
 
 
 def inotify_init(flags: int = IN_NONBLOCK | IN_CLOEXEC) -> int:

@@ -54,7 +54,6 @@ PROBE_MODULE = "vhostpasst_sandbox_probe_late_import"
 MS_RDONLY = 0x1
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
-PR_SET_NO_NEW_PRIVS = 38
 CAP_SETPCAP = 8
 CAP_SYS_CHROOT = 18
 NEWROOT = "/tmp"  # as passt: the empty tmpfs goes over /tmp in our mount namespace
@@ -146,12 +145,6 @@ def _lib() -> Any:
     return ffi, lib
 
 
-def _check(ret: int, what: str) -> None:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def _own_userns() -> None:
     """A user namespace of our own (passt mode), root in it mapped to who we are now."""
     uid, gid = os.geteuid(), os.getegid()
@@ -164,7 +157,6 @@ def _own_userns() -> None:
 
 
 def _pivot(threads: Sequence[ThreadRunner], pid_ns: bool) -> None:
-    ffi, lib = _lib()
     flags = netns.CLONE_NEWNS | netns.CLONE_NEWIPC | netns.CLONE_NEWUTS
     if pid_ns:
         flags |= netns.CLONE_NEWPID
@@ -175,10 +167,8 @@ def _pivot(threads: Sequence[ThreadRunner], pid_ns: bool) -> None:
         netns.mount("tmpfs", NEWROOT, "tmpfs", MS_RDONLY | netns.MS_NODEV | netns.MS_NOEXEC
                     | netns.MS_NOSUID, "nr_inodes=2,nr_blocks=0")
         os.chdir(NEWROOT)
-        if lib.vp_pivot_root(b".", b".") < 0:
-            raise OSError(ffi.errno, f"pivot_root: {os.strerror(ffi.errno)}")
-        if lib.vp_umount2(b".", MNT_DETACH | UMOUNT_NOFOLLOW) < 0:
-            raise OSError(ffi.errno, f"umount2: {os.strerror(ffi.errno)}")
+        netns.pivot_root(".", ".")
+        netns.umount2(".", MNT_DETACH | UMOUNT_NOFOLLOW)
         os.chdir("/")
         for run in threads:
             run(lambda: _join_mount_ns(mnt_fd))
@@ -189,7 +179,7 @@ def _pivot(threads: Sequence[ThreadRunner], pid_ns: bool) -> None:
 def _join_mount_ns(mnt_fd: int) -> None:
     """In a helper thread: its own fs_struct, then the sandbox's mount namespace (setns sets
     root and working directory to that namespace's root: the empty tmpfs)."""
-    netns.unshare(0x00000200)  # CLONE_FS
+    netns.unshare(netns.CLONE_FS)
     netns.setns(mnt_fd, netns.CLONE_NEWNS)
     os.chdir("/")
 
@@ -304,8 +294,7 @@ class Sandbox:
             return
         try:
             isolation.set_dumpable(False)
-            _check(isolation._libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
-                   "prctl(PR_SET_NO_NEW_PRIVS)")
+            isolation.set_no_new_privs()
         except OSError as e:
             raise SandboxError(str(e)) from None
         if self.setting == "on":
