@@ -3,9 +3,10 @@
 
 # mirror_of SUITE: "URI|SIGNED-BY" of the first enabled source for SUITE, from the deb822 files
 # (Types/URIs/Suites/Signed-By stanzas), else from the one-line sources.list files; status 1 if
-# there is none.
+# there is none. APT_ETC (default /etc/apt) is where apt's configuration is: tests set it.
 mirror_of() {
-	for f in /etc/apt/sources.list.d/*.sources; do
+	etc=${APT_ETC:-/etc/apt}
+	for f in "$etc"/sources.list.d/*.sources; do
 		[ -f "$f" ] || continue
 		awk -v suite="$1" '
 			function flush() {
@@ -22,7 +23,7 @@ mirror_of() {
 			/^Enabled:[ \t]*no/ { enabled = 0 }
 			END { if (!found) flush() }' "$f"
 	done | head -n1 | grep . && return 0
-	cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+	cat "$etc"/sources.list "$etc"/sources.list.d/*.list 2>/dev/null |
 		awk -v suite="$1" '$1 == "deb" {
 			i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
 			if ($(i + 1) == suite) { print $i "|"; exit } }' | grep .

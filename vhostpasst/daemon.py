@@ -76,31 +76,26 @@ def qemu_hint(path: str, vhost_user: bool = False) -> str:
     )
 
 
-def _write_pid(path: str, pid: int, fd: int | None = None) -> None:
-    if fd is not None:  # opened before giving up root (isolation.py)
-        os.write(fd, f"{pid}\n".encode())
-        os.close(fd)
-        return
-    with open(path, "w") as f:
-        f.write(f"{pid}\n")
+def _write_pid(fd: int, pid: int) -> None:
+    """Into the pid file opened at start (before giving up root and emptying the root)."""
+    os.write(fd, f"{pid}\n".encode())
+    os.close(fd)
 
 
-def _daemonize(pid_file: str | None, pid_fd: int | None = None, devnull: int = -1) -> None:
+def _daemonize(pid_fd: int | None, devnull: int) -> None:
     """Fork: the parent writes the child's pid and exits 0; the child detaches (stdio on
-    `devnull`, opened before the sandbox emptied the root, else opened now)."""
+    `devnull`, opened before the sandbox emptied the root)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
-        if pid_file:
-            _write_pid(pid_file, pid, pid_fd)
+        if pid_fd is not None:
+            _write_pid(pid_fd, pid)
         os._exit(0)
     if pid_fd is not None:
         os.close(pid_fd)
     os.setsid()
     detached()
-    if devnull < 0:
-        devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
@@ -208,12 +203,12 @@ def run(config: Config) -> int:
         path = getattr(listener, "path", None)
         if config.fd is None and path is not None:
             log.info("%s", qemu_hint(path, config.vhost_user))
-    if config.foreground and config.pid_file:
-        _write_pid(config.pid_file, os.getpid(), pid_fd)
+    if config.foreground and pid_fd is not None:
+        _write_pid(pid_fd, os.getpid())
     try:  # as passt: namespaces and the empty root before the fork, the filter after it
         box.prefork(own_userns=True, pid_ns=not config.foreground)
         if not config.foreground:
-            _daemonize(config.pid_file, pid_fd, box.devnull)
+            _daemonize(pid_fd, box.devnull)
         box.postfork()
     except SandboxError as e:
         log.error("%s", e)

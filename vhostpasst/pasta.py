@@ -670,12 +670,10 @@ class _Background:
         self.ready_fd: int | None = w
         os.setsid()
 
-    def ready(self, devnull: int = -1) -> None:
+    def ready(self, devnull: int) -> None:
         """Everything is in place: release the parent, detach from the terminal (stdio on
         `devnull`, opened before the sandbox emptied the root)."""
         detached()
-        if devnull < 0:
-            devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
