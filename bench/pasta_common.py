@@ -35,7 +35,7 @@ PORT_GW = 5201  # namespace -> gateway (mapped to the host's loopback), through 
 def vhostpasta() -> list[str]:
     script = shutil.which("vhostpasta", path=str(Path(sys.executable).parent))
     return [script] if script else [sys.executable, "-c",
-                                    "import sys; from vhostpasst.cli import main; "
+                                    "import sys; from vhostpasst.main import main; "
                                     "sys.exit(main(prog='vhostpasta'))"]
 
 

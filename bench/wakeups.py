@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise a loop trace (VHOSTPASST_LOOP_TRACE=FILE, vhostpasst/looptrace.py): wake-ups
+"""Summarise a loop trace (VHOSTPASST_LOOP_TRACE=FILE, vhostpasst/core/looptrace.py): wake-ups
 per second and, per kind (the fd callbacks that ran, "timers" when only timers did), how
 many, their median and 90th-percentile duration and their share of the time awake.
 

@@ -1,4 +1,4 @@
-/* The sandbox's C (vhostpasst/sandbox.py): thin wrappers over libseccomp, whose rule call is
+/* The sandbox's C (vhostpasst/system/sandbox.py): thin wrappers over libseccomp, whose rule call is
  * variadic and whose actions are macros. Each returns what libseccomp returns (-errno). */
 #include <seccomp.h>
 #include <stdint.h>

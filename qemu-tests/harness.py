@@ -283,7 +283,7 @@ class Daemon:
         rc = _stop(self.proc)
         self.proc = None
         # the sandboxed daemon imported a module it had not imported before emptying its
-        # root (vhostpasst/sandbox.py): that import fails in production; fail the test once
+        # root (vhostpasst/system/sandbox.py): that import fails in production; fail the test once
         if not getattr(self, "_late_checked", False):
             self._late_checked = True
             text = self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -98,7 +98,7 @@ def write_passt_bin(bindir: Path) -> None:
         "# Written by qemu-tests/libvirtd.py: this checkout's daemon, as a console script.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from vhostpasst.cli import main_passt\n"
+        "from vhostpasst.main import main_passt\n"
         "sys.exit(main_passt())\n")
     script.chmod(0o755)
     (bindir / "passt").symlink_to("vhostpasst")

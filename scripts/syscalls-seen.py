@@ -4,7 +4,7 @@ VHOSTPASST_SANDBOX_STRACE=PREFIX and VHOSTPASST_SANDBOX_MARK=1 (doc/sandbox.md) 
 mode, the calls every thread made after its "vhostpasst-sandboxed MODE" marker.
 
     scripts/syscalls-seen.py /tmp/st/trace.*        # one line per mode: count and names
-    scripts/syscalls-seen.py --python /tmp/st/trace.*   # as tuples for vhostpasst/syscalls.py
+    scripts/syscalls-seen.py --python /tmp/st/trace.*  # tuples for system/syscalls.py
 """
 
 from __future__ import annotations

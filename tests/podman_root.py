@@ -89,7 +89,7 @@ helper_binaries_dir = ["/usr/local/bin", "/usr/libexec/podman", "/usr/lib/podman
 STORAGE_CONF = '[storage]\ndriver = "vfs"\n'
 CONSOLE_SCRIPT = f"""#!{VENV}/bin/python3
 import sys
-from vhostpasst.cli import main_pasta
+from vhostpasst.main import main_pasta
 sys.exit(main_pasta())
 """
 

@@ -528,7 +528,7 @@ class Sandbox:
         return path.read_text(errors="replace") if path and path.exists() else ""
 
 
-LATE_IMPORT = "late import of"  # vhostpasst/sandbox.py's guard, once the root is empty
+LATE_IMPORT = "late import of"  # vhostpasst/system/sandbox.py's guard, once the root is empty
 PROBE_MODULE = "vhostpasst_sandbox_probe_late_import"  # the probe's, expected
 
 

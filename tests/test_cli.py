@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from vhostpasst import cli
-from vhostpasst.cli import Options, check_supported, main, mode_from_name, parse_args
-from vhostpasst.conf import Config, ConfigError
+from vhostpasst.config import cli
+from vhostpasst.config.cli import Options, check_supported, mode_from_name, parse_args
+from vhostpasst.config.conf import Config, ConfigError
+from vhostpasst.main import main
 from vhostpasst.version import VERSION, version_line
 
 A4 = IPv4Address
@@ -456,7 +457,7 @@ def test_not_supported_yet(
 
 
 def test_main_runs_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vhostpasst.conf
+    import vhostpasst.config.conf
     import vhostpasst.daemon
 
     seen: dict[str, Any] = {}
@@ -469,7 +470,7 @@ def test_main_runs_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
         seen["config"] = config
         return 7
 
-    monkeypatch.setattr(vhostpasst.conf, "build_config", fake_build)
+    monkeypatch.setattr(vhostpasst.config.conf, "build_config", fake_build)
     monkeypatch.setattr(vhostpasst.daemon, "run", fake_run)
     assert main(["-f", "-m", "1500", "-t", "none"], prog="vhostpasst") == 7
     assert seen["config"].mtu == 1500 and seen["options"].foreground
@@ -539,7 +540,8 @@ def test_sigterm_inside_a_guarded_callback_still_stops_the_daemon() -> None:
     callback queue_kicked failed' for it and keep running)."""
     import signal
 
-    from vhostpasst import daemon, pasta
+    from vhostpasst import daemon
+    from vhostpasst.pasta import session as pasta
 
     for terminate in (daemon._Terminate, pasta._Terminate):
         assert not issubclass(terminate, Exception)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from vhostpasst.cli import parse_args
-from vhostpasst.conf import (
+from vhostpasst.config.cli import parse_args
+from vhostpasst.config.conf import (
     Config,
     Ip4Conf,
     Ip6Conf,
@@ -35,8 +35,8 @@ _ids = itertools.count(1)
 
 CHILD = r"""
 import dataclasses, json, sys
-from vhostpasst.cli import parse_args
-from vhostpasst.conf import ConfigError, build_config, summary
+from vhostpasst.config.cli import parse_args
+from vhostpasst.config.conf import ConfigError, build_config, summary
 
 argv, mode, resolv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 

@@ -1,4 +1,4 @@
-"""The daemon's sandbox (vhostpasst/sandbox.py) in every mode: stream (foreground and in the
+"""The daemon's sandbox (vhostpasst/system/sandbox.py) in every mode: stream (foreground and in the
 background, PID 1 of its own PID namespace), vhost-user (guest memory mapped), pasta spawning
 a command and pasta attached to an existing namespace.
 
@@ -257,7 +257,7 @@ def _text(path: Path) -> str:
 
 
 def test_every_mode_has_a_measured_list() -> None:
-    from vhostpasst import syscalls
+    from vhostpasst.system import syscalls
 
     for mode in ("stream", "vhost-user", "pasta"):
         names = syscalls.allowed(mode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vhostpasst.flow import Flow, FlowTable
+from vhostpasst.core.flow import Flow, FlowTable
 
 
 class FakeTimer:
@@ -109,7 +109,7 @@ def test_activity_pushes_expiry_back_with_one_timer() -> None:
 def test_default_capacity_stays_below_the_descriptor_limit() -> None:
     import resource
 
-    from vhostpasst.flow import default_max_flows
+    from vhostpasst.core.flow import default_max_flows
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     n = default_max_flows()
@@ -118,7 +118,7 @@ def test_default_capacity_stays_below_the_descriptor_limit() -> None:
 
 _LIMITS = """
 import resource, sys
-from vhostpasst import flow
+from vhostpasst.core import flow
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
 print(flow.raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE), flow.default_max_flows())
 print(flow.raise_fd_limit())  # already raised

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_udp import Harness  # fake UDP/ICMP sockets (tests/ is on sys.path: conftest.py)
 
-from vhostpasst.conf import Config, Ip4Conf, Ip6Conf
+from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.wire import arp, eth, icmp, ip, tcp, udp
 from virtio import message as m

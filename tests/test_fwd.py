@@ -7,8 +7,8 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from vhostpasst import fwd
-from vhostpasst.conf import ConfigError
+from vhostpasst.config import fwd
+from vhostpasst.config.conf import ConfigError
 
 
 def ports(spec: str, **kw: object) -> list[tuple[int, int]]:

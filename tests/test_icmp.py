@@ -155,8 +155,8 @@ class TimerLoop:
 
 
 def ndp_harness() -> tuple[Harness, TimerLoop]:
+    from vhostpasst.core.flow import FlowTable
     from vhostpasst.dispatch import Dispatcher
-    from vhostpasst.flow import FlowTable
 
     h = Harness()
     loop = TimerLoop()

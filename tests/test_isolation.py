@@ -1,5 +1,5 @@
-"""Refusing to stay root (vhostpasst/isolation.py): started as root, passt and pasta mode switch
-to nobody (or --runas) once set up, keeping CAP_NET_BIND_SERVICE in pasta mode only, and
+"""Refusing to stay root (vhostpasst/system/isolation.py): started as root, passt and pasta
+mode switch to nobody (or --runas) once set up, keeping CAP_NET_BIND_SERVICE in pasta mode only, and
 everything still works afterwards: DHCP through the relay, ping, -t through the tap and through
 the splice pool (refilled after the switch), UDP splice reply sockets, -T auto binding a low
 port in a root-owned namespace. Also: readiness (a client may connect as soon as the pid file
@@ -20,7 +20,7 @@ from sandbox import Sandbox, terminate, wait_until
 from test_e2e_tcp import client, configure_guest, serve
 from test_pasta import background_pid, kill_quietly, pasta_command, run_pasta, start_pasta
 
-from vhostpasst import isolation
+from vhostpasst.system import isolation
 
 NOBODY = "65534\t65534\t65534\t65534"
 CAP_NONE = "0000000000000000"
@@ -352,7 +352,7 @@ def test_pasta_ready_when_pid_file_written(sandbox: Sandbox, netns_name: str,
 
 FD_WRAPPER = """
 import os, sys
-from vhostpasst import netns
+from vhostpasst.system import netns
 from vhostpasst.link.tuntap import open_tap
 path, args = sys.argv[1], sys.argv[2:]
 fd = os.open(path, os.O_RDONLY)
@@ -385,7 +385,7 @@ def test_pasta_fd_uses_the_callers_tap(sandbox: Sandbox, netns_name: str) -> Non
 def test_ns_thread_serves_calls_and_leaves_signals_to_the_main_thread() -> None:
     import signal
 
-    from vhostpasst import netns
+    from vhostpasst.system import netns
 
     fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     helper = netns.NsThread(fd)
@@ -443,7 +443,7 @@ def test_close_inherited_fds_keeps_what_it_is_told(tmp_path: Path) -> None:
     """In a child process (closing descriptors of the test runner would break it)."""
     code = (
         "import os, sys\n"
-        "from vhostpasst import isolation\n"
+        "from vhostpasst.system import isolation\n"
         "fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(4)]\n"
         "isolation.close_inherited_fds([fds[1], fds[3], 1])\n"
         "def is_open(fd):\n"

@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME
 from vhostpasst.link.stream import (
     StreamLink,
@@ -26,8 +28,6 @@ from vhostpasst.link.stream import (
     StreamSetupError,
     stream_link_from_fd,
 )
-from vhostpasst.loop import Loop
-from vhostpasst.pcap import PcapWriter
 
 
 def frame(i: int, size: int = 60) -> bytes:
@@ -404,7 +404,7 @@ def test_bad_length_resets_connection(h: Harness, listener: StreamListener, bad_
 def test_handler_exception_drops_that_client_and_serves_the_next(
         h: Harness, listener: StreamListener) -> None:
     """An exception out of the frame handler (a bug) does not leave the loop: the loop's last
-    resort logs it and drops that client (vhostpasst/loop.py); the next one is served."""
+    resort logs it and drops that client (vhostpasst/core/loop.py); the next one is served."""
     c = attached(h, listener)
 
     def boom(frames: Sequence[memoryview]) -> None:

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME
 from vhostpasst.link.tuntap import TapLink, open_tap
-from vhostpasst.loop import Loop
-from vhostpasst.pcap import PcapWriter
 
 TAP_MAC = bytes.fromhex("020000000001")  # the kernel side's MAC (set on the tap)
 PEER_MAC = bytes.fromhex("020000000009")  # the "guest" we play through TapLink

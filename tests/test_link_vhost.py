@@ -24,13 +24,13 @@ from vhostpasst._tcpsg import ffi as sg_ffi
 from vhostpasst._tcpsg import lib as sg_lib
 
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend, frame_sizes
-from vhostpasst.conf import Config, Ip4Conf
+from vhostpasst.config.conf import Config, Ip4Conf
+from vhostpasst.core.loop import Loop
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link import vhost as vhost_mod
 from vhostpasst.link.base import ETH_MAX_FRAME, Link, Tso
 from vhostpasst.link.stream import StreamSetupError
 from vhostpasst.link.vhost import VhostUserLink, VhostUserListener, vhost_link_from_fd
-from vhostpasst.loop import Loop
 from vhostpasst.wire import checksum, eth, ip, udp
 from vhostpasst.wire import tcp as wtcp
 from virtio import message as m

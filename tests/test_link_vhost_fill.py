@@ -210,7 +210,7 @@ def test_rx_fill_none_without_guest_csum_or_mergeable(features: int) -> None:
 
 
 def test_rx_fill_none_with_pcap(tmp_path: Path) -> None:
-    from vhostpasst.pcap import PcapWriter
+    from vhostpasst.core.pcap import PcapWriter
     h = Harness()
     pcap = PcapWriter(str(tmp_path / "x.pcap"))
     try:

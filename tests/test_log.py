@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vhostpasst import __version__
-from vhostpasst.log import (
+from vhostpasst.core.log import (
     TRACE,
     RateLimitedLog,
     SizeCappedFileHandler,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from vhostpasst.loop import EPOLLIN, EPOLLOUT, Loop
+from vhostpasst.core.loop import EPOLLIN, EPOLLOUT, Loop
 
 
 @pytest.fixture

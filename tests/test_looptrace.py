@@ -6,8 +6,8 @@ import functools
 import socket
 from pathlib import Path
 
-from vhostpasst.loop import Loop
-from vhostpasst.looptrace import HEADER, WakeupTrace, label
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.looptrace import HEADER, WakeupTrace, label
 
 
 class _Queue:

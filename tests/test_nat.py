@@ -5,9 +5,9 @@ from __future__ import annotations
 from ipaddress import IPv4Address as A4
 from ipaddress import IPv6Address as A6
 
-from vhostpasst import nat
-from vhostpasst.conf import Config, Ip4Conf, Ip6Conf
-from vhostpasst.nat import GuestAddrs
+from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
+from vhostpasst.core import nat
+from vhostpasst.core.nat import GuestAddrs
 
 GW4, HOST4 = A4("192.0.2.1"), A4("192.0.2.2")
 GW6, HOST6 = A6("2001:db8::1"), A6("2001:db8::2")

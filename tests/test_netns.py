@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostpasst import netns
+from vhostpasst.system import netns
 
 
 def test_netns_path() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from sandbox import Sandbox, _pid_alive, wait_until
 
-from vhostpasst import pasta
-from vhostpasst.rtnl import Message
+from vhostpasst.pasta import session as pasta
+from vhostpasst.system.rtnl import Message
 
 # podman's exact argument list (reference callers.md 3.4), before --pid FILE --netns PATH
 PODMAN_ARGS = ["--config-net", "--dns-forward", "169.254.1.1", "-t", "none", "-u", "none",
@@ -55,7 +55,7 @@ def pasta_command() -> list[str]:
     if script:
         return [script]
     return [sys.executable, "-c",
-            "import sys; from vhostpasst.cli import main; sys.exit(main(prog='vhostpasta'))"]
+            "import sys; from vhostpasst.main import main; sys.exit(main(prog='vhostpasta'))"]
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostpasst.loop import Loop
-from vhostpasst.pcap import PCAP_SNAPLEN, PcapWriter
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.pcap import PCAP_SNAPLEN, PcapWriter
 
 
 def parse_pcap(data: bytes) -> tuple[tuple[int, ...], list[tuple[int, int, int, bytes]]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from vhostpasst.portscan import TCP_LISTEN, UDP_UNCONNECTED, Direction, parse_proc_net
+from vhostpasst.pasta.portscan import TCP_LISTEN, UDP_UNCONNECTED, Direction, parse_proc_net
 
 TCP = b"""  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0

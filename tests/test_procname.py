@@ -1,4 +1,4 @@
-"""The daemon names its process after what it runs as (vhostpasst/procname.py): `pgrep passt`
+"""The daemon names its process after what it runs as (vhostpasst/system/procname.py): `pgrep passt`
 and `ps -C pasta` find it when it was started through a `passt` or `pasta` link, `vhostpasst`
 otherwise. Started in the test's own host namespace; bounded waits only."""
 

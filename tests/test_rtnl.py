@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_conf import Netns, netns  # noqa: F401 (the fixture)
 
-from vhostpasst import rtnl
+from vhostpasst.system import rtnl
 
 READ = textwrap.dedent("""
     import json, socket
-    from vhostpasst.rtnl import IPRoute
+    from vhostpasst.system.rtnl import IPRoute
     with IPRoute() as ipr:
         out = {
             "links": [{"index": ln["index"], "flags": ln["flags"], **ln.attrs}
@@ -101,7 +101,7 @@ def test_what_it_reads_agrees_with_iproute2(netns: Callable[[], Netns]) -> None:
 
 CHANGE = textwrap.dedent("""
     import json, socket
-    from vhostpasst.rtnl import IPRoute, NetlinkError
+    from vhostpasst.system.rtnl import IPRoute, NetlinkError
     out = {}
     with IPRoute() as ipr:
         [index] = ipr.link_lookup(ifname="d0")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhostpasst.conf import Config, Ip4Conf
+from vhostpasst.config.conf import Config, Ip4Conf
 from vhostpasst.services import dhcp
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.wire import checksum, eth, ip, udp

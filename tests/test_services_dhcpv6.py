@@ -42,7 +42,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from vhostpasst.conf import Config, Ip6Conf
+from vhostpasst.config.conf import Config, Ip6Conf
 from vhostpasst.services import dhcpv6
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
 

@@ -28,7 +28,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from vhostpasst.conf import Config, Ip6Conf
+from vhostpasst.config.conf import Config, Ip6Conf
 from vhostpasst.services import ndp
 from vhostpasst.services.ndp import NdpService
 

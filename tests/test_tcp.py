@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
-from vhostpasst import tcp
-from vhostpasst.conf import Config, Ip4Conf
+from vhostpasst.config.conf import Config, Ip4Conf
 from vhostpasst.dispatch import Dispatcher
-from vhostpasst.tcp import seq_le, seq_lt
+from vhostpasst.proto import tcp
+from vhostpasst.proto.tcp import seq_le, seq_lt
 
 GUEST = IPv4Address("192.0.2.2")
 REMOTE = IPv4Address("198.51.100.7")
@@ -590,7 +590,7 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
 
 def _fast_path_record(frame: bytes, fast: bool) -> tuple:
     """What the dispatcher hands TCP, and what it learns, for one frame."""
-    from vhostpasst.conf import Ip6Conf
+    from vhostpasst.config.conf import Ip6Conf
     config = Config(ip4=Ip4Conf(addr=GUEST, gateway=IPv4Address("192.0.2.1"),
                                 our_tap_addr=IPv4Address("192.0.2.1")), ip6=Ip6Conf())
     d = Dispatcher(config, FakeLoop())  # type: ignore[arg-type]

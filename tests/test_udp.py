@@ -24,13 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sandbox import NS_PREFIX, dhcp_payload, parse_dhcp_reply, wait_until
 
-from vhostpasst import fwd, netns
-from vhostpasst import udp as udp_mod
-from vhostpasst.conf import Config, Ip4Conf, Ip6Conf
+from vhostpasst.config import fwd
+from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
+from vhostpasst.core.flow import FlowTable
 from vhostpasst.dispatch import Dispatcher
-from vhostpasst.flow import FlowTable
 from vhostpasst.link.base import ETH_MAX_FRAME, Link
-from vhostpasst.udp import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, UdpFlow
+from vhostpasst.proto import udp as udp_mod
+from vhostpasst.proto.udp import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, UdpFlow
+from vhostpasst.system import netns
 from vhostpasst.wire import eth, ip, udp
 from vhostpasst.wire.errors import Malformed
 
@@ -583,7 +584,7 @@ def test_a_run_of_guest_datagrams_goes_out_in_order_through_sendmmsg() -> None:
 def test_link_local_source_does_not_replace_the_assigned_address() -> None:
     """Reference 4.2: the guest's link-local source stands in for its address only when it
     was given none; traffic from the host then still goes to the assigned address."""
-    from vhostpasst import nat
+    from vhostpasst.core import nat
 
     h = Harness()
     h.guest6(40001, "ff02::16", 5001, b"mld-like", src="fe80::99")

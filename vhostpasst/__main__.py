@@ -2,6 +2,6 @@
 
 import sys
 
-from vhostpasst.cli import main
+from vhostpasst.main import main
 
 sys.exit(main(close_inherited=True))

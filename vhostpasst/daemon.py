@@ -13,16 +13,17 @@ import signal
 import sys
 from collections.abc import Callable
 
-from vhostpasst import __version__, flow
-from vhostpasst.conf import Config, summary
+from vhostpasst import __version__
+from vhostpasst.config.conf import Config, summary
+from vhostpasst.core import flow
+from vhostpasst.core.log import detached, setup_logging
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.looptrace import ENV_LOOP_TRACE
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
 from vhostpasst.link.stream import ETH_HLEN, StreamListener
-from vhostpasst.log import detached, setup_logging
-from vhostpasst.loop import Loop
-from vhostpasst.looptrace import ENV_LOOP_TRACE
-from vhostpasst.pcap import PcapWriter
-from vhostpasst.sandbox import Sandbox, SandboxError
+from vhostpasst.system.sandbox import Sandbox, SandboxError
 
 log = logging.getLogger("vhostpasst")
 
@@ -117,7 +118,7 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
 
 def run(config: Config) -> int:
     if config.mode == "pasta":
-        from vhostpasst import pasta  # namespaces and the tap: pasta.py
+        from vhostpasst.pasta import session as pasta
 
         return pasta.run(config)
     signals = _Signals()
@@ -129,7 +130,7 @@ def run(config: Config) -> int:
         log.warning("--repair-path %s ignored: live migration is not supported (qemu refuses "
                     "to migrate a guest on this back end)", config.repair_path)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
-    from vhostpasst import isolation
+    from vhostpasst.system import isolation
 
     try:  # root in the initial user namespace becomes nobody (or --runas) once set up
         ids = isolation.target_ids(config.runas)

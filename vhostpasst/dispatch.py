@@ -13,18 +13,19 @@ import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
-from vhostpasst.conf import Config
-from vhostpasst.flow import Context, FlowTable, LoopFds
-from vhostpasst.flow import TimerLike as Timer
-from vhostpasst.icmp import IcmpHandler
+from vhostpasst.config.conf import Config
+from vhostpasst.core.flow import Context, FlowTable
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import EventLoop
+from vhostpasst.core.loop import TimerHandle as Timer
 from vhostpasst.link.base import Link
-from vhostpasst.log import RateLimitedLog
+from vhostpasst.proto.icmp import IcmpHandler
+from vhostpasst.proto.tcp import TcpHandler
+from vhostpasst.proto.udp import UdpHandler
 from vhostpasst.services import arp
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
 from vhostpasst.services.ndp import NdpService
-from vhostpasst.tcp import TcpHandler
-from vhostpasst.udp import UdpHandler
 from vhostpasst.wire import eth, icmp, ip, udp
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.errors import Malformed
@@ -49,7 +50,7 @@ class Dispatcher:
     """`loop` is needed for the socket protocols (ICMP, UDP); without one (service tests)
     only ARP and DHCP are answered."""
 
-    def __init__(self, config: Config, loop: LoopFds | None = None,
+    def __init__(self, config: Config, loop: EventLoop | None = None,
                  flows: FlowTable | None = None) -> None:
         self.config = config
         ip4 = config.ip4

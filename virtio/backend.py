@@ -200,7 +200,7 @@ class VhostUserBackend:
         return True
 
     def _loop_error(self, e: Exception) -> None:
-        """The loop's last resort (vhostpasst/loop.py): one of our callbacks raised."""
+        """The loop's last resort (vhostpasst/core/loop.py): one of our callbacks raised."""
         self.close(f"internal error: {type(e).__name__}: {e}")
 
     def _dispatch(self, msg: Message) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhostpasst.loop import Loop
+from vhostpasst.core.loop import Loop
 from virtio import message as m
 from virtio import net
 from virtio.backend import (

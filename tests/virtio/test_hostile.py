@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhostpasst.loop import Loop
+from vhostpasst.core.loop import Loop
 from virtio import guard, net, virtqueue
 from virtio import message as m
 from virtio.backend import F_LOG_ALL, F_PROTOCOL_FEATURES, F_RING_EVENT_IDX, F_VERSION_1

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vhostpasst.pcap import PcapWriter
+from vhostpasst.core.pcap import PcapWriter
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME, ForwardingLink, FrameHandler, Link
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop
-from vhostpasst.pcap import PcapWriter
 
 log = logging.getLogger(__name__)
 _ratelimited = RateLimitedLog(log)

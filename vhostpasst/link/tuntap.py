@@ -18,11 +18,11 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, Loop
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME, FrameHandler, Link
 from vhostpasst.link.stream import FramePool
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, Loop
-from vhostpasst.pcap import PcapWriter
 
 log = logging.getLogger(__name__)
 _ratelimited = RateLimitedLog(log)

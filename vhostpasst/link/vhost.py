@@ -42,6 +42,9 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import Loop
+from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link, Tso
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
@@ -51,9 +54,6 @@ from vhostpasst.link.stream import (
     StreamSetupError,
     UnixListener,
 )
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import Loop
-from vhostpasst.pcap import PcapWriter
 from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
-from vhostpasst.conf import Config
+from vhostpasst.config.conf import Config
 from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IP, parse_eth

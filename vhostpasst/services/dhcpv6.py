@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterator
 from ipaddress import IPv6Address
 
-from vhostpasst.conf import Config
+from vhostpasst.config.conf import Config
 from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth

@@ -28,7 +28,7 @@ import random
 import struct
 from ipaddress import IPv6Address
 
-from vhostpasst.conf import Config
+from vhostpasst.config.conf import Config
 from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.services.dhcpv6 import dns_name
 from vhostpasst.wire.errors import Buffer, Malformed, as_view

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable
 from ipaddress import IPv6Address, ip_address
 from typing import Any
 
-from vhostpasst import fwd, netns
-from vhostpasst.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
+from vhostpasst.config import fwd
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
+from vhostpasst.system import netns
 
 log = logging.getLogger(__name__)
 

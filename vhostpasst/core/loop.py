@@ -22,10 +22,10 @@ import logging
 import select
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Protocol, TextIO
 
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.looptrace import TRACE_LIMIT, WakeupTrace, label
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.looptrace import TRACE_LIMIT, WakeupTrace, label
 
 log = logging.getLogger(__name__)
 _ratelimited = RateLimitedLog(log)
@@ -40,6 +40,25 @@ EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLET = select.EPOLLET
+
+
+class TimerHandle(Protocol):
+    """What a caller of `call_at()` keeps: a way to cancel it."""
+
+    def cancel(self) -> None: ...
+
+
+class EventLoop(Protocol):
+    """What flows, protocols and links need of the loop: `Loop` below, or a test's fake."""
+
+    def add_fd(self, fd: int, events: int, callback: FdCallback,
+               on_error: ErrorHandler | None = None) -> None: ...
+
+    def modify_fd(self, fd: int, events: int) -> None: ...
+
+    def remove_fd(self, fd: int) -> None: ...
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle: ...
 
 
 class Timer:
@@ -71,7 +90,7 @@ class Loop:
 
     def trace_to(self, out: TextIO, limit: int = TRACE_LIMIT) -> None:
         """Record every wake-up from now on and write them to `out` at close()
-        (vhostpasst/looptrace.py)."""
+        (vhostpasst/core/looptrace.py)."""
         self._trace = WakeupTrace(out, limit)
 
     # fds

@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from vhostpasst import fwd, nat
-from vhostpasst.flow import RX_BATCH, Context, Flow
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import EPOLLERR, EPOLLIN
+from vhostpasst.config import fwd
+from vhostpasst.core import nat
+from vhostpasst.core.flow import RX_BATCH, Context, Flow
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
 

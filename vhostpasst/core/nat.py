@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from vhostpasst.conf import Config
+from vhostpasst.config.conf import Config
 
 IPAddr = IPv4Address | IPv6Address
 

@@ -13,8 +13,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vhostpasst.cli import Options
-    from vhostpasst.fwd import PortForwards
+    from vhostpasst.config.cli import Options
+    from vhostpasst.config.fwd import PortForwards
 
 DEFAULT_MAC = bytes.fromhex("9a559a559a55")
 DEFAULT_MTU = 65520
@@ -211,7 +211,7 @@ class HostNetlink:
     """The few netlink queries host detection needs, on one IPRoute socket."""
 
     def __init__(self) -> None:
-        from vhostpasst.rtnl import IPRoute  # imported here: `--help` opens no socket
+        from vhostpasst.system.rtnl import IPRoute  # imported here: `--help` opens no socket
 
         self.ipr = IPRoute()
         self.links = {ln["index"]: ln for ln in self.ipr.get_links()}
@@ -422,7 +422,7 @@ def build_config(
     opts: Options, *, resolv_conf: str = RESOLV_CONF, netlink: HostNetlink | None = None
 ) -> Config:
     """Options plus what the host says, as passt's first parsing pass leaves them."""
-    from vhostpasst import fwd  # fwd imports this module: import at call time
+    from vhostpasst.config import fwd
 
     pasta = opts.mode == "pasta"
     want4 = not opts.ipv6_only

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal
 
-from vhostpasst.conf import ConfigError
+from vhostpasst.config.conf import ConfigError
 
 PORT_MIN = 1
 PORT_MAX = 65535

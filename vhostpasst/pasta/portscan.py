@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vhostpasst import netns
+from vhostpasst.system import netns
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ import resource
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from vhostpasst.nat import GuestAddrs
+from vhostpasst.core.loop import EventLoop, TimerHandle
+from vhostpasst.core.nat import GuestAddrs
 
 if TYPE_CHECKING:
-    from vhostpasst.conf import Config
+    from vhostpasst.config.conf import Config
     from vhostpasst.link.base import Link
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,6 @@ BROADCAST_MAC = b"\xff" * 6
 RX_BATCH = 32
 
 
-class TimerLike(Protocol):
-    def cancel(self) -> None: ...
-
-
-class LoopLike(Protocol):
-    def call_at(self, when: float, callback: Callable[[], None]) -> TimerLike: ...
-
-
 class Flow:
     """Base class. Subclasses set `timeout` (seconds without activity; None: never expires)
     and override `close()` to release their sockets."""
@@ -97,7 +90,7 @@ class Flow:
         self.keys: list[Hashable] = []
         self.last_active = 0.0
         self.closed = False
-        self._timer: TimerLike | None = None
+        self._timer: TimerHandle | None = None
         self._table: FlowTable | None = None
 
     def touch(self, now: float | None = None) -> None:
@@ -115,7 +108,7 @@ class Flow:
 
 
 class FlowTable:
-    def __init__(self, loop: LoopLike, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, loop: EventLoop, clock: Callable[[], float] = time.monotonic,
                  max_flows: int | None = None) -> None:
         self.loop = loop
         self.clock = clock
@@ -194,18 +187,12 @@ class FlowTable:
             self._arm(flow)  # activity since: wait for the new deadline
 
 
-class LoopFds(LoopLike, Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
-               on_error: Callable[[Exception], None] | None = None) -> None: ...
-    def remove_fd(self, fd: int) -> None: ...
-
-
 @dataclass
 class Context:
     """What protocol handlers share: configuration, loop, flow table, guest state, link."""
 
     config: Config
-    loop: LoopFds
+    loop: EventLoop
     flows: FlowTable
     guest: GuestAddrs = field(default_factory=GuestAddrs)
     link: Link | None = None

@@ -38,13 +38,22 @@ import termios
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from vhostpasst import fwd, nat
-from vhostpasst.flow import Context, Flow, TimerLike
+from vhostpasst.config import fwd
+from vhostpasst.core import nat
+from vhostpasst.core.flow import Context, Flow
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import (
+    EPOLLERR,
+    EPOLLET,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    TimerHandle,
+)
 from vhostpasst.link.base import TSO_MAX_L3, Tso
-from vhostpasst.log import RateLimitedLog
-from vhostpasst.loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
@@ -192,14 +201,6 @@ def _env_number(name: str, default: float) -> float:
     return value if value > 0 else default
 
 
-class TcpLoop(Protocol):
-    def add_fd(self, fd: int, events: int, callback: Callable[[int], None],
-               on_error: Callable[[Exception], None] | None = None) -> None: ...
-    def modify_fd(self, fd: int, events: int) -> None: ...
-    def remove_fd(self, fd: int) -> None: ...
-    def call_at(self, when: float, callback: Callable[[], None]) -> TimerLike: ...
-
-
 class TcpConn(Flow):
     """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
     end it sees at (faddr, fport); host side: `sock`."""
@@ -265,12 +266,12 @@ class TcpConn(Flow):
         self.tmpl_mac = b""
         self.pseudo = 0
         self.tso: Tso | None = None  # for a link that segments (see _tso)
-        self.rto_timer: TimerLike | None = None  # may outlive a cancel: see _cancel_rto
+        self.rto_timer: TimerHandle | None = None  # may outlive a cancel: see _cancel_rto
         self.rto_armed = False  # the retransmission timer runs
         self.rto_when = 0.0  # when rto_timer fires
         self.rto_deadline = 0.0  # when the RTO is really due (later after a restart)
-        self.ack_timer: TimerLike | None = None
-        self.idle_timer: TimerLike | None = None
+        self.ack_timer: TimerHandle | None = None
+        self.idle_timer: TimerHandle | None = None
         self.last_seen = time.monotonic()
 
     def __repr__(self) -> str:
@@ -309,7 +310,7 @@ class Listener:
 class TcpHandler:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.loop: TcpLoop = ctx.loop  # type: ignore[assignment]
+        self.loop = ctx.loop
         # tests substitute fake sockets here, so fuzzing never touches a real network
         self.socket_factory: Callable[..., socket.socket] = socket.socket
         self.max_retrans = int(_env_number(ENV_MAX_RETRANS, MAX_RETRANS))

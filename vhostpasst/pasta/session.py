@@ -33,14 +33,15 @@ from dataclasses import dataclass, field
 from ipaddress import IPv6Address
 from typing import Any
 
-from vhostpasst import flow, isolation, netns
-from vhostpasst.conf import Config, summary
-from vhostpasst.log import detached, setup_logging
-from vhostpasst.loop import EPOLLIN
-from vhostpasst.portscan import AutoPorts, Direction, ProcNet
-from vhostpasst.sandbox import Sandbox, SandboxError
-from vhostpasst.tcp_splice import TcpSplice
-from vhostpasst.udp_splice import UdpSplice
+from vhostpasst.config.conf import Config, summary
+from vhostpasst.core import flow
+from vhostpasst.core.log import detached, setup_logging
+from vhostpasst.core.loop import EPOLLIN
+from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
+from vhostpasst.pasta.tcp_splice import TcpSplice
+from vhostpasst.pasta.udp_splice import UdpSplice
+from vhostpasst.system import isolation, netns
+from vhostpasst.system.sandbox import Sandbox, SandboxError
 
 log = logging.getLogger("vhostpasst")
 
@@ -275,7 +276,7 @@ def _route_kwargs(r: Any, family: int, ifindex: int) -> dict[str, Any] | None:
 
 def host_snapshot(config: Config) -> dict[int, HostSnapshot]:
     """Per family, what --config-net copies (nothing for a family given -a / -g)."""
-    from vhostpasst.rtnl import IPRoute
+    from vhostpasst.system.rtnl import IPRoute
 
     out: dict[int, HostSnapshot] = {}
     fams: list[tuple[int, Any]] = [(socket.AF_INET, config.ip4), (socket.AF_INET6, config.ip6)]
@@ -442,7 +443,7 @@ def tap_name(fd: int) -> str:
 def setup_ns_link(config: Config, host: dict[int, HostSnapshot]) -> NsLink:
     """Runs in the namespace: the tap (opened, or --fd's), `lo` up, the MAC, --config-net."""
     from vhostpasst.link.tuntap import open_tap
-    from vhostpasst.rtnl import IPRoute
+    from vhostpasst.system.rtnl import IPRoute
 
     assert config.ns_ifname is not None
     if config.fd is not None:  # the caller's tap: used as it is, only made non-blocking
@@ -695,10 +696,10 @@ def run(config: Config) -> int:
     helper thread; the tap and its configuration; namespace listeners (-T/-U) and the splice
     path; giving up root and capabilities; then "ready": the parent exits 0 / the pid file is
     written / the spawned command starts. A client may connect once any of those happened."""
+    from vhostpasst.core.loop import Loop
+    from vhostpasst.core.pcap import PcapWriter
     from vhostpasst.dispatch import Dispatcher
     from vhostpasst.link.tuntap import TapLink
-    from vhostpasst.loop import Loop
-    from vhostpasst.pcap import PcapWriter
 
     spawn_mode = config.target_pid is None and config.netns is None
     foreground = config.foreground or spawn_mode

@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from vhostpasst import fwd, netns
-from vhostpasst.loop import EPOLLIN, Loop
-from vhostpasst.udp import MMSG_MAX, Mmsg, flow_timeout
+from vhostpasst.config import fwd
+from vhostpasst.core.loop import EPOLLIN, Loop
+from vhostpasst.proto.udp import MMSG_MAX, Mmsg, flow_timeout
+from vhostpasst.system import netns
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from vhostpasst import fwd
-from vhostpasst.conf import ConfigError
-from vhostpasst.fwd import PortForwards
-from vhostpasst.procname import set_process_name
-from vhostpasst.version import version_line
+from vhostpasst.config import fwd
+from vhostpasst.config.conf import ConfigError
+from vhostpasst.config.fwd import PortForwards
 
 IPAddr = IPv4Address | IPv6Address
 
@@ -362,7 +359,7 @@ def _runas(option: str, text: str) -> str:
     user, sep, group = text.partition(":")
     if not _USER_RE.fullmatch(user) or (sep and not _USER_RE.fullmatch(group)):
         raise ConfigError(option, f"'{text}' is not UID[:GID] or LOGIN[:GROUP]")
-    from vhostpasst.isolation import RunasError, resolve_runas
+    from vhostpasst.system.isolation import RunasError, resolve_runas
 
     try:  # an unknown user or group is a configuration error, as in passt
         resolve_runas(text)
@@ -839,51 +836,3 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
 SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
 (pasta's default is auto: ports bound in the namespace, or on the host for -T/-U, follow)
 """
-
-
-def main(argv: list[str] | None = None, prog: str | None = None, default: str = PASST,
-         close_inherited: bool = False) -> int:
-    """Parse, check, build the configuration, run the daemon; return the exit status.
-    `close_inherited` (the installed commands, not in-process callers such as tests): close
-    what the caller left open, but --fd, before anything else is opened."""
-    if argv is None:
-        argv = sys.argv[1:]
-    if prog is None:
-        prog = sys.argv[0] if sys.argv and sys.argv[0] else "vhostpasst"
-    mode = mode_from_name(prog, default)
-    name = _display_name(prog, mode)
-    try:
-        options = parse_args(argv, mode)
-        if options.action == "help":
-            sys.stdout.write(usage(name, mode))
-            return 0
-        if options.action == "version":
-            print(version_line(name))
-            return 0
-        if options.action == "capabilities":
-            print('{"type": "net"}')
-            return 0
-        check_supported(options)
-        set_process_name(name)  # `pgrep passt` finds us (procname.py)
-        if close_inherited:
-            from vhostpasst import isolation
-
-            isolation.close_inherited_fds(() if options.fd is None else (options.fd,))
-        from vhostpasst.conf import build_config  # host look-ups only once parsing is done
-
-        config = build_config(options)
-    except ConfigError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
-    from vhostpasst import daemon  # heavy imports only when we really run
-
-    return daemon.run(config)
-
-
-def main_passt() -> int:
-    return main(default=PASST, close_inherited=True)
-
-
-def main_pasta() -> int:
-    return main(default=PASTA, close_inherited=True)
-

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vhostpasst.loop import Loop
+    from vhostpasst.core.loop import Loop
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vhostpasst import isolation, netns, syscalls
+from vhostpasst.system import isolation, netns, syscalls
 
 log = logging.getLogger("vhostpasst")
 
@@ -120,7 +120,7 @@ class _LateImportGuard:
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name in sys.builtin_module_names:
             return None  # compiled into the interpreter (gc, ...): needs no file, works
-        log.error("sandbox: %s %s (add it to vhostpasst/sandbox.py's preimport)",
+        log.error("sandbox: %s %s (add it to vhostpasst/system/sandbox.py's preimport)",
                   LATE_IMPORT, name)
         return None
 

@@ -1,0 +1,1 @@
+"""Configuration: the command line, forwarding specs, host detection, one Config."""

@@ -1,0 +1,1 @@
+"""The core: the event loop, flow table, NAT, logging, pcap."""

@@ -1,0 +1,1 @@
+"""pasta mode: namespaces, the splice paths, port scanning."""

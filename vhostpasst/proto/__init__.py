@@ -1,0 +1,1 @@
+"""The protocols: ICMP echo, UDP, TCP between guest frames and host sockets."""

@@ -1,0 +1,1 @@
+"""The operating system: netlink, namespaces, isolation, the sandbox, syscalls."""
