@@ -36,6 +36,7 @@ from vhostpasst.core import nat
 from vhostpasst.core.flow import RX_BATCH, Context, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
+from vhostpasst.proto.listen import bound_socket
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
 
@@ -476,23 +477,8 @@ class UdpHandler:
 
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
-        family = socket.AF_INET6 if six else socket.AF_INET
-        sock = self.socket_factory(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if six:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _set_recverr(sock, six)
-            if self.ctx.config.freebind:
-                fwd.set_freebind(sock, six)
-            if ifname:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-            sock.bind((str(addr) if addr is not None else "", port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return bound_socket(self.socket_factory, socket.SOCK_DGRAM, six, addr, ifname, port,
+                            self.ctx.config.freebind, lambda sock: _set_recverr(sock, six))
 
     # --- ICMP errors to the guest -------------------------------------------------------------
 
