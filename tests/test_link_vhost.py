@@ -180,6 +180,11 @@ def test_connected_and_csum_offload_follow_negotiation(h: Harness, features: int
     h.guest.bring_up(features)
     assert h.link.connected
     assert h.link.csum_offload == bool(features & net.F_GUEST_CSUM)
+    # what TCP chooses its output path from (LinkCaps): no payload checksum and the one-call
+    # fill only with GUEST_CSUM (and mergeable buffers for the fill)
+    assert h.link.caps.l4_csum == (not features & net.F_GUEST_CSUM)
+    assert h.link.caps.guest_fill == bool(features & net.F_GUEST_CSUM
+                                          and features & net.F_MRG_RXBUF)
 
 
 # --- TX and RX through the dispatcher ----------------------------------------------------------
@@ -315,7 +320,7 @@ def test_tx_gso_frame_without_host_tso_is_dropped(h: Harness) -> None:
 def test_tso_capability_follows_negotiation(h: Harness, features: int, tso: bool) -> None:
     """GUEST_TSO needs GUEST_CSUM (virtio 1.2, 5.1.3.1): without it no GSO frame goes out."""
     h.guest.bring_up(features)
-    assert h.link.tso4 == h.link.tso6 == tso
+    assert h.link.caps.tso4 == h.link.caps.tso6 == tso
 
 
 # --- TSO: GSO frames to the guest ---------------------------------------------------------------
@@ -950,7 +955,7 @@ def test_listener_forwards_tso(tmp_path: Path) -> None:
     try:
         g = _listener_guest(loop, lst.path)
         g.bring_up(ALL | net.F_GUEST_TSO4)
-        assert lst.tso4 and not lst.tso6
+        assert lst.caps.tso4 and not lst.caps.tso6
         g.post_rx(4, size=4096)
         frame = tcp_frame(False, _payload(5000))
         [views] = lst.rx_scatter(1, len(frame), head=54)

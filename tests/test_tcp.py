@@ -19,11 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+from vhostpasst._tcpseg import ffi as seg_ffi
+from vhostpasst._tcpseg import lib as seg_lib
+from vhostpasst._tcpsg import ffi as sg_ffi
+from vhostpasst._tcpsg import lib as sg_lib
 
 from vhostpasst.config.conf import Config, Ip4Conf
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.dispatch import Dispatcher
+from vhostpasst.link.base import Link, LinkCaps
 from vhostpasst.proto import tcp
-from vhostpasst.proto.tcp import seq_le, seq_lt
+from vhostpasst.proto.tcp import control, seq_le, seq_lt, to_guest
 
 GUEST = IPv4Address("192.0.2.2")
 REMOTE = IPv4Address("198.51.100.7")
@@ -70,8 +76,11 @@ class FakeLoop:
                 t.cb()
 
 
-class FakeLink:
-    connected = True
+class FakeLink(Link):
+    """A link whose frames are kept in `frames` (rx_scatter() and commit_scatter(): Link's,
+    one buffer per frame)."""
+
+    connected = True  # type: ignore[assignment]
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
@@ -95,9 +104,15 @@ class FakeLink:
         for buf, n in zip(self._bufs, lengths, strict=False):
             self.frames.append(bytes(buf[:n]))
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
         self.frames.append(bytes(frame))
         return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 _next_fd = [10_000_000]
@@ -200,7 +215,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> tuple[Dispatcher, FakeLoop, FakeLink
         s.peek_off = max(0, s.peek_off - count)
         return count
 
-    monkeypatch.setattr(tcp, "discard", fake_discard)
+    monkeypatch.setattr(control, "discard", fake_discard)
     link = FakeLink()
     d.link = link  # type: ignore[assignment]
     return d, loop, link
@@ -246,8 +261,8 @@ def _handshake(d: Dispatcher, loop: FakeLoop, link: FakeLink, sport: int = 40000
                         options=options if options is not None else
                         [("MSS", 1460), ("WScale", 7)]))
     sock = FakeSock.instances[-1]
-    assert loop.fds[sock.fd][0] & tcp.EPOLLOUT  # waiting for connect()
-    loop.fds[sock.fd][1](tcp.EPOLLOUT)
+    assert loop.fds[sock.fd][0] & EPOLLOUT  # waiting for connect()
+    loop.fds[sock.fd][1](EPOLLOUT)
     synack = parse(link.frames[-1])
     assert synack.flags == "SA" and synack.ack == 1001
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1, sport=sport, window=1000))
@@ -266,7 +281,7 @@ def test_connect_synack_options_and_data_both_ways(env: tuple) -> None:
     assert parse(link.frames[-1]).ack == 1151
     # host -> guest: MSS-sized segments (the guest said 1460), within its window (1000<<7)
     sock.rx += bytes(range(256)) * 20
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     segs = [parse(f) for f in link.frames if parse(f).payload and parse(f).sport == 80]
     assert [len(bytes(s.payload)) for s in segs] == [1460, 1460, 1460, 740]
     assert b"".join(bytes(s.payload) for s in segs) == bytes(range(256)) * 20
@@ -306,7 +321,7 @@ def test_full_socket_is_not_acknowledged(env: tuple) -> None:
     sock.full = True
     feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"abc"))
     assert all(parse(f).ack != 1004 for f in link.frames)
-    assert loop.fds[sock.fd][0] & tcp.EPOLLOUT  # a window update once there is room
+    assert loop.fds[sock.fd][0] & EPOLLOUT  # a window update once there is room
     sock.full = False
     feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"abc"))
     assert parse(link.frames[-1]).ack == 1004
@@ -333,7 +348,7 @@ def test_refused_connect_becomes_rst(env: tuple) -> None:
     feed(d, guest_frame("S", 1000))
     sock = FakeSock.instances[-1]
     sock.so_error = errno.ECONNREFUSED
-    loop.fds[sock.fd][1](tcp.EPOLLOUT | tcp.EPOLLERR)
+    loop.fds[sock.fd][1](EPOLLOUT | EPOLLERR)
     rst = parse(link.frames[-1])
     assert rst.flags == "RA" and rst.ack == 1001 and sock.closed
 
@@ -346,7 +361,7 @@ def test_half_open_connections_are_capped(env: tuple) -> None:
     assert len(FakeSock.instances) == 5
     feed(d, guest_frame("S", 1000, sport=31000))
     assert len(FakeSock.instances) == 5  # dropped: the guest will retry
-    loop.fds[FakeSock.instances[0].fd][1](tcp.EPOLLOUT)  # one completes: room again
+    loop.fds[FakeSock.instances[0].fd][1](EPOLLOUT)  # one completes: room again
     feed(d, guest_frame("A", 1001, ack=parse(link.frames[-1]).seq + 1, sport=30000))
     feed(d, guest_frame("S", 1000, sport=31000))
     assert len(FakeSock.instances) == 6
@@ -356,7 +371,7 @@ def test_retransmission_timeout_backs_off_and_gives_up(env: tuple) -> None:
     d, loop, link = env
     sock, synack = _handshake(d, loop, link)
     sock.rx += b"z" * 100
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
     rtos = []
 
@@ -395,7 +410,7 @@ def test_fin_both_ways_closes(env: tuple) -> None:
     feed(d, guest_frame("FA", 1001, ack=synack.seq + 1))
     assert sock.shut and parse(link.frames[-1]).ack == 1002
     sock.eof = True
-    loop.fds[sock.fd][1](tcp.EPOLLIN | tcp.EPOLLRDHUP)
+    loop.fds[sock.fd][1](EPOLLIN | EPOLLRDHUP)
     fin = parse(link.frames[-1])
     assert "F" in str(fin.flags)
     feed(d, guest_frame("A", 1002, ack=fin.seq + 1))
@@ -447,7 +462,7 @@ step = st.one_of(
               st.integers(-3, 3), st.integers(-3, 3), st.integers(0, 65535),
               st.integers(0, 3000), st.booleans()),
     st.tuples(st.just("sock"), st.integers(0, 5), st.sampled_from(
-        [tcp.EPOLLIN, tcp.EPOLLOUT, tcp.EPOLLERR, tcp.EPOLLHUP | tcp.EPOLLIN, tcp.EPOLLRDHUP]),
+        [EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP | EPOLLIN, EPOLLRDHUP]),
         st.integers(0, 5000), st.booleans(), st.booleans()),
     st.tuples(st.just("timers")),
 )
@@ -504,7 +519,7 @@ def test_no_link_buffers_then_rx_ready_resumes_without_a_timer(env: tuple) -> No
     sock, synack = _handshake(d, loop, link)
     link.limit = 0
     sock.rx += b"z" * 3000
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     n = len(link.frames)
     link.limit = None
     for cb in link.rx_ready:
@@ -548,7 +563,6 @@ def _writer_conn(six: bool) -> tuple[Dispatcher, tcp.TcpConn]:
     return d, conn
 
 
-@pytest.mark.skipif(tcp._seg_lib is None, reason="vhostpasst._tcpseg not built")
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
 def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
     """_tcpseg (one C call per batch) writes byte for byte what wire/tcp.py's per-segment
@@ -560,7 +574,7 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
     d, conn = _writer_conn(six)
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
-    ffi, lib = tcp._seg_ffi, tcp._seg_lib
+    ffi, lib = seg_ffi, seg_lib
     for _ in range(30):
         sizes = [rng.choice([0, 1, 2, 3, 1459, 1460, 1461, 8191, 65000]) for _ in
                  range(rng.randint(1, 5))]
@@ -657,12 +671,10 @@ class FakeScatterLink(FakeLink):
     """A link with rx_scatter() over 4 KiB buffers, as vhost-user's mergeable RX buffers, that
     segments TCP frames itself (TSO) or not; frames are joined at commit."""
 
-    csum_offload = True  # GUEST_CSUM: no TCP checksum unless a GSO frame (partial)
-    pcap = None
-
     def __init__(self, tso: bool) -> None:
         super().__init__()
-        self.tso4 = self.tso6 = tso
+        # GUEST_CSUM: no TCP checksum unless a GSO frame (partial)
+        self._caps = LinkCaps(tso4=tso, tso6=tso, l4_csum=False)
         self.tsos: list[object] = []
         self.asked: list[tuple[int, int]] = []  # (count, frame_len) of every rx_scatter()
         self._scatter: list[list[memoryview]] = []
@@ -696,7 +708,6 @@ def _pseudo_partial(frame: bytes) -> int:
     return total
 
 
-@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 @pytest.mark.parametrize("tso", [True, False], ids=["tso-link", "plain-link"])
 def test_frames_to_the_guest_tso_sized_only_to_a_tso_link(tso: bool, env: tuple) -> None:
     """To a link whose peer segments (tso4), host data goes in frames of as many whole MSS
@@ -711,7 +722,7 @@ def test_frames_to_the_guest_tso_sized_only_to_a_tso_link(tso: bool, env: tuple)
     window = 1000 << 7
     data = bytes(range(256)) * 500 + b"tail" * 250  # the window and 1000 bytes more
     sock.rx += data
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     segs = [f for f in link.frames if parse(f).sport == 80 and bytes(parse(f).payload)]
     sizes = [len(bytes(parse(f).payload)) for f in segs]
     got = b"".join(bytes(parse(f).payload) for f in segs)
@@ -733,7 +744,6 @@ def test_frames_to_the_guest_tso_sized_only_to_a_tso_link(tso: bool, env: tuple)
         assert all(t is None for t in link.tsos)
 
 
-@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 @pytest.mark.parametrize("tso", [True, False], ids=["tso-link", "plain-link"])
 def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -746,15 +756,15 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
     d.link = link  # type: ignore[assignment]
     asked = link.asked
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
-    monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
+    monkeypatch.setattr(to_guest, "unread", lambda fd: len(sock.rx))
     off = 54  # Ethernet + IPv4 + TCP headers
     sock.rx += b"abc"
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert asked[-1] == (1, off + 4)
     assert bytes(parse(link.frames[-1]).payload) == b"abc"
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 3, window=1000))
     sock.rx += b"z" * 5000
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     # with TSO one frame holds all 5000 bytes: sized by them; else four full segments
     assert asked[-1] == ((1, off + 5001) if tso else (4, off + 1460))
     got = b"".join(bytes(parse(f).payload) for f in link.frames
@@ -762,7 +772,6 @@ def test_short_answer_asks_for_its_bytes_buffers_only(tso: bool, env: tuple,
     assert got == b"abc" + b"z" * 5000
 
 
-@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """After a peek that filled every frame it was given, the next one asks neither SIOCINQ
@@ -773,10 +782,10 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
     d, loop, _ = env
     link = FakeScatterLink(False)
     d.link = link  # type: ignore[assignment]
-    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 60.0)  # the test must not race the clock
+    monkeypatch.setattr(control, "DATA_ACK_TTL", 60.0)  # the test must not race the clock
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
     asked_inq: list[int] = []
-    monkeypatch.setattr(tcp, "unread", lambda fd: asked_inq.append(fd) or len(sock.rx))
+    monkeypatch.setattr(to_guest, "unread", lambda fd: asked_inq.append(fd) or len(sock.rx))
     infos: list[int] = []
     real = sock.getsockopt
 
@@ -792,33 +801,32 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
         return [parse(f) for f in link.frames if bytes(parse(f).payload)]
 
     # the peek after the handshake asked already (it found nothing): stale now, asked again
-    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 0.0)
+    monkeypatch.setattr(control, "DATA_ACK_TTL", 0.0)
     sock.rx += b"a" * (2 * seg)
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1 and len(data_frames()) == 2
-    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 60.0)
+    monkeypatch.setattr(control, "DATA_ACK_TTL", 60.0)
     sock.rx += b"b" * (3 * seg)  # lands after a full peek
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1  # neither asked again
     frames = data_frames()
     assert len(frames) == 5 and {f.ack for f in frames} == {1001}
-    monkeypatch.setattr(tcp, "DATA_ACK_TTL", 0.0)  # once it is stale: asked again
+    monkeypatch.setattr(control, "DATA_ACK_TTL", 0.0)  # once it is stale: asked again
     sock.rx += b"b" * seg
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert len(infos) == 2 and len(data_frames()) == 6
     feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"x" * 10, window=1000))
     sock.rx += b"c" * seg
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert data_frames()[-1].ack == 1011  # the guest's data is acknowledged with ours
     got = b"".join(bytes(f.payload) for f in data_frames())
     assert got == b"a" * (2 * seg) + b"b" * (4 * seg) + b"c" * seg
     before = len(asked_inq)
-    loop.fds[sock.fd][1](tcp.EPOLLIN)  # nothing new: the peek finds nothing
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)  # nothing new: the peek finds nothing
+    loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked_inq) > before  # SIOCINQ asked again after the empty peek
 
 
-@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 def test_data_landing_after_siocinq_saw_none_goes_whole(env: tuple,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """SIOCINQ said nothing is queued, but data landed before the peek (a race a loaded
@@ -834,14 +842,13 @@ def test_data_landing_after_siocinq_saw_none_goes_whole(env: tuple,
             sock.rx += b"server-data"  # lands just after the ioctl looked
         return 0
 
-    monkeypatch.setattr(tcp, "unread", racy_unread)
+    monkeypatch.setattr(to_guest, "unread", racy_unread)
     _handshake(d, loop, link)  # type: ignore[arg-type]
     assert link.asked[-1] == (1, 54 + 1460)
     data = [bytes(parse(f).payload) for f in link.frames if bytes(parse(f).payload)]
     assert data == [b"server-data"]
 
 
-@pytest.mark.skipif(tcp._sg_lib is None, reason="vhostpasst._tcpsg not built")
 def test_ack_of_a_drained_answer_peeks_nothing_until_an_event(
         env: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """The guest's ACK of an answer that emptied the socket (the last peek came up short,
@@ -852,16 +859,16 @@ def test_ack_of_a_drained_answer_peeks_nothing_until_an_event(
     d.link = link  # type: ignore[assignment]
     asked = link.asked
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
-    monkeypatch.setattr(tcp, "unread", lambda fd: len(sock.rx))
+    monkeypatch.setattr(to_guest, "unread", lambda fd: len(sock.rx))
     asked.clear()  # (the handshake looked for data the client sent early)
     sock.rx += b"abc"
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked) == 1
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 3))
     assert len(asked) == 1  # nothing new to peek, and an edge will say when there is
     sock.rx += b"de"
     sock.eof = True
-    loop.fds[sock.fd][1](tcp.EPOLLIN | tcp.EPOLLRDHUP)
+    loop.fds[sock.fd][1](EPOLLIN | EPOLLRDHUP)
     ours = [parse(f) for f in link.frames if parse(f).sport == 80]
     assert bytes(ours[-1].payload) == b"de"
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 5))
@@ -885,7 +892,6 @@ def test_dispatcher_takes_a_64k_guest_segment(six: bool) -> None:
     assert seg[-3] == payload  # (the payload, then options and the two unused fields)
 
 
-@pytest.mark.skipif(tcp._sg_lib is None or tcp._seg_lib is None, reason="C helpers not built")
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
 def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
     """vp_tcp_frames_sg_tso: frames of more than tso_mss payload bytes get the pseudo-header
@@ -901,7 +907,6 @@ def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     l4 = off - wtcp.TCP_HLEN
     tmpl = d.tcp._template(conn, GUEST_MAC)
-    sg_ffi, sg_lib, seg_ffi, seg_lib = tcp._sg_ffi, tcp._sg_lib, tcp._seg_ffi, tcp._seg_lib
     for _ in range(20):
         sizes = [rng.choice([1, 1447, 1448, 1449, 2897, 40000, 64240]) for _ in
                  range(rng.randint(1, 4))]
@@ -952,12 +957,12 @@ def test_no_epollin_while_the_guest_window_is_full(env: tuple) -> None:
     sock, synack = _handshake(d, loop, link)
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1, window=23))  # 23 << 7 = 2944 bytes
     sock.rx += b"d" * 10000
-    loop.fds[sock.fd][1](tcp.EPOLLIN)
+    loop.fds[sock.fd][1](EPOLLIN)
     sent = sum(len(bytes(parse(f).payload)) for f in link.frames if parse(f).sport == 80)
     assert sent == 2944
-    assert not loop.fds[sock.fd][0] & tcp.EPOLLIN
-    assert loop.fds[sock.fd][0] & tcp.EPOLLRDHUP
+    assert not loop.fds[sock.fd][0] & EPOLLIN
+    assert loop.fds[sock.fd][0] & EPOLLRDHUP
     feed(d, guest_frame("A", 1001, ack=synack.seq + 1 + 2944, window=1000))
     sent = sum(len(bytes(parse(f).payload)) for f in link.frames if parse(f).sport == 80)
     assert sent == 10000
-    assert loop.fds[sock.fd][0] & tcp.EPOLLIN
+    assert loop.fds[sock.fd][0] & EPOLLIN

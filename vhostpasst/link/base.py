@@ -36,8 +36,8 @@ TSO_MAX_L3 = 65535  # IP bytes of the largest TCP frame a TSO peer takes (the IP
 
 @dataclass(frozen=True, slots=True)
 class Tso:
-    """TCP frames of one connection that a peer with TCP segmentation offload (`Link.tso4` /
-    `tso6`: virtio-net GUEST_TSO*) takes whole and cuts into `mss`-sized segments itself,
+    """TCP frames of one connection that a peer with TCP segmentation offload (`LinkCaps.tso4`
+    / `tso6`: virtio-net GUEST_TSO*) takes whole and cuts into `mss`-sized segments itself,
     given to `commit_scatter()`. Frames with more than `mss` bytes of payload go out as GSO
     frames; their TCP checksum field holds the pseudo-header sum (partial checksum)."""
 
@@ -47,13 +47,31 @@ class Tso:
     mss: int  # segment size toward the peer
 
 
-class Link(abc.ABC):
-    """Base class: keeps the frame handler and the pcap hook common to every link."""
+@dataclass(frozen=True, slots=True)
+class LinkCaps:
+    """What the peer attached to a link takes, declared by the link: a new LinkCaps object
+    whenever a peer attaches or negotiates other features, so protocol code chooses its output
+    path once per LinkCaps (an identity check) instead of probing the link per frame."""
 
     # The peer takes TCP/IPv4 (IPv6) frames of up to TSO_MAX_L3 IP bytes and segments them
     # itself (commit_scatter() with a Tso). Only vhost-user with GUEST_TSO4/6 says so.
-    tso4 = False
-    tso6 = False
+    tso4: bool = False
+    tso6: bool = False
+    # Frames need their TCP/UDP checksum over the payload: False only where the peer checks
+    # none (vhost-user's GUEST_CSUM: DATA_VALID) and no capture (--pcap) shows the frames.
+    l4_csum: bool = True
+    # rx_fill() reads a socket into the peer's buffers and commits them in one C call (it may
+    # still decline a call: the general path then).
+    guest_fill: bool = False
+
+
+NO_CAPS = LinkCaps()  # a link without a peer, or one without any of these
+
+
+class Link(abc.ABC):
+    """Base class: keeps the frame handler and the pcap hook common to every link."""
+
+    _caps: LinkCaps = NO_CAPS  # links with offloads replace it as peers come and go
 
     def __init__(self, on_frames: FrameHandler, pcap: PcapWriter | None = None) -> None:
         self.on_frames = on_frames
@@ -85,6 +103,11 @@ class Link(abc.ABC):
                 callback()
             except Exception:
                 log.exception("rx-ready callback failed")
+
+    @property
+    def caps(self) -> LinkCaps:
+        """What the peer takes (see LinkCaps): a new object when that changes."""
+        return self._caps
 
     @property
     @abc.abstractmethod
@@ -136,7 +159,7 @@ class Link(abc.ABC):
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
         each `lengths[i]` bytes written from the start of its first view onwards. `tso`
-        (only where `tso4`/`tso6` say the peer segments): the frames are TCP segments of one
+        (only where `caps.tso4`/`tso6` say the peer segments): the frames are TCP segments of one
         connection, those longer than one `tso.mss` to be sent as GSO frames."""
         self.commit(lengths)
 
@@ -195,13 +218,13 @@ class ForwardingLink(Link):
     def on_rx_ready(self) -> list[RxReadyCallback]:
         return self.link.on_rx_ready
 
-    @property  # type: ignore[override]
-    def tso4(self) -> bool:
-        return self.link.tso4
+    @on_rx_ready.setter
+    def on_rx_ready(self, callbacks: list[RxReadyCallback]) -> None:
+        self.link.on_rx_ready = callbacks
 
-    @property  # type: ignore[override]
-    def tso6(self) -> bool:
-        return self.link.tso6
+    @property
+    def caps(self) -> LinkCaps:
+        return self.link.caps
 
     def rx_buffers(self, count: int) -> list[memoryview]:
         return self.link.rx_buffers(count)

@@ -537,6 +537,8 @@ class StreamListener(ForwardingLink):
     (default: stop the loop).
     """
 
+    link: StreamLink
+
     def __init__(
         self,
         loop: Loop,

@@ -45,7 +45,16 @@ from collections.abc import Callable, Sequence
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.pcap import PcapWriter
-from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, ForwardingLink, FrameHandler, Link, Tso
+from vhostpasst.link.base import (
+    ETH_MAX_FRAME,
+    IOV_MAX,
+    NO_CAPS,
+    ForwardingLink,
+    FrameHandler,
+    Link,
+    LinkCaps,
+    Tso,
+)
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
     DEFAULT_PROBE_PATTERN,
@@ -224,7 +233,9 @@ class VhostUserLink(Link):
         self.backend: VhostUserBackend | None = None
         self.device: _Device | None = None
         self.csum_offload = False  # GUEST_CSUM: frames to the guest need no L4 checksum
-        self.tso4 = self.tso6 = False  # GUEST_TSO4/6 (with GUEST_CSUM): 64 KiB TCP frames
+        # GUEST_TSO4/6 (with GUEST_CSUM: 64 KiB TCP frames), GUEST_CSUM without --pcap,
+        # and rx_fill() with mergeable buffers: a new LinkCaps per front end's features
+        self._caps = NO_CAPS
         self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._mergeable = False
         self._rx_header = net.NetHeader()  # for rx_put(): DATA_VALID once GUEST_CSUM is acked
@@ -312,7 +323,7 @@ class VhostUserLink(Link):
         self._short = None
         self._was_connected = False
         self.csum_offload = False
-        self.tso4 = self.tso6 = False
+        self._caps = NO_CAPS
         self._host_tso = 0
         self._mergeable = False
         self._rx_header = self._header()
@@ -342,11 +353,14 @@ class VhostUserLink(Link):
 
     def _features_set(self, features: int) -> None:
         self.csum_offload = bool(features & net.F_GUEST_CSUM)
-        # the spec makes GUEST_TSO depend on GUEST_CSUM: without it, no GSO frame goes out
-        self.tso4 = self.csum_offload and bool(features & net.F_GUEST_TSO4)
-        self.tso6 = self.csum_offload and bool(features & net.F_GUEST_TSO6)
         self._host_tso = features & (net.F_HOST_TSO4 | net.F_HOST_TSO6)
         self._mergeable = bool(features & net.F_MRG_RXBUF)
+        # the spec makes GUEST_TSO depend on GUEST_CSUM: without it, no GSO frame goes out;
+        # with --pcap, frames are summed anyway (shown as a guest without offload sees them)
+        unchecked = self.csum_offload and self.pcap is None
+        self._caps = LinkCaps(tso4=self.csum_offload and bool(features & net.F_GUEST_TSO4),
+                              tso6=self.csum_offload and bool(features & net.F_GUEST_TSO6),
+                              l4_csum=not unchecked, guest_fill=unchecked and self._mergeable)
         self._rx_header = self._header()  # rx_put() sets num_buffers itself
 
     def _state_changed(self) -> None:
@@ -996,6 +1010,8 @@ class VhostUserListener(ForwardingLink):
     """`--vhost-user -s PATH`: a UNIX listener (same probing as the stream socket) feeding one
     VhostUserLink (`.link`), one front end at a time; with `one_off` the first front end's
     departure calls `on_exit` (default: stop the loop). Itself a Link forwarding to `.link`."""
+
+    link: VhostUserLink
 
     def __init__(
         self,

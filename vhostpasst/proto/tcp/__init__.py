@@ -1,0 +1,24 @@
+"""TCP: guest connections translated to host sockets, with no TCP stack of our own.
+
+conn.py explains how (theory of operation); the handler the rest of vhostpasst uses is
+TcpHandler, built from one class per concern: timers.py, control.py (segments without data,
+ACK and window), to_guest.py with one output module per kind of link (out_buf.py, out_vu.py),
+from_guest.py, handler.py (listening sockets, socket events).
+"""
+
+from vhostpasst.proto.tcp.conn import (
+    ESTABLISHED,
+    RTO_MIN,
+    SEG_BATCH,
+    SO_PEEK_OFF,
+    TCP_INFO_LEN,
+    WS_TO_TAP,
+    Listener,
+    TcpConn,
+    seq_le,
+    seq_lt,
+)
+from vhostpasst.proto.tcp.handler import TcpHandler
+
+__all__ = ["ESTABLISHED", "RTO_MIN", "SEG_BATCH", "SO_PEEK_OFF", "TCP_INFO_LEN", "WS_TO_TAP",
+           "Listener", "TcpConn", "TcpHandler", "seq_le", "seq_lt"]

@@ -1,0 +1,314 @@
+"""TCP connections: what each one is, its states, and the rules both directions follow.
+
+Theory of operation. vhostpasst has no TCP stack of its own: each connection the guest makes
+(or a `-t` port accepts) is one host socket, and the host kernel does reliability, congestion
+control and retransmission towards the far end. Towards the guest we keep sequence numbers,
+windows and timers, never data:
+
+* host -> guest (to_guest.py, with out_buf.py / out_vu.py): bytes are peeked (MSG_PEEK with
+  SO_PEEK_OFF) from the socket straight into link buffers, after room for the headers, which
+  are then written in place. What the guest acknowledges is discarded from the socket with
+  recv(MSG_TRUNC); a timeout or three duplicate ACKs rewind the peek offset to the ACK point
+  and the same bytes are peeked again. The retransmission timeout comes from an RTT estimate
+  (RFC 6298) and backs off.
+* guest -> host (from_guest.py): in-order payloads of one batch go out in one sendmsg();
+  out-of-order data is dropped with a duplicate ACK (the guest retransmits). What we
+  acknowledge, and the window we show, come from the socket (TCP_INFO bytes_acked and
+  snd_wnd, SO_SNDBUF: control.py), so the guest's congestion control sees the real path; on
+  slow paths data is acknowledged to the guest only once the far end has acknowledged it to
+  the host kernel.
+
+States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
+SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
+connection accepted on a `-t` port, SYN_SENT (SYN sent to the guest) -> ESTABLISHED. There is
+no closing state: each direction ends on its own (`tap_fin_rcvd`: the guest's FIN passed on
+with shutdown(SHUT_WR); `fin_seq`/`tap_fin_acked`: our FIN sent and acknowledged), and the
+connection goes once both have ended and the far end took everything (control.py's
+_maybe_close); a RST either way ends it at once.
+
+Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
+retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
+coalesced ACK, and polling the socket for the far end's ACK when we hold back the guest's), and
+one connection timer (handshake timeout, FIN timeout, inactivity).
+
+Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
+a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
+retransmission timeout is estimated and backs off; half-open connections are capped so a SYN
+flood cannot fill the flow table.
+
+The handler (TcpHandler, __init__.py) is one object built from one class per concern, each in
+its own module and each on top of the one below: timers.py -> control.py (segments built from
+nothing: SYN, FIN, RST, ACK and window; the socket's epoll mask) -> to_guest.py ->
+from_guest.py -> handler.py (listening sockets, socket events). This module is below them all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import sys
+import termios
+import time
+from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+from vhostpasst.core.flow import Flow
+from vhostpasst.core.loop import EventLoop, TimerHandle
+from vhostpasst.link.base import Tso
+
+IPAddr = IPv4Address | IPv6Address
+
+SO_PEEK_OFF = 42  # asm-generic/socket.h (x86, arm64)
+TCP_INFO_LEN = 232  # up to tcpi_snd_wnd
+_INFO = struct.Struct("=Q")  # tcpi_bytes_acked at 120
+_U32 = struct.Struct("=I")  # tcpi_min_rtt at 148, tcpi_snd_wnd at 228
+
+M32 = 0xFFFFFFFF
+TCP_ESTABLISHED = 1  # tcpi_state
+WS_TO_TAP = 8  # our window scale (passt: min(8, tcpi_snd_wscale))
+MAX_WINDOW = 65535 << WS_TO_TAP
+SYN_WINDOW = 65535  # window in our SYN / SYN-ACK (never scaled)
+DEFAULT_MSS4 = 536  # RFC 9293 §3.7.1, when the guest sends no MSS option
+DEFAULT_MSS6 = 1220
+DUP_ACKS_MAX = 3  # duplicate ACKs per batch for out-of-order data
+SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve the rest
+ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
+HANDSHAKE_TIMEOUT = 10.0
+FIN_TIMEOUT = 60.0
+# No inactivity reset by default: passt means to reset after 7200 s, yet in practice only
+# re-arms its timer (reference 4.4), so idle SSH sessions and connection pools live on;
+# VHOSTPASST_TCP_IDLE_TIMEOUT sets one.
+IDLE_TIMEOUT: float | None = None
+RTO_INIT = 1.0  # RFC 6298 §2.1
+RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
+RTO_MAX = 60.0
+MAX_RETRANS = 8
+PERSIST_MAX = 1.0  # longest interval between zero-window probes
+HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
+LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
+SNDBUF_SMALL = 128 * 1024
+SNDBUF_WANT = 1 << 30  # capped by net.core.wmem_max
+DATA_ACK_TTL = 0.001  # host->guest data reuses its ACK number and window this long
+ACK_POLL_FAST = 0.001  # the window we showed was cut by bytes the far end has yet to ACK
+LISTEN_BACKLOG = 128
+ACCEPT_BATCH = 16
+
+# Test hooks: shorter timeouts so end-to-end tests can watch them happen
+ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
+ENV_RTO_MAX = "VHOSTPASST_TCP_RTO_MAX"
+ENV_IDLE = "VHOSTPASST_TCP_IDLE_TIMEOUT"
+ENV_HALF_OPEN = "VHOSTPASST_TCP_HALF_OPEN_MAX"
+
+# states
+CONNECTING = 0  # guest SYN seen, host connect() in progress
+SYN_ACK_SENT = 1  # host connected, SYN-ACK sent to the guest, waiting for its ACK
+SYN_SENT = 2  # host client accepted (-t), SYN sent to the guest
+ESTABLISHED = 3
+
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_LINGER0 = struct.pack("ii", 1, 0)
+
+# recv(MSG_TRUNC) on TCP drops the bytes without copying them: this never gets written,
+# so its pages are never touched (Python's recv_into wants a buffer of the asked size)
+_DISCARD_LEN = 1 << 24
+_DISCARD_BUF = mmap.mmap(-1, _DISCARD_LEN)
+_TRUNC_FLAGS = socket.MSG_TRUNC | socket.MSG_DONTWAIT
+_INQ = bytearray(4)  # SIOCINQ result (fcntl.ioctl: ~3x cheaper than a ctypes call)
+
+
+
+def unread(fd: int) -> int | None:
+    """Bytes in a TCP socket's receive queue (SIOCINQ: peeked ones included), or None if
+    it cannot tell."""
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, _INQ)
+    except OSError:
+        return None
+    return int.from_bytes(_INQ, sys.byteorder)
+
+
+def discard(sock: socket.socket, count: int) -> int:
+    """Drop `count` bytes from a TCP socket's receive queue without copying them
+    (MSG_TRUNC); returns how many went. (A socket method: ~3 us less than through ctypes.)"""
+    done = 0
+    while done < count:
+        try:
+            n = sock.recv_into(_DISCARD_BUF, min(count - done, _DISCARD_LEN), _TRUNC_FLAGS)
+        except OSError:
+            break
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+
+def seq_lt(a: int, b: int) -> bool:
+    return 0 < ((b - a) & M32) < 0x80000000
+
+
+def seq_le(a: int, b: int) -> bool:
+    return a == b or seq_lt(a, b)
+
+
+def env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+
+class ConnOwner(Protocol):
+    """What a connection needs of its handler when it closes."""
+
+    loop: EventLoop
+    half_open: int  # connections not yet ESTABLISHED
+
+
+class TcpConn(Flow):
+    """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
+    end it sees at (faddr, fport); host side: `sock`."""
+
+    timeout = None  # our own timers decide
+
+    def __init__(self, handler: ConnOwner, sock: socket.socket, six: bool, gaddr: IPAddr,
+                 gport: int, faddr: IPAddr, fport: int, state: int) -> None:
+        super().__init__()
+        self.h = handler
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.six = six
+        self.gaddr, self.gport, self.faddr, self.fport = gaddr, gport, faddr, fport
+        self.gaddr_b, self.faddr_b = gaddr.packed, faddr.packed
+        self.state = state
+        self.events = 0  # the epoll mask registered (0: not registered)
+        self.local = False  # the far end is on this host: no point waiting for its ACKs
+        # SO_SNDBUF was set (_tune): the kernel no longer autotunes it, read it once
+        self.sndbuf_fixed = False
+        self.sndbuf: int | None = None
+        # guest -> host
+        self.isn_tap = 0  # the guest's ISN
+        self.seq_from_tap = 0  # next byte expected from the guest
+        self.seq_ack_to_tap = 0  # the last ACK we sent
+        self.ack_base = 0  # seq_from_tap - tcpi_bytes_acked, fixed at establishment
+        self.wnd_to_tap = 0  # the last window we advertised (bytes)
+        self.ws_to_tap = 0
+        self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
+        self.want_out = False  # the socket was full: EPOLLOUT then a window update
+        self.ack_due = False
+        self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
+        # (seq_from_tap, ACK number, window, when) of the last _ack_wnd() for data frames:
+        # see _data_ack_wnd()
+        self.data_ack: tuple[int, int, int, float] | None = None
+        # host -> guest
+        self.isn = 0
+        self.seq_to_tap = 0  # next byte we send
+        self.seq_max = 0  # highest seq sent (after rewinds, seq_to_tap can be below)
+        self.seq_ack_from_tap = 0
+        self.wnd_from_tap = 0  # bytes
+        self.ws_from_tap = 0
+        self.mss = DEFAULT_MSS6 if six else DEFAULT_MSS4
+        self.sock_eof = False  # the host socket reached end of stream
+        self.fin_seq: int | None = None  # seq of the FIN we sent to the guest
+        self.tap_fin_acked = False
+        self.stalled = False  # guest window full: no point reading the socket
+        # everything in the socket is peeked (it stays queued until the guest ACKs it):
+        # edge-triggered, or level-triggered EPOLLIN wakes every iteration until that ACK
+        self.drained = False
+        self.peek_full = False  # the last peek filled every frame it was given
+        self.peer_closed = False  # EPOLLRDHUP/HUP seen: the end of the stream may be queued
+        self.dup_acks = 0
+        self.recover = 0  # after a fast retransmit, no other until the ACK passes this
+        self.retrans = 0
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = RTO_INIT
+        self.rtt_seq: int | None = None  # timing this segment end (Karn: not a resend)
+        self.rtt_time = 0.0
+        self.discard_due = 0  # bytes the guest acknowledged, dropped from the socket in one go
+        self.tmpl: bytes | None = None  # frame headers for data to the guest (see _template)
+        self.tmpl_mac = b""
+        self.pseudo = 0
+        self.tso: Tso | None = None  # for a link that segments (see _tso)
+        self.rto_timer: TimerHandle | None = None  # may outlive a cancel: see _cancel_rto
+        self.rto_armed = False  # the retransmission timer runs
+        self.rto_when = 0.0  # when rto_timer fires
+        self.rto_deadline = 0.0  # when the RTO is really due (later after a restart)
+        self.ack_timer: TimerHandle | None = None
+        self.idle_timer: TimerHandle | None = None
+        self.last_seen = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"
+
+    def close(self) -> None:
+        for t in (self.rto_timer, self.ack_timer, self.idle_timer):
+            if t is not None:
+                t.cancel()
+        self.rto_timer = self.ack_timer = self.idle_timer = None
+        if self.events:
+            self.h.loop.remove_fd(self.fd)
+            self.events = 0
+        if self.state != ESTABLISHED:
+            self.h.half_open -= 1
+            self.state = ESTABLISHED  # counted once
+        self.sock.close()
+
+
+
+def tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
+    # addresses as ints: hashing and comparing ipaddress objects is Python code, and this
+    # key is built and looked up for every guest segment
+    return ("tcp", six, int(gaddr), gport, int(faddr), fport)
+
+
+
+class Listener:
+    """One `-t` listening socket: host port -> guest port."""
+
+    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int) -> None:
+        self.sock = sock
+        self.six = six
+        self.port = port
+        self.guest_port = guest_port
+
+
+
+def tune(sock: socket.socket) -> bool:
+    """The guest already segmented (no Nagle here). A fixed, large send buffer (the kernel
+    caps it at wmem_max), as passt does: the window we show the guest is bounded by it, and an
+    autotuned buffer only grows after writes fail, which that window prevents. True if the
+    send buffer is now fixed (SOCK_SNDBUF_LOCK: the kernel leaves its size alone)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF_WANT)
+    except OSError:
+        return False
+    return True
+
+
+def established(info: bytes | None) -> bool:
+    """tcpi_state (the first byte of TCP_INFO) is TCP_ESTABLISHED."""
+    return bool(info) and info[0] == TCP_ESTABLISHED  # type: ignore[index]
+
+
+def reset_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    except OSError:
+        pass
+    sock.close()
+
+
+def tcp_info(sock: socket.socket) -> bytes | None:
+    """The socket's TCP_INFO (up to tcpi_snd_wnd), None if it cannot tell."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except OSError:
+        return None

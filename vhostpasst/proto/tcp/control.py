@@ -1,0 +1,405 @@
+"""TCP segments built from nothing, and what every other part of the handler stands on.
+
+The bottom of the handler (see conn.py for the whole picture): the shared state, the
+segments that carry no data (SYN and SYN-ACK, FIN, RST, pure ACKs and window updates), the ACK
+number and window we show the guest (from the host socket's TCP_INFO and send buffer), the
+header template and partial sum data frames are written from, and the epoll mask of a
+connection's socket. What the layers above implement and this one calls (the timers, the
+host->guest data path, the socket events) is declared here as abstract methods.
+
+ACK number and window: the guest's data is acknowledged once the far end acknowledged it to the
+host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
+end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
+took it. The window is what the far end's window and our send buffer leave once the bytes in
+flight are counted, never less than what we showed before moved on by the ACK.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from vhostpasst._tcpseg import ffi as _seg_ffi
+from vhostpasst._tcpseg import lib as _seg_lib
+from vhostpasst.core.flow import Context
+from vhostpasst.core.log import RateLimitedLog
+from vhostpasst.core.loop import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from vhostpasst.link.base import Tso
+from vhostpasst.proto.tcp.conn import (
+    _INFO,
+    _LINGER0,
+    _U32,
+    CONNECTING,
+    DATA_ACK_TTL,
+    DEFAULT_MSS4,
+    DEFAULT_MSS6,
+    ENV_HALF_OPEN,
+    ENV_IDLE,
+    ENV_MAX_RETRANS,
+    ENV_RTO_MAX,
+    ESTABLISHED,
+    HALF_OPEN_MAX,
+    IDLE_TIMEOUT,
+    LOW_RTT,
+    M32,
+    MAX_RETRANS,
+    MAX_WINDOW,
+    RTO_MAX,
+    SNDBUF_SMALL,
+    SYN_ACK_SENT,
+    SYN_SENT,
+    SYN_WINDOW,
+    TCP_INFO_LEN,
+    WS_TO_TAP,
+    IPAddr,
+    TcpConn,
+    discard,
+    env_number,
+    seq_lt,
+    tcp_info,
+)
+from vhostpasst.wire import checksum
+from vhostpasst.wire import tcp as wtcp
+from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
+
+log = logging.getLogger("vhostpasst.proto.tcp")
+
+
+class TcpControl(abc.ABC):
+    """The handler's shared state and its segments without data (see the module docstring)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        # tests substitute fake sockets here, so fuzzing never touches a real network
+        self.socket_factory: Callable[..., socket.socket] = socket.socket
+        self.max_retrans = int(env_number(ENV_MAX_RETRANS, MAX_RETRANS))
+        self.rto_max = env_number(ENV_RTO_MAX, RTO_MAX)
+        idle = env_number(ENV_IDLE, 0.0)
+        self.idle_timeout = idle if idle > 0 else IDLE_TIMEOUT
+        self.half_open_max = int(env_number(ENV_HALF_OPEN, HALF_OPEN_MAX))
+        self.half_open = 0
+        self._secret = os.urandom(16)
+        # connections that stopped for lack of link buffers, resumed by rx_ready()
+        self._waiting: dict[TcpConn, None] = {}
+        self._log = RateLimitedLog(log)
+        self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
+        # a pure ACK is written here by _tcpseg and copied by the link's send()
+        self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
+        self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
+        self._ack_len = _seg_ffi.new("uint32_t[1]")
+
+    # --- what the layers above do -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _arm_rto(self, conn: TcpConn, restart: bool = False) -> None:
+        """Start the retransmission timer (timers.py); `restart`: from now, if it runs."""
+
+    @abc.abstractmethod
+    def _arm_ack(self, conn: TcpConn) -> None:
+        """Ask the socket again soon for the ACK and window to show (timers.py)."""
+
+    @abc.abstractmethod
+    def _arm_idle(self, conn: TcpConn, timeout: float | None) -> None:
+        """The connection timer: handshake, FIN or inactivity (timers.py)."""
+
+    @abc.abstractmethod
+    def _from_sock(self, conn: TcpConn) -> None:
+        """Peek what the guest's window allows from the socket to the guest (to_guest.py)."""
+
+    @abc.abstractmethod
+    def _rewind(self, conn: TcpConn) -> None:
+        """Resend from the guest's ACK point (from_guest.py)."""
+
+    @abc.abstractmethod
+    def _on_sock(self, conn: TcpConn, mask: int) -> None:
+        """An epoll event on the connection's socket (handler.py)."""
+
+    # --- replies built from nothing -------------------------------------------------------
+
+    def _frame(self, six: bool, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
+               ack: int, flags: int, window: int, options: bytes = b"") -> bool:
+        bufs = self.ctx.rx_buffers(1)
+        if not bufs:
+            return False
+        mac, our = self.ctx.guest_mac(), self.ctx.config.our_mac
+        if six:
+            n = wtcp.write_eth_ipv6_tcp_headers(bufs[0], mac, our, src, dst, sport, dport,
+                                                seq, ack, flags, window, 0, options)
+        else:
+            n = wtcp.write_eth_ipv4_tcp_headers(bufs[0], mac, our, src, dst, sport, dport,
+                                                seq, ack, flags, window, 0, options)
+        self.ctx.commit([n])
+        return True
+
+    def _reset_unknown(self, six: bool, src: IPAddr, dst: IPAddr, seg: wtcp.Tcp) -> None:
+        """RFC 9293 §3.10.7.1: a segment for no connection gets a RST (never for a RST)."""
+        if seg.flags & wtcp.ACK:
+            seq, ack, flags = seg.ack, 0, wtcp.RST
+        else:
+            length = len(seg.payload) + bool(seg.flags & wtcp.SYN) + bool(seg.flags & wtcp.FIN)
+            seq, ack, flags = 0, (seg.seq + length) & M32, wtcp.RST | wtcp.ACK
+        self._log.debug(("tcp-rst", dst), "segment for no connection %s:%d -> %s:%d: RST",
+                        src, seg.sport, dst, seg.dport)
+        if self._frame(six, dst.packed, src.packed, seg.dport, seg.sport, seq, ack, flags, 0):
+            self.resets_sent += 1
+
+    def _isn(self, conn: TcpConn) -> int:
+        """RFC 6528: a keyed hash of the 4-tuple plus a 4 us clock."""
+        h = hashlib.blake2b(conn.gaddr_b + conn.faddr_b + struct.pack("!HH", conn.gport,
+                            conn.fport), digest_size=4, key=self._secret).digest()
+        return (int.from_bytes(h, "big") + (time.monotonic_ns() >> 12)) & M32
+
+    def _syn_options(self, conn: TcpConn, seg: wtcp.Tcp) -> None:
+        """MSS and window scale from the guest's SYN (or SYN-ACK)."""
+        limit = self.ctx.max_l3 - (IPV6_HLEN if conn.six else IPV4_HLEN) - wtcp.TCP_HLEN
+        mss = seg.mss if seg.mss else (DEFAULT_MSS6 if conn.six else DEFAULT_MSS4)
+        conn.mss = max(64, min(mss, limit))
+        if seg.wscale is not None:
+            conn.ws_from_tap = seg.wscale
+            conn.ws_to_tap = WS_TO_TAP
+        else:
+            conn.ws_from_tap = conn.ws_to_tap = 0
+
+    def _our_mss(self, six: bool) -> int:
+        return min(65535, self.ctx.max_l3 - (IPV6_HLEN if six else IPV4_HLEN) - wtcp.TCP_HLEN)
+
+    def _send_syn(self, conn: TcpConn) -> None:
+        """SYN (inbound) or SYN-ACK (outbound), and the handshake retransmission timer."""
+        options = wtcp.build_tcp_options(self._our_mss(conn.six),
+                                         WS_TO_TAP if conn.ws_to_tap or conn.state == SYN_SENT
+                                         else None)
+        if conn.state == SYN_SENT:
+            flags, ack = wtcp.SYN, 0
+        else:
+            flags, ack = wtcp.SYN | wtcp.ACK, conn.seq_from_tap
+        self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, conn.isn,
+                    ack, flags, SYN_WINDOW, options)
+        conn.seq_to_tap = conn.seq_max = (conn.isn + 1) & M32
+        self._arm_rto(conn)
+
+    def _send_fin(self, conn: TcpConn) -> None:
+        ack, wnd = self._ack_wnd(conn)
+        if not self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                           conn.seq_to_tap, ack, wtcp.FIN | wtcp.ACK, wnd):
+            self._waiting[conn] = None
+            self._arm_rto(conn)
+            return
+        self._acked_to_tap(conn, ack, wnd)
+        conn.fin_seq = conn.seq_to_tap
+        conn.seq_to_tap = (conn.seq_to_tap + 1) & M32
+        if seq_lt(conn.seq_max, conn.seq_to_tap):
+            conn.seq_max = conn.seq_to_tap
+        self._update_events(conn)
+        if not conn.rto_armed:
+            self._arm_rto(conn)
+
+    # --- the socket's epoll mask ----------------------------------------------------------
+
+    def _set_events(self, conn: TcpConn, events: int) -> None:
+        if conn.closed or events == conn.events:
+            return
+        if conn.events:
+            self.loop.modify_fd(conn.fd, events)
+        else:
+            # the loop's last resort (loop.py): a callback that raises resets its connection
+            self.loop.add_fd(conn.fd, events, functools.partial(self._on_sock, conn),
+                             on_error=lambda _e: self._reset(conn))
+        conn.events = events
+
+    def _update_events(self, conn: TcpConn) -> None:
+        if conn.state != ESTABLISHED:
+            return
+        if conn.fin_seq is not None:
+            ev = EPOLLRDHUP | EPOLLET  # nothing more to read: errors and hang-ups only
+        elif conn.stalled:
+            # The guest's window or its RX ring is full: only the guest frees them (its ACK,
+            # its RX kick, or the RTO's probe calls _from_sock), so new data need not wake
+            # us: with a busy sender every segment it queued did, for nothing.
+            ev = EPOLLRDHUP | EPOLLET
+        elif conn.drained:
+            ev = EPOLLIN | EPOLLRDHUP | EPOLLET
+        else:
+            ev = EPOLLIN | EPOLLRDHUP
+        if conn.want_out:
+            ev |= EPOLLOUT | EPOLLET
+        self._set_events(conn, ev)
+
+    def _stall(self, conn: TcpConn, stalled: bool, drained: bool = False) -> None:
+        if conn.stalled != stalled or conn.drained != drained:
+            conn.stalled = stalled
+            conn.drained = drained
+            self._update_events(conn)
+
+    # --- ACKs and windows to the guest ------------------------------------------------------
+
+    def _ack_wnd(self, conn: TcpConn) -> tuple[int, int]:
+        """(ACK number, window field) for the guest, from the host socket."""
+        if conn.state != ESTABLISHED:
+            return conn.seq_from_tap, SYN_WINDOW
+        info = tcp_info(conn.sock)
+        sndbuf = conn.sndbuf
+        if sndbuf is None:
+            try:
+                sndbuf = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                sndbuf = SNDBUF_SMALL
+            else:
+                if conn.sndbuf_fixed:
+                    conn.sndbuf = sndbuf
+        # SO_SNDBUF counts overhead too: roughly half holds payload once it is large
+        eff = sndbuf * 3 // 4 if sndbuf < (4 << 20) else sndbuf // 2
+        if info is None or len(info) < TCP_INFO_LEN:
+            ack = conn.seq_from_tap
+            wnd = eff
+        else:
+            remote = (conn.ack_base + _INFO.unpack_from(info, 120)[0]) & M32
+            if seq_lt(conn.seq_from_tap, remote):
+                remote = conn.seq_from_tap
+            if conn.tap_fin_rcvd and ((conn.seq_from_tap - remote) & M32) <= 1:
+                remote = conn.seq_from_tap  # all data acked; the FIN may not be counted
+            min_rtt = _U32.unpack_from(info, 148)[0] / 1e6
+            immediate = conn.local or sndbuf < SNDBUF_SMALL or (0 < min_rtt < LOW_RTT)
+            ack = conn.seq_from_tap if immediate else remote
+            snd_wnd = _U32.unpack_from(info, 228)[0]
+            unacked = (ack - remote) & M32
+            wnd = min(snd_wnd, eff) - unacked
+            conn.poll_fast = unacked > eff // 4
+        if seq_lt(ack, conn.seq_ack_to_tap):
+            ack = conn.seq_ack_to_tap  # never backwards
+        wnd = max(0, min(wnd, MAX_WINDOW))
+        return ack, min(wnd >> conn.ws_to_tap, 65535)
+
+    def _data_ack_wnd(self, conn: TcpConn, now: float) -> tuple[int, int]:
+        """_ack_wnd() for data frames to the guest, the last answer again for DATA_ACK_TTL
+        while nothing came from the guest and no ACK went out since: a host->guest transfer
+        peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
+        for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
+        memo = conn.data_ack
+        # its ACK number is still the last one sent (the data carried it, no ACK since)
+        if memo is not None and memo[0] == conn.seq_from_tap and \
+                memo[1] == conn.seq_ack_to_tap and now - memo[3] < DATA_ACK_TTL:
+            return memo[1], memo[2]
+        ack, wnd = self._ack_wnd(conn)
+        conn.data_ack = (conn.seq_from_tap, ack, wnd, now)
+        return ack, wnd
+
+    def _acked_to_tap(self, conn: TcpConn, ack: int, wnd: int) -> None:
+        conn.seq_ack_to_tap = ack
+        conn.wnd_to_tap = wnd << conn.ws_to_tap
+        conn.ack_due = False
+        if ack != conn.seq_from_tap or wnd == 0:
+            self._arm_ack(conn)  # poll the socket for the far end's ACK or window
+
+    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
+        if conn.closed or conn.state != ESTABLISHED:
+            return
+        ack, wnd = self._ack_wnd(conn)
+        if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
+                conn.wnd_to_tap:
+            if ack != conn.seq_from_tap or wnd == 0:
+                self._arm_ack(conn)
+            return
+        if self._pure_ack(conn, ack, wnd):
+            self._acked_to_tap(conn, ack, wnd)
+
+    def _pure_ack(self, conn: TcpConn, ack: int, wnd: int) -> bool:
+        """An ACK without data to the guest: the connection's template and C checksums
+        (_tcpseg) in a scratch frame the link's send() copies, where _frame() takes a link
+        buffer (a vhost-user guest's 4 KiB ones are bounced: it wants 17 of them free)."""
+        link = self.ctx.link
+        if link is None:
+            return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                               conn.seq_to_tap, ack, wtcp.ACK, wnd)
+        mac = self.ctx.guest_mac()
+        tmpl = self._template(conn, mac)
+        _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
+                               conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
+        return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
+
+    @staticmethod
+    def _tso(conn: TcpConn) -> Tso:
+        """How the link sends this connection's frames as GSO frames (segments of conn.mss,
+        the MSS the guest announced, capped by the MTU)."""
+        tso = conn.tso
+        if tso is None or tso.mss != conn.mss:
+            off = wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET
+            tso = conn.tso = Tso(conn.six, off - wtcp.TCP_HLEN, off, conn.mss)
+        return tso
+
+    def _template(self, conn: TcpConn, mac: bytes) -> bytes:
+        """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment
+        fields (lengths, seq, ack, flags, window, checksums) zero, and the pseudo-header
+        sum, for _tcpseg: built with the same writers as every other frame, once per guest
+        MAC (kept in conn.tmpl)."""
+        if conn.tmpl is not None and conn.tmpl_mac == mac:
+            return conn.tmpl
+        six = conn.six
+        scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
+        write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
+        write(scratch, mac, self.ctx.config.our_mac, conn.faddr_b, conn.gaddr_b, conn.fport,
+              conn.gport, 0, 0, 0, 0, 0)
+        l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
+            wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
+        tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
+        if not six:
+            tmpl[14 + 10:14 + 12] = b"\0\0"  # IPv4 header checksum: computed per frame
+        tmpl[l3 + 16:l3 + 18] = b"\0\0"
+        conn.tmpl, conn.tmpl_mac = bytes(tmpl), mac
+        conn.pseudo = checksum.partial(conn.faddr_b + conn.gaddr_b) + socket.IPPROTO_TCP
+        return conn.tmpl
+
+    @staticmethod
+    def _discard(conn: TcpConn) -> None:
+        """Drop what the guest acknowledged from the socket (before peeking again)."""
+        if conn.discard_due:
+            discard(conn.sock, conn.discard_due)
+            conn.discard_due = 0
+
+    # --- the end of a connection ------------------------------------------------------------
+
+    def _guest_reset(self, conn: TcpConn) -> None:
+        """The guest reset the connection: reset the host side too (SO_LINGER 0), where
+        passt closes gracefully."""
+        log.debug("%r: reset by the guest", conn)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        conn.remove()
+
+    def _reset(self, conn: TcpConn) -> None:
+        """Give up on a connection: RST to the guest and to the host side."""
+        if conn.closed:
+            return
+        if conn.state in (SYN_ACK_SENT, ESTABLISHED):
+            seq = conn.seq_to_tap
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, seq,
+                        conn.seq_from_tap, wtcp.RST | wtcp.ACK, 0)
+        elif conn.state == CONNECTING:
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport, 0,
+                        conn.seq_from_tap, wtcp.RST | wtcp.ACK, 0)
+        elif conn.state == SYN_SENT:
+            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                        conn.seq_to_tap, 0, wtcp.RST, 0)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+        except OSError:
+            pass
+        conn.remove()
+
+    def _maybe_close(self, conn: TcpConn) -> None:
+        """Both directions finished: the guest's FIN passed on and acknowledged by the far
+        end, ours acknowledged by the guest."""
+        if conn.closed or conn.state != ESTABLISHED:
+            return
+        if conn.tap_fin_rcvd and conn.tap_fin_acked and conn.seq_ack_to_tap == \
+                conn.seq_from_tap:
+            conn.remove()

@@ -1,0 +1,185 @@
+"""The TCP handler: listening sockets (`-t` forwards, pasta's automatic ports), connections
+accepted on them, and the events of every connection's host socket.
+
+TcpHandler is what the dispatcher, the daemon and pasta hold (vhostpasst.proto.tcp.TcpHandler);
+it is the top of the classes the handler is built from (conn.py explains the whole). A
+connection accepted on a `-t` port is first offered to `claim` (pasta's loopback splice); else
+it gets a guest side from NAT and our SYN goes to the guest (SYN_SENT).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from ipaddress import IPv6Address, ip_address
+
+from vhostpasst.config import fwd
+from vhostpasst.core import nat
+from vhostpasst.core.flow import Context
+from vhostpasst.core.loop import (
+    EPOLLERR,
+    EPOLLET,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+)
+from vhostpasst.proto.listen import bound_socket
+from vhostpasst.proto.tcp.conn import (
+    ACCEPT_BATCH,
+    CONNECTING,
+    ESTABLISHED,
+    HANDSHAKE_TIMEOUT,
+    LISTEN_BACKLOG,
+    SYN_SENT,
+    WS_TO_TAP,
+    IPAddr,
+    Listener,
+    TcpConn,
+    reset_close,
+    tap_key,
+    tune,
+)
+from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.from_guest import FromGuest
+
+
+class TcpHandler(FromGuest):
+    """TCP between the guest and host sockets (see vhostpasst.proto.tcp.conn)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.listeners: list[Listener] = []
+        # pasta: takes a just-accepted connection for the loopback splice path (True: taken),
+        # so loopback-sourced connections never go through the tap (tcp_splice.py)
+        self.claim: Callable[[Listener, socket.socket, tuple], bool] | None = None
+
+    def close(self) -> None:
+        for lst in self.listeners:
+            self.loop.remove_fd(lst.sock.fileno())
+            lst.sock.close()
+        self.listeners.clear()
+
+    # --- host-initiated connections (-t) --------------------------------------------------
+
+    def listen(self, forwards: fwd.PortForwards | None) -> None:
+        """Bind every `-t` mapping. Raises OSError for a port that an explicit spec asked
+        for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
+        config = self.ctx.config
+        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+                                         config.ip6 is not None, "TCP", self._listen_one):
+            self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
+
+    def _add_listener(self, lst: Listener) -> None:
+        self.listeners.append(lst)
+        self.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda _mask: self._on_listener(lst))
+
+    def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
+        """One more listening port on any address (pasta's automatic ports); OSError if
+        it cannot be bound."""
+        lst = Listener(self._listen_one(six, None, None, port), six, port, guest_port)
+        self._add_listener(lst)
+        return lst
+
+    def remove_listener(self, lst: Listener) -> None:
+        """Stop listening; connections accepted earlier go on."""
+        if lst in self.listeners:
+            self.listeners.remove(lst)
+            self.loop.remove_fd(lst.sock.fileno())
+            lst.sock.close()
+
+    def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
+                    port: int) -> socket.socket:
+        sock = bound_socket(self.socket_factory, socket.SOCK_STREAM, six, addr, ifname, port,
+                            self.ctx.config.freebind)
+        try:
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _on_listener(self, lst: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._log.warning(("tcp-accept", e.errno), "accept: %s", e)
+                return
+            try:
+                if self.claim is not None and self.claim(lst, sock, peer):
+                    continue
+                self._accepted(lst, sock, peer)
+            except Exception:
+                log.exception("error accepting a TCP connection")
+                sock.close()
+
+    def _accepted(self, lst: Listener, sock: socket.socket, peer: tuple) -> None:
+        ctx = self.ctx
+        try:
+            src = ip_address(str(peer[0]).split("%")[0])
+            sport = int(peer[1])
+        except (ValueError, IndexError, TypeError):
+            sock.close()
+            return
+        if isinstance(src, IPv6Address) and src.ipv4_mapped is not None:
+            src = src.ipv4_mapped
+        sides = nat.from_host(ctx.config, ctx.guest, src)
+        if sides is None or self.half_open >= self.half_open_max or ctx.flows.full():
+            self._log.debug(("tcp-in-drop", src), "connection from %s: no guest side", src)
+            reset_close(sock)
+            return
+        shown, gdst = sides
+        six = isinstance(gdst, IPv6Address)
+        sock.setblocking(False)
+        conn = TcpConn(self, sock, six, gdst, lst.guest_port, shown, sport, SYN_SENT)
+        conn.local = src.is_loopback
+        if not ctx.flows.add(conn, tap_key(six, gdst, lst.guest_port, shown, sport)):
+            reset_close(sock)
+            return
+        self.half_open += 1
+        conn.sndbuf_fixed = tune(sock)
+        conn.isn = self._isn(conn)
+        conn.seq_ack_from_tap = conn.isn
+        conn.ws_to_tap = WS_TO_TAP
+        self._set_events(conn, EPOLLRDHUP | EPOLLET)
+        self._send_syn(conn)
+        self._arm_idle(conn, HANDSHAKE_TIMEOUT)
+
+    # --- host socket events ---------------------------------------------------------------
+
+    def _on_sock(self, conn: TcpConn, mask: int) -> None:
+        try:
+            self._sock_event(conn, mask)
+        except Exception:
+            log.exception("error on the host socket of %r", conn)
+            self._reset(conn)
+
+    def _sock_event(self, conn: TcpConn, mask: int) -> None:
+        if conn.closed:
+            return
+        if conn.state == CONNECTING:
+            if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self._connected(conn)
+            return
+        if mask & EPOLLERR:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._log.debug(("tcp-err", err), "%r: socket error %s", conn,
+                            os.strerror(err) if err else "?")
+            self._reset(conn)
+            return
+        if conn.state != ESTABLISHED:
+            return
+        if mask & EPOLLOUT and conn.want_out:
+            conn.want_out = False
+            self._update_events(conn)
+            self._send_ack(conn, force=True)  # a window update: the guest resends
+        if mask & (EPOLLRDHUP | EPOLLHUP):
+            conn.peer_closed = True  # an edge that will not come again
+        if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            self._from_sock(conn)
+        if mask & EPOLLHUP and not conn.closed:
+            self._maybe_close(conn)

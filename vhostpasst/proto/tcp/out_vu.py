@@ -1,0 +1,71 @@
+"""TCP data to the guest read straight into its vhost-user RX buffers: the output path of
+to_guest.py for a link whose LinkCaps say `guest_fill` (vhost-user with mergeable buffers and
+GUEST_CSUM, no --pcap: only headers are written into the frames, no checksum over the payload).
+
+One C call (Link.rx_fill()) pops the guest's buffers, reads the socket into them (recvmsg with
+MSG_PEEK) past the headers, has tcpsg.c's vp_tcp_fill_writer write each frame's headers from
+the connection's template (the `struct vp_tcp_fill` below: template, seq, ack, window, MSS),
+and puts the frames in the used ring; a memoryview per guest buffer and the Python between
+those steps cost more than the steps. The ACK number and window go in before the read. Where
+the ring's shape is not one the C handles (chains of several buffers), rx_fill() declines
+and the frames go through link buffers as for any link (BufOutput).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vhostpasst._tcpsg import ffi as _sg_ffi
+from vhostpasst._tcpsg import lib as _sg_lib
+from vhostpasst.link.base import Link, LinkCaps, Tso
+from vhostpasst.proto.tcp.conn import _PEEK_FLAGS, TcpConn
+from vhostpasst.proto.tcp.control import TcpControl
+from vhostpasst.proto.tcp.out_buf import BufOutput, Peeked
+from vhostpasst.wire import tcp as wtcp
+
+
+class GuestFillOutput(BufOutput):
+    """Data frames read and committed by the link's C in one call (see the module
+    docstring); BufOutput's path where the link declines."""
+
+    def __init__(self, handler: TcpControl, caps: LinkCaps) -> None:
+        super().__init__(handler, caps)
+        # Link.rx_fill()'s frame writer (cffi_build/tcpsg.c) and its argument, as addresses:
+        # the link's C calls it between the read and the commit. `_fill_for` is whose
+        # template and addresses the argument holds.
+        self._fill: Any = _sg_ffi.new("struct vp_tcp_fill *")
+        self._fill.flags, self._fill.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH
+        self._fill_for: tuple[TcpConn, bytes] | None = None
+        self._fill_arg = int(_sg_ffi.cast("uintptr_t", self._fill))
+        self._fill_writer = int(_sg_ffi.cast(
+            "uintptr_t", _sg_ffi.addressof(_sg_lib, "vp_tcp_fill_writer")))
+
+    def send(self, conn: TcpConn, link: Link, count: int, seg: int, size: int, off: int,
+             room: int, tso: Tso | None,
+             acked: tuple[int, int] | None = None) -> Peeked | None:
+        now = time.monotonic()
+        ack, wnd = self.h._data_ack_wnd(conn, now)
+        mac = self.h.ctx.guest_mac()
+        fill = self._fill
+        tmpl = self.h._template(conn, mac)
+        if self._fill_for != (conn, tmpl):
+            fill.tmpl = tmpl
+            fill.six = conn.six
+            fill.pseudo = conn.pseudo
+            self._fill_for = (conn, tmpl)
+        fill.seq = conn.seq_to_tap
+        fill.ack = ack
+        fill.wnd = wnd
+        fill.tso_mss = tso.mss if tso is not None else 0
+        got = link.rx_fill(conn.fd, count, off + size, off, room, _PEEK_FLAGS,
+                           self._fill_writer, self._fill_arg, tso)
+        if got is None:  # a ring shape the C leaves to the general path
+            return super().send(conn, link, count, seg, size, off, room, tso, (ack, wnd))
+        n, sent, caps = got
+        if n == 0 and caps == 0:
+            return None
+        if n == 0:
+            return Peeked(0, caps, None, ack, wnd)
+        conn.last_seen = now
+        return Peeked(n, caps, fill.seq if sent else None, ack, wnd)

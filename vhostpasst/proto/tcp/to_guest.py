@@ -1,0 +1,169 @@
+"""TCP data from the host socket to the guest: how much, and when.
+
+_from_sock() runs when the socket has data (EPOLLIN), when the guest's ACK opens its window,
+when the link has buffers again (rx_ready()), and on the persist and retransmission timers.
+It works out how many bytes the guest's window takes (`room`), how many frames of how many
+bytes (the guest's MSS, or up to 64 KiB where the link's peer segments: LinkCaps.tso4/6), and
+how many frames the socket's queue can fill (SIOCINQ, skipped after a peek that filled all it
+was given); then the output path chosen for the link does the read (a peek: the bytes stay
+queued until the guest acknowledges them), the headers and the commit, and says what it did
+(out_buf.Peeked), which this module turns into the connection's state: what was sent, a FIN
+at the end of the stream, a stall when the window or the ring is full.
+
+The output path is chosen once per LinkCaps (a link declares new ones when a peer attaches
+or negotiates other features): out_vu.GuestFillOutput where the link's C fills the guest's
+buffers itself, out_buf.BufOutput for any other link.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vhostpasst.link.base import TSO_MAX_L3, LinkCaps
+from vhostpasst.proto.tcp.conn import ESTABLISHED, M32, SEG_BATCH, TcpConn, seq_le, seq_lt, unread
+from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.out_buf import BufOutput
+from vhostpasst.proto.tcp.out_vu import GuestFillOutput
+from vhostpasst.proto.tcp.timers import TcpTimers
+from vhostpasst.wire import tcp as wtcp
+from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
+
+
+class ToGuest(TcpTimers):
+    """Host socket data to the guest (see the module docstring)."""
+
+    _caps: LinkCaps | None = None  # what the output path was chosen for
+    _out: BufOutput
+
+    def _output(self, caps: LinkCaps) -> BufOutput:
+        """The output path for a link with these capabilities, chosen again when they
+        change (a new peer, other features)."""
+        if caps is not self._caps:
+            self._caps = caps
+            self._out = GuestFillOutput(self, caps) if caps.guest_fill else BufOutput(self, caps)
+        return self._out
+
+    def rx_ready(self) -> None:
+        """The link has buffers again (Link.add_rx_ready_callback): resume the connections
+        that stopped for lack of them, rather than waiting for their RTO timers."""
+        waiting, self._waiting = self._waiting, {}
+        for conn in waiting:
+            if conn.closed:
+                continue
+            try:
+                self._from_sock(conn)  # at the end of the stream this sends the FIN
+            except Exception:
+                log.exception("error resuming %r", conn)
+                self._reset(conn)
+
+    def _from_sock(self, conn: TcpConn) -> None:
+        """Peek what the guest's window allows into link buffers, headers in place."""
+        if conn.state != ESTABLISHED or conn.closed:
+            return
+        self._discard(conn)
+        if conn.fin_seq is not None:
+            return
+        in_flight = (conn.seq_to_tap - conn.seq_ack_from_tap) & M32
+        room = conn.wnd_from_tap - in_flight
+        if room <= 0:
+            self._stall(conn, True)
+            if not conn.rto_armed:
+                self._arm_rto(conn)  # persist: probe a zero window
+            return
+        link = self.ctx.link
+        connected = link is not None and link.connected
+        caps = link.caps if link is not None else None
+        # a guest that segments (TSO) takes frames of up to 64 KiB: far fewer of them
+        tso = self._tso(conn) if connected and caps is not None and \
+            (caps.tso6 if conn.six else caps.tso4) else None
+        seg = conn.mss  # payload per frame
+        if tso is not None:  # as many whole segments as fit 64 KiB: no runt at the end
+            l3 = (IPV6_HLEN if conn.six else IPV4_HLEN) + wtcp.TCP_HLEN
+            seg = max(seg, (TSO_MAX_L3 - l3) // seg * seg)
+        count = min(SEG_BATCH, -(-room // seg))
+        # After a peek that filled all it was given (a bulk transfer) there is more, or the
+        # next peek finds nothing and says so: the socket's queue length tells nothing then.
+        queued = None if conn.peek_full else unread(conn.fd)
+        fresh = None  # bytes not peeked yet, if the socket says
+        if queued is not None:
+            # no more buffers than there are bytes to peek: a 1-byte answer takes one
+            # buffer, not the window's worth (the unpeeked bytes follow what is in flight)
+            fresh = queued - in_flight
+            if fresh <= 0 and conn.drained and not conn.peer_closed:
+                # Everything queued is peeked, the last peek came up short and the peer has
+                # not closed: the socket is edge-triggered, so new data (or the end) raises
+                # an event. (The guest's ACK of each short answer used to pop a buffer and
+                # peek for nothing.)
+                return
+            count = min(count, max(1, -(-fresh // seg)))
+        if not connected or link is None or caps is None:
+            self._no_room(conn)
+            return
+        off = (wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET)
+        # per frame the buffers it spans: vhost-user's mergeable RX buffers are 1.5-4 KiB,
+        # so the peek lands in guest memory instead of a bounce buffer (one copy)
+        size = seg
+        if count == 1 and fresh is not None and 0 < fresh < seg:
+            # A short answer: the guest buffers its bytes need, not a whole segment's
+            # (with TSO 64 KiB, some 17-44 mergeable buffers popped and given back per
+            # 1-byte answer). One byte more, so a peek that fills them means more came.
+            # Not when SIOCINQ saw nothing new: data landing between it and the peek
+            # would go out one byte first (a whole segment's room costs nothing then).
+            size = fresh + 1
+        try:
+            peeked = self._output(caps).send(conn, link, count, seg, size, off, room, tso)
+        except OSError as e:
+            self._peek_failed(conn, e)
+            return
+        if peeked is None:
+            self._no_room(conn)
+        elif not peeked.read:
+            self._peeked_eof(conn)
+        else:
+            self._peeked(conn, peeked.read, peeked.room, room)
+            if peeked.seq is not None:
+                self._data_sent(conn, peeked.seq, peeked.ack, peeked.wnd)
+            elif not conn.rto_armed:  # the link's buffers broke their promises: resend later
+                self._arm_rto(conn)
+
+    def _no_room(self, conn: TcpConn) -> None:
+        """No guest, or its RX ring is full: rx_ready() resumes, the RTO if it never comes."""
+        self._stall(conn, True)
+        self._waiting[conn] = None
+        if not conn.rto_armed:
+            self._arm_rto(conn)
+
+    def _peeked_eof(self, conn: TcpConn) -> None:
+        """The peek found the end of the stream, everything before it peeked: FIN."""
+        conn.sock_eof = True
+        conn.peek_full = False
+        self._stall(conn, False, drained=True)
+        self._send_fin(conn)
+
+    def _peeked(self, conn: TcpConn, n: int, caps: int, room: int) -> None:
+        """n bytes peeked into frames with `caps` bytes of room, `room` what the guest's
+        window allowed: frames not filled mean nothing more to peek until new data arrives
+        (an edge); a full window waits for the guest's ACK."""
+        conn.peek_full = n >= caps
+        self._stall(conn, n >= room, drained=not conn.peek_full)
+
+    def _data_sent(self, conn: TcpConn, seq: int, ack: int, wnd: int) -> None:
+        """Data frames up to `seq` went to the guest, carrying `ack` and `wnd`."""
+        self._acked_to_tap(conn, ack, wnd)
+        if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
+            conn.rtt_seq, conn.rtt_time = seq, time.monotonic()  # Karn: new data only
+        conn.seq_to_tap = seq
+        if seq_lt(conn.seq_max, seq):
+            conn.seq_max = seq
+        if not conn.rto_armed:
+            self._arm_rto(conn)
+
+    def _peek_failed(self, conn: TcpConn, e: OSError) -> None:
+        """The peek's recvmsg() failed: nothing there after all (an edge raced us), or the
+        socket is broken."""
+        if isinstance(e, (BlockingIOError, InterruptedError)):
+            conn.peek_full = False
+            self._stall(conn, False, drained=True)
+            return
+        self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
+        self._reset(conn)
