@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ._ring import ffi, lib  # type: ignore[import-not-found]
+from ._ring import ffi, lib
 from .memory import MapError, map_shared, unmap_shared
 
 LOG_PAGE = 4096  # VHOST_LOG_PAGE

@@ -40,7 +40,7 @@ import os
 import stat
 import weakref
 
-from ._guard import ffi, lib  # type: ignore[import-not-found]
+from ._guard import ffi, lib
 
 OK = 0
 FULL = 1  # an eventfd's counter is full: a notification is pending anyway

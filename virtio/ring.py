@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._ring import ffi, lib  # type: ignore[import-not-found]
+from ._ring import ffi, lib
 
 # vr_pop_chains() status codes (cffi_build/ring.c)
 POP_OK = 0
