@@ -46,14 +46,14 @@ class SdistWithInfo(sdist):
 
 setup(
     cffi_modules=[
-        "cffi_build/checksum_build.py:ffibuilder",
-        "cffi_build/ring_build.py:ffibuilder",
-        "cffi_build/mmsg_build.py:ffibuilder",
-        "cffi_build/ns_build.py:ffibuilder",
-        "cffi_build/tcpseg_build.py:ffibuilder",
-        "cffi_build/tcpsg_build.py:ffibuilder",
-        "cffi_build/guard_build.py:ffibuilder",
-        "cffi_build/seccomp_build.py:ffibuilder",
+        "cffi_build/virtio/ring_build.py:ffibuilder",
+        "cffi_build/virtio/guard_build.py:ffibuilder",
+        "cffi_build/vhostpasst/checksum_build.py:ffibuilder",
+        "cffi_build/vhostpasst/mmsg_build.py:ffibuilder",
+        "cffi_build/vhostpasst/ns_build.py:ffibuilder",
+        "cffi_build/vhostpasst/tcpseg_build.py:ffibuilder",
+        "cffi_build/vhostpasst/tcpsg_build.py:ffibuilder",
+        "cffi_build/vhostpasst/seccomp_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithInfo, "sdist": SdistWithInfo},
     data_files=[("share/man/man1", ["doc/vhostpasst.1"])],

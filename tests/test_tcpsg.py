@@ -1,7 +1,7 @@
-"""vhostpasst._tcpsg (cffi_build/tcpsg.c): TCP frames whose payload is scattered over several
-buffers (vhost-user mergeable RX) get byte for byte what _tcpseg writes for the same frames
-laid out contiguously, whatever the piece boundaries (odd ones included); with csum off the
-TCP checksum field stays as the template has it; bad piece tables are refused."""
+"""vhostpasst._tcpsg (cffi_build/vhostpasst/tcpsg.c): TCP frames whose payload is scattered over
+several buffers (vhost-user mergeable RX) get byte for byte what _tcpseg writes for the same
+frames laid out contiguously, whatever the piece boundaries (odd ones included); with csum off
+the TCP checksum field stays as the template has it; bad piece tables are refused."""
 
 from __future__ import annotations
 

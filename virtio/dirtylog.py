@@ -4,7 +4,7 @@ While the guest's memory is copied to the destination, the front end must learn 
 the back end wrote behind its back (the used rings, the buffers of RX chains), to copy them
 again. It hands over a shared bitmap with SET_LOG_BASE (VHOST_USER_PROTOCOL_F_LOG_SHMFD): bit
 `page % 8` of byte `page / 8` stands for guest-physical page `page` (4 KiB). The marking is
-an atomic OR in C (cffi_build/ring.c, vr_log_mark): the front end clears bits while we set
+an atomic OR in C (cffi_build/virtio/ring.c, vr_log_mark): the front end clears bits while we set
 them, and other back ends of the same guest may share the bitmap.
 """
 

@@ -1,5 +1,5 @@
 """What keeps a hostile front end from stopping the back end through the memory and the
-eventfds it shares with us (issue 17). The C half is cffi_build/guard.c.
+eventfds it shares with us (issue 17). The C half is cffi_build/virtio/guard.c.
 
 Guest memory that shrinks under us. The front end keeps the files our guest mappings come
 from; if it truncates one (ftruncate(memfd, 0)) after SET_MEM_TABLE (or SET_LOG_BASE), our

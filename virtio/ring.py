@@ -1,4 +1,4 @@
-"""Typed wrapper over the cffi ring helpers (cffi_build/ring.c): ordered index accesses,
+"""Typed wrapper over the cffi ring helpers (cffi_build/virtio/ring.c): ordered index accesses,
 descriptor chains popped a batch per call, used elements written a batch per call.
 
 The C side re-checks every bound; a -1 from it means the ring areas given here were too small
@@ -15,7 +15,7 @@ from typing import Any
 
 from ._ring import ffi, lib
 
-# vr_pop_chains() status codes (cffi_build/ring.c)
+# vr_pop_chains() status codes (cffi_build/virtio/ring.c)
 POP_OK = 0
 POP_E_AVAIL_JUMP = 1
 POP_E_HEAD = 2
@@ -114,7 +114,7 @@ _scratch = _Scratch()
 def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
                 starts: list[int], hdr: int, frame_len: int, off: int,
                 room: int) -> tuple[int, list[int]]:
-    """vr_recv_frames() (cffi_build/ring.c) on its own, as vr_rx_fill() calls it (the daemon
+    """vr_recv_frames() (cffi_build/virtio/ring.c) on its own, as vr_rx_fill() calls it (the daemon
     goes through RingAccess.rx_fill(); the tests check the read here).
     recvmsg(fd, flags) straight into frames laid out over guest buffers: frame i over
     the chains records[starts[i]:starts[i + 1]] ((region, offset, length) u64 triples as
@@ -133,25 +133,25 @@ def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
     return n, ffi.unpack(caps, len(starts))
 
 
-# vr_tx_frames() frame kinds (cffi_build/ring.c)
+# vr_tx_frames() frame kinds (cffi_build/virtio/ring.c)
 TX_GUEST = 0  # in one guest buffer: used where it is
 TX_COPY = 1  # over several: copied to the bounce buffer
 TX_SHORT = 2  # the chain holds no more than a header
 TX_BIG = 3  # the frame is longer than allowed: dropped, never copied
 
-# vr_rx_layout() stop reasons (cffi_build/ring.c)
+# vr_rx_layout() stop reasons (cffi_build/virtio/ring.c)
 LAYOUT_COUNT = 0  # as many frames as asked
 LAYOUT_END = 1  # the records ended where a frame would start
 LAYOUT_SHORT = 2  # they ended inside a frame
 LAYOUT_ODD = 3  # a frame's first buffer is too short for the headers
 LAYOUT_VIEWS = 4  # the view budget is reached
 
-# vr_rx_gather() outcomes (cffi_build/ring.c)
+# vr_rx_gather() outcomes (cffi_build/virtio/ring.c)
 GATHER_OK = 0  # frames laid out (none when the ring had too few chains)
 GATHER_GENERAL = 1  # nothing kept: a ring shape for the Chain-based path
 GATHER_ERROR = 2  # a bad chain or avail index (status() says which)
 
-# vr_rx_fill() outcomes (cffi_build/ring.c)
+# vr_rx_fill() outcomes (cffi_build/virtio/ring.c)
 FILL_OK = 0  # frames sent (none, with 0 bytes read: the end of the stream)
 FILL_EMPTY = 1  # no frame laid out: the ring has too few chains
 FILL_GENERAL = 2  # nothing kept: a ring shape for the Chain-based path
@@ -180,7 +180,7 @@ FILL_OUT_LEN = 13
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
               views: int, dry: bool, starts: list[int]) -> tuple[int, int, int, int]:
-    """vr_rx_layout() (cffi_build/ring.c) on its own, as vr_rx_gather() calls it between
+    """vr_rx_layout() (cffi_build/virtio/ring.c) on its own, as vr_rx_gather() calls it between
     pops (the daemon goes through RingAccess.rx_gather(); the tests check the grouping
     here). Mergeable RX frames of `need` bytes over chains of one buffer each, from buffer record
     `start` on (records as RingAccess.pop() writes them, one per chain), grouped as the
@@ -301,9 +301,6 @@ class RingAccess:
     def used_event(self) -> int:
         return _ok(lib.vr_used_event(self._avail, self._avail_len, self.num))
 
-    def used_put(self, idx: int, head: int, length: int) -> None:
-        _ok(lib.vr_used_put(self._used, self._used_len, self.num, idx & 0xFFFF, head, length))
-
     def used_publish(self, idx: int) -> None:
         """used->idx with release ordering, then a full fence (before reading used_event)."""
         if lib.vr_used_publish(self._used, self._used_len, idx & 0xFFFF) < 0:  # _ok(), inline:
@@ -367,7 +364,7 @@ class RingAccess:
                   count: int, need: int, hdr: int, head: int, max_views: int, hint: int
                   ) -> tuple[int, list[int], int, int, bool, bytes, bytes]:
         """Mergeable RX frames over chains of one writable buffer each, popped and laid out
-        in one C call (vr_rx_gather() in cffi_build/ring.c: net.rx_frames()'s pops and
+        in one C call (vr_rx_gather() in cffi_build/virtio/ring.c: net.rx_frames()'s pops and
         rx_layout() calls, the dry ring's kick re-armed with one store when `rearm`).
         Returns (GATHER_*, each frame's first record, chains kept, chains popped in all,
         starved, the kept chains' buffer records (region, offset, length) u64 and chain
@@ -397,7 +394,7 @@ class RingAccess:
                 fd: int, flags: int, room: int, writer: int, writer_arg: int, plain: bytes,
                 gso: bytes, gso_from: int) -> tuple[int, list[int], Any]:
         """rx_gather(), recv_frames(), the frame writer and rx_commit() in one C call
-        (vr_rx_fill() in cffi_build/ring.c): `writer` and `writer_arg` are the addresses of
+        (vr_rx_fill() in cffi_build/virtio/ring.c): `writer` and `writer_arg` are the addresses of
         a vr_frame_writer and its argument. Returns (bytes read or -errno, vr_rx_fill()'s
         out[] (its slots: FILL_OUT_*), the (head, length) pairs to push: VirtQueue.
         push_written(), valid until the next call)."""
@@ -413,8 +410,8 @@ class RingAccess:
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:
         """Guest TX frames out of the `n` chains the last pop() left in the records
-        (vr_tx_frames() in cffi_build/ring.c): each chain's `hdr`-byte header to hdrs, and per
-        chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one buffer,
+        (vr_tx_frames() in cffi_build/virtio/ring.c): each chain's `hdr`-byte header to hdrs,
+        and per chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one buffer,
         (TX_COPY, 0, offset, length) for one copied to `bounce`, TX_SHORT (no more than a
         header) or TX_BIG (more than `max_frame` bytes: not copied). Returns how
         many chains were done (fewer when `bounce` fills). `hdrs`, `bounce`, `out`: cdata

@@ -109,10 +109,6 @@ class Chain:
     writable: list[memoryview]
 
     @property
-    def read_len(self) -> int:
-        return sum(len(b) for b in self.readable)
-
-    @property
     def write_len(self) -> int:
         return sum(len(b) for b in self.writable)
 

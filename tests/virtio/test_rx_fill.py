@@ -1,5 +1,5 @@
-"""VirtQueue.fill_rx_frames() (vr_rx_fill() in cffi_build/ring.c): the gather, the socket read
-into the frames, a caller's C frame writer and the commit in one call, against the steps it
+"""VirtQueue.fill_rx_frames() (vr_rx_fill() in cffi_build/virtio/ring.c): the gather, the socket
+read into the frames, a caller's C frame writer and the commit in one call, against the steps it
 joins (pop_rx_frames(), ring.recv_frames(), ring.rx_commit()) and its outcomes."""
 
 from __future__ import annotations

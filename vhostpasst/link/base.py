@@ -148,7 +148,7 @@ class Link(abc.ABC):
         buffers C code can fill faster than recvmsg_into() over rx_scatter()'s views: only
         when nothing but headers is written into the frames (no checksum over the payload).
         `writer` is the address of a C frame writer (virtio's vr_frame_writer,
-        cffi_build/ring.c) and `writer_arg` of its argument; it writes each frame's headers
+        cffi_build/virtio/ring.c) and `writer_arg` of its argument; it writes each frame's headers
         given its first buffer and payload size. Returns (bytes read, frames sent, the
         payload room the frames had in all): 0 bytes with frames laid out is the end of the
         stream (nothing sent); (0, 0, 0) when there is no room; bytes read and none sent

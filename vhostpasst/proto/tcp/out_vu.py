@@ -31,8 +31,8 @@ class GuestFillOutput(BufOutput):
 
     def __init__(self, handler: TcpControl, caps: LinkCaps) -> None:
         super().__init__(handler, caps)
-        # Link.rx_fill()'s frame writer (cffi_build/tcpsg.c) and its argument, as addresses:
-        # the link's C calls it between the read and the commit. `_fill_for` is whose
+        # Link.rx_fill()'s frame writer (cffi_build/vhostpasst/tcpsg.c) and its argument, as
+        # addresses: the link's C calls it between the read and the commit. `_fill_for` is whose
         # template and addresses the argument holds.
         self._fill: Any = _sg_ffi.new("struct vp_tcp_fill *")
         self._fill.flags, self._fill.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH

@@ -14,6 +14,7 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "vhostpasst._csum",
     (Path(__file__).parent / "checksum.c").read_text(),
+    include_dirs=[str(Path(__file__).parent)],  # csum.h
     extra_compile_args=["-O2"],
 )
 

@@ -1,5 +1,5 @@
 """cffi build script for TCP frame headers in batches (compiled at install time):
-`vhostpasst._tcpseg`, used by vhostpasst/proto/tcp.py on the host -> guest path."""
+`vhostpasst._tcpseg`, used by vhostpasst/proto/tcp/ on the host -> guest path."""
 
 from pathlib import Path
 

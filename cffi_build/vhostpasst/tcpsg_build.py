@@ -1,5 +1,5 @@
 """cffi build script for TCP frame headers over scattered buffers (compiled at install time):
-`vhostpasst._tcpsg`, used by vhostpasst/proto/tcp.py when a link hands out frames that span several
+`vhostpasst._tcpsg`, used by vhostpasst/proto/tcp/ when a link hands out frames that span several
 buffers (vhost-user mergeable RX, Link.rx_scatter)."""
 
 from pathlib import Path

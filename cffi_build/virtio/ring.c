@@ -61,19 +61,6 @@ int vr_used_event(const uint8_t *avail, size_t len, unsigned num)
 	return __atomic_load_n((const uint16_t *)(avail + 4 + 2 * (size_t)num), __ATOMIC_RELAXED);
 }
 
-int vr_used_put(uint8_t *used, size_t len, unsigned num, unsigned idx, uint32_t id,
-		uint32_t elem_len)
-{
-	uint32_t *elem;
-
-	if (num == 0 || !ok(used, len, USED_SIZE(num), 4))
-		return -1;
-	elem = (uint32_t *)(used + 4 + 8 * (size_t)(idx & (num - 1)));
-	elem[0] = id;
-	elem[1] = elem_len;
-	return 0;
-}
-
 /* Release: used elements (and the buffer contents we wrote) are visible before the idx.
  * The full fence then orders the store before the caller's reads of used_event / avail
  * flags, or we could miss a driver that just asked to be notified. */

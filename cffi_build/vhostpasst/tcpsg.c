@@ -103,7 +103,7 @@ int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned in
 				    seq, ack, wnd, flags, last_flags, csum, 0, out_lens);
 }
 
-/* vp_tcp_frames_sg_tso() as virtio's vr_rx_fill() calls a frame writer (cffi_build/ring.c):
+/* vp_tcp_frames_sg_tso() as virtio's vr_rx_fill() calls a frame writer (cffi_build/virtio/ring.c):
  * frame i's headers at firsts[i] (first_lens[i] bytes there), sizes[i] payload bytes after
  * them in the guest's buffers, unsummed (GUEST_CSUM: DATA_VALID). The connection's fields
  * come in `arg`; its seq moves on past the frames. Returns 0, or -1 as that call. */

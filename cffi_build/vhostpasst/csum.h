@@ -1,17 +1,12 @@
-/* What tcpseg.c and tcpsg.c share: header lengths, big-endian stores and the RFC 1071 sum
- * (TCP frames to the guest, cffi_build/tcp*_build.py compile each with this directory on
- * the include path). */
-#ifndef VP_TCP_FRAME_H
-#define VP_TCP_FRAME_H
+/* The one RFC 1071 sum in our C: checksum.c (vhostpasst._csum, wire/checksum.py) and the TCP
+ * frame writers (tcp_frame.h) both use it. Header-only (static functions), so each cffi module
+ * and fuzz harness that includes it compiles its own copy. */
+#ifndef VP_CSUM_H
+#define VP_CSUM_H
 
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-
-#define ETH_HLEN 14
-#define IP4_HLEN 20
-#define IP6_HLEN 40
-#define TCP_HLEN 20
 
 /* Ones' complement sum of `len` bytes as big-endian 16-bit words, 32 bits at a time into a
  * 64-bit accumulator (RFC 1071 §2: byte order independent, swapped at the end). */
@@ -48,20 +43,6 @@ static uint32_t csum_partial(const uint8_t *buf, size_t len, uint64_t sum)
 	while (sum >> 16)
 		sum = (sum & 0xffff) + (sum >> 16);
 	return (uint32_t)sum;
-}
-
-static inline void put16(uint8_t *p, uint16_t v)
-{
-	p[0] = v >> 8;
-	p[1] = v & 0xff;
-}
-
-static inline void put32(uint8_t *p, uint32_t v)
-{
-	p[0] = v >> 24;
-	p[1] = v >> 16;
-	p[2] = v >> 8;
-	p[3] = v;
 }
 
 /* The folded sum, complemented: what goes in a checksum field. */

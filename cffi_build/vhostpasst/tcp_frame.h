@@ -1,0 +1,32 @@
+/* What tcpseg.c and tcpsg.c share: header lengths, big-endian stores and the RFC 1071 sum
+ * (csum.h) for TCP frames to the guest; cffi_build/vhostpasst/tcp*_build.py compile each with
+ * this directory on the include path. */
+#ifndef VP_TCP_FRAME_H
+#define VP_TCP_FRAME_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "csum.h"
+
+#define ETH_HLEN 14
+#define IP4_HLEN 20
+#define IP6_HLEN 40
+#define TCP_HLEN 20
+
+static inline void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = v >> 8;
+	p[1] = v & 0xff;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+	p[0] = v >> 24;
+	p[1] = v >> 16;
+	p[2] = v >> 8;
+	p[3] = v;
+}
+
+#endif
