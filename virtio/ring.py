@@ -411,8 +411,8 @@ class RingAccess:
                   bounce: Any, bounce_len: int, out: Any) -> int:
         """Guest TX frames out of the `n` chains the last pop() left in the records
         (vr_tx_frames() in cffi_build/virtio/ring.c): each chain's `hdr`-byte header to hdrs,
-        and per chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one buffer,
-        (TX_COPY, 0, offset, length) for one copied to `bounce`, TX_SHORT (no more than a
+        and per chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one
+        buffer, (TX_COPY, 0, offset, length) for one copied to `bounce`, TX_SHORT (no more than a
         header) or TX_BIG (more than `max_frame` bytes: not copied). Returns how
         many chains were done (fewer when `bounce` fills). `hdrs`, `bounce`, `out`: cdata
         of at least hdr * n bytes, bounce_len bytes, 4 * n u64."""
