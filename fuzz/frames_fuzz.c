@@ -1,6 +1,6 @@
 /* libFuzzer harness for the frame C in cffi_build/: the RFC 1071 sum (checksum.c), TCP frames
  * written in place (tcpseg.c's vp_tcp_frames, tcpsg.c's scattered vp_tcp_frames_sg_tso and
- * the vr_rx_fill() writer vp_tcp_fill_writer) and the recvmmsg()/sendmmsg() wrappers
+ * the vr_rx_fill() writer vp_tcp_fill_writer, tcp_vu.c) and the recvmmsg()/sendmmsg() wrappers
  * (mmsg.c), all over buffers that stand for guest memory: each its own heap allocation of
  * exactly the length the caller passes (ASan redzones at every edge), rewritten by the racer
  * (fuzz_common.h) while the call runs.
@@ -13,6 +13,7 @@
 #include "checksum.c"
 #include "tcpseg.c"
 #include "tcpsg.c"
+#include "tcp_vu.c"
 
 #include <unistd.h>
 

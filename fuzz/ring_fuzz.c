@@ -1,6 +1,7 @@
 /* libFuzzer harness for cffi_build/virtio/ring.c, the split-virtqueue C that reads guest memory:
  * chain pops (descriptor tables, indirect tables), TX frame extraction, mergeable RX gather,
- * layout, read and commit (vr_rx_fill() with tcpsg.c's frame writer), used-ring stores and
+ * layout, read and commit (vr_rx_fill() with tcp_vu.c's socket reader and frame writer),
+ * used-ring stores and
  * the dirty log.
  *
  * Guest memory: 1-3 regions, each its own heap allocation of exactly the region's size (so
@@ -16,6 +17,7 @@
  * region or the bounce buffer, heads are < num. Input layout: see the take() calls in order. */
 #include "ring.c"
 #include "tcpsg.c"
+#include "tcp_vu.c"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -268,6 +270,7 @@ static void op_rx(struct guest *g, struct in *in, unsigned num, int race, uint64
 	uint64_t room = take(in, 3);
 	uint32_t lengths[8], starts[512], gout[4], tail, counters[3];
 	struct vp_tcp_fill wr;
+	struct vp_tcp_read rd = { sock[0], MSG_DONTWAIT | (mode & 16 ? MSG_PEEK : 0) };
 	uint8_t plain[HDR], gso[HDR], payload[8192];
 	uint32_t *chrecs = calloc(3 * (size_t)num, sizeof(uint32_t));
 	uint64_t *recs = calloc(3 * (size_t)num, sizeof(uint64_t)), out[13];
@@ -306,8 +309,8 @@ static void op_rx(struct guest *g, struct in *in, unsigned num, int race, uint64
 		racer_start(g->areas, g->n, seed);
 	if (mode & 1) {
 		n = vr_rx_fill(&ctx, last, indirect, g->r, g->n, rg.used, rg.used_len, mode & 8,
-			       count, need, hdr, head, max_views, hint, recs, chrecs, num, sock[0],
-			       MSG_DONTWAIT | (mode & 16 ? MSG_PEEK : 0), room,
+			       count, need, hdr, head, max_views, hint, recs, chrecs, num,
+			       (uintptr_t)vp_tcp_read, (uintptr_t)&rd, room,
 			       (uintptr_t)vp_tcp_fill_writer, (uintptr_t)&wr, plain, gso,
 			       take(in, 2), elems, spare, out);
 		got = -1;
@@ -362,7 +365,7 @@ static void op_rx(struct guest *g, struct in *in, unsigned num, int race, uint64
 }
 
 /* Records and chains as the caller passes them (not from a pop): vr_rx_layout(),
- * vr_recv_frames(), vr_rx_commit() and vr_tx_frames() must refuse any that reach outside a
+ * vr_read_frames(), vr_rx_commit() and vr_tx_frames() must refuse any that reach outside a
  * region. */
 static void op_records(struct guest *g, struct in *in, int race, uint64_t seed)
 {
@@ -375,6 +378,7 @@ static void op_records(struct guest *g, struct in *in, int race, uint64_t seed)
 	uint32_t spare[64], tail, counters[3];
 	uint8_t plain[HDR] = { 0 }, gso[HDR] = { 0 }, payload[8192], *bounce, hdrs[24 * 16];
 	uint64_t out[4 * 16];
+	struct vp_tcp_read rd = { sock[0], MSG_DONTWAIT };
 	int nf, pairs, done;
 	long n;
 
@@ -404,8 +408,8 @@ static void op_records(struct guest *g, struct in *in, int race, uint64_t seed)
 	nf = vr_rx_layout(recs, nrecs, from, need ? need : 1, HDR, head, count < 256 ? count : 256,
 			  views, dry, starts, lo);
 	CHECK(nf >= 0 && nf <= 256);
-	n = vr_recv_frames(sock[0], MSG_DONTWAIT, g->r, g->n, recs, nrecs, starts, nf, HDR,
-			   need > HDR ? need - HDR : 0, head, room, caps);
+	n = vr_read_frames((uintptr_t)vp_tcp_read, (uintptr_t)&rd, g->r, g->n, recs, nrecs,
+			   starts, nf, HDR, need > HDR ? need - HDR : 0, head, room, caps);
 	pairs = vr_rx_commit(g->r, g->n, recs, chains, nrecs, starts, nf, lengths,
 			     nl < (unsigned)nf ? nl : (unsigned)nf, plain, gso, take(in, 2), HDR,
 			     elems, spare, &tail, counters);

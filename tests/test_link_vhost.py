@@ -23,7 +23,7 @@ from sandbox import Sandbox, vhostpasst_command
 from vhostpasst._tcpsg import ffi as sg_ffi
 from vhostpasst._tcpsg import lib as sg_lib
 
-from tests.virtio.frontend import DriverMemory, DriverRing, Frontend, frame_sizes
+from tests.virtio.frontend import DriverMemory, DriverRing, Frontend, SocketReader, frame_sizes
 from vhostpasst.config.conf import Config, Ip4Conf
 from vhostpasst.core.loop import Loop
 from vhostpasst.dispatch import Dispatcher
@@ -1280,6 +1280,15 @@ def _refuse(arg: object, firsts: object, first_lens: object, sizes: object, n: i
     return -1
 
 
+def link_rx_fill(link: Link, fd: int, count: int, frame_len: int, off: int, room: int,
+                 flags: int, writer: int, writer_arg: int,
+                 tso: Tso | None) -> tuple[int, int, int] | None:
+    """Link.rx_fill() with TCP's reader of `fd` (vp_tcp_read: recvmsg with `flags`) and the
+    frame writer `writer` with its argument `writer_arg`."""
+    reader = SocketReader(fd, flags)
+    return link.rx_fill(count, frame_len, off, room, reader.filler(writer, writer_arg), tso)
+
+
 # a vr_frame_writer that refuses every frame (as vp_tcp_fill_writer does with buffers that
 # can't hold the headers): read, nothing committed
 _REFUSE_CB = sg_ffi.callback("int64_t(void *, uint8_t *const *, const uint32_t *, "
@@ -1399,7 +1408,7 @@ def _fill_round(link: Link, fill: bool, fd: int, count: int, frame_len: int, off
     try:
         got = None
         if fill:
-            got = link.rx_fill(fd, count, frame_len, off, room, PEEK,
+            got = link_rx_fill(link, fd, count, frame_len, off, room, PEEK,
                                WRITER if commit else REFUSER, f.arg, tso)
             took = got is not None
         if got is None:
@@ -1511,7 +1520,8 @@ def test_rx_fill_frames_over_4k_buffers() -> None:
         a.sendall(data)
         tso = Tso(False, 34, 54, 1448)
         f = Fill(1, 2, 3, tso)
-        got = h.link.rx_fill(b.fileno(), 4, 54 + 64000, 54, 1 << 20, PEEK, WRITER, f.arg, tso)
+        got = link_rx_fill(h.link, b.fileno(), 4, 54 + 64000, 54, 1 << 20, PEEK, WRITER, f.arg,
+                           tso)
         assert got == (100000, 2, 128000)  # 2 frames laid out over 16 chains each
         assert f.f.seq == 1 + 100000
         vq = h.link._queue(net.RX_QUEUE)
@@ -1566,7 +1576,8 @@ def test_rx_fill_through_the_listener(tmp_path: Path) -> None:
         g.post_rx(4, size=4096)
         a.sendall(_payload(3000))
         f = Fill(7, 0, 0, None)
-        got = lst.rx_fill(b.fileno(), 4, 54 + 1460, 54, 1 << 20, PEEK, WRITER, f.arg, None)
+        got = link_rx_fill(lst, b.fileno(), 4, 54 + 1460, 54, 1 << 20, PEEK, WRITER, f.arg,
+                           None)
         assert got == (3000, 3, 4 * 1460)
         assert f.f.seq == 7 + 3000
         lst.flush()
@@ -1580,7 +1591,7 @@ def test_rx_fill_through_the_listener(tmp_path: Path) -> None:
         b.close()
         lst.close()
         loop.close()
-    assert Link.rx_fill(lst, 0, 1, 1514, 54, 1, 0, WRITER, 0, None) is None
+    assert Link.rx_fill(lst, 1, 1514, 54, 1, SocketReader(0, 0).filler(WRITER), None) is None
 
 
 # --- the short-ring memo: a try that found too few chains for one frame ------------------------
@@ -1610,8 +1621,8 @@ def test_short_ring_is_not_popped_again_until_it_changes(
 
     def get(frame_len: int) -> int:
         if fill:
-            got = h.link.rx_fill(b.fileno(), 4, frame_len, 54, 1 << 20, PEEK, WRITER,
-                                 Fill(0, 0, 0, None).arg, None)
+            got = link_rx_fill(h.link, b.fileno(), 4, frame_len, 54, 1 << 20, PEEK, WRITER,
+                               Fill(0, 0, 0, None).arg, None)
             assert got is not None
             return got[1]
         return len(h.link.rx_scatter(4, frame_len, 54))
@@ -1665,8 +1676,8 @@ def test_rx_kick_wakes_after_a_starved_rx_fill(h: Harness, features: int) -> Non
     woken: list[int] = []
 
     def fill(count: int) -> tuple[int, int, int] | None:
-        return h.link.rx_fill(b.fileno(), count, 5054, 54, 1 << 20, PEEK, WRITER,
-                              Fill(0, 0, 0, None).arg, None)
+        return link_rx_fill(h.link, b.fileno(), count, 5054, 54, 1 << 20, PEEK, WRITER,
+                            Fill(0, 0, 0, None).arg, None)
 
     def ready() -> None:
         got = fill(1)

@@ -1,4 +1,4 @@
-"""VhostUserLink.rx_fill() (VirtQueue.fill_rx_frames() with tcpsg.c's vp_tcp_fill_writer, as
+"""VhostUserLink.rx_fill() (VirtQueue.fill_rx_frames() with tcp_vu.c's reader and writer, as
 TcpHandler._fill_frames() calls it) against the path tcp takes without it: rx_scatter(),
 recvmsg_into() over its views, the headers by vp_tcp_frames_sg_tso() over the frames' first
 views and commit_scatter() (test_link_vhost._scatter_fill()); and where it declines, fails or
@@ -27,6 +27,7 @@ from test_link_vhost import (
     Harness,
     _fill_run,
     _payload,
+    link_rx_fill,
 )
 from test_link_vhost import FADDR4 as FADDR
 from test_link_vhost import GADDR4 as GADDR
@@ -35,7 +36,8 @@ from vhostpasst.link.base import Tso
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from virtio import net
-from virtio.ring import FILL_LAYOUT
+from virtio.ring import Fill as FillOutcome
+from virtio.ring import RxFill
 from virtio.virtqueue import VirtQueue
 
 OFF = wtcp.TCP4_PAYLOAD_OFFSET  # 54
@@ -46,7 +48,7 @@ def rx_fill(h: Harness, fd: int, count: int, size: int, room: int, fill: Fill | 
             tso: Tso | None = None, flags: int = PEEK) -> tuple[int, int, int] | None:
     if fill is None:
         fill = Fill(1, 2, 3, tso)
-    return h.link.rx_fill(fd, count, OFF + size, OFF, room, flags, WRITER, fill.arg, tso)
+    return link_rx_fill(h.link, fd, count, OFF + size, OFF, room, flags, WRITER, fill.arg, tso)
 
 
 @pytest.mark.parametrize("features, tso, sizes, size, count, room", [
@@ -245,7 +247,7 @@ def test_rx_fill_none_for_a_general_ring() -> None:
 @pytest.mark.parametrize("how", ["no-writer", "records"])
 def test_rx_fill_layout_refused_falls_back(h: Any, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture, how: str) -> None:
-    """vr_rx_fill()'s FILL_LAYOUT (no writer given, or the records not holding the frames)
+    """vr_rx_fill()'s Fill.LAYOUT (no writer given, or the records not holding the frames)
     is our bug, not the guest's: logged, None (rx_scatter() still works), nothing popped or
     read, the writer's seq untouched, the front end kept."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -258,15 +260,15 @@ def test_rx_fill_layout_refused_falls_back(h: Any, monkeypatch: pytest.MonkeyPat
         if how == "no-writer":
             writer = 0  # vr_rx_fill() refuses it before it pops anything
         else:
-            def refuse(self: VirtQueue, *args: object) -> tuple[int, list[int]]:
-                return 0, [FILL_LAYOUT] + [0] * 12
+            def refuse(self: VirtQueue, *args: object) -> tuple[int, RxFill]:
+                return 0, RxFill(FillOutcome.LAYOUT, *[0] * 12)
 
             monkeypatch.setattr(vq, "fill_rx_frames", refuse.__get__(vq))
         a.sendall(b"q" * 3000)
         f = Fill(9, 0, 0, None)
         with caplog.at_level(logging.ERROR):
-            got = h.link.rx_fill(b.fileno(), 2, OFF + 1460, OFF, 10000, socket.MSG_DONTWAIT,
-                                 writer, f.arg, None)
+            got = link_rx_fill(h.link, b.fileno(), 2, OFF + 1460, OFF, 10000,
+                               socket.MSG_DONTWAIT, writer, f.arg, None)
         assert got is None
         assert "frame records" in caplog.text
         assert f.f.seq == 9
@@ -356,7 +358,7 @@ def test_rx_fill_writer_refusal_sends_nothing(h: Any) -> None:
         h.guest.rx.kick()
         a.sendall(b"r" * 100)
         f = Fill(9, 0, 0, None)
-        got = h.link.rx_fill(b.fileno(), 2, 20 + 50, 20, 10000, PEEK, WRITER, f.arg, None)
+        got = link_rx_fill(h.link, b.fileno(), 2, 20 + 50, 20, 10000, PEEK, WRITER, f.arg, None)
         assert got == (100, 0, 100)
         assert f.f.seq == 9
         h.link.flush()
@@ -401,7 +403,8 @@ def test_rx_fill_through_the_forwarding_link() -> None:
         fwd = ForwardingLink.__new__(ForwardingLink)
         fwd.link = h.link
         f = Fill(0, 0, 0, None)
-        assert fwd.rx_fill(b.fileno(), 2, OFF + 1460, OFF, 10000, PEEK, WRITER, f.arg, None) \
+        assert link_rx_fill(fwd, b.fileno(), 2, OFF + 1460, OFF, 10000, PEEK, WRITER, f.arg,
+                            None) \
             == (50, 1, 2 * 1460)
         assert f.f.seq == 50
     finally:

@@ -349,7 +349,7 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     popped and laid out in one C call (VirtQueue.pop_rx_frames()) over the chains' raw
     records, and a view per buffer of each frame (`frames`). `hint`: the guest's buffer size
     seen last (how many chains to pop first). (VirtQueue.fill_rx_frames() does the same
-    without views, reading a socket into the records in C.)
+    without views, its caller's C reader filling the records.)
 
     The chains are popped as rx_layout() needs them: a frame takes its first chain, then
     ceil(missing / first's length) more at a time; a pop that finds the ring dry re-arms

@@ -9,9 +9,11 @@ VirtQueue turns into a broken queue.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from ._ring import ffi, lib
 
@@ -30,7 +32,7 @@ POP_E_NEXT = 10
 POP_E_ARGS = 11
 POP_FULL = 12  # not an error: the buffer array filled up; pop again
 
-RECV_E_LAYOUT = -4096  # vr_recv_frames(): the records don't hold the frames (VR_E_LAYOUT)
+READ_E_LAYOUT = -4096  # vr_read_frames(): the records don't hold the frames (VR_E_LAYOUT)
 
 MAX_CHAIN_BUFS = 32768  # a chain has at most max(queue size, indirect entries) <= 32768 buffers
 _BUFS_START = 1024  # buffer records at first (24 bytes each); grown to MAX_CHAIN_BUFS if needed
@@ -111,23 +113,37 @@ class _Scratch:
 _scratch = _Scratch()
 
 
-def recv_frames(fd: int, flags: int, regions: RegionTable, records: bytearray,
+@dataclass(frozen=True, slots=True)
+class RxFiller:
+    """The C that fills RX frames laid out over guest buffers, for VirtQueue.fill_rx_frames():
+    `reader` (a vr_frame_reader: fills the frames' payload iovecs from wherever its user reads,
+    returns the bytes read or -errno) and `writer` (a vr_frame_writer: the frames' headers in
+    their first buffers, and their lengths), as function addresses, and their arguments'
+    addresses. They get only pointers into buffers checked against the guest's memory."""
+
+    reader: int
+    reader_arg: int
+    writer: int
+    writer_arg: int
+
+
+def read_frames(reader: int, reader_arg: int, regions: RegionTable, records: bytearray,
                 starts: list[int], hdr: int, frame_len: int, off: int,
                 room: int) -> tuple[int, list[int]]:
-    """vr_recv_frames() (cffi_build/virtio/ring.c) on its own, as vr_rx_fill() calls it (the daemon
-    goes through RingAccess.rx_fill(); the tests check the read here).
-    recvmsg(fd, flags) straight into frames laid out over guest buffers: frame i over
-    the chains records[starts[i]:starts[i + 1]] ((region, offset, length) u64 triples as
+    """vr_read_frames() (cffi_build/virtio/ring.c) on its own, as vr_rx_fill() calls it (the
+    daemon goes through RingAccess.rx_fill(); the tests check the read here): `reader` (see
+    RxFiller) straight into frames laid out over guest buffers: frame i over the chains
+    records[starts[i]:starts[i + 1]] ((region, offset, length) u64 triples as
     RingAccess.pop() writes them), `frame_len` bytes from byte `hdr` of its first buffer
     on; each frame's payload from frame byte `off` on, `room` bytes at most in all.
-    Returns the bytes read and each frame's payload room. OSError from recvmsg();
+    Returns the bytes read and each frame's payload room. OSError with the reader's errno;
     ValueError if the records don't hold the frames (nothing is read then)."""
     caps = _scratch.get("caps", "uint32_t", len(starts))
-    n = lib.vr_recv_frames(fd, flags, regions.cdata, regions.count,
+    n = lib.vr_read_frames(reader, reader_arg, regions.cdata, regions.count,
                            ffi.from_buffer("uint64_t[]", records), len(records) // 24, starts,
                            len(starts), hdr, frame_len, off, max(room, 0), caps)
     if n < 0:
-        if n == RECV_E_LAYOUT:  # before any system call
+        if n == READ_E_LAYOUT:  # before the reader runs
             raise ValueError("frame layout outside the guest buffers given")
         raise OSError(-n, os.strerror(-n))
     return n, ffi.unpack(caps, len(starts))
@@ -151,31 +167,41 @@ GATHER_OK = 0  # frames laid out (none when the ring had too few chains)
 GATHER_GENERAL = 1  # nothing kept: a ring shape for the Chain-based path
 GATHER_ERROR = 2  # a bad chain or avail index (status() says which)
 
-# vr_rx_fill() outcomes (cffi_build/virtio/ring.c)
-FILL_OK = 0  # frames sent (none, with 0 bytes read: the end of the stream)
-FILL_EMPTY = 1  # no frame laid out: the ring has too few chains
-FILL_GENERAL = 2  # nothing kept: a ring shape for the Chain-based path
-FILL_ERROR = 3  # a bad chain or avail index (status() says which)
-FILL_RECV = 4  # recvmsg() failed
-FILL_LAYOUT = 5  # the records don't hold the frames: nothing read
-FILL_WRITER = 6  # the frame writer refused the frames: read, nothing committed
-FILL_COMMIT = 7  # the frames can't hold their lengths: nothing committed
+class Fill(enum.IntEnum):
+    """vr_rx_fill() outcomes (cffi_build/virtio/ring.c)."""
+
+    OK = 0  # frames sent (none, with 0 bytes read: the end of the data)
+    EMPTY = 1  # no frame laid out: the ring has too few chains
+    GENERAL = 2  # nothing kept: a ring shape for the Chain-based path
+    ERROR = 3  # a bad chain or avail index (status() says which)
+    READ = 4  # the reader failed
+    LAYOUT = 5  # the records don't hold the frames, or no reader or writer: nothing read
+    WRITER = 6  # the frame writer refused the frames: read, nothing committed
+    COMMIT = 7  # the frames can't hold their lengths: nothing committed
+
+
 FILL_MAX = 256  # frames per call
-# vr_rx_fill()'s out[] slots
-FILL_OUT_CODE = 0  # FILL_*
-FILL_OUT_KEPT = 1  # chains popped and kept (the caller moves last_avail on by them)
-FILL_OUT_POPPED = 2  # chains popped in all
-FILL_OUT_DRY = 3  # 1 if the ring ran dry (the kick re-armed)
-FILL_OUT_LAID = 4  # frames laid out
-FILL_OUT_SENT = 5  # frames sent
-FILL_OUT_PAIRS = 6  # (head, length) pairs to push
-FILL_OUT_GIVE_BACK = 7  # chains to give back after them
-FILL_OUT_COMMITTED = 8  # vr_rx_commit()'s counters: frames, over several chains, GSO
-FILL_OUT_SCATTERED = 9
-FILL_OUT_GSO = 10
-FILL_OUT_ROOM = 11  # the payload room of all frames laid out
-FILL_OUT_BUF_LEN = 12  # the first frame's first buffer length (the guest's buffer size)
-FILL_OUT_LEN = 13
+
+
+class RxFill(NamedTuple):
+    """What one vr_rx_fill() call did: its out[] slots, in order."""
+
+    outcome: int  # a Fill
+    kept: int  # chains popped and kept (the caller moves last_avail on by them)
+    popped: int  # chains popped in all
+    dry: int  # 1 if the ring ran dry (the kick re-armed)
+    laid: int  # frames laid out
+    sent: int  # frames sent
+    pairs: int  # (head, length) pairs to push
+    give_back: int  # chains to give back after them
+    committed: int  # vr_rx_commit()'s counters: frames, over several chains, GSO
+    scattered: int
+    gso: int
+    room: int  # the payload room of all frames laid out
+    buf_len: int  # the first frame's first buffer length (the guest's buffer size)
+
+
+_FILL_OUT_LEN = len(RxFill._fields)
 
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
@@ -280,7 +306,7 @@ class RingAccess:
         self._gchains_mv = memoryview(ffi.buffer(self._gchains))
         self._gout = ffi.new("uint32_t[]", 4)
         # rx_fill()'s outputs
-        self._fout = ffi.new("uint64_t[]", FILL_OUT_LEN)
+        self._fout = ffi.new("uint64_t[]", _FILL_OUT_LEN)
         self._felems = ffi.new("uint32_t[]", 2 * num)
         self._fspare = ffi.new("uint32_t[]", num)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
@@ -391,21 +417,21 @@ class RingAccess:
 
     def rx_fill(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
                 count: int, need: int, hdr: int, head: int, max_views: int, hint: int,
-                fd: int, flags: int, room: int, writer: int, writer_arg: int, plain: bytes,
-                gso: bytes, gso_from: int) -> tuple[int, list[int], Any]:
-        """rx_gather(), recv_frames(), the frame writer and rx_commit() in one C call
-        (vr_rx_fill() in cffi_build/virtio/ring.c): `writer` and `writer_arg` are the addresses of
-        a vr_frame_writer and its argument. Returns (bytes read or -errno, vr_rx_fill()'s
-        out[] (its slots: FILL_OUT_*), the (head, length) pairs to push: VirtQueue.
-        push_written(), valid until the next call)."""
+                filler: RxFiller, room: int, plain: bytes, gso: bytes,
+                gso_from: int) -> tuple[int, RxFill, Any]:
+        """rx_gather(), read_frames(), the frame writer and rx_commit() in one C call
+        (vr_rx_fill() in cffi_build/virtio/ring.c) with `filler`'s reader and writer.
+        Returns (bytes read or -errno, what it did, the (head, length) pairs to push:
+        VirtQueue.push_written(), valid until the next call)."""
         # (vr_rx_fill() clamps count to the ring and FILL_MAX itself)
         out = self._fout
         n = lib.vr_rx_fill(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
                            regions.count, self._used, self._used_len, rearm, max(count, 0),
                            need, hdr, head, max_views, hint, self._grecs, self._gchains,
-                           self.num, fd, flags, max(room, 0), writer, writer_arg, plain, gso,
-                           gso_from, self._felems, self._fspare, out)
-        return n, ffi.unpack(out, FILL_OUT_LEN), self._felems
+                           self.num, filler.reader, filler.reader_arg, max(room, 0),
+                           filler.writer, filler.writer_arg, plain, gso, gso_from,
+                           self._felems, self._fspare, out)
+        return n, RxFill._make(ffi.unpack(out, _FILL_OUT_LEN)), self._felems
 
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:

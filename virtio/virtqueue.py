@@ -33,14 +33,6 @@ from .dirtylog import DirtyLog
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
 from .ring import (
-    FILL_ERROR,
-    FILL_OK,
-    FILL_OUT_CODE,
-    FILL_OUT_GIVE_BACK,
-    FILL_OUT_KEPT,
-    FILL_OUT_PAIRS,
-    FILL_OUT_POPPED,
-    FILL_OUT_SENT,
     GATHER_ERROR,
     GATHER_GENERAL,
     POP_E_AVAIL_JUMP,
@@ -54,8 +46,11 @@ from .ring import (
     POP_E_NEXT,
     POP_E_READ_AFTER_WRITE,
     POP_FULL,
+    Fill,
     RingAccess,
     RingError,
+    RxFill,
+    RxFiller,
     avail_size,
     used_size,
 )
@@ -420,33 +415,32 @@ class VirtQueue:
         return starts, seen, starved, recs, chains
 
     def fill_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
-                       hint: int, fd: int, flags: int, room: int, writer: int, writer_arg: int,
-                       plain: bytes, gso: bytes, gso_from: int) -> tuple[int, list[int]]:
-        """pop_rx_frames(), a socket read into the frames, their headers by `writer` and
-        their push, in one C call (RingAccess.rx_fill()): the frames are in the used ring
-        when it returns (flush() publishes them). Returns (bytes read or -errno,
-        vr_rx_fill()'s out[], its slots FILL_OUT_*). Only FILL_OK with frames sent keeps
-        chains; every other outcome gives back what was popped. A bad chain breaks the queue
+                       hint: int, filler: RxFiller, room: int, plain: bytes, gso: bytes,
+                       gso_from: int) -> tuple[int, RxFill]:
+        """pop_rx_frames(), `filler`'s read into the frames (`room` payload bytes at most),
+        their headers by its writer and their push, in one C call (RingAccess.rx_fill()):
+        the frames are in the used ring when it returns (flush() publishes them). Returns
+        (bytes read or -errno, what it did). Only Fill.OK with frames sent keeps chains;
+        every other outcome gives back what was popped. A bad chain breaks the queue
         (VirtQueueError)."""
         ring = self._ring_or_fail()
         n, out, elems = ring.rx_fill(
             self.last_avail_idx, self.indirect, self.memory.table, self.event_idx and self._notify,
-            count, need, hdr, head, max_views, hint, fd, flags, room, writer, writer_arg, plain,
-            gso, gso_from)
-        if out[FILL_OUT_CODE] == FILL_ERROR:
-            seen = out[FILL_OUT_POPPED]
+            count, need, hdr, head, max_views, hint, filler, room, plain, gso, gso_from)
+        if out.outcome == Fill.ERROR:
+            seen = out.popped
             self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
             self.inflight += seen  # the good chains before the bad one: lost with the queue
             status = ring.status()
             raise self._fail(self._pop_error(status[0], status[1], status[2]))
-        if out[FILL_OUT_CODE] == FILL_OK and out[FILL_OUT_SENT]:
-            kept = out[FILL_OUT_KEPT]
+        if out.outcome == Fill.OK and out.sent:
+            kept = out.kept
             self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
             self.inflight += kept
             if kept and self.dirty_log is not None:
                 self._record_writes(*ring.gather_records(kept))
-            self.push_written(elems, out[FILL_OUT_PAIRS])
-            self.rewind(out[FILL_OUT_GIVE_BACK])
+            self.push_written(elems, out.pairs)
+            self.rewind(out.give_back)
         return n, out
 
     @staticmethod

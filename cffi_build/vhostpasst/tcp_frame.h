@@ -29,4 +29,11 @@ static inline void put32(uint8_t *p, uint32_t v)
 	p[3] = v;
 }
 
+/* tcpsg.c: TCP frames over scattered buffers (the frame writer in tcp_vu.c calls it). */
+int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigned int npieces,
+			     const uint32_t *first, const uint32_t *sizes, unsigned int n,
+			     const uint8_t *tmpl, int six, uint32_t pseudo, uint32_t seq,
+			     uint32_t ack, uint16_t wnd, uint8_t flags, uint8_t last_flags,
+			     int csum, uint32_t tso_mss, uint32_t *out_lens);
+
 #endif

@@ -102,38 +102,3 @@ int64_t vp_tcp_frames_sg(uint8_t *const *bufs, const uint32_t *lens, unsigned in
 	return vp_tcp_frames_sg_tso(bufs, lens, npieces, first, sizes, n, tmpl, six, pseudo,
 				    seq, ack, wnd, flags, last_flags, csum, 0, out_lens);
 }
-
-/* vp_tcp_frames_sg_tso() as virtio's vr_rx_fill() calls a frame writer (cffi_build/virtio/ring.c):
- * frame i's headers at firsts[i] (first_lens[i] bytes there), sizes[i] payload bytes after
- * them in the guest's buffers, unsummed (GUEST_CSUM: DATA_VALID). The connection's fields
- * come in `arg`; its seq moves on past the frames. Returns 0, or -1 as that call. */
-#define VP_FILL_MAX 256
-
-struct vp_tcp_fill {
-	uint8_t tmpl[ETH_HLEN + IP6_HLEN + TCP_HLEN];
-	int32_t six;
-	uint32_t pseudo, seq, ack, tso_mss;
-	uint16_t wnd;
-	uint8_t flags, last_flags;
-};
-
-int64_t vp_tcp_fill_writer(void *arg, uint8_t *const *firsts, const uint32_t *first_lens,
-			   const uint32_t *sizes, unsigned int n, uint32_t *lens)
-{
-	struct vp_tcp_fill *f = arg;
-	uint32_t first[VP_FILL_MAX + 1];
-	unsigned int i;
-	int64_t seq;
-
-	if (n > VP_FILL_MAX)
-		return -1;
-	for (i = 0; i <= n; i++)
-		first[i] = i;
-	seq = vp_tcp_frames_sg_tso(firsts, first_lens, n, first, sizes, n, f->tmpl, f->six,
-				   f->pseudo, f->seq, f->ack, f->wnd, f->flags, f->last_flags, 0,
-				   f->tso_mss, lens);
-	if (seq < 0)
-		return -1;
-	f->seq = (uint32_t)seq;
-	return 0;
-}

@@ -1,6 +1,7 @@
 """cffi build script for TCP frame headers over scattered buffers (compiled at install time):
-`vhostpasst._tcpsg`, used by vhostpasst/proto/tcp/ when a link hands out frames that span several
-buffers (vhost-user mergeable RX, Link.rx_scatter)."""
+`vhostpasst._tcpsg`, used by vhostpasst/proto/tcp/ when a link hands out frames that span
+several buffers (vhost-user mergeable RX, Link.rx_scatter), and for the reader and writer of
+vhost-user's one-call fill (tcp_vu.c)."""
 
 from pathlib import Path
 
@@ -29,11 +30,18 @@ ffibuilder.cdef(
     };
     int64_t vp_tcp_fill_writer(void *arg, uint8_t *const *firsts, const uint32_t *first_lens,
                                const uint32_t *sizes, unsigned int n, uint32_t *lens);
+    struct vp_tcp_read {
+        int32_t fd;
+        int32_t flags;
+    };
+    struct iovec;
+    long vp_tcp_read(void *arg, const struct iovec *iov, unsigned int niov);
     """
 )
 ffibuilder.set_source(
     "vhostpasst._tcpsg",
-    (Path(__file__).parent / "tcpsg.c").read_text(),
+    # tcp_vu.c: vhost-user's frame reader and writer (see there)
+    "".join((Path(__file__).parent / name).read_text() for name in ("tcpsg.c", "tcp_vu.c")),
     include_dirs=[str(Path(__file__).parent)],  # tcp_frame.h
     extra_compile_args=["-O2", "-Wall"],
 )

@@ -10,12 +10,12 @@
  * used:  flags u16 @0, idx u16 @2, ring[num] {u32 id, u32 len} @4, avail_event u16 @4+8*num
  *
  * Fields are little-endian (VERSION_1); the hosts we run on are little-endian. */
-#include <errno.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/uio.h>
+
+#include "guest_mem.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio ring helpers assume a little-endian host"
@@ -161,60 +161,12 @@ enum {
 	VR_FULL,		/* not an error: the buffer array is full; pop again */
 };
 
-struct vr_region {
-	uint64_t gpa;
-	uint64_t size;
-	uint8_t *host;
-};
-
 struct vr_desc {
 	uint64_t addr;
 	uint32_t len;
 	uint16_t flags;
 	uint16_t next;
 };
-
-/* The region holding guest-physical [addr, addr + len): the last one starting at or below
- * addr (as the Python index's bisect), and the range must end inside it. The regions are
- * sorted by gpa; if they were not, the answer could be wrong but never outside a region. */
-static int vr_find(const struct vr_region *regions, unsigned nregions, uint64_t addr,
-		   uint64_t len, unsigned *index, uint64_t *offset)
-{
-	unsigned lo = 0, hi = nregions, mid;
-	const struct vr_region *r;
-
-	while (lo < hi) {
-		mid = lo + (hi - lo) / 2;
-		if (regions[mid].gpa <= addr)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	if (lo == 0)
-		return -1;
-	r = &regions[lo - 1];
-	if (!r->host || len > r->size || addr - r->gpa > r->size - len)
-		return -1;
-	*index = lo - 1;
-	*offset = addr - r->gpa;
-	return 0;
-}
-
-/* The region a (region index, offset, length) buffer record lies in, or NULL if the record
- * reaches outside it (or names no mapped region): the one check every use of a record
- * makes before touching guest memory through it. */
-static const struct vr_region *vr_rec_region(const struct vr_region *regions,
-					     unsigned nregions, const uint64_t *r)
-{
-	const struct vr_region *reg;
-
-	if (r[0] >= nregions)
-		return NULL;
-	reg = &regions[r[0]];
-	if (!reg->host || r[2] > reg->size || r[1] > reg->size - r[2])
-		return NULL;
-	return reg;
-}
 
 static void vr_read_desc(const uint8_t *table, unsigned idx, struct vr_desc *d)
 {
@@ -404,8 +356,15 @@ int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indi
 	return ctx->status[0] == VR_OK ? n : -1 - n;
 }
 
-/* recvmsg() straight into guest RX buffers, for TCP's peek: the one system call Python's
- * recvmsg_into() would need a memoryview per guest buffer for (17 per 64 KiB frame).
+/* A frame reader: fills the `niov` iovecs (guest memory, each checked by the caller against
+ * its region) from whatever its user reads, e.g. vhostpasst's TCP peeks its socket
+ * (cffi_build/vhostpasst/tcp_vu.c). Returns the bytes read (0: no more will come) or -errno.
+ * The ring library reads nothing itself: it lays out where the bytes go. */
+typedef long (*vr_frame_reader)(void *arg, const struct iovec *iov, unsigned niov);
+
+/* `reader` (a vr_frame_reader, its address as an integer) straight into guest RX buffers:
+ * the one read Python's recvmsg_into() would need a memoryview per guest buffer for (17 per
+ * 64 KiB frame).
  *
  * Frame i lies over records starts[i] .. starts[i + 1] - 1 (the last frame: .. nrecs - 1) of
  * `recs`, (region index, offset, length) triples as vr_pop() writes them; its bytes start
@@ -415,22 +374,20 @@ int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indi
  * `room`). Every record the read goes through is checked against its region (records of
  * frames past `room`, or after a frame's last byte, are not looked at: nothing goes through
  * them), and the frames must hold what they claim. Returns the bytes read, VR_E_LAYOUT if
- * the layout does not hold or takes more than UIO_MAXIOV pieces (nothing read then), or
- * -errno of recvmsg(). */
+ * the layout does not hold, takes more than UIO_MAXIOV pieces or no reader is given
+ * (nothing read then), or the reader's -errno. */
 #define VR_IOV_MAX 1024
 #define VR_E_LAYOUT (-4096)	/* below every -errno */
 
-long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned nregions,
-		    const uint64_t *recs, unsigned nrecs, const uint32_t *starts,
-		    unsigned nframes, unsigned hdr, unsigned frame_len, unsigned off,
-		    uint64_t room, uint32_t *caps)
+long vr_read_frames(uintptr_t reader, uintptr_t reader_arg, const struct vr_region *regions,
+		    unsigned nregions, const uint64_t *recs, unsigned nrecs,
+		    const uint32_t *starts, unsigned nframes, unsigned hdr, unsigned frame_len,
+		    unsigned off, uint64_t room, uint32_t *caps)
 {
 	struct iovec iov[VR_IOV_MAX];
-	struct msghdr msg;
 	unsigned niov = 0, i, b, end;
-	ssize_t n;
 
-	if (off > frame_len)
+	if (off > frame_len || !reader)
 		return VR_E_LAYOUT;
 	for (i = 0; i < nframes; i++) {
 		uint64_t pos = 0, want, cap = frame_len - off;
@@ -468,13 +425,7 @@ long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned
 		if (pos < want)
 			return VR_E_LAYOUT;
 	}
-	memset(&msg, 0, sizeof(msg));
-	msg.msg_iov = iov;
-	msg.msg_iovlen = niov;
-	do
-		n = recvmsg(fd, &msg, flags);
-	while (n < 0 && errno == EINTR);
-	return n < 0 ? -errno : n;
+	return ((vr_frame_reader)reader)((void *)reader_arg, iov, niov);
 }
 
 /* Mergeable RX frames over chains of one writable buffer each (Linux's RX buffers), laid out
@@ -805,13 +756,14 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
 }
 
 /* The lean RX path in one call, for a caller that writes only the frames' headers after the
- * read (vhostpasst's TCP with GUEST_CSUM): vr_rx_gather(), vr_recv_frames() into the frames,
- * `writer` for their headers, vr_rx_commit(). A Python round between the steps cost more than
- * the steps. The ring library knows nothing of what the frames carry: `writer` (a
+ * read (vhostpasst's TCP with GUEST_CSUM): vr_rx_gather(), vr_read_frames() into the frames
+ * with `reader`, `writer` for their headers, vr_rx_commit(). A Python round between the steps
+ * cost more than the steps. The ring library knows nothing of what the frames carry nor where
+ * their bytes come from: `reader` (see vr_read_frames()) fills them, and `writer` (a
  * vr_frame_writer, its address as an integer) gets each frame's first buffer from the frame's
  * first byte on (past the virtio-net header), that buffer's length and the frame's payload
  * size, and sets each frame's length; it returns >= 0, or < 0 if it can't.
- * Its pointers come from records checked against their regions here.
+ * Both get only pointers from records checked against their regions here.
  *
  * Arguments as for those calls; at most VR_FILL_MAX frames. out[0] says how it went
  * (VR_FILL_*); out[1] the chains kept (popped and not given back: the caller moves its
@@ -820,16 +772,16 @@ int vr_rx_commit(const struct vr_region *regions, unsigned nregions, const uint6
  * out, out[5] frames sent, out[6] (head, length) pairs in elems to push, out[7] chains to
  * give back after them, out[8..10] vr_rx_commit()'s counters, out[11] the payload room of
  * all frames laid out, out[12] the first frame's first buffer length (the ring's buffer size,
- * as a hint for the next call). Returns the bytes read (0: end of stream, nothing sent), -errno with
- * VR_FILL_RECV. */
+ * as a hint for the next call). Returns the bytes read (0: the end of the data, nothing sent),
+ * the reader's -errno with VR_FILL_READ. */
 #define VR_FILL_MAX 256
 enum {
 	VR_FILL_OK = 0,		/* out[5] frames sent (0 with 0 bytes: end of stream) */
 	VR_FILL_EMPTY,		/* no frame laid out: the ring is short (see out[3]) */
 	VR_FILL_GENERAL,	/* nothing kept: a ring shape for the Chain-based path */
 	VR_FILL_ERROR,		/* a bad chain or avail index: ctx->status says which */
-	VR_FILL_RECV,		/* recvmsg() failed: -errno returned */
-	VR_FILL_LAYOUT,		/* the records don't hold the frames: nothing read */
+	VR_FILL_READ,		/* the reader failed: -errno returned */
+	VR_FILL_LAYOUT,		/* the records don't hold the frames, or no reader: nothing read */
 	VR_FILL_WRITER,		/* the writer refused the frames: read, nothing committed */
 	VR_FILL_COMMIT,		/* the frames can't hold their lengths: nothing committed */
 };
@@ -842,9 +794,10 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		const struct vr_region *regions, unsigned nregions, uint8_t *used,
 		size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
 		unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
-		uint32_t *chrecs, unsigned cap, int fd, int flags, uint64_t room,
-		uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain, const uint8_t *gso,
-		uint32_t gso_from, uint32_t *elems, uint32_t *spare, uint64_t *out)
+		uint32_t *chrecs, unsigned cap, uintptr_t reader, uintptr_t reader_arg,
+		uint64_t room, uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain,
+		const uint8_t *gso, uint32_t gso_from, uint32_t *elems, uint32_t *spare,
+		uint64_t *out)
 {
 	uint32_t starts[VR_FILL_MAX], caps[VR_FILL_MAX], sizes[VR_FILL_MAX];
 	uint32_t first_lens[VR_FILL_MAX], lens[VR_FILL_MAX], gout[4], tail, counters[3];
@@ -857,7 +810,7 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 	memset(out, 0, 13 * sizeof(*out));
 	if (count > VR_FILL_MAX)
 		count = VR_FILL_MAX;
-	if (need < hdr || !writer) {
+	if (need < hdr || !reader || !writer) {
 		out[0] = VR_FILL_LAYOUT;
 		return 0;
 	}
@@ -881,14 +834,14 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		return 0;
 	}
 	out[12] = recs[2];
-	n = vr_recv_frames(fd, flags, regions, nregions, recs, gout[0], starts, nf, hdr,
+	n = vr_read_frames(reader, reader_arg, regions, nregions, recs, gout[0], starts, nf, hdr,
 			   need - hdr, head, room, caps);
 	if (n == VR_E_LAYOUT) {
 		out[0] = VR_FILL_LAYOUT;
 		return 0;
 	}
 	if (n < 0) {
-		out[0] = VR_FILL_RECV;
+		out[0] = VR_FILL_READ;
 		return n;
 	}
 	for (i = 0; i < nf; i++)
@@ -900,7 +853,7 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 		const uint64_t *r = recs + 3 * (size_t)starts[i];
 		const struct vr_region *reg = vr_rec_region(regions, nregions, r);
 
-		if (!reg || r[2] < hdr) {	/* vr_recv_frames() checked: cannot happen */
+		if (!reg || r[2] < hdr) {	/* vr_read_frames() checked: cannot happen */
 			out[0] = VR_FILL_LAYOUT;
 			return n;
 		}

@@ -44,10 +44,10 @@ ffibuilder.cdef(
                const struct vr_region *regions, unsigned nregions);
     int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
                          const uint32_t *elems, unsigned n);
-    long vr_recv_frames(int fd, int flags, const struct vr_region *regions, unsigned nregions,
-                        const uint64_t *recs, unsigned nrecs, const uint32_t *starts,
-                        unsigned nframes, unsigned hdr, unsigned frame_len, unsigned off,
-                        uint64_t room, uint32_t *caps);
+    long vr_read_frames(uintptr_t reader, uintptr_t reader_arg, const struct vr_region *regions,
+                        unsigned nregions, const uint64_t *recs, unsigned nrecs,
+                        const uint32_t *starts, unsigned nframes, unsigned hdr,
+                        unsigned frame_len, unsigned off, uint64_t room, uint32_t *caps);
     int vr_rx_layout(const uint64_t *recs, unsigned nrecs, unsigned from, unsigned need,
                      unsigned hdr, unsigned head, unsigned count, unsigned views, int dry,
                      uint32_t *starts, uint32_t *out);
@@ -65,8 +65,8 @@ ffibuilder.cdef(
                     const struct vr_region *regions, unsigned nregions, uint8_t *used,
                     size_t used_len, int rearm, unsigned count, unsigned need, unsigned hdr,
                     unsigned head, unsigned max_views, unsigned hint, uint64_t *recs,
-                    uint32_t *chrecs, unsigned cap, int fd, int flags, uint64_t room,
-                    uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain,
+                    uint32_t *chrecs, unsigned cap, uintptr_t reader, uintptr_t reader_arg,
+                    uint64_t room, uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain,
                     const uint8_t *gso, uint32_t gso_from, uint32_t *elems,
                     uint32_t *spare, uint64_t *out);
     int vr_tx_frames(const struct vr_region *regions, unsigned nregions,
@@ -78,6 +78,7 @@ ffibuilder.cdef(
 ffibuilder.set_source(
     "virtio._ring",
     (Path(__file__).parent / "ring.c").read_text(),
+    include_dirs=[str(Path(__file__).parent)],  # guest_mem.h
     extra_compile_args=["-O2", "-Wall"],
 )
 

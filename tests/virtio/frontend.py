@@ -16,7 +16,11 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
+from vhostpasst._tcpsg import ffi as _sg_ffi
+from vhostpasst._tcpsg import lib as _sg_lib
+
 from virtio import message as m
+from virtio.ring import RxFiller
 from virtio.virtqueue import DESC, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, need_event
 
 GPA_BASE = 0x100000
@@ -285,3 +289,18 @@ def frame_sizes(n: int, caps: list[int]) -> list[int]:
         sizes.append(min(cap, left))
         left -= sizes[-1]
     return sizes
+
+
+class SocketReader:
+    """A vr_frame_reader for the ring's one-call fill and read_frames(): vhostpasst's TCP
+    reader (cffi_build/vhostpasst/tcp_vu.c's vp_tcp_read, recvmsg(fd, flags) into the
+    frames), the C the daemon gives the ring library. Keep the object while the ring may
+    call it."""
+
+    def __init__(self, fd: int, flags: int) -> None:
+        self._arg = _sg_ffi.new("struct vp_tcp_read *", {"fd": fd, "flags": flags})
+        self.reader = int(_sg_ffi.cast("uintptr_t", _sg_ffi.addressof(_sg_lib, "vp_tcp_read")))
+        self.reader_arg = int(_sg_ffi.cast("uintptr_t", self._arg))
+
+    def filler(self, writer: int, writer_arg: int = 0) -> RxFiller:
+        return RxFiller(self.reader, self.reader_arg, writer, writer_arg)

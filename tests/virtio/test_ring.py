@@ -34,11 +34,13 @@ from virtio.ring import (
     RingError,
     avail_size,
     ffi,
-    recv_frames,
+    read_frames,
     rx_commit,
     rx_layout,
     used_size,
 )
+
+from .frontend import SocketReader
 
 DESC = struct.Struct("<QIHH")
 NEXT, WRITE, INDIRECT = 1, 2, 4
@@ -169,9 +171,16 @@ def test_random_tables_stay_inside(descs, near, heads, indirect):
         ring.close()
 
 
-# --- recv_frames(): recvmsg() straight into frames over (region, offset, length) records -----
+# --- read_frames(): a reader straight into frames over (region, offset, length) records -------
+# (the reader: vhostpasst's TCP one, recvmsg() of a socket; recv_frames() below gives it one)
 
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def recv_frames(fd: int, flags: int, *args: object) -> tuple[int, list[int]]:
+    """read_frames() with a reader of `fd` (recvmsg with `flags`)."""
+    reader = SocketReader(fd, flags)
+    return read_frames(reader.reader, reader.reader_arg, *args)  # type: ignore[arg-type]
 REC = struct.Struct("=QQQ")  # RingAccess.pop()'s records: native u64 (little-endian hosts)
 
 

@@ -1,6 +1,6 @@
 """VirtQueue.fill_rx_frames() (vr_rx_fill() in cffi_build/virtio/ring.c): the gather, the socket
 read into the frames, a caller's C frame writer and the commit in one call, against the steps it
-joins (pop_rx_frames(), ring.recv_frames(), ring.rx_commit()) and its outcomes."""
+joins (pop_rx_frames(), ring.read_frames(), ring.rx_commit()) and its outcomes."""
 
 from __future__ import annotations
 
@@ -15,21 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio._ring import ffi
-from virtio.ring import (
-    FILL_COMMIT,
-    FILL_EMPTY,
-    FILL_GENERAL,
-    FILL_LAYOUT,
-    FILL_MAX,
-    FILL_OK,
-    FILL_RECV,
-    FILL_WRITER,
-    recv_frames,
-    rx_commit,
-)
+from virtio.ring import FILL_MAX, Fill, read_frames, rx_commit
 from virtio.virtqueue import DESC_F_WRITE, VirtQueueError
 
-from .frontend import frame_sizes
+from .frontend import SocketReader, frame_sizes
 from .test_virtqueue import Setup
 
 HDR = 12
@@ -76,11 +65,11 @@ class Writer:
 
 def fill(setup: Setup, writer: Writer, fd: int, count: int, frame_len: int, head: int,
          room: int = 1 << 20, flags: int = PEEK, gso_from: int = 1 << 30,
-         need: int | None = None, addr: int | None = None) -> tuple[int, list[int]]:
+         need: int | None = None, addr: int | None = None) -> tuple[int, Any]:
+    reader = SocketReader(fd, flags)
     return setup.vq.fill_rx_frames(count, HDR + frame_len if need is None else need, HDR, head,
-                                   1024, 0, fd, flags, room,
-                                   writer.addr if addr is None else addr, 0, PLAIN, GSO,
-                                   gso_from)
+                                   1024, 0, reader.filler(writer.addr if addr is None else addr),
+                                   room, PLAIN, GSO, gso_from)
 
 
 def payload(n: int, seed: int = 0) -> bytes:
@@ -129,10 +118,10 @@ def test_rx_fill_frames_sent(big: Setup, pair: tuple[socket.socket, socket.socke
     w = Writer(54)
     n, out = fill(big, w, b.fileno(), 4, 54 + 3000, 54, gso_from=2500)
     assert n == 5000
-    assert out[0] == FILL_OK
-    assert out[1:6] == [8, 8, 0, 4, 2]  # 8 kept of 8 popped, not dry, 4 laid out, 2 sent
-    assert out[6:11] == [4, 4, 2, 2, 1]  # 4 pairs, 4 to give back; 2 frames, 2 merged, 1 GSO
-    assert out[11:] == [12000, 1536]
+    assert out[0] == Fill.OK
+    assert out[1:6] == (8, 8, 0, 4, 2)  # 8 kept of 8 popped, not dry, 4 laid out, 2 sent
+    assert out[6:11] == (4, 4, 2, 2, 1)  # 4 pairs, 4 to give back; 2 frames, 2 merged, 1 GSO
+    assert out[11:] == (12000, 1536)
     assert len(w.calls) == 1
     firsts, first_lens, sizes = w.calls[0]
     assert first_lens == [1536 - HDR] * 2 and sizes == [3000, 2000]
@@ -151,7 +140,7 @@ def test_rx_fill_frames_sent(big: Setup, pair: tuple[socket.socket, socket.socke
     w2 = Writer(54)
     a.sendall(b"z" * 10)
     n, out = fill(big, w2, b.fileno(), 1, 54 + 3000, 54)
-    assert (n, out[0], out[5]) == (10, FILL_OK, 1)
+    assert (n, out[0], out[5]) == (10, Fill.OK, 1)
     big.vq.flush()
     assert big.ring.get_used() == [(heads[4], HDR + 54 + 10)]
 
@@ -172,7 +161,7 @@ def test_rx_fill_writer_gets_the_first_buffers(big: Setup,
         assert got is not None
         w = Writer(54)
         n, out = fill(big, w, b.fileno(), 3, 54 + 1460, 54)
-        assert (n, out[0], out[5]) == (3000, FILL_OK, 3)
+        assert (n, out[0], out[5]) == (3000, Fill.OK, 3)
         firsts, first_lens, sizes = w.calls[0]
         assert first_lens == [4096 - HDR] * 3 and sizes == [1460, 1460, 80]
         views = big.vq.memory.table.views
@@ -192,7 +181,7 @@ def test_rx_fill_writer_gets_the_first_buffers(big: Setup,
 
 def reference(setup: Setup, fd: int, count: int, frame_len: int, head: int, room: int,
               flags: int, gso_from: int) -> tuple[int, list[int] | None]:
-    """pop_rx_frames(), recv_frames(), marker headers, rx_commit(), push_written(), rewind():
+    """pop_rx_frames(), read_frames(), marker headers, rx_commit(), push_written(), rewind():
     (bytes read or -errno, sizes written), or (0, None) when nothing was laid out."""
     vq = setup.vq
     got = vq.pop_rx_frames(count, HDR + frame_len, HDR, head, 1024, 0)
@@ -204,8 +193,9 @@ def reference(setup: Setup, fd: int, count: int, frame_len: int, head: int, room
         vq.rewind(kept)
         return 0, None
     try:
-        n, caps = recv_frames(fd, flags, vq.memory.table, bytearray(recs), starts, HDR,
-                              frame_len, head, room)
+        reader = SocketReader(fd, flags)
+        n, caps = read_frames(reader.reader, reader.reader_arg, vq.memory.table,
+                              bytearray(recs), starts, HDR, frame_len, head, room)
     except OSError as e:
         vq.rewind(kept)
         return -e.errno, None
@@ -244,8 +234,8 @@ def test_rx_fill_same_as_pop_recv_commit(sizes: list[int],
                                          data_len: int) -> None:
     """Any one-buffer chains, frame sizes, headers, windows and GSO thresholds: the same
     bytes read, the same guest memory, used ring and queue state as pop_rx_frames(),
-    recv_frames(), the headers and rx_commit() one after the other; a ring shape for the
-    general path: FILL_GENERAL where pop_rx_frames() says None."""
+    read_frames(), the headers and rx_commit() one after the other; a ring shape for the
+    general path: Fill.GENERAL where pop_rx_frames() says None."""
     ours, theirs = Setup(num=16), Setup(num=16)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -261,12 +251,12 @@ def test_rx_fill_same_as_pop_recv_commit(sizes: list[int],
             if want_sizes:  # the guest took them (its ACK): both peek on from there
                 assert len(b.recv(sum(want_sizes))) == sum(want_sizes)
             if want_sizes is None and want_n == 0:
-                assert out[0] in (FILL_EMPTY, FILL_GENERAL)
+                assert out[0] in (Fill.EMPTY, Fill.GENERAL)
                 assert n == 0 and not w.calls
             elif want_n < 0:
-                assert (out[0], n) == (FILL_RECV, want_n) and not w.calls
+                assert (out[0], n) == (Fill.READ, want_n) and not w.calls
             else:
-                assert n == want_n and out[0] == FILL_OK
+                assert n == want_n and out[0] == Fill.OK
                 assert out[5] == len(want_sizes or [])
                 assert [c[2] for c in w.calls] == ([want_sizes] if want_sizes else [])
             assert state(ours) == state(theirs)
@@ -294,21 +284,21 @@ def test_rx_fill_empty_ring(big: Setup, pair: tuple[socket.socket, socket.socket
     a.sendall(b"q" * 100)
     w = Writer(54)
     n, out = fill(big, w, b.fileno(), 4, 1514, 54, flags=socket.MSG_DONTWAIT)
-    assert (n, out[0], out[4]) == (0, FILL_EMPTY, 0) and not w.calls
+    assert (n, out[0], out[4]) == (0, Fill.EMPTY, 0) and not w.calls
     _assert_nothing_kept(big, (0, 0))
     assert b.recv(200) == b"q" * 100  # nothing read
 
 
 def test_rx_fill_ring_too_short_for_a_frame(big: Setup,
                                             pair: tuple[socket.socket, socket.socket]) -> None:
-    """Two 1536-byte chains, a frame needing three: popped, given back, FILL_EMPTY."""
+    """Two 1536-byte chains, a frame needing three: popped, given back, Fill.EMPTY."""
     a, b = pair
     big.ring.add([], [1536])
     big.ring.add([], [1536])
     a.sendall(b"q" * 100)
     w = Writer(54)
     n, out = fill(big, w, b.fileno(), 1, 54 + 4000, 54, flags=socket.MSG_DONTWAIT)
-    assert (n, out[0], out[2], out[3]) == (0, FILL_EMPTY, 2, 1) and not w.calls
+    assert (n, out[0], out[2], out[3]) == (0, Fill.EMPTY, 2, 1) and not w.calls
     _assert_nothing_kept(big, (0, 0))
     assert b.recv(200) == b"q" * 100
 
@@ -336,8 +326,8 @@ def test_rx_fill_other_outcomes_give_back_everything(
     n, out = fill(big, w, b.fileno(), 3, 54 + 2000, 54, flags=PEEK,
                   need=HDR - 1 if case == "layout" else None,
                   addr=0 if case == "no-writer" else None)
-    want = {"end": FILL_OK, "recv": FILL_RECV, "writer": FILL_WRITER, "commit": FILL_COMMIT,
-            "general": FILL_GENERAL, "layout": FILL_LAYOUT, "no-writer": FILL_LAYOUT}[case]
+    want = {"end": Fill.OK, "recv": Fill.READ, "writer": Fill.WRITER, "commit": Fill.COMMIT,
+            "general": Fill.GENERAL, "layout": Fill.LAYOUT, "no-writer": Fill.LAYOUT}[case]
     assert out[0] == want
     assert out[5] == 0  # nothing sent
     if case == "end":
@@ -354,7 +344,7 @@ def test_rx_fill_other_outcomes_give_back_everything(
     # the same chains again, now sent
     w2 = Writer(54)
     n, out = fill(big, w2, b.fileno(), 3, 54 + 2000, 54, flags=PEEK)
-    assert (n, out[0], out[5]) == (4000, FILL_OK, 2)
+    assert (n, out[0], out[5]) == (4000, Fill.OK, 2)
     big.vq.flush()
     assert [h for h, _ in big.ring.get_used()] == heads[:4]
 
@@ -365,7 +355,7 @@ def test_rx_fill_general_ring_then_pop_many_takes_it(
     head = big.ring.add([], [1536, 1536])
     a.sendall(b"x" * 10)
     n, out = fill(big, Writer(54), b.fileno(), 2, 1514, 54)
-    assert (n, out[0]) == (0, FILL_GENERAL)
+    assert (n, out[0]) == (0, Fill.GENERAL)
     assert [c.head for c in big.vq.pop_many(4)] == [head]
 
 
@@ -412,7 +402,7 @@ def test_rx_fill_room_caps_the_read(big: Setup, pair: tuple[socket.socket, socke
     a.sendall(data)
     w = Writer(54)
     n, out = fill(big, w, b.fileno(), 4, 54 + 1460, 54, room=2100, flags=socket.MSG_DONTWAIT)
-    assert (n, out[0], out[4], out[5], out[11]) == (2100, FILL_OK, 4, 2, 2100)
+    assert (n, out[0], out[4], out[5], out[11]) == (2100, Fill.OK, 4, 2, 2100)
     assert w.calls[0][2] == [1460, 640]
     assert state(big) == (2, 0)
     big.vq.flush()
@@ -434,7 +424,7 @@ def test_rx_fill_count_above_fill_max_is_clamped(
         a.sendall(data)
         w = Writer(0)
         n, out = fill(setup, w, b.fileno(), 1000, 10, 0, flags=socket.MSG_DONTWAIT)
-        assert (n, out[0], out[4], out[5]) == (FILL_MAX * 10, FILL_OK, FILL_MAX, FILL_MAX)
+        assert (n, out[0], out[4], out[5]) == (FILL_MAX * 10, Fill.OK, FILL_MAX, FILL_MAX)
         assert len(w.calls) == 1 and w.calls[0][2] == [10] * FILL_MAX
         assert state(setup) == (FILL_MAX, 0)
         setup.vq.flush()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostpasst.core.pcap import PcapWriter
+from virtio.ring import RxFiller
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ class LinkCaps:
     # Frames need their TCP/UDP checksum over the payload: False only where the peer checks
     # none (vhost-user's GUEST_CSUM: DATA_VALID) and no capture (--pcap) shows the frames.
     l4_csum: bool = True
-    # rx_fill() reads a socket into the peer's buffers and commits them in one C call (it may
-    # still decline a call: the general path then).
+    # rx_fill() has the caller's C read into the peer's buffers and commits them in one C call
+    # (it may still decline a call: the general path then).
     guest_fill: bool = False
 
 
@@ -141,19 +142,19 @@ class Link(abc.ABC):
         """
         return [[buf[:frame_len]] for buf in self.rx_buffers(min(count, IOV_MAX))]
 
-    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
-                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
-        """rx_scatter(), a recvmsg(fd, flags) into the frames' bytes from `off` on (at most
-        `room` bytes), their headers and commit_scatter() in one call, for a link whose
+    def rx_fill(self, count: int, frame_len: int, off: int, room: int, filler: RxFiller,
+                tso: Tso | None) -> tuple[int, int, int] | None:
+        """rx_scatter(), the filler's read into the frames' bytes from `off` on (at most `room`
+        bytes), its writer's headers and commit_scatter() in one C call, for a link whose
         buffers C code can fill faster than recvmsg_into() over rx_scatter()'s views: only
-        when nothing but headers is written into the frames (no checksum over the payload).
-        `writer` is the address of a C frame writer (virtio's vr_frame_writer,
-        cffi_build/virtio/ring.c) and `writer_arg` of its argument; it writes each frame's headers
-        given its first buffer and payload size. Returns (bytes read, frames sent, the
-        payload room the frames had in all): 0 bytes with frames laid out is the end of the
-        stream (nothing sent); (0, 0, 0) when there is no room; bytes read and none sent
-        when the writer refused them. None: no such path now, use rx_scatter() (this
-        default). OSError from recvmsg() goes to the caller."""
+        when nothing but headers is written into the frames (no checksum over the payload;
+        `caps.guest_fill` says so). `filler` is the reader and the frame writer (see
+        virtio.ring.RxFiller): the reader fills the frames' payloads, the writer each
+        frame's headers given its first buffer and payload size. Returns (bytes read,
+        frames sent, the payload room the frames had in all): 0 bytes with frames laid out
+        is the end of the data (nothing sent); (0, 0, 0) when there is no room; bytes read
+        and none sent when the writer refused them. None: no such path now, use
+        rx_scatter() (this default). The reader's failure comes up as OSError."""
         return None
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
@@ -235,10 +236,9 @@ class ForwardingLink(Link):
     def rx_scatter(self, count: int, frame_len: int, head: int = 0) -> list[list[memoryview]]:
         return self.link.rx_scatter(count, frame_len, head)
 
-    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
-                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
-        return self.link.rx_fill(fd, count, frame_len, off, room, flags, writer, writer_arg,
-                                 tso)
+    def rx_fill(self, count: int, frame_len: int, off: int, room: int, filler: RxFiller,
+                tso: Tso | None) -> tuple[int, int, int] | None:
+        return self.link.rx_fill(count, frame_len, off, room, filler, tso)
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self.link.commit_scatter(lengths, tso)

@@ -67,25 +67,7 @@ from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
-from virtio.ring import (
-    FILL_EMPTY,
-    FILL_GENERAL,
-    FILL_LAYOUT,
-    FILL_OK,
-    FILL_OUT_BUF_LEN,
-    FILL_OUT_CODE,
-    FILL_OUT_COMMITTED,
-    FILL_OUT_DRY,
-    FILL_OUT_GSO,
-    FILL_OUT_LAID,
-    FILL_OUT_POPPED,
-    FILL_OUT_ROOM,
-    FILL_OUT_SCATTERED,
-    FILL_OUT_SENT,
-    FILL_RECV,
-    FILL_WRITER,
-    rx_commit,
-)
+from virtio.ring import Fill, RxFiller, rx_commit
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -651,15 +633,15 @@ class VhostUserLink(Link):
         self._batch = batch if batch.count else None
         return batch
 
-    def rx_fill(self, fd: int, count: int, frame_len: int, off: int, room: int, flags: int,
-                writer: int, writer_arg: int, tso: Tso | None) -> tuple[int, int, int] | None:
+    def rx_fill(self, count: int, frame_len: int, off: int, room: int, filler: RxFiller,
+                tso: Tso | None) -> tuple[int, int, int] | None:
         """The lean path (mergeable buffers, GUEST_CSUM: only headers to write, no --pcap)
-        with the caller's socket read, the writer's headers and the commit in one C call
+        with the caller's read, its writer's headers and the commit in one C call
         (VirtQueue.fill_rx_frames()): the chains stay (region, offset, length) records and
-        C reads the socket (recvmsg with `flags`) straight into them, frame bytes `off` on,
-        `room` bytes at most. A memoryview per guest buffer (17 per 64 KiB frame), and the
-        Python between the steps, cost more than the steps. The frames are in the used ring
-        when this returns; flush() tells the guest."""
+        the filler's reader fills them straight, frame bytes `off` on, `room` bytes at
+        most. A memoryview per guest buffer (17 per 64 KiB frame), and the Python between
+        the steps, cost more than the steps. The frames are in the used ring when this
+        returns; flush() tells the guest."""
         if not self._mergeable or not self.csum_offload or self.pcap is not None:
             return None
         vq = self._rx_queue(count)
@@ -670,37 +652,35 @@ class VhostUserLink(Link):
         plain, gso, gso_from = self._fill_headers(tso)
         try:
             n, out = vq.fill_rx_frames(count, net.HDR_LEN + frame_len, net.HDR_LEN, off,
-                                       IOV_MAX, self._rx_hint, fd, flags, room, writer,
-                                       writer_arg, plain, gso, gso_from)
+                                       IOV_MAX, self._rx_hint, filler, room, plain, gso,
+                                       gso_from)
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return 0, 0, 0
-        code = out[FILL_OUT_CODE]
-        if code == FILL_GENERAL:
+        outcome = out.outcome
+        if outcome == Fill.GENERAL:
             return None
-        laid = out[FILL_OUT_LAID]
-        self._gathered(vq, frame_len, bool(out[FILL_OUT_DRY]), laid, out[FILL_OUT_POPPED],
-                       out[FILL_OUT_BUF_LEN])
-        if code == FILL_OK:
-            done = out[FILL_OUT_COMMITTED]
+        self._gathered(vq, frame_len, bool(out.dry), out.laid, out.popped, out.buf_len)
+        if outcome == Fill.OK:
+            done = out.committed
             self.tx_frames += done
             self.tx_zero_copy += done
-            self.tx_scattered += out[FILL_OUT_SCATTERED]
-            self.tx_gso += out[FILL_OUT_GSO]
+            self.tx_scattered += out.scattered
+            self.tx_gso += out.gso
             self.tx_filled += done
-            return n, out[FILL_OUT_SENT], out[FILL_OUT_ROOM]
-        if code == FILL_EMPTY:
+            return n, out.sent, out.room
+        if outcome == Fill.EMPTY:
             return 0, 0, 0
-        if code == FILL_RECV:
+        if outcome == Fill.READ:
             raise OSError(-n, os.strerror(-n))
-        if code == FILL_LAYOUT:  # our bug, not the guest's: the general path still works
-            log.error("vhost-user RX: the one-call fill refused its writer or the frame "
-                      "records (%d frames): rx_scatter() instead", laid)
+        if outcome == Fill.LAYOUT:  # our bug, not the guest's: the general path still works
+            log.error("vhost-user RX: the one-call fill refused its reader, writer or the "
+                      "frame records (%d frames): rx_scatter() instead", out.laid)
             return None
         _ratelimited.warning("vu-rx-fill", "vhost-user RX: %d frames read and not sent (%s)",
-                             laid, "header writer refused them" if code == FILL_WRITER
-                             else "frames too short for their lengths")
-        return n, 0, out[FILL_OUT_ROOM]
+                             out.laid, "header writer refused them"
+                             if outcome == Fill.WRITER else "frames too short for their lengths")
+        return n, 0, out.room
 
     def _fill_headers(self, tso: Tso | None) -> tuple[bytes, bytes, int]:
         """rx_fill()'s virtio-net headers: DATA_VALID, or past gso_from bytes the GSO one

@@ -2,11 +2,13 @@
 to_guest.py for a link whose LinkCaps say `guest_fill` (vhost-user with mergeable buffers and
 GUEST_CSUM, no --pcap: only headers are written into the frames, no checksum over the payload).
 
-One C call (Link.rx_fill()) pops the guest's buffers, reads the socket into them (recvmsg with
-MSG_PEEK) past the headers, has tcpsg.c's vp_tcp_fill_writer write each frame's headers from
-the connection's template (the `struct vp_tcp_fill` below: template, seq, ack, window, MSS),
-and puts the frames in the used ring; a memoryview per guest buffer and the Python between
-those steps cost more than the steps. The ACK number and window go in before the read. Where
+One C call (Link.rx_fill()) pops the guest's buffers and checks them against the guest's
+memory (virtio's ring.c), then calls our reader, cffi_build/vhostpasst/tcp_vu.c's vp_tcp_read
+(a recvmsg with MSG_PEEK of the connection's socket into the frames' payload iovecs: the
+`struct vp_tcp_read` below), and our writer, vp_tcp_fill_writer (each frame's headers from the
+connection's template: the `struct vp_tcp_fill` below, template, seq, ack, window, MSS), and
+puts the frames in the used ring; a memoryview per guest buffer and the Python between those
+steps cost more than the steps. The ACK number and window go in before the read. Where
 the ring's shape is not one the C handles (chains of several buffers), rx_fill() declines
 and the frames go through link buffers as for any link (BufOutput).
 """
@@ -23,6 +25,11 @@ from vhostpasst.proto.tcp.conn import _PEEK_FLAGS, TcpConn
 from vhostpasst.proto.tcp.control import TcpControl
 from vhostpasst.proto.tcp.out_buf import BufOutput, Peeked
 from vhostpasst.wire import tcp as wtcp
+from virtio.ring import RxFiller
+
+
+def _address(cdata: Any) -> int:
+    return int(_sg_ffi.cast("uintptr_t", cdata))
 
 
 class GuestFillOutput(BufOutput):
@@ -37,9 +44,13 @@ class GuestFillOutput(BufOutput):
         self._fill: Any = _sg_ffi.new("struct vp_tcp_fill *")
         self._fill.flags, self._fill.last_flags = wtcp.ACK, wtcp.ACK | wtcp.PSH
         self._fill_for: tuple[TcpConn, bytes] | None = None
-        self._fill_arg = int(_sg_ffi.cast("uintptr_t", self._fill))
-        self._fill_writer = int(_sg_ffi.cast(
-            "uintptr_t", _sg_ffi.addressof(_sg_lib, "vp_tcp_fill_writer")))
+        # vp_tcp_read's argument: the socket (set per call) and the peek's flags
+        self._read: Any = _sg_ffi.new("struct vp_tcp_read *")
+        self._read.flags = _PEEK_FLAGS
+        self._filler = RxFiller(_address(_sg_ffi.addressof(_sg_lib, "vp_tcp_read")),
+                                _address(self._read),
+                                _address(_sg_ffi.addressof(_sg_lib, "vp_tcp_fill_writer")),
+                                _address(self._fill))
 
     def send(self, conn: TcpConn, link: Link, count: int, seg: int, size: int, off: int,
              room: int, tso: Tso | None,
@@ -58,8 +69,8 @@ class GuestFillOutput(BufOutput):
         fill.ack = ack
         fill.wnd = wnd
         fill.tso_mss = tso.mss if tso is not None else 0
-        got = link.rx_fill(conn.fd, count, off + size, off, room, _PEEK_FLAGS,
-                           self._fill_writer, self._fill_arg, tso)
+        self._read.fd = conn.fd
+        got = link.rx_fill(count, off + size, off, room, self._filler, tso)
         if got is None:  # a ring shape the C leaves to the general path
             return super().send(conn, link, count, seg, size, off, room, tso, (ack, wnd))
         n, sent, caps = got
