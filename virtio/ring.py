@@ -431,7 +431,8 @@ class RingAccess:
                            self.num, filler.reader, filler.reader_arg, max(room, 0),
                            filler.writer, filler.writer_arg, plain, gso, gso_from,
                            self._felems, self._fspare, out)
-        return n, RxFill._make(ffi.unpack(out, _FILL_OUT_LEN)), self._felems
+        # (tuple.__new__: RxFill(...) would be one more Python call per fill)
+        return n, tuple.__new__(RxFill, ffi.unpack(out, _FILL_OUT_LEN)), self._felems
 
     def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
                   bounce: Any, bounce_len: int, out: Any) -> int:

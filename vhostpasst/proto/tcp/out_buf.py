@@ -12,7 +12,6 @@ is not touched here: send() says what happened (Peeked) and to_guest.py acts on 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
 from vhostpasst._tcpseg import ffi as _seg_ffi
 from vhostpasst._tcpseg import lib as _seg_lib
@@ -23,18 +22,12 @@ from vhostpasst.proto.tcp.conn import _PEEK_FLAGS, TcpConn
 from vhostpasst.proto.tcp.control import TcpControl
 from vhostpasst.wire import tcp as wtcp
 
-
-class Peeked(NamedTuple):
-    """What one output call did: `read` bytes peeked (0: the end of the stream) into frames
-    with `room` bytes of payload room in all; `seq`: the sequence number after the frames
-    sent, None if they could not be sent (resent on the RTO); `ack` and `wnd`: what they
-    carried."""
-
-    read: int
-    room: int
-    seq: int | None
-    ack: int
-    wnd: int
+# What one output call did: (read, room, seq, ack, wnd): `read` bytes peeked (0: the end of
+# the stream) into frames with `room` bytes of payload room in all; `seq`: the sequence number
+# after the frames sent, None if they could not be sent (resent on the RTO); `ack` and `wnd`:
+# what they carried. (A plain tuple: a NamedTuple's constructor is one more Python call per
+# wake-up on the hot path.)
+Peeked = tuple[int, int, int | None, int, int]
 
 
 def scatter_iov(frames: list[list[memoryview]], off: int,
@@ -98,7 +91,7 @@ class BufOutput:
                 caps[-1] = last
         n = conn.sock.recvmsg_into(iov, 0, _PEEK_FLAGS)[0]
         if n == 0:
-            return Peeked(0, sum(caps), None, 0, 0)
+            return (0, sum(caps), None, 0, 0)
         conn.last_seen = now = time.monotonic()
         ack, wnd = acked if acked is not None else self.h._data_ack_wnd(conn, now)
         mac = self.h.ctx.guest_mac()
@@ -114,7 +107,7 @@ class BufOutput:
             written = self._scattered_headers(conn, frames[:count], sizes, mac, ack, wnd, tso)
             if written is None:  # the link's buffers broke its promises: resend on the RTO
                 link.commit_scatter([])
-                return Peeked(n, sum(caps), None, ack, wnd)
+                return (n, sum(caps), None, ack, wnd)
             seq, lengths = written
         else:
             tmpl = self.h._template(conn, mac)
@@ -127,7 +120,7 @@ class BufOutput:
                                          wtcp.ACK | wtcp.PSH, out)
             lengths = _seg_ffi.unpack(out, count)
         link.commit_scatter(lengths, tso)
-        return Peeked(n, sum(caps), seq, ack, wnd)
+        return (n, sum(caps), seq, ack, wnd)
 
     def _scattered_headers(self, conn: TcpConn, frames: list[list[memoryview]],
                            sizes: list[int], mac: bytes, ack: int, wnd: int,

@@ -77,6 +77,6 @@ class GuestFillOutput(BufOutput):
         if n == 0 and caps == 0:
             return None
         if n == 0:
-            return Peeked(0, caps, None, ack, wnd)
+            return (0, caps, None, ack, wnd)
         conn.last_seen = now
-        return Peeked(n, caps, fill.seq if sent else None, ack, wnd)
+        return (n, caps, fill.seq if sent else None, ack, wnd)

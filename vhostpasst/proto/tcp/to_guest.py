@@ -35,12 +35,11 @@ class ToGuest(TcpTimers):
     _caps: LinkCaps | None = None  # what the output path was chosen for
     _out: BufOutput
 
-    def _output(self, caps: LinkCaps) -> BufOutput:
+    def _select_output(self, caps: LinkCaps) -> BufOutput:
         """The output path for a link with these capabilities, chosen again when they
         change (a new peer, other features)."""
-        if caps is not self._caps:
-            self._caps = caps
-            self._out = GuestFillOutput(self, caps) if caps.guest_fill else BufOutput(self, caps)
+        self._caps = caps
+        self._out = GuestFillOutput(self, caps) if caps.guest_fill else BufOutput(self, caps)
         return self._out
 
     def rx_ready(self) -> None:
@@ -110,21 +109,24 @@ class ToGuest(TcpTimers):
             # Not when SIOCINQ saw nothing new: data landing between it and the peek
             # would go out one byte first (a whole segment's room costs nothing then).
             size = fresh + 1
+        out = self._out if caps is self._caps else self._select_output(caps)
         try:
-            peeked = self._output(caps).send(conn, link, count, seg, size, off, room, tso)
+            peeked = out.send(conn, link, count, seg, size, off, room, tso)
         except OSError as e:
             self._peek_failed(conn, e)
             return
         if peeked is None:
             self._no_room(conn)
-        elif not peeked.read:
+            return
+        read, caps_room, seq, ack, wnd = peeked
+        if not read:
             self._peeked_eof(conn)
-        else:
-            self._peeked(conn, peeked.read, peeked.room, room)
-            if peeked.seq is not None:
-                self._data_sent(conn, peeked.seq, peeked.ack, peeked.wnd)
-            elif not conn.rto_armed:  # the link's buffers broke their promises: resend later
-                self._arm_rto(conn)
+            return
+        self._peeked(conn, read, caps_room, room)
+        if seq is not None:
+            self._data_sent(conn, seq, ack, wnd)
+        elif not conn.rto_armed:  # the link's buffers broke their promises: resend later
+            self._arm_rto(conn)
 
     def _no_room(self, conn: TcpConn) -> None:
         """No guest, or its RX ring is full: rx_ready() resumes, the RTO if it never comes."""
