@@ -564,7 +564,7 @@ def test_small_frames_wait_for_buffers_when_the_ring_is_full(h: Harness, feature
 def test_waiting_frames_are_bounded_and_unfittable_ones_dropped(h: Harness) -> None:
     """What waits for buffers is bounded (HOLD_BYTES), and a frame bigger than the whole ring
     can hold, every buffer posted, is dropped at once rather than blocking the rest."""
-    from vhostpasst.link import vhost
+    from vhostpasst.link import vhost_rx as vhost
     h.guest.bring_up(ALL)
     h.guest.post_rx(h.queue_size, size=256)  # the whole ring: 16 x 256 bytes
     h.pump()
@@ -749,7 +749,7 @@ def test_rx_scatter_bounce_when_headers_would_straddle(h: Harness) -> None:
 
 
 def test_rx_scatter_stay_within_iov_max(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vhostpasst.link.vhost as vhost
+    import vhostpasst.link.vhost_rx as vhost
     monkeypatch.setattr(vhost, "IOV_MAX", 10)
     h.guest.bring_up()
     h.guest.post_rx(16, size=1536)
@@ -1156,7 +1156,7 @@ def _scatter_run(lean: bool, features: int, sizes: list[int], rounds: list[tuple
     guest and the link can see, for comparing the two paths."""
     import unittest.mock
 
-    import vhostpasst.link.vhost as vhost
+    import vhostpasst.link.vhost_rx as vhost
     h = Harness(queue_size=64)
     patches = [unittest.mock.patch.object(vhost, "IOV_MAX", iov_max)]
     if not lean:
