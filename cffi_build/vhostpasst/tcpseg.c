@@ -20,22 +20,11 @@ uint32_t vp_tcp_frames(uint8_t *const *bufs, const uint32_t *sizes, unsigned int
 	unsigned int i;
 
 	for (i = 0; i < n; i++) {
-		uint8_t *f = bufs[i];
-		uint8_t *t = f + hlen;
 		uint32_t size = sizes[i];
 		uint32_t l4 = TCP_HLEN + size;
+		uint8_t *t = write_headers(bufs[i], tmpl, hlen, six, size, seq, ack,
+					   i + 1 == n ? last_flags : flags, wnd);
 
-		memcpy(f, tmpl, hlen + TCP_HLEN);
-		if (six) {
-			put16(f + ETH_HLEN + 4, (uint16_t)l4);
-		} else {
-			put16(f + ETH_HLEN + 2, (uint16_t)(IP4_HLEN + l4));
-			put16(f + ETH_HLEN + 10, fold(csum_partial(f + ETH_HLEN, IP4_HLEN, 0)));
-		}
-		put32(t + 4, seq);
-		put32(t + 8, ack);
-		t[13] = i + 1 == n ? last_flags : flags;
-		put16(t + 14, wnd);
 		put16(t + 16, fold(csum_partial(t, l4, (uint64_t)pseudo + l4)));
 		out_lens[i] = hlen + l4;
 		seq += size;

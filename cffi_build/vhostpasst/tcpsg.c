@@ -42,7 +42,7 @@ int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigne
 
 	for (i = 0; i < n; i++) {
 		unsigned int start = first[i], end = first[i + 1];
-		uint8_t *f, *t;
+		uint8_t *t;
 		uint32_t size = sizes[i], l4 = TCP_HLEN + size, left, odd = 0;
 		uint64_t sum;
 
@@ -50,19 +50,8 @@ int64_t vp_tcp_frames_sg_tso(uint8_t *const *bufs, const uint32_t *lens, unsigne
 			return -1;
 		if ((six ? l4 : IP4_HLEN + l4) > 0xffff)
 			return -1;
-		f = bufs[start];
-		t = f + hlen;
-		memcpy(f, tmpl, hlen + TCP_HLEN);
-		if (six) {
-			put16(f + ETH_HLEN + 4, (uint16_t)l4);
-		} else {
-			put16(f + ETH_HLEN + 2, (uint16_t)(IP4_HLEN + l4));
-			put16(f + ETH_HLEN + 10, fold(csum_partial(f + ETH_HLEN, IP4_HLEN, 0)));
-		}
-		put32(t + 4, seq);
-		put32(t + 8, ack);
-		t[13] = i + 1 == n ? last_flags : flags;
-		put16(t + 14, wnd);
+		t = write_headers(bufs[start], tmpl, hlen, six, size, seq, ack,
+				  i + 1 == n ? last_flags : flags, wnd);
 		if (tso_mss && size > tso_mss) {
 			put16(t + 16, partial((uint64_t)pseudo + l4));
 		} else if (csum) {

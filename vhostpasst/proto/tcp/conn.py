@@ -163,7 +163,6 @@ def env_number(name: str, default: float) -> float:
     return value if value > 0 else default
 
 
-
 class ConnOwner(Protocol):
     """What a connection needs of its handler when it closes."""
 
