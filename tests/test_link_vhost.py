@@ -1265,7 +1265,7 @@ def test_rx_scatter_lean_path_hostile_ring_disconnects(h: Harness, where: str) -
 # --- rx_fill(): the socket read, the headers and the commit in the lean path's guest buffers ---
 # The reference it must match is what tcp._from_sock() does without it: rx_scatter(), a
 # recvmsg_into() over the views, the headers by _tcpsg's vp_tcp_frames_sg_tso() over the
-# frames' first views without checksums (GUEST_CSUM, as tcp._scattered_headers()),
+# frames' first views without checksums (GUEST_CSUM, as out_buf.BufOutput._scattered_headers()),
 # commit_scatter().
 
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -1313,7 +1313,7 @@ def _template(six: bool = False) -> tuple[bytes, int]:
 
 
 class Fill:
-    """A struct vp_tcp_fill filled as TcpHandler._fill_frames() fills it."""
+    """A struct vp_tcp_fill filled as out_vu.GuestFillOutput fills it."""
 
     def __init__(self, seq: int, ack: int, wnd: int, tso: Tso | None, six: bool = False) -> None:
         tmpl, pseudo = _template(six)
@@ -1597,17 +1597,19 @@ def test_rx_fill_through_the_listener(tmp_path: Path) -> None:
 # --- the short-ring memo: a try that found too few chains for one frame ------------------------
 
 def _count_pops(vq: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Calls of either pop the link makes (pop_rx_frames(): rx_scatter(); fill_rx_frames():
-    rx_fill()), by the count asked."""
+    """Calls of either pop the link makes on `vq` (net.pop_rx_frames(): rx_scatter();
+    net.fill_rx_frames(): rx_fill()), by the count asked."""
     calls: list[int] = []
     for name in ("pop_rx_frames", "fill_rx_frames"):
-        real = getattr(vq, name)
+        real = getattr(net, name)
 
-        def counted(count: int, *args: object, _real: object = real, **kwargs: object) -> object:
-            calls.append(count)
-            return _real(count, *args, **kwargs)  # type: ignore[operator]
+        def counted(q: object, count: int, *args: object, _real: object = real,
+                    **kwargs: object) -> object:
+            if q is vq:
+                calls.append(count)
+            return _real(q, count, *args, **kwargs)  # type: ignore[operator]
 
-        monkeypatch.setattr(vq, name, counted)
+        monkeypatch.setattr(net, name, counted)
     return calls
 
 

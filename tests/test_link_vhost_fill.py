@@ -1,5 +1,5 @@
-"""VhostUserLink.rx_fill() (VirtQueue.fill_rx_frames() with tcp_vu.c's reader and writer, as
-TcpHandler._fill_frames() calls it) against the path tcp takes without it: rx_scatter(),
+"""VhostUserLink.rx_fill() (net.fill_rx_frames() with tcp_vu.c's reader and writer, as
+out_vu.GuestFillOutput calls it) against the path tcp takes without it: rx_scatter(),
 recvmsg_into() over its views, the headers by vp_tcp_frames_sg_tso() over the frames' first
 views and commit_scatter() (test_link_vhost._scatter_fill()); and where it declines, fails or
 disconnects."""
@@ -260,10 +260,10 @@ def test_rx_fill_layout_refused_falls_back(h: Any, monkeypatch: pytest.MonkeyPat
         if how == "no-writer":
             writer = 0  # vr_rx_fill() refuses it before it pops anything
         else:
-            def refuse(self: VirtQueue, *args: object) -> tuple[int, RxFill]:
+            def refuse(q: VirtQueue, *args: object) -> tuple[int, RxFill]:
                 return 0, RxFill(FillOutcome.LAYOUT, *[0] * 12)
 
-            monkeypatch.setattr(vq, "fill_rx_frames", refuse.__get__(vq))
+            monkeypatch.setattr(net, "fill_rx_frames", refuse)
         a.sendall(b"q" * 3000)
         f = Fill(9, 0, 0, None)
         with caplog.at_level(logging.ERROR):

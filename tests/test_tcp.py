@@ -119,7 +119,7 @@ _next_fd = [10_000_000]
 
 
 class FakeSock:
-    """Enough of a non-blocking TCP socket for tcp.py; `rx` is what the far end sent."""
+    """Enough of a non-blocking TCP socket for proto/tcp/; `rx` is what the far end sent."""
 
     instances: list[FakeSock] = []
 

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from .backend import Device
-from .ring import TX_COPY, TX_GUEST, ffi
+from .ring import GATHER_ERROR, GATHER_GENERAL, TX_COPY, TX_GUEST, Fill, RxFill, RxFiller, ffi
 from .virtqueue import Chain, VirtQueue
 
 F_CSUM = 1 << 0
@@ -341,14 +341,56 @@ class RxBatch:
         return out
 
 
+def pop_rx_frames(vq: VirtQueue, count: int, need: int, hdr: int, head: int, max_views: int,
+                  hint: int) -> tuple[list[int], int, bool, bytes, bytes] | None:
+    """Up to `count` mergeable RX frames of `need` bytes (a `hdr`-byte header included)
+    over chains of one writable buffer each, popped and laid out in one C call
+    (RingAccess.rx_gather()); see rx_frames() for the grouping. Returns (each frame's
+    first chain, chains popped before those not needed went back, starved, the kept
+    chains' buffer records and chain records), or None when the ring's shape is for the
+    Chain-based path (nothing popped). A bad chain breaks the queue (VirtQueueError)."""
+    ring = vq.ring_access()
+    code, starts, kept, seen, starved, recs, chains = ring.rx_gather(
+        vq.last_avail_idx, vq.indirect, vq.memory.table, vq.rearms_on_empty, count, need, hdr,
+        head, max_views, hint)
+    if code == GATHER_ERROR:
+        raise vq.bad_records(seen)
+    if code == GATHER_GENERAL:
+        return None
+    vq.took_records(kept)
+    return starts, seen, starved, recs, chains
+
+
+def fill_rx_frames(vq: VirtQueue, count: int, need: int, hdr: int, head: int, max_views: int,
+                   hint: int, filler: RxFiller, room: int, plain: bytes, gso: bytes,
+                   gso_from: int) -> tuple[int, RxFill]:
+    """pop_rx_frames(), `filler`'s read into the frames (`room` payload bytes at most),
+    their headers by its writer and their push, in one C call (RingAccess.rx_fill()):
+    the frames are in the used ring when it returns (flush() publishes them). Returns
+    (bytes read or -errno, what it did). Only Fill.OK with frames sent keeps chains;
+    every other outcome gives back what was popped. A bad chain breaks the queue
+    (VirtQueueError)."""
+    ring = vq.ring_access()
+    n, out, elems = ring.rx_fill(vq.last_avail_idx, vq.indirect, vq.memory.table,
+                                 vq.rearms_on_empty, count, need, hdr, head, max_views, hint,
+                                 filler, room, plain, gso, gso_from)
+    if out.outcome == Fill.ERROR:
+        raise vq.bad_records(out.popped)
+    if out.outcome == Fill.OK and out.sent:
+        vq.took_records(out.kept)
+        vq.push_written(elems, out.pairs)
+        vq.rewind(out.give_back)
+    return n, out
+
+
 def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
               max_views: int = 1 << 30, hint: int = 0) -> RxBatch | None:
     """Up to `count` frames of `frame_len` bytes over chains of one writable buffer each,
     grouped exactly as VhostUserLink.rx_scatter()'s general path does with mergeable buffers
     (each frame takes the fewest chains that hold it), at most `max_views` views in all;
-    popped and laid out in one C call (VirtQueue.pop_rx_frames()) over the chains' raw
+    popped and laid out in one C call (pop_rx_frames()) over the chains' raw
     records, and a view per buffer of each frame (`frames`). `hint`: the guest's buffer size
-    seen last (how many chains to pop first). (VirtQueue.fill_rx_frames() does the same
+    seen last (how many chains to pop first). (fill_rx_frames() does the same
     without views, its caller's C reader filling the records.)
 
     The chains are popped as rx_layout() needs them: a frame takes its first chain, then
@@ -359,7 +401,7 @@ def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,
     than `max_views` views, or a ring smaller than one frame; the general path handles
     those. A later frame like that ends the batch before it (the next call starts there).
     Chains popped and not in a frame are given back."""
-    got = vq.pop_rx_frames(count, HDR_LEN + frame_len, HDR_LEN, head, max_views, hint)
+    got = pop_rx_frames(vq, count, HDR_LEN + frame_len, HDR_LEN, head, max_views, hint)
     if got is None:
         return None
     starts, seen, starved, recs, chains = got

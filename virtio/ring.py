@@ -115,7 +115,7 @@ _scratch = _Scratch()
 
 @dataclass(frozen=True, slots=True)
 class RxFiller:
-    """The C that fills RX frames laid out over guest buffers, for VirtQueue.fill_rx_frames():
+    """The C that fills RX frames laid out over guest buffers, for net.fill_rx_frames():
     `reader` (a vr_frame_reader: fills the frames' payload iovecs from wherever its user reads,
     returns the bytes read or -errno) and `writer` (a vr_frame_writer: the frames' headers in
     their first buffers, and their lengths), as function addresses, and their arguments'

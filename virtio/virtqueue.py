@@ -33,8 +33,6 @@ from .dirtylog import DirtyLog
 from .memory import GuestMemory, GuestMemoryError
 from .message import VringAddr
 from .ring import (
-    GATHER_ERROR,
-    GATHER_GENERAL,
     POP_E_AVAIL_JUMP,
     POP_E_BUF_OUTSIDE,
     POP_E_HEAD,
@@ -46,11 +44,8 @@ from .ring import (
     POP_E_NEXT,
     POP_E_READ_AFTER_WRITE,
     POP_FULL,
-    Fill,
     RingAccess,
     RingError,
-    RxFill,
-    RxFiller,
     avail_size,
     used_size,
 )
@@ -388,60 +383,30 @@ class VirtQueue:
             if n or not ring.grow():
                 return n  # (n == 0 after growing cannot happen: room for any chain)
 
-    def pop_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
-                      hint: int) -> tuple[list[int], int, bool, bytes, bytes] | None:
-        """Up to `count` mergeable RX frames of `need` bytes (a `hdr`-byte header included)
-        over chains of one writable buffer each, popped and laid out in one C call
-        (RingAccess.rx_gather()); see net.rx_frames() for the grouping. Returns (each frame's
-        first chain, chains popped before those not needed went back, starved, the kept
-        chains' buffer records and chain records), or None when the ring's shape is for the
-        Chain-based path (nothing popped). A bad chain breaks the queue (VirtQueueError)."""
-        ring = self._ring_or_fail()
-        code, starts, kept, seen, starved, recs, chains = ring.rx_gather(
-            self.last_avail_idx, self.indirect, self.memory.table,
-            self.event_idx and self._notify, count, need, hdr, head, max_views, hint)
-        if code == GATHER_ERROR:
-            self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
-            self.inflight += seen  # the good chains before the bad one: lost with the queue
-            status = ring.status()
-            raise self._fail(self._pop_error(status[0], status[1], status[2]))
-        if code == GATHER_GENERAL:
-            return None
+    @property
+    def rearms_on_empty(self) -> bool:
+        """An empty pop re-arms the kick with one store (EVENT_IDX, kicks wanted): what a C
+        gather is told."""
+        return self.event_idx and self._notify
+
+    def took_records(self, kept: int) -> None:
+        """A C gather (RingAccess.rx_gather(), rx_fill(): virtio.net's mergeable RX) popped
+        `kept` chains and keeps them: last_avail moves on by them, they count in flight, and
+        under live migration their buffers are marked dirty when they are used (from the
+        ring's record arrays)."""
         self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
         self.inflight += kept
         if kept and self.dirty_log is not None:
-            self._record_writes(memoryview(chains).cast("I").tolist(),
-                                memoryview(recs).cast("Q").tolist())
-        return starts, seen, starved, recs, chains
+            self._record_writes(*self._ring_or_fail().gather_records(kept))
 
-    def fill_rx_frames(self, count: int, need: int, hdr: int, head: int, max_views: int,
-                       hint: int, filler: RxFiller, room: int, plain: bytes, gso: bytes,
-                       gso_from: int) -> tuple[int, RxFill]:
-        """pop_rx_frames(), `filler`'s read into the frames (`room` payload bytes at most),
-        their headers by its writer and their push, in one C call (RingAccess.rx_fill()):
-        the frames are in the used ring when it returns (flush() publishes them). Returns
-        (bytes read or -errno, what it did). Only Fill.OK with frames sent keeps chains;
-        every other outcome gives back what was popped. A bad chain breaks the queue
-        (VirtQueueError)."""
-        ring = self._ring_or_fail()
-        n, out, elems = ring.rx_fill(
-            self.last_avail_idx, self.indirect, self.memory.table, self.event_idx and self._notify,
-            count, need, hdr, head, max_views, hint, filler, room, plain, gso, gso_from)
-        if out.outcome == Fill.ERROR:
-            seen = out.popped
-            self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
-            self.inflight += seen  # the good chains before the bad one: lost with the queue
-            status = ring.status()
-            raise self._fail(self._pop_error(status[0], status[1], status[2]))
-        if out.outcome == Fill.OK and out.sent:
-            kept = out.kept
-            self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
-            self.inflight += kept
-            if kept and self.dirty_log is not None:
-                self._record_writes(*ring.gather_records(kept))
-            self.push_written(elems, out.pairs)
-            self.rewind(out.give_back)
-        return n, out
+    def bad_records(self, seen: int) -> VirtQueueError:
+        """A C gather met a bad chain or avail index after `seen` good chains: those are
+        popped and lost with the queue, which breaks (the ring's status says why). Raise
+        what this returns."""
+        self.last_avail_idx = (self.last_avail_idx + seen) & 0xFFFF
+        self.inflight += seen
+        status = self._ring_or_fail().status()
+        return self._fail(self._pop_error(status[0], status[1], status[2]))
 
     @staticmethod
     def _chains_from(heads: list[int], bufs: list[int], views: list[memoryview],

@@ -1,6 +1,7 @@
-"""VirtQueue.fill_rx_frames() (vr_rx_fill() in cffi_build/virtio/ring.c): the gather, the socket
-read into the frames, a caller's C frame writer and the commit in one call, against the steps it
-joins (pop_rx_frames(), ring.read_frames(), ring.rx_commit()) and its outcomes."""
+"""net.fill_rx_frames() (vr_rx_fill() in cffi_build/virtio/ring.c): the gather, a caller's C reader
+filling the frames (here TCP's socket read), its C frame writer and the commit in one call,
+against the steps it joins (pop_rx_frames(), ring.read_frames(), ring.rx_commit()) and its
+outcomes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtio import net
 from virtio._ring import ffi
 from virtio.ring import FILL_MAX, Fill, read_frames, rx_commit
 from virtio.virtqueue import DESC_F_WRITE, VirtQueueError
@@ -67,7 +69,7 @@ def fill(setup: Setup, writer: Writer, fd: int, count: int, frame_len: int, head
          room: int = 1 << 20, flags: int = PEEK, gso_from: int = 1 << 30,
          need: int | None = None, addr: int | None = None) -> tuple[int, Any]:
     reader = SocketReader(fd, flags)
-    return setup.vq.fill_rx_frames(count, HDR + frame_len if need is None else need, HDR, head,
+    return net.fill_rx_frames(setup.vq, count, HDR + frame_len if need is None else need, HDR, head,
                                    1024, 0, reader.filler(writer.addr if addr is None else addr),
                                    room, PLAIN, GSO, gso_from)
 
@@ -157,7 +159,7 @@ def test_rx_fill_writer_gets_the_first_buffers(big: Setup,
     try:
         for _ in range(6):
             ref.ring.add([], [4096])
-        got = ref.vq.pop_rx_frames(3, HDR + 54 + 1460, HDR, 54, 1024, 0)
+        got = net.pop_rx_frames(ref.vq, 3, HDR + 54 + 1460, HDR, 54, 1024, 0)
         assert got is not None
         w = Writer(54)
         n, out = fill(big, w, b.fileno(), 3, 54 + 1460, 54)
@@ -184,7 +186,7 @@ def reference(setup: Setup, fd: int, count: int, frame_len: int, head: int, room
     """pop_rx_frames(), read_frames(), marker headers, rx_commit(), push_written(), rewind():
     (bytes read or -errno, sizes written), or (0, None) when nothing was laid out."""
     vq = setup.vq
-    got = vq.pop_rx_frames(count, HDR + frame_len, HDR, head, 1024, 0)
+    got = net.pop_rx_frames(vq, count, HDR + frame_len, HDR, head, 1024, 0)
     if got is None:
         return 0, None
     starts, _seen, _starved, recs, chains = got

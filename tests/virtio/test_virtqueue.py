@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtio import net
 from virtio.memory import GuestMemory
 from virtio.message import VringAddr
 from virtio.virtqueue import (
@@ -632,7 +633,7 @@ def test_pop_rx_frames_matches_pop_many(chains, counts):
         ref = _twin(setup)
         for count in counts:
             before = setup.vq.last_avail_idx, setup.vq.inflight
-            got = setup.vq.pop_rx_frames(count, 1, 0, 0, 1 << 20, 0)
+            got = net.pop_rx_frames(setup.vq, count, 1, 0, 0, 1 << 20, 0)
             want = ref.pop_many(count)
             simple = all(not c.readable and len(c.writable) == 1 for c in want)
             if got is None:
@@ -657,18 +658,18 @@ def test_pop_rx_frames_empty_rearms_and_rewinds():
         for _ in range(3):
             ring.add([], [64])
         ring.kick()
-        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        got = net.pop_rx_frames(vq, 8, 64, 12, 0, 100, 0)
         assert got is not None and got[0] == [0, 1, 2] and got[2]  # starved
         heads = [h for h, _, _ in struct.iter_unpack("=III", got[4])]
-        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        got = net.pop_rx_frames(vq, 8, 64, 12, 0, 100, 0)
         assert got is not None and got[:3] == ([], 0, True)  # empty: avail_event = 3
         ring.add([], [64])
         assert ring.kick()
         vq.rewind(2)
-        got = vq.pop_rx_frames(8, 64, 12, 0, 100, 0)
+        got = net.pop_rx_frames(vq, 8, 64, 12, 0, 100, 0)
         assert got is not None
         assert [h for h, _, _ in struct.iter_unpack("=III", got[4])] == heads[1:] + [3]
-        got = vq.pop_rx_frames(0, 64, 12, 0, 100, 0)
+        got = net.pop_rx_frames(vq, 0, 64, 12, 0, 100, 0)
         assert got is not None and got[:2] == ([], 0)
     finally:
         setup.close()
@@ -681,13 +682,13 @@ def test_pop_rx_frames_gives_back_what_no_frame_takes():
     try:
         for _ in range(8):
             setup.ring.add([], [100])
-        got = setup.vq.pop_rx_frames(4, 300, 12, 0, 100, 100)
+        got = net.pop_rx_frames(setup.vq, 4, 300, 12, 0, 100, 100)
         assert got is not None
         starts, seen, starved, recs, chains = got
         assert starts == [0, 3] and seen == 8 and starved and len(recs) == 6 * 24
         assert (setup.vq.last_avail_idx, setup.vq.inflight) == (6, 6)
         setup.vq.rewind(6)
-        assert setup.vq.pop_rx_frames(4, 300, 12, 90, 100, 100) is None  # 12 + 90 > 100
+        assert net.pop_rx_frames(setup.vq, 4, 300, 12, 90, 100, 100) is None  # 12 + 90 > 100
         assert (setup.vq.last_avail_idx, setup.vq.inflight) == (0, 0)
     finally:
         setup.close()
@@ -711,10 +712,10 @@ def test_pop_rx_frames_hostile_ring_breaks_the_queue(s, case):
         s.ring.publish(0)
         s.ring.publish(8)
     with pytest.raises(VirtQueueError):
-        s.vq.pop_rx_frames(8, 64, 12, 0, 100, 64)
+        net.pop_rx_frames(s.vq, 8, 64, 12, 0, 100, 64)
     assert s.vq.broken
     with pytest.raises(VirtQueueError):
-        s.vq.pop_rx_frames(8, 64, 12, 0, 100, 64)
+        net.pop_rx_frames(s.vq, 8, 64, 12, 0, 100, 64)
     if case == "mid_batch":
         assert s.vq.inflight == 1
 

@@ -304,7 +304,7 @@ class VhostRx(Link):
                 tso: Tso | None) -> tuple[int, int, int] | None:
         """The lean path (mergeable buffers, GUEST_CSUM: only headers to write, no --pcap)
         with the caller's read, its writer's headers and the commit in one C call
-        (VirtQueue.fill_rx_frames()): the chains stay (region, offset, length) records and
+        (net.fill_rx_frames()): the chains stay (region, offset, length) records and
         the filler's reader fills them straight, frame bytes `off` on, `room` bytes at
         most. A memoryview per guest buffer (17 per 64 KiB frame), and the Python between
         the steps, cost more than the steps. The frames are in the used ring when this
@@ -318,9 +318,9 @@ class VhostRx(Link):
             return 0, 0, 0
         plain, gso, gso_from = self._fill_headers(tso)
         try:
-            n, out = vq.fill_rx_frames(count, net.HDR_LEN + frame_len, net.HDR_LEN, off,
-                                       IOV_MAX, self._rx_hint, filler, room, plain, gso,
-                                       gso_from)
+            n, out = net.fill_rx_frames(vq, count, net.HDR_LEN + frame_len, net.HDR_LEN, off,
+                                        IOV_MAX, self._rx_hint, filler, room, plain, gso,
+                                        gso_from)
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return 0, 0, 0
