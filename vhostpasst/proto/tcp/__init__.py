@@ -1,9 +1,9 @@
 """TCP: guest connections translated to host sockets, with no TCP stack of our own.
 
 conn.py explains how (theory of operation); the handler the rest of vhostpasst uses is
-TcpHandler, built from one class per concern: timers.py, control.py (segments without data,
-ACK and window), to_guest.py with one output module per kind of link (out_buf.py, out_vu.py),
-from_guest.py, handler.py (listening sockets, socket events).
+TcpHandler, built from one class per concern: control.py (segments without data, ACK and
+window), timers.py, from_guest.py, to_guest.py (socket events, data to the guest) with one
+output module per kind of link (out_buf.py, out_vu.py), handler.py (listening sockets).
 """
 
 from vhostpasst.proto.tcp.conn import (

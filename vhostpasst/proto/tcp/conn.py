@@ -37,9 +37,17 @@ retransmission timeout is estimated and backs off; half-open connections are cap
 flood cannot fill the flow table.
 
 The handler (TcpHandler, __init__.py) is one object built from one class per concern, each in
-its own module and each on top of the one below: timers.py -> control.py (segments built from
-nothing: SYN, FIN, RST, ACK and window; the socket's epoll mask) -> to_guest.py ->
-from_guest.py -> handler.py (listening sockets, socket events). This module is below them all.
+its own module and each on top of the one below: control.py (the shared state; segments built
+from nothing: SYN, FIN, RST, ACK and window; the socket's epoll mask) -> timers.py ->
+from_guest.py -> to_guest.py (host socket events, data to the guest through out_buf.py or
+out_vu.py) -> handler.py (listening sockets). This module is below them all.
+
+The path of one frame each way, through this package:
+  guest -> host: Dispatcher -> from_guest.segment(); end_batch() -> _tap_segments() ->
+    _write(): one sendmsg() per connection and batch.
+  host -> guest: the socket's EPOLLIN -> to_guest._on_sock() -> _from_sock() -> the chosen
+    output's send() (out_vu: Link.rx_fill(), the read and headers in C; out_buf:
+    Link.rx_scatter(), recvmsg_into(), headers in C, Link.commit_scatter()) -> _data_sent().
 """
 
 from __future__ import annotations

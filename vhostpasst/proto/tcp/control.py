@@ -120,7 +120,7 @@ class TcpControl(abc.ABC):
 
     @abc.abstractmethod
     def _on_sock(self, conn: TcpConn, mask: int) -> None:
-        """An epoll event on the connection's socket (handler.py)."""
+        """An epoll event on the connection's socket (to_guest.py)."""
 
     # --- replies built from nothing -------------------------------------------------------
 

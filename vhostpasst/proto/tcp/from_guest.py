@@ -54,12 +54,12 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
-from vhostpasst.proto.tcp.to_guest import ToGuest
+from vhostpasst.proto.tcp.timers import TcpTimers
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import Ipv4, Ipv6
 
 
-class FromGuest(ToGuest):
+class FromGuest(TcpTimers):
     """Guest segments (see the module docstring)."""
 
     def __init__(self, ctx: Context) -> None:

@@ -1,15 +1,15 @@
-"""The TCP handler: listening sockets (`-t` forwards, pasta's automatic ports), connections
-accepted on them, and the events of every connection's host socket.
+"""The TCP handler: listening sockets (`-t` forwards, pasta's automatic ports) and the
+connections accepted on them.
 
 TcpHandler is what the dispatcher, the daemon and pasta hold (vhostpasst.proto.tcp.TcpHandler);
 it is the top of the classes the handler is built from (conn.py explains the whole). A
 connection accepted on a `-t` port is first offered to `claim` (pasta's loopback splice); else
-it gets a guest side from NAT and our SYN goes to the guest (SYN_SENT).
+it gets a guest side from NAT and our SYN goes to the guest (SYN_SENT). The events of the
+connections' own sockets are to_guest.py's.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from ipaddress import IPv6Address, ip_address
@@ -18,18 +18,13 @@ from vhostpasst.config import fwd
 from vhostpasst.core import nat
 from vhostpasst.core.flow import Context
 from vhostpasst.core.loop import (
-    EPOLLERR,
     EPOLLET,
-    EPOLLHUP,
     EPOLLIN,
-    EPOLLOUT,
     EPOLLRDHUP,
 )
 from vhostpasst.proto.listen import bound_socket
 from vhostpasst.proto.tcp.conn import (
     ACCEPT_BATCH,
-    CONNECTING,
-    ESTABLISHED,
     HANDSHAKE_TIMEOUT,
     LISTEN_BACKLOG,
     SYN_SENT,
@@ -42,10 +37,10 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
-from vhostpasst.proto.tcp.from_guest import FromGuest
+from vhostpasst.proto.tcp.to_guest import ToGuest
 
 
-class TcpHandler(FromGuest):
+class TcpHandler(ToGuest):
     """TCP between the guest and host sockets (see vhostpasst.proto.tcp.conn)."""
 
     def __init__(self, ctx: Context) -> None:
@@ -148,38 +143,3 @@ class TcpHandler(FromGuest):
         self._set_events(conn, EPOLLRDHUP | EPOLLET)
         self._send_syn(conn)
         self._arm_idle(conn, HANDSHAKE_TIMEOUT)
-
-    # --- host socket events ---------------------------------------------------------------
-
-    def _on_sock(self, conn: TcpConn, mask: int) -> None:
-        try:
-            self._sock_event(conn, mask)
-        except Exception:
-            log.exception("error on the host socket of %r", conn)
-            self._reset(conn)
-
-    def _sock_event(self, conn: TcpConn, mask: int) -> None:
-        if conn.closed:
-            return
-        if conn.state == CONNECTING:
-            if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                self._connected(conn)
-            return
-        if mask & EPOLLERR:
-            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self._log.debug(("tcp-err", err), "%r: socket error %s", conn,
-                            os.strerror(err) if err else "?")
-            self._reset(conn)
-            return
-        if conn.state != ESTABLISHED:
-            return
-        if mask & EPOLLOUT and conn.want_out:
-            conn.want_out = False
-            self._update_events(conn)
-            self._send_ack(conn, force=True)  # a window update: the guest resends
-        if mask & (EPOLLRDHUP | EPOLLHUP):
-            conn.peer_closed = True  # an edge that will not come again
-        if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
-            self._from_sock(conn)
-        if mask & EPOLLHUP and not conn.closed:
-            self._maybe_close(conn)

@@ -1,4 +1,5 @@
-"""TCP data from the host socket to the guest: how much, and when.
+"""TCP data from the host socket to the guest: how much, and when; and the events of each
+connection's host socket (readable, writable again, hung up, in error; a connect() done).
 
 _from_sock() runs when the socket has data (EPOLLIN), when the guest's ACK opens its window,
 when the link has buffers again (rx_ready()), and on the persist and retransmission timers.
@@ -17,19 +18,31 @@ buffers itself, out_buf.BufOutput for any other link.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.link.base import TSO_MAX_L3, LinkCaps
-from vhostpasst.proto.tcp.conn import ESTABLISHED, M32, SEG_BATCH, TcpConn, seq_le, seq_lt, unread
+from vhostpasst.proto.tcp.conn import (
+    CONNECTING,
+    ESTABLISHED,
+    M32,
+    SEG_BATCH,
+    TcpConn,
+    seq_le,
+    seq_lt,
+    unread,
+)
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.from_guest import FromGuest
 from vhostpasst.proto.tcp.out_buf import BufOutput
 from vhostpasst.proto.tcp.out_vu import GuestFillOutput
-from vhostpasst.proto.tcp.timers import TcpTimers
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
 
 
-class ToGuest(TcpTimers):
+class ToGuest(FromGuest):
     """Host socket data to the guest (see the module docstring)."""
 
     _caps: LinkCaps | None = None  # what the output path was chosen for
@@ -169,3 +182,38 @@ class ToGuest(TcpTimers):
             return
         self._log.debug(("tcp-recv", e.errno), "%r: recv: %s", conn, e)
         self._reset(conn)
+
+    # --- host socket events ---------------------------------------------------------------
+
+    def _on_sock(self, conn: TcpConn, mask: int) -> None:
+        try:
+            self._sock_event(conn, mask)
+        except Exception:
+            log.exception("error on the host socket of %r", conn)
+            self._reset(conn)
+
+    def _sock_event(self, conn: TcpConn, mask: int) -> None:
+        if conn.closed:
+            return
+        if conn.state == CONNECTING:
+            if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self._connected(conn)
+            return
+        if mask & EPOLLERR:
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._log.debug(("tcp-err", err), "%r: socket error %s", conn,
+                            os.strerror(err) if err else "?")
+            self._reset(conn)
+            return
+        if conn.state != ESTABLISHED:
+            return
+        if mask & EPOLLOUT and conn.want_out:
+            conn.want_out = False
+            self._update_events(conn)
+            self._send_ack(conn, force=True)  # a window update: the guest resends
+        if mask & (EPOLLRDHUP | EPOLLHUP):
+            conn.peer_closed = True  # an edge that will not come again
+        if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            self._from_sock(conn)
+        if mask & EPOLLHUP and not conn.closed:
+            self._maybe_close(conn)
