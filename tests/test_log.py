@@ -15,7 +15,6 @@ from vhostpasst.core.log import (
     RateLimitedLog,
     SizeCappedFileHandler,
     detached,
-    log_ratelimited,
     setup_logging,
     trace,
 )
@@ -191,7 +190,7 @@ def test_rate_limited_below_level_is_not_counted(caplog: pytest.LogCaptureFixtur
     rl = RateLimitedLog(logger, clock=FakeClock())
     with caplog.at_level(logging.INFO, logger="vhostpasst.ratetest2"):
         assert not rl.debug("k", "debug message")
-        assert rl.info("k", "info message")
+        assert rl.log(logging.INFO, "k", "info message")
     assert [r.getMessage() for r in caplog.records] == ["info message"]
 
 
@@ -200,11 +199,3 @@ def test_rate_limited_key_table_is_bounded() -> None:
     for i in range(1000):
         rl.warning(i, "m")
     assert len(rl._slots) <= 10
-
-
-def test_log_ratelimited_helper(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("vhostpasst.ratetest4")
-    with caplog.at_level(logging.INFO, logger="vhostpasst.ratetest4"):
-        for _ in range(50):
-            log_ratelimited(logger, "flood", "flood %d", 1, level=logging.INFO, interval=60)
-    assert [r.getMessage() for r in caplog.records] == ["flood 1"]

@@ -72,10 +72,6 @@ class PcapWriter:
         if self._pending >= self.flush_every:
             self.flush()
 
-    def write_many(self, frames: list[memoryview] | list[bytes]) -> None:
-        for frame in frames:
-            self.write(frame)
-
     def flush(self) -> None:
         """Write buffered records out, so the file on disk is complete up to here."""
         if self._pending == 0 or self._file.closed:

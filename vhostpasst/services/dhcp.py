@@ -68,7 +68,6 @@ FQDN_O = 0x02  # server overrode the client's S
 FQDN_E = 0x04  # canonical wire format name (else deprecated ASCII)
 FQDN_N = 0x08  # server does no DNS updates
 
-BOOTP_FIXED_LEN = 236  # op .. file, before the magic cookie
 BOOTP_MIN_LEN = 300  # RFC 951: the vendor area is at least 64 bytes; old clients insist
 LEASE_INFINITE = 0xFFFFFFFF
 

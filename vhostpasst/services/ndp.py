@@ -31,6 +31,7 @@ from ipaddress import IPv6Address
 from vhostpasst.config.conf import Config
 from vhostpasst.services.common import Ignored, guarded
 from vhostpasst.services.dhcpv6 import dns_name
+from vhostpasst.wire.checksum import l4_ipv6
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
 from vhostpasst.wire.icmp import (
@@ -40,7 +41,7 @@ from vhostpasst.wire.icmp import (
     ND_ROUTER_SOLICIT,
     build_icmpv6,
 )
-from vhostpasst.wire.ip import IPPROTO_ICMPV6, build_ipv6, l4_checksum_ok6, parse_ipv6
+from vhostpasst.wire.ip import IPPROTO_ICMPV6, build_ipv6, parse_ipv6
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ MAX_INTERVAL = 600.0
 
 ALL_NODES = IPv6Address("ff02::1")
 ALL_NODES_MAC = bytes.fromhex("333300000001")
-UNSPECIFIED = IPv6Address("::")
 
 _ND_HOP_LIMIT = 255  # RFC 4861: sent with 255, and only accepted with 255 (never forwarded)
 _NS_LEN = 24  # ICMPv6 header + 4 reserved + 16 target
@@ -199,7 +199,7 @@ class NdpService:
             raise Ignored(f"hop limit {packet.hop_limit}, not 255")
         if code != 0:
             raise Ignored(f"ICMPv6 code {code}")
-        if not l4_checksum_ok6(packet.src, packet.dst, IPPROTO_ICMPV6, msg):
+        if l4_ipv6(packet.src, packet.dst, IPPROTO_ICMPV6, msg) != 0:  # sums to 0 when right
             raise Ignored("bad ICMPv6 checksum")
         self._learn(eth.src, packet.src)
         self.guest_seen(now)

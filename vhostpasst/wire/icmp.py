@@ -28,19 +28,14 @@ ICMP_HLEN = 8  # type, code, checksum and the 4 type-specific bytes
 ICMP_ECHOREPLY = 0
 ICMP_DEST_UNREACH = 3
 ICMP_ECHO = 8
-ICMP_TIME_EXCEEDED = 11
 
-ICMPV6_DEST_UNREACH = 1
 ICMPV6_PKT_TOOBIG = 2
-ICMPV6_TIME_EXCEED = 3
-ICMPV6_PARAMPROB = 4
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
 ND_ROUTER_SOLICIT = 133
 ND_ROUTER_ADVERT = 134
 ND_NEIGHBOR_SOLICIT = 135
 ND_NEIGHBOR_ADVERT = 136
-ND_REDIRECT = 137
 
 _HDR = struct.Struct("!BBHHH")
 _CSUM = struct.Struct("!H")
@@ -72,10 +67,6 @@ def parse_icmpv6(buf: Buffer) -> Icmp:
         raise Malformed(f"ICMPv6 message of {len(view)} bytes is shorter than 8")
     type_, code, check, ident, seq = _HDR.unpack_from(view)
     return Icmp(type_, code, check, ident, seq, view[4:], view[ICMP_HLEN:])
-
-
-def icmp_checksum_ok(buf: Buffer) -> bool:
-    return checksum.fold(checksum.partial(buf)) == 0
 
 
 def write_icmp_checksum(buf: memoryview, length: int, offset: int = 0,

@@ -71,10 +71,6 @@ class Ipv4(NamedTuple):
     is_fragment: bool  # MF set or offset != 0: the payload is not a whole L4 segment
 
     @property
-    def dont_fragment(self) -> bool:
-        return bool(self.frag_off & IP4_DF)
-
-    @property
     def more_fragments(self) -> bool:
         return bool(self.frag_off & IP4_MF)
 
@@ -248,15 +244,3 @@ def write_eth_ipv6_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, src:
     write_ipv6_header(buf, src, dst, nh, l4_len, hop_limit, flow_label, offset=ETH_HLEN)
     return ETH_IP6_HLEN + l4_len
 
-
-def l4_checksum_ok4(src: Addr4, dst: Addr4, proto: int, segment: Buffer) -> bool:
-    """True if a TCP/UDP segment's checksum (as received) is right under the IPv4
-    pseudo-header. (A UDP checksum of 0 means "none" over IPv4: check that first.)"""
-    return checksum.fold(checksum.partial(
-        segment, checksum.pseudo4(src, dst, proto, len(segment)))) == 0
-
-
-def l4_checksum_ok6(src: Addr6, dst: Addr6, proto: int, segment: Buffer) -> bool:
-    """True if a TCP/UDP/ICMPv6 checksum is right under the IPv6 pseudo-header."""
-    return checksum.fold(checksum.partial(
-        segment, checksum.pseudo6(src, dst, proto, len(segment)))) == 0

@@ -27,8 +27,6 @@ SYN = 0x02
 RST = 0x04
 PSH = 0x08
 ACK = 0x10
-URG = 0x20
-ECE = 0x40
 CWR = 0x80
 AE = 0x100  # the former NS bit, in the low bit of the data offset byte
 
@@ -37,7 +35,6 @@ OPT_NOP = 1
 OPT_MSS = 2
 OPT_WS = 3
 OPT_SACK_PERM = 4
-OPT_SACK = 5
 OPT_TS = 8
 
 WS_MAX = 14  # RFC 7323 §2.3: larger shifts are treated as 14
