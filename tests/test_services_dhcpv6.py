@@ -325,13 +325,6 @@ def test_server_id_is_a_stable_duid_ll_of_our_mac() -> None:
     assert other.server_id.endswith(bytes.fromhex("020000000001"))
 
 
-def test_records_the_client_address() -> None:
-    server = Dhcpv6Server(cfg())
-    assert server.client_ll is None
-    answer(server, request(DHCP6_InfoRequest()))
-    assert server.client_ll == IPv6Address(GUEST_LL)
-
-
 # --- fuzzing --------------------------------------------------------------------------------
 
 VALID = [request(DHCP6_Solicit(), ia_na()), request(DHCP6_Renew(), ia_na(OTHER),

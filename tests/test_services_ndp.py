@@ -275,25 +275,6 @@ def test_disabled_does_nothing(config: Config) -> None:
     assert service.next_deadline() is None and service.unsolicited(1e9) == []
 
 
-# --- what the guest's frames show -----------------------------------------------------------
-
-
-def test_learns_guest_addresses_from_ndp_sources() -> None:
-    service = NdpService(cfg())
-    assert (service.guest_mac, service.guest_ll, service.guest_addr) == (None, None, None)
-    service.handle(memoryview(ns(src="::", slla=None, target=GUEST_GLOBAL)), 0.0)
-    assert service.guest_ll is None and service.guest_addr is None  # DAD shows nothing yet
-    service.handle(memoryview(rs()), 0.0)
-    assert service.guest_ll == IPv6Address(GUEST_LL)
-    assert service.guest_mac == bytes.fromhex(GUEST_MAC.replace(":", ""))
-    service.handle(memoryview(frame(ICMPv6ND_NA(tgt=GUEST_GLOBAL), src=GUEST_GLOBAL,
-                                    dst="ff02::1")), 0.0)
-    assert service.guest_addr == IPv6Address(GUEST_GLOBAL)
-    assert service.guest_ll == IPv6Address(GUEST_LL)
-    service.reset()
-    assert (service.guest_mac, service.guest_ll, service.guest_addr) == (None, None, None)
-
-
 # --- unsolicited advertisements -------------------------------------------------------------
 
 

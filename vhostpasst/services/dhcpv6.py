@@ -127,7 +127,6 @@ class Dhcpv6Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.last_error: str | None = None  # why the last handle() returned None
-        self.client_ll: IPv6Address | None = None  # source of the last request we answered
         self.server_id = struct.pack("!HH", DUID_LL, HW_ETHERNET) + config.our_mac
         # options every reply carries, after the IAs: computed once (Config is frozen)
         info = bytearray()
@@ -241,7 +240,6 @@ class Dhcpv6Server:
             body += self._ias(ia_nas, ia_pds, addr, renewing=mtype in (RENEW, REBIND))
             body += self._info
 
-        self.client_ll = packet.src
         udp = build_udp6(ip6.our_tap_ll, packet.src, SERVER_PORT, CLIENT_PORT, body)
         return build_eth(eth.src, config.our_mac, ETH_P_IPV6,
                          build_ipv6(ip6.our_tap_ll, packet.src, IPPROTO_UDP, udp))

@@ -119,10 +119,6 @@ class NdpService:
         self.config = config
         self.rng = rng or random.Random()
         self.last_error: str | None = None  # why the last handle() answered nothing
-        # what the guest's frames show, for the dispatcher
-        self.guest_mac: bytes | None = None
-        self.guest_ll: IPv6Address | None = None
-        self.guest_addr: IPv6Address | None = None  # a global (non-link-local) source
         self._seen = False
         self._deadline: float | None = None
         self._initial_left = 0
@@ -151,7 +147,6 @@ class NdpService:
         self._seen = False
         self._deadline = None
         self._initial_left = 0
-        self.guest_mac = self.guest_ll = self.guest_addr = None
 
     def next_deadline(self) -> float | None:
         """When unsolicited() next has something to send (None: nothing scheduled)."""
@@ -201,23 +196,12 @@ class NdpService:
             raise Ignored(f"ICMPv6 code {code}")
         if l4_ipv6(packet.src, packet.dst, IPPROTO_ICMPV6, msg) != 0:  # sums to 0 when right
             raise Ignored("bad ICMPv6 checksum")
-        self._learn(eth.src, packet.src)
         self.guest_seen(now)
         if type_ == ND_NEIGHBOR_SOLICIT:
             return self._solicit(eth.src, packet.src, packet.dst, msg)
         if type_ == ND_ROUTER_SOLICIT:
             return self._router_solicit(eth.src, packet.src, msg)
         raise Ignored(f"ICMPv6 type {type_} from the guest consumed")
-
-    def _learn(self, mac: bytes, src: IPv6Address) -> None:
-        if not mac[0] & 1:
-            self.guest_mac = bytes(mac)
-        if src.is_unspecified or src.is_multicast or src.is_loopback:
-            return
-        if src.is_link_local:
-            self.guest_ll = src
-        else:
-            self.guest_addr = src
 
     def _solicit(self, mac: bytes, src: IPv6Address, dst: IPv6Address,
                  msg: memoryview) -> list[bytes]:
