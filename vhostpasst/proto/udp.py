@@ -37,14 +37,13 @@ from vhostpasst.core.flow import RX_BATCH, Context, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
-from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
+from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 
 log = logging.getLogger(__name__)
 
 IPAddr = IPv4Address | IPv6Address
 
 UDP_TIMEOUT = 180.0
-BROADCAST4 = IPv4Address("255.255.255.255")
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
@@ -54,7 +53,7 @@ SO_EE_ORIGIN_ICMP = 2
 SO_EE_ORIGIN_ICMP6 = 3
 _EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
 ICMP4_ERR_MAX = 576  # RFC 1812 4.3.2.3: an ICMP error packet stays within 576 bytes
-ICMP6_ERR_MAX = 1280  # RFC 4443 2.4(c): within the minimum IPv6 MTU
+ICMP6_ERR_MAX = IPV6_MIN_MTU  # RFC 4443 2.4(c): within the minimum IPv6 MTU
 ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
 ICMP_ERR_BURST = 20.0
 
@@ -592,7 +591,7 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
     struct.pack_into("!H", inner, 10, 0)
     struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
     quoted = (bytes(inner) + quoted_udp)[:limit]
-    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == 4
+    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == icmp.ICMP_FRAG_NEEDED
     rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
     msg = icmp.build_icmp(type_, code, rest + quoted)
     return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(s, g, ip.IPPROTO_ICMP,

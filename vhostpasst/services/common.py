@@ -18,6 +18,10 @@ log = logging.getLogger("vhostpasst.services")
 
 T = TypeVar("T")
 
+# A 32-bit lifetime meaning "forever": DHCP lease (RFC 2132 §9.2), DHCPv6 T1/T2 and
+# lifetimes (RFC 8415 §7.7), NDP prefix, RDNSS and DNSSL lifetimes (RFC 4861, RFC 8106)
+INFINITE = 0xFFFFFFFF
+
 
 class Ignored(Exception):
     """A message the service does not answer (the message says why)."""

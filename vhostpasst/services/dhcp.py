@@ -18,10 +18,10 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IP, parse_eth
-from vhostpasst.wire.ip import IPPROTO_UDP, parse_ipv4
+from vhostpasst.wire.ip import BROADCAST4, IPPROTO_UDP, parse_ipv4
 from vhostpasst.wire.udp import UDP4_PAYLOAD_OFFSET, parse_udp, write_eth_ipv4_udp_headers
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,9 @@ FQDN_E = 0x04  # canonical wire format name (else deprecated ASCII)
 FQDN_N = 0x08  # server does no DNS updates
 
 BOOTP_MIN_LEN = 300  # RFC 951: the vendor area is at least 64 bytes; old clients insist
-LEASE_INFINITE = 0xFFFFFFFF
 
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
 _OPTS_OFFSET = _BOOTP.size  # 240
-_BROADCAST = IPv4Address("255.255.255.255")
 _ZERO4 = bytes(4)
 
 # Options we add after those the client asked for, in this order
@@ -164,7 +162,7 @@ class DhcpServer:
         # yiaddr: clients on plain UDP sockets could not receive that, raw-socket ones
         # (dhclient, udhcpc, systemd-networkd) take either.
         if flags & FLAG_BROADCAST or ciaddr == _ZERO4:
-            dst = _BROADCAST
+            dst = BROADCAST4
         else:
             dst = IPv4Address(ciaddr)
         dst_mac = chaddr[:6] if htype == 1 and hlen == 6 else eth.src
@@ -229,7 +227,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
     opts[OPT_NETMASK] = struct.pack("!I", (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF)
     if ip4.gateway is not None:
         opts[OPT_ROUTER] = ip4.gateway.packed
-    opts[OPT_LEASE] = struct.pack("!I", LEASE_INFINITE)
+    opts[OPT_LEASE] = struct.pack("!I", INFINITE)
     server = ip4.our_tap_addr or ip4.gateway
     if server is not None:
         opts[OPT_SERVER_ID] = server.packed

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
 from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6, parse_ipv6
@@ -69,7 +69,6 @@ STATUS_NO_PREFIX_AVAIL = 6
 
 DUID_LL = 3
 HW_ETHERNET = 1
-INFINITE = 0xFFFFFFFF
 MAX_PREFERENCE = 255  # RFC 8415 §18.2.1: the client requests at once, no waiting for others
 
 _OPT = struct.Struct("!HH")

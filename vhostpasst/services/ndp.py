@@ -29,7 +29,7 @@ import struct
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded
 from vhostpasst.services.dhcpv6 import dns_name
 from vhostpasst.wire.checksum import l4_ipv6
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
@@ -39,9 +39,10 @@ from vhostpasst.wire.icmp import (
     ND_NEIGHBOR_SOLICIT,
     ND_ROUTER_ADVERT,
     ND_ROUTER_SOLICIT,
+    NDP_TYPES,
     build_icmpv6,
 )
-from vhostpasst.wire.ip import IPPROTO_ICMPV6, build_ipv6, parse_ipv6
+from vhostpasst.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, build_ipv6, parse_ipv6
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,9 @@ NA_OVERRIDE = 0x20000000
 PI_ONLINK = 0x80
 PI_AUTONOMOUS = 0x40
 
-INFINITE = 0xFFFFFFFF
 # RFC 4861 §6.2.1 caps AdvDefaultLifetime at 9000 s (RFC 8319 later allows 65535, passt's
 # value). 9000 is valid under both, and our unsolicited RAs refresh it every <= 600 s anyway.
 ROUTER_LIFETIME = 9000
-IPV6_MIN_MTU = 1280  # RFC 8200 §5: hosts ignore a smaller MTU option, so we send none
 
 # Unsolicited RAs: a few quick ones (RFC 4861 §6.2.4: MAX_INITIAL_RTR_ADVERTISEMENTS = 3, at
 # most MAX_INITIAL_RTR_ADVERT_INTERVAL = 16 s apart), then passt's [200, 600) s.
@@ -186,8 +185,7 @@ class NdpService:
         if len(msg) < 8:
             raise Malformed(f"ICMPv6 message of {len(msg)} bytes")
         type_, code = msg[0], msg[1]
-        if type_ not in (ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_NEIGHBOR_SOLICIT,
-                         ND_NEIGHBOR_ADVERT):
+        if type_ not in NDP_TYPES:
             raise Ignored(f"ICMPv6 type {type_} is not NDP")
         # RFC 4861 §6.1.1/§7.1.1 validity: from the link itself, code 0, checksum right
         if packet.hop_limit != _ND_HOP_LIMIT:
@@ -263,7 +261,7 @@ class NdpService:
             prefix = IPv6Address(int(ip6.addr) & ~((1 << 64) - 1))  # SLAAC needs a /64
             body += struct.pack("!BBBBIII16s", OPT_PREFIX, 4, 64, PI_ONLINK | PI_AUTONOMOUS,
                                 INFINITE, INFINITE, 0, prefix.packed)
-        if config.mtu >= IPV6_MIN_MTU:
+        if config.mtu >= IPV6_MIN_MTU:  # hosts ignore a smaller MTU option: send none
             body += struct.pack("!BBHI", OPT_MTU, 1, 0, min(config.mtu, INFINITE))
         body += _option(OPT_SLLA, config.our_mac)
         dns = ip6.dns[:_MAX_RDNSS] if not config.no_dhcp_dns else ()

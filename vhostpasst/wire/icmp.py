@@ -27,6 +27,7 @@ ICMP_HLEN = 8  # type, code, checksum and the 4 type-specific bytes
 
 ICMP_ECHOREPLY = 0
 ICMP_DEST_UNREACH = 3
+ICMP_FRAG_NEEDED = 4  # a code of ICMP_DEST_UNREACH (RFC 1191)
 ICMP_ECHO = 8
 
 ICMPV6_PKT_TOOBIG = 2
@@ -36,6 +37,8 @@ ND_ROUTER_SOLICIT = 133
 ND_ROUTER_ADVERT = 134
 ND_NEIGHBOR_SOLICIT = 135
 ND_NEIGHBOR_ADVERT = 136
+NDP_TYPES = frozenset({ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_NEIGHBOR_SOLICIT,
+                       ND_NEIGHBOR_ADVERT})  # what the NDP service takes (RFC 4861)
 
 _HDR = struct.Struct("!BBHHH")
 _CSUM = struct.Struct("!H")

@@ -37,6 +37,8 @@ IPPROTO_SHIM6 = 140
 IPV4_HLEN = 20
 IPV6_HLEN = 40
 IPV4_MAX_LEN = 0xFFFF
+IPV6_MIN_MTU = 1280  # RFC 8200 §5: every IPv6 link carries packets this long
+BROADCAST4 = IPv4Address("255.255.255.255")  # the limited broadcast address (RFC 919)
 
 # Extension headers shaped as (next header, length in 8-octet units beyond the first 8):
 # RFC 8200 §4.4-4.6, RFC 6275 (MH), RFC 7401 (HIP), RFC 5533 (Shim6), RFC 3692 (253/254).
