@@ -42,10 +42,8 @@ def parse_all(frame: bytes | memoryview) -> object:
     if proto == ip.IPPROTO_TCP:
         seg = tcp.parse_tcp(l4)
         return tcp.parse_tcp_options(seg.options)
-    if proto == ip.IPPROTO_ICMP:
+    if proto in (ip.IPPROTO_ICMP, ip.IPPROTO_ICMPV6):
         return icmp.parse_icmp(l4)
-    if proto == ip.IPPROTO_ICMPV6:
-        return icmp.parse_icmpv6(l4)
     return proto
 
 
@@ -400,18 +398,17 @@ def test_icmp_echo_round_trip() -> None:
 
 def test_icmpv6_round_trip() -> None:
     msg = icmp.build_icmpv6_echo(A6, B6, icmp.ICMPV6_ECHO_REPLY, 9, 10, b"pong")
-    m = icmp.parse_icmpv6(msg)
+    m = icmp.parse_icmp(msg)
     assert (m.type, m.ident, m.seq, bytes(m.data)) == (129, 9, 10, b"pong")
     assert checksum.l4_ipv6(A6, B6, ip.IPPROTO_ICMPV6, msg) == 0
     ns = icmp.build_icmpv6(B6, A6, icmp.ND_NEIGHBOR_SOLICIT, 0, b"\0" * 4 + A6.packed)
-    assert icmp.parse_icmpv6(ns).type == 135 and len(icmp.parse_icmpv6(ns).data) == 16
+    assert icmp.parse_icmp(ns).type == 135 and len(icmp.parse_icmp(ns).data) == 16
 
 
-@pytest.mark.parametrize("parser", [icmp.parse_icmp, icmp.parse_icmpv6])
-def test_icmp_short(parser: object) -> None:
+def test_icmp_short() -> None:
     for n in range(8):
         with pytest.raises(Malformed):
-            parser(b"\x08" * n)  # type: ignore[operator]
+            icmp.parse_icmp(b"\x08" * n)
 
 
 def test_icmp_in_place_rewrites_id_and_checksum() -> None:
@@ -471,7 +468,7 @@ def test_scapy_agrees_on_our_frames() -> None:
 # --- fuzzing: nothing but Malformed ---------------------------------------------------------
 
 PARSERS = [eth.parse_eth, arp.parse_arp, ip.parse_ipv4, ip.parse_ipv6, udp.parse_udp,
-           tcp.parse_tcp, tcp.parse_tcp_options, icmp.parse_icmp, icmp.parse_icmpv6]
+           tcp.parse_tcp, tcp.parse_tcp_options, icmp.parse_icmp]
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])

@@ -67,7 +67,7 @@ class IcmpHandler:
         self._request(False, packet.src, packet.dst, msg.ident, packet.payload)
 
     def tap6(self, packet: Ipv6) -> None:
-        msg = wicmp.parse_icmpv6(packet.l4)
+        msg = wicmp.parse_icmp(packet.l4)
         if msg.type != wicmp.ICMPV6_ECHO_REQUEST or msg.code != 0:
             self._log.debug("icmp6-type", "ICMPv6 type %d from the guest dropped", msg.type)
             return
