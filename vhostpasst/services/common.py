@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from vhostpasst.wire.errors import Malformed
+from vhostpasst.wire.eth import ETH_P_IPV6, Eth, parse_eth
+from vhostpasst.wire.ip import Ipv6, parse_ipv6
 
 log = logging.getLogger("vhostpasst.services")
 
@@ -40,3 +42,15 @@ def guarded(service: str, answer: Callable[[], T], nothing: T) -> tuple[T, str |
         reason = f"internal error: {e!r}"
     log.debug("%s: message dropped: %s", service, reason)
     return nothing, reason
+
+
+def whole_ipv6(frame: memoryview, proto: int, what: str) -> tuple[Eth, Ipv6]:
+    """The Ethernet header and IPv6 packet of `frame`, which must carry one unfragmented
+    `proto` message (`what` names it in the reason a frame that does not is Ignored)."""
+    eth = parse_eth(frame)
+    if eth.ethertype != ETH_P_IPV6:
+        raise Ignored("not IPv6")
+    packet = parse_ipv6(eth.payload)
+    if packet.proto != proto or packet.is_fragment:
+        raise Ignored(f"not a whole {what}")
+    return eth, packet

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from vhostpasst.config.conf import Config
 from vhostpasst.services.common import INFINITE, Ignored, guarded
+from vhostpasst.services.dnsname import compressed_search_list, dns_name
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IP, parse_eth
 from vhostpasst.wire.ip import BROADCAST4, IPPROTO_UDP, parse_ipv4
@@ -236,7 +236,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
     if ip4.dns and not config.no_dhcp_dns:
         opts[OPT_DNS] = b"".join(a.packed for a in ip4.dns)
     if config.search and not config.no_dhcp_search:
-        search = encode_search(config.search)
+        search = compressed_search_list(config.search)
         if search:
             opts[OPT_SEARCH] = search
     gw = ip4.gateway
@@ -249,7 +249,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
         # "replace": a name from argv may hold lone surrogates; never fail on it
         opts[OPT_HOSTNAME] = config.hostname.encode("utf-8", "replace")[:255]
     if config.fqdn:
-        name = _dns_name(config.fqdn)
+        name = dns_name(config.fqdn)
         if name is not None:
             opts[OPT_FQDN] = bytes((FQDN_N | FQDN_E, 255, 255)) + name
     return opts
@@ -260,59 +260,12 @@ def _route(width: int, dest: IPv4Address, router: IPv4Address) -> bytes:
     return bytes((width,)) + dest.packed[:(width + 7) // 8] + router.packed
 
 
-def _labels(name: str) -> list[bytes] | None:
-    """A domain's labels, or None if it is not a valid DNS name (RFC 1035 §2.3.4)."""
-    name = name.rstrip(".")
-    if not name:
-        return None
-    try:
-        labels = [label.encode("idna") if not label.isascii() else label.encode()
-                  for label in name.split(".")]
-    except UnicodeError:
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    if sum(len(label) + 1 for label in labels) + 1 > 255:
-        return None
-    return labels
-
-
-def _dns_name(name: str) -> bytes | None:
-    labels = _labels(name)
-    if labels is None:
-        return None
-    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
-
-
 def _fqdn_reply(fqdn: str, client: bytes) -> bytes:
     """Option 81 for a client that sent one (RFC 4702 §4): answer in its encoding, and say
     we override its S bit (we never update DNS)."""
     cflags = client[0] if client else FQDN_E
     flags = FQDN_N | (FQDN_O if cflags & FQDN_S else 0)
     if cflags & FQDN_E:
-        name = _dns_name(fqdn) or b""
+        name = dns_name(fqdn) or b""
         return bytes((flags | FQDN_E, 255, 255)) + name
     return bytes((flags, 255, 255)) + fqdn.encode("ascii", "ignore")
-
-
-def encode_search(domains: Iterable[str]) -> bytes:
-    """Option 119 data (RFC 3397): the names in RFC 1035 wire format, a suffix that was
-    already written replaced by a compression pointer to it. Invalid names are skipped."""
-    out = bytearray()
-    seen: dict[tuple[bytes, ...], int] = {}  # suffix (lowercased labels) -> its offset
-    for domain in domains:
-        labels = _labels(domain)
-        if labels is None:
-            continue
-        for i in range(len(labels)):
-            suffix = tuple(label.lower() for label in labels[i:])
-            where = seen.get(suffix)
-            if where is not None:
-                out += struct.pack("!H", 0xC000 | where)
-                break
-            if len(out) < 0x4000:  # pointers only reach 14 bits
-                seen[suffix] = len(out)
-            out += bytes((len(labels[i]),)) + labels[i]
-        else:
-            out.append(0)
-    return bytes(out)

@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import INFINITE, Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded, whole_ipv6
+from vhostpasst.services.dnsname import search_list
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
-from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
-from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6, parse_ipv6
+from vhostpasst.wire.eth import ETH_P_IPV6, build_eth
+from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6
 from vhostpasst.wire.udp import build_udp6, parse_udp
 
 log = logging.getLogger(__name__)
@@ -96,32 +97,6 @@ def _opt(code: int, value: bytes = b"") -> bytes:
     return _OPT.pack(code, len(value)) + value
 
 
-def _labels(name: str) -> list[bytes] | None:
-    """A domain's labels, or None if it is not a valid DNS name (RFC 1035 §2.3.4)."""
-    name = name.rstrip(".")
-    if not name:
-        return None
-    try:
-        labels = [label.encode() if label.isascii() else label.encode("idna")
-                  for label in name.split(".")]
-    except UnicodeError:
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    if sum(len(label) + 1 for label in labels) + 1 > 255:
-        return None
-    return labels
-
-
-def dns_name(name: str) -> bytes | None:
-    """`name` in uncompressed RFC 1035 wire format (as options 24 and DNSSL want it), or None
-    if it is not a valid domain name."""
-    labels = _labels(name)
-    if labels is None:
-        return None
-    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
-
-
 class Dhcpv6Server:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -133,7 +108,7 @@ class Dhcpv6Server:
         if ip6 is not None and ip6.dns and not config.no_dhcp_dns:
             info += _opt(OPT_DNS_SERVERS, b"".join(a.packed for a in ip6.dns[:_DNS_MAX]))
         if config.search and not config.no_dhcp_search:
-            names = b"".join(n for n in map(dns_name, config.search) if n is not None)
+            names = search_list(config.search)
             if names and len(names) <= 0xFFFF:
                 info += _opt(OPT_DOMAIN_LIST, names)
         self._info = bytes(info)
@@ -148,12 +123,7 @@ class Dhcpv6Server:
         ip6 = config.ip6
         if config.no_dhcpv6 or ip6 is None:
             raise Ignored("DHCPv6 disabled")
-        eth = parse_eth(frame)
-        if eth.ethertype != ETH_P_IPV6:
-            raise Ignored("not IPv6")
-        packet = parse_ipv6(eth.payload)
-        if packet.proto != IPPROTO_UDP or packet.is_fragment:
-            raise Ignored("not a whole UDP datagram")
+        eth, packet = whole_ipv6(frame, IPPROTO_UDP, "UDP datagram")
         if not packet.dst.is_multicast:
             # RFC 8415 §16: clients multicast unless we sent a Server Unicast option (never)
             raise Ignored(f"unicast to {packet.dst}")

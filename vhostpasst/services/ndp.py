@@ -29,11 +29,11 @@ import struct
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import INFINITE, Ignored, guarded
-from vhostpasst.services.dhcpv6 import dns_name
+from vhostpasst.services.common import INFINITE, Ignored, guarded, whole_ipv6
+from vhostpasst.services.dnsname import search_list
 from vhostpasst.wire.checksum import l4_ipv6
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
-from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
+from vhostpasst.wire.eth import ETH_P_IPV6, build_eth
 from vhostpasst.wire.icmp import (
     ND_NEIGHBOR_ADVERT,
     ND_NEIGHBOR_SOLICIT,
@@ -42,7 +42,7 @@ from vhostpasst.wire.icmp import (
     NDP_TYPES,
     build_icmpv6,
 )
-from vhostpasst.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, build_ipv6, parse_ipv6
+from vhostpasst.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, build_ipv6
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,7 @@ class NdpService:
     def _handle(self, frame: memoryview, now: float) -> list[bytes]:
         if not self._enabled:
             raise Ignored("NDP disabled")
-        eth = parse_eth(frame)
-        if eth.ethertype != ETH_P_IPV6:
-            raise Ignored("not IPv6")
-        packet = parse_ipv6(eth.payload)
-        if packet.proto != IPPROTO_ICMPV6 or packet.is_fragment:
-            raise Ignored("not a whole ICMPv6 message")
+        eth, packet = whole_ipv6(frame, IPPROTO_ICMPV6, "ICMPv6 message")
         msg = packet.l4
         if len(msg) < 8:
             raise Malformed(f"ICMPv6 message of {len(msg)} bytes")
@@ -269,7 +264,7 @@ class NdpService:
             body += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(dns), 0, INFINITE)
             body += b"".join(a.packed for a in dns)
             # DNSSL only beside RDNSS: a search list without servers is useless
-            names = b"".join(n for n in map(dns_name, config.search) if n is not None)
+            names = search_list(config.search)
             if names and not config.no_dhcp_search:
                 option = _pad8(struct.pack("!BBHI", OPT_DNSSL, 0, 0, INFINITE) + names)
                 if len(option) <= 255 * 8:
