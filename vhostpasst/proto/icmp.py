@@ -60,21 +60,19 @@ class IcmpHandler:
     # guest -> host
 
     def tap4(self, packet: Ipv4) -> None:
-        msg = wicmp.parse_icmp(packet.payload)
-        if msg.type != wicmp.ICMP_ECHO or msg.code != 0:
-            self._log.debug("icmp4-type", "ICMP type %d from the guest dropped", msg.type)
-            return
-        self._request(False, packet.src, packet.dst, msg.ident, packet.payload)
+        self._request(False, packet.src, packet.dst, packet.payload)
 
     def tap6(self, packet: Ipv6) -> None:
-        msg = wicmp.parse_icmp(packet.l4)
-        if msg.type != wicmp.ICMPV6_ECHO_REQUEST or msg.code != 0:
-            self._log.debug("icmp6-type", "ICMPv6 type %d from the guest dropped", msg.type)
-            return
-        self._request(True, packet.src, packet.dst, msg.ident, packet.l4)
+        self._request(True, packet.src, packet.dst, packet.l4)
 
     def _request(self, six: bool, src: IPv4Address | IPv6Address,
-                 dst: IPv4Address | IPv6Address, ident: int, message: memoryview) -> None:
+                 dst: IPv4Address | IPv6Address, message: memoryview) -> None:
+        msg = wicmp.parse_icmp(message)
+        if msg.type != (wicmp.ICMPV6_ECHO_REQUEST if six else wicmp.ICMP_ECHO) or msg.code:
+            self._log.debug(("icmp-type", six), "%s type %d from the guest dropped",
+                            "ICMPv6" if six else "ICMP", msg.type)
+            return
+        ident = msg.ident
         ctx = self.ctx
         key = ("ping6" if six else "ping4", src, dst, ident)
         flow = ctx.flows.lookup(key)

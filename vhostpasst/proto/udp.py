@@ -574,9 +574,10 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
     mac, our = ctx.guest_mac(), ctx.config.our_mac
     ulen = udp.UDP_HLEN + len(payload)
     g, f, s = flow.gaddr.packed, flow.faddr.packed, src.packed  # one family, checked by caller
+    # the datagram as the guest sent it (its checksum is not known any more: 0, "none")
+    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
     if flow.six:
         limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
-        quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
         quoted = ip.build_ipv6(g, f, ip.IPPROTO_UDP, b"")
         quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
         quoted = quoted[:limit]
@@ -585,7 +586,6 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
         return eth.build_eth(mac, our, eth.ETH_P_IPV6,
                              ip.build_ipv6(s, g, ip.IPPROTO_ICMPV6, msg))
     limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
-    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
     inner = bytearray(ip.build_ipv4(g, f, ip.IPPROTO_UDP, b"", ttl=64))
     struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
     struct.pack_into("!H", inner, 10, 0)
