@@ -17,6 +17,19 @@ Errors: every socket has IP_RECVERR / IPV6_RECVERR. What the kernel queues (port
 fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the datagram as
 the guest sent it, rate-limited. passt only logs these; a guest that is told gets
 ECONNREFUSED at once instead of waiting for a timeout.
+
+Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(), a run for
+one flow in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg` C helper
+when it is built, else one system call per datagram).
+
+A flow ends after 180 s without a datagram either way (VHOSTPASST_UDP_TIMEOUT, for tests).
+
+Refused, silently but for a rate-limited debug line: guest datagrams with port 0 on either
+side, from an unspecified or multicast source, to an unspecified destination, or to one NAT
+turns down; a new flow when the flow table is full or its socket cannot be set up; inbound
+datagrams from port 0, a multicast or unspecified source, or a source NAT has no guest
+address for; a datagram longer than the guest's MTU (it is not fragmented). With no guest
+attached, what the host sends is read and dropped.
 """
 
 from __future__ import annotations
