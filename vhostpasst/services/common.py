@@ -3,7 +3,8 @@
 A service raises `Ignored` for a well-formed message it does not answer, and the wire parsers
 raise `Malformed`; `guarded()` turns either (and any bug) into "no answer" plus a reason that
 the service keeps in `last_error` and logs at debug level. Guest input never raises out of a
-service.
+service. Also shared: `whole_ipv6()`, the frame checks in front of DHCPv6 and NDP, and the
+32-bit INFINITE lifetime.
 """
 
 from __future__ import annotations
