@@ -40,10 +40,13 @@ IPV4_MAX_LEN = 0xFFFF
 IPV6_MIN_MTU = 1280  # RFC 8200 §5: every IPv6 link carries packets this long
 BROADCAST4 = IPv4Address("255.255.255.255")  # the limited broadcast address (RFC 919)
 
-# Extension headers shaped as (next header, length in 8-octet units beyond the first 8):
-# RFC 8200 §4.4-4.6, RFC 6275 (MH), RFC 7401 (HIP), RFC 5533 (Shim6), RFC 3692 (253/254).
-_GENERIC_EXT = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_MH,
-                          IPPROTO_HIP, IPPROTO_SHIM6, 253, 254})
+# Extension headers that start (next header, length): header -> (unit, bias), the header
+# being (length + bias) * unit bytes long. Most count 8-octet units beyond the first 8:
+# RFC 8200 §4.4-4.6, RFC 6275 (MH), RFC 7401 (HIP), RFC 5533 (Shim6), RFC 3692 (253/254);
+# AH counts 4-octet units, minus 2 (RFC 4302 §2.2).
+_EXT_LENGTH = {nh: (8, 1) for nh in (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS,
+                                     IPPROTO_MH, IPPROTO_HIP, IPPROTO_SHIM6, 253, 254)}
+_EXT_LENGTH[IPPROTO_AH] = (4, 2)
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -143,20 +146,13 @@ def _walk_ext(view: memoryview, nh: int, off: int,
     Every header consumes at least 8 bytes, so the loop is bounded by the packet length.
     """
     while True:
-        if nh in _GENERIC_EXT:
+        if nh in _EXT_LENGTH:
             if off + 8 > end:
                 raise Malformed(f"IPv6 extension header {nh} truncated")
-            hlen = (view[off + 1] + 1) * 8
+            unit, bias = _EXT_LENGTH[nh]
+            hlen = (view[off + 1] + bias) * unit
             if off + hlen > end:
                 raise Malformed(f"IPv6 extension header {nh} of {hlen} bytes truncated")
-            nh = view[off]
-            off += hlen
-        elif nh == IPPROTO_AH:  # RFC 4302: length in 4-octet units, minus 2
-            if off + 8 > end:
-                raise Malformed("IPv6 AH header truncated")
-            hlen = (view[off + 1] + 2) * 4
-            if off + hlen > end:
-                raise Malformed(f"IPv6 AH header of {hlen} bytes truncated")
             nh = view[off]
             off += hlen
         elif nh == IPPROTO_FRAGMENT:
