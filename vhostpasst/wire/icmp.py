@@ -75,10 +75,6 @@ def _write_checksum(buf: memoryview, length: int, offset: int, ident: int | None
     _U16.pack_into(buf, offset + 2, checksum.checksum(buf[offset:offset + length], pseudo))
 
 
-def _icmpv6_pseudo(src: Addr6, dst: Addr6, length: int) -> int:
-    return checksum.pseudo6(src, dst, IPPROTO_ICMPV6, length)
-
-
 def _message(type_: int, code: int, body: Buffer) -> bytearray:
     out = bytearray(4 + len(body))
     out[0] = type_
@@ -100,7 +96,8 @@ def build_icmp_echo(type_: int, ident: int, seq: int, data: Buffer = b"") -> byt
 
 def build_icmpv6(src: Addr6, dst: Addr6, type_: int, code: int, body: Buffer) -> bytes:
     out = _message(type_, code, body)
-    _write_checksum(memoryview(out), len(out), 0, None, _icmpv6_pseudo(src, dst, len(out)))
+    _write_checksum(memoryview(out), len(out), 0, None,
+                    checksum.pseudo6(src, dst, IPPROTO_ICMPV6, len(out)))
     return bytes(out)
 
 
@@ -123,6 +120,7 @@ def write_eth_ipv6_icmp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes,
                                 dst: Addr6, icmp_len: int, ident: int | None = None,
                                 hop_limit: int = 255) -> int:
     """As write_eth_ipv4_icmp_headers, message at `buf[ETH_IP6_HLEN:]`."""
-    _write_checksum(buf, icmp_len, ETH_IP6_HLEN, ident, _icmpv6_pseudo(src, dst, icmp_len))
+    _write_checksum(buf, icmp_len, ETH_IP6_HLEN, ident,
+                    checksum.pseudo6(src, dst, IPPROTO_ICMPV6, icmp_len))
     return write_eth_ipv6_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_ICMPV6, icmp_len,
                                   hop_limit)
