@@ -61,7 +61,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # VHOSTPASST_PODMAN_CACHE: somewhere a CI keeps between runs (a fresh clone has no .cache/)
 CACHE = Path(os.environ.get("VHOSTPASST_PODMAN_CACHE", REPO / ".cache" / "podman"))
 SUITE = "trixie"

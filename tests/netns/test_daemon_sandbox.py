@@ -21,11 +21,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from sandbox import PROBE_MODULE, Sandbox, vhostpasst_command, wait_until
-from test_e2e_tcp import configure_guest
-from test_isolation import CAP_NET_BIND, CAP_NONE, _hello, _start_hello, netns_name  # noqa: F401
-from test_pasta import background_pid, kill_quietly, start_pasta
-from vhost_sandbox import start_vhost_daemon, start_vhost_relay
+
+from tests.netns.sandbox import PROBE_MODULE, Sandbox, vhostpasst_command, wait_until
+from tests.netns.test_e2e_tcp import configure_guest
+from tests.netns.test_isolation import CAP_NET_BIND, CAP_NONE, _hello, _start_hello, netns_name  # noqa: F401
+from tests.netns.test_pasta import background_pid, kill_quietly, start_pasta
+from tests.netns.vhost_sandbox import start_vhost_daemon, start_vhost_relay
 
 # the file open fails with EPERM where openat is not on the list (passt mode), with ENOENT
 # (no such file in the empty root) where it is (pasta: the netns quit watch uses it)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 
-from sandbox import (
+from tests.netns.sandbox import (
     FrameReader,
     Sandbox,
     dhcp_discover,

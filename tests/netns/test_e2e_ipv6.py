@@ -15,7 +15,8 @@ import subprocess
 from ipaddress import IPv6Address
 
 import pytest
-from sandbox import CLEAN_ENV, DEFAULT_MAC, Sandbox, wait_until
+
+from tests.netns.sandbox import CLEAN_ENV, DEFAULT_MAC, Sandbox, wait_until
 
 HOST_ADDR6 = "2001:db8::2"
 PREFIX = ipaddress.IPv6Network("2001:db8::/64")

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sandbox import (
+
+from tests.netns.sandbox import (
     BROADCAST_MAC,
     DEFAULT_MAC,
     DhcpReply,

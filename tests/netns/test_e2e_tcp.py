@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, wait_until
+
+from tests.netns.sandbox import Sandbox, wait_until
 
 TOOL = str(Path(__file__).resolve().parent / "tcp_tool.py")
 GW4 = "192.0.2.1"
@@ -106,8 +107,7 @@ def test_remote_to_guest_download(sandbox: Sandbox, six: bool) -> None:
 
 
 def _pattern_sha(n: int) -> tuple[int, str]:
-    sys.path.insert(0, str(Path(TOOL).parent))
-    import tcp_tool
+    from tests.netns import tcp_tool
     return n, tcp_tool.pattern(n)[1]
 
 
@@ -283,9 +283,10 @@ def test_syn_flood_is_capped(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) 
 
 def test_segment_for_unknown_connection_gets_rst(sandbox: Sandbox) -> None:
     """A raw frame over the stream socket: an ACK for no connection gets RST(seq=ACK)."""
-    from sandbox import StreamClient
     from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
     from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
+
+    from tests.netns.sandbox import StreamClient
     sandbox.start_daemon()
     with StreamClient(sandbox.socket_path) as c:
         frame = Ether(src="02:00:00:00:00:02", dst=OUR_MAC) / IP(src=HOST4, dst=GW4) / TCP(

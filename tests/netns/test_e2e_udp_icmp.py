@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, wait_until
+
+from tests.netns.sandbox import Sandbox, wait_until
 
 GW4 = "192.0.2.1"
 HOST4 = "192.0.2.2"

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, wait_until
-from vhost_sandbox import FULL_RX_BUF, start_vhost_daemon, start_vhost_relay
+
+from tests.netns.sandbox import Sandbox, wait_until
+from tests.netns.vhost_sandbox import FULL_RX_BUF, start_vhost_daemon, start_vhost_relay
 
 TOOL = str(Path(__file__).resolve().parent / "tcp_tool.py")
 GW4 = "192.0.2.1"
@@ -149,8 +150,7 @@ def test_tcp_200mib_each_way(vbox: Sandbox) -> None:
     r = _client(vbox, 5001, "send", size)
     assert r["answer"] == [str(size), r["sha"]], r
 
-    sys.path.insert(0, str(Path(TOOL).parent))
-    import tcp_tool
+    from tests.netns import tcp_tool
     _serve(vbox, 5003, "source", str(size))
     r = _client(vbox, 5003, "recv")
     assert (r["bytes"], r["sha"]) == (size, tcp_tool.pattern(size)[1]), r
@@ -207,8 +207,7 @@ def test_tcp_tso_both_ways(sandbox: Sandbox, mtu: int, family: int) -> None:
     _serve(sandbox, 5001, "sink", addr=addr)
     r = _client(sandbox, 5001, "send", size, addr=addr)
     assert r["answer"] == [str(size), r["sha"]], r
-    sys.path.insert(0, str(Path(TOOL).parent))
-    import tcp_tool
+    from tests.netns import tcp_tool
     _serve(sandbox, 5003, "source", str(size), addr=addr)
     r = _client(sandbox, 5003, "recv", addr=addr)
     assert (r["bytes"], r["sha"]) == (size, tcp_tool.pattern(size)[1]), r
@@ -250,8 +249,7 @@ def test_tcp_scattered_frames_checksummed_without_offload(sandbox: Sandbox) -> N
     start_vhost_relay(sandbox, "--rx-buf-size", "4093", "--no-csum")
     configure_guest(sandbox)
     size = 50 * MIB
-    sys.path.insert(0, str(Path(TOOL).parent))
-    import tcp_tool
+    from tests.netns import tcp_tool
     _serve(sandbox, 5003, "source", str(size))
     r = _client(sandbox, 5003, "recv")
     assert (r["bytes"], r["sha"]) == (size, tcp_tool.pattern(size)[1]), r

@@ -16,10 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, terminate, wait_until
-from test_e2e_tcp import client, configure_guest, serve
-from test_pasta import background_pid, kill_quietly, pasta_command, run_pasta, start_pasta
 
+from tests.netns.sandbox import Sandbox, terminate, wait_until
+from tests.netns.test_e2e_tcp import client, configure_guest, serve
+from tests.netns.test_pasta import (
+    background_pid,
+    kill_quietly,
+    pasta_command,
+    run_pasta,
+    start_pasta,
+)
 from vhostpasst.system import isolation
 
 NOBODY = "65534\t65534\t65534\t65534"
@@ -171,7 +177,7 @@ def _max_open_files(pid: int) -> tuple[int, int]:
 def test_passt_raises_its_open_files_limit(sandbox: Sandbox,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """As passt at start: the soft limit goes up to the hard one (every flow holds a socket)."""
-    import sandbox as sandbox_module
+    from tests.netns import sandbox as sandbox_module
 
     plain = sandbox_module.vhostpasst_command
     monkeypatch.setattr(sandbox_module, "vhostpasst_command",
@@ -412,7 +418,7 @@ def test_descriptors_the_caller_leaked_are_closed_but_fd_is_kept(sandbox: Sandbo
     """As passt at start: a descriptor the caller let the daemon inherit is closed (here a
     pipe's write end, so the caller's reader sees EOF while the daemon runs), the one --fd
     names stays and serves the guest (covered end to end by tests/test_e2e_fd.py)."""
-    from sandbox import vhostpasst_command
+    from tests.netns.sandbox import vhostpasst_command
 
     r, w = os.pipe()
     other_r, other_w = os.pipe()

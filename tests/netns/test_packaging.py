@@ -15,9 +15,10 @@ import venv
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.netns.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parents[2]
 # a git checkout builds its commit into the version; an unpacked archive has none to tell
 FROM_GIT = (ROOT / ".git").exists()
 

@@ -18,8 +18,8 @@ from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, _pid_alive, wait_until
 
+from tests.netns.sandbox import Sandbox, _pid_alive, wait_until
 from vhostpasst.pasta import session as pasta
 from vhostpasst.system.rtnl import Message
 

@@ -11,8 +11,9 @@ import sys
 import time
 
 import pytest
-from sandbox import Sandbox, wait_until
-from test_pasta import (
+
+from tests.netns.sandbox import Sandbox, wait_until
+from tests.netns.test_pasta import (
     PODMAN_ARGS,
     _podman_netns,
     _remove_netns_file,
@@ -24,7 +25,7 @@ from test_pasta import (
     start_pasta,
     wait_gone,
 )
-from test_splice import CLIENT, SERVER, SIZE_MIB, _expected
+from tests.netns.test_splice import CLIENT, SERVER, SIZE_MIB, _expected
 
 MIB = 1 << 20
 # spawn mode as root runs the command as nobody (mapped to root inside), as pasta does; these

@@ -19,8 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from podman_root import PodmanRoot, _readline, argv_of, iter_named, podman_root_or_reason
-from sandbox import Sandbox, wait_until
+
+from tests.netns.podman_root import (
+    PodmanRoot,
+    _readline,
+    argv_of,
+    iter_named,
+    podman_root_or_reason,
+)
+from tests.netns.sandbox import Sandbox, wait_until
 
 IMAGE = "localhost/busybox:vhostpasst"
 RESOLVER = "198.51.100.53"  # the root's /etc/resolv.conf: a responder in the world namespace

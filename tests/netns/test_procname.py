@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sandbox import Sandbox, terminate, unix_sockets, vhostpasst_command, wait_until
+
+from tests.netns.sandbox import Sandbox, terminate, unix_sockets, vhostpasst_command, wait_until
 
 
 def _comm(pid: int) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_conf import Netns, netns  # noqa: F401 (the fixture)
 
+from tests.netns.test_conf import Netns, netns  # noqa: F401 (the fixture)
 from vhostpasst.system import rtnl
 
 READ = textwrap.dedent("""

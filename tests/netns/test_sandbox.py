@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox import (
+
+from tests.netns.sandbox import (
     DEFAULT_RESOLV,
     NS_PREFIX,
     Sandbox,

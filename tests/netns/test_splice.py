@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from sandbox import Sandbox
-from test_pasta import pasta_command
+
+from tests.netns.sandbox import Sandbox
+from tests.netns.test_pasta import pasta_command
 
 MIB = 1 << 20
 SIZE_MIB = 200

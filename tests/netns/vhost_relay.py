@@ -41,22 +41,19 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.virtio.frontend`
+from virtio._ring import ffi, lib  # type: ignore[import-not-found]
 
-from virtio._ring import ffi, lib  # type: ignore[import-not-found]  # noqa: E402
-
-from tests.virtio.frontend import DriverMemory, DriverRing, Frontend  # noqa: E402
-from virtio import message as m  # noqa: E402
-from virtio import net  # noqa: E402
-from virtio.backend import (  # noqa: E402
+from tests.virtio.frontend import DriverMemory, DriverRing, Frontend
+from virtio import message as m
+from virtio import net
+from virtio.backend import (
     F_PROTOCOL_FEATURES,
     F_RING_EVENT_IDX,
     F_VERSION_1,
 )
-from virtio.message import Request as R  # noqa: E402
-from virtio.virtqueue import DESC_F_WRITE, need_event  # noqa: E402
+from virtio.message import Request as R
+from virtio.virtqueue import DESC_F_WRITE, need_event
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

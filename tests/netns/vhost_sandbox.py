@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sandbox import Sandbox
+from tests.netns.sandbox import Sandbox
 
-VHOST_RELAY = Path(__file__).resolve().parent / "vhost_relay.py"
+# The relay runs as a module from the repository root (it imports tests.virtio.frontend).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FULL_RX_BUF = 12 + 14 + 65520  # an RX buffer the daemon can write a 65520-MTU frame into
 
 
@@ -34,12 +35,13 @@ def start_vhost_relay(box: Sandbox, *extra: str, wait: bool = True, timeout: flo
     box._relay_runs += 1
     box.relay_status_path = str(box.dir / f"vhost-relay-{box._relay_runs}.status")
     box.relay_stderr = box.dir / f"vhost-relay-{box._relay_runs}.stderr"
-    cmd = [sys.executable, str(VHOST_RELAY), "--socket", socket_path or box.socket_path,
+    cmd = [sys.executable, "-m", "tests.netns.vhost_relay",
+           "--socket", socket_path or box.socket_path,
            "--tap", box.config.tap, "--status-file", box.relay_status_path,
            "--connect-timeout", str(timeout), "-v", *extra]
     with open(box.relay_stderr, "wb") as err:
         box.relay = box.popen_in(box.guest_ns, *cmd, stdin=subprocess.DEVNULL, stdout=err,
-                                 stderr=err)
+                                 stderr=err, cwd=REPO_ROOT)
     if wait:
         try:
             box.wait_relay("connected", timeout=timeout + 5)

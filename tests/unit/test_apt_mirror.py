@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "apt-mirror.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "apt-mirror.sh"
 
 
 def mirror_of(etc: Path, suite: str) -> subprocess.CompletedProcess[str]:

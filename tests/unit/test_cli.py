@@ -526,7 +526,7 @@ def test_console_scripts(tmp_path: Path) -> None:
 
 
 def test_man_page_lists_every_option() -> None:
-    page = (Path(__file__).resolve().parent.parent / "doc" / "vhostpasst.1").read_text()
+    page = (Path(__file__).resolve().parents[2] / "doc" / "vhostpasst.1").read_text()
     text = page.replace("\\-", "-")
     for long in cli._LONG:
         assert f"--{long}" in text, long

@@ -9,8 +9,7 @@ a kick when the guest posts more (EVENT_IDX), which wakes the waiting sender.
 
 from __future__ import annotations
 
-from test_link_vhost import GUEST_MAC, OUR_MAC, Harness
-
+from tests.unit.test_link_vhost import GUEST_MAC, OUR_MAC, Harness
 from vhostpasst.wire import eth
 
 FRAME_MAX = 14 + 65520

@@ -27,8 +27,10 @@ from ipaddress import IPv6Address as A6
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_udp import Harness  # fake UDP/ICMP sockets (tests/ is on sys.path: conftest.py)
 
+from tests.unit.test_udp import (
+    Harness,  # fake UDP/ICMP sockets (tests/ is on sys.path: conftest.py)
+)
 from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.wire import arp, eth, icmp, ip, tcp, udp

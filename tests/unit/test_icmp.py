@@ -11,8 +11,8 @@ from ipaddress import IPv6Address as A6
 from typing import Any
 
 import pytest
-from test_udp import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, FakeSocket, Harness
 
+from tests.unit.test_udp import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, FakeSocket, Harness
 from vhostpasst.wire import eth, icmp, ip
 
 scapy = pytest.importorskip("scapy.all")

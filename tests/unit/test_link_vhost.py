@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sandbox import Sandbox, vhostpasst_command
 from vhostpasst._tcpsg import ffi as sg_ffi
 from vhostpasst._tcpsg import lib as sg_lib
 
+from tests.netns.sandbox import Sandbox, vhostpasst_command
 from tests.virtio.frontend import DriverMemory, DriverRing, Frontend, frame_sizes
 from vhostpasst.config.conf import Config, Ip4Conf
 from vhostpasst.core.loop import Loop
@@ -1105,7 +1105,7 @@ def test_daemon_writes_its_loop_trace(sandbox: Sandbox, tmp_path: Path) -> None:
     kinds = {k for r in rows for k in r[3].split(",")}
     assert "VhostUserBackend._on_readable" in kinds, kinds
     assert "VhostUserBackend._on_kick[1]" in kinds, kinds
-    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "wakeups.py"),
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "bench" / "wakeups.py"),
                           str(trace)], capture_output=True, text=True, check=True).stdout
     assert f"{len(rows)} wake-ups in" in out, out
     assert "VhostUserBackend._on_kick[1]" in out, out

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_link_vhost import (
+
+from tests.unit.test_link_vhost import (
     ALL,
     BASE,
     FPORT,
@@ -28,9 +29,8 @@ from test_link_vhost import (
     _fill_run,
     _payload,
 )
-from test_link_vhost import FADDR4 as FADDR
-from test_link_vhost import GADDR4 as GADDR
-
+from tests.unit.test_link_vhost import FADDR4 as FADDR
+from tests.unit.test_link_vhost import GADDR4 as GADDR
 from vhostpasst.link.base import Tso
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
@@ -424,8 +424,7 @@ def test_rx_fill_and_bounced_frames_are_marked_for_live_migration() -> None:
     import mmap
     import os
 
-    from test_link_vhost import discover, is_offer
-
+    from tests.unit.test_link_vhost import discover, is_offer
     from virtio import message as m
     from virtio.backend import F_LOG_ALL
     from virtio.dirtylog import LOG_PAGE

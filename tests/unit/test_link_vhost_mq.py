@@ -6,8 +6,8 @@ enabled late served at once, and TX coalescing kept per queue."""
 from __future__ import annotations
 
 import pytest
-from test_link_vhost import ALL, Harness, discover, is_offer
 
+from tests.unit.test_link_vhost import ALL, Harness, discover, is_offer
 from tests.virtio.frontend import DriverRing
 from vhostpasst.link import vhost as vhost_mod
 from virtio import message as m

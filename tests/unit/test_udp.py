@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sandbox import NS_PREFIX, dhcp_payload, parse_dhcp_reply, wait_until
 
+from tests.netns.sandbox import NS_PREFIX, dhcp_payload, parse_dhcp_reply, wait_until
 from vhostpasst.config import fwd
 from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.core.flow import FlowTable
