@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 SLIRP_CIDR = "198.51.100.0/24"  # slirp4netns: gateway .2, namespace .100
 HOST_ADDR = "192.0.2.2"  # the host namespace's own address (tests/sandbox.py)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pasta_common import ROOT, SetupError, endpoints, start, wait  # noqa: E402
 
-TOOL = str(ROOT / "tests" / "tcp_tool.py")
+TOOL = str(ROOT / "tests" / "netns" / "tcp_tool.py")
 MIB = 1 << 20
 PATHS = ("tap ns->host", "tap host->ns", "splice ns->host", "splice host->ns")
 

@@ -37,12 +37,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 sys.path.insert(0, str(ROOT / "bench"))
 
 import profiler  # noqa: E402
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
 from tcp_throughput import GW4, start_guest  # noqa: E402
+
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 SLIRP_CIDR = "198.51.100.0/24"  # slirp4netns: gateway .2 (the host's loopback), guest .100
 SLIRP_GW = "198.51.100.2"

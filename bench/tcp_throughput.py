@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 
 import profiler  # noqa: E402
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
 
-TOOL = str(ROOT / "tests" / "tcp_tool.py")
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
+
+TOOL = str(ROOT / "tests" / "netns" / "tcp_tool.py")
 GW4 = "192.0.2.1"
 HOST4 = "192.0.2.2"
 MIB = 1 << 20

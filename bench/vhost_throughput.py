@@ -220,9 +220,9 @@ def qemu_one(harness, image, row: Row, cmd: list[str], kind: str,  # type: ignor
 
 @contextlib.contextmanager
 def bridge_box(kind: str, mtu: int, passt: str | None) -> Iterator[tuple[object, int]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from sandbox import Sandbox, SandboxConfig, wait_until
-    from vhost_sandbox import start_vhost_daemon, start_vhost_relay
+    sys.path.insert(0, str(ROOT))  # tests.netns
+    from tests.netns.sandbox import Sandbox, SandboxConfig, wait_until
+    from tests.netns.vhost_sandbox import start_vhost_daemon, start_vhost_relay
 
     box = Sandbox(SandboxConfig(ipv6=False)).setup()
     try:
@@ -299,7 +299,7 @@ def _bridge_iperf(box, reverse: bool, args: argparse.Namespace) -> str:  # type:
 
 
 def _bridge_rr(box, args: argparse.Namespace) -> str:  # type: ignore[no-untyped-def]
-    from sandbox import wait_until
+    from tests.netns.sandbox import wait_until
     ready = box.dir / "rr-ready"
     box.popen_in(box.guest_ns, sys.executable, "-c", RR_SERVER, str(RR_PORT), str(ready),
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
