@@ -2,41 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from tests.fakes import FakeLoop
 from vhostpasst.core.flow import Flow, FlowTable
-
-
-class FakeTimer:
-    def __init__(self, when: float, cb: Callable[[], None]) -> None:
-        self.when, self.cb, self.cancelled = when, cb, False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeLoop:
-    """call_at only; `advance(t)` runs due timers in order, like Loop.run_once."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.timers: list[FakeTimer] = []
-
-    def call_at(self, when: float, cb: Callable[[], None]) -> FakeTimer:
-        t = FakeTimer(when, cb)
-        self.timers.append(t)
-        return t
-
-    def advance(self, dt: float) -> None:
-        self.now += dt
-        while True:
-            due = sorted((t for t in self.timers if t.when <= self.now and not t.cancelled),
-                         key=lambda t: t.when)
-            if not due:
-                return
-            for t in due:
-                self.timers.remove(t)
-                t.cb()
 
 
 class F(Flow):

@@ -257,6 +257,6 @@ def test_udp_icmp_dispatch_never_fails(batch: list[bytes], caplog: pytest.LogCap
         h.d.on_frames([memoryview(bytearray(f)) for f in batch])
         for fd in list(h.loop.fds):
             if fd in h.loop.fds:
-                h.loop.fds[fd](1)  # readable: whatever the fake socket has queued
+                h.loop.fds[fd][1](1)  # readable: whatever the fake socket has queued
     h.d.close()
     _no_errors(caplog)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import FakeLoop
 from tests.unit.test_udp import GUEST_MAC, GW4, GW6, HOST4, HOST6, OUR_MAC, FakeSocket, Harness
 from vhostpasst.wire import eth, icmp, ip
 
@@ -128,38 +129,12 @@ def test_flow_close_releases_the_socket() -> None:
 # --- NDP and DHCPv6 through the dispatcher ---------------------------------------------------
 
 
-class TimerLoop:
-    """The fake loop of test_udp, remembering call_at() so a test can fire timers."""
-
-    def __init__(self) -> None:
-        self.timers: list[list[Any]] = []  # [when, callback, cancelled]
-
-    def add_fd(self, fd: int, events: int, cb: Any, on_error: Any = None) -> None:
-        pass
-
-    def remove_fd(self, fd: int) -> None:
-        pass
-
-    def call_at(self, when: float, cb: Any) -> Any:
-        entry: list[Any] = [when, cb, False]
-        self.timers.append(entry)
-
-        class T:
-            def cancel(self) -> None:
-                entry[2] = True
-
-        return T()
-
-    def due(self) -> list[Any]:
-        return [e for e in self.timers if not e[2]]
-
-
-def ndp_harness() -> tuple[Harness, TimerLoop]:
+def ndp_harness() -> tuple[Harness, FakeLoop]:
     from vhostpasst.core.flow import FlowTable
     from vhostpasst.dispatch import Dispatcher
 
     h = Harness()
-    loop = TimerLoop()
+    loop = FakeLoop()
     h.d = Dispatcher(h.d.config, loop, FlowTable(loop))  # type: ignore[arg-type]
     h.d.link = h.link
     return h, loop
@@ -177,7 +152,7 @@ def test_router_solicitation_gets_an_advertisement_and_unsolicited_ras_follow() 
     [timer] = loop.due()
     before = len(h.link.frames)
     loop.timers.remove(timer)  # fired, as Loop pops it
-    timer[1]()
+    timer.cb()
     assert len(h.link.frames) == before + 1
     assert scapy.Ether(h.link.frames[-1])["IPv6"].dst == "ff02::1"
     assert len(loop.due()) == 1

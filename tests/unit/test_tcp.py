@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP  # type: ignore[import-untyped]
 from scapy.layers.l2 import Ether  # type: ignore[import-untyped]
 
+from tests.fakes import FakeLoop
 from vhostpasst.config.conf import Config, Ip4Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.proto import tcp
@@ -29,45 +30,6 @@ GUEST = IPv4Address("192.0.2.2")
 REMOTE = IPv4Address("198.51.100.7")
 GUEST_MAC = bytes.fromhex("020000000002")
 OUR_MAC = bytes.fromhex("9a559a559a55")
-
-
-class FakeTimer:
-    def __init__(self, when: float, cb: Callable[[], None]) -> None:
-        self.when, self.cb, self.cancelled = when, cb, False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeLoop:
-    def __init__(self) -> None:
-        self.fds: dict[int, tuple[int, Callable[[int], None]]] = {}
-        self.on_error: dict[int, Callable[[Exception], None]] = {}
-        self.timers: list[FakeTimer] = []
-
-    def add_fd(self, fd: int, events: int, cb: Callable[[int], None],
-               on_error: Callable[[Exception], None] | None = None) -> None:
-        assert fd not in self.fds
-        self.fds[fd] = (events, cb)
-        if on_error is not None:
-            self.on_error[fd] = on_error
-
-    def modify_fd(self, fd: int, events: int) -> None:
-        self.fds[fd] = (events, self.fds[fd][1])
-
-    def remove_fd(self, fd: int) -> None:
-        self.fds.pop(fd, None)
-
-    def call_at(self, when: float, cb: Callable[[], None]) -> FakeTimer:
-        t = FakeTimer(when, cb)
-        self.timers.append(t)
-        return t
-
-    def fire_timers(self) -> None:
-        due, self.timers = self.timers, []
-        for t in due:
-            if not t.cancelled:
-                t.cb()
 
 
 class FakeLink:

@@ -13,7 +13,7 @@ import shutil
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address as A4
 from ipaddress import IPv6Address as A6
@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fakes import FakeLoop
 from tests.netns.sandbox import NS_PREFIX, dhcp_payload, parse_dhcp_reply, wait_until
 from vhostpasst.config import fwd
 from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
@@ -114,30 +115,6 @@ class FakeSocket:
         self.closed = True
 
 
-class FakeTimer:
-    def cancel(self) -> None:
-        pass
-
-
-class FakeLoop:
-    def __init__(self) -> None:
-        self.fds: dict[int, Callable[[int], None]] = {}
-        self.on_error: dict[int, Callable[[Exception], None]] = {}
-
-    def add_fd(self, fd: int, events: int, cb: Callable[[int], None],
-               on_error: Callable[[Exception], None] | None = None) -> None:
-        assert fd not in self.fds
-        self.fds[fd] = cb
-        if on_error is not None:
-            self.on_error[fd] = on_error
-
-    def remove_fd(self, fd: int) -> None:
-        self.fds.pop(fd, None)
-
-    def call_at(self, when: float, cb: Callable[[], None]) -> FakeTimer:
-        return FakeTimer()
-
-
 class FakeLink(Link):
     def __init__(self) -> None:
         super().__init__(lambda frames: None)
@@ -203,7 +180,7 @@ class Harness:
         self.d.on_frames([memoryview(frame)])
 
     def ready(self, sock: FakeSocket, mask: int = 1) -> None:
-        self.loop.fds[sock.fd](mask)
+        self.loop.fds[sock.fd][1](mask)
 
 
 def test_guest_flow_keeps_the_source_port_and_maps_the_gateway_to_loopback() -> None:
