@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns.isolation_checks import CAP_NET_BIND, CAP_NONE, _hello, _start_hello
+from tests.netns.pasta_sandbox import background_pid, kill_quietly, start_pasta
 from tests.netns.sandbox import PROBE_MODULE, Sandbox, vhostpasst_command, wait_until
-from tests.netns.test_e2e_tcp import configure_guest
-from tests.netns.test_isolation import CAP_NET_BIND, CAP_NONE, _hello, _start_hello, netns_name  # noqa: F401
-from tests.netns.test_pasta import background_pid, kill_quietly, start_pasta
+from tests.netns.tcp_guest import configure_guest
 from tests.netns.vhost_sandbox import start_vhost_daemon, start_vhost_relay
 
 # the file open fails with EPERM where openat is not on the list (passt mode), with ENOENT
@@ -175,7 +175,7 @@ def test_pasta_spawn(sandbox: Sandbox) -> None:
         p.wait(5)
 
 
-def test_pasta_attach_to_a_netns(sandbox: Sandbox, netns_name: str) -> None:  # noqa: F811
+def test_pasta_attach_to_a_netns(sandbox: Sandbox, netns_name: str) -> None:
     box, name = sandbox, netns_name
     pid_file = box.dir / "pasta.pid"
     log = box.dir / "pasta.log"

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.netns.sandbox import Sandbox, wait_until
-from tests.netns.test_e2e_tcp import GW4, GW6, HOST4, MIB, client, log_lines, serve, start
+from tests.netns.tcp_guest import GW4, GW6, HOST4, MIB, client, log_lines, serve, start
 
 
 @pytest.mark.sandbox(resolv_conf="nameserver 127.0.0.53\n")

@@ -17,42 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.sandbox import Sandbox, terminate, wait_until
-from tests.netns.test_e2e_tcp import client, configure_guest, serve
-from tests.netns.test_pasta import (
+from tests.netns.isolation_checks import CAP_NET_BIND, CAP_NONE, _hello, _start_hello
+from tests.netns.pasta_sandbox import (
     background_pid,
     kill_quietly,
     pasta_command,
     run_pasta,
     start_pasta,
 )
+from tests.netns.sandbox import Sandbox, terminate, wait_until
+from tests.netns.tcp_guest import client, configure_guest, serve
 from vhostpasst.system import isolation
 
 NOBODY = "65534\t65534\t65534\t65534"
-CAP_NONE = "0000000000000000"
-CAP_NET_BIND = f"{1 << isolation.CAP_NET_BIND_SERVICE:016x}"
-
-HELLO_SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64); s.settimeout(30)
-print("ready", flush=True)
-for _ in range(int(sys.argv[3])):
-    c, a = s.accept(); c.sendall(b"hi " + a[0].encode()); c.close()
-"""
-
-HELLO_CLIENT = """
-import socket, sys
-out = []
-for _ in range(int(sys.argv[3])):
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-        out.append(c.recv(100).decode() or "closed"); c.close()
-    except OSError as e:
-        out.append(f"error-{e.errno}")
-print("\\n".join(out))
-"""
 
 UDP_ECHO = """
 import socket, sys
@@ -200,26 +177,6 @@ def test_pasta_raises_its_open_files_limit_but_not_its_commands(sandbox: Sandbox
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["256"], r.stdout
     assert "open files limit raised from 256 to 8192" in r.stderr
-
-
-@pytest.fixture
-def netns_name(sandbox: Sandbox) -> str:
-    name = f"{sandbox.host_ns}-i"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    sandbox._made.append(name)  # deleted at teardown
-    return name
-
-
-def _start_hello(box: Sandbox, ns: str, addr: str, port: int, count: int) -> None:
-    srv = box.popen_in(ns, sys.executable, "-c", HELLO_SERVER, addr, str(port), str(count),
-                       stdout=subprocess.PIPE)
-    assert srv.stdout is not None and srv.stdout.readline() == b"ready\n"
-
-
-def _hello(box: Sandbox, ns: str, addr: str, port: int, count: int = 1) -> list[str]:
-    r = box.run_in(ns, sys.executable, "-c", HELLO_CLIENT, addr, str(port), str(count),
-                   timeout=60)
-    return r.stdout.split("\n")[:-1] if r.stdout else [r.stderr]
 
 
 def test_pasta_attach_as_root_becomes_nobody_and_still_works(sandbox: Sandbox,

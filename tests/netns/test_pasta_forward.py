@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.netns.sandbox import Sandbox, wait_until
-from tests.netns.test_pasta import (
+from tests.netns.checked_stream import CLIENT, SERVER, SIZE_MIB, _expected
+from tests.netns.pasta_sandbox import (
     PODMAN_ARGS,
     _podman_netns,
     _remove_netns_file,
@@ -25,7 +25,7 @@ from tests.netns.test_pasta import (
     start_pasta,
     wait_gone,
 )
-from tests.netns.test_splice import CLIENT, SERVER, SIZE_MIB, _expected
+from tests.netns.sandbox import Sandbox, wait_until
 
 MIB = 1 << 20
 # spawn mode as root runs the command as nobody (mapped to root inside), as pasta does; these
