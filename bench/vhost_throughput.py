@@ -12,9 +12,9 @@ a newer build (`python bench/fetch_passt.py` fetches Debian 13's), that passt wi
 iperf3 server on the host's loopback through the gateway address, and a 1-byte TCP ping-pong
 from the host to `nc -e cat` in the guest through a -t forward (mean round trip).
 
-`bridge`: no qemu. The sandbox of tests/sandbox.py, the guest a namespace whose tap is attached
-by tests/vhost_relay.py (vhost-user rings) or tests/relay.py (stream socket); host iperf3 and
-the same ping-pong (a Python echo server in the guest namespace).
+`bridge`: no qemu. The sandbox of tests/netns/sandbox.py, the guest a namespace whose tap is
+attached by tests/netns/vhost_relay.py (vhost-user rings) or tests/netns/relay.py (stream
+socket); host iperf3 and the same ping-pong (a Python echo server in the guest namespace).
 
 TCG guests are slow and noisy: compare the back ends measured in the same run (the ratio
 columns), not absolute figures. CPU is the daemon's on-CPU time (schedstat, all threads) over each

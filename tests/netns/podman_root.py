@@ -76,7 +76,7 @@ ENV = ("/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME=/home/{
        f"USER={USER}", f"XDG_RUNTIME_DIR=/run/user/{UID}", "PODMAN_IGNORE_CGROUPSV1_WARNING=1")
 
 CONTAINERS_CONF = """\
-# written by tests/podman_root.py
+# written by tests/netns/podman_root.py
 [containers]
 log_driver = "k8s-file"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Play qemu's part: copy Ethernet frames between a tap device and a passt-style stream socket.
 
-Run inside the guest network namespace (`ip netns exec GUEST python tests/relay.py --socket
+Run inside the guest network namespace (`ip netns exec GUEST python tests/netns/relay.py --socket
 PATH --tap tap0`). The namespace's kernel then acts as the guest's TCP/IP stack. On the socket
 every frame is preceded by its length as a 4-byte big-endian integer (qemu `-netdev stream`);
 on the tap each read()/write() is one frame (IFF_TAP | IFF_NO_PI).

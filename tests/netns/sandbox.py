@@ -4,7 +4,7 @@ Layout (all names unique per test and per xdist worker, all removed at teardown)
 
     world ns                 host ns                           guest ns
     upw0 192.0.2.1/24  <--veth-->  up0 192.0.2.2/24             tap0 (the guest's NIC)
-         2001:db8::1/64            2001:db8::2/64                  ^ tests/relay.py (plays qemu)
+         2001:db8::1/64            2001:db8::2/64                  ^ relay.py (plays qemu)
                                    default via .1 / ::1            | 4-byte length framing
                                    /etc/resolv.conf = test's       v
                                    vhostpasst -f -s <tmp>/passt.socket
@@ -340,7 +340,7 @@ class Sandbox:
 
     def start_relay(self, reconnect: bool = False, wait: bool = True, timeout: float = 10,
                     socket_path: str | None = None) -> subprocess.Popen[bytes]:
-        """Attach tap0 to the daemon's socket through tests/relay.py in the guest namespace.
+        """Attach tap0 to the daemon's socket through tests/netns/relay.py in the guest namespace.
 
         With wait, return once the relay is connected; raise with its stderr otherwise.
         """

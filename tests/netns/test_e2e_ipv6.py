@@ -1,7 +1,7 @@
 """IPv6 end to end: the guest namespace's kernel and real DHCPv6 clients against vhostpasst.
 
 The daemon runs in the sandbox's host namespace (2001:db8::2/64, default via 2001:db8::1, the
-test resolv.conf with `nameserver 2001:db8::53`); tests/relay.py attaches the guest's tap0.
+test resolv.conf with `nameserver 2001:db8::53`); tests/netns/relay.py attaches the guest's tap0.
 What is checked is what the guest ends up with: a SLAAC address and a default route from our
 Router Advertisements, the host's address and DNS from DHCPv6, our MAC for every neighbour.
 """

@@ -1,7 +1,7 @@
 """vhostpasst end to end over qemu's stream socket, with a real guest TCP/IP stack.
 
 The daemon runs in the sandbox's host namespace (uplink 192.0.2.2/24, gateway 192.0.2.1, the
-test's resolv.conf); tests/relay.py plays qemu and attaches the guest namespace's tap0 to the
+test's resolv.conf); tests/netns/relay.py plays qemu and attaches the guest namespace's tap0 to the
 daemon's socket. What each test checks is what a user would see from inside the guest.
 """
 

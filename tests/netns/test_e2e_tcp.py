@@ -1,6 +1,7 @@
-"""TCP end to end: the guest namespace's kernel is the TCP peer, behind tests/relay.py and
+"""TCP end to end: the guest namespace's kernel is the TCP peer, behind tests/netns/relay.py and
 vhostpasst; "remote" servers run in the world namespace, local ones in the host namespace
-(see tests/sandbox.py). Programs in tests/tcp_tool.py move pattern data and report sha256.
+(see tests/netns/sandbox.py). Programs in tests/netns/tcp_tool.py move pattern data and report
+sha256.
 """
 
 from __future__ import annotations

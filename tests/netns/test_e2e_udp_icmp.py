@@ -1,5 +1,5 @@
-"""ICMP echo and UDP end to end: a guest namespace behind tests/relay.py, vhostpasst in the host
-namespace, a "remote" world namespace behind the host's uplink (see tests/sandbox.py).
+"""ICMP echo and UDP end to end: a guest namespace behind tests/netns/relay.py, vhostpasst in the
+host namespace, a "remote" world namespace behind the host's uplink (see tests/netns/sandbox.py).
 
 What each test checks is what a program in the guest (or on the host) sees.
 """

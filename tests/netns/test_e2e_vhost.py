@@ -1,7 +1,7 @@
 """vhostpasst end to end over vhost-user, with the real Linux stack as the guest and no qemu.
 
-tests/vhost_relay.py (started by tests/vhost_sandbox.py) is both qemu's front end and the
-guest's virtio-net driver: it shares memfd "guest RAM" with `vhostpasst --vhost-user -f -s
+tests/netns/vhost_relay.py (started by tests/netns/vhost_sandbox.py) is both qemu's front end
+and the guest's virtio-net driver: it shares memfd "guest RAM" with `vhostpasst --vhost-user -f -s
 PATH` in the host namespace and moves frames between the rings and the guest namespace's tap.
 Each test runs twice: with RX buffers that hold a whole 65520-MTU frame (the daemon writes
 frames in place) and with Linux-sized 4 KiB mergeable buffers (TCP reads a 64 KiB frame straight

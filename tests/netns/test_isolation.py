@@ -374,7 +374,7 @@ def test_ns_thread_serves_calls_and_leaves_signals_to_the_main_thread() -> None:
 def test_descriptors_the_caller_leaked_are_closed_but_fd_is_kept(sandbox: Sandbox) -> None:
     """As passt at start: a descriptor the caller let the daemon inherit is closed (here a
     pipe's write end, so the caller's reader sees EOF while the daemon runs), the one --fd
-    names stays and serves the guest (covered end to end by tests/test_e2e_fd.py)."""
+    names stays and serves the guest (covered end to end by tests/netns/test_e2e_fd.py)."""
     from tests.netns.sandbox import vhostpasst_command
 
     r, w = os.pipe()

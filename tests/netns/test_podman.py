@@ -1,6 +1,6 @@
 """podman 5 (Debian 13's) runs our `pasta` for `--network pasta`, as it runs passt's.
 
-The root is tests/podman_root.py's cached trixie root; podman runs there rootless (podman
+The root is tests/netns/podman_root.py's cached trixie root; podman runs there rootless (podman
 refuses pasta to rootful containers) in the sandbox's host namespace, whose uplink is a veth
 to the "world" namespace (documentation addresses only, nothing leaves the sandbox). The image
 is made locally from busybox-static (`podman import`). podman finds `pasta` through
@@ -143,7 +143,7 @@ def test_podman_runs_our_pasta_the_container_gets_host_addresses_routes_and_exit
                       " echo RESOLV; cat /etc/resolv.conf; echo HOSTS; cat /etc/hosts; exit 3")
     assert r.returncode == 3, r.stdout + r.stderr  # the container's status, through podman
     out = r.stdout
-    # pasta copies the host namespace's interface, addresses and routes (tests/sandbox.py)
+    # pasta copies the host namespace's interface, addresses and routes (tests/netns/sandbox.py)
     assert "up0    inet 192.0.2.2/24" in out, out
     assert "up0    inet6 2001:db8::2/64" in out, out
     routes = out.split("ROUTES", 1)[1].split("RESOLV", 1)[0]

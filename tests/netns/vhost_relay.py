@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Play qemu and a virtio-net driver at once: bridge a tap device to a vhost-user back end.
 
-Run inside the guest network namespace (`ip netns exec GUEST python tests/vhost_relay.py
---socket PATH --tap tap0`). The namespace's kernel is then the guest's TCP/IP stack and the
-frames go over the vhost-user rings, as with a qemu guest, but without qemu:
+Run inside the guest network namespace, from the repository root (`ip netns exec GUEST python
+-m tests.netns.vhost_relay --socket PATH --tap tap0`). The namespace's kernel is then the
+guest's TCP/IP stack and the frames go over the vhost-user rings, as with a qemu guest, but
+without qemu:
 
 - the front end (tests/virtio/frontend.py) connects, negotiates VERSION_1, MRG_RXBUF,
   EVENT_IDX, CSUM and GUEST_CSUM (and with --tso HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6), shares
@@ -23,7 +24,7 @@ frames go over the vhost-user rings, as with a qemu guest, but without qemu:
 Ring indices are read and written with struct on an mmap of the memfd; the fences come from
 the cffi ring helpers (virtio._ring), because the back end is another process on another CPU.
 
-State goes to `--status-file` as `key=value` lines, in the format of tests/relay.py (`state`,
+State goes to `--status-file` as `key=value` lines, in the format of tests/netns/relay.py (`state`,
 `connections`, `pid`, frame counters `to_tap` / `to_guest`, of those the GSO frames `gso_to_tap`
 / `gso_to_guest`, and the notification counters), so the sandbox's wait_relay() works on it.
 """

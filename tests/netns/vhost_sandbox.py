@@ -1,12 +1,13 @@
-"""The sandbox with vhost-user instead of the stream socket: tests/vhost_relay.py plays qemu and
-the guest's virtio-net driver, attaching the guest namespace's tap to the daemon's rings.
+"""The sandbox with vhost-user instead of the stream socket: tests/netns/vhost_relay.py plays
+qemu and the guest's virtio-net driver, attaching the guest namespace's tap to the daemon's
+rings.
 
     start_vhost_daemon(box)   vhostpasst -f -s <dir>/passt.socket --vhost-user ARGS (host ns)
-    start_vhost_relay(box)    tests/vhost_relay.py in the guest ns, connected when it returns
+    start_vhost_relay(box)    tests/netns/vhost_relay.py in the guest ns, connected when it returns
 
-The relay reports in the status-file format of tests/relay.py, and the helper sets the
+The relay reports in the status-file format of tests/netns/relay.py, and the helper sets the
 Sandbox's relay attributes, so wait_relay(), relay_status(), stop_relay(), relay_log() and
-teardown (which kills it) work as for the stream relay. Nothing in tests/sandbox.py changes.
+teardown (which kills it) work as for the stream relay. Nothing in sandbox.py changes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ At MTU 65520 a full frame takes 17 of Linux's 4 KiB mergeable buffers; handing o
 buffer per posted chain (as before) made commit() drop most frames when the ring was low, and
 TCP then waited for the guest's duplicate ACKs. The link now hands out what fits and asks for
 a kick when the guest posts more (EVENT_IDX), which wakes the waiting sender.
-(The 200 MiB transfers of tests/test_e2e_vhost.py with 4 KiB buffers check "0 dropped".)
+(The 200 MiB transfers of tests/netns/test_e2e_vhost.py with 4 KiB buffers check "0 dropped".)
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """UDP and the ICMP-error relay, with fake sockets, loop and link: nothing here touches a real
-network, so guest frames can be fuzzed freely. (End-to-end: tests/test_e2e_udp_icmp.py.)
+network, so guest frames can be fuzzed freely. (End-to-end: tests/netns/test_e2e_udp_icmp.py.)
 Frames we emit are decoded by scapy, an independent implementation. The broadcast and multicast
 tests at the end use real sockets, in a pair of network namespaces they create themselves."""
 
