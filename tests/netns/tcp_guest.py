@@ -66,4 +66,4 @@ def log_lines(path: Path, count: int = 1, timeout: float = 10) -> list[str]:
         text = path.read_text() if path.exists() else ""
         got = text.splitlines()
         return got if len(got) >= count else None
-    return wait_until(lines, timeout, f"{count} line(s) in {path.name}")  # type: ignore
+    return wait_until(lines, timeout, f"{count} line(s) in {path.name}")
