@@ -28,9 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.test_udp import (
-    Harness,  # fake UDP/ICMP sockets (tests/ is on sys.path: conftest.py)
-)
+from tests.unit.test_udp import Harness  # fake UDP/ICMP sockets
 from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.wire import arp, eth, icmp, ip, tcp, udp
