@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from virtio._ring import ffi
+
 from virtio.ring import (
     FILL_COMMIT,
     FILL_EMPTY,
