@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from vhostpasst.config import cli
-from vhostpasst.config.cli import Options, check_supported, mode_from_name, parse_args
-from vhostpasst.config.conf import Config, ConfigError
+from vhostpasst.config.cli import check_supported, mode_from_name, parse_args
+from vhostpasst.config.conf import Config
+from vhostpasst.config.errors import ConfigError
+from vhostpasst.config.options import Options
 from vhostpasst.main import main
 from vhostpasst.version import VERSION, version_line
 

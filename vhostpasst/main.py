@@ -15,7 +15,7 @@ from vhostpasst.config.cli import (
     parse_args,
     usage,
 )
-from vhostpasst.config.conf import ConfigError
+from vhostpasst.config.errors import ConfigError
 from vhostpasst.system.procname import set_process_name
 from vhostpasst.version import version_line
 
