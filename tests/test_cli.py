@@ -542,20 +542,37 @@ def test_sigterm_inside_a_guarded_callback_still_stops_the_daemon() -> None:
     callback queue_kicked failed' for it and keep running)."""
     import signal
 
-    from vhostpasst import daemon
-    from vhostpasst.pasta import session as pasta
+    from vhostpasst.core import process
 
-    for terminate in (daemon._Terminate, pasta._Terminate):
-        assert not issubclass(terminate, Exception)
+    assert not issubclass(process.Terminate, Exception)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGPIPE)}
     try:
-        signals = daemon._Signals()
+        signals = process.TerminateSignals()
         signals.arm()
-        with pytest.raises(daemon._Terminate):
+        with pytest.raises(process.Terminate):
             try:
                 signal.raise_signal(signal.SIGTERM)
             except Exception:  # what backend._callback and the dispatcher do
                 pass
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_a_terminate_signal_during_set_up_waits_for_the_loop() -> None:
+    """Both modes: a SIGTERM before the loop runs is recorded, not raised mid-set-up, and
+    ends the run as soon as the loop would start."""
+    import signal
+
+    from vhostpasst.core import process
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGPIPE)}
+    try:
+        signals = process.TerminateSignals()
+        signal.raise_signal(signal.SIGQUIT)
+        assert signals.pending == signal.SIGQUIT
+        with pytest.raises(process.Terminate):
+            signals.arm()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -623,12 +623,8 @@ def parse_args(argv: list[str], mode: str) -> Options:
 
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
-    if o.mode == PASTA:
-        # pasta.py serves the namespace; -T/-U (tcp_splice.py, udp_splice.py), 'auto'
-        # (portscan.py) and --fd (a pre-opened tap) all work
-        pass
-    # --repair-path is accepted (the daemon logs that it is ignored): qemu already refuses to
-    # migrate a guest whose back end lacks VHOST_F_LOG_ALL, so starting costs nothing
+    # --repair-path is accepted and ignored (the daemon logs so): a live migration moves the
+    # guest, but the TCP connections open through us end, as without passt-repair
     if o.conf_path:
         raise NotSupported("--conf-path")
 
@@ -705,7 +701,8 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -1, --one-off             Quit after the first client disconnects
       --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
-      --repair-path PATH    TCP_REPAIR helper socket (ignored: no live migration)
+      --repair-path PATH    TCP_REPAIR helper socket (ignored: TCP connections do not
+                            move with a migrated guest)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains
 
 SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...

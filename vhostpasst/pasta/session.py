@@ -35,8 +35,9 @@ from typing import Any
 
 from vhostpasst.config.conf import Config, summary
 from vhostpasst.core import flow
-from vhostpasst.core.log import detached, setup_logging
+from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
+from vhostpasst.core.process import TERMINATE_SIGNALS, Process
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -132,6 +133,8 @@ def _intermediate(command: tuple[str, ...], ready_w: int, go_r: int,
     first become that user and create the user namespace too, mapping its root to them."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command decides about ^C
+        for sig in TERMINATE_SIGNALS:  # not our parent's handlers: a signal ends us
+            signal.signal(sig, signal.SIG_DFL)
         try:
             if as_ids is not None:
                 isolation.drop(as_ids, ())
@@ -635,60 +638,6 @@ def _auto_ports(loop: Any, config: Config, netns_fd: int, dispatcher: Any, splic
 # -- run ------------------------------------------------------------------------------------
 
 
-class _Terminate(BaseException):
-    """SIGTERM/SIGQUIT/SIGINT: a BaseException, so the loop's `except Exception` guards of
-    callbacks never swallow it (as daemon._Terminate)."""
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    raise _Terminate(signum)
-
-
-class _Background:
-    """Attach mode without -f: fork while still single-threaded; the parent waits until the
-    child says it is ready (listeners bound, privileges dropped), writes the child's pid to
-    the pid file and exits 0 -- or exits 1 if the child failed first."""
-
-    def __init__(self, pid_file: str | None) -> None:
-        r, w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid:
-            os.close(w)
-            with os.fdopen(r, "rb") as f:
-                ready = f.read(1) == b"r"
-            if ready and pid_file:
-                try:
-                    _write_pid_path(pid_file, pid)
-                except OSError as e:
-                    print(f"pasta: cannot write {pid_file}: {e.strerror}", file=sys.stderr)
-                    os.kill(pid, signal.SIGTERM)
-                    os._exit(1)
-            os._exit(0 if ready else 1)
-        os.close(r)
-        os.set_inheritable(w, False)
-        self.ready_fd: int | None = w
-        os.setsid()
-
-    def ready(self, devnull: int) -> None:
-        """Everything is in place: release the parent, detach from the terminal (stdio on
-        `devnull`, opened before the sandbox emptied the root)."""
-        detached()
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        assert self.ready_fd is not None
-        os.write(self.ready_fd, b"r")
-        os.close(self.ready_fd)
-        self.ready_fd = None
-
-
-def _write_pid_path(path: str, pid: int) -> None:
-    with open(path, "w") as f:
-        f.write(f"{pid}\n")
-
-
 def run(config: Config) -> int:
     """Start-up order (each step needs what the one before made):
     logging, files, host listeners (-t/-u, while root may bind low ports); the namespace
@@ -701,6 +650,7 @@ def run(config: Config) -> int:
     from vhostpasst.dispatch import Dispatcher
     from vhostpasst.link.tuntap import TapLink
 
+    process = Process()  # SIGTERM/SIGQUIT held back from here on
     spawn_mode = config.target_pid is None and config.netns is None
     foreground = config.foreground or spawn_mode
     # spawn mode shares the terminal with the command: quiet unless debugging
@@ -719,14 +669,11 @@ def run(config: Config) -> int:
         log.error("--runas: %s", e)
         return 1
     switching = isolation.needs_switch(ids)
-    # files are opened while we may still create them (pasta: before setuid); the pid file
-    # early only when we will not be able to create it later
-    pid_fd: int | None = None
+    # files are opened while we may still create them (pasta: before setuid)
     pcap: PcapWriter | None = None
     try:
-        if config.pid_file and foreground:  # written at "ready", inside the sandbox
-            pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                             | os.O_CLOEXEC, 0o644)
+        if config.pid_file:  # written at "ready", inside the sandbox or by the parent
+            process.open_pid_file(config.pid_file)
         pcap = PcapWriter(config.pcap_file) if config.pcap_file else None
     except OSError as e:
         log.error("cannot open %s: %s", e.filename, e.strerror)
@@ -764,7 +711,8 @@ def run(config: Config) -> int:
         ids = mapped
     if spawn_mode:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for the command
-    background = None if foreground else _Background(config.pid_file)
+    if not foreground:
+        process.to_background()
 
     def abandon() -> None:
         if spawned is not None:
@@ -874,27 +822,13 @@ def run(config: Config) -> int:
     except SandboxError as e:
         log.error("%s", e)
         os._exit(1)  # nothing of the host is reachable any more to clean up with
-    if background is not None:
-        background.ready(box.devnull)
-    elif pid_fd is not None:
-        os.write(pid_fd, f"{os.getpid()}\n".encode())
-        os.close(pid_fd)
-    elif config.pid_file:
-        try:
-            _write_pid_path(config.pid_file, os.getpid())
-        except OSError as e:
-            log.warning("cannot write %s: %s", config.pid_file, e.strerror)
+    process.ready(box.devnull)
     if spawned is not None:
         os.write(spawned.go_fd, b"g")  # the namespace is ready: run the command
         os.close(spawned.go_fd)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGQUIT, _on_signal)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        loop.run()
-    except _Terminate as e:
-        log.info("exiting on signal %d", e.args[0])
+        process.run(loop)
     finally:
         if spawned is not None and spawned.pid:
             # we are going: take the command's PID namespace down with us
