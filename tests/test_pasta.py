@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sandbox import Sandbox, _pid_alive, wait_until
 
-from vhostpasst.pasta import session as pasta
+from vhostpasst.pasta import config_net
 from vhostpasst.system.rtnl import Message
 
 # podman's exact argument list (reference callers.md 3.4), before --pid FILE --netns PATH
@@ -118,7 +118,7 @@ def test_the_tap_link_local_address_is_taken_while_still_tentative() -> None:
                              "scope": 253, "index": index},
                             {"IFA_ADDRESS": "fe80::1:2ff:fe03:405", "IFA_FLAGS": 0xC0})]
 
-    assert pasta._link_local(Tap(), 7, wait=0) == IPv6Address("fe80::1:2ff:fe03:405")
+    assert config_net._link_local(Tap(), 7, wait=0) == IPv6Address("fe80::1:2ff:fe03:405")
 
 
 # -- spawn mode ---------------------------------------------------------------------------------

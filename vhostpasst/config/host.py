@@ -9,15 +9,17 @@ from ipaddress import IPv6Address, ip_address, ip_network
 from typing import Any
 
 from vhostpasst.config.fwd import IPAddr
-
-RT_TABLE_MAIN = 254
-RTN_UNICAST = 1
-IFF_LOOPBACK = 0x8
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_LINK = 253
-IFA_F_DADFAILED = 0x08
-IFA_F_DEPRECATED = 0x20
-IFA_F_TENTATIVE = 0x40
+from vhostpasst.system.rtnl import (
+    IFA_F_DADFAILED,
+    IFA_F_DEPRECATED,
+    IFA_F_TENTATIVE,
+    IFF_LOOPBACK,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+    RTN_UNICAST,
+    IPRoute,
+)
 
 MAX_SEARCH = 5  # domains taken from the first search line
 RESOLV_CONF = "/etc/resolv.conf"
@@ -72,8 +74,6 @@ class HostNetlink:
     """The few netlink queries host detection needs, on one IPRoute socket."""
 
     def __init__(self) -> None:
-        from vhostpasst.system.rtnl import IPRoute  # imported here: `--help` opens no socket
-
         self.ipr = IPRoute()
         self.links = {ln["index"]: ln for ln in self.ipr.get_links()}
 
