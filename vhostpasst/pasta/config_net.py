@@ -17,6 +17,7 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from vhostpasst.config.conf import Config
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.pasta.namespace import PastaError
 from vhostpasst.system.rtnl import (
     IFA_F_DEPRECATED,
@@ -227,6 +228,15 @@ def configure_net(ipr: Any, ifindex: int, config: Config,
                                "gateway": str(ip6.gateway), "table": RT_TABLE_MAIN}], ifindex)
         ipr.link("set", index=ifindex, flags=0, change=IFF_NOARP)
     return ll
+
+
+def known_guest(guest: GuestAddrs, nslink: NsLink) -> None:
+    """What the namespace's interface is known to use from the start: its MAC (frames to it
+    need not be broadcast) and its link-local address (a host flow we show as coming from
+    our link-local address has a destination before the namespace sent anything)."""
+    guest.mac = nslink.mac
+    if nslink.addr6_ll is not None:
+        guest.addr6_ll_seen = nslink.addr6_ll
 
 
 TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)

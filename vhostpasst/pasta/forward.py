@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from vhostpasst.config.conf import Config
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
 
 
-def ns_target(config: Config, dispatcher: Any) -> Callable[[int], str]:
+def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int], str]:
     """Where host-loopback traffic goes in the namespace (reference 4.5): the address the
     namespace was seen using (or was given), its loopback with --host-lo-to-ns-lo."""
 
@@ -21,7 +22,7 @@ def ns_target(config: Config, dispatcher: Any) -> Callable[[int], str]:
         six = family == socket.AF_INET6
         if not config.host_lo_to_ns_lo:
             fam = config.ip6 if six else config.ip4
-            seen = dispatcher.addr6_seen if six else dispatcher.addr4_seen
+            seen = guest.addr6_seen if six else guest.addr4_seen
             addr = seen or (fam.addr if fam is not None else None)
             if addr is not None:
                 return str(addr)

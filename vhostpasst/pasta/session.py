@@ -34,7 +34,7 @@ from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
-from vhostpasst.pasta.config_net import host_snapshot, setup_ns_link
+from vhostpasst.pasta.config_net import host_snapshot, known_guest, setup_ns_link
 from vhostpasst.pasta.forward import auto_ports, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
 from vhostpasst.pasta.tcp_splice import TcpSplice
@@ -152,7 +152,7 @@ def run(config: Config) -> int:
         loop.stop()
 
     watch: NetnsWatch | None = None
-    loopback_target = ns_target(config, dispatcher)
+    loopback_target = ns_target(config, dispatcher.guest)
     splice = TcpSplice(loop, target.netns_fd, loopback_target)
     usplice = UdpSplice(loop, target.netns_fd, loopback_target)
     fams = [f for f, c in ((socket.AF_INET, config.ip4), (socket.AF_INET6, config.ip6)) if c]
@@ -199,12 +199,7 @@ def run(config: Config) -> int:
         log.debug("now running as uid %d, gid %d", ids.uid, ids.gid)
     link = TapLink(loop, nslink.fd, dispatcher.on_frames, pcap=pcap, on_exit=lambda: stop(1))
     dispatcher.link = link
-    # the namespace's MAC is known from the start: frames to it need not be broadcast
-    dispatcher.guest_mac = nslink.mac
-    if dispatcher.ctx is not None:
-        dispatcher.ctx.guest.mac = nslink.mac
-    if nslink.addr6_ll is not None:
-        dispatcher.addr6_ll_seen = nslink.addr6_ll
+    known_guest(dispatcher.guest, nslink)
 
     pidfd: int | None = None
     if spawned is not None:
