@@ -291,6 +291,7 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("pasta", ["--no-dhcp-dns"], "--no-dhcp-dns", "only valid in passt mode"),
     ("pasta", ["--print-capabilities"], "--print-capabilities", "only valid in passt mode"),
     ("pasta", ["--no-copy-routes"], "--no-copy-routes", "needs --config-net"),
+    ("pasta", ["--host-lo-to-ns-lo", "--no-splice"], "--host-lo-to-ns-lo", "--no-splice"),
     ("pasta", ["--netns", "x", "1234"], "--netns", "cannot be combined"),
     ("pasta", ["--userns", "/proc/1/ns/user"], "--userns", "needs --netns or a PID"),
     ("pasta", ["--userns", "/proc/1/ns/user", "--", "sh"], "--userns", "needs --netns or a PID"),

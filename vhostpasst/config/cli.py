@@ -593,6 +593,8 @@ class _Parser:
         if (o.no_copy_routes or o.no_copy_addrs) and not o.config_net:
             flag = "--no-copy-routes" if o.no_copy_routes else "--no-copy-addrs"
             raise ConfigError(flag, "needs --config-net")
+        if o.host_lo_to_ns_lo and o.no_splice:  # only the splice path goes between loopbacks
+            raise ConfigError("--host-lo-to-ns-lo", "incompatible with --no-splice")
         if o.netns and (o.target_pid is not None or o.command):
             raise ConfigError("--netns", "cannot be combined with a PID or a command")
         if o.userns and not o.netns and o.target_pid is None:
@@ -716,7 +718,9 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
       --netns PATH|NAME     Target network namespace
       --userns PATH         Target user namespace
       --netns-only, --no-netns-quit, --no-splice, --dhcp-dns, --dhcp-search
-      --no-copy-routes, --no-copy-addrs, --host-lo-to-ns-lo   Deprecated
+      --host-lo-to-ns-lo    -t/-u connections to a host loopback address go to the same
+                            loopback address in the namespace (default: its own address)
+      --no-copy-routes, --no-copy-addrs   Deprecated
 
 SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
 (pasta's default is auto: ports bound in the namespace, or on the host for -T/-U, follow)

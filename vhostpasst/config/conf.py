@@ -128,7 +128,7 @@ class Config:
     command: tuple[str, ...] = ()
     no_copy_routes: bool = False  # pasta, deprecated
     no_copy_addrs: bool = False  # pasta, deprecated
-    host_lo_to_ns_lo: bool = False  # pasta, deprecated
+    host_lo_to_ns_lo: bool = False  # pasta: host loopback to the same namespace loopback
 
 
 LOCAL_ADDR4 = IPv4Address("169.254.2.1")

@@ -92,7 +92,7 @@ class Options:
     map_guest_addr6: IPv6Address | None = None
     map_guest_addr_none: bool = False
     no_map_gw: bool = False
-    host_lo_to_ns_lo: bool = False  # pasta, deprecated
+    host_lo_to_ns_lo: bool = False  # pasta: host loopback to the same namespace loopback
     # port forwarding: None = not given (mode default applies)
     tcp_in: PortForwards | None = None
     udp_in: PortForwards | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable
+from ipaddress import ip_address
 from typing import Any
 
 from vhostpasst.config.conf import Config
@@ -14,21 +15,32 @@ from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
 
 
-def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int], str]:
-    """Where host-loopback traffic goes in the namespace (reference 4.5): the address the
-    namespace was seen using (or was given), its loopback with --host-lo-to-ns-lo."""
+def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int, str], str]:
+    """Where a spliced connection from the host's loopback goes in the namespace, given its
+    family and the host address it was made to (reference 4.5): the address the namespace
+    was seen using (or was given), else its loopback. With --host-lo-to-ns-lo, one made to a
+    host loopback address goes to the same loopback address in the namespace (passt's
+    meaning since 2026: any of 127.0.0.0/8, not only 127.0.0.1)."""
 
-    def target(family: int) -> str:
+    def target(family: int, host_dst: str) -> str:
         six = family == socket.AF_INET6
-        if not config.host_lo_to_ns_lo:
-            fam = config.ip6 if six else config.ip4
-            seen = guest.addr6_seen if six else guest.addr4_seen
-            addr = seen or (fam.addr if fam is not None else None)
-            if addr is not None:
-                return str(addr)
+        if config.host_lo_to_ns_lo and _is_loopback(host_dst):
+            return host_dst
+        fam = config.ip6 if six else config.ip4
+        seen = guest.addr6_seen if six else guest.addr4_seen
+        addr = seen or (fam.addr if fam is not None else None)
+        if addr is not None:
+            return str(addr)
         return "::1" if six else "127.0.0.1"
 
     return target
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        return ip_address(text).is_loopback
+    except ValueError:
+        return False
 
 
 def auto_ports(loop: Any, config: Config, netns_fd: int, dispatcher: Any, splice: TcpSplice,
