@@ -9,8 +9,8 @@ import sys
 from vhostpasst.config.cli import (
     PASST,
     PASTA,
-    _display_name,
     check_supported,
+    display_name,
     mode_from_name,
     parse_args,
     usage,
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
     if prog is None:
         prog = sys.argv[0] if sys.argv and sys.argv[0] else "vhostpasst"
     mode = mode_from_name(prog, default)
-    name = _display_name(prog, mode)
+    name = display_name(prog, mode)
     try:
         options = parse_args(argv, mode)
         if options.action == "help":

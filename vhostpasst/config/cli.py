@@ -644,7 +644,7 @@ def mode_from_name(prog: str, default: str = PASST) -> str:
     return default
 
 
-def _display_name(prog: str, mode: str) -> str:
+def display_name(prog: str, mode: str) -> str:
     base = os.path.basename(prog)
     if not base or base.startswith("__main__") or base.endswith(".py"):
         return "vhostpasta" if mode == PASTA else "vhostpasst"
