@@ -1,4 +1,4 @@
-"""The daemon: wire the configuration, the loop, the guest link and the dispatcher, then run.
+"""passt mode: wire the configuration, the loop, the guest link and the dispatcher, then run.
 
 Start-up order follows passt: logging, capture file, listening socket, the start-up summary,
 then (unless --foreground) fork so that the parent exits 0 only once the socket is listening
@@ -59,10 +59,7 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
 
 
 def run(config: Config) -> int:
-    if config.mode == "pasta":
-        from vhostpasst.pasta import session as pasta
-
-        return pasta.run(config)
+    """passt mode (main.py runs pasta mode's pasta/session.py instead)."""
     process = Process()  # SIGTERM/SIGQUIT held back from here on
     setup_logging("passt", config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)

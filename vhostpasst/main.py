@@ -1,6 +1,7 @@
 """The entry points: `vhostpasst` / `passt` and `vhostpasta` / `pasta` (pyproject's scripts,
 `python -m vhostpasst`). Parse the command line (config.cli), build the configuration
-(config.conf), and run the daemon; the heavy imports happen only when we really run."""
+(config.conf), and run passt mode (daemon.py) or pasta mode (pasta/session.py); the heavy
+imports happen only when we really run."""
 
 from __future__ import annotations
 
@@ -54,7 +55,12 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
     except ConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 1
-    from vhostpasst import daemon  # heavy imports only when we really run
+    # heavy imports only when we really run
+    if config.mode == PASTA:
+        from vhostpasst.pasta import session
+
+        return session.run(config)
+    from vhostpasst import daemon
 
     return daemon.run(config)
 
