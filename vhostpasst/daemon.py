@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 
 from vhostpasst import __version__
-from vhostpasst.config.conf import Config, summary
+from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
 from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import Loop
@@ -49,7 +49,7 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
     """--vhost-user: with --fd (qemu's -netdev passt,vhost-user=on) or a listening socket."""
     from vhostpasst.link import vhost  # the virtio library only when asked for
 
-    frame_max = ETH_HLEN + (config.mtu or 65520)  # what an in-place guest RX buffer must hold
+    frame_max = ETH_HLEN + (config.mtu or DEFAULT_MTU)  # what an in-place guest RX buffer must hold
     if config.fd is not None:
         return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
                                         on_exit=on_exit, frame_max=frame_max)
