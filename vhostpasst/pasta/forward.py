@@ -9,7 +9,10 @@ from ipaddress import ip_address
 from typing import Any
 
 from vhostpasst.config.conf import Config
+from vhostpasst.config.fwd import PortForwards
+from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.dispatch import Dispatcher
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -43,10 +46,10 @@ def _is_loopback(text: str) -> bool:
         return False
 
 
-def auto_ports(loop: Any, config: Config, netns_fd: int, dispatcher: Any, splice: TcpSplice,
-                usplice: UdpSplice, fams: Iterable[int]) -> AutoPorts | None:
+def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher,
+               splice: TcpSplice, usplice: UdpSplice, fams: Iterable[int]) -> AutoPorts | None:
     """The port scanner for the directions given as `auto` (pasta's default), or None."""
-    def is_auto(spec: Any) -> bool:
+    def is_auto(spec: PortForwards | None) -> bool:
         return spec is not None and spec.mode == "auto"
 
     tcp, udp = dispatcher.tcp, dispatcher.udp

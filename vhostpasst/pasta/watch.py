@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
-from vhostpasst.core.loop import EPOLLIN
+from vhostpasst.core.loop import EPOLLIN, Loop, Timer
 from vhostpasst.system import netns
 
 log = logging.getLogger("vhostpasst")
@@ -19,7 +18,7 @@ class NetnsWatch:
     """Calls `on_gone` once the namespace file disappears: inotify IN_DELETE on its directory,
     or (for /proc, /sys and devpts, where inotify says nothing) a check every second."""
 
-    def __init__(self, loop: Any, path: str, on_gone: Callable[[], None]) -> None:
+    def __init__(self, loop: Loop, path: str, on_gone: Callable[[], None]) -> None:
         self.loop = loop
         self.path = path
         self.on_gone = on_gone
@@ -27,7 +26,7 @@ class NetnsWatch:
         # held open: the sandbox empties our root, so the check goes relative to it
         self.dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.fd: int | None = None
-        self.timer: Any = None
+        self.timer: Timer | None = None
         fstype = _fs_type(self.dir)
         if fstype in ("proc", "sysfs", "devpts") or self.dir.startswith("/proc/"):
             self.timer = loop.call_later(QUIT_POLL_INTERVAL, self._poll)
