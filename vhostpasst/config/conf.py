@@ -1,8 +1,10 @@
 """The run-time configuration: one frozen `Config`, built from the command line and the host.
 
-`cli.parse_args()` turns argv into options; `build_config()` (below) adds what the host says
-(template interface, addresses, routes, MTU, resolv.conf) the way passt does. Services and
-protocols read only `Config`. Every field has a default so tests can build one directly.
+`cli.parse_args()` turns argv into `Options` (options.py); `build_config()` (below) adds what
+the host says (host.py: template interface, addresses, routes, resolv.conf) the way passt
+does. Services and protocols read only `Config`. Every field has a default so tests can build
+one directly. The modules of config/ import one way: errors <- fwd <- options <- cli, and
+host, options, fwd <- conf.
 """
 
 from __future__ import annotations
