@@ -18,6 +18,7 @@ from vhostpasst.core.flow import Context, FlowTable
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EventLoop
 from vhostpasst.core.loop import TimerHandle as Timer
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.link.base import Link
 from vhostpasst.proto.icmp import IcmpHandler
 from vhostpasst.proto.tcp import TcpHandler
@@ -63,12 +64,16 @@ class Dispatcher:
         self._loop = loop
         self._ra_timer: Timer | None = None
         self._ra_when: float | None = None
+        # what the guest has been seen using: kept here once, shared with the protocols
+        # through the flow Context, and read by NAT
+        self.guest = GuestAddrs()
         self.ctx: Context | None = None
         self.icmp: IcmpHandler | None = None
         self.udp: UdpHandler | None = None
         self.tcp: TcpHandler | None = None
         if loop is not None:
-            self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop))
+            self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop),
+                               self.guest)
             if not config.no_icmp:
                 self.icmp = IcmpHandler(self.ctx)
             if not config.no_udp:
@@ -76,12 +81,9 @@ class Dispatcher:
             if not config.no_tcp:
                 self.tcp = TcpHandler(self.ctx)
         self._link: Link | None = None
-        self.guest_mac: bytes | None = None  # learned from the source of every guest frame
-        self.addr4_seen: IPv4Address | None = None
-        self.addr6_seen: IPv6Address | None = None
-        self.addr6_ll_seen: IPv6Address | None = None
-        self._seen4 = -1  # addr4_seen as an int (fast path: no IPv4Address per frame)
-        self._learned6 = -1  # the last source _learn6() took, as an int
+        # the last sources learned from, as ints (fast path: no address object per frame)
+        self._seen4 = -1
+        self._learned6 = -1
         self._drops = RateLimitedLog(log)
         self.dropped = 0
 
@@ -222,16 +224,15 @@ class Dispatcher:
             return False
         # every field read above lies within the checked lengths (l4 + hlen <= end <= n)
         # learned as _handle does, but objects made only when something changed
-        if not smac[0] & 1 and (smac != self.guest_mac or ctx.guest.mac != smac):
-            self.guest_mac = smac
-            ctx.guest.mac = smac
+        guest = self.guest
+        if not smac[0] & 1 and smac != guest.mac:
+            guest.mac = smac
         if six:
-            if src != self._learned6 or ctx.guest.addr6_seen is not self.addr6_seen \
-                    or ctx.guest.addr6_ll_seen is not self.addr6_ll_seen:
+            if src != self._learned6:
                 self._learn6(IPv6Address(src))
-        elif src and (src != self._seen4 or ctx.guest.addr4_seen is not self.addr4_seen):
+        elif src and src != self._seen4:
             self._seen4 = src
-            self.addr4_seen = ctx.guest.addr4_seen = IPv4Address(src)
+            guest.addr4_seen = IPv4Address(src)
         seg = tuple.__new__(wtcp.Tcp, (sport, dport, seq, ack, hlen, flags, window, check, urg,
                                        frame[l4 + wtcp.TCP_HLEN:l4 + hlen],
                                        frame[l4 + hlen:end], None, None))
@@ -241,9 +242,7 @@ class Dispatcher:
     def _handle(self, frame: memoryview) -> None:
         header = eth.parse_eth(frame)
         if not header.src[0] & 1:  # multicast sources are bogus; don't learn them
-            self.guest_mac = bytes(header.src)
-            if self.ctx is not None:
-                self.ctx.guest.mac = self.guest_mac
+            self.guest.mac = bytes(header.src)
         if header.ethertype == eth.ETH_P_ARP:
             if self.config.ip4 is not None:
                 self._reply(arp.reply(frame, self.config.our_mac, self.guest_addr4))
@@ -266,9 +265,7 @@ class Dispatcher:
             return
         if src != 0:
             self._seen4 = src
-            self.addr4_seen = header.src
-            if self.ctx is not None:
-                self.ctx.guest.addr4_seen = header.src
+            self.guest.addr4_seen = header.src
         if header.proto == ip.IPPROTO_UDP and not header.is_fragment:
             datagram = udp.parse_udp(header.payload)
             if datagram.dport == DHCP_SERVER_PORT:
@@ -338,14 +335,12 @@ class Dispatcher:
         self._learned6 = int(src)
         if src.is_unspecified or src.is_multicast:
             return
+        guest = self.guest
         if src.is_link_local:
-            self.addr6_ll_seen = src
+            guest.addr6_ll_seen = src
             # the address the guest is given counts as seen (passt's addr_seen = addr)
             ip6 = self.config.ip6
-            if self.addr6_seen is None and (ip6 is None or ip6.addr is None):
-                self.addr6_seen = src
+            if guest.addr6_seen is None and (ip6 is None or ip6.addr is None):
+                guest.addr6_seen = src
         else:
-            self.addr6_seen = src
-        if self.ctx is not None:
-            self.ctx.guest.addr6_seen = self.addr6_seen
-            self.ctx.guest.addr6_ll_seen = self.addr6_ll_seen
+            guest.addr6_seen = src

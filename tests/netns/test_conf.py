@@ -21,22 +21,16 @@ from typing import Any
 import pytest
 
 from vhostpasst.config.cli import parse_args
-from vhostpasst.config.conf import (
-    Config,
-    Ip4Conf,
-    Ip6Conf,
-    ResolvConf,
-    _dns_family,
-    read_resolv_conf,
-    summary,
-)
+from vhostpasst.config.conf import Config, Ip4Conf, Ip6Conf, _dns_family, summary
+from vhostpasst.config.host import ResolvConf, read_resolv_conf
 
 _ids = itertools.count(1)
 
 CHILD = r"""
 import dataclasses, json, sys
 from vhostpasst.config.cli import parse_args
-from vhostpasst.config.conf import ConfigError, build_config, summary
+from vhostpasst.config.conf import build_config, summary
+from vhostpasst.config.errors import ConfigError
 
 argv, mode, resolv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 

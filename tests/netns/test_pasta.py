@@ -30,7 +30,7 @@ from tests.netns.pasta_sandbox import (
     wait_gone,
 )
 from tests.netns.sandbox import Sandbox, wait_until
-from vhostpasst.pasta import session as pasta
+from vhostpasst.pasta import config_net
 from vhostpasst.system.rtnl import Message
 
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -69,7 +69,31 @@ def test_the_tap_link_local_address_is_taken_while_still_tentative() -> None:
                              "scope": 253, "index": index},
                             {"IFA_ADDRESS": "fe80::1:2ff:fe03:405", "IFA_FLAGS": 0xC0})]
 
-    assert pasta._link_local(Tap(), 7, wait=0) == IPv6Address("fe80::1:2ff:fe03:405")
+    assert config_net._link_local(Tap(), 7, wait=0) == IPv6Address("fe80::1:2ff:fe03:405")
+
+
+def test_the_namespace_link_local_address_is_known_to_nat_from_the_start() -> None:
+    """pasta presets the namespace's MAC and link-local address: a host flow shown as coming
+    from our link-local address has a destination before the namespace sent anything. (The
+    preset once went to a copy of the guest state that NAT does not read.)"""
+    from vhostpasst.config.conf import Config, Ip6Conf
+    from vhostpasst.core import nat
+    from vhostpasst.core.loop import Loop
+    from vhostpasst.dispatch import Dispatcher
+
+    ip6 = Ip6Conf(addr=IPv6Address("2001:db8::2"), gateway=IPv6Address("2001:db8::1"))
+    config = Config(mode="pasta", ip4=None, ip6=ip6, no_tcp=True, no_udp=True, no_icmp=True)
+    loop = Loop()
+    try:
+        d = Dispatcher(config, loop)
+        assert d.ctx is not None
+        mac, ll = bytes.fromhex("020304050607"), IPv6Address("fe80::1:2ff:fe03:405")
+        config_net.known_guest(d.guest, config_net.NsLink(-1, "tap0", 2, mac, ll))
+        assert d.ctx.guest_mac() == mac
+        # the host's own address is not one the guest may see: shown as our link-local
+        assert nat.from_host(config, d.ctx.guest, ip6.addr) == (ip6.our_tap_ll, ll)
+    finally:
+        loop.close()
 
 
 # -- spawn mode ---------------------------------------------------------------------------------

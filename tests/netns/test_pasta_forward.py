@@ -116,6 +116,27 @@ def test_tcp_host_ipv6_loopback_to_ns_after_link_local_frames(box_: Sandbox) -> 
         ns.wait(5)
 
 
+@pytest.mark.parametrize("flag", [False, True], ids=["default", "host-lo-to-ns-lo"])
+def test_tcp_host_loopback_address_to_ns(box_: Sandbox, flag: bool) -> None:
+    """--host-lo-to-ns-lo: a connection to a host loopback address (here 127.0.0.2) goes to
+    the same loopback address in the namespace; without it, to the namespace's address."""
+    box = box_
+    server = "127.0.0.2" if flag else "0.0.0.0"
+    ns = box.popen_in(box.host_ns, *pasta_command(), *AS_ROOT, "--config-net", "-t", "5104",
+                      "-T", "none", *(["--host-lo-to-ns-lo"] if flag else []), "--",
+                      sys.executable, "-c", TCP_ECHO_ONCE, server, "5104",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert ns.stdout is not None and ns.stdout.readline() == b"ready\n"
+        out = _host_tcp_get(box, "127.0.0.2", 5104)
+        # from the namespace's loopback, or from its own address (copied from the host)
+        assert out == ("hello from 127.0.0.1" if flag else "hello from 192.0.2.2"), out
+        assert ns.wait(10) == 0
+    finally:
+        ns.kill()
+        ns.wait(5)
+
+
 def test_tcp_host_to_ns_no_splice_goes_through_tap(box_: Sandbox) -> None:
     box = box_
     pcap = box.dir / "tap.pcap"

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from vhostpasst.config import cli
-from vhostpasst.config.cli import Options, check_supported, mode_from_name, parse_args
-from vhostpasst.config.conf import Config, ConfigError
+from vhostpasst.config.cli import check_supported, mode_from_name, parse_args
+from vhostpasst.config.conf import Config
+from vhostpasst.config.errors import ConfigError
+from vhostpasst.config.options import Options
 from vhostpasst.main import main
 from vhostpasst.version import VERSION, version_line
 
@@ -289,6 +291,7 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("pasta", ["--no-dhcp-dns"], "--no-dhcp-dns", "only valid in passt mode"),
     ("pasta", ["--print-capabilities"], "--print-capabilities", "only valid in passt mode"),
     ("pasta", ["--no-copy-routes"], "--no-copy-routes", "needs --config-net"),
+    ("pasta", ["--host-lo-to-ns-lo", "--no-splice"], "--host-lo-to-ns-lo", "--no-splice"),
     ("pasta", ["--netns", "x", "1234"], "--netns", "cannot be combined"),
     ("pasta", ["--userns", "/proc/1/ns/user"], "--userns", "needs --netns or a PID"),
     ("pasta", ["--userns", "/proc/1/ns/user", "--", "sh"], "--userns", "needs --netns or a PID"),
@@ -540,20 +543,37 @@ def test_sigterm_inside_a_guarded_callback_still_stops_the_daemon() -> None:
     callback queue_kicked failed' for it and keep running)."""
     import signal
 
-    from vhostpasst import daemon
-    from vhostpasst.pasta import session as pasta
+    from vhostpasst.core import process
 
-    for terminate in (daemon._Terminate, pasta._Terminate):
-        assert not issubclass(terminate, Exception)
+    assert not issubclass(process.Terminate, Exception)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGPIPE)}
     try:
-        signals = daemon._Signals()
+        signals = process.TerminateSignals()
         signals.arm()
-        with pytest.raises(daemon._Terminate):
+        with pytest.raises(process.Terminate):
             try:
                 signal.raise_signal(signal.SIGTERM)
             except Exception:  # what backend._callback and the dispatcher do
                 pass
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_a_terminate_signal_during_set_up_waits_for_the_loop() -> None:
+    """Both modes: a SIGTERM before the loop runs is recorded, not raised mid-set-up, and
+    ends the run as soon as the loop would start."""
+    import signal
+
+    from vhostpasst.core import process
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGQUIT, signal.SIGPIPE)}
+    try:
+        signals = process.TerminateSignals()
+        signal.raise_signal(signal.SIGQUIT)
+        assert signals.pending == signal.SIGQUIT
+        with pytest.raises(process.Terminate):
+            signals.arm()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

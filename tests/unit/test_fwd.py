@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from vhostpasst.config import fwd
-from vhostpasst.config.conf import ConfigError
+from vhostpasst.config.errors import ConfigError
+from vhostpasst.proto import bind
 
 
 def ports(spec: str, **kw: object) -> list[tuple[int, int]]:
@@ -176,7 +177,7 @@ class _FakeSock:
         self.closed = True
 
 
-def _binder(fail: set[int]) -> tuple[list[_FakeSock], fwd.BindOne]:
+def _binder(fail: set[int]) -> tuple[list[_FakeSock], bind.BindOne]:
     made: list[_FakeSock] = []
 
     def bind_one(six: bool, addr: object, ifname: object, port: int) -> _FakeSock:
@@ -191,26 +192,26 @@ def _binder(fail: set[int]) -> tuple[list[_FakeSock], fwd.BindOne]:
 def test_bind_all_binds_each_mapping_per_enabled_family() -> None:
     made, bind_one = _binder(set())
     spec = fwd.parse_spec("22,80:8080", option="-t")
-    bound = fwd.bind_all(spec, True, True, "TCP", bind_one)
+    bound = bind.bind_all(spec, True, True, "TCP", bind_one)
     assert [(m.host_port, m.guest_port, six) for m, six, _ in bound] == [
         (22, 22, False), (22, 22, True), (80, 8080, False), (80, 8080, True)]
-    only4 = fwd.bind_all(fwd.parse_spec("198.51.100.1/5000", option="-u"), True, True, "UDP",
-                         _binder(set())[1])
+    only4 = bind.bind_all(fwd.parse_spec("198.51.100.1/5000", option="-u"), True, True, "UDP",
+                          _binder(set())[1])
     assert [six for _, six, _ in only4] == [False]  # an address picks its family
 
 
 def test_bind_all_explicit_failure_names_the_port_and_closes_the_rest() -> None:
     made, bind_one = _binder({80})
     with pytest.raises(OSError, match="TCP port 80 on 0.0.0.0"):
-        fwd.bind_all(fwd.parse_spec("22,80", option="-t"), True, False, "TCP", bind_one)
+        bind.bind_all(fwd.parse_spec("22,80", option="-t"), True, False, "TCP", bind_one)
     assert made and all(s.closed for s in made)
 
 
 def test_bind_all_tolerant_specs_skip_failures_but_not_all_of_them() -> None:
     spec = fwd.parse_spec("~3-65535", option="-u")  # exclusions only: ports 1 and 2
     _, bind_one = _binder({1})
-    bound = fwd.bind_all(spec, True, False, "UDP", bind_one)
+    bound = bind.bind_all(spec, True, False, "UDP", bind_one)
     assert [m.host_port for m, _, _ in bound] == [2]
     _, bind_one = _binder({1, 2})
     with pytest.raises(OSError, match="no UDP port could be forwarded"):
-        fwd.bind_all(spec, True, False, "UDP", bind_one)
+        bind.bind_all(spec, True, False, "UDP", bind_one)

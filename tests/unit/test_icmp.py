@@ -147,7 +147,7 @@ def test_router_solicitation_gets_an_advertisement_and_unsolicited_ras_follow() 
     h.d.on_frames([memoryview(bytes(rs))])
     ras = [scapy.Ether(f) for f in h.link.frames if scapy.Ether(f).haslayer("ICMPv6ND_RA")]
     assert ras and ras[0]["IPv6"].src.startswith("fe80::")
-    assert h.d.addr6_ll_seen == A6("fe80::5")
+    assert h.d.guest.addr6_ll_seen == A6("fe80::5")
     # the burst of unsolicited RAs is driven by one loop timer at a time
     [timer] = loop.due()
     before = len(h.link.frames)

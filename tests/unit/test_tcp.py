@@ -563,7 +563,8 @@ def _fast_path_record(frame: bytes, fast: bool) -> tuple:
     if not fast:
         d._tcp_fast = lambda frame: False  # type: ignore[method-assign]
     d.on_frames([memoryview(frame)])
-    return (got, d.guest_mac, d.addr4_seen, d.addr6_seen, d.addr6_ll_seen, d.dropped)
+    g = d.guest
+    return (got, g.mac, g.addr4_seen, g.addr6_seen, g.addr6_ll_seen, d.dropped)
 
 
 def _tcp_frames() -> st.SearchStrategy[bytes]:

@@ -565,17 +565,17 @@ def test_link_local_source_does_not_replace_the_assigned_address() -> None:
 
     h = Harness()
     h.guest6(40001, "ff02::16", 5001, b"mld-like", src="fe80::99")
-    assert h.d.addr6_ll_seen == A6("fe80::99") and h.d.addr6_seen is None
+    assert h.d.guest.addr6_ll_seen == A6("fe80::99") and h.d.guest.addr6_seen is None
     assert h.d.ctx is not None
     assert nat.guest_destination(h.d.config, h.d.ctx.guest, True) == HOST6
     h.guest6(40001, GW6, 5001, b"from its address", src="2001:db8::77")
-    assert h.d.addr6_seen == A6("2001:db8::77")
+    assert h.d.guest.addr6_seen == A6("2001:db8::77")
     # given no address, the link-local one is all there is
     h2 = Harness()
     assert h2.d.config.ip6 is not None
     h2.d.config = replace(h2.d.config, ip6=replace(h2.d.config.ip6, addr=None))
     h2.guest6(40001, "ff02::16", 5001, b"x", src="fe80::99")
-    assert h2.d.addr6_seen == A6("fe80::99")
+    assert h2.d.guest.addr6_seen == A6("fe80::99")
 
 
 # --- broadcast and multicast for real, in two namespaces of the test's own ------------------

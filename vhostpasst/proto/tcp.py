@@ -54,6 +54,7 @@ from vhostpasst.core.loop import (
     TimerHandle,
 )
 from vhostpasst.link.base import TSO_MAX_L3, Tso
+from vhostpasst.proto import bind
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
@@ -562,7 +563,7 @@ class TcpHandler:
         """Bind every `-t` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
         config = self.ctx.config
-        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+        for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "TCP", self._listen_one):
             self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
 
@@ -594,7 +595,7 @@ class TcpHandler:
             if six:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.ctx.config.freebind:
-                fwd.set_freebind(sock, six)
+                bind.set_freebind(sock, six)
             if ifname:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             sock.bind((str(addr) if addr is not None else "", port))

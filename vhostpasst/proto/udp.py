@@ -49,6 +49,7 @@ from vhostpasst.core import nat
 from vhostpasst.core.flow import RX_BATCH, Context, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
+from vhostpasst.proto import bind
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 
@@ -460,7 +461,7 @@ class UdpHandler:
         """Bind every `-u` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
         config = self.ctx.config
-        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+        for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "UDP", self._listen_one):
             lst = Listener(sock, six, m.guest_port)
             self.listeners.append(lst)
@@ -496,7 +497,7 @@ class UdpHandler:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _set_recverr(sock, six)
             if self.ctx.config.freebind:
-                fwd.set_freebind(sock, six)
+                bind.set_freebind(sock, six)
             if ifname:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             sock.bind((str(addr) if addr is not None else "", port))
