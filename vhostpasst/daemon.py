@@ -22,8 +22,9 @@ from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.core.process import Process
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
-from vhostpasst.link.stream import ETH_HLEN, StreamListener
+from vhostpasst.link.stream import StreamListener
 from vhostpasst.system.sandbox import Sandbox, SandboxError
+from vhostpasst.wire.eth import ETH_HLEN
 
 log = logging.getLogger("vhostpasst")
 

@@ -23,7 +23,7 @@ from vhostpasst.link.base import Link
 from vhostpasst.proto.icmp import IcmpHandler
 from vhostpasst.proto.tcp import TcpHandler
 from vhostpasst.proto.udp import UdpHandler
-from vhostpasst.services import arp
+from vhostpasst.services import arp, dhcp, dhcpv6
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
 from vhostpasst.services.ndp import NdpService
@@ -33,18 +33,13 @@ from vhostpasst.wire.errors import Malformed
 
 log = logging.getLogger(__name__)
 
-DHCP_SERVER_PORT = 67
-DHCPV6_SERVER_PORT = 547
 # The common guest->host frame, parsed in one unpack (fast path): Ethernet, a 20-byte IPv4
 # header and the TCP header up to the window; or Ethernet, the fixed IPv6 header and the same.
 _ETH_IP4_TCP = struct.Struct("!6s6sHBxHxxHxBxxIIHHIIBBHHH")
 _ETH_IP6_TCP = struct.Struct("!6s6sHIHBx16s16sHHIIBBHHH")
 _IP4_FRAG = ip.IP4_MF | ip.IP4_OFFMASK
-_FAST_TCP4_MIN = eth.ETH_HLEN + ip.IPV4_HLEN + wtcp.TCP_HLEN
-_FAST_TCP6_MIN = eth.ETH_HLEN + ip.IPV6_HLEN + wtcp.TCP_HLEN
-
-NDP_TYPES = frozenset({icmp.ND_ROUTER_SOLICIT, icmp.ND_ROUTER_ADVERT, icmp.ND_NEIGHBOR_SOLICIT,
-                       icmp.ND_NEIGHBOR_ADVERT})
+_FAST_TCP4_MIN = wtcp.TCP4_PAYLOAD_OFFSET
+_FAST_TCP6_MIN = wtcp.TCP6_PAYLOAD_OFFSET
 
 
 class Dispatcher:
@@ -200,7 +195,7 @@ class Dispatcher:
             if ethertype != eth.ETH_P_IP or vihl != 0x45 or proto != ip.IPPROTO_TCP \
                     or frag & _IP4_FRAG or src >> 24 == 127 or dst >> 24 == 127:
                 return False
-            l4 = eth.ETH_HLEN + ip.IPV4_HLEN
+            l4 = ip.ETH_IP4_HLEN
             end = eth.ETH_HLEN + tot_len
             six = False
         else:
@@ -215,7 +210,7 @@ class Dispatcher:
             dst = int.from_bytes(dst6, "big")
             if src == 1 or dst == 1:  # ::1: the full path drops it
                 return False
-            l4 = eth.ETH_HLEN + ip.IPV6_HLEN
+            l4 = ip.ETH_IP6_HLEN
             end = l4 + plen
             six = True
         hlen = (off >> 4) * 4
@@ -268,7 +263,7 @@ class Dispatcher:
             self.guest.addr4_seen = header.src
         if header.proto == ip.IPPROTO_UDP and not header.is_fragment:
             datagram = udp.parse_udp(header.payload)
-            if datagram.dport == DHCP_SERVER_PORT:
+            if datagram.dport == dhcp.SERVER_PORT:
                 if self.dhcp is not None:
                     self._reply(self.dhcp.handle(frame))
                 return
@@ -302,7 +297,7 @@ class Dispatcher:
             self._drop("frag6", "IPv6 fragment dropped: fragments are not reassembled")
             return
         if header.proto == ip.IPPROTO_ICMPV6:
-            if len(header.l4) >= 1 and header.l4[0] in NDP_TYPES:
+            if len(header.l4) >= 1 and header.l4[0] in icmp.NDP_TYPES:
                 if self.ndp is not None:
                     for reply in self.ndp.handle(frame, time.monotonic()):
                         self._reply(reply)
@@ -313,7 +308,7 @@ class Dispatcher:
             return
         if header.proto == ip.IPPROTO_UDP:
             if header.dst.is_multicast and len(header.l4) >= 4 and \
-                    int.from_bytes(header.l4[2:4], "big") == DHCPV6_SERVER_PORT:
+                    int.from_bytes(header.l4[2:4], "big") == dhcpv6.SERVER_PORT:
                 if self.dhcpv6 is not None:
                     self._reply(self.dhcpv6.handle(frame))
                 return

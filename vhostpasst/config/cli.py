@@ -19,6 +19,7 @@ from vhostpasst.config import fwd
 from vhostpasst.config.errors import ConfigError, NotSupported
 from vhostpasst.config.fwd import IFNAMSIZ, PortForwards
 from vhostpasst.config.options import BOTH, MAXNS, PASST, PASTA, IPAddr, Options
+from vhostpasst.wire.ip import BROADCAST4
 
 MTU_MIN = 68
 MTU_MAX = 65535
@@ -27,7 +28,6 @@ LOG_SIZE_MIN = 5 * max(8192, os.sysconf("SC_PAGE_SIZE"))
 PATH_MAX = 4096
 UNIX_PATH_MAX = 108  # sizeof(sun_path), including the NUL
 MAXDNSRCH = 6  # search domains, as resolv(5)
-BROADCAST4 = IPv4Address("255.255.255.255")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal
 
 from vhostpasst.config.errors import ConfigError
+from vhostpasst.wire.ip import BROADCAST4
 
 PORT_MIN = 1
 PORT_MAX = 65535
@@ -138,7 +139,7 @@ def _parse_prefix(option: str, prefix: str) -> tuple[IPAddr | None, str | None]:
             raise ConfigError(option, f"bad address '{addr_text}'") from None
         if isinstance(addr, IPv6Address) and addr.scope_id:
             raise ConfigError(option, f"use ADDR%IFNAME, not a scoped address: '{addr_text}'")
-        if addr.is_multicast or addr == IPv4Address("255.255.255.255"):
+        if addr.is_multicast or addr == BROADCAST4:
             raise ConfigError(option, f"cannot listen on {addr}")
     if pct:
         if not ifname:
