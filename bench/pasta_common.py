@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 SLIRP_CIDR = "198.51.100.0/24"  # slirp4netns: gateway .2, namespace .100
-HOST_ADDR = "192.0.2.2"  # the host namespace's own address (tests/sandbox.py)
+HOST_ADDR = "192.0.2.2"  # the host namespace's own address (tests/netns/sandbox.py)
 PORT_IN = 5202  # -t: host -> namespace
 PORT_OUT = 5203  # -T: namespace -> host loopback
 PORT_GW = 5201  # namespace -> gateway (mapped to the host's loopback), through the tap

@@ -3,7 +3,7 @@
 
     python bench/pasta_tcp.py [--size MIB] [--mtu 65520 --mtu 1500] [--tool vhostpasta ...]
 
-Each run builds a fresh sandbox (tests/sandbox.py: world and host namespaces, documentation
+Each run builds a fresh sandbox (tests/netns/sandbox.py: world and host namespaces, documentation
 addresses only) and a network namespace made with `ip netns add`; the tool runs in the host
 namespace attached to it. Paths:
   tap ns->host    namespace client -> gateway:5201 (mapped to the host's loopback) -> sink
@@ -12,7 +12,7 @@ namespace attached to it. Paths:
                   -> source in the namespace
   splice ns->host namespace client -> 127.0.0.1:5203 (-T) -> sink on the host's loopback
   splice host->ns host client -> 127.0.0.1:5202 (-t, splice) -> source in the namespace
-Reported: MB/s of the transfer (byte count / sha256 checked by tests/tcp_tool.py).
+Reported: MB/s of the transfer (byte count / sha256 checked by tests/netns/tcp_tool.py).
 Set-up and readiness: bench/pasta_common.py (the tool is used as soon as its pid file is
 written). Every wait is bounded (a transfer: 300 s); everything started is killed with the
 sandbox.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pasta_common import ROOT, SetupError, endpoints, start, wait  # noqa: E402
 
-TOOL = str(ROOT / "tests" / "tcp_tool.py")
+TOOL = str(ROOT / "tests" / "netns" / "tcp_tool.py")
 MIB = 1 << 20
 PATHS = ("tap ns->host", "tap host->ns", "splice ns->host", "splice host->ns")
 

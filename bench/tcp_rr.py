@@ -15,8 +15,8 @@ guest->host: the client in the guest, the server on the host's loopback reached 
 gateway address (map-host-loopback). host->guest: the server in the guest behind `-t 5202`,
 the client on the host connecting to 127.0.0.1:5202.
 
-Layouts: vhostpasst and passt as in bench/tcp_throughput.py (a fresh tests/sandbox.py sandbox
-per cell; the guest is a network namespace behind tests/relay.py, a Python program playing
+Layouts: vhostpasst and passt as in bench/tcp_throughput.py (a fresh tests/netns/sandbox.py sandbox
+per cell; the guest is a network namespace behind tests/netns/relay.py, a Python program playing
 qemu on the stream socket, so every frame crosses one more process and two more sockets).
 slirp4netns has no stream-socket front end: it creates the tap in a namespace of its own
 (`--configure --mtu=MTU`), with no relay in the path, and host->guest goes through a hostfwd
@@ -37,12 +37,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 sys.path.insert(0, str(ROOT / "bench"))
 
 import profiler  # noqa: E402
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
 from tcp_throughput import GW4, start_guest  # noqa: E402
+
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
 SLIRP_CIDR = "198.51.100.0/24"  # slirp4netns: gateway .2 (the host's loopback), guest .100
 SLIRP_GW = "198.51.100.2"

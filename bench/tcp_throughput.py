@@ -3,9 +3,9 @@
 
     python bench/tcp_throughput.py [--size MIB] [--mtu 65520 --mtu 1500] [--passt PATH]
 
-For each daemon, MTU and direction, a fresh sandbox (tests/sandbox.py: world, host and guest
+For each daemon, MTU and direction, a fresh sandbox (tests/netns/sandbox.py: world, host and guest
 network namespaces, documentation addresses only) is built; the guest (a namespace behind
-tests/relay.py, playing qemu on the stream socket) moves SIZE MiB to or from a server on the
+tests/netns/relay.py, playing qemu on the stream socket) moves SIZE MiB to or from a server on the
 host's loopback, reached through the gateway address (map-host-loopback), so the numbers
 measure the daemon and not a veth. Reported: MB/s (wall clock of the transfer, sha256 checked)
 and the daemon's CPU seconds per GiB (utime+stime from /proc/PID/stat).
@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.netns
 
 import profiler  # noqa: E402
-from sandbox import Sandbox, SandboxConfig  # noqa: E402
 
-TOOL = str(ROOT / "tests" / "tcp_tool.py")
+from tests.netns.sandbox import Sandbox, SandboxConfig  # noqa: E402
+
+TOOL = str(ROOT / "tests" / "netns" / "tcp_tool.py")
 GW4 = "192.0.2.1"
 HOST4 = "192.0.2.2"
 MIB = 1 << 20

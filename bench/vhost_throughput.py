@@ -12,9 +12,9 @@ a newer build (`python bench/fetch_passt.py` fetches Debian 13's), that passt wi
 iperf3 server on the host's loopback through the gateway address, and a 1-byte TCP ping-pong
 from the host to `nc -e cat` in the guest through a -t forward (mean round trip).
 
-`bridge`: no qemu. The sandbox of tests/sandbox.py, the guest a namespace whose tap is attached
-by tests/vhost_relay.py (vhost-user rings) or tests/relay.py (stream socket); host iperf3 and
-the same ping-pong (a Python echo server in the guest namespace).
+`bridge`: no qemu. The sandbox of tests/netns/sandbox.py, the guest a namespace whose tap is
+attached by tests/netns/vhost_relay.py (vhost-user rings) or tests/netns/relay.py (stream
+socket); host iperf3 and the same ping-pong (a Python echo server in the guest namespace).
 
 TCG guests are slow and noisy: compare the back ends measured in the same run (the ratio
 columns), not absolute figures. CPU is the daemon's on-CPU time (schedstat, all threads) over each
@@ -220,9 +220,9 @@ def qemu_one(harness, image, row: Row, cmd: list[str], kind: str,  # type: ignor
 
 @contextlib.contextmanager
 def bridge_box(kind: str, mtu: int, passt: str | None) -> Iterator[tuple[object, int]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from sandbox import Sandbox, SandboxConfig, wait_until
-    from vhost_sandbox import start_vhost_daemon, start_vhost_relay
+    sys.path.insert(0, str(ROOT))  # tests.netns
+    from tests.netns.sandbox import Sandbox, SandboxConfig, wait_until
+    from tests.netns.vhost_sandbox import start_vhost_daemon, start_vhost_relay
 
     box = Sandbox(SandboxConfig(ipv6=False)).setup()
     try:
@@ -299,7 +299,7 @@ def _bridge_iperf(box, reverse: bool, args: argparse.Namespace) -> str:  # type:
 
 
 def _bridge_rr(box, args: argparse.Namespace) -> str:  # type: ignore[no-untyped-def]
-    from sandbox import wait_until
+    from tests.netns.sandbox import wait_until
     ready = box.dir / "rr-ready"
     box.popen_in(box.guest_ns, sys.executable, "-c", RR_SERVER, str(RR_PORT), str(ready),
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

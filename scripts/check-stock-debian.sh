@@ -78,8 +78,8 @@ unshare --mount --propagation private sh -c '
 	echo "== $(. /etc/os-release; echo "$PRETTY_NAME"), $(python3 --version 2>&1 || echo "no python3 yet")"
 	make setup
 	.venv/bin/vhostpasst --version
-	.venv/bin/python -m pytest -p no:cacheprovider -q tests/test_e2e_stream.py \
-		tests/test_e2e_tcp.py -k "udhcpc_lease_carries or guest_to_remote or remote_to_guest"
+	.venv/bin/python -m pytest -p no:cacheprovider -q tests/netns/test_e2e_stream.py \
+		tests/netns/test_e2e_tcp.py -k "udhcpc_lease_carries or guest_to_remote or remote_to_guest"
 	timeout 600 make demo
 '
 echo "check-stock-debian.sh: $suite passed ($(date -u +%F), HEAD $(git -C "$here" log -1 --format=%h))"

@@ -23,8 +23,8 @@ fi
 # the interpreter that makes the venv, libffi's) and what makes the venv itself.
 debs=(busybox-static isc-dhcp-client tshark iproute2 socat procps libseccomp-dev strace
       gcc libc6-dev libffi-dev ca-certificates make
-      clang libclang-rt-dev  # the C fuzz harnesses (fuzz/, tests/test_fuzz_c.py)
-      debootstrap)  # tests/podman_root.py: the Debian 13 root podman runs in
+      clang libclang-rt-dev  # the C fuzz harnesses (fuzz/, tests/unit/test_fuzz_c.py)
+      debootstrap)  # tests/netns/podman_root.py: the Debian 13 root podman runs in
 if [ "$(command -v "$PYTHON")" = /usr/bin/python3 ] || [ ! -x "$(command -v "$PYTHON" || true)" ]; then
     # Debian's interpreter: its venv module, ensurepip and headers are separate packages
     debs+=(python3 python3-venv python3-dev)

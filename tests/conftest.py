@@ -1,20 +1,17 @@
 """Shared fixtures. `sandbox`: host/guest network namespaces for end-to-end tests (see
-tests/sandbox.py); configure one per test with @pytest.mark.sandbox(mtu=..., resolv_conf=...)."""
+tests/netns/sandbox.py); configure one per test with
+@pytest.mark.sandbox(mtu=..., resolv_conf=...)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import sandbox` from test modules
-
-from sandbox import Sandbox, SandboxConfig, remove_stale_namespaces  # noqa: E402
+from tests.netns.sandbox import Sandbox, SandboxConfig, remove_stale_namespaces
 
 # CI runs the namespace and qemu suites beside the fuzzers on two cores: a per-example time
 # limit there measures the machine's load, not our code, so it is off (runs stay bounded by

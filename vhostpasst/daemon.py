@@ -1,64 +1,32 @@
-"""The daemon: wire the configuration, the loop, the guest link and the dispatcher, then run.
+"""passt mode: wire the configuration, the loop, the guest link and the dispatcher, then run.
 
 Start-up order follows passt: logging, capture file, listening socket, the start-up summary,
 then (unless --foreground) fork so that the parent exits 0 only once the socket is listening
-and the pid file holds the child's pid. SIGTERM and SIGQUIT end the loop and exit with 0.
+and the pid file holds the child's pid. SIGTERM and SIGQUIT end the loop and exit with 0
+(signals, pid file, fork and readiness: core/process.py, the skeleton pasta mode shares).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable
 
 from vhostpasst import __version__
-from vhostpasst.config.conf import Config, summary
+from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
 from vhostpasst.core import flow
-from vhostpasst.core.log import detached, setup_logging
+from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
 from vhostpasst.core.pcap import PcapWriter
+from vhostpasst.core.process import Process
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
-from vhostpasst.link.stream import ETH_HLEN, StreamListener
+from vhostpasst.link.stream import StreamListener
 from vhostpasst.system.sandbox import Sandbox, SandboxError
+from vhostpasst.wire.eth import ETH_HLEN
 
 log = logging.getLogger("vhostpasst")
-
-
-class _Terminate(BaseException):
-    """Raised from the SIGTERM/SIGQUIT handler to leave the loop at once. A BaseException
-    (as SystemExit): the loop's callbacks catch Exception so a bug can't stop the daemon,
-    and one of them swallowed a SIGTERM that came during it (the process kept running)."""
-
-
-class _Signals:
-    """SIGTERM/SIGQUIT handling that is in place from the first line of run().
-
-    Before the loop runs, a signal is only recorded (raising in the middle of set-up would
-    leave half-made state); once the loop runs it raises _Terminate to leave it at once.
-    Either way the daemon exits cleanly with status 0, as passt does.
-    """
-
-    def __init__(self) -> None:
-        self.pending: int | None = None
-        self.armed = False
-        for signum in (signal.SIGTERM, signal.SIGQUIT):
-            signal.signal(signum, self._handler)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-
-    def _handler(self, signum: int, _frame: object) -> None:
-        if self.armed:
-            raise _Terminate(signum)
-        self.pending = signum
-
-    def arm(self) -> None:
-        """From now on a signal raises; one that came during set-up raises now."""
-        self.armed = True
-        if self.pending is not None:
-            raise _Terminate(self.pending)
 
 
 def qemu_hint(path: str, vhost_user: bool = False) -> str:
@@ -77,37 +45,12 @@ def qemu_hint(path: str, vhost_user: bool = False) -> str:
     )
 
 
-def _write_pid(fd: int, pid: int) -> None:
-    """Into the pid file opened at start (before giving up root and emptying the root)."""
-    os.write(fd, f"{pid}\n".encode())
-    os.close(fd)
-
-
-def _daemonize(pid_fd: int | None, devnull: int) -> None:
-    """Fork: the parent writes the child's pid and exits 0; the child detaches (stdio on
-    `devnull`, opened before the sandbox emptied the root)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        if pid_fd is not None:
-            _write_pid(pid_fd, pid)
-        os._exit(0)
-    if pid_fd is not None:
-        os.close(pid_fd)
-    os.setsid()
-    detached()
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWriter | None,
                 on_exit: Callable[[], None]) -> Link:
     """--vhost-user: with --fd (qemu's -netdev passt,vhost-user=on) or a listening socket."""
     from vhostpasst.link import vhost  # the virtio library only when asked for
 
-    frame_max = ETH_HLEN + (config.mtu or 65520)  # what an in-place guest RX buffer must hold
+    frame_max = ETH_HLEN + (config.mtu or DEFAULT_MTU)  # what an in-place guest RX buffer must hold
     if config.fd is not None:
         return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
                                         on_exit=on_exit, frame_max=frame_max)
@@ -117,18 +60,15 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
 
 
 def run(config: Config) -> int:
-    if config.mode == "pasta":
-        from vhostpasst.pasta import session as pasta
-
-        return pasta.run(config)
-    signals = _Signals()
-    prog = "pasta" if config.mode == "pasta" else "passt"
-    setup_logging(prog, config.foreground, config.debug, config.trace, config.quiet,
+    """passt mode (main.py runs pasta mode's pasta/session.py instead)."""
+    process = Process()  # SIGTERM/SIGQUIT held back from here on
+    setup_logging("passt", config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
     if config.repair_path:
-        log.warning("--repair-path %s ignored: live migration is not supported (qemu refuses "
-                    "to migrate a guest on this back end)", config.repair_path)
+        log.warning("--repair-path %s ignored: a live migration moves the guest (dirty page "
+                    "log), but not the TCP connections open through this daemon",
+                    config.repair_path)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst.system import isolation
 
@@ -137,11 +77,9 @@ def run(config: Config) -> int:
     except isolation.RunasError as e:
         log.error("--runas: %s", e)
         return 1
-    pid_fd: int | None = None
     if config.pid_file:  # passt opens it before setuid (and the sandbox empties the root)
         try:
-            pid_fd = os.open(config.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                             | os.O_CLOEXEC, 0o644)
+            process.open_pid_file(config.pid_file)
         except OSError as e:
             log.error("cannot open %s: %s", config.pid_file, e.strerror)
             return 1
@@ -155,7 +93,6 @@ def run(config: Config) -> int:
             log.error("%s: cannot open %s: %s", ENV_LOOP_TRACE, trace_path, e.strerror)
             return 1
     dispatcher = Dispatcher(config, loop)
-    exit_status = 0
 
     def on_exit() -> None:
         loop.stop()
@@ -204,12 +141,11 @@ def run(config: Config) -> int:
         path = getattr(listener, "path", None)
         if config.fd is None and path is not None:
             log.info("%s", qemu_hint(path, config.vhost_user))
-    if config.foreground and pid_fd is not None:
-        _write_pid(pid_fd, os.getpid())
     try:  # as passt: namespaces and the empty root before the fork, the filter after it
         box.prefork(own_userns=True, pid_ns=not config.foreground)
         if not config.foreground:
-            _daemonize(pid_fd, box.devnull)
+            process.to_background()
+        process.ready(box.devnull)  # the socket listens: the parent may exit 0
         box.postfork()
     except SandboxError as e:
         log.error("%s", e)
@@ -218,10 +154,7 @@ def run(config: Config) -> int:
         return 1
 
     try:
-        signals.arm()
-        loop.run()
-    except _Terminate as e:
-        log.info("exiting on signal %d", e.args[0])
+        process.run(loop)
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
@@ -230,4 +163,4 @@ def run(config: Config) -> int:
         if pcap is not None:
             pcap.close()
         loop.close()
-    return exit_status
+    return 0

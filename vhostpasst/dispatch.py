@@ -18,11 +18,12 @@ from vhostpasst.core.flow import Context, FlowTable
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EventLoop
 from vhostpasst.core.loop import TimerHandle as Timer
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.link.base import Link
 from vhostpasst.proto.icmp import IcmpHandler
 from vhostpasst.proto.tcp import TcpHandler
 from vhostpasst.proto.udp import UdpHandler
-from vhostpasst.services import arp
+from vhostpasst.services import arp, dhcp, dhcpv6
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
 from vhostpasst.services.ndp import NdpService
@@ -32,18 +33,13 @@ from vhostpasst.wire.errors import Malformed
 
 log = logging.getLogger(__name__)
 
-DHCP_SERVER_PORT = 67
-DHCPV6_SERVER_PORT = 547
 # The common guest->host frame, parsed in one unpack (fast path): Ethernet, a 20-byte IPv4
 # header and the TCP header up to the window; or Ethernet, the fixed IPv6 header and the same.
 _ETH_IP4_TCP = struct.Struct("!6s6sHBxHxxHxBxxIIHHIIBBHHH")
 _ETH_IP6_TCP = struct.Struct("!6s6sHIHBx16s16sHHIIBBHHH")
 _IP4_FRAG = ip.IP4_MF | ip.IP4_OFFMASK
-_FAST_TCP4_MIN = eth.ETH_HLEN + ip.IPV4_HLEN + wtcp.TCP_HLEN
-_FAST_TCP6_MIN = eth.ETH_HLEN + ip.IPV6_HLEN + wtcp.TCP_HLEN
-
-NDP_TYPES = frozenset({icmp.ND_ROUTER_SOLICIT, icmp.ND_ROUTER_ADVERT, icmp.ND_NEIGHBOR_SOLICIT,
-                       icmp.ND_NEIGHBOR_ADVERT})
+_FAST_TCP4_MIN = wtcp.TCP4_PAYLOAD_OFFSET
+_FAST_TCP6_MIN = wtcp.TCP6_PAYLOAD_OFFSET
 
 
 class Dispatcher:
@@ -63,12 +59,16 @@ class Dispatcher:
         self._loop = loop
         self._ra_timer: Timer | None = None
         self._ra_when: float | None = None
+        # what the guest has been seen using: kept here once, shared with the protocols
+        # through the flow Context, and read by NAT
+        self.guest = GuestAddrs()
         self.ctx: Context | None = None
         self.icmp: IcmpHandler | None = None
         self.udp: UdpHandler | None = None
         self.tcp: TcpHandler | None = None
         if loop is not None:
-            self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop))
+            self.ctx = Context(config, loop, flows if flows is not None else FlowTable(loop),
+                               self.guest)
             if not config.no_icmp:
                 self.icmp = IcmpHandler(self.ctx)
             if not config.no_udp:
@@ -76,12 +76,9 @@ class Dispatcher:
             if not config.no_tcp:
                 self.tcp = TcpHandler(self.ctx)
         self._link: Link | None = None
-        self.guest_mac: bytes | None = None  # learned from the source of every guest frame
-        self.addr4_seen: IPv4Address | None = None
-        self.addr6_seen: IPv6Address | None = None
-        self.addr6_ll_seen: IPv6Address | None = None
-        self._seen4 = -1  # addr4_seen as an int (fast path: no IPv4Address per frame)
-        self._learned6 = -1  # the last source _learn6() took, as an int
+        # the last sources learned from, as ints (fast path: no address object per frame)
+        self._seen4 = -1
+        self._learned6 = -1
         self._drops = RateLimitedLog(log)
         self.dropped = 0
 
@@ -198,7 +195,7 @@ class Dispatcher:
             if ethertype != eth.ETH_P_IP or vihl != 0x45 or proto != ip.IPPROTO_TCP \
                     or frag & _IP4_FRAG or src >> 24 == 127 or dst >> 24 == 127:
                 return False
-            l4 = eth.ETH_HLEN + ip.IPV4_HLEN
+            l4 = ip.ETH_IP4_HLEN
             end = eth.ETH_HLEN + tot_len
             six = False
         else:
@@ -213,7 +210,7 @@ class Dispatcher:
             dst = int.from_bytes(dst6, "big")
             if src == 1 or dst == 1:  # ::1: the full path drops it
                 return False
-            l4 = eth.ETH_HLEN + ip.IPV6_HLEN
+            l4 = ip.ETH_IP6_HLEN
             end = l4 + plen
             six = True
         hlen = (off >> 4) * 4
@@ -222,16 +219,15 @@ class Dispatcher:
             return False
         # every field read above lies within the checked lengths (l4 + hlen <= end <= n)
         # learned as _handle does, but objects made only when something changed
-        if not smac[0] & 1 and (smac != self.guest_mac or ctx.guest.mac != smac):
-            self.guest_mac = smac
-            ctx.guest.mac = smac
+        guest = self.guest
+        if not smac[0] & 1 and smac != guest.mac:
+            guest.mac = smac
         if six:
-            if src != self._learned6 or ctx.guest.addr6_seen is not self.addr6_seen \
-                    or ctx.guest.addr6_ll_seen is not self.addr6_ll_seen:
+            if src != self._learned6:
                 self._learn6(IPv6Address(src))
-        elif src and (src != self._seen4 or ctx.guest.addr4_seen is not self.addr4_seen):
+        elif src and src != self._seen4:
             self._seen4 = src
-            self.addr4_seen = ctx.guest.addr4_seen = IPv4Address(src)
+            guest.addr4_seen = IPv4Address(src)
         seg = tuple.__new__(wtcp.Tcp, (sport, dport, seq, ack, hlen, flags, window, check, urg,
                                        frame[l4 + wtcp.TCP_HLEN:l4 + hlen],
                                        frame[l4 + hlen:end], None, None))
@@ -241,9 +237,7 @@ class Dispatcher:
     def _handle(self, frame: memoryview) -> None:
         header = eth.parse_eth(frame)
         if not header.src[0] & 1:  # multicast sources are bogus; don't learn them
-            self.guest_mac = bytes(header.src)
-            if self.ctx is not None:
-                self.ctx.guest.mac = self.guest_mac
+            self.guest.mac = bytes(header.src)
         if header.ethertype == eth.ETH_P_ARP:
             if self.config.ip4 is not None:
                 self._reply(arp.reply(frame, self.config.our_mac, self.guest_addr4))
@@ -266,12 +260,10 @@ class Dispatcher:
             return
         if src != 0:
             self._seen4 = src
-            self.addr4_seen = header.src
-            if self.ctx is not None:
-                self.ctx.guest.addr4_seen = header.src
+            self.guest.addr4_seen = header.src
         if header.proto == ip.IPPROTO_UDP and not header.is_fragment:
             datagram = udp.parse_udp(header.payload)
-            if datagram.dport == DHCP_SERVER_PORT:
+            if datagram.dport == dhcp.SERVER_PORT:
                 if self.dhcp is not None:
                     self._reply(self.dhcp.handle(frame))
                 return
@@ -305,7 +297,7 @@ class Dispatcher:
             self._drop("frag6", "IPv6 fragment dropped: fragments are not reassembled")
             return
         if header.proto == ip.IPPROTO_ICMPV6:
-            if len(header.l4) >= 1 and header.l4[0] in NDP_TYPES:
+            if len(header.l4) >= 1 and header.l4[0] in icmp.NDP_TYPES:
                 if self.ndp is not None:
                     for reply in self.ndp.handle(frame, time.monotonic()):
                         self._reply(reply)
@@ -316,7 +308,7 @@ class Dispatcher:
             return
         if header.proto == ip.IPPROTO_UDP:
             if header.dst.is_multicast and len(header.l4) >= 4 and \
-                    int.from_bytes(header.l4[2:4], "big") == DHCPV6_SERVER_PORT:
+                    int.from_bytes(header.l4[2:4], "big") == dhcpv6.SERVER_PORT:
                 if self.dhcpv6 is not None:
                     self._reply(self.dhcpv6.handle(frame))
                 return
@@ -338,14 +330,12 @@ class Dispatcher:
         self._learned6 = int(src)
         if src.is_unspecified or src.is_multicast:
             return
+        guest = self.guest
         if src.is_link_local:
-            self.addr6_ll_seen = src
+            guest.addr6_ll_seen = src
             # the address the guest is given counts as seen (passt's addr_seen = addr)
             ip6 = self.config.ip6
-            if self.addr6_seen is None and (ip6 is None or ip6.addr is None):
-                self.addr6_seen = src
+            if guest.addr6_seen is None and (ip6 is None or ip6.addr is None):
+                guest.addr6_seen = src
         else:
-            self.addr6_seen = src
-        if self.ctx is not None:
-            self.ctx.guest.addr6_seen = self.addr6_seen
-            self.ctx.guest.addr6_ll_seen = self.addr6_ll_seen
+            guest.addr6_seen = src

@@ -1,6 +1,7 @@
 """The entry points: `vhostpasst` / `passt` and `vhostpasta` / `pasta` (pyproject's scripts,
 `python -m vhostpasst`). Parse the command line (config.cli), build the configuration
-(config.conf), and run the daemon; the heavy imports happen only when we really run."""
+(config.conf), and run passt mode (daemon.py) or pasta mode (pasta/session.py); the heavy
+imports happen only when we really run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import sys
 from vhostpasst.config.cli import (
     PASST,
     PASTA,
-    _display_name,
     check_supported,
+    display_name,
     mode_from_name,
     parse_args,
     usage,
 )
-from vhostpasst.config.conf import ConfigError
+from vhostpasst.config.errors import ConfigError
 from vhostpasst.system.procname import set_process_name
 from vhostpasst.version import version_line
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
     if prog is None:
         prog = sys.argv[0] if sys.argv and sys.argv[0] else "vhostpasst"
     mode = mode_from_name(prog, default)
-    name = _display_name(prog, mode)
+    name = display_name(prog, mode)
     try:
         options = parse_args(argv, mode)
         if options.action == "help":
@@ -54,7 +55,12 @@ def main(argv: list[str] | None = None, prog: str | None = None, default: str = 
     except ConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 1
-    from vhostpasst import daemon  # heavy imports only when we really run
+    # heavy imports only when we really run
+    if config.mode == PASTA:
+        from vhostpasst.pasta import session
+
+        return session.run(config)
+    from vhostpasst import daemon
 
     return daemon.run(config)
 

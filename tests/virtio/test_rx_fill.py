@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from virtio._ring import ffi
 
 from virtio import net
-from virtio._ring import ffi
 from virtio.ring import FILL_MAX, Fill, read_frames, rx_commit
 from virtio.virtqueue import DESC_F_WRITE, VirtQueueError
 

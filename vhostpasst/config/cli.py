@@ -12,18 +12,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config import fwd
-from vhostpasst.config.conf import ConfigError
-from vhostpasst.config.fwd import PortForwards
-
-IPAddr = IPv4Address | IPv6Address
-
-PASST = "passt"
-PASTA = "pasta"
-BOTH = (PASST, PASTA)
+from vhostpasst.config.errors import ConfigError, NotSupported
+from vhostpasst.config.fwd import IFNAMSIZ, PortForwards
+from vhostpasst.config.options import BOTH, MAXNS, PASST, PASTA, IPAddr, Options
+from vhostpasst.wire.ip import BROADCAST4
 
 MTU_MIN = 68
 MTU_MAX = 65535
@@ -31,115 +27,7 @@ MTU_MAX = 65535
 LOG_SIZE_MIN = 5 * max(8192, os.sysconf("SC_PAGE_SIZE"))
 PATH_MAX = 4096
 UNIX_PATH_MAX = 108  # sizeof(sun_path), including the NUL
-IFNAMSIZ = 16
-MAXNS = 3  # nameservers per family, as resolv(5)
 MAXDNSRCH = 6  # search domains, as resolv(5)
-BROADCAST4 = IPv4Address("255.255.255.255")
-
-
-class NotSupported(ConfigError):
-    """A valid option this version cannot honour yet: refuse rather than ignore it."""
-
-    def __init__(self, option: str, what: str | None = None) -> None:
-        super().__init__(option, "not supported yet")
-        self.args = (f"{what or option} is not supported yet",)
-
-
-@dataclass
-class Options:
-    """The command line, parsed and validated. Treat as read-only after parse_args().
-
-    None means "not given" wherever the host or the mode supplies a default.
-    """
-
-    mode: str = PASST
-    action: str | None = None  # "help", "version", "capabilities": do that and exit
-    # process and logging
-    foreground: bool = False
-    debug: bool = False
-    trace: bool = False
-    quiet: bool = False
-    stderr: bool = False  # -e: deprecated, no effect
-    log_file: str | None = None
-    log_size: int | None = None
-    pid_file: str | None = None
-    pcap_file: str | None = None
-    runas: str | None = None
-    # back end
-    socket_path: str | None = None
-    fd: int | None = None
-    one_off: bool = False
-    vhost_user: bool = False
-    repair_path: str | None = None
-    conf_path: str | None = None
-    # link and addresses
-    mtu: int | None = None
-    addr4: IPv4Address | None = None
-    addr6: IPv6Address | None = None
-    prefix_len4: int | None = None  # -n, or -a ADDR/LEN
-    prefix_len6: int | None = None  # -a ADDR/LEN
-    mac: bytes | None = None
-    gateway4: IPv4Address | None = None
-    gateway6: IPv6Address | None = None
-    ifname: str | None = None
-    outbound4: IPv4Address | None = None
-    outbound6: IPv6Address | None = None
-    outbound_if4: str | None = None
-    outbound_if6: str | None = None
-    ipv4_only: bool = False
-    ipv6_only: bool = False
-    # DNS
-    dns: list[IPAddr] = field(default_factory=list)
-    dns_none: bool = False
-    search: list[str] = field(default_factory=list)
-    search_none: bool = False
-    dns_forward4: IPv4Address | None = None
-    dns_forward6: IPv6Address | None = None
-    dns_host4: IPv4Address | None = None
-    dns_host6: IPv6Address | None = None
-    no_dhcp_dns: bool = False
-    no_dhcp_search: bool = False
-    dhcp_dns: bool = False  # pasta
-    dhcp_search: bool = False  # pasta
-    hostname: str | None = None
-    fqdn: str | None = None
-    # switches
-    no_dhcp: bool = False
-    no_ndp: bool = False
-    no_dhcpv6: bool = False
-    no_ra: bool = False
-    no_tcp: bool = False
-    no_udp: bool = False
-    no_icmp: bool = False
-    freebind: bool = False
-    chroot_fallback: bool = False
-    # address translation
-    map_host_loopback4: IPv4Address | None = None
-    map_host_loopback6: IPv6Address | None = None
-    map_host_loopback_none: bool = False
-    map_guest_addr4: IPv4Address | None = None
-    map_guest_addr6: IPv6Address | None = None
-    map_guest_addr_none: bool = False
-    no_map_gw: bool = False
-    host_lo_to_ns_lo: bool = False  # pasta, deprecated
-    # port forwarding: None = not given (mode default applies)
-    tcp_in: PortForwards | None = None
-    udp_in: PortForwards | None = None
-    tcp_out: PortForwards | None = None
-    udp_out: PortForwards | None = None
-    # pasta
-    ns_ifname: str | None = None
-    ns_mac: bytes | None = None
-    config_net: bool = False
-    no_copy_routes: bool = False
-    no_copy_addrs: bool = False
-    netns: str | None = None
-    userns: str | None = None
-    netns_only: bool = False
-    no_netns_quit: bool = False
-    no_splice: bool = False
-    target_pid: int | None = None
-    command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -705,6 +593,8 @@ class _Parser:
         if (o.no_copy_routes or o.no_copy_addrs) and not o.config_net:
             flag = "--no-copy-routes" if o.no_copy_routes else "--no-copy-addrs"
             raise ConfigError(flag, "needs --config-net")
+        if o.host_lo_to_ns_lo and o.no_splice:  # only the splice path goes between loopbacks
+            raise ConfigError("--host-lo-to-ns-lo", "incompatible with --no-splice")
         if o.netns and (o.target_pid is not None or o.command):
             raise ConfigError("--netns", "cannot be combined with a PID or a command")
         if o.userns and not o.netns and o.target_pid is None:
@@ -735,12 +625,8 @@ def parse_args(argv: list[str], mode: str) -> Options:
 
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
-    if o.mode == PASTA:
-        # pasta.py serves the namespace; -T/-U (tcp_splice.py, udp_splice.py), 'auto'
-        # (portscan.py) and --fd (a pre-opened tap) all work
-        pass
-    # --repair-path is accepted (the daemon logs that it is ignored): qemu already refuses to
-    # migrate a guest whose back end lacks VHOST_F_LOG_ALL, so starting costs nothing
+    # --repair-path is accepted and ignored (the daemon logs so): a live migration moves the
+    # guest, but the TCP connections open through us end, as without passt-repair
     if o.conf_path:
         raise NotSupported("--conf-path")
 
@@ -758,7 +644,7 @@ def mode_from_name(prog: str, default: str = PASST) -> str:
     return default
 
 
-def _display_name(prog: str, mode: str) -> str:
+def display_name(prog: str, mode: str) -> str:
     base = os.path.basename(prog)
     if not base or base.startswith("__main__") or base.endswith(".py"):
         return "vhostpasta" if mode == PASTA else "vhostpasst"
@@ -817,7 +703,8 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -1, --one-off             Quit after the first client disconnects
       --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
-      --repair-path PATH    TCP_REPAIR helper socket (ignored: no live migration)
+      --repair-path PATH    TCP_REPAIR helper socket (ignored: TCP connections do not
+                            move with a migrated guest)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains
 
 SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
@@ -831,7 +718,9 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
       --netns PATH|NAME     Target network namespace
       --userns PATH         Target user namespace
       --netns-only, --no-netns-quit, --no-splice, --dhcp-dns, --dhcp-search
-      --no-copy-routes, --no-copy-addrs, --host-lo-to-ns-lo   Deprecated
+      --host-lo-to-ns-lo    -t/-u connections to a host loopback address go to the same
+                            loopback address in the namespace (default: its own address)
+      --no-copy-routes, --no-copy-addrs   Deprecated
 
 SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
 (pasta's default is auto: ports bound in the namespace, or on the host for -T/-U, follow)

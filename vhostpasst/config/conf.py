@@ -1,20 +1,30 @@
 """The run-time configuration: one frozen `Config`, built from the command line and the host.
 
-`cli.parse_args()` turns argv into options; `build_config()` (below) adds what the host says
-(template interface, addresses, routes, MTU, resolv.conf) the way passt does. Services and
-protocols read only `Config`. Every field has a default so tests can build one directly.
+`cli.parse_args()` turns argv into `Options` (options.py); `build_config()` (below) adds what
+the host says (host.py: template interface, addresses, routes, resolv.conf) the way passt
+does. Services and protocols read only `Config`. Every field has a default so tests can build
+one directly. The modules of config/ import one way: errors <- fwd <- options <- cli, and
+host, options, fwd <- conf.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
-from typing import TYPE_CHECKING, Any
+from ipaddress import IPv4Address, IPv6Address
+from typing import Generic, TypeVar
 
-if TYPE_CHECKING:
-    from vhostpasst.config.cli import Options
-    from vhostpasst.config.fwd import PortForwards
+from vhostpasst.config import fwd
+from vhostpasst.config.errors import ConfigError
+from vhostpasst.config.fwd import IPAddr, PortForwards
+from vhostpasst.config.host import (
+    RESOLV_CONF,
+    HostFamily,
+    HostNetlink,
+    ResolvConf,
+    read_resolv_conf,
+)
+from vhostpasst.config.options import MAXNS, Options
 
 DEFAULT_MAC = bytes.fromhex("9a559a559a55")
 DEFAULT_MTU = 65520
@@ -77,7 +87,7 @@ class Config:
     socket_path: str | None = None  # None: probe /tmp/passt_N.socket
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
-    repair_path: str | None = None  # accepted for passt's command line; no live migration
+    repair_path: str | None = None  # accepted, ignored: TCP connections do not migrate
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link
@@ -120,206 +130,20 @@ class Config:
     command: tuple[str, ...] = ()
     no_copy_routes: bool = False  # pasta, deprecated
     no_copy_addrs: bool = False  # pasta, deprecated
-    host_lo_to_ns_lo: bool = False  # pasta, deprecated
+    host_lo_to_ns_lo: bool = False  # pasta: host loopback to the same namespace loopback
 
-
-class ConfigError(Exception):
-    """A bad option value or a configuration the host cannot satisfy.
-
-    `option` names what the user typed (e.g. "--mtu"), so the message can point at it.
-    """
-
-    def __init__(self, option: str, reason: str) -> None:
-        super().__init__(f"{option}: {reason}")
-        self.option = option
-        self.reason = reason
-
-
-# -- host detection (netlink) -----------------------------------------------------------------
-#
-# Everything below the dataclasses is how `build_config()` fills them: the template interface
-# per family, its address, prefix and default gateway, then DNS from resolv.conf, then the
-# defaults that depend on what was found (DHCP off without a gateway, map-host-loopback =
-# gateway, local mode when nothing routes at all).
-
-RT_TABLE_MAIN = 254
-RTN_UNICAST = 1
-IFF_LOOPBACK = 0x8
-RT_SCOPE_UNIVERSE = 0
-RT_SCOPE_LINK = 253
-IFA_F_DADFAILED = 0x08
-IFA_F_DEPRECATED = 0x20
-IFA_F_TENTATIVE = 0x40
 
 LOCAL_ADDR4 = IPv4Address("169.254.2.1")
 LOCAL_GW4 = IPv4Address("169.254.2.2")
 LOCAL_PREFIX4 = 16
 LOCAL_LL6 = IPv6Address("fe80::1")
-MAXNS = 3  # nameservers per family taken from resolv.conf
-MAX_SEARCH = 5  # domains taken from the first search line
-RESOLV_CONF = "/etc/resolv.conf"
 
-IPAddr = IPv4Address | IPv6Address
-
-
-@dataclass(frozen=True)
-class HostFamily:
-    """What the host has for one address family on its template interface."""
-
-    ifindex: int
-    ifname: str
-    addr: IPAddr | None = None  # IPv4: longest prefix; IPv6: global scope, longest prefix
-    prefix_len: int = 0
-    gateway: IPAddr | None = None  # default route via this interface (best multipath hop)
-    link_local: IPv6Address | None = None  # IPv6 only
-    # every (address, prefix length) of the family there, so -a can find its prefix
-    addrs: tuple[tuple[IPAddr, int], ...] = ()
-
-
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get_attr(name)
-
-
-def _is_ll_dst(dst: str | None, dst_len: int) -> bool:
-    if dst is None or dst_len == 0:
-        return False
-    net = ip_network(f"{dst}/{dst_len}", strict=False)
-    return net.is_link_local
-
-
-def _best_hop(route: Any, ifindex: int | None = None) -> tuple[int, str | None] | None:
-    """(oif, gateway) of a route; for multipath, the nexthop with the most weight ("hops")."""
-    hops = _attr(route, "RTA_MULTIPATH")
-    if not hops:
-        oif = _attr(route, "RTA_OIF")
-        if oif is None or (ifindex is not None and oif != ifindex):
-            return None
-        return oif, _attr(route, "RTA_GATEWAY")
-    best: tuple[int, str | None] | None = None
-    best_weight = -1
-    for nh in hops:
-        oif = nh.get("oif")
-        if ifindex is not None and oif != ifindex:
-            continue
-        if nh.get("hops", 0) > best_weight:  # ties: the first one listed
-            best_weight = nh.get("hops", 0)
-            best = (oif, nh.get_attr("RTA_GATEWAY"))
-    return best
-
-
-class HostNetlink:
-    """The few netlink queries host detection needs, on one IPRoute socket."""
-
-    def __init__(self) -> None:
-        from vhostpasst.system.rtnl import IPRoute  # imported here: `--help` opens no socket
-
-        self.ipr = IPRoute()
-        self.links = {ln["index"]: ln for ln in self.ipr.get_links()}
-
-    def close(self) -> None:
-        self.ipr.close()
-
-    def __enter__(self) -> HostNetlink:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def ifindex(self, name: str) -> int | None:
-        for index, link in self.links.items():
-            if link.get_attr("IFLA_IFNAME") == name:
-                return index
-        return None
-
-    def ifname(self, index: int) -> str:
-        link = self.links.get(index)
-        return str(link.get_attr("IFLA_IFNAME")) if link is not None else f"if{index}"
-
-    def _loopback(self, index: int) -> bool:
-        link = self.links.get(index)
-        return link is not None and bool(link["flags"] & IFF_LOOPBACK)
-
-    def routes(self, family: int) -> list[Any]:
-        """Main-table unicast routes, minus link-local destinations and loopback devices."""
-        out = []
-        for r in self.ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-            if r["type"] != RTN_UNICAST or _attr(r, "RTA_TABLE") not in (None, RT_TABLE_MAIN):
-                continue
-            if _is_ll_dst(_attr(r, "RTA_DST"), r["dst_len"]):
-                continue
-            hop = _best_hop(r)
-            if hop is None or self._loopback(hop[0]):
-                continue
-            out.append(r)
-        return out
-
-    def template(self, family: int) -> int | None:
-        """The first default route's interface, else the first interface with any route."""
-        routes = self.routes(family)
-        for r in routes:
-            if r["dst_len"] == 0:
-                hop = _best_hop(r)
-                assert hop is not None
-                return hop[0]
-        if routes:
-            hop = _best_hop(routes[0])
-            assert hop is not None
-            return hop[0]
-        return None
-
-    def has_route(self, family: int, ifindex: int) -> bool:
-        return any(_best_hop(r, ifindex) is not None for r in self.routes(family))
-
-    def gateway(self, family: int, ifindex: int) -> IPAddr | None:
-        for r in self.routes(family):
-            if r["dst_len"] != 0:
-                continue
-            hop = _best_hop(r, ifindex)
-            if hop is not None and hop[1]:
-                return ip_address(hop[1])
-        return None
-
-    def family(self, family: int, ifindex: int) -> HostFamily:
-        best: tuple[int, IPAddr] | None = None
-        link_local: IPv6Address | None = None
-        addrs: list[tuple[IPAddr, int]] = []
-        # usable (not tentative/deprecated/failed) addresses first, so they win ties
-        msgs = sorted(
-            self.ipr.get_addr(family=family, index=ifindex),
-            key=lambda m: bool(_addr_flags(m) & (IFA_F_DEPRECATED | IFA_F_TENTATIVE)),
-        )
-        for m in msgs:
-            flags = _addr_flags(m)
-            if flags & IFA_F_DADFAILED:
-                continue
-            text = _attr(m, "IFA_LOCAL") or _attr(m, "IFA_ADDRESS")
-            if text is None:
-                continue
-            addr = ip_address(text)
-            plen = m["prefixlen"]
-            if isinstance(addr, IPv6Address):
-                if m["scope"] == RT_SCOPE_LINK:
-                    link_local = link_local or addr
-                    continue
-                if m["scope"] != RT_SCOPE_UNIVERSE:
-                    continue
-            addrs.append((addr, plen))
-            if best is None or plen > best[0]:
-                best = (plen, addr)
-        return HostFamily(
-            ifindex=ifindex,
-            ifname=self.ifname(ifindex),
-            addr=best[1] if best else None,
-            prefix_len=best[0] if best else 0,
-            gateway=self.gateway(family, ifindex),
-            link_local=link_local,
-            addrs=tuple(addrs),
-        )
-
-
-def _addr_flags(msg: Any) -> int:
-    flags = _attr(msg, "IFA_FLAGS")
-    return int(flags if flags is not None else msg["flags"])
+# -- what the guest is told ---------------------------------------------------------------------
+#
+# How `build_config()` fills the dataclasses from the options and what the host says
+# (host.py): the template interface per family, its address, prefix and default gateway, then
+# DNS from resolv.conf, then the defaults that depend on what was found (DHCP off without a
+# gateway, map-host-loopback = gateway, local mode when nothing routes at all).
 
 
 def _classful_prefix(addr: IPv4Address) -> int:
@@ -331,51 +155,20 @@ def _classful_prefix(addr: IPv4Address) -> int:
     return 24
 
 
-# -- resolv.conf --------------------------------------------------------------------------------
+AddrT = TypeVar("AddrT", IPv4Address, IPv6Address)  # one family at a time
 
 
 @dataclass(frozen=True)
-class ResolvConf:
-    nameservers: tuple[IPAddr, ...] = ()
-    search: tuple[str, ...] = ()
-
-
-def read_resolv_conf(path: str = RESOLV_CONF) -> ResolvConf:
-    """`nameserver X[%if]` lines and the first `search` line; unreadable means empty."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ResolvConf()
-    servers: list[IPAddr] = []
-    search: tuple[str, ...] | None = None
-    for line in lines:
-        words = line.split("#", 1)[0].split(";", 1)[0].split()
-        if len(words) < 2:
-            continue
-        if words[0] == "nameserver":
-            try:
-                addr = ip_address(words[1].split("%", 1)[0])  # the scope is not ours to pass
-            except ValueError:
-                continue
-            if addr not in servers:
-                servers.append(addr)
-        elif words[0] == "search" and search is None:
-            search = tuple(words[1 : 1 + MAX_SEARCH])
-    return ResolvConf(tuple(servers), search or ())
-
-
-@dataclass(frozen=True)
-class _Dns:
-    advertised: tuple[IPAddr, ...] = ()
-    match: IPAddr | None = None
-    host: IPAddr | None = None
+class _Dns(Generic[AddrT]):
+    advertised: tuple[AddrT, ...] = ()
+    match: AddrT | None = None
+    host: AddrT | None = None
 
 
 def _dns_family(
-    servers: list[IPAddr], map_host_loopback: IPAddr | None, dns_forward: IPAddr | None,
-    dns_host: IPAddr | None,
-) -> _Dns:
+    servers: list[AddrT], map_host_loopback: AddrT | None, dns_forward: AddrT | None,
+    dns_host: AddrT | None,
+) -> _Dns[AddrT]:
     """What the guest is told, and the dns_match -> dns_host redirect, for one family.
 
     A loopback nameserver (say systemd-resolved's 127.0.0.53) is unreachable from the guest:
@@ -385,7 +178,7 @@ def _dns_family(
     --no-map-gw the loopback one is not advertised, but podman's --dns-forward address
     (169.254.1.1) must still reach it.
     """
-    advertised: list[IPAddr] = []
+    advertised: list[AddrT] = []
     match = dns_forward
     for ns in servers:
         if len(advertised) >= MAXNS:
@@ -422,8 +215,6 @@ def build_config(
     opts: Options, *, resolv_conf: str = RESOLV_CONF, netlink: HostNetlink | None = None
 ) -> Config:
     """Options plus what the host says, as passt's first parsing pass leaves them."""
-    from vhostpasst.config import fwd
-
     pasta = opts.mode == "pasta"
     want4 = not opts.ipv6_only
     want6 = not opts.ipv4_only
@@ -544,6 +335,8 @@ def build_config(
 
 
 def _ip4_conf(opts: Options, host: HostFamily | None) -> Ip4Conf:
+    addr: IPAddr | None
+    gateway: IPAddr | None
     if host is None:  # local mode
         addr, prefix, gateway = LOCAL_ADDR4, LOCAL_PREFIX4, LOCAL_GW4
     else:
@@ -615,23 +408,23 @@ def _apply_dns(
 ) -> tuple[Ip4Conf | None, Ip6Conf | None]:
     """Per family: -D servers verbatim if any were given for it, else resolv.conf's."""
     if ip4 is not None:
-        d = _dns_family(
+        d4 = _dns_family(
             [a for a in rc.nameservers if isinstance(a, IPv4Address)],
             ip4.map_host_loopback, opts.dns_forward4, opts.dns_host4,
         )
         given4 = tuple(a for a in opts.dns if isinstance(a, IPv4Address))
         if given4:
-            d = _Dns(given4, opts.dns_forward4, d.host)
-        ip4 = replace(ip4, dns=d.advertised, dns_match=d.match, dns_host=d.host)
+            d4 = _Dns(given4, opts.dns_forward4, d4.host)
+        ip4 = replace(ip4, dns=d4.advertised, dns_match=d4.match, dns_host=d4.host)
     if ip6 is not None:
-        d = _dns_family(
+        d6 = _dns_family(
             [a for a in rc.nameservers if isinstance(a, IPv6Address)],
             ip6.map_host_loopback, opts.dns_forward6, opts.dns_host6,
         )
         given6 = tuple(a for a in opts.dns if isinstance(a, IPv6Address))
         if given6:
-            d = _Dns(given6, opts.dns_forward6, d.host)
-        ip6 = replace(ip6, dns=d.advertised, dns_match=d.match, dns_host=d.host)
+            d6 = _Dns(given6, opts.dns_forward6, d6.host)
+        ip6 = replace(ip6, dns=d6.advertised, dns_match=d6.match, dns_host=d6.host)
     return ip4, ip6
 
 

@@ -6,19 +6,18 @@ Grammar, one option argument at a time:
     SPEC := item{,item}      item := [~]N[-M][:P[-Q]]
 
 Repeated options accumulate into one `PortForwards`; mixing none/auto/all/explicit specs is a
-"mode conflict". This module only parses and validates; binding sockets comes later.
+"mode conflict". This module only parses and validates; proto/bind.py binds the sockets.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal
 
-from vhostpasst.config.conf import ConfigError
+from vhostpasst.config.errors import ConfigError
+from vhostpasst.wire.ip import BROADCAST4
 
 PORT_MIN = 1
 PORT_MAX = 65535
@@ -140,7 +139,7 @@ def _parse_prefix(option: str, prefix: str) -> tuple[IPAddr | None, str | None]:
             raise ConfigError(option, f"bad address '{addr_text}'") from None
         if isinstance(addr, IPv6Address) and addr.scope_id:
             raise ConfigError(option, f"use ADDR%IFNAME, not a scoped address: '{addr_text}'")
-        if addr.is_multicast or addr == IPv4Address("255.255.255.255"):
+        if addr.is_multicast or addr == BROADCAST4:
             raise ConfigError(option, f"cannot listen on {addr}")
     if pct:
         if not ifname:
@@ -271,53 +270,3 @@ def mappings(
             seen.add(key)
             guest = port + rule.delta
             yield Mapping(port, guest, rule.addr, rule.ifname, rule.tolerant)
-
-
-BindOne = Callable[[bool, "IPAddr | None", "str | None", int], socket.socket]
-
-
-def bind_all(forwards: PortForwards | None, ipv4: bool, ipv6: bool, proto: str,
-             bind_one: BindOne) -> list[tuple[Mapping, bool, socket.socket]]:
-    """Bind a socket for every mapping (per enabled family unless the rule names an address):
-    (mapping, is_ipv6, socket) for each. An explicit port that fails raises OSError naming
-    it; ports of "all" and exclusion-only specs may fail, but not every one of them, and
-    running out of fds (EMFILE/ENFILE) is fatal either way. `bind_one(six, addr, ifname,
-    port)` makes one socket; `proto` ("TCP"/"UDP") is for the messages."""
-    bound: list[tuple[Mapping, bool, socket.socket]] = []
-    tolerant_tried = tolerant_ok = 0
-    for m in mappings(forwards, ephemeral_range()):
-        if m.addr is not None:
-            families = [isinstance(m.addr, IPv6Address)]
-        else:
-            families = [six for six, on in ((False, ipv4), (True, ipv6)) if on]
-        for six in families:
-            tolerant_tried += m.tolerant
-            try:
-                sock = bind_one(six, m.addr, m.ifname, m.host_port)
-            except OSError as e:
-                if m.tolerant and e.errno not in (errno.EMFILE, errno.ENFILE):
-                    continue
-                for _, _, s in bound:
-                    s.close()
-                where = f"{m.addr or ('[::]' if six else '0.0.0.0')}"
-                raise OSError(e.errno, f"{proto} port {m.host_port} on {where}"
-                                       f"{'%' + m.ifname if m.ifname else ''}: "
-                                       f"{e.strerror}") from None
-            tolerant_ok += m.tolerant
-            bound.append((m, six, sock))
-    if tolerant_tried and not tolerant_ok and not bound:
-        raise OSError(errno.EADDRINUSE, f"no {proto} port could be forwarded")
-    return bound
-
-
-IP_FREEBIND = 15  # not in Python's socket module
-IPV6_FREEBIND = 78
-
-
-def set_freebind(sock: socket.socket, six: bool) -> None:
-    """--freebind on a -t/-u listening socket: bind to an address the host does not have
-    (yet), as passt does for both protocols."""
-    if six:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)

@@ -18,11 +18,12 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vhostpasst.config.conf import DEFAULT_MTU, Config
 from vhostpasst.core.loop import EventLoop, TimerHandle
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.wire.eth import BROADCAST_MAC
 
 if TYPE_CHECKING:
-    from vhostpasst.config.conf import Config
     from vhostpasst.link.base import Link
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def default_max_flows() -> int:
     if soft == resource.RLIM_INFINITY:
         return FLOW_MAX
     return max(16, min(FLOW_MAX, soft - FD_RESERVE))
-BROADCAST_MAC = b"\xff" * 6
+
+
 # Frames a host socket may turn into per wake-up: bounded so one busy socket cannot starve
 # the others (and the guest link's own reads) in a single loop iteration.
 RX_BATCH = 32
@@ -215,4 +217,4 @@ class Context:
     @property
     def max_l3(self) -> int:
         """Largest IP packet the guest takes (its MTU; 0 means 'not advertised')."""
-        return self.config.mtu or 65520
+        return self.config.mtu or DEFAULT_MTU

@@ -23,7 +23,6 @@ TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
 
 LOG_SIZE_DEFAULT = 1024 * 1024
-LOG_SIZE_MIN = 5 * 8192  # passt: 5 * max(BUFSIZ, PAGE_SIZE)
 ROTATE_CUT = 0.30  # share of the cap dropped (oldest lines) when the file is full
 
 # Handlers installed by setup_logging(), so calling it again replaces rather than adds.
@@ -241,26 +240,6 @@ class RateLimitedLog:
     def warning(self, key: object, msg: str, *args: object) -> bool:
         return self.log(logging.WARNING, key, msg, *args)
 
-    def info(self, key: object, msg: str, *args: object) -> bool:
-        return self.log(logging.INFO, key, msg, *args)
-
     def debug(self, key: object, msg: str, *args: object) -> bool:
         return self.log(logging.DEBUG, key, msg, *args)
 
-
-_limiters: dict[tuple[str, float], RateLimitedLog] = {}
-
-
-def log_ratelimited(
-    logger: logging.Logger,
-    key: object,
-    msg: str,
-    *args: object,
-    level: int = logging.WARNING,
-    interval: float = 10.0,
-) -> bool:
-    """Module-level convenience: one shared RateLimitedLog per (logger, interval)."""
-    limiter = _limiters.get((logger.name, interval))
-    if limiter is None:
-        limiter = _limiters[(logger.name, interval)] = RateLimitedLog(logger, interval)
-    return limiter.log(level, key, msg, *args)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.config.conf import Config
-
-IPAddr = IPv4Address | IPv6Address
+from vhostpasst.config.fwd import IPAddr
 
 DNS_PORTS = frozenset({53, 853})
 LOOPBACK4 = IPv4Address("127.0.0.1")

@@ -63,18 +63,12 @@ class PcapWriter:
             self._file.write(_RECORD_HDR.pack(now // 1_000_000, now % 1_000_000, caplen, length))
             self._file.write(view[:caplen])
         except OSError as e:
-            # A full disk must not take the data path down with it: stop capturing.
-            log.error("pcap: write to %s failed (%s), capture stopped", self.path, e)
-            self._abandon()
+            self._abandon(e)
             return
         self.frames += 1
         self._pending += 1
         if self._pending >= self.flush_every:
             self.flush()
-
-    def write_many(self, frames: list[memoryview] | list[bytes]) -> None:
-        for frame in frames:
-            self.write(frame)
 
     def flush(self) -> None:
         """Write buffered records out, so the file on disk is complete up to here."""
@@ -84,8 +78,7 @@ class PcapWriter:
         try:
             self._file.flush()
         except OSError as e:
-            log.error("pcap: write to %s failed (%s), capture stopped", self.path, e)
-            self._abandon()
+            self._abandon(e)
 
     def close(self) -> None:
         if self._loop is not None:
@@ -97,7 +90,9 @@ class PcapWriter:
             except OSError as e:
                 log.error("pcap: closing %s failed: %s", self.path, e)
 
-    def _abandon(self) -> None:
+    def _abandon(self, e: OSError) -> None:
+        """A full disk must not take the data path down with it: stop capturing."""
+        log.error("pcap: write to %s failed (%s), capture stopped", self.path, e)
         try:
             self._file.close()
         except OSError:

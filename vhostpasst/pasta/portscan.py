@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vhostpasst.core.loop import Loop, Timer
 from vhostpasst.system import netns
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class AutoPorts:
     """The scan timer and up to four directions. `ours_*` give the ports all our forwarders
     (automatic and explicit) hold on each side, per protocol."""
 
-    def __init__(self, loop: Any, host: ProcNet, ns: ProcNet, families: Iterable[int],
+    def __init__(self, loop: Loop, host: ProcNet, ns: ProcNet, families: Iterable[int],
                  tcp_in: Direction | None, udp_in: Direction | None,
                  tcp_out: Direction | None, udp_out: Direction | None,
                  ours_host: Callable[[], tuple[set[int], set[int]]],
@@ -158,7 +159,7 @@ class AutoPorts:
         self.families = list(families)
         self.tcp_in, self.udp_in, self.tcp_out, self.udp_out = tcp_in, udp_in, tcp_out, udp_out
         self.ours_host, self.ours_ns = ours_host, ours_ns
-        self.timer: Any = None
+        self.timer: Timer | None = None
 
     def start(self) -> None:
         self.scan()

@@ -8,7 +8,8 @@ loopback of the same family, port + delta.
 -t (host -> namespace): tcp.py accepts on the host's listening sockets and offers each new
 connection to `claim`; one whose source is the host's loopback is taken here and connected,
 from a socket created inside the namespace, to the namespace's own address (reference 4.5: the
-address it was seen using, or its loopback with --host-lo-to-ns-lo), port + delta. Namespace
+address it was seen using; with --host-lo-to-ns-lo the loopback address the host connection
+was made to), port + delta. Namespace
 sockets come from a small pool refilled in one helper-thread call, as a thread per connection
 would cost more than the connection. Each direction has its own pipe: data is
 spliced from the source socket into the pipe, then from the pipe into the other socket. When
@@ -243,10 +244,11 @@ class TcpSplice:
     connections of both."""
 
     def __init__(self, loop: Loop, netns_fd: int | None = None,
-                 ns_target: Callable[[int], str] | None = None) -> None:
+                 ns_target: Callable[[int, str], str] | None = None) -> None:
         self.loop = loop
         self.netns_fd = netns_fd
-        # family -> the namespace address a host-loopback connection goes to
+        # (family, host address connected to) -> the namespace address a host-loopback
+        # connection goes to
         self.ns_target = ns_target
         self.pool = NsSocketPool(netns_fd) if netns_fd is not None else None
         self.listeners: dict[int, tuple[socket.socket, int]] = {}  # fd -> (socket, to port)
@@ -295,7 +297,7 @@ class TcpSplice:
             log.debug("splice: no namespace socket: %s", e)
             sock.close()
             return True
-        dst = self.ns_target(family)
+        dst = self.ns_target(family, str(sock.getsockname()[0]).split("%")[0])
         try:
             b.connect((dst, lst.guest_port))
         except BlockingIOError:

@@ -95,7 +95,7 @@ def _listener_socket(family: int, port: int) -> socket.socket:
 
 
 class UdpSplice:
-    def __init__(self, loop: Loop, netns_fd: int, ns_target: Callable[[int], str],
+    def __init__(self, loop: Loop, netns_fd: int, ns_target: Callable[[int, str], str],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = loop
         self.netns_fd = netns_fd
@@ -209,7 +209,7 @@ class UdpSplice:
         sport = int(addr[1])
         try:
             if lst.to_ns:  # host loopback -> the namespace's address, from inside it
-                dst = self.ns_target(family)
+                dst = self.ns_target(family, _loopback(family))  # the listener's address
                 reply = netns.call_in_netns(self.netns_fd, _bound_socket, family,
                                             "::" if family == socket.AF_INET6 else "0.0.0.0",
                                             sport)

@@ -1,9 +1,19 @@
 """ICMP/ICMPv6 echo through unprivileged ping sockets (reference §4.7).
 
 A guest Echo Request opens (or reuses) a `socket(AF, SOCK_DGRAM, IPPROTO_ICMP[V6])` per
-(guest source, guest destination, echo identifier) and is sent whole with sendto(); the kernel
-picks the echo identifier, so replies get the guest's identifier back before they are written,
-in place, into a link buffer. Flows expire after 60 s without a request.
+(guest source, guest destination, echo identifier) and is sent whole with sendto() to the
+destination as NAT translates it (-o / --outbound-if bind the socket where they apply); the
+kernel picks the echo identifier, so replies get the guest's identifier back before they are
+written, in place, into a link buffer, from the address the guest pinged. Flows expire after
+60 s without a request.
+
+Only Echo Requests (code 0) are relayed: every other ICMP and ICMPv6 type from the guest is
+dropped (NDP never gets here: the dispatcher hands it to services/ndp.py), as are requests NAT
+turns down and new ones while the flow table is full. Only Echo Replies go back, and only from
+the address the request went to: ping sockets match replies by identifier alone, and a reply
+from anybody else must not look like an answer. If the host forbids ping sockets
+(net.ipv4.ping_group_range), that is said once, at warning level, with the sysctl that allows
+them. Replies read while no guest is attached are dropped.
 """
 
 from __future__ import annotations
@@ -60,21 +70,19 @@ class IcmpHandler:
     # guest -> host
 
     def tap4(self, packet: Ipv4) -> None:
-        msg = wicmp.parse_icmp(packet.payload)
-        if msg.type != wicmp.ICMP_ECHO or msg.code != 0:
-            self._log.debug("icmp4-type", "ICMP type %d from the guest dropped", msg.type)
-            return
-        self._request(False, packet.src, packet.dst, msg.ident, packet.payload)
+        self._request(False, packet.src, packet.dst, packet.payload)
 
     def tap6(self, packet: Ipv6) -> None:
-        msg = wicmp.parse_icmpv6(packet.l4)
-        if msg.type != wicmp.ICMPV6_ECHO_REQUEST or msg.code != 0:
-            self._log.debug("icmp6-type", "ICMPv6 type %d from the guest dropped", msg.type)
-            return
-        self._request(True, packet.src, packet.dst, msg.ident, packet.l4)
+        self._request(True, packet.src, packet.dst, packet.l4)
 
     def _request(self, six: bool, src: IPv4Address | IPv6Address,
-                 dst: IPv4Address | IPv6Address, ident: int, message: memoryview) -> None:
+                 dst: IPv4Address | IPv6Address, message: memoryview) -> None:
+        msg = wicmp.parse_icmp(message)
+        if msg.type != (wicmp.ICMPV6_ECHO_REQUEST if six else wicmp.ICMP_ECHO) or msg.code:
+            self._log.debug(("icmp-type", six), "%s type %d from the guest dropped",
+                            "ICMPv6" if six else "ICMP", msg.type)
+            return
+        ident = msg.ident
         ctx = self.ctx
         key = ("ping6" if six else "ping4", src, dst, ident)
         flow = ctx.flows.lookup(key)

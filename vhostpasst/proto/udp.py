@@ -17,6 +17,19 @@ Errors: every socket has IP_RECVERR / IPV6_RECVERR. What the kernel queues (port
 fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the datagram as
 the guest sent it, rate-limited. passt only logs these; a guest that is told gets
 ECONNREFUSED at once instead of waiting for a timeout.
+
+Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(), a run for
+one flow in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg` C helper
+when it is built, else one system call per datagram).
+
+A flow ends after 180 s without a datagram either way (VHOSTPASST_UDP_TIMEOUT, for tests).
+
+Refused, silently but for a rate-limited debug line: guest datagrams with port 0 on either
+side, from an unspecified or multicast source, to an unspecified destination, or to one NAT
+turns down; a new flow when the flow table is full or its socket cannot be set up; inbound
+datagrams from port 0, a multicast or unspecified source, or a source NAT has no guest
+address for; a datagram longer than the guest's MTU (it is not fragmented). With no guest
+attached, what the host sends is read and dropped.
 """
 
 from __future__ import annotations
@@ -36,16 +49,15 @@ from vhostpasst.core import nat
 from vhostpasst.core.flow import RX_BATCH, Context, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
-from vhostpasst.proto.listen import bound_socket
+from vhostpasst.proto import bind
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
-from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
+from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 
 log = logging.getLogger(__name__)
 
 IPAddr = IPv4Address | IPv6Address
 
 UDP_TIMEOUT = 180.0
-BROADCAST4 = IPv4Address("255.255.255.255")
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
@@ -55,7 +67,7 @@ SO_EE_ORIGIN_ICMP = 2
 SO_EE_ORIGIN_ICMP6 = 3
 _EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
 ICMP4_ERR_MAX = 576  # RFC 1812 4.3.2.3: an ICMP error packet stays within 576 bytes
-ICMP6_ERR_MAX = 1280  # RFC 4443 2.4(c): within the minimum IPv6 MTU
+ICMP6_ERR_MAX = IPV6_MIN_MTU  # RFC 4443 2.4(c): within the minimum IPv6 MTU
 ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
 ICMP_ERR_BURST = 20.0
 
@@ -190,7 +202,6 @@ class UdpHandler:
         self._log = RateLimitedLog(log)
         self._tokens = ICMP_ERR_BURST
         self._tokens_at = clock()
-        self.errors_relayed = 0
 
     def close(self) -> None:
         for lst in self.listeners:
@@ -450,7 +461,7 @@ class UdpHandler:
         """Bind every `-u` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
         config = self.ctx.config
-        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+        for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "UDP", self._listen_one):
             lst = Listener(sock, six, m.guest_port)
             self.listeners.append(lst)
@@ -477,8 +488,9 @@ class UdpHandler:
 
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
-        return bound_socket(self.socket_factory, socket.SOCK_DGRAM, six, addr, ifname, port,
-                            self.ctx.config.freebind, lambda sock: _set_recverr(sock, six))
+        return bind.bound_socket(self.socket_factory, socket.SOCK_DGRAM, six, addr, ifname,
+                                 port, self.ctx.config.freebind,
+                                 lambda sock: _set_recverr(sock, six))
 
     # --- ICMP errors to the guest -------------------------------------------------------------
 
@@ -527,8 +539,7 @@ class UdpHandler:
             return
         frame = build_error_frame(self.ctx, flow, type_, code, info, payload, src)
         if frame is not None and self.ctx.link is not None:
-            if self.ctx.link.send(frame):
-                self.errors_relayed += 1
+            self.ctx.link.send(frame)
 
     def _error_source(self, flow: UdpFlow, offender: bytes) -> IPAddr | None:
         """Who the guest is told sent the error: the far end itself if it was the
@@ -561,9 +572,10 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
     mac, our = ctx.guest_mac(), ctx.config.our_mac
     ulen = udp.UDP_HLEN + len(payload)
     g, f, s = flow.gaddr.packed, flow.faddr.packed, src.packed  # one family, checked by caller
+    # the datagram as the guest sent it (its checksum is not known any more: 0, "none")
+    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
     if flow.six:
         limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
-        quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
         quoted = ip.build_ipv6(g, f, ip.IPPROTO_UDP, b"")
         quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
         quoted = quoted[:limit]
@@ -572,13 +584,12 @@ def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: 
         return eth.build_eth(mac, our, eth.ETH_P_IPV6,
                              ip.build_ipv6(s, g, ip.IPPROTO_ICMPV6, msg))
     limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
-    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
     inner = bytearray(ip.build_ipv4(g, f, ip.IPPROTO_UDP, b"", ttl=64))
     struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
     struct.pack_into("!H", inner, 10, 0)
     struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
     quoted = (bytes(inner) + quoted_udp)[:limit]
-    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == 4
+    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == icmp.ICMP_FRAG_NEEDED
     rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
     msg = icmp.build_icmp(type_, code, rest + quoted)
     return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(s, g, ip.IPPROTO_ICMP,

@@ -2,7 +2,12 @@
 
 With no ARP table of our own, every IPv4 address the guest asks about is "on-link via us",
 except its own: answering for that would make the guest's duplicate address detection
-(RFC 5227) believe its address is taken.
+(RFC 5227) believe its address is taken. The reply goes to the sender's hardware address as
+the request states it.
+
+Unanswered: anything but an Ethernet/IPv4 ARP request (replies included), gratuitous
+announcements (sender and target address equal), requests for the guest's own address, and
+frames that do not parse. Guest input never makes `reply()` raise.
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded
+from vhostpasst.services.dnsname import compressed_search_list, dns_name
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IP, parse_eth
-from vhostpasst.wire.ip import IPPROTO_UDP, parse_ipv4
+from vhostpasst.wire.ip import BROADCAST4, IPPROTO_UDP, parse_ipv4
 from vhostpasst.wire.udp import UDP4_PAYLOAD_OFFSET, parse_udp, write_eth_ipv4_udp_headers
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,10 @@ FQDN_O = 0x02  # server overrode the client's S
 FQDN_E = 0x04  # canonical wire format name (else deprecated ASCII)
 FQDN_N = 0x08  # server does no DNS updates
 
-BOOTP_FIXED_LEN = 236  # op .. file, before the magic cookie
 BOOTP_MIN_LEN = 300  # RFC 951: the vendor area is at least 64 bytes; old clients insist
-LEASE_INFINITE = 0xFFFFFFFF
 
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
 _OPTS_OFFSET = _BOOTP.size  # 240
-_BROADCAST = IPv4Address("255.255.255.255")
 _ZERO4 = bytes(4)
 
 # Options we add after those the client asked for, in this order
@@ -165,7 +162,7 @@ class DhcpServer:
         # yiaddr: clients on plain UDP sockets could not receive that, raw-socket ones
         # (dhclient, udhcpc, systemd-networkd) take either.
         if flags & FLAG_BROADCAST or ciaddr == _ZERO4:
-            dst = _BROADCAST
+            dst = BROADCAST4
         else:
             dst = IPv4Address(ciaddr)
         dst_mac = chaddr[:6] if htype == 1 and hlen == 6 else eth.src
@@ -230,7 +227,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
     opts[OPT_NETMASK] = struct.pack("!I", (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF)
     if ip4.gateway is not None:
         opts[OPT_ROUTER] = ip4.gateway.packed
-    opts[OPT_LEASE] = struct.pack("!I", LEASE_INFINITE)
+    opts[OPT_LEASE] = struct.pack("!I", INFINITE)
     server = ip4.our_tap_addr or ip4.gateway
     if server is not None:
         opts[OPT_SERVER_ID] = server.packed
@@ -239,7 +236,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
     if ip4.dns and not config.no_dhcp_dns:
         opts[OPT_DNS] = b"".join(a.packed for a in ip4.dns)
     if config.search and not config.no_dhcp_search:
-        search = encode_search(config.search)
+        search = compressed_search_list(config.search)
         if search:
             opts[OPT_SEARCH] = search
     gw = ip4.gateway
@@ -252,7 +249,7 @@ def _static_options(config: Config) -> dict[int, bytes]:
         # "replace": a name from argv may hold lone surrogates; never fail on it
         opts[OPT_HOSTNAME] = config.hostname.encode("utf-8", "replace")[:255]
     if config.fqdn:
-        name = _dns_name(config.fqdn)
+        name = dns_name(config.fqdn)
         if name is not None:
             opts[OPT_FQDN] = bytes((FQDN_N | FQDN_E, 255, 255)) + name
     return opts
@@ -263,59 +260,12 @@ def _route(width: int, dest: IPv4Address, router: IPv4Address) -> bytes:
     return bytes((width,)) + dest.packed[:(width + 7) // 8] + router.packed
 
 
-def _labels(name: str) -> list[bytes] | None:
-    """A domain's labels, or None if it is not a valid DNS name (RFC 1035 §2.3.4)."""
-    name = name.rstrip(".")
-    if not name:
-        return None
-    try:
-        labels = [label.encode("idna") if not label.isascii() else label.encode()
-                  for label in name.split(".")]
-    except UnicodeError:
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    if sum(len(label) + 1 for label in labels) + 1 > 255:
-        return None
-    return labels
-
-
-def _dns_name(name: str) -> bytes | None:
-    labels = _labels(name)
-    if labels is None:
-        return None
-    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
-
-
 def _fqdn_reply(fqdn: str, client: bytes) -> bytes:
     """Option 81 for a client that sent one (RFC 4702 §4): answer in its encoding, and say
     we override its S bit (we never update DNS)."""
     cflags = client[0] if client else FQDN_E
     flags = FQDN_N | (FQDN_O if cflags & FQDN_S else 0)
     if cflags & FQDN_E:
-        name = _dns_name(fqdn) or b""
+        name = dns_name(fqdn) or b""
         return bytes((flags | FQDN_E, 255, 255)) + name
     return bytes((flags, 255, 255)) + fqdn.encode("ascii", "ignore")
-
-
-def encode_search(domains: Iterable[str]) -> bytes:
-    """Option 119 data (RFC 3397): the names in RFC 1035 wire format, a suffix that was
-    already written replaced by a compression pointer to it. Invalid names are skipped."""
-    out = bytearray()
-    seen: dict[tuple[bytes, ...], int] = {}  # suffix (lowercased labels) -> its offset
-    for domain in domains:
-        labels = _labels(domain)
-        if labels is None:
-            continue
-        for i in range(len(labels)):
-            suffix = tuple(label.lower() for label in labels[i:])
-            where = seen.get(suffix)
-            if where is not None:
-                out += struct.pack("!H", 0xC000 | where)
-                break
-            if len(out) < 0x4000:  # pointers only reach 14 bits
-                seen[suffix] = len(out)
-            out += bytes((len(labels[i]),)) + labels[i]
-        else:
-            out.append(0)
-    return bytes(out)

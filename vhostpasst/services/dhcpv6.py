@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
+from vhostpasst.services.common import INFINITE, Ignored, guarded, whole_ipv6
+from vhostpasst.services.dnsname import search_list
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
-from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
-from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6, parse_ipv6
+from vhostpasst.wire.eth import ETH_P_IPV6, build_eth
+from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6
 from vhostpasst.wire.udp import build_udp6, parse_udp
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,14 @@ REBIND = 6
 REPLY = 7
 RELEASE = 8
 DECLINE = 9
-RECONFIGURE = 10
 INFORMATION_REQUEST = 11
-RELAY_FORW = 12
-RELAY_REPL = 13
 
 # Options (RFC 8415 §21, RFC 3646)
 OPT_CLIENTID = 1
 OPT_SERVERID = 2
 OPT_IA_NA = 3
-OPT_IA_TA = 4
 OPT_IAADDR = 5
-OPT_ORO = 6
 OPT_PREFERENCE = 7
-OPT_ELAPSED_TIME = 8
 OPT_STATUS_CODE = 13
 OPT_RAPID_COMMIT = 14
 OPT_DNS_SERVERS = 23
@@ -69,16 +64,12 @@ OPT_IA_PD = 25
 
 # Status codes (RFC 8415 §21.13)
 STATUS_SUCCESS = 0
-STATUS_UNSPEC_FAIL = 1
 STATUS_NO_ADDRS_AVAIL = 2
-STATUS_NO_BINDING = 3
 STATUS_NOT_ON_LINK = 4
-STATUS_USE_MULTICAST = 5
 STATUS_NO_PREFIX_AVAIL = 6
 
 DUID_LL = 3
 HW_ETHERNET = 1
-INFINITE = 0xFFFFFFFF
 MAX_PREFERENCE = 255  # RFC 8415 §18.2.1: the client requests at once, no waiting for others
 
 _OPT = struct.Struct("!HH")
@@ -106,37 +97,10 @@ def _opt(code: int, value: bytes = b"") -> bytes:
     return _OPT.pack(code, len(value)) + value
 
 
-def _labels(name: str) -> list[bytes] | None:
-    """A domain's labels, or None if it is not a valid DNS name (RFC 1035 §2.3.4)."""
-    name = name.rstrip(".")
-    if not name:
-        return None
-    try:
-        labels = [label.encode() if label.isascii() else label.encode("idna")
-                  for label in name.split(".")]
-    except UnicodeError:
-        return None
-    if any(not 0 < len(label) < 64 for label in labels):
-        return None
-    if sum(len(label) + 1 for label in labels) + 1 > 255:
-        return None
-    return labels
-
-
-def dns_name(name: str) -> bytes | None:
-    """`name` in uncompressed RFC 1035 wire format (as options 24 and DNSSL want it), or None
-    if it is not a valid domain name."""
-    labels = _labels(name)
-    if labels is None:
-        return None
-    return b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
-
-
 class Dhcpv6Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.last_error: str | None = None  # why the last handle() returned None
-        self.client_ll: IPv6Address | None = None  # source of the last request we answered
         self.server_id = struct.pack("!HH", DUID_LL, HW_ETHERNET) + config.our_mac
         # options every reply carries, after the IAs: computed once (Config is frozen)
         info = bytearray()
@@ -144,7 +108,7 @@ class Dhcpv6Server:
         if ip6 is not None and ip6.dns and not config.no_dhcp_dns:
             info += _opt(OPT_DNS_SERVERS, b"".join(a.packed for a in ip6.dns[:_DNS_MAX]))
         if config.search and not config.no_dhcp_search:
-            names = b"".join(n for n in map(dns_name, config.search) if n is not None)
+            names = search_list(config.search)
             if names and len(names) <= 0xFFFF:
                 info += _opt(OPT_DOMAIN_LIST, names)
         self._info = bytes(info)
@@ -159,12 +123,7 @@ class Dhcpv6Server:
         ip6 = config.ip6
         if config.no_dhcpv6 or ip6 is None:
             raise Ignored("DHCPv6 disabled")
-        eth = parse_eth(frame)
-        if eth.ethertype != ETH_P_IPV6:
-            raise Ignored("not IPv6")
-        packet = parse_ipv6(eth.payload)
-        if packet.proto != IPPROTO_UDP or packet.is_fragment:
-            raise Ignored("not a whole UDP datagram")
+        eth, packet = whole_ipv6(frame, IPPROTO_UDP, "UDP datagram")
         if not packet.dst.is_multicast:
             # RFC 8415 §16: clients multicast unless we sent a Server Unicast option (never)
             raise Ignored(f"unicast to {packet.dst}")
@@ -250,7 +209,6 @@ class Dhcpv6Server:
             body += self._ias(ia_nas, ia_pds, addr, renewing=mtype in (RENEW, REBIND))
             body += self._info
 
-        self.client_ll = packet.src
         udp = build_udp6(ip6.our_tap_ll, packet.src, SERVER_PORT, CLIENT_PORT, body)
         return build_eth(eth.src, config.our_mac, ETH_P_IPV6,
                          build_ipv6(ip6.our_tap_ll, packet.src, IPPROTO_UDP, udp))

@@ -29,18 +29,20 @@ import struct
 from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.services.common import Ignored, guarded
-from vhostpasst.services.dhcpv6 import dns_name
+from vhostpasst.services.common import INFINITE, Ignored, guarded, whole_ipv6
+from vhostpasst.services.dnsname import search_list
+from vhostpasst.wire.checksum import l4_ipv6
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
-from vhostpasst.wire.eth import ETH_P_IPV6, build_eth, parse_eth
+from vhostpasst.wire.eth import ETH_P_IPV6, build_eth
 from vhostpasst.wire.icmp import (
     ND_NEIGHBOR_ADVERT,
     ND_NEIGHBOR_SOLICIT,
     ND_ROUTER_ADVERT,
     ND_ROUTER_SOLICIT,
+    NDP_TYPES,
     build_icmpv6,
 )
-from vhostpasst.wire.ip import IPPROTO_ICMPV6, build_ipv6, l4_checksum_ok6, parse_ipv6
+from vhostpasst.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, build_ipv6
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,9 @@ NA_OVERRIDE = 0x20000000
 PI_ONLINK = 0x80
 PI_AUTONOMOUS = 0x40
 
-INFINITE = 0xFFFFFFFF
 # RFC 4861 §6.2.1 caps AdvDefaultLifetime at 9000 s (RFC 8319 later allows 65535, passt's
 # value). 9000 is valid under both, and our unsolicited RAs refresh it every <= 600 s anyway.
 ROUTER_LIFETIME = 9000
-IPV6_MIN_MTU = 1280  # RFC 8200 §5: hosts ignore a smaller MTU option, so we send none
 
 # Unsolicited RAs: a few quick ones (RFC 4861 §6.2.4: MAX_INITIAL_RTR_ADVERTISEMENTS = 3, at
 # most MAX_INITIAL_RTR_ADVERT_INTERVAL = 16 s apart), then passt's [200, 600) s.
@@ -77,7 +77,6 @@ MAX_INTERVAL = 600.0
 
 ALL_NODES = IPv6Address("ff02::1")
 ALL_NODES_MAC = bytes.fromhex("333300000001")
-UNSPECIFIED = IPv6Address("::")
 
 _ND_HOP_LIMIT = 255  # RFC 4861: sent with 255, and only accepted with 255 (never forwarded)
 _NS_LEN = 24  # ICMPv6 header + 4 reserved + 16 target
@@ -119,10 +118,6 @@ class NdpService:
         self.config = config
         self.rng = rng or random.Random()
         self.last_error: str | None = None  # why the last handle() answered nothing
-        # what the guest's frames show, for the dispatcher
-        self.guest_mac: bytes | None = None
-        self.guest_ll: IPv6Address | None = None
-        self.guest_addr: IPv6Address | None = None  # a global (non-link-local) source
         self._seen = False
         self._deadline: float | None = None
         self._initial_left = 0
@@ -151,7 +146,6 @@ class NdpService:
         self._seen = False
         self._deadline = None
         self._initial_left = 0
-        self.guest_mac = self.guest_ll = self.guest_addr = None
 
     def next_deadline(self) -> float | None:
         """When unsolicited() next has something to send (None: nothing scheduled)."""
@@ -181,43 +175,26 @@ class NdpService:
     def _handle(self, frame: memoryview, now: float) -> list[bytes]:
         if not self._enabled:
             raise Ignored("NDP disabled")
-        eth = parse_eth(frame)
-        if eth.ethertype != ETH_P_IPV6:
-            raise Ignored("not IPv6")
-        packet = parse_ipv6(eth.payload)
-        if packet.proto != IPPROTO_ICMPV6 or packet.is_fragment:
-            raise Ignored("not a whole ICMPv6 message")
+        eth, packet = whole_ipv6(frame, IPPROTO_ICMPV6, "ICMPv6 message")
         msg = packet.l4
         if len(msg) < 8:
             raise Malformed(f"ICMPv6 message of {len(msg)} bytes")
         type_, code = msg[0], msg[1]
-        if type_ not in (ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_NEIGHBOR_SOLICIT,
-                         ND_NEIGHBOR_ADVERT):
+        if type_ not in NDP_TYPES:
             raise Ignored(f"ICMPv6 type {type_} is not NDP")
         # RFC 4861 §6.1.1/§7.1.1 validity: from the link itself, code 0, checksum right
         if packet.hop_limit != _ND_HOP_LIMIT:
             raise Ignored(f"hop limit {packet.hop_limit}, not 255")
         if code != 0:
             raise Ignored(f"ICMPv6 code {code}")
-        if not l4_checksum_ok6(packet.src, packet.dst, IPPROTO_ICMPV6, msg):
+        if l4_ipv6(packet.src, packet.dst, IPPROTO_ICMPV6, msg) != 0:  # sums to 0 when right
             raise Ignored("bad ICMPv6 checksum")
-        self._learn(eth.src, packet.src)
         self.guest_seen(now)
         if type_ == ND_NEIGHBOR_SOLICIT:
             return self._solicit(eth.src, packet.src, packet.dst, msg)
         if type_ == ND_ROUTER_SOLICIT:
             return self._router_solicit(eth.src, packet.src, msg)
         raise Ignored(f"ICMPv6 type {type_} from the guest consumed")
-
-    def _learn(self, mac: bytes, src: IPv6Address) -> None:
-        if not mac[0] & 1:
-            self.guest_mac = bytes(mac)
-        if src.is_unspecified or src.is_multicast or src.is_loopback:
-            return
-        if src.is_link_local:
-            self.guest_ll = src
-        else:
-            self.guest_addr = src
 
     def _solicit(self, mac: bytes, src: IPv6Address, dst: IPv6Address,
                  msg: memoryview) -> list[bytes]:
@@ -279,7 +256,7 @@ class NdpService:
             prefix = IPv6Address(int(ip6.addr) & ~((1 << 64) - 1))  # SLAAC needs a /64
             body += struct.pack("!BBBBIII16s", OPT_PREFIX, 4, 64, PI_ONLINK | PI_AUTONOMOUS,
                                 INFINITE, INFINITE, 0, prefix.packed)
-        if config.mtu >= IPV6_MIN_MTU:
+        if config.mtu >= IPV6_MIN_MTU:  # hosts ignore a smaller MTU option: send none
             body += struct.pack("!BBHI", OPT_MTU, 1, 0, min(config.mtu, INFINITE))
         body += _option(OPT_SLLA, config.our_mac)
         dns = ip6.dns[:_MAX_RDNSS] if not config.no_dhcp_dns else ()
@@ -287,7 +264,7 @@ class NdpService:
             body += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(dns), 0, INFINITE)
             body += b"".join(a.packed for a in dns)
             # DNSSL only beside RDNSS: a search list without servers is useless
-            names = b"".join(n for n in map(dns_name, config.search) if n is not None)
+            names = search_list(config.search)
             if names and not config.no_dhcp_search:
                 option = _pad8(struct.pack("!BBHI", OPT_DNSSL, 0, 0, INFINITE) + names)
                 if len(option) <= 255 * 8:

@@ -169,7 +169,7 @@ class NsThread:
             return fn(*args, **kwargs)
         req = _Request(lambda: fn(*args, **kwargs))
         self._requests.put(req)
-        return req.result()  # type: ignore[no-any-return]
+        return req.result()
 
     def run(self, fn: Callable[[], None]) -> None:
         """isolation.drop's thread runner."""

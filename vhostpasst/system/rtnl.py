@@ -4,8 +4,8 @@ host detection makes and the changes pasta's --config-net makes, nothing more.
 It replaces pyroute2, whose import alone took ~0.18 s of a ~0.35 s pasta start (podman waits
 for that on every container). The calls and the messages they return keep pyroute2's shape
 (`msg["index"]`, `msg.get_attr("IFLA_IFNAME")`, `ipr.route("add", dst=..., gateway=...)`)
-for the subset conf.py and pasta.py use. Errors from the kernel raise NetlinkError, an
-OSError whose `code` (and errno) is the kernel's error number.
+for the subset config/host.py and pasta/config_net.py use. Errors from the kernel raise
+NetlinkError, an OSError whose `code` (and errno) is the kernel's error number.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 
-IFF_UP = 0x1
 REPLY_TIMEOUT = 10.0  # seconds
+
+# the values callers compare messages with or pass in (host.py, pasta/config_net.py)
+IFF_UP, IFF_LOOPBACK, IFF_NOARP = 0x1, 0x8, 0x80
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x02, 0x08, 0x20, 0x40
 RTPROT_STATIC = 4
-RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid

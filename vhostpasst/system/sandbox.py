@@ -211,10 +211,13 @@ def _chroot_empty(threads: Sequence[ThreadRunner]) -> None:
 def drop_all_caps(threads: Iterable[ThreadRunner] = ()) -> None:
     """passt mode: no capability in any set, the bounding set included (the new user
     namespace gave them all back)."""
-    isolation.prepare_thread((), False)
-    isolation.finish_thread(())
+    def drop_here() -> None:
+        isolation.prepare_thread((), False)
+        isolation.finish_thread(())
+
+    drop_here()
     for run in threads:
-        run(lambda: (isolation.prepare_thread((), False), isolation.finish_thread(())))
+        run(drop_here)
 
 
 @dataclass

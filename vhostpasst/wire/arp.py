@@ -18,7 +18,6 @@ ARPOP_REQUEST = 1
 ARPOP_REPLY = 2
 
 ARP_HLEN = 8  # fixed part, before the four addresses
-ARP_ETH_IP_LEN = 28  # the whole packet for Ethernet/IPv4
 
 _FIXED = struct.Struct("!HHBBH")
 _ETH_IP = struct.Struct("!HHBBH6s4s6s4s")

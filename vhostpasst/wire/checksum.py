@@ -7,11 +7,17 @@ Every function takes any buffer (bytes, bytearray, memoryview, at any offset or 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeVar
 
 from vhostpasst._csum import ffi, lib
 
 Buffer = bytes | bytearray | memoryview
+# One address family: what pseudo4 or pseudo6 takes, so code for both can be written once.
+AddrT = TypeVar("AddrT", IPv4Address | bytes, IPv6Address | bytes)
+# pseudo4 or pseudo6: (src, dst, protocol, L4 length) -> the pseudo-header's partial sum
+PseudoHeader = Callable[[AddrT, AddrT, int, int], int]
 
 _PSEUDO4 = struct.Struct("!4s4sBBH")
 _PSEUDO6_TAIL = struct.Struct("!IxxxB")

@@ -13,7 +13,6 @@ from vhostpasst.wire.errors import Buffer, Malformed, as_view
 
 ETH_ALEN = 6
 ETH_HLEN = 14
-ETH_ZLEN = 60  # minimum frame length without FCS (padding is the sender's business)
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806

@@ -27,24 +27,21 @@ ICMP_HLEN = 8  # type, code, checksum and the 4 type-specific bytes
 
 ICMP_ECHOREPLY = 0
 ICMP_DEST_UNREACH = 3
+ICMP_FRAG_NEEDED = 4  # a code of ICMP_DEST_UNREACH (RFC 1191)
 ICMP_ECHO = 8
-ICMP_TIME_EXCEEDED = 11
 
-ICMPV6_DEST_UNREACH = 1
 ICMPV6_PKT_TOOBIG = 2
-ICMPV6_TIME_EXCEED = 3
-ICMPV6_PARAMPROB = 4
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
 ND_ROUTER_SOLICIT = 133
 ND_ROUTER_ADVERT = 134
 ND_NEIGHBOR_SOLICIT = 135
 ND_NEIGHBOR_ADVERT = 136
-ND_REDIRECT = 137
+NDP_TYPES = frozenset({ND_ROUTER_SOLICIT, ND_ROUTER_ADVERT, ND_NEIGHBOR_SOLICIT,
+                       ND_NEIGHBOR_ADVERT})  # what the NDP service takes (RFC 4861)
 
 _HDR = struct.Struct("!BBHHH")
-_CSUM = struct.Struct("!H")
-_ID = struct.Struct("!H")
+_U16 = struct.Struct("!H")
 
 
 class Icmp(NamedTuple):
@@ -58,6 +55,8 @@ class Icmp(NamedTuple):
 
 
 def parse_icmp(buf: Buffer) -> Icmp:
+    """An ICMP or ICMPv6 message: every one, NDP included, has at least 8 bytes (RFC 792,
+    RFC 4443 §2.1, RFC 4861)."""
     view = as_view(buf)
     if len(view) < ICMP_HLEN:
         raise Malformed(f"ICMP message of {len(view)} bytes is shorter than 8")
@@ -65,36 +64,15 @@ def parse_icmp(buf: Buffer) -> Icmp:
     return Icmp(type_, code, check, ident, seq, view[4:], view[ICMP_HLEN:])
 
 
-def parse_icmpv6(buf: Buffer) -> Icmp:
-    """Every ICMPv6 message, NDP included, has at least 8 bytes (RFC 4443 §2.1, RFC 4861)."""
-    view = as_view(buf)
-    if len(view) < ICMP_HLEN:
-        raise Malformed(f"ICMPv6 message of {len(view)} bytes is shorter than 8")
-    type_, code, check, ident, seq = _HDR.unpack_from(view)
-    return Icmp(type_, code, check, ident, seq, view[4:], view[ICMP_HLEN:])
-
-
-def icmp_checksum_ok(buf: Buffer) -> bool:
-    return checksum.fold(checksum.partial(buf)) == 0
-
-
-def write_icmp_checksum(buf: memoryview, length: int, offset: int = 0,
-                        ident: int | None = None) -> None:
-    """(Re)compute the checksum of the `length`-byte ICMP message at `offset`, first
-    replacing the echo identifier if `ident` is given (ping sockets pick their own)."""
+def _write_checksum(buf: memoryview, length: int, offset: int, ident: int | None,
+                    pseudo: int) -> None:
+    """(Re)compute the checksum of the `length`-byte message at `offset`, first replacing the
+    echo identifier if `ident` is given (ping sockets pick their own). `pseudo`: the partial
+    sum of the IPv6 pseudo-header for ICMPv6, 0 for ICMP (which has none)."""
     if ident is not None:
-        _ID.pack_into(buf, offset + 4, ident)
-    _CSUM.pack_into(buf, offset + 2, 0)
-    _CSUM.pack_into(buf, offset + 2, checksum.checksum(buf[offset:offset + length]))
-
-
-def write_icmpv6_checksum(buf: memoryview, src: Addr6, dst: Addr6, length: int,
-                          offset: int = 0, ident: int | None = None) -> None:
-    if ident is not None:
-        _ID.pack_into(buf, offset + 4, ident)
-    _CSUM.pack_into(buf, offset + 2, 0)
-    _CSUM.pack_into(buf, offset + 2,
-                    checksum.l4_ipv6(src, dst, IPPROTO_ICMPV6, buf[offset:offset + length]))
+        _U16.pack_into(buf, offset + 4, ident)
+    _U16.pack_into(buf, offset + 2, 0)
+    _U16.pack_into(buf, offset + 2, checksum.checksum(buf[offset:offset + length], pseudo))
 
 
 def _message(type_: int, code: int, body: Buffer) -> bytearray:
@@ -108,7 +86,7 @@ def _message(type_: int, code: int, body: Buffer) -> bytearray:
 def build_icmp(type_: int, code: int, body: Buffer) -> bytes:
     """An ICMP message; `body` is everything after the checksum field."""
     out = _message(type_, code, body)
-    write_icmp_checksum(memoryview(out), len(out))
+    _write_checksum(memoryview(out), len(out), 0, None, 0)
     return bytes(out)
 
 
@@ -118,7 +96,8 @@ def build_icmp_echo(type_: int, ident: int, seq: int, data: Buffer = b"") -> byt
 
 def build_icmpv6(src: Addr6, dst: Addr6, type_: int, code: int, body: Buffer) -> bytes:
     out = _message(type_, code, body)
-    write_icmpv6_checksum(memoryview(out), src, dst, len(out))
+    _write_checksum(memoryview(out), len(out), 0, None,
+                    checksum.pseudo6(src, dst, IPPROTO_ICMPV6, len(out)))
     return bytes(out)
 
 
@@ -133,7 +112,7 @@ def write_eth_ipv4_icmp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes,
     """The whole ICMP message (header included, as a ping socket returns it) sits at
     `buf[ETH_IP4_HLEN:]`: fix its identifier and checksum, write Ethernet + IPv4 headers
     in front. Returns the frame length."""
-    write_icmp_checksum(buf, icmp_len, ETH_IP4_HLEN, ident)
+    _write_checksum(buf, icmp_len, ETH_IP4_HLEN, ident, 0)
     return write_eth_ipv4_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_ICMP, icmp_len, ttl)
 
 
@@ -141,6 +120,7 @@ def write_eth_ipv6_icmp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes,
                                 dst: Addr6, icmp_len: int, ident: int | None = None,
                                 hop_limit: int = 255) -> int:
     """As write_eth_ipv4_icmp_headers, message at `buf[ETH_IP6_HLEN:]`."""
-    write_icmpv6_checksum(buf, src, dst, icmp_len, ETH_IP6_HLEN, ident)
+    _write_checksum(buf, icmp_len, ETH_IP6_HLEN, ident,
+                    checksum.pseudo6(src, dst, IPPROTO_ICMPV6, icmp_len))
     return write_eth_ipv6_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_ICMPV6, icmp_len,
                                   hop_limit)

@@ -37,11 +37,16 @@ IPPROTO_SHIM6 = 140
 IPV4_HLEN = 20
 IPV6_HLEN = 40
 IPV4_MAX_LEN = 0xFFFF
+IPV6_MIN_MTU = 1280  # RFC 8200 §5: every IPv6 link carries packets this long
+BROADCAST4 = IPv4Address("255.255.255.255")  # the limited broadcast address (RFC 919)
 
-# Extension headers shaped as (next header, length in 8-octet units beyond the first 8):
-# RFC 8200 §4.4-4.6, RFC 6275 (MH), RFC 7401 (HIP), RFC 5533 (Shim6), RFC 3692 (253/254).
-_GENERIC_EXT = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_MH,
-                          IPPROTO_HIP, IPPROTO_SHIM6, 253, 254})
+# Extension headers that start (next header, length): header -> (unit, bias), the header
+# being (length + bias) * unit bytes long. Most count 8-octet units beyond the first 8:
+# RFC 8200 §4.4-4.6, RFC 6275 (MH), RFC 7401 (HIP), RFC 5533 (Shim6), RFC 3692 (253/254);
+# AH counts 4-octet units, minus 2 (RFC 4302 §2.2).
+_EXT_LENGTH = {nh: (8, 1) for nh in (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS,
+                                     IPPROTO_MH, IPPROTO_HIP, IPPROTO_SHIM6, 253, 254)}
+_EXT_LENGTH[IPPROTO_AH] = (4, 2)
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -69,10 +74,6 @@ class Ipv4(NamedTuple):
     options: memoryview
     payload: memoryview  # trimmed to tot_len
     is_fragment: bool  # MF set or offset != 0: the payload is not a whole L4 segment
-
-    @property
-    def dont_fragment(self) -> bool:
-        return bool(self.frag_off & IP4_DF)
 
     @property
     def more_fragments(self) -> bool:
@@ -145,20 +146,13 @@ def _walk_ext(view: memoryview, nh: int, off: int,
     Every header consumes at least 8 bytes, so the loop is bounded by the packet length.
     """
     while True:
-        if nh in _GENERIC_EXT:
+        if nh in _EXT_LENGTH:
             if off + 8 > end:
                 raise Malformed(f"IPv6 extension header {nh} truncated")
-            hlen = (view[off + 1] + 1) * 8
+            unit, bias = _EXT_LENGTH[nh]
+            hlen = (view[off + 1] + bias) * unit
             if off + hlen > end:
                 raise Malformed(f"IPv6 extension header {nh} of {hlen} bytes truncated")
-            nh = view[off]
-            off += hlen
-        elif nh == IPPROTO_AH:  # RFC 4302: length in 4-octet units, minus 2
-            if off + 8 > end:
-                raise Malformed("IPv6 AH header truncated")
-            hlen = (view[off + 1] + 2) * 4
-            if off + hlen > end:
-                raise Malformed(f"IPv6 AH header of {hlen} bytes truncated")
             nh = view[off]
             off += hlen
         elif nh == IPPROTO_FRAGMENT:
@@ -248,15 +242,3 @@ def write_eth_ipv6_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, src:
     write_ipv6_header(buf, src, dst, nh, l4_len, hop_limit, flow_label, offset=ETH_HLEN)
     return ETH_IP6_HLEN + l4_len
 
-
-def l4_checksum_ok4(src: Addr4, dst: Addr4, proto: int, segment: Buffer) -> bool:
-    """True if a TCP/UDP segment's checksum (as received) is right under the IPv4
-    pseudo-header. (A UDP checksum of 0 means "none" over IPv4: check that first.)"""
-    return checksum.fold(checksum.partial(
-        segment, checksum.pseudo4(src, dst, proto, len(segment)))) == 0
-
-
-def l4_checksum_ok6(src: Addr6, dst: Addr6, proto: int, segment: Buffer) -> bool:
-    """True if a TCP/UDP/ICMPv6 checksum is right under the IPv6 pseudo-header."""
-    return checksum.fold(checksum.partial(
-        segment, checksum.pseudo6(src, dst, proto, len(segment)))) == 0

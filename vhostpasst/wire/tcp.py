@@ -6,6 +6,7 @@ import struct
 from typing import NamedTuple
 
 from vhostpasst.wire import checksum
+from vhostpasst.wire.checksum import AddrT, PseudoHeader
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.ip import (
     ETH_IP4_HLEN,
@@ -27,8 +28,6 @@ SYN = 0x02
 RST = 0x04
 PSH = 0x08
 ACK = 0x10
-URG = 0x20
-ECE = 0x40
 CWR = 0x80
 AE = 0x100  # the former NS bit, in the low bit of the data offset byte
 
@@ -37,13 +36,11 @@ OPT_NOP = 1
 OPT_MSS = 2
 OPT_WS = 3
 OPT_SACK_PERM = 4
-OPT_SACK = 5
 OPT_TS = 8
 
 WS_MAX = 14  # RFC 7323 §2.3: larger shifts are treated as 14
 
 _TCP = struct.Struct("!HHIIBBHHH")
-_CSUM = struct.Struct("!H")
 _U16 = struct.Struct("!H")
 _TS = struct.Struct("!II")
 
@@ -148,54 +145,43 @@ def _hlen(options: Buffer) -> int:
     return TCP_HLEN + len(options)
 
 
-def _pack(buf: memoryview, offset: int, sport: int, dport: int, seq: int, ack: int,
-          flags: int, window: int, options: Buffer, urg_ptr: int) -> int:
+def _write_header(buf: memoryview, offset: int, pseudo: PseudoHeader[AddrT], src: AddrT,
+                  dst: AddrT, sport: int, dport: int, seq: int, ack: int, flags: int,
+                  window: int, payload_len: int, options: Buffer) -> int:
+    """Write the header (and options) at `offset`, checksummed with the payload that already
+    follows the options under the pseudo-header `pseudo` makes; returns the header length."""
     hlen = _hlen(options)
     _TCP.pack_into(buf, offset, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                   (hlen // 4) << 4 | (flags >> 8 & 1), flags & 0xFF, window, 0, urg_ptr)
+                   (hlen // 4) << 4 | (flags >> 8 & 1), flags & 0xFF, window, 0, 0)
     if options:
         buf[offset + TCP_HLEN:offset + hlen] = options
+    length = hlen + payload_len
+    _U16.pack_into(buf, offset + 16, checksum.checksum(buf[offset:offset + length],
+                                                        pseudo(src, dst, IPPROTO_TCP, length)))
     return hlen
 
 
-def write_tcp4_header(buf: memoryview, src: Addr4, dst: Addr4, sport: int, dport: int,
-                      seq: int, ack: int, flags: int, window: int, payload_len: int,
-                      options: Buffer = b"", urg_ptr: int = 0, offset: int = 0) -> int:
-    """Write the header (and options) at `offset`; the payload must already follow the
-    options. Returns the header length."""
-    hlen = _pack(buf, offset, sport, dport, seq, ack, flags, window, options, urg_ptr)
-    end = offset + hlen + payload_len
-    _CSUM.pack_into(buf, offset + 16, checksum.l4_ipv4(src, dst, IPPROTO_TCP, buf[offset:end]))
-    return hlen
-
-
-def write_tcp6_header(buf: memoryview, src: Addr6, dst: Addr6, sport: int, dport: int,
-                      seq: int, ack: int, flags: int, window: int, payload_len: int,
-                      options: Buffer = b"", urg_ptr: int = 0, offset: int = 0) -> int:
-    hlen = _pack(buf, offset, sport, dport, seq, ack, flags, window, options, urg_ptr)
-    end = offset + hlen + payload_len
-    _CSUM.pack_into(buf, offset + 16, checksum.l4_ipv6(src, dst, IPPROTO_TCP, buf[offset:end]))
-    return hlen
+def _build(pseudo: PseudoHeader[AddrT], src: AddrT, dst: AddrT, sport: int, dport: int,
+           seq: int, ack: int, flags: int, window: int, payload: Buffer,
+           options: Buffer) -> bytes:
+    hlen = _hlen(options)
+    out = bytearray(hlen + len(payload))
+    out[hlen:] = payload
+    _write_header(memoryview(out), 0, pseudo, src, dst, sport, dport, seq, ack, flags, window,
+                  len(payload), options)
+    return bytes(out)
 
 
 def build_tcp4(src: Addr4, dst: Addr4, sport: int, dport: int, seq: int, ack: int,
                flags: int, window: int, payload: Buffer = b"", options: Buffer = b"") -> bytes:
-    hlen = _hlen(options)
-    out = bytearray(hlen + len(payload))
-    out[hlen:] = payload
-    write_tcp4_header(memoryview(out), src, dst, sport, dport, seq, ack, flags, window,
-                      len(payload), options)
-    return bytes(out)
+    return _build(checksum.pseudo4, src, dst, sport, dport, seq, ack, flags, window, payload,
+                  options)
 
 
 def build_tcp6(src: Addr6, dst: Addr6, sport: int, dport: int, seq: int, ack: int,
                flags: int, window: int, payload: Buffer = b"", options: Buffer = b"") -> bytes:
-    hlen = _hlen(options)
-    out = bytearray(hlen + len(payload))
-    out[hlen:] = payload
-    write_tcp6_header(memoryview(out), src, dst, sport, dport, seq, ack, flags, window,
-                      len(payload), options)
-    return bytes(out)
+    return _build(checksum.pseudo6, src, dst, sport, dport, seq, ack, flags, window, payload,
+                  options)
 
 
 def write_eth_ipv4_tcp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, src: Addr4,
@@ -204,8 +190,8 @@ def write_eth_ipv4_tcp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, 
                                options: Buffer = b"", ttl: int = 255) -> int:
     """Fill Ethernet, IPv4 and TCP headers in front of a payload already at
     `buf[TCP4_PAYLOAD_OFFSET + len(options):]`; returns the frame length."""
-    hlen = write_tcp4_header(buf, src, dst, sport, dport, seq, ack, flags, window,
-                             payload_len, options, offset=ETH_IP4_HLEN)
+    hlen = _write_header(buf, ETH_IP4_HLEN, checksum.pseudo4, src, dst, sport, dport, seq, ack,
+                         flags, window, payload_len, options)
     return write_eth_ipv4_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_TCP,
                                   hlen + payload_len, ttl)
 
@@ -216,7 +202,7 @@ def write_eth_ipv6_tcp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, 
                                options: Buffer = b"", hop_limit: int = 255,
                                flow_label: int = 0) -> int:
     """As write_eth_ipv4_tcp_headers, payload at `buf[TCP6_PAYLOAD_OFFSET + len(options):]`."""
-    hlen = write_tcp6_header(buf, src, dst, sport, dport, seq, ack, flags, window,
-                             payload_len, options, offset=ETH_IP6_HLEN)
+    hlen = _write_header(buf, ETH_IP6_HLEN, checksum.pseudo6, src, dst, sport, dport, seq, ack,
+                         flags, window, payload_len, options)
     return write_eth_ipv6_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_TCP,
                                   hlen + payload_len, hop_limit, flow_label)

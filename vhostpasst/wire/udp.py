@@ -6,6 +6,7 @@ import struct
 from typing import NamedTuple
 
 from vhostpasst.wire import checksum
+from vhostpasst.wire.checksum import AddrT, PseudoHeader
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.ip import (
     ETH_IP4_HLEN,
@@ -45,42 +46,34 @@ def parse_udp(buf: Buffer) -> Udp:
     return Udp(sport, dport, length, check, view[UDP_HLEN:length])
 
 
-def _check_len(length: int) -> None:
+def _write_header(buf: memoryview, offset: int, pseudo: PseudoHeader[AddrT], src: AddrT,
+                  dst: AddrT, sport: int, dport: int, payload_len: int) -> int:
+    """Write the UDP header at `offset`, checksumming the payload that follows it under the
+    pseudo-header `pseudo` (checksum.pseudo4 or pseudo6) makes; returns the datagram length."""
+    length = UDP_HLEN + payload_len
     if length > 0xFFFF:
         raise ValueError(f"UDP datagram of {length} bytes is too long")
-
-
-def write_udp4_header(buf: memoryview, src: Addr4, dst: Addr4, sport: int, dport: int,
-                      payload_len: int, offset: int = 0) -> None:
-    """Write the UDP header at `offset`, checksumming the payload that follows it."""
-    length = UDP_HLEN + payload_len
-    _check_len(length)
     _UDP.pack_into(buf, offset, sport, dport, length, 0)
-    csum = checksum.l4_ipv4(src, dst, IPPROTO_UDP, buf[offset:offset + length])
-    _CSUM.pack_into(buf, offset + 6, csum or 0xFFFF)  # 0 means "no checksum" (RFC 768)
+    csum = checksum.checksum(buf[offset:offset + length], pseudo(src, dst, IPPROTO_UDP, length))
+    # 0 means "no checksum": allowed over IPv4 (RFC 768), not over IPv6 (RFC 8200 §8.1)
+    _CSUM.pack_into(buf, offset + 6, csum or 0xFFFF)
+    return length
 
 
-def write_udp6_header(buf: memoryview, src: Addr6, dst: Addr6, sport: int, dport: int,
-                      payload_len: int, offset: int = 0) -> None:
-    length = UDP_HLEN + payload_len
-    _check_len(length)
-    _UDP.pack_into(buf, offset, sport, dport, length, 0)
-    csum = checksum.l4_ipv6(src, dst, IPPROTO_UDP, buf[offset:offset + length])
-    _CSUM.pack_into(buf, offset + 6, csum or 0xFFFF)  # mandatory over IPv6 (RFC 8200 §8.1)
+def _build(pseudo: PseudoHeader[AddrT], src: AddrT, dst: AddrT, sport: int, dport: int,
+           payload: Buffer) -> bytes:
+    out = bytearray(UDP_HLEN + len(payload))
+    out[UDP_HLEN:] = payload
+    _write_header(memoryview(out), 0, pseudo, src, dst, sport, dport, len(payload))
+    return bytes(out)
 
 
 def build_udp4(src: Addr4, dst: Addr4, sport: int, dport: int, payload: Buffer) -> bytes:
-    out = bytearray(UDP_HLEN + len(payload))
-    out[UDP_HLEN:] = payload
-    write_udp4_header(memoryview(out), src, dst, sport, dport, len(payload))
-    return bytes(out)
+    return _build(checksum.pseudo4, src, dst, sport, dport, payload)
 
 
 def build_udp6(src: Addr6, dst: Addr6, sport: int, dport: int, payload: Buffer) -> bytes:
-    out = bytearray(UDP_HLEN + len(payload))
-    out[UDP_HLEN:] = payload
-    write_udp6_header(memoryview(out), src, dst, sport, dport, len(payload))
-    return bytes(out)
+    return _build(checksum.pseudo6, src, dst, sport, dport, payload)
 
 
 def write_eth_ipv4_udp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, src: Addr4,
@@ -89,15 +82,16 @@ def write_eth_ipv4_udp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, 
     """Fill Ethernet, IPv4 and UDP headers in front of a payload already at
     `buf[UDP4_PAYLOAD_OFFSET:]` (e.g. received there with recv_into); returns the frame
     length."""
-    write_udp4_header(buf, src, dst, sport, dport, payload_len, offset=ETH_IP4_HLEN)
-    return write_eth_ipv4_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_UDP,
-                                  UDP_HLEN + payload_len, ttl)
+    length = _write_header(buf, ETH_IP4_HLEN, checksum.pseudo4, src, dst, sport, dport,
+                           payload_len)
+    return write_eth_ipv4_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_UDP, length, ttl)
 
 
 def write_eth_ipv6_udp_headers(buf: memoryview, dst_mac: bytes, src_mac: bytes, src: Addr6,
                                dst: Addr6, sport: int, dport: int, payload_len: int,
                                hop_limit: int = 255, flow_label: int = 0) -> int:
     """As write_eth_ipv4_udp_headers, payload at `buf[UDP6_PAYLOAD_OFFSET:]`."""
-    write_udp6_header(buf, src, dst, sport, dport, payload_len, offset=ETH_IP6_HLEN)
-    return write_eth_ipv6_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_UDP,
-                                  UDP_HLEN + payload_len, hop_limit, flow_label)
+    length = _write_header(buf, ETH_IP6_HLEN, checksum.pseudo6, src, dst, sport, dport,
+                           payload_len)
+    return write_eth_ipv6_headers(buf, dst_mac, src_mac, src, dst, IPPROTO_UDP, length,
+                                  hop_limit, flow_label)

@@ -22,7 +22,7 @@ from vhostpasst.core.loop import (
     EPOLLIN,
     EPOLLRDHUP,
 )
-from vhostpasst.proto.listen import bound_socket
+from vhostpasst.proto import bind
 from vhostpasst.proto.tcp.conn import (
     ACCEPT_BATCH,
     HANDSHAKE_TIMEOUT,
@@ -62,7 +62,7 @@ class TcpHandler(ToGuest):
         """Bind every `-t` mapping. Raises OSError for a port that an explicit spec asked
         for; ports of "all" and exclusion-only specs may fail (but not all of them)."""
         config = self.ctx.config
-        for m, six, sock in fwd.bind_all(forwards, config.ip4 is not None,
+        for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "TCP", self._listen_one):
             self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
 
@@ -86,8 +86,8 @@ class TcpHandler(ToGuest):
 
     def _listen_one(self, six: bool, addr: IPAddr | None, ifname: str | None,
                     port: int) -> socket.socket:
-        sock = bound_socket(self.socket_factory, socket.SOCK_STREAM, six, addr, ifname, port,
-                            self.ctx.config.freebind)
+        sock = bind.bound_socket(self.socket_factory, socket.SOCK_STREAM, six, addr, ifname,
+                                 port, self.ctx.config.freebind)
         try:
             sock.listen(LISTEN_BACKLOG)
         except OSError:

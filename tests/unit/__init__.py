@@ -1,0 +1,1 @@
+"""Unit tests: in-process, over socket pairs and fakes (tests/fakes.py); no root needed."""
