@@ -637,7 +637,7 @@ class FakeScatterLink(FakeLink):
     def __init__(self, tso: bool) -> None:
         super().__init__()
         # GUEST_CSUM: no TCP checksum unless a GSO frame (partial)
-        self._caps = LinkCaps(tso4=tso, tso6=tso, l4_csum=False)
+        self.caps = LinkCaps(tso4=tso, tso6=tso, l4_csum=False)
         self.tsos: list[object] = []
         self.asked: list[tuple[int, int]] = []  # (count, frame_len) of every rx_scatter()
         self._scatter: list[list[memoryview]] = []

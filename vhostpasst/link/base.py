@@ -72,7 +72,9 @@ NO_CAPS = LinkCaps()  # a link without a peer, or one without any of these
 class Link(abc.ABC):
     """Base class: keeps the frame handler and the pcap hook common to every link."""
 
-    _caps: LinkCaps = NO_CAPS  # links with offloads replace it as peers come and go
+    # What the peer takes (see LinkCaps): links with offloads set a new one as peers come
+    # and go. An attribute, not a property: TCP reads it on every socket wake-up.
+    caps: LinkCaps = NO_CAPS
 
     def __init__(self, on_frames: FrameHandler, pcap: PcapWriter | None = None) -> None:
         self.on_frames = on_frames
@@ -104,11 +106,6 @@ class Link(abc.ABC):
                 callback()
             except Exception:
                 log.exception("rx-ready callback failed")
-
-    @property
-    def caps(self) -> LinkCaps:
-        """What the peer takes (see LinkCaps): a new object when that changes."""
-        return self._caps
 
     @property
     @abc.abstractmethod
@@ -226,6 +223,10 @@ class ForwardingLink(Link):
     @property
     def caps(self) -> LinkCaps:
         return self.link.caps
+
+    @caps.setter
+    def caps(self, caps: LinkCaps) -> None:  # (Link.caps is a plain attribute)
+        self.link.caps = caps
 
     def rx_buffers(self, count: int) -> list[memoryview]:
         return self.link.rx_buffers(count)

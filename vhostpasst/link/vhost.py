@@ -185,7 +185,7 @@ class VhostUserLink(VhostRx):
         self.device: _Device | None = None
         # GUEST_TSO4/6 (with GUEST_CSUM: 64 KiB TCP frames), GUEST_CSUM without --pcap,
         # and rx_fill() with mergeable buffers: a new LinkCaps per front end's features
-        self._caps = NO_CAPS
+        self.caps = NO_CAPS
         self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._was_connected = False
         self._tx_scheduled: set[int] = set()  # TX queues with a pass due
@@ -239,7 +239,7 @@ class VhostUserLink(VhostRx):
         # (_tx_scheduled stays: a pass still due finds no queue, and takes its index out)
         self._tx_bulk.clear()
         self._was_connected = False
-        self._caps = NO_CAPS
+        self.caps = NO_CAPS
         self._host_tso = 0
         self._reset_rx()
 
@@ -273,9 +273,9 @@ class VhostUserLink(VhostRx):
         # the spec makes GUEST_TSO depend on GUEST_CSUM: without it, no GSO frame goes out;
         # with --pcap, frames are summed anyway (shown as a guest without offload sees them)
         unchecked = self.csum_offload and self.pcap is None
-        self._caps = LinkCaps(tso4=self.csum_offload and bool(features & net.F_GUEST_TSO4),
-                              tso6=self.csum_offload and bool(features & net.F_GUEST_TSO6),
-                              l4_csum=not unchecked, guest_fill=unchecked and self._mergeable)
+        self.caps = LinkCaps(tso4=self.csum_offload and bool(features & net.F_GUEST_TSO4),
+                             tso6=self.csum_offload and bool(features & net.F_GUEST_TSO6),
+                             l4_csum=not unchecked, guest_fill=unchecked and self._mergeable)
 
     def queues_changed(self) -> None:
         """A queue started, stopped, or was enabled or disabled: the link may be running now,
