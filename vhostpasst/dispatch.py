@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.config.conf import Config
-from vhostpasst.core.flow import Context, FlowTable
+from vhostpasst.core.flow import FlowTable
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EventLoop
 from vhostpasst.core.loop import TimerHandle as Timer
 from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.link.base import Link
+from vhostpasst.proto.context import Context
 from vhostpasst.proto.icmp import IcmpHandler
 from vhostpasst.proto.tcp import TcpHandler
 from vhostpasst.proto.udp import UdpHandler
@@ -92,9 +93,9 @@ class Dispatcher:
         if self.ctx is not None:
             self.ctx.link = link
         if self.tcp is not None:  # TCP resumes at once when a short link has buffers again
-            if old is not None and hasattr(old, "remove_rx_ready_callback"):
+            if old is not None:
                 old.remove_rx_ready_callback(self.tcp.rx_ready)
-            if link is not None and hasattr(link, "add_rx_ready_callback"):
+            if link is not None:
                 link.add_rx_ready_callback(self.tcp.rx_ready)
 
     def close(self) -> None:

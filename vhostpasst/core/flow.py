@@ -6,7 +6,7 @@ loop timers, lazily: each flow has one timer set for `last_active + timeout`; wh
 early activity has moved the deadline, so it is simply set again. That costs one timer per
 flow per timeout period instead of one per packet, and nothing walks the table.
 
-TCP will subclass `Flow` too, with its own `timeout` (or none) and `close()`.
+TCP subclasses `Flow` too, with no `timeout` (its own timers end it) and its own `close()`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,8 @@ import logging
 import resource
 import time
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from vhostpasst.config.conf import DEFAULT_MTU, Config
 from vhostpasst.core.loop import EventLoop, TimerHandle
-from vhostpasst.core.nat import GuestAddrs
-from vhostpasst.wire.eth import BROADCAST_MAC
-
-if TYPE_CHECKING:
-    from vhostpasst.link.base import Link
 
 log = logging.getLogger(__name__)
 
@@ -187,34 +179,3 @@ class FlowTable:
             self.remove(flow)
         else:
             self._arm(flow)  # activity since: wait for the new deadline
-
-
-@dataclass
-class Context:
-    """What protocol handlers share: configuration, loop, flow table, guest state, link."""
-
-    config: Config
-    loop: EventLoop
-    flows: FlowTable
-    guest: GuestAddrs = field(default_factory=GuestAddrs)
-    link: Link | None = None
-
-    def guest_mac(self) -> bytes:
-        """Where frames to the guest go: its learned MAC, broadcast until we saw one."""
-        return self.guest.mac or BROADCAST_MAC
-
-    def rx_buffers(self, count: int) -> list[memoryview]:
-        """Link buffers to fill in place; empty if no guest is attached."""
-        link = self.link
-        if link is None or not link.connected:
-            return []
-        return link.rx_buffers(count)
-
-    def commit(self, lengths: list[int]) -> None:
-        if self.link is not None:
-            self.link.commit(lengths)
-
-    @property
-    def max_l3(self) -> int:
-        """Largest IP packet the guest takes (its MTU; 0 means 'not advertised')."""
-        return self.config.mtu or DEFAULT_MTU

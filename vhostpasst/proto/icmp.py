@@ -25,9 +25,10 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.core import nat
-from vhostpasst.core.flow import RX_BATCH, Context, Flow
+from vhostpasst.core.flow import RX_BATCH, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLIN
+from vhostpasst.proto.context import Context
 from vhostpasst.wire import icmp as wicmp
 from vhostpasst.wire.ip import ETH_IP4_HLEN, ETH_IP6_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4, Ipv6
 

@@ -46,10 +46,11 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config import fwd
 from vhostpasst.core import nat
-from vhostpasst.core.flow import RX_BATCH, Context, Flow
+from vhostpasst.core.flow import RX_BATCH, Flow
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.proto import bind
+from vhostpasst.proto.context import Context
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 from vhostpasst._tcpseg import ffi as _seg_ffi
 from vhostpasst._tcpseg import lib as _seg_lib
-from vhostpasst.core.flow import Context
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.link.base import Tso
+from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
     _INFO,
     _LINGER0,

@@ -28,8 +28,8 @@ import time
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.core import nat
-from vhostpasst.core.flow import Context
 from vhostpasst.core.loop import EPOLLET, EPOLLOUT, EPOLLRDHUP
+from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
     _INFO,
     _SEND_FLAGS,

@@ -16,13 +16,13 @@ from ipaddress import IPv6Address, ip_address
 
 from vhostpasst.config import fwd
 from vhostpasst.core import nat
-from vhostpasst.core.flow import Context
 from vhostpasst.core.loop import (
     EPOLLET,
     EPOLLIN,
     EPOLLRDHUP,
 )
 from vhostpasst.proto import bind
+from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
     ACCEPT_BATCH,
     HANDSHAKE_TIMEOUT,
