@@ -14,8 +14,11 @@ setup:
 	PYTHON=$(PYTHON) VENV=$(VENV) ./scripts/setup-debian.sh
 	./.ci/install-qemu.sh
 
+# ruff; mypy (settings in pyproject.toml); the layering rules of doc/design.md.
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) scripts/check_imports.py
 
 test: setup lint
 	$(PY) -m pytest -n 2 -p no:cacheprovider tests qemu-tests $(PYTEST_ARGS)
