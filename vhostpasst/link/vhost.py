@@ -359,7 +359,12 @@ class VhostUserLink(VhostRx):
                 if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
                     counts, pair = self.rx_frames_per_pair, index // 2
                     counts[pair] = counts.get(pair, 0) + len(frames)
-                self._deliver(frames)
+                # Link._deliver() spelled out: one Python call fewer per TX pass
+                pcap = self.pcap
+                if pcap is not None:
+                    for view in frames:
+                        pcap.write(view)
+                self.on_frames(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
             if self.backend is backend and vq.ready:
