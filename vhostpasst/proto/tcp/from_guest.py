@@ -326,7 +326,7 @@ class FromGuest(TcpTimers):
             # ACK at once (RFC 5681 §4.2), so the guest's fast retransmit fills the hole
             # instead of its retransmission timer
             dups = min(len(ooo), DUP_ACKS_MAX)
-        self._discard(conn)
+        conn.discard_acked()
         if pending:
             if not self._write(conn, pending):
                 fin = False  # the FIN comes after data the socket did not take
@@ -409,7 +409,7 @@ class FromGuest(TcpTimers):
             data_end = conn.fin_seq if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack) \
                 else ack
             acked = (data_end - conn.seq_ack_from_tap) & M32
-            conn.discard_due += acked  # one recv(MSG_TRUNC) per batch: _discard()
+            conn.discard_due += acked  # one recv(MSG_TRUNC) per batch: discard_acked()
             if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack):
                 conn.tap_fin_acked = True
                 if conn.tap_fin_rcvd:
@@ -450,7 +450,7 @@ class FromGuest(TcpTimers):
     def _rewind(self, conn: TcpConn) -> None:
         """Resend from the guest's ACK point: the peek offset goes back to the unacked
         start of the receive queue."""
-        self._discard(conn)
+        conn.discard_acked()
         conn.seq_to_tap = conn.seq_ack_from_tap
         conn.rtt_seq = None
         if conn.fin_seq is not None and not conn.tap_fin_acked:
