@@ -31,8 +31,8 @@ SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISH
 connection accepted on a `-t` port, SYN_SENT (SYN sent to the guest) -> ESTABLISHED. There is
 no closing state: each direction ends on its own (`tap_fin_rcvd`: the guest's FIN passed on
 with shutdown(SHUT_WR); `fin_seq`/`tap_fin_acked`: our FIN sent and acknowledged), and the
-connection goes once both have ended and the far end took everything (control.py's
-_maybe_close); a RST either way ends it at once.
+connection goes once both have ended and the far end took everything
+(TcpConn.close_if_done); a RST either way ends it at once.
 
 Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
 retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
@@ -46,13 +46,16 @@ flood cannot fill the flow table.
 
 The handler (TcpHandler, __init__.py) is one object built from one class per concern, each in
 its own module and each on top of the one below: control.py (the shared state; segments built
-from nothing: SYN, FIN, RST, ACK and window; the socket's epoll mask) -> timers.py ->
-from_guest.py -> to_guest.py (host socket events, data to the guest through out_buf.py or
-out_vu.py) -> handler.py (listening sockets). This module is below them all.
+from nothing: SYN, FIN, RST; the socket's epoll mask) -> timers.py -> from_guest.py (guest
+segments, and the ACKs and window updates answering them) -> to_guest.py (host socket events,
+data to the guest through out_buf.py or out_vu.py) -> handler.py (listening sockets). This
+module is below them all; what every frame to the guest carries (ACK number, window, header
+template) and a connection's end are TcpConn methods, so both paths use them from here.
 
-The path of one frame each way, through this package:
+The path of one frame each way, through this package (plus TcpConn's methods here, and
+timers.py where a timer is armed):
   guest -> host: Dispatcher -> from_guest.segment(); end_batch() -> _tap_segments() ->
-    _write(): one sendmsg() per connection and batch.
+    _write(): one sendmsg() per connection and batch; then _send_ack() if one is due.
   host -> guest: the socket's EPOLLIN -> to_guest._on_sock() -> _from_sock() -> the chosen
     output's send() (out_vu: Link.rx_fill(), the read and headers in C; out_buf:
     Link.rx_scatter(), recvmsg_into(), headers in C, Link.commit_scatter()) -> _data_sent().
@@ -363,6 +366,15 @@ class TcpConn(Flow):
         if self.discard_due:
             discard(self.sock, self.discard_due)
             self.discard_due = 0
+
+    def close_if_done(self) -> None:
+        """Remove the connection once both directions finished: the guest's FIN passed on
+        and acknowledged by the far end, ours acknowledged by the guest."""
+        if self.closed or self.state != ESTABLISHED:
+            return
+        if self.tap_fin_rcvd and self.tap_fin_acked and self.seq_ack_to_tap == \
+                self.seq_from_tap:
+            self.remove()
 
     def __repr__(self) -> str:
         return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"

@@ -1,8 +1,9 @@
 """TCP segments built from nothing, and what every other part of the handler stands on.
 
 The bottom of the handler (see conn.py for the whole picture): the shared state, the
-segments that carry no data (SYN and SYN-ACK, FIN, RST, pure ACKs and window updates) and
-the epoll mask of a connection's socket. (The ACK number and window we show the guest, and
+segments that carry no data but SYN and SYN-ACK, FIN and RST (pure ACKs and window updates,
+which answer the guest's segments, are from_guest.py's), and the epoll mask of a
+connection's socket. (The ACK number and window we show the guest, and
 the header template data frames are written from, are the connection's: conn.py.) What the
 layers above implement and this one calls (the timers, the host->guest data path, the socket
 events) is declared here as abstract methods.
@@ -20,8 +21,6 @@ import struct
 import time
 from collections.abc import Callable
 
-from vhostpasst._tcpseg import ffi as _seg_ffi
-from vhostpasst._tcpseg import lib as _seg_lib
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.proto.context import Context
@@ -74,10 +73,6 @@ class TcpControl(abc.ABC):
         self._waiting: dict[TcpConn, None] = {}
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
-        # a pure ACK is written here by _tcpseg and copied by the link's send()
-        self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
-        self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
-        self._ack_len = _seg_ffi.new("uint32_t[1]")
 
     # --- what the layers above do -----------------------------------------------------------
 
@@ -100,6 +95,11 @@ class TcpControl(abc.ABC):
     @abc.abstractmethod
     def _rewind(self, conn: TcpConn) -> None:
         """Resend from the guest's ACK point (from_guest.py)."""
+
+    @abc.abstractmethod
+    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
+        """An ACK and window update to the guest if they changed, or if `force`
+        (from_guest.py)."""
 
     @abc.abstractmethod
     def _on_sock(self, conn: TcpConn, mask: int) -> None:
@@ -215,32 +215,6 @@ class TcpControl(abc.ABC):
             ev |= EPOLLOUT | EPOLLET
         self._set_events(conn, ev)
 
-    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
-        if conn.closed or conn.state != ESTABLISHED:
-            return
-        ack, wnd = conn.ack_wnd()
-        if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
-                conn.wnd_to_tap:
-            if ack != conn.seq_from_tap or wnd == 0:
-                self._arm_ack(conn)
-            return
-        if self._pure_ack(conn, ack, wnd):
-            conn.acked_to_tap(ack, wnd)
-
-    def _pure_ack(self, conn: TcpConn, ack: int, wnd: int) -> bool:
-        """An ACK without data to the guest: the connection's template and C checksums
-        (_tcpseg) in a scratch frame the link's send() copies, where _frame() takes a link
-        buffer (a vhost-user guest's 4 KiB ones are bounced: it wants 17 of them free)."""
-        link = self.ctx.link
-        if link is None:
-            return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
-                               conn.seq_to_tap, ack, wtcp.ACK, wnd)
-        mac = self.ctx.guest_mac()
-        tmpl = conn.template(mac, self.ctx.config.our_mac)
-        _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
-                               conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
-        return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
-
     # --- the end of a connection ------------------------------------------------------------
 
     def _guest_reset(self, conn: TcpConn) -> None:
@@ -272,12 +246,3 @@ class TcpControl(abc.ABC):
         except OSError:
             pass
         conn.remove()
-
-    def _maybe_close(self, conn: TcpConn) -> None:
-        """Both directions finished: the guest's FIN passed on and acknowledged by the far
-        end, ours acknowledged by the guest."""
-        if conn.closed or conn.state != ESTABLISHED:
-            return
-        if conn.tap_fin_rcvd and conn.tap_fin_acked and conn.seq_ack_to_tap == \
-                conn.seq_from_tap:
-            conn.remove()

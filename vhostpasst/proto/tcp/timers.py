@@ -154,7 +154,7 @@ class TcpTimers(TcpControl):
         conn.ack_timer = None
         try:
             self._send_ack(conn)
-            self._maybe_close(conn)
+            conn.close_if_done()
         except Exception:
             log.exception("ACK timer of %r", conn)
             self._reset(conn)

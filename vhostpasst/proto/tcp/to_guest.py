@@ -224,4 +224,4 @@ class ToGuest(FromGuest):
         if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
             self._from_sock(conn)
         if mask & EPOLLHUP and not conn.closed:
-            self._maybe_close(conn)
+            conn.close_if_done()
