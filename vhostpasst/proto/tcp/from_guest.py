@@ -72,6 +72,7 @@ class FromGuest(TcpTimers):
         self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
         self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
         self._ack_len = _seg_ffi.new("uint32_t[1]")
+        self._our_mac = ctx.config.our_mac  # its source (TcpConn.template())
 
     def tap4(self, packet: Ipv4) -> None:
         self.segment(False, int(packet.src), int(packet.dst), wtcp.parse_tcp(packet.payload))
@@ -477,7 +478,7 @@ class FromGuest(TcpTimers):
             return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                                conn.seq_to_tap, ack, wtcp.ACK, wnd)
         mac = self.ctx.guest_mac()
-        tmpl = conn.template(mac, self.ctx.config.our_mac)
+        tmpl = conn.template(mac, self._our_mac)
         _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
                                conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
         return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
