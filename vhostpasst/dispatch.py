@@ -89,14 +89,18 @@ class Dispatcher:
 
     @link.setter
     def link(self, link: Link | None) -> None:
-        old, self._link = self._link, link
+        # The protocols write frames straight to the link owning the buffers: no listener's
+        # forwarding call per frame (a listener's link serves each of its peers in turn).
+        old = self._link.buffers_link if self._link is not None else None
+        self._link = link
+        out = link.buffers_link if link is not None else None
         if self.ctx is not None:
-            self.ctx.link = link
+            self.ctx.link = out
         if self.tcp is not None:  # TCP resumes at once when a short link has buffers again
             if old is not None:
                 old.remove_rx_ready_callback(self.tcp.rx_ready)
-            if link is not None:
-                link.add_rx_ready_callback(self.tcp.rx_ready)
+            if out is not None:
+                out.add_rx_ready_callback(self.tcp.rx_ready)
 
     def close(self) -> None:
         """Close every flow (and so every host socket)."""

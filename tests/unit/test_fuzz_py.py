@@ -211,6 +211,10 @@ class _Link:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
+    @property
+    def buffers_link(self) -> _Link:
+        return self
+
     def send(self, frame: bytes) -> None:
         self.sent.append(bytes(frame))
 

@@ -1297,7 +1297,7 @@ REFUSER = int(sg_ffi.cast("uintptr_t", _REFUSE_CB))
 
 
 def _template(six: bool = False) -> tuple[bytes, int]:
-    """TcpHandler._template() for a connection FADDR:FPORT -> GADDR:GPORT: headers with the
+    """TcpConn.template() for a connection FADDR:FPORT -> GADDR:GPORT: headers with the
     per-segment fields zero, and the pseudo-header sum."""
     faddr, gaddr = (FADDR6, GADDR6) if six else (FADDR4, GADDR4)
     l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \

@@ -30,7 +30,7 @@ from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDH
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link, LinkCaps
 from vhostpasst.proto import tcp
-from vhostpasst.proto.tcp import control, seq_le, seq_lt, to_guest
+from vhostpasst.proto.tcp import seq_le, seq_lt, to_guest
 
 GUEST = IPv4Address("192.0.2.2")
 REMOTE = IPv4Address("198.51.100.7")
@@ -177,7 +177,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> tuple[Dispatcher, FakeLoop, FakeLink
         s.peek_off = max(0, s.peek_off - count)
         return count
 
-    monkeypatch.setattr(control, "discard", fake_discard)
+    monkeypatch.setattr(tcp.conn, "discard", fake_discard)
     link = FakeLink()
     d.link = link  # type: ignore[assignment]
     return d, loop, link
@@ -502,7 +502,7 @@ def test_ack_and_window_without_tcp_info(env: tuple) -> None:
     sock, synack = _handshake(d, loop, link)
     sock.no_tcp_info = True
     conn = next(iter(d.ctx.flows))
-    ack, wnd = d.tcp._ack_wnd(conn)
+    ack, wnd = conn.ack_wnd()
     assert ack == conn.seq_from_tap == 1001
     assert wnd == ((1 << 20) * 3 // 4) >> tcp.WS_TO_TAP
     feed(d, guest_frame("PA", 1001, ack=synack.seq + 1, payload=b"q" * 300, window=1000))
@@ -546,7 +546,7 @@ def test_batch_frame_writer_matches_the_python_writers(six: bool) -> None:
         ref = [bytearray(off + s) for s in sizes]
         for a, b in zip(ours, ref, strict=True):
             a[off:] = b[off:] = rng.randbytes(len(a) - off)
-        tmpl = d.tcp._template(conn, GUEST_MAC)
+        tmpl = conn.template(GUEST_MAC, d.config.our_mac)
         out = ffi.new("uint32_t[]", len(sizes))
         end = lib.vp_tcp_frames([ffi.from_buffer(b) for b in ours], sizes, len(sizes), tmpl,
                                 six, conn.pseudo, seq, ack, wnd, wtcp.ACK,
@@ -745,7 +745,7 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
     d, loop, _ = env
     link = FakeScatterLink(False)
     d.link = link  # type: ignore[assignment]
-    monkeypatch.setattr(control, "DATA_ACK_TTL", 60.0)  # the test must not race the clock
+    monkeypatch.setattr(tcp.conn, "DATA_ACK_TTL", 60.0)  # the test must not race the clock
     sock, synack = _handshake(d, loop, link)  # type: ignore[arg-type]
     asked_inq: list[int] = []
     monkeypatch.setattr(to_guest, "unread", lambda fd: asked_inq.append(fd) or len(sock.rx))
@@ -764,17 +764,17 @@ def test_bulk_peeks_skip_siocinq_and_reuse_the_ack(env: tuple,
         return [parse(f) for f in link.frames if bytes(parse(f).payload)]
 
     # the peek after the handshake asked already (it found nothing): stale now, asked again
-    monkeypatch.setattr(control, "DATA_ACK_TTL", 0.0)
+    monkeypatch.setattr(tcp.conn, "DATA_ACK_TTL", 0.0)
     sock.rx += b"a" * (2 * seg)
     loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1 and len(data_frames()) == 2
-    monkeypatch.setattr(control, "DATA_ACK_TTL", 60.0)
+    monkeypatch.setattr(tcp.conn, "DATA_ACK_TTL", 60.0)
     sock.rx += b"b" * (3 * seg)  # lands after a full peek
     loop.fds[sock.fd][1](EPOLLIN)
     assert len(asked_inq) == 1 and len(infos) == 1  # neither asked again
     frames = data_frames()
     assert len(frames) == 5 and {f.ack for f in frames} == {1001}
-    monkeypatch.setattr(control, "DATA_ACK_TTL", 0.0)  # once it is stale: asked again
+    monkeypatch.setattr(tcp.conn, "DATA_ACK_TTL", 0.0)  # once it is stale: asked again
     sock.rx += b"b" * seg
     loop.fds[sock.fd][1](EPOLLIN)
     assert len(infos) == 2 and len(data_frames()) == 6
@@ -869,7 +869,7 @@ def test_tso_frames_carry_the_partial_checksum(six: bool) -> None:
     d, conn = _writer_conn(six)
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     l4 = off - wtcp.TCP_HLEN
-    tmpl = d.tcp._template(conn, GUEST_MAC)
+    tmpl = conn.template(GUEST_MAC, d.config.our_mac)
     for _ in range(20):
         sizes = [rng.choice([1, 1447, 1448, 1449, 2897, 40000, 64240]) for _ in
                  range(rng.randint(1, 4))]

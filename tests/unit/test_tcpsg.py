@@ -22,7 +22,7 @@ ADDRS = {False: (bytes([203, 0, 113, 7]), bytes([192, 0, 2, 2])),
 
 
 def template(six: bool) -> tuple[bytes, int, int]:
-    """As TcpHandler._template: headers with the per-segment fields zero, pseudo sum, offset."""
+    """As TcpConn.template: headers with the per-segment fields zero, pseudo sum, offset."""
     faddr, gaddr = ADDRS[six]
     off = wtcp.TCP6_PAYLOAD_OFFSET if six else wtcp.TCP4_PAYLOAD_OFFSET
     write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers

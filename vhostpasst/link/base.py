@@ -108,6 +108,13 @@ class Link(abc.ABC):
                 log.exception("rx-ready callback failed")
 
     @property
+    def buffers_link(self) -> Link:
+        """The link whose buffers frames to the guest go into: itself, or for a listener
+        forwarding to one link (ForwardingLink) that link, so that protocol code holding it
+        makes no forwarding call per frame. Fixed for the link's lifetime."""
+        return self
+
+    @property
     @abc.abstractmethod
     def connected(self) -> bool:
         """True while a peer (guest) is attached and frames can be sent."""
@@ -195,8 +202,9 @@ class _Closable(Protocol):
 
 class ForwardingLink(Link):
     """A listener serving one peer at a time that is itself a Link: every Link call goes to
-    the current peer's link (`self.link`), so the dispatcher keeps one object across
-    reconnections. When the peer leaves, `one_off` ends the daemon through `on_exit`.
+    the one link that serves each peer in turn (`self.link`), so the dispatcher keeps one
+    object across reconnections (the protocols hold `.link` itself: `buffers_link`). When
+    the peer leaves, `one_off` ends the daemon through `on_exit`.
 
     Subclasses set `link`, `_listener` (anything with close()), `one_off` and `on_exit`, and
     hand `_peer_gone` to their link as its disconnect callback.
@@ -207,6 +215,10 @@ class ForwardingLink(Link):
     one_off: bool
     on_exit: Callable[[], None]
     peer_name = "client"  # for the log line when one_off ends the daemon
+
+    @property
+    def buffers_link(self) -> Link:
+        return self.link  # created with the listener, it serves every peer in turn
 
     @property
     def connected(self) -> bool:

@@ -181,7 +181,7 @@ class VhostUserLink(VhostRx):
         self.on_disconnect = on_disconnect
         self.tx_batch = tx_batch
         self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
-        self.backend: VhostUserBackend | None = None
+        self.backend = None
         self.device: _Device | None = None
         # GUEST_TSO4/6 (with GUEST_CSUM: 64 KiB TCP frames), GUEST_CSUM without --pcap,
         # and rx_fill() with mergeable buffers: a new LinkCaps per front end's features
@@ -250,22 +250,6 @@ class VhostUserLink(VhostRx):
             self.backend.close("link closed")
         self._loop.remove_flush_hook(self.flush)
 
-    def _queue(self, index: int) -> VirtQueue | None:
-        backend = self.backend
-        if backend is None or backend.closed:
-            return None
-        vq = backend.queues[index]
-        return vq if vq.ready and vq.enabled else None
-
-    @property
-    def connected(self) -> bool:
-        # _queue() for both, spelled out: TCP asks this on every peek
-        backend = self.backend
-        if backend is None or backend.closed:
-            return False
-        rx, tx = backend.queues[net.RX_QUEUE], backend.queues[net.TX_QUEUE]
-        return rx.ready and rx.enabled and tx.ready and tx.enabled
-
     def features_set(self, features: int) -> None:
         """The front end acked `features` (the device's features_set())."""
         self._rx_features(features)
@@ -317,10 +301,12 @@ class VhostUserLink(VhostRx):
 
     def tx_pass(self, index: int = net.TX_QUEUE) -> None:
         """Up to tx_batch frames from TX queue `index` to the dispatcher."""
-        vq = self._queue(index)
-        if vq is None:
+        backend = self.backend  # _queue(index), spelled out: one call fewer per pass
+        if backend is None or backend.closed:
             return
-        backend = self.backend
+        vq = backend.queues[index]
+        if not (vq.ready and vq.enabled):
+            return
         try:
             heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
@@ -359,7 +345,12 @@ class VhostUserLink(VhostRx):
                 if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
                     counts, pair = self.rx_frames_per_pair, index // 2
                     counts[pair] = counts.get(pair, 0) + len(frames)
-                self._deliver(frames)
+                # Link._deliver() spelled out: one Python call fewer per TX pass
+                pcap = self.pcap
+                if pcap is not None:
+                    for view in frames:
+                        pcap.write(view)
+                self.on_frames(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
             if self.backend is backend and vq.ready:
@@ -385,22 +376,6 @@ class VhostUserLink(VhostRx):
     def _tx_again(self, index: int = net.TX_QUEUE) -> None:
         self._tx_scheduled.discard(index)
         self.tx_pass(index)
-
-    # --- the end of a loop iteration -----------------------------------------------------
-    def flush(self) -> None:
-        vq = self._queue(net.RX_QUEUE)
-        try:
-            self._release()
-            if vq is not None:
-                if self._deferred:
-                    self._put_deferred(vq)
-                vq.flush()
-        except VirtQueueError as e:
-            self._broken("RX queue", e)
-        if self.backend is not None:
-            self.backend.check_guards()  # the guest memory faulted, a call write blocked
-        if self.pcap is not None:
-            self.pcap.flush()
 
 
 class VhostUserListener(ForwardingLink):

@@ -36,6 +36,7 @@ from vhostpasst.core.loop import Loop
 from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, FrameHandler, Link, Tso
 from virtio import net
+from virtio.backend import VhostUserBackend
 from virtio.ring import Fill, RxFiller, rx_commit
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
@@ -93,9 +94,25 @@ class VhostRx(Link):
         self.tx_filled = 0  # of those, frames read and committed by rx_fill() in one C call
         self.tx_gso = 0  # GSO (TSO) frames to the guest
 
-    @abc.abstractmethod
+    # The front end's back end (vhost.py attaches and drops it): the queues are its.
+    backend: VhostUserBackend | None = None
+
     def _queue(self, index: int) -> VirtQueue | None:
-        """The queue `index` if the front end has it ready and enabled (vhost.py)."""
+        """The queue `index` if the front end has it ready and enabled."""
+        backend = self.backend
+        if backend is None or backend.closed:
+            return None
+        vq = backend.queues[index]
+        return vq if vq.ready and vq.enabled else None
+
+    @property
+    def connected(self) -> bool:
+        # _queue() for both, spelled out: TCP asks this on every peek
+        backend = self.backend
+        if backend is None or backend.closed:
+            return False
+        rx, tx = backend.queues[net.RX_QUEUE], backend.queues[net.TX_QUEUE]
+        return rx.ready and rx.enabled and tx.ready and tx.enabled
 
     @abc.abstractmethod
     def _broken(self, where: str, e: Exception) -> None:
@@ -623,6 +640,23 @@ class VhostRx(Link):
         self._starved = True
         self._dropped()
         return False
+
+    # --- the end of a loop iteration (the loop's flush hook) -----------------------------
+    def flush(self) -> None:
+        """Publish the frames put in the RX queue's used ring and call the guest, once."""
+        vq = self._queue(net.RX_QUEUE)
+        try:
+            self._release()
+            if vq is not None:
+                if self._deferred:
+                    self._put_deferred(vq)
+                vq.flush()
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+        if self.backend is not None:
+            self.backend.check_guards()  # the guest memory faulted, a call write blocked
+        if self.pcap is not None:
+            self.pcap.flush()
 
     def rx_kicked(self) -> None:
         """The guest posted RX buffers: wake whoever found the ring empty."""

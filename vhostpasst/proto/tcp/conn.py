@@ -14,17 +14,25 @@ windows and timers, never data:
 * guest -> host (from_guest.py): in-order payloads of one batch go out in one sendmsg();
   out-of-order data is dropped with a duplicate ACK (the guest retransmits). What we
   acknowledge, and the window we show, come from the socket (TCP_INFO bytes_acked and
-  snd_wnd, SO_SNDBUF: control.py), so the guest's congestion control sees the real path; on
-  slow paths data is acknowledged to the guest only once the far end has acknowledged it to
-  the host kernel.
+  snd_wnd, SO_SNDBUF: TcpConn.ack_wnd()), so the guest's congestion control sees the real
+  path; on slow paths data is acknowledged to the guest only once the far end has
+  acknowledged it to the host kernel.
+
+ACK number and window: the guest's data is acknowledged once the far end acknowledged it to the
+host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
+end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
+took it. The window is what the far end's window and our send buffer leave once the bytes in
+flight are counted, never less than what we showed before moved on by the ACK. These, and the
+header template data frames are written from, are TcpConn methods: both directions' paths
+use them.
 
 States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
 SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
 connection accepted on a `-t` port, SYN_SENT (SYN sent to the guest) -> ESTABLISHED. There is
 no closing state: each direction ends on its own (`tap_fin_rcvd`: the guest's FIN passed on
 with shutdown(SHUT_WR); `fin_seq`/`tap_fin_acked`: our FIN sent and acknowledged), and the
-connection goes once both have ended and the far end took everything (control.py's
-_maybe_close); a RST either way ends it at once.
+connection goes once both have ended and the far end took everything
+(TcpConn.close_if_done); a RST either way ends it at once.
 
 Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
 retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
@@ -38,13 +46,16 @@ flood cannot fill the flow table.
 
 The handler (TcpHandler, __init__.py) is one object built from one class per concern, each in
 its own module and each on top of the one below: control.py (the shared state; segments built
-from nothing: SYN, FIN, RST, ACK and window; the socket's epoll mask) -> timers.py ->
-from_guest.py -> to_guest.py (host socket events, data to the guest through out_buf.py or
-out_vu.py) -> handler.py (listening sockets). This module is below them all.
+from nothing: SYN, FIN, RST; the socket's epoll mask) -> timers.py -> from_guest.py (guest
+segments, and the ACKs and window updates answering them) -> to_guest.py (host socket events,
+data to the guest through out_buf.py or out_vu.py) -> handler.py (listening sockets). This
+module is below them all; what every frame to the guest carries (ACK number, window, header
+template) and a connection's end are TcpConn methods, so both paths use them from here.
 
-The path of one frame each way, through this package:
+The path of one frame each way, through this package (plus TcpConn's methods here, and
+timers.py where a timer is armed):
   guest -> host: Dispatcher -> from_guest.segment(); end_batch() -> _tap_segments() ->
-    _write(): one sendmsg() per connection and batch.
+    _write(): one sendmsg() per connection and batch; then _send_ack() if one is due.
   host -> guest: the socket's EPOLLIN -> to_guest._on_sock() -> _from_sock() -> the chosen
     output's send() (out_vu: Link.rx_fill(), the read and headers in C; out_buf:
     Link.rx_scatter(), recvmsg_into(), headers in C, Link.commit_scatter()) -> _data_sent().
@@ -66,6 +77,8 @@ from typing import Protocol
 from vhostpasst.core.flow import Flow
 from vhostpasst.core.loop import EventLoop, TimerHandle
 from vhostpasst.link.base import Tso
+from vhostpasst.wire import checksum
+from vhostpasst.wire import tcp as wtcp
 
 IPAddr = IPv4Address | IPv6Address
 
@@ -177,6 +190,9 @@ class ConnOwner(Protocol):
     loop: EventLoop
     half_open: int  # connections not yet ESTABLISHED
 
+    def _arm_ack(self, conn: TcpConn) -> None:
+        """Poll the socket for the far end's ACK or window soon (timers.py)."""
+
 
 class TcpConn(Flow):
     """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
@@ -210,8 +226,8 @@ class TcpConn(Flow):
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
-        # (seq_from_tap, ACK number, window, when) of the last _ack_wnd() for data frames:
-        # see _data_ack_wnd()
+        # (seq_from_tap, ACK number, window, when) of the last ack_wnd() for data frames:
+        # see data_ack_wnd()
         self.data_ack: tuple[int, int, int, float] | None = None
         # host -> guest
         self.isn = 0
@@ -239,10 +255,10 @@ class TcpConn(Flow):
         self.rtt_seq: int | None = None  # timing this segment end (Karn: not a resend)
         self.rtt_time = 0.0
         self.discard_due = 0  # bytes the guest acknowledged, dropped from the socket in one go
-        self.tmpl: bytes | None = None  # frame headers for data to the guest (see _template)
+        self.tmpl: bytes | None = None  # frame headers for data to the guest (see template())
         self.tmpl_mac = b""
         self.pseudo = 0
-        self.tso: Tso | None = None  # for a link that segments (see _tso)
+        self.tso: Tso | None = None  # for a link that segments (see tso_params())
         self.rto_timer: TimerHandle | None = None  # may outlive a cancel: see _cancel_rto
         self.rto_armed = False  # the retransmission timer runs
         self.rto_when = 0.0  # when rto_timer fires
@@ -250,6 +266,115 @@ class TcpConn(Flow):
         self.ack_timer: TimerHandle | None = None
         self.idle_timer: TimerHandle | None = None
         self.last_seen = time.monotonic()
+
+    # --- what every frame to the guest carries: ACK number, window, headers ---------------
+    # (TcpConn methods, not the handler's: both paths, the data to the guest and the ACKs
+    # for the guest's data, use them; see "ACK number and window" in the module docstring)
+
+    def ack_wnd(self) -> tuple[int, int]:
+        """(ACK number, window field) for the guest, from the host socket."""
+        if self.state != ESTABLISHED:
+            return self.seq_from_tap, SYN_WINDOW
+        info = tcp_info(self.sock)
+        sndbuf = self.sndbuf
+        if sndbuf is None:
+            try:
+                sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                sndbuf = SNDBUF_SMALL
+            else:
+                if self.sndbuf_fixed:
+                    self.sndbuf = sndbuf
+        # SO_SNDBUF counts overhead too: roughly half holds payload once it is large
+        eff = sndbuf * 3 // 4 if sndbuf < (4 << 20) else sndbuf // 2
+        if info is None or len(info) < TCP_INFO_LEN:
+            ack = self.seq_from_tap
+            wnd = eff
+        else:
+            remote = (self.ack_base + _INFO.unpack_from(info, 120)[0]) & M32
+            if seq_lt(self.seq_from_tap, remote):
+                remote = self.seq_from_tap
+            if self.tap_fin_rcvd and ((self.seq_from_tap - remote) & M32) <= 1:
+                remote = self.seq_from_tap  # all data acked; the FIN may not be counted
+            min_rtt = _U32.unpack_from(info, 148)[0] / 1e6
+            immediate = self.local or sndbuf < SNDBUF_SMALL or (0 < min_rtt < LOW_RTT)
+            ack = self.seq_from_tap if immediate else remote
+            snd_wnd = _U32.unpack_from(info, 228)[0]
+            unacked = (ack - remote) & M32
+            wnd = min(snd_wnd, eff) - unacked
+            self.poll_fast = unacked > eff // 4
+        if seq_lt(ack, self.seq_ack_to_tap):
+            ack = self.seq_ack_to_tap  # never backwards
+        wnd = max(0, min(wnd, MAX_WINDOW))
+        return ack, min(wnd >> self.ws_to_tap, 65535)
+
+    def data_ack_wnd(self, now: float) -> tuple[int, int]:
+        """ack_wnd() for data frames to the guest, the last answer again for DATA_ACK_TTL
+        while nothing came from the guest and no ACK went out since: a host->guest transfer
+        peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
+        for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
+        memo = self.data_ack
+        # its ACK number is still the last one sent (the data carried it, no ACK since)
+        if memo is not None and memo[0] == self.seq_from_tap and \
+                memo[1] == self.seq_ack_to_tap and now - memo[3] < DATA_ACK_TTL:
+            return memo[1], memo[2]
+        ack, wnd = self.ack_wnd()
+        self.data_ack = (self.seq_from_tap, ack, wnd, now)
+        return ack, wnd
+
+    def acked_to_tap(self, ack: int, wnd: int) -> None:
+        """A frame carrying `ack` and window field `wnd` went to the guest."""
+        self.seq_ack_to_tap = ack
+        self.wnd_to_tap = wnd << self.ws_to_tap
+        self.ack_due = False
+        if ack != self.seq_from_tap or wnd == 0:
+            self.h._arm_ack(self)  # poll the socket for the far end's ACK or window
+
+    def tso_params(self) -> Tso:
+        """How a link that segments sends this connection's frames as GSO frames (segments
+        of `mss`, the MSS the guest announced, capped by the MTU)."""
+        tso = self.tso
+        if tso is None or tso.mss != self.mss:
+            off = wtcp.TCP6_PAYLOAD_OFFSET if self.six else wtcp.TCP4_PAYLOAD_OFFSET
+            tso = self.tso = Tso(self.six, off - wtcp.TCP_HLEN, off, self.mss)
+        return tso
+
+    def template(self, mac: bytes, our_mac: bytes) -> bytes:
+        """Ethernet (from `our_mac` to the guest's `mac`), IP and TCP headers for data
+        segments with the per-segment fields (lengths, seq, ack, flags, window, checksums)
+        zero, and the pseudo-header sum (`pseudo`), for _tcpseg and _tcpsg: built with the
+        same writers as every other frame, once per guest MAC (kept in `tmpl`)."""
+        if self.tmpl is not None and self.tmpl_mac == mac:
+            return self.tmpl
+        six = self.six
+        scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
+        write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
+        write(scratch, mac, our_mac, self.faddr_b, self.gaddr_b, self.fport, self.gport,
+              0, 0, 0, 0, 0)
+        l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
+            wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
+        tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
+        if not six:
+            tmpl[14 + 10:14 + 12] = b"\0\0"  # IPv4 header checksum: computed per frame
+        tmpl[l3 + 16:l3 + 18] = b"\0\0"
+        self.tmpl, self.tmpl_mac = bytes(tmpl), mac
+        self.pseudo = checksum.partial(self.faddr_b + self.gaddr_b) + socket.IPPROTO_TCP
+        return self.tmpl
+
+    def discard_acked(self) -> None:
+        """Drop what the guest acknowledged from the socket (before peeking again)."""
+        if self.discard_due:
+            discard(self.sock, self.discard_due)
+            self.discard_due = 0
+
+    def close_if_done(self) -> None:
+        """Remove the connection once both directions finished: the guest's FIN passed on
+        and acknowledged by the far end, ours acknowledged by the guest."""
+        if self.closed or self.state != ESTABLISHED:
+            return
+        if self.tap_fin_rcvd and self.tap_fin_acked and self.seq_ack_to_tap == \
+                self.seq_from_tap:
+            self.remove()
 
     def __repr__(self) -> str:
         return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"

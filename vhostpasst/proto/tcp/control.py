@@ -1,17 +1,12 @@
 """TCP segments built from nothing, and what every other part of the handler stands on.
 
 The bottom of the handler (see conn.py for the whole picture): the shared state, the
-segments that carry no data (SYN and SYN-ACK, FIN, RST, pure ACKs and window updates), the ACK
-number and window we show the guest (from the host socket's TCP_INFO and send buffer), the
-header template and partial sum data frames are written from, and the epoll mask of a
-connection's socket. What the layers above implement and this one calls (the timers, the
-host->guest data path, the socket events) is declared here as abstract methods.
-
-ACK number and window: the guest's data is acknowledged once the far end acknowledged it to the
-host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
-end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
-took it. The window is what the far end's window and our send buffer leave once the bytes in
-flight are counted, never less than what we showed before moved on by the ACK.
+segments that carry no data but SYN and SYN-ACK, FIN and RST (pure ACKs and window updates,
+which answer the guest's segments, are from_guest.py's), and the epoll mask of a
+connection's socket. (The ACK number and window we show the guest, and
+the header template data frames are written from, are the connection's: conn.py.) What the
+layers above implement and this one calls (the timers, the host->guest data path, the socket
+events) is declared here as abstract methods.
 """
 
 from __future__ import annotations
@@ -26,18 +21,12 @@ import struct
 import time
 from collections.abc import Callable
 
-from vhostpasst._tcpseg import ffi as _seg_ffi
-from vhostpasst._tcpseg import lib as _seg_lib
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
-from vhostpasst.link.base import Tso
 from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
-    _INFO,
     _LINGER0,
-    _U32,
     CONNECTING,
-    DATA_ACK_TTL,
     DEFAULT_MSS4,
     DEFAULT_MSS6,
     ENV_HALF_OPEN,
@@ -47,25 +36,18 @@ from vhostpasst.proto.tcp.conn import (
     ESTABLISHED,
     HALF_OPEN_MAX,
     IDLE_TIMEOUT,
-    LOW_RTT,
     M32,
     MAX_RETRANS,
-    MAX_WINDOW,
     RTO_MAX,
-    SNDBUF_SMALL,
     SYN_ACK_SENT,
     SYN_SENT,
     SYN_WINDOW,
-    TCP_INFO_LEN,
     WS_TO_TAP,
     IPAddr,
     TcpConn,
-    discard,
     env_number,
     seq_lt,
-    tcp_info,
 )
-from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
 
@@ -91,10 +73,6 @@ class TcpControl(abc.ABC):
         self._waiting: dict[TcpConn, None] = {}
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
-        # a pure ACK is written here by _tcpseg and copied by the link's send()
-        self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
-        self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
-        self._ack_len = _seg_ffi.new("uint32_t[1]")
 
     # --- what the layers above do -----------------------------------------------------------
 
@@ -117,6 +95,11 @@ class TcpControl(abc.ABC):
     @abc.abstractmethod
     def _rewind(self, conn: TcpConn) -> None:
         """Resend from the guest's ACK point (from_guest.py)."""
+
+    @abc.abstractmethod
+    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
+        """An ACK and window update to the guest if they changed, or if `force`
+        (from_guest.py)."""
 
     @abc.abstractmethod
     def _on_sock(self, conn: TcpConn, mask: int) -> None:
@@ -186,13 +169,13 @@ class TcpControl(abc.ABC):
         self._arm_rto(conn)
 
     def _send_fin(self, conn: TcpConn) -> None:
-        ack, wnd = self._ack_wnd(conn)
+        ack, wnd = conn.ack_wnd()
         if not self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                            conn.seq_to_tap, ack, wtcp.FIN | wtcp.ACK, wnd):
             self._waiting[conn] = None
             self._arm_rto(conn)
             return
-        self._acked_to_tap(conn, ack, wnd)
+        conn.acked_to_tap(ack, wnd)
         conn.fin_seq = conn.seq_to_tap
         conn.seq_to_tap = (conn.seq_to_tap + 1) & M32
         if seq_lt(conn.seq_max, conn.seq_to_tap):
@@ -232,137 +215,6 @@ class TcpControl(abc.ABC):
             ev |= EPOLLOUT | EPOLLET
         self._set_events(conn, ev)
 
-    def _stall(self, conn: TcpConn, stalled: bool, drained: bool = False) -> None:
-        if conn.stalled != stalled or conn.drained != drained:
-            conn.stalled = stalled
-            conn.drained = drained
-            self._update_events(conn)
-
-    # --- ACKs and windows to the guest ------------------------------------------------------
-
-    def _ack_wnd(self, conn: TcpConn) -> tuple[int, int]:
-        """(ACK number, window field) for the guest, from the host socket."""
-        if conn.state != ESTABLISHED:
-            return conn.seq_from_tap, SYN_WINDOW
-        info = tcp_info(conn.sock)
-        sndbuf = conn.sndbuf
-        if sndbuf is None:
-            try:
-                sndbuf = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            except OSError:
-                sndbuf = SNDBUF_SMALL
-            else:
-                if conn.sndbuf_fixed:
-                    conn.sndbuf = sndbuf
-        # SO_SNDBUF counts overhead too: roughly half holds payload once it is large
-        eff = sndbuf * 3 // 4 if sndbuf < (4 << 20) else sndbuf // 2
-        if info is None or len(info) < TCP_INFO_LEN:
-            ack = conn.seq_from_tap
-            wnd = eff
-        else:
-            remote = (conn.ack_base + _INFO.unpack_from(info, 120)[0]) & M32
-            if seq_lt(conn.seq_from_tap, remote):
-                remote = conn.seq_from_tap
-            if conn.tap_fin_rcvd and ((conn.seq_from_tap - remote) & M32) <= 1:
-                remote = conn.seq_from_tap  # all data acked; the FIN may not be counted
-            min_rtt = _U32.unpack_from(info, 148)[0] / 1e6
-            immediate = conn.local or sndbuf < SNDBUF_SMALL or (0 < min_rtt < LOW_RTT)
-            ack = conn.seq_from_tap if immediate else remote
-            snd_wnd = _U32.unpack_from(info, 228)[0]
-            unacked = (ack - remote) & M32
-            wnd = min(snd_wnd, eff) - unacked
-            conn.poll_fast = unacked > eff // 4
-        if seq_lt(ack, conn.seq_ack_to_tap):
-            ack = conn.seq_ack_to_tap  # never backwards
-        wnd = max(0, min(wnd, MAX_WINDOW))
-        return ack, min(wnd >> conn.ws_to_tap, 65535)
-
-    def _data_ack_wnd(self, conn: TcpConn, now: float) -> tuple[int, int]:
-        """_ack_wnd() for data frames to the guest, the last answer again for DATA_ACK_TTL
-        while nothing came from the guest and no ACK went out since: a host->guest transfer
-        peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
-        for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
-        memo = conn.data_ack
-        # its ACK number is still the last one sent (the data carried it, no ACK since)
-        if memo is not None and memo[0] == conn.seq_from_tap and \
-                memo[1] == conn.seq_ack_to_tap and now - memo[3] < DATA_ACK_TTL:
-            return memo[1], memo[2]
-        ack, wnd = self._ack_wnd(conn)
-        conn.data_ack = (conn.seq_from_tap, ack, wnd, now)
-        return ack, wnd
-
-    def _acked_to_tap(self, conn: TcpConn, ack: int, wnd: int) -> None:
-        conn.seq_ack_to_tap = ack
-        conn.wnd_to_tap = wnd << conn.ws_to_tap
-        conn.ack_due = False
-        if ack != conn.seq_from_tap or wnd == 0:
-            self._arm_ack(conn)  # poll the socket for the far end's ACK or window
-
-    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
-        if conn.closed or conn.state != ESTABLISHED:
-            return
-        ack, wnd = self._ack_wnd(conn)
-        if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
-                conn.wnd_to_tap:
-            if ack != conn.seq_from_tap or wnd == 0:
-                self._arm_ack(conn)
-            return
-        if self._pure_ack(conn, ack, wnd):
-            self._acked_to_tap(conn, ack, wnd)
-
-    def _pure_ack(self, conn: TcpConn, ack: int, wnd: int) -> bool:
-        """An ACK without data to the guest: the connection's template and C checksums
-        (_tcpseg) in a scratch frame the link's send() copies, where _frame() takes a link
-        buffer (a vhost-user guest's 4 KiB ones are bounced: it wants 17 of them free)."""
-        link = self.ctx.link
-        if link is None:
-            return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
-                               conn.seq_to_tap, ack, wtcp.ACK, wnd)
-        mac = self.ctx.guest_mac()
-        tmpl = self._template(conn, mac)
-        _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
-                               conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
-        return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
-
-    @staticmethod
-    def _tso(conn: TcpConn) -> Tso:
-        """How the link sends this connection's frames as GSO frames (segments of conn.mss,
-        the MSS the guest announced, capped by the MTU)."""
-        tso = conn.tso
-        if tso is None or tso.mss != conn.mss:
-            off = wtcp.TCP6_PAYLOAD_OFFSET if conn.six else wtcp.TCP4_PAYLOAD_OFFSET
-            tso = conn.tso = Tso(conn.six, off - wtcp.TCP_HLEN, off, conn.mss)
-        return tso
-
-    def _template(self, conn: TcpConn, mac: bytes) -> bytes:
-        """Ethernet, IP and TCP headers for data segments of `conn` with the per-segment
-        fields (lengths, seq, ack, flags, window, checksums) zero, and the pseudo-header
-        sum, for _tcpseg: built with the same writers as every other frame, once per guest
-        MAC (kept in conn.tmpl)."""
-        if conn.tmpl is not None and conn.tmpl_mac == mac:
-            return conn.tmpl
-        six = conn.six
-        scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
-        write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
-        write(scratch, mac, self.ctx.config.our_mac, conn.faddr_b, conn.gaddr_b, conn.fport,
-              conn.gport, 0, 0, 0, 0, 0)
-        l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
-            wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
-        tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
-        if not six:
-            tmpl[14 + 10:14 + 12] = b"\0\0"  # IPv4 header checksum: computed per frame
-        tmpl[l3 + 16:l3 + 18] = b"\0\0"
-        conn.tmpl, conn.tmpl_mac = bytes(tmpl), mac
-        conn.pseudo = checksum.partial(conn.faddr_b + conn.gaddr_b) + socket.IPPROTO_TCP
-        return conn.tmpl
-
-    @staticmethod
-    def _discard(conn: TcpConn) -> None:
-        """Drop what the guest acknowledged from the socket (before peeking again)."""
-        if conn.discard_due:
-            discard(conn.sock, conn.discard_due)
-            conn.discard_due = 0
-
     # --- the end of a connection ------------------------------------------------------------
 
     def _guest_reset(self, conn: TcpConn) -> None:
@@ -394,12 +246,3 @@ class TcpControl(abc.ABC):
         except OSError:
             pass
         conn.remove()
-
-    def _maybe_close(self, conn: TcpConn) -> None:
-        """Both directions finished: the guest's FIN passed on and acknowledged by the far
-        end, ours acknowledged by the guest."""
-        if conn.closed or conn.state != ESTABLISHED:
-            return
-        if conn.tap_fin_rcvd and conn.tap_fin_acked and conn.seq_ack_to_tap == \
-                conn.seq_from_tap:
-            conn.remove()

@@ -9,9 +9,10 @@ anything else gets a challenge ACK (RFC 5961); a SYN on a synchronized connectio
 challenge ACK; an ACK moves what the guest acknowledged (_guest_ack: those bytes are dropped
 from the socket before the next peek, the RTT is sampled, three duplicates rewind the peek);
 in-order payload is gathered and written at once (_write: what the socket does not take is not
-acknowledged, and EPOLLOUT later brings a window update); out-of-order data is dropped with
-duplicate ACKs so the guest's fast retransmit fills the hole; a FIN is passed on as
-shutdown(SHUT_WR) once the data before it went.
+acknowledged, and EPOLLOUT later brings a window update) and acknowledged with the window the
+socket leaves (_send_ack: a pure ACK, unless a data frame to the guest carried it);
+out-of-order data is dropped with duplicate ACKs so the guest's fast retransmit fills the
+hole; a FIN is passed on as shutdown(SHUT_WR) once the data before it went.
 
 Connections the guest opens: a SYN for no connection becomes a non-blocking connect() to the
 address NAT maps the destination to (_connect); when it completes the guest gets our SYN-ACK
@@ -27,6 +28,8 @@ import socket
 import time
 from ipaddress import IPv4Address, IPv6Address
 
+from vhostpasst._tcpseg import ffi as _seg_ffi
+from vhostpasst._tcpseg import lib as _seg_lib
 from vhostpasst.core import nat
 from vhostpasst.core.loop import EPOLLET, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.proto.context import Context
@@ -65,6 +68,11 @@ class FromGuest(TcpTimers):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._batch: dict[TcpConn, list[wtcp.Tcp]] = {}
+        # a pure ACK is written here by _tcpseg and copied by the link's send()
+        self._ack_buf = bytearray(wtcp.TCP6_PAYLOAD_OFFSET)
+        self._ack_ptr = [_seg_ffi.from_buffer(self._ack_buf)]
+        self._ack_len = _seg_ffi.new("uint32_t[1]")
+        self._our_mac = ctx.config.our_mac  # its source (TcpConn.template())
 
     def tap4(self, packet: Ipv4) -> None:
         self.segment(False, int(packet.src), int(packet.dst), wtcp.parse_tcp(packet.payload))
@@ -326,7 +334,7 @@ class FromGuest(TcpTimers):
             # ACK at once (RFC 5681 §4.2), so the guest's fast retransmit fills the hole
             # instead of its retransmission timer
             dups = min(len(ooo), DUP_ACKS_MAX)
-        self._discard(conn)
+        conn.discard_acked()
         if pending:
             if not self._write(conn, pending):
                 fin = False  # the FIN comes after data the socket did not take
@@ -342,7 +350,7 @@ class FromGuest(TcpTimers):
             self._send_ack(conn, force=answer or fin)
         for _ in range(dups):
             self._send_ack(conn, force=True)
-        self._maybe_close(conn)
+        conn.close_if_done()
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
                      pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:
@@ -409,7 +417,7 @@ class FromGuest(TcpTimers):
             data_end = conn.fin_seq if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack) \
                 else ack
             acked = (data_end - conn.seq_ack_from_tap) & M32
-            conn.discard_due += acked  # one recv(MSG_TRUNC) per batch: _discard()
+            conn.discard_due += acked  # one recv(MSG_TRUNC) per batch: discard_acked()
             if conn.fin_seq is not None and seq_lt(conn.fin_seq, ack):
                 conn.tap_fin_acked = True
                 if conn.tap_fin_rcvd:
@@ -447,10 +455,38 @@ class FromGuest(TcpTimers):
             self._rewind(conn)
         return False
 
+    # --- ACKs and window updates to the guest ------------------------------------------------
+
+    def _send_ack(self, conn: TcpConn, force: bool = False) -> None:
+        if conn.closed or conn.state != ESTABLISHED:
+            return
+        ack, wnd = conn.ack_wnd()
+        if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
+                conn.wnd_to_tap:
+            if ack != conn.seq_from_tap or wnd == 0:
+                self._arm_ack(conn)
+            return
+        if self._pure_ack(conn, ack, wnd):
+            conn.acked_to_tap(ack, wnd)
+
+    def _pure_ack(self, conn: TcpConn, ack: int, wnd: int) -> bool:
+        """An ACK without data to the guest: the connection's template and C checksums
+        (_tcpseg) in a scratch frame the link's send() copies, where _frame() takes a link
+        buffer (a vhost-user guest's 4 KiB ones are bounced: it wants 17 of them free)."""
+        link = self.ctx.link
+        if link is None:
+            return self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                               conn.seq_to_tap, ack, wtcp.ACK, wnd)
+        mac = self.ctx.guest_mac()
+        tmpl = conn.template(mac, self._our_mac)
+        _seg_lib.vp_tcp_frames(self._ack_ptr, [0], 1, tmpl, conn.six, conn.pseudo,
+                               conn.seq_to_tap, ack, wnd, wtcp.ACK, wtcp.ACK, self._ack_len)
+        return link.send(memoryview(self._ack_buf)[:self._ack_len[0]])
+
     def _rewind(self, conn: TcpConn) -> None:
         """Resend from the guest's ACK point: the peek offset goes back to the unacked
         start of the receive queue."""
-        self._discard(conn)
+        conn.discard_acked()
         conn.seq_to_tap = conn.seq_ack_from_tap
         conn.rtt_seq = None
         if conn.fin_seq is not None and not conn.tap_fin_acked:

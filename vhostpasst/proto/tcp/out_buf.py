@@ -62,6 +62,7 @@ class BufOutput:
     def __init__(self, handler: TcpControl, caps: LinkCaps) -> None:
         self.h = handler
         self.l4_csum = caps.l4_csum
+        self._our_mac = handler.ctx.config.our_mac  # the frames' source (TcpConn.template())
 
     def send(self, conn: TcpConn, link: Link, count: int, seg: int, size: int, off: int,
              room: int, tso: Tso | None,
@@ -93,7 +94,7 @@ class BufOutput:
         if n == 0:
             return (0, sum(caps), None, 0, 0)
         conn.last_seen = now = time.monotonic()
-        ack, wnd = acked if acked is not None else self.h._data_ack_wnd(conn, now)
+        ack, wnd = acked if acked is not None else conn.data_ack_wnd(now)
         mac = self.h.ctx.guest_mac()
         sizes = []  # segments filled: all full but the last
         left = n
@@ -110,7 +111,7 @@ class BufOutput:
                 return (n, sum(caps), None, ack, wnd)
             seq, lengths = written
         else:
-            tmpl = self.h._template(conn, mac)
+            tmpl = conn.template(mac, self._our_mac)
             fb = _seg_ffi.from_buffer
             ptrs = _seg_ffi.new("uint8_t *[]", [fb(b, require_writable=True)
                                                 for b in bufs[:count]])
@@ -129,7 +130,7 @@ class BufOutput:
         payload spans several buffers, in one C call; the next seq and the frame lengths, or
         None if the buffers can't hold what they should (the C side checks every access).
         With `tso`, frames of more than one segment get the partial (pseudo-header) sum."""
-        tmpl = self.h._template(conn, mac)
+        tmpl = conn.template(mac, self._our_mac)
         # LinkCaps.l4_csum False: the guest checks nothing (GUEST_CSUM) and no capture shows
         # the frames, so the payload need not be read again
         csum = self.l4_csum

@@ -56,10 +56,10 @@ class GuestFillOutput(BufOutput):
              room: int, tso: Tso | None,
              acked: tuple[int, int] | None = None) -> Peeked | None:
         now = time.monotonic()
-        ack, wnd = self.h._data_ack_wnd(conn, now)
+        ack, wnd = conn.data_ack_wnd(now)
         mac = self.h.ctx.guest_mac()
         fill = self._fill
-        tmpl = self.h._template(conn, mac)
+        tmpl = conn.template(mac, self._our_mac)
         if self._fill_for != (conn, tmpl):
             fill.tmpl = tmpl
             fill.six = conn.six

@@ -109,7 +109,7 @@ class TcpTimers(TcpControl):
         elif conn.wnd_from_tap == 0 or conn.stalled:
             # zero window (persist) or no link buffers: probe with an old sequence
             # number, which makes the guest answer with its current window
-            ack, wnd = self._ack_wnd(conn)
+            ack, wnd = conn.ack_wnd()
             self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
                         (conn.seq_ack_from_tap - 1) & M32, ack, wtcp.ACK, wnd)
             # a guest that answers probes is alive (retrans is reset then): keep probing
@@ -154,7 +154,7 @@ class TcpTimers(TcpControl):
         conn.ack_timer = None
         try:
             self._send_ack(conn)
-            self._maybe_close(conn)
+            conn.close_if_done()
         except Exception:
             log.exception("ACK timer of %r", conn)
             self._reset(conn)

@@ -72,7 +72,7 @@ class ToGuest(FromGuest):
         """Peek what the guest's window allows into link buffers, headers in place."""
         if conn.state != ESTABLISHED or conn.closed:
             return
-        self._discard(conn)
+        conn.discard_acked()
         if conn.fin_seq is not None:
             return
         in_flight = (conn.seq_to_tap - conn.seq_ack_from_tap) & M32
@@ -86,7 +86,7 @@ class ToGuest(FromGuest):
         connected = link is not None and link.connected
         caps = link.caps if link is not None else None
         # a guest that segments (TSO) takes frames of up to 64 KiB: far fewer of them
-        tso = self._tso(conn) if connected and caps is not None and \
+        tso = conn.tso_params() if connected and caps is not None and \
             (caps.tso6 if conn.six else caps.tso4) else None
         seg = conn.mss  # payload per frame
         if tso is not None:  # as many whole segments as fit 64 KiB: no runt at the end
@@ -141,6 +141,14 @@ class ToGuest(FromGuest):
         elif not conn.rto_armed:  # the link's buffers broke their promises: resend later
             self._arm_rto(conn)
 
+    def _stall(self, conn: TcpConn, stalled: bool, drained: bool = False) -> None:
+        """The connection waits for the guest (its window or its RX ring is full), or not;
+        everything queued is peeked (`drained`), or not: the socket's events follow."""
+        if conn.stalled != stalled or conn.drained != drained:
+            conn.stalled = stalled
+            conn.drained = drained
+            self._update_events(conn)
+
     def _no_room(self, conn: TcpConn) -> None:
         """No guest, or its RX ring is full: rx_ready() resumes, the RTO if it never comes."""
         self._stall(conn, True)
@@ -164,7 +172,7 @@ class ToGuest(FromGuest):
 
     def _data_sent(self, conn: TcpConn, seq: int, ack: int, wnd: int) -> None:
         """Data frames up to `seq` went to the guest, carrying `ack` and `wnd`."""
-        self._acked_to_tap(conn, ack, wnd)
+        conn.acked_to_tap(ack, wnd)
         if conn.rtt_seq is None and seq_le(conn.seq_max, conn.seq_to_tap):
             conn.rtt_seq, conn.rtt_time = seq, time.monotonic()  # Karn: new data only
         conn.seq_to_tap = seq
@@ -216,4 +224,4 @@ class ToGuest(FromGuest):
         if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
             self._from_sock(conn)
         if mask & EPOLLHUP and not conn.closed:
-            self._maybe_close(conn)
+            conn.close_if_done()
