@@ -1,4 +1,4 @@
-/* TCP frames to the guest, a batch at a time (vhostpasst/proto/tcp.py, host -> guest path).
+/* TCP frames to the guest, a batch at a time (vhostpasst/proto/tcp/out_buf.py, host -> guest).
  *
  * The payload of each frame is already in place (peeked from the socket); this fills the
  * Ethernet, IP and TCP headers in front of it from a per-connection template and computes

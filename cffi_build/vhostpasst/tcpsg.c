@@ -1,6 +1,6 @@
 /* TCP frames to the guest whose payload is scattered over several buffers (vhost-user
  * mergeable RX buffers: Linux posts 1.5-4 KiB buffers, a 64 KiB segment spans ~17), a batch
- * at a time (vhostpasst/proto/tcp.py, host -> guest path). Same job as tcpseg.c's vp_tcp_frames:
+ * at a time (proto/tcp/out_buf.py and out_vu.py, host -> guest). Same job as tcpseg.c's vp_tcp_frames:
  * headers from a per-connection template written into the frame's first buffer, IPv4 header
  * checksum, and the TCP checksum over the scattered payload unless the guest said it need not
  * be (GUEST_CSUM: the frame is marked DATA_VALID; passt skips it the same way).

@@ -5,13 +5,13 @@ through the tap and never through Python buffers.
 netns.call_in_netns); each accepted connection gets a non-blocking connect to the host's
 loopback of the same family, port + delta.
 
--t (host -> namespace): tcp.py accepts on the host's listening sockets and offers each new
-connection to `claim`; one whose source is the host's loopback is taken here and connected,
-from a socket created inside the namespace, to the namespace's own address (reference 4.5: the
-address it was seen using; with --host-lo-to-ns-lo the loopback address the host connection
-was made to), port + delta. Namespace
-sockets come from a small pool refilled in one helper-thread call, as a thread per connection
-would cost more than the connection. Each direction has its own pipe: data is
+-t (host -> namespace): TCP (proto/tcp/handler.py) accepts on the host's listening sockets and
+offers each new connection to `claim`; one whose source is the host's loopback is taken here and
+connected, from a socket created inside the namespace, to the namespace's own address (reference
+4.5: the address it was seen using; with --host-lo-to-ns-lo the loopback address the host
+connection was made to), port + delta. Namespace sockets come from a small pool refilled in one
+helper-thread call, as a thread per connection would cost more than the connection. Each
+direction has its own pipe: data is
 spliced from the source socket into the pipe, then from the pipe into the other socket. When
 the other socket is full the direction waits for EPOLLOUT (and stops reading meanwhile); at
 end of stream, once the pipe is empty, the other side is shut down for writing. The
@@ -277,7 +277,7 @@ class TcpSplice:
             sock.close()
 
     def claim(self, lst: Any, sock: socket.socket, peer: tuple) -> bool:
-        """tcp.py's hook for -t: take a connection from the host's loopback (True), leave
+        """TCP's hook for -t: take a connection from the host's loopback (True), leave
         anything else to the tap path (False). `lst` has `six` and `guest_port`."""
         if self.pool is None or self.ns_target is None:
             return False
