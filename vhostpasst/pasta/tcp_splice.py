@@ -11,12 +11,10 @@ connected, from a socket created inside the namespace, to the namespace's own ad
 4.5: the address it was seen using; with --host-lo-to-ns-lo the loopback address the host
 connection was made to), port + delta. Namespace sockets come from a small pool refilled in one
 helper-thread call, as a thread per connection would cost more than the connection. Each
-direction has its own pipe: data is
-spliced from the source socket into the pipe, then from the pipe into the other socket. When
-the other socket is full the direction waits for EPOLLOUT (and stops reading meanwhile); at
-end of stream, once the pipe is empty, the other side is shut down for writing. The
-connection closes when both directions are done, or on an error or hang-up.
-"""
+direction has its own pipe: data is spliced from the source socket into the pipe, then from the
+pipe into the other socket. When the other socket is full the direction waits for EPOLLOUT (and
+stops reading meanwhile); at end of stream, once the pipe is empty, the other side is shut down
+for writing. The connection closes when both directions are done, or on an error or hang-up. """
 
 from __future__ import annotations
 
