@@ -14,7 +14,7 @@ helper-thread call, as a thread per connection would cost more than the connecti
 direction has its own pipe: data is spliced from the source socket into the pipe, then from the
 pipe into the other socket. When the other socket is full the direction waits for EPOLLOUT (and
 stops reading meanwhile); at end of stream, once the pipe is empty, the other side is shut down
-for writing. The connection closes when both directions are done, or on an error or hang-up. """
+for writing. The connection closes when both directions are done, or on an error or hang-up."""
 
 from __future__ import annotations
 
