@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from ._ring import ffi, lib
 
-# vr_pop_chains() status codes (cffi_build/virtio/ring.c)
+# vr_pop_chains() status codes (cffi_build/virtio/ring_walk.h)
 POP_OK = 0
 POP_E_AVAIL_JUMP = 1
 POP_E_HEAD = 2

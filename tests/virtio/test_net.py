@@ -66,7 +66,7 @@ def test_rx_not_mergeable_needs_one_big_chain(s):
     assert s.vq.available() == 2
 
 
-# --- TxGather: TX frames found in C (vr_tx_frames), against tx_frame() per Chain -------------
+# --- TxGather: TX frames found in C (vr_tx_gather), against tx_frame() per Chain -------------
 
 Got = tuple[bytes | None, net.NetHeader | None, bool]  # frame (None: dropped), GSO header, view
 
@@ -262,6 +262,29 @@ def test_tx_frames_over_several_pops_keep_their_bounce_offsets() -> None:
         assert got == [_expected(c) for c in want]
         assert gso_at == list(range(1, 100, 2))
         ref.reset()
+    finally:
+        setup.close()
+
+
+def test_tx_frames_record_writable_buffers_for_the_dirty_log() -> None:
+    """Under live migration the TX gather's chains' writable buffers are recorded from the
+    records it leaves (VirtQueue.took_records(popped=True)), to be marked when pushed."""
+    setup = Setup(num=8)
+    try:
+        ring, vq = setup.ring, setup.vq
+        vq.set_dirty_log(object())  # (not written to before a push)
+        a = ring.add([net.NetHeader().pack() + b"x" * 20], [64])
+        b = ring.add([net.NetHeader().pack(), b"y" * 30], [])
+        c = ring.add([net.NetHeader().pack() + b"z" * 20], [16, 32])
+        g = net.TxGather(8)
+        heads, frames, _ = g.tx_frames(vq, 8)
+        assert heads == [a, b, c] and [bytes(f or b"") for f in frames] == \
+            [b"x" * 20, b"y" * 30, b"z" * 20]
+        writes = vq._popped_writes
+        assert writes[a] == [(gpa, n) for gpa, n, w in ring.buffers[a] if w]
+        assert b not in writes
+        assert writes[c] == [(gpa, n) for gpa, n, w in ring.buffers[c] if w]
+        assert len(writes[c]) == 2
     finally:
         setup.close()
 
