@@ -10,7 +10,8 @@
  * local, by the walk; the frame walk reads only those records, and copies bytes.
  *
  * The ring context (struct vr_pop_ctx) and the region table are virtio/ring.py's (module
- * virtio._ring): they reach this module as pointers (see virtio/net.py's TxGather). */
+ * virtio._ring, whose declarations net_build.py includes): virtio/net.py's TxGather passes
+ * them as they are, and tells the VirtQueue what was taken. */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
