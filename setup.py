@@ -47,6 +47,7 @@ class SdistWithInfo(sdist):
 setup(
     cffi_modules=[
         "cffi_build/virtio/ring_build.py:ffibuilder",
+        "cffi_build/virtio/net_build.py:ffibuilder",
         "cffi_build/virtio/guard_build.py:ffibuilder",
         "cffi_build/vhostpasst/checksum_build.py:ffibuilder",
         "cffi_build/vhostpasst/mmsg_build.py:ffibuilder",

@@ -1,5 +1,6 @@
-/* libFuzzer harness for cffi_build/virtio/ring.c, the split-virtqueue C that reads guest memory:
- * chain pops (descriptor tables, indirect tables), TX frame extraction, mergeable RX gather,
+/* libFuzzer harness for cffi_build/virtio/ring.c and net.c, the split-virtqueue C that reads
+ * guest memory: chain pops (descriptor tables, indirect tables: ring_walk.h), TX frame
+ * extraction and the one-call TX gather (net.c), mergeable RX gather,
  * layout, read and commit (vr_rx_fill() with tcp_vu.c's socket reader and frame writer),
  * used-ring stores and
  * the dirty log.
@@ -16,6 +17,7 @@
  * (region, offset, length) lies inside its region, counts agree, TX frames lie inside the
  * region or the bounce buffer, heads are < num. Input layout: see the take() calls in order. */
 #include "ring.c"
+#include "net.c"
 #include "tcpsg.c"
 #include "tcp_vu.c"
 
@@ -242,6 +244,72 @@ static void op_tx(struct guest *g, struct in *in, unsigned num, int race, uint64
 			CHECK(o[3] <= max_frame);
 		} else {
 			CHECK(o[0] == VR_TX_SHORT || o[0] == VR_TX_BIG);
+		}
+	}
+	free(bounce);
+	free(hdrs);
+	free(out);
+	ctx_free(&ctx);
+}
+
+/* TX in one call: vr_tx_gather() (pops, frames, re-arms), as virtio/net.py's TxGather calls
+ * it, with records the size of the input's choosing (so pops stop for room mid-batch). */
+static void op_tx_gather(struct guest *g, struct in *in, unsigned num, int race, uint64_t seed)
+{
+	unsigned last = take(in, 2), count = take(in, 2) % (num + 2), indirect = take(in, 1) & 1;
+	unsigned buf_cap = 1 + take(in, 2) % 2048, hdr = take(in, 1) % 24, i, total = 0;
+	uint64_t max_frame = take(in, 2), bounce_len = take(in, 2), copied = 0;
+	int rearm = take(in, 1) & 1, ret;
+	uint8_t *bounce, *hdrs;
+	uint64_t *out;
+	uint32_t res[1];
+	struct vr_pop_ctx ctx;
+	struct rings rg;
+
+	place_rings(g, in, num, &rg);
+	ctx_init(&ctx, &rg, num, buf_cap);
+	guest_fill(g, in);
+	if (take(in, 1) & 1)
+		shape_descs(g, (uint8_t *)rg.desc, rg.desc_len);
+	bounce = malloc(bounce_len + 1);
+	hdrs = malloc((size_t)hdr * num + 1);
+	out = malloc(4 * sizeof(uint64_t) * num + 1);
+
+	if (race)
+		racer_start(g->areas, g->n, seed);
+	ret = vr_tx_gather(&ctx, last, count, indirect, g->r, g->n, rg.used, rg.used_len, rearm,
+			   hdr, max_frame, hdrs, bounce, bounce_len, out, res);
+	if (race)
+		racer_stop();
+
+	CHECK(ret >= -1 && (ret < 0 || (unsigned)ret <= count));
+	CHECK(count <= num || ret == -1);
+	CHECK(res[0] <= VR_TXG_ERROR);
+	if (ret > 0 && res[0] != VR_TXG_ERROR) {
+		for (i = 0; i < (unsigned)ret; i++) {
+			const uint64_t *o = out + 4 * (size_t)i;
+
+			CHECK(ctx.chains[3 * i] < num);
+			total += ctx.chains[3 * i + 1] + ctx.chains[3 * i + 2];
+			if (o[0] == VR_TX_GUEST) {
+				CHECK(o[1] < g->n);
+				CHECK(o[3] <= g->r[o[1]].size && o[2] <= g->r[o[1]].size - o[3]);
+				CHECK(o[3] <= max_frame);
+			} else if (o[0] == VR_TX_COPY) {
+				/* copies follow each other in bounce, over all the pops */
+				CHECK(o[2] == copied && o[3] <= bounce_len - copied);
+				CHECK(o[3] <= max_frame);
+				copied += o[3];
+			} else {
+				CHECK(o[0] == VR_TX_SHORT || o[0] == VR_TX_BIG);
+			}
+		}
+		CHECK(total == ctx.status[3] && total <= buf_cap);
+		for (i = 0; i < total; i++) {
+			const uint64_t *r = ctx.bufs + 3 * (size_t)i;
+
+			CHECK(r[0] < g->n);
+			CHECK(r[2] <= g->r[r[0]].size && r[1] <= g->r[r[0]].size - r[2]);
 		}
 	}
 	free(bounce);
@@ -489,8 +557,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	guest_map(&g, &in);
 	switch (op % 5) {
-	case 0:
-		op_tx(&g, &in, num, race, seed);
+	case 0:	/* the pop and the frame walk apart, or the one-call gather */
+		if ((op / 5) & 1)
+			op_tx_gather(&g, &in, num, race, seed);
+		else
+			op_tx(&g, &in, num, race, seed);
 		break;
 	case 1:
 		op_rx(&g, &in, num, race, seed);

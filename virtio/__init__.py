@@ -6,6 +6,7 @@
   `rewind(n)`, notification control; ordered index accesses in C (`ring`, `_ring`).
 - `backend.VhostUserBackend(sock, loop, device)`: the protocol state machine; a `Device`
   subclass supplies features/queues and gets started/stopped/enabled/kicked callbacks.
-- `net`: virtio-net header, `tx_frame()` (one Chain) and `TxGather` (a batch, in C),
-  mergeable `rx_put()` and `rx_frames()`, `NetDevice`.
+- `net`: virtio-net header, `tx_frame()` (one Chain) and `TxGather` (a batch popped and
+  its frames found in one C call, `_net`), mergeable `rx_put()` and `rx_frames()`,
+  `NetDevice`.
 """

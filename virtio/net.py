@@ -10,8 +10,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ._net import ffi, lib
 from .backend import Device
-from .ring import GATHER_ERROR, GATHER_GENERAL, TX_COPY, TX_GUEST, Fill, RxFill, RxFiller, ffi
+from .ring import GATHER_ERROR, GATHER_GENERAL, Fill, RingError, RxFill, RxFiller
 from .virtqueue import Chain, VirtQueue
 
 F_CSUM = 1 << 0
@@ -96,10 +97,24 @@ FRAME_MAX = 65535 + 14  # the longest frame: an IP packet of 64 KiB (GSO's too) 
 TX_BOUNCE = 64 * FRAME_MAX  # scattered guest frames copied per TX batch (~4 MiB)
 
 
+# vr_tx_frames() frame kinds, out[4i] (cffi_build/virtio/net.c)
+TX_GUEST = 0  # in one guest buffer: used where it is
+TX_COPY = 1  # over several: copied to the bounce buffer
+TX_SHORT = 2  # the chain holds no more than a header
+TX_BIG = 3  # the frame is longer than allowed: dropped, never copied
+
+# vr_tx_gather() outcomes, res[0] (cffi_build/virtio/net.c)
+TXG_DONE = 0  # as many chains as asked, or the ring ran dry (the kick re-armed)
+TXG_ROOM = 1  # stopped for room (the bounce buffer, the records): the ring may hold more
+TXG_GROW = 2  # the next chain has more buffers than the records hold: grow them
+TXG_ERROR = 3  # a bad chain or avail index (the ring's status says which)
+
+
 class TxGather:
-    """Guest TX frames a batch at a time (tx_frames()): chains popped as records, and each
-    frame located (or, spread over several buffers, copied once to `bounce`) in C, with no
-    Chain or view per buffer. Frames are valid until the next call."""
+    """Guest TX frames a batch at a time (tx_frames()): chains popped as records, each
+    frame located (or, spread over several buffers, copied once to `bounce`) and the kick
+    re-armed when the ring runs dry, in one C call (vr_tx_gather(), cffi_build/virtio/net.c),
+    with no Chain or view per buffer. Frames are valid until the next call."""
 
     def __init__(self, max_chains: int, bounce_size: int = TX_BOUNCE) -> None:
         self.max_chains = max_chains
@@ -110,7 +125,8 @@ class TxGather:
         self._hdrs_mv = memoryview(ffi.buffer(self._hdrs))
         self._out = ffi.new("uint64_t[]", 4 * max_chains)
         self._out_mv = memoryview(ffi.buffer(self._out)).cast("Q")
-        self.full = False  # the last call stopped because the bounce buffer filled
+        self._res = ffi.new("uint32_t[]", 1)
+        self.full = False  # the last call stopped for room: the ring may hold more
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
         self.max_frame = min(FRAME_MAX, bounce_size)
@@ -121,47 +137,51 @@ class TxGather:
         past the virtio-net header), or None when it holds no more than a header or a frame
         longer than `max_frame` (dropped: never copied); and the
         header of each frame whose header says GSO, by index. Fewer chains than `count`
-        when the ring runs dry (the last, empty pop re-armed the kick) or the bounce buffer
-        fills (the rest stay in the ring)."""
-        heads: list[int] = []
+        when the ring runs dry (the kick is re-armed) or the bounce buffer fills (the rest
+        stay in the ring; `full` says so). A bad chain breaks the queue (VirtQueueError)."""
+        ring = vq.ring_access()
+        table = vq.memory.table
+        limit = min(count, self.max_chains, ring.num)
+        res = self._res
+        while True:
+            n = lib.vr_tx_gather(ring.ctx, vq.last_avail_idx, limit, vq.indirect, table.cdata,
+                                 table.count, ring.used, ring.used_len, vq.rearms_on_empty,
+                                 HDR_LEN, self.max_frame, self._hdrs, self._bounce_c,
+                                 len(self.bounce), self._out, res)
+            outcome = res[0]
+            # the first chain is longer than the records hold: room for any chain, again
+            if outcome != TXG_GROW or n or not ring.grow():
+                break
+        if n < 0:
+            raise RingError("TX gather refused its arguments")
+        if outcome == TXG_ERROR:
+            raise vq.bad_records(n)
+        vq.took_records(n, popped=True)  # (from the records: before they grow)
+        # stopped for room, or at the ring's size short of `count`: the ring may hold more
+        self.full = outcome == TXG_ROOM or n == limit < min(count, self.max_chains)
+        if outcome == TXG_GROW and n:
+            ring.grow()  # a later chain did not fit: the next call takes it
+            self.full = True
+        if not n:
+            return [], [], {}
+        heads: list[int] = ring.chains_mv[:3 * n:3].tolist()
         frames: list[memoryview | None] = []
         gso: dict[int, NetHeader] = {}
-        views = vq.memory.table.views
+        views = table.views
         hdrs = self._hdrs_mv
-        used = 0  # bounce bytes taken by earlier pops of this batch
-        count = min(count, self.max_chains)
-        self.full = False
-        while len(heads) < count:
-            asked = count - len(heads)
-            n = vq.pop_records(asked)
-            if n == 0:
-                break  # the empty pop re-armed the kick
-            ring = vq.ring_access()
-            done = ring.tx_frames(n, vq.memory.table, HDR_LEN, self.max_frame, self._hdrs,
-                                  self._bounce_c + used, len(self.bounce) - used, self._out)
-            if done < n:
-                vq.rewind(n - done)
-                self.full = True
-            heads += ring.chains_mv[:3 * done:3].tolist()
-            out = self._out_mv[:4 * done].tolist()
-            copied = 0
-            for i in range(done):
-                kind, region, offset, length = out[4 * i:4 * i + 4]
-                if kind == TX_GUEST:
-                    frame: memoryview | None = views[region][offset:offset + length]
-                elif kind == TX_COPY:
-                    frame = self._bounce_mv[used + offset:used + offset + length]
-                    copied += length
-                else:
-                    frame = None
-                if frame is not None and hdrs[HDR_LEN * i + 1]:  # gso_type
-                    gso[len(frames)] = NetHeader.unpack(hdrs[HDR_LEN * i:HDR_LEN * (i + 1)])
-                frames.append(frame)
-            used += copied
-            if done < n:
-                break
-            if n < asked and not vq.rearm():
-                break  # the ring ran dry: kick re-armed with one store, not an empty pop
+        bounce = self._bounce_mv
+        out = self._out_mv[:4 * n].tolist()
+        for i in range(n):
+            kind, region, offset, length = out[4 * i:4 * i + 4]
+            if kind == TX_GUEST:
+                frame: memoryview | None = views[region][offset:offset + length]
+            elif kind == TX_COPY:
+                frame = bounce[offset:offset + length]
+            else:
+                frame = None
+            if frame is not None and hdrs[HDR_LEN * i + 1]:  # gso_type
+                gso[i] = NetHeader.unpack(hdrs[HDR_LEN * i:HDR_LEN * (i + 1)])
+            frames.append(frame)
         return heads, frames, gso
 
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from ._ring import ffi, lib
 
-# vr_pop_chains() status codes (cffi_build/virtio/ring.c)
+# vr_pop_chains() status codes (cffi_build/virtio/ring_walk.h)
 POP_OK = 0
 POP_E_AVAIL_JUMP = 1
 POP_E_HEAD = 2
@@ -149,12 +149,6 @@ def read_frames(reader: int, reader_arg: int, regions: RegionTable, records: byt
     return n, ffi.unpack(caps, len(starts))
 
 
-# vr_tx_frames() frame kinds (cffi_build/virtio/ring.c)
-TX_GUEST = 0  # in one guest buffer: used where it is
-TX_COPY = 1  # over several: copied to the bounce buffer
-TX_SHORT = 2  # the chain holds no more than a header
-TX_BIG = 3  # the frame is longer than allowed: dropped, never copied
-
 # vr_rx_layout() stop reasons (cffi_build/virtio/ring.c)
 LAYOUT_COUNT = 0  # as many frames as asked
 LAYOUT_END = 1  # the records ended where a frame would start
@@ -253,10 +247,12 @@ def rx_commit(regions: RegionTable, records: bytes | bytearray,
 
 class RingAccess:
     """Ordered loads/stores on one split ring's avail and used areas (views into guest memory),
-    and chain pops from its descriptor table."""
+    and chain pops from its descriptor table. `ctx` (the pop's C context: the areas and the
+    record arrays), `used` and `used_len` are what virtio.net's C TX gather takes (its module
+    includes this one's types)."""
 
-    __slots__ = ("num", "_avail", "_avail_len", "_used", "_used_len", "_desc", "_desc_len",
-                 "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "_ctx", "status_mv",
+    __slots__ = ("num", "_avail", "_avail_len", "used", "used_len", "_desc", "_desc_len",
+                 "_chains", "chains_mv", "_bufs", "bufs_mv", "_buf_cap", "ctx", "status_mv",
                  "_elems", "_elems_cap", "_grecs", "_grecs_mv", "_gchains", "_gchains_mv",
                  "_gout", "_fout", "_felems", "_fspare")
 
@@ -276,27 +272,27 @@ class RingAccess:
         self.num = num
         self._avail = ffi.from_buffer("uint8_t[]", avail)
         self._avail_len = len(avail)
-        self._used = ffi.from_buffer("uint8_t[]", used, require_writable=True)
-        self._used_len = len(used)
+        self.used = ffi.from_buffer("uint8_t[]", used, require_writable=True)
+        self.used_len = len(used)
         self._desc = ffi.NULL if desc is None else ffi.from_buffer("uint8_t[]", desc)
         self._desc_len = 0 if desc is None else len(desc)
         # The pop's fixed arguments live in one C struct (fewer per-call conversions); its
         # outputs are read back through memoryviews, not per-field cdata.
-        self._ctx = ffi.new("struct vr_pop_ctx *")
-        self._ctx.desc = self._desc
-        self._ctx.desc_len = self._desc_len
-        self._ctx.avail = self._avail
-        self._ctx.avail_len = self._avail_len
-        self._ctx.num = num
+        self.ctx = ffi.new("struct vr_pop_ctx *")
+        self.ctx.desc = self._desc
+        self.ctx.desc_len = self._desc_len
+        self.ctx.avail = self._avail
+        self.ctx.avail_len = self._avail_len
+        self.ctx.num = num
         self._chains = ffi.new("uint32_t[]", 3 * num)
-        self._ctx.chains = self._chains
-        self._ctx.chain_cap = num
+        self.ctx.chains = self._chains
+        self.ctx.chain_cap = num
         self.chains_mv = memoryview(ffi.buffer(self._chains)).cast("I")
         self._buf_cap = 0
         self._bufs: Any = None
         self.bufs_mv = memoryview(b"")
         self._grow_bufs(min(_BUFS_START, MAX_CHAIN_BUFS))
-        self.status_mv = memoryview(ffi.buffer(self._ctx.status)).cast("Q")
+        self.status_mv = memoryview(ffi.buffer(self.ctx.status)).cast("Q")
         self._elems_cap = 0
         self._elems: Any = None
         # rx_gather()'s records: one chain of one buffer each, at most the whole ring
@@ -311,7 +307,7 @@ class RingAccess:
         self._fspare = ffi.new("uint32_t[]", num)
         # Alignment (avail 2, used 4) is checked by every C call; fail early instead.
         if lib.vr_avail_flags(self._avail, self._avail_len) < 0 or \
-                lib.vr_used_idx(self._used, self._used_len) < 0:
+                lib.vr_used_idx(self.used, self.used_len) < 0:
             raise RingError("misaligned ring area")
 
     def avail_idx(self) -> int:
@@ -329,24 +325,24 @@ class RingAccess:
 
     def used_publish(self, idx: int) -> None:
         """used->idx with release ordering, then a full fence (before reading used_event)."""
-        if lib.vr_used_publish(self._used, self._used_len, idx & 0xFFFF) < 0:  # _ok(), inline:
+        if lib.vr_used_publish(self.used, self.used_len, idx & 0xFFFF) < 0:  # _ok(), inline:
             raise RingError("ring access outside the mapped ring area")  # once per flush
 
     def used_idx(self) -> int:
-        return _ok(lib.vr_used_idx(self._used, self._used_len))
+        return _ok(lib.vr_used_idx(self.used, self.used_len))
 
     def used_flags_set(self, flags: int) -> None:
-        _ok(lib.vr_used_flags_set(self._used, self._used_len, flags))
+        _ok(lib.vr_used_flags_set(self.used, self.used_len, flags))
 
     def avail_event_set(self, value: int) -> None:
-        _ok(lib.vr_avail_event_set(self._used, self._used_len, self.num, value & 0xFFFF))
+        _ok(lib.vr_avail_event_set(self.used, self.used_len, self.num, value & 0xFFFF))
 
     def _grow_bufs(self, cap: int) -> None:
         self._bufs = ffi.new("uint64_t[]", 3 * cap)
         self.bufs_mv = memoryview(ffi.buffer(self._bufs)).cast("Q")
         self._buf_cap = cap
-        self._ctx.bufs = self._bufs
-        self._ctx.buf_cap = cap
+        self.ctx.bufs = self._bufs
+        self.ctx.buf_cap = cap
 
     def pop(self, last_avail: int, count: int, indirect: bool, regions: RegionTable) -> int:
         """Pop up to `count` (>= 0) chains from avail entry `last_avail` (C, one call; avail
@@ -354,7 +350,7 @@ class RingAccess:
         says why. Chain i is chains_mv[3i:3i+3] = head, readable count, writable count; its
         buffers follow the previous chain's in bufs_mv, 3 values each: region index (into
         `regions`), offset in the region, length; readable ones first."""
-        return lib.vr_pop(self._ctx, last_avail & 0xFFFF, count, indirect, regions.cdata,
+        return lib.vr_pop(self.ctx, last_avail & 0xFFFF, count, indirect, regions.cdata,
                           regions.count)
 
     def status(self) -> list[int]:
@@ -399,8 +395,8 @@ class RingAccess:
         count = max(0, min(count, self.num))
         out = self._gout
         starts = _scratch.get("gather_starts", "uint32_t", count)
-        n = lib.vr_rx_gather(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
-                             regions.count, self._used, self._used_len, rearm, count, need,
+        n = lib.vr_rx_gather(self.ctx, last_avail & 0xFFFF, indirect, regions.cdata,
+                             regions.count, self.used, self.used_len, rearm, count, need,
                              hdr, head, min(max(max_views, 0), 0xFFFFFFFF),
                              min(max(hint, 0), 0xFFFFFFFF), self._grecs, self._gchains,
                              self.num, starts, out)
@@ -415,6 +411,12 @@ class RingAccess:
         bufs = memoryview(ffi.buffer(self._grecs, 24 * kept)).cast("Q").tolist()
         return chains, bufs
 
+    def popped_records(self, kept: int) -> tuple[list[int], list[int]]:
+        """The chain records and buffer records of the first `kept` chains of the last pop
+        into the pop arrays (pop(), or virtio.net's TX gather, which leaves status_mv[3] their
+        buffer count)."""
+        return self.chains_mv[:3 * kept].tolist(), self.bufs_mv[:3 * self.status_mv[3]].tolist()
+
     def rx_fill(self, last_avail: int, indirect: bool, regions: RegionTable, rearm: bool,
                 count: int, need: int, hdr: int, head: int, max_views: int, hint: int,
                 filler: RxFiller, room: int, plain: bytes, gso: bytes,
@@ -425,27 +427,14 @@ class RingAccess:
         VirtQueue.push_written(), valid until the next call)."""
         # (vr_rx_fill() clamps count to the ring and FILL_MAX itself)
         out = self._fout
-        n = lib.vr_rx_fill(self._ctx, last_avail & 0xFFFF, indirect, regions.cdata,
-                           regions.count, self._used, self._used_len, rearm, max(count, 0),
+        n = lib.vr_rx_fill(self.ctx, last_avail & 0xFFFF, indirect, regions.cdata,
+                           regions.count, self.used, self.used_len, rearm, max(count, 0),
                            need, hdr, head, max_views, hint, self._grecs, self._gchains,
                            self.num, filler.reader, filler.reader_arg, max(room, 0),
                            filler.writer, filler.writer_arg, plain, gso, gso_from,
                            self._felems, self._fspare, out)
         # (tuple.__new__: RxFill(...) would be one more Python call per fill)
         return n, tuple.__new__(RxFill, ffi.unpack(out, _FILL_OUT_LEN)), self._felems
-
-    def tx_frames(self, n: int, regions: RegionTable, hdr: int, max_frame: int, hdrs: Any,
-                  bounce: Any, bounce_len: int, out: Any) -> int:
-        """Guest TX frames out of the `n` chains the last pop() left in the records
-        (vr_tx_frames() in cffi_build/virtio/ring.c): each chain's `hdr`-byte header to hdrs,
-        and per chain in out[4i:4i + 4] (TX_GUEST, region, offset, length) for a frame in one
-        buffer, (TX_COPY, 0, offset, length) for one copied to `bounce`, TX_SHORT (no more than a
-        header) or TX_BIG (more than `max_frame` bytes: not copied). Returns how
-        many chains were done (fewer when `bounce` fills). `hdrs`, `bounce`, `out`: cdata
-        of at least hdr * n bytes, bounce_len bytes, 4 * n u64."""
-        return _ok(lib.vr_tx_frames(regions.cdata, regions.count, self._chains, n, self._bufs,
-                                    self.status_mv[3], hdr, max_frame, hdrs, bounce,
-                                    bounce_len, out))
 
     def used_put_many(self, idx: int, elems: list[int]) -> None:
         """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]
@@ -462,14 +451,15 @@ class RingAccess:
     def used_put_c(self, idx: int, elems: Any, n: int) -> None:
         """used_put_many() from a C array of 2n u32 (head, length, ...): no list."""
         if n > 0:
-            _ok(lib.vr_used_put_many(self._used, self._used_len, self.num, idx & 0xFFFF,
+            _ok(lib.vr_used_put_many(self.used, self.used_len, self.num, idx & 0xFFFF,
                                      elems, n))
 
     def release(self) -> None:
         """Drop the buffer exports now, so the guest memory mapping can be closed."""
-        self._ctx.desc_len = self._ctx.avail_len = 0  # a pop after this is refused (VR_E_ARGS)
+        self.ctx.desc_len = self.ctx.avail_len = 0  # a pop after this is refused (VR_E_ARGS)
+        self.used_len = 0  # and so is a store in the used ring by a gather
         ffi.release(self._avail)
-        ffi.release(self._used)
+        ffi.release(self.used)
         if self._desc_len:
             ffi.release(self._desc)
             self._desc_len = 0

@@ -262,7 +262,7 @@ class VirtQueue:
         return self._ring.used_idx() if self._ring is not None else None
 
     def ring_access(self) -> RingAccess:
-        """The ring's C accessor (its record arrays after pop_records()); VirtQueueError if
+        """The ring's C accessor (for virtio.net's C gathers); VirtQueueError if
         the queue is not usable."""
         return self._ring_or_fail()
 
@@ -354,50 +354,24 @@ class VirtQueue:
             if len(out) >= count or (n == 0 and not ring.grow()):
                 return out  # (n == 0 after growing cannot happen: room for any chain)
 
-    def pop_records(self, count: int) -> int:
-        """Up to `count` chains in one C walk, left as records in the ring's arrays
-        (RingAccess.chains_mv, bufs_mv; see RingAccess.pop) for a C consumer such as
-        RingAccess.tx_frames(): no Chain, no view. 0 when the ring is empty (the kick re-armed
-        with EVENT_IDX, as pop_many() does); fewer than `count` when it runs dry or the
-        record array fills: call again. A bad chain breaks the queue (VirtQueueError); the
-        good ones before it are popped, and lost with it."""
-        ring = self._ring_or_fail()
-        table = self.memory.table
-        count = max(0, min(count, self.num))
-        while True:
-            r = ring.pop(self.last_avail_idx, count, self.indirect, table)
-            if r == 0 and count and self.event_idx and self._notify:
-                ring.avail_event_set(self.last_avail_idx)  # empty: as pop_many()
-                r = ring.pop(self.last_avail_idx, count, self.indirect, table)
-            n = r if r >= 0 else -1 - r
-            self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
-            self.inflight += n
-            if n and self.dirty_log is not None:
-                self._record_writes(ring.chains_mv[:3 * n].tolist(),
-                                    ring.bufs_mv[:3 * ring.status_mv[3]].tolist())
-            if r >= 0:
-                return n
-            code, value, value2, _ = ring.status()
-            if code != POP_FULL:
-                raise self._fail(self._pop_error(code, value, value2))
-            if n or not ring.grow():
-                return n  # (n == 0 after growing cannot happen: room for any chain)
-
     @property
     def rearms_on_empty(self) -> bool:
         """An empty pop re-arms the kick with one store (EVENT_IDX, kicks wanted): what a C
         gather is told."""
         return self.event_idx and self._notify
 
-    def took_records(self, kept: int) -> None:
-        """A C gather (RingAccess.rx_gather(), rx_fill(): virtio.net's mergeable RX) popped
-        `kept` chains and keeps them: last_avail moves on by them, they count in flight, and
-        under live migration their buffers are marked dirty when they are used (from the
-        ring's record arrays)."""
+    def took_records(self, kept: int, popped: bool = False) -> None:
+        """A C gather popped `kept` chains and keeps them: last_avail moves on by them, they
+        count in flight, and under live migration their buffers are marked dirty when they
+        are used (from the ring's record arrays: its gather arrays after RingAccess.
+        rx_gather(), rx_fill(), virtio.net's mergeable RX; its pop arrays, `popped`, after
+        virtio.net's TX gather)."""
         self.last_avail_idx = (self.last_avail_idx + kept) & 0xFFFF
         self.inflight += kept
         if kept and self.dirty_log is not None:
-            self._record_writes(*self._ring_or_fail().gather_records(kept))
+            ring = self._ring_or_fail()
+            self._record_writes(*(ring.popped_records(kept) if popped
+                                  else ring.gather_records(kept)))
 
     def bad_records(self, seen: int) -> VirtQueueError:
         """A C gather met a bad chain or avail index after `seen` good chains: those are
@@ -700,15 +674,6 @@ class VirtQueue:
             ring.avail_event_set(self.last_avail_idx)
         else:
             ring.used_flags_set(0)
-        return self.available() > 0
-
-    def rearm(self) -> bool:
-        """After a pop that found the ring dry: ask for a kick at the next entry (EVENT_IDX),
-        as an empty pop does, without popping; True if chains came meanwhile (look again:
-        no kick will say so)."""
-        ring = self._ring_or_fail()
-        if self.event_idx and self._notify:
-            ring.avail_event_set(self.last_avail_idx)  # then a full fence
         return self.available() > 0
 
     def kick_when_more(self) -> bool:

@@ -15,39 +15,31 @@
 #include <string.h>
 #include <sys/uio.h>
 
-#include "guest_mem.h"
+#include "ring_walk.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio ring helpers assume a little-endian host"
 #endif
 
-#define AVAIL_SIZE(num) (6 + 2 * (size_t)(num))
-#define USED_SIZE(num) (6 + 8 * (size_t)(num))
-
-static int ok(const uint8_t *p, size_t len, size_t need, uintptr_t align)
-{
-	return p && len >= need && ((uintptr_t)p & (align - 1)) == 0;
-}
-
 /* Acquire: the ring entries and descriptors the driver wrote before bumping idx are
  * visible once we have seen the new idx. */
 int vr_avail_idx(const uint8_t *avail, size_t len)
 {
-	if (!ok(avail, len, 4, 2))
+	if (!vr_area_ok(avail, len, 4, 2))
 		return -1;
 	return __atomic_load_n((const uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
 }
 
 int vr_avail_flags(const uint8_t *avail, size_t len)
 {
-	if (!ok(avail, len, 4, 2))
+	if (!vr_area_ok(avail, len, 4, 2))
 		return -1;
 	return __atomic_load_n((const uint16_t *)avail, __ATOMIC_RELAXED);
 }
 
 int vr_avail_head(const uint8_t *avail, size_t len, unsigned num, unsigned idx)
 {
-	if (num == 0 || !ok(avail, len, AVAIL_SIZE(num), 2))
+	if (num == 0 || !vr_area_ok(avail, len, AVAIL_SIZE(num), 2))
 		return -1;
 	return __atomic_load_n((const uint16_t *)(avail + 4) + (idx & (num - 1)),
 			       __ATOMIC_RELAXED);
@@ -56,7 +48,7 @@ int vr_avail_head(const uint8_t *avail, size_t len, unsigned num, unsigned idx)
 /* Read after vr_used_publish()'s full fence, so it is not satisfied before our idx store. */
 int vr_used_event(const uint8_t *avail, size_t len, unsigned num)
 {
-	if (num == 0 || !ok(avail, len, AVAIL_SIZE(num), 2))
+	if (num == 0 || !vr_area_ok(avail, len, AVAIL_SIZE(num), 2))
 		return -1;
 	return __atomic_load_n((const uint16_t *)(avail + 4 + 2 * (size_t)num), __ATOMIC_RELAXED);
 }
@@ -66,7 +58,7 @@ int vr_used_event(const uint8_t *avail, size_t len, unsigned num)
  * flags, or we could miss a driver that just asked to be notified. */
 int vr_used_publish(uint8_t *used, size_t len, unsigned idx)
 {
-	if (!ok(used, len, 4, 4))
+	if (!vr_area_ok(used, len, 4, 4))
 		return -1;
 	__atomic_store_n((uint16_t *)(used + 2), (uint16_t)idx, __ATOMIC_RELEASE);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -75,28 +67,19 @@ int vr_used_publish(uint8_t *used, size_t len, unsigned idx)
 
 int vr_used_idx(const uint8_t *used, size_t len)
 {
-	if (!ok(used, len, 4, 4))
+	if (!vr_area_ok(used, len, 4, 4))
 		return -1;
 	return __atomic_load_n((const uint16_t *)(used + 2), __ATOMIC_RELAXED);
 }
 
 /* Both notification controls are followed by a full fence: the caller re-reads avail idx
- * afterwards, and that load must not pass the store (else a kick could be lost). */
+ * afterwards, and that load must not pass the store (else a kick could be lost). The other,
+ * vr_avail_event_set(), is in ring_walk.h (a pop that finds the ring dry makes it). */
 int vr_used_flags_set(uint8_t *used, size_t len, unsigned flags)
 {
-	if (!ok(used, len, 4, 4))
+	if (!vr_area_ok(used, len, 4, 4))
 		return -1;
 	__atomic_store_n((uint16_t *)used, (uint16_t)flags, __ATOMIC_RELAXED);
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	return 0;
-}
-
-int vr_avail_event_set(uint8_t *used, size_t len, unsigned num, unsigned value)
-{
-	if (num == 0 || !ok(used, len, USED_SIZE(num), 4))
-		return -1;
-	__atomic_store_n((uint16_t *)(used + 4 + 8 * (size_t)num), (uint16_t)value,
-			 __ATOMIC_RELAXED);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	return 0;
 }
@@ -131,184 +114,6 @@ int vr_log_mark(uint8_t *log, size_t log_len, uint64_t addr, uint64_t size)
 	return ret;
 }
 
-/* --- descriptor chains, one call per batch -------------------------------------------------
- *
- * vr_pop_chains() pops up to `count` chains the way virtio/virtqueue.py's reference walk
- * (_walk_py) does, with the same checks, and describes each buffer as (region index, offset
- * in that region, length) so Python can slice the region's memoryview without a lookup.
- * Descriptors are only read through a bounds-checked index into a table whose length we know
- * (the ring's `desc_len`, or an indirect table proven to lie inside one region), and with
- * memcpy: indirect tables and mappings with an odd mmap offset need not be aligned. */
-
-#define VR_DESC_F_NEXT 1
-#define VR_DESC_F_WRITE 2
-#define VR_DESC_F_INDIRECT 4
-#define VR_MAX_INDIRECT 32768
-
-enum {
-	VR_OK = 0,
-	VR_E_AVAIL_JUMP,	/* value: how far avail idx moved */
-	VR_E_HEAD,		/* value: the head index */
-	VR_E_LOOP,		/* value: the head index */
-	VR_E_INDIRECT_FEATURE,
-	VR_E_INDIRECT_PLACE,	/* nested, chained, or not the head */
-	VR_E_INDIRECT_LEN,	/* value: the table length */
-	VR_E_INDIRECT_OUTSIDE,	/* value: address, value2: length */
-	VR_E_BUF_OUTSIDE,	/* value: address, value2: length */
-	VR_E_READ_AFTER_WRITE,
-	VR_E_NEXT,		/* value: next index, value2: table length */
-	VR_E_ARGS,		/* our bug: areas too small, misaligned, bad sizes */
-	VR_FULL,		/* not an error: the buffer array is full; pop again */
-};
-
-struct vr_desc {
-	uint64_t addr;
-	uint32_t len;
-	uint16_t flags;
-	uint16_t next;
-};
-
-static void vr_read_desc(const uint8_t *table, unsigned idx, struct vr_desc *d)
-{
-	const uint8_t *p = table + 16 * (size_t)idx;
-
-	memcpy(&d->addr, p, 8);
-	memcpy(&d->len, p + 8, 4);
-	memcpy(&d->flags, p + 12, 2);
-	memcpy(&d->next, p + 14, 2);
-}
-
-/* Returns how many chains were popped (avail entries last_avail .. last_avail + n - 1).
- * Per chain: chains[3i] head, [3i+1] readable count, [3i+2] writable count; its buffers
- * follow the previous chain's in bufs, 3 u64 each (region index, offset, length), readable
- * ones first. status[0] is VR_OK, VR_FULL or the error that stopped at chain n (then
- * status[1], [2] say what was wrong), status[3] the number of buffers written. */
-int vr_pop_chains(const uint8_t *desc, size_t desc_len, const uint8_t *avail, size_t avail_len,
-		  unsigned num, unsigned last_avail, unsigned count, int indirect,
-		  const struct vr_region *regions, unsigned nregions,
-		  uint32_t *chains, unsigned chain_cap, uint64_t *bufs, unsigned buf_cap,
-		  uint64_t *status)
-{
-	const uint16_t *ring;
-	unsigned pending, c, nbufs = 0, first = 0;
-
-	status[0] = VR_OK;
-	status[1] = status[2] = status[3] = 0;
-	if (num == 0 || num > 32768 || (num & (num - 1)) || !desc ||
-	    desc_len < 16 * (size_t)num || !ok(avail, avail_len, AVAIL_SIZE(num), 2) ||
-	    (nregions && !regions) || (chain_cap && !chains) || (buf_cap && !bufs)) {
-		status[0] = VR_E_ARGS;
-		return 0;
-	}
-	/* Acquire: the heads and descriptors written before idx are visible after this. */
-	pending = (__atomic_load_n((const uint16_t *)(avail + 2), __ATOMIC_ACQUIRE) -
-		   last_avail) & 0xFFFF;
-	if (pending > num) {
-		status[0] = VR_E_AVAIL_JUMP;
-		status[1] = pending;
-		return 0;
-	}
-	if (count > pending)
-		count = pending;
-	if (count > chain_cap)
-		count = chain_cap;
-	ring = (const uint16_t *)(avail + 4);
-
-	for (c = 0; c < count; c++) {
-		unsigned head = __atomic_load_n(ring + ((last_avail + c) & (num - 1)),
-						__ATOMIC_RELAXED);
-		const uint8_t *table = desc;
-		unsigned table_len = num, idx = head, steps = 0, nread = 0, nwrite = 0;
-		int in_indirect = 0;
-		struct vr_desc d;
-
-		first = nbufs;
-		if (head >= num) {
-			status[0] = VR_E_HEAD;
-			status[1] = head;
-			goto out;
-		}
-		for (;;) {
-			unsigned ri;
-			uint64_t off;
-
-			if (++steps > table_len) {
-				status[0] = VR_E_LOOP;
-				status[1] = head;
-				goto out;
-			}
-			vr_read_desc(table, idx, &d);	/* idx < table_len: checked below */
-			if (d.flags & VR_DESC_F_INDIRECT) {
-				if (!indirect) {
-					status[0] = VR_E_INDIRECT_FEATURE;
-					goto out;
-				}
-				if (in_indirect || steps != 1 || (d.flags & VR_DESC_F_NEXT)) {
-					status[0] = VR_E_INDIRECT_PLACE;
-					goto out;
-				}
-				if (d.len % 16 || d.len / 16 < 1 || d.len / 16 > VR_MAX_INDIRECT) {
-					status[0] = VR_E_INDIRECT_LEN;
-					status[1] = d.len;
-					goto out;
-				}
-				if (vr_find(regions, nregions, d.addr, d.len, &ri, &off)) {
-					status[0] = VR_E_INDIRECT_OUTSIDE;
-					status[1] = d.addr;
-					status[2] = d.len;
-					goto out;
-				}
-				table = regions[ri].host + off;	/* d.len bytes inside the region */
-				table_len = d.len / 16;
-				in_indirect = 1;
-				idx = 0;
-				steps = 0;
-				continue;
-			}
-			if (vr_find(regions, nregions, d.addr, d.len, &ri, &off)) {
-				status[0] = VR_E_BUF_OUTSIDE;
-				status[1] = d.addr;
-				status[2] = d.len;
-				goto out;
-			}
-			if (d.flags & VR_DESC_F_WRITE) {
-				nwrite++;
-			} else if (nwrite) {
-				status[0] = VR_E_READ_AFTER_WRITE;
-				goto out;
-			} else {
-				nread++;
-			}
-			if (nbufs >= buf_cap) {
-				/* This chain does not fit: leave it for the next call. */
-				status[0] = VR_FULL;
-				goto out;
-			}
-			bufs[3 * (size_t)nbufs] = ri;
-			bufs[3 * (size_t)nbufs + 1] = off;
-			bufs[3 * (size_t)nbufs + 2] = d.len;
-			nbufs++;
-			if (!(d.flags & VR_DESC_F_NEXT))
-				break;
-			if (d.next >= table_len) {
-				status[0] = VR_E_NEXT;
-				status[1] = d.next;
-				status[2] = table_len;
-				goto out;
-			}
-			idx = d.next;
-		}
-		chains[3 * (size_t)c] = head;
-		chains[3 * (size_t)c + 1] = nread;
-		chains[3 * (size_t)c + 2] = nwrite;
-	}
-out:
-	if (status[0] != VR_OK)
-		nbufs = first;	/* drop what chain c (failed, or not fitting) had written */
-	status[3] = nbufs;
-	return (int)c;
-}
-
 /* n used elements {id, len} (elems[2i], elems[2i+1]) at used idx, idx + 1, ... (masked).
  * Plain stores: vr_used_publish() orders them before the idx the driver reads. */
 int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
@@ -317,7 +122,7 @@ int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
 	unsigned i;
 	uint32_t *ring;
 
-	if (num == 0 || (num & (num - 1)) || !ok(used, len, USED_SIZE(num), 4) ||
+	if (num == 0 || (num & (num - 1)) || !vr_area_ok(used, len, USED_SIZE(num), 4) ||
 	    (n && !elems))
 		return -1;
 	ring = (uint32_t *)(used + 4);
@@ -330,22 +135,9 @@ int vr_used_put_many(uint8_t *used, size_t len, unsigned num, unsigned idx,
 	return 0;
 }
 
-/* The same with the per-queue arguments in one struct (what Python passes per call is what
- * costs: one chain per call is the TX path). Returns n (chains popped) when status is VR_OK,
- * else -1 - n. */
-struct vr_pop_ctx {
-	const uint8_t *desc;
-	size_t desc_len;
-	const uint8_t *avail;
-	size_t avail_len;
-	unsigned num;
-	uint32_t *chains;
-	unsigned chain_cap;
-	uint64_t *bufs;
-	unsigned buf_cap;
-	uint64_t status[4];
-};
-
+/* vr_pop_chains() (ring_walk.h) with the per-queue arguments in one struct (what Python
+ * passes per call is what costs). Returns n (chains popped) when status is VR_OK, else
+ * -1 - n. */
 int vr_pop(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, int indirect,
 	   const struct vr_region *regions, unsigned nregions)
 {
@@ -881,94 +673,4 @@ long vr_rx_fill(struct vr_pop_ctx *ctx, unsigned last_avail, int indirect,
 	out[9] = counters[1];
 	out[10] = counters[2];
 	return n;
-}
-
-/* Guest TX frames out of `nchains` chains vr_pop() just popped (`chains`, `bufs` as it wrote
- * them): per chain, the first `hdr` readable bytes are the virtio-net header, copied to
- * hdrs + hdr * i; the rest of its readable bytes is the frame. out[4i .. 4i + 3]: VR_TX_GUEST,
- * region, offset, length when the frame lies in one buffer (used where it is); VR_TX_COPY,
- * 0, offset, length when it spans several and was copied to `bounce` at offset (the one
- * copy a scattered frame costs, without a Python object per piece); VR_TX_SHORT when the
- * chain holds less than a header; VR_TX_BIG when the frame is longer than `max_frame` (no
- * copy: a guest must not make us copy gigabytes, nor stall on a frame no bounce holds).
- * Writable buffers are skipped. Returns how many chains were done: fewer than `nchains` when
- * the next one's frame would not fit what is left of `bounce`; -1 if a record lies outside
- * its region. */
-enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT, VR_TX_BIG };
-
-int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint32_t *chains,
-		 unsigned nchains, const uint64_t *bufs, unsigned nbufs, unsigned hdr,
-		 uint64_t max_frame, uint8_t *hdrs, uint8_t *bounce, size_t bounce_len,
-		 uint64_t *out)
-{
-	unsigned i, k, b = 0, end, fk, pieces;
-	uint64_t total, skip, take, fo, frame_len;
-	size_t used = 0;
-	uint64_t *o;
-
-	for (i = 0; i < nchains; i++, b = end) {
-		unsigned nread = chains[3 * (size_t)i + 1], nwrite = chains[3 * (size_t)i + 2];
-
-		if (nread > nbufs - b || nwrite > nbufs - b - nread)
-			return -1;
-		end = b + nread + nwrite;
-		total = 0;
-		for (k = b; k < b + nread; k++) {
-			const uint64_t *r = bufs + 3 * (size_t)k;
-
-			if (!vr_rec_region(regions, nregions, r))
-				return -1;
-			total += r[2];
-		}
-		o = out + 4 * (size_t)i;
-		if (total <= hdr) {
-			o[0] = VR_TX_SHORT;
-			continue;
-		}
-		frame_len = total - hdr;
-		if (frame_len > max_frame) {
-			o[0] = VR_TX_BIG;
-			continue;
-		}
-		/* the header (over as many buffers as it takes), and where the frame starts:
-		 * buffer fk, fo bytes in */
-		skip = hdr;
-		fk = b + nread;
-		fo = 0;
-		for (k = b; k < b + nread; k++) {
-			const uint64_t *r = bufs + 3 * (size_t)k;
-
-			take = skip < r[2] ? skip : r[2];
-			memcpy(hdrs + (size_t)hdr * i + (hdr - skip), regions[r[0]].host + r[1], take);
-			skip -= take;
-			if (take < r[2]) {
-				fk = k;
-				fo = take;
-				break;
-			}
-		}
-		pieces = 0;
-		for (k = fk; k < b + nread; k++)
-			pieces += bufs[3 * (size_t)k + 2] > 0;
-		if (pieces == 1) {
-			o[0] = VR_TX_GUEST;
-			o[1] = bufs[3 * (size_t)fk];
-			o[2] = bufs[3 * (size_t)fk + 1] + fo;
-			o[3] = frame_len;
-			continue;
-		}
-		if (frame_len > bounce_len - used)
-			return (int)i;
-		o[0] = VR_TX_COPY;
-		o[1] = 0;
-		o[2] = used;
-		o[3] = frame_len;
-		for (k = fk; k < b + nread; k++, fo = 0) {
-			const uint64_t *r = bufs + 3 * (size_t)k;
-
-			memcpy(bounce + used, regions[r[0]].host + r[1] + fo, r[2] - fo);
-			used += r[2] - fo;
-		}
-	}
-	return (int)i;
 }

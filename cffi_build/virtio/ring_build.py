@@ -1,5 +1,5 @@
-"""cffi build script for the split-virtqueue helpers (index barriers, chain pops, used batches;
-see ring.c)."""
+"""cffi build script for the split-virtqueue helpers (index barriers, chain pops, used batches,
+mergeable RX gathers; see ring.c, and ring_walk.h for the chain walk it shares with net.c)."""
 
 from pathlib import Path
 
@@ -69,16 +69,12 @@ ffibuilder.cdef(
                     uint64_t room, uintptr_t writer, uintptr_t writer_arg, const uint8_t *plain,
                     const uint8_t *gso, uint32_t gso_from, uint32_t *elems,
                     uint32_t *spare, uint64_t *out);
-    int vr_tx_frames(const struct vr_region *regions, unsigned nregions,
-                     const uint32_t *chains, unsigned nchains, const uint64_t *bufs,
-                     unsigned nbufs, unsigned hdr, uint64_t max_frame, uint8_t *hdrs,
-                     uint8_t *bounce, size_t bounce_len, uint64_t *out);
     """
 )
 ffibuilder.set_source(
     "virtio._ring",
     (Path(__file__).parent / "ring.c").read_text(),
-    include_dirs=[str(Path(__file__).parent)],  # guest_mem.h
+    include_dirs=[str(Path(__file__).parent)],  # ring_walk.h, guest_mem.h
     extra_compile_args=["-O2", "-Wall"],
 )
 

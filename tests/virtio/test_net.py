@@ -66,7 +66,7 @@ def test_rx_not_mergeable_needs_one_big_chain(s):
     assert s.vq.available() == 2
 
 
-# --- TxGather: TX frames found in C (vr_tx_frames), against tx_frame() per Chain -------------
+# --- TxGather: TX frames found in C (vr_tx_gather), against tx_frame() per Chain -------------
 
 Got = tuple[bytes | None, net.NetHeader | None, bool]  # frame (None: dropped), GSO header, view
 
@@ -230,16 +230,19 @@ def test_tx_frames_bounce_full_stops_the_batch() -> None:
 
 
 def test_tx_frames_over_several_pops_keep_their_bounce_offsets() -> None:
-    """More buffer records than one C pop holds (1024), then a chain longer than that on its
-    own: several pop_records() in one call, each one's copies after the earlier ones'."""
+    """More buffer records than the C gather holds at first (1024), then a chain longer than
+    that on its own: several pops in one call, each one's copies after the earlier ones',
+    until a chain does not fit what is left of the records (the call stops there, `full`,
+    and the records grow); the next call takes the rest, the long chain too."""
     setup = Setup(num=128, indirect=True)
     try:
         ring, vq = setup.ring, setup.vq
         ref_base = vq.last_avail_idx
         assert ref_base == 0
-        for i in range(100):  # 12 readable buffers each: 1200 records
+        for i in range(100):  # 12 readable buffers each (but one of 3): 1191 records
+            pieces = 2 if i == 85 else 11  # 85 * 12 + 3 fill the first 1024 records but one
             ring.add([net.NetHeader(gso_type=i % 2).pack()] +
-                     [bytes([i, k]) * 3 for k in range(11)], indirect=True)
+                     [bytes([i, k]) * 3 for k in range(pieces)], indirect=True)
         ring.add([net.NetHeader().pack()] + [bytes([k % 256]) for k in range(1500)],
                  indirect=True)
         ref = _twin(setup)
@@ -247,11 +250,41 @@ def test_tx_frames_over_several_pops_keep_their_bounce_offsets() -> None:
         assert len(want) == 101
         g = net.TxGather(128)
         heads, frames, gso = g.tx_frames(vq, 128)
+        assert g.full and len(heads) == 86  # pops of 85 chains and of 1, the records full
+        got = _gathered(g, frames, gso)
+        gso_at = sorted(gso)
+        h2, f2, gso2 = g.tx_frames(vq, 128)
         assert not g.full
+        heads += h2
+        got += _gathered(g, f2, gso2)
+        gso_at += [86 + i for i in sorted(gso2)]
         assert heads == [c.head for c in want]
-        assert _gathered(g, frames, gso) == [_expected(c) for c in want]
-        assert sorted(gso) == list(range(1, 100, 2))
+        assert got == [_expected(c) for c in want]
+        assert gso_at == list(range(1, 100, 2))
         ref.reset()
+    finally:
+        setup.close()
+
+
+def test_tx_frames_record_writable_buffers_for_the_dirty_log() -> None:
+    """Under live migration the TX gather's chains' writable buffers are recorded from the
+    records it leaves (VirtQueue.took_records(popped=True)), to be marked when pushed."""
+    setup = Setup(num=8)
+    try:
+        ring, vq = setup.ring, setup.vq
+        vq.set_dirty_log(object())  # (not written to before a push)
+        a = ring.add([net.NetHeader().pack() + b"x" * 20], [64])
+        b = ring.add([net.NetHeader().pack(), b"y" * 30], [])
+        c = ring.add([net.NetHeader().pack() + b"z" * 20], [16, 32])
+        g = net.TxGather(8)
+        heads, frames, _ = g.tx_frames(vq, 8)
+        assert heads == [a, b, c] and [bytes(f or b"") for f in frames] == \
+            [b"x" * 20, b"y" * 30, b"z" * 20]
+        writes = vq._popped_writes
+        assert writes[a] == [(gpa, n) for gpa, n, w in ring.buffers[a] if w]
+        assert b not in writes
+        assert writes[c] == [(gpa, n) for gpa, n, w in ring.buffers[c] if w]
+        assert len(writes[c]) == 2
     finally:
         setup.close()
 
