@@ -932,7 +932,7 @@ def test_listener_serves_the_next_front_end_after_a_hostile_one(tmp_path: Path) 
         bad.close()
         good = _listener_guest(loop, lst.path)
         good.bring_up()
-        assert lst.connected and lst.csum_offload
+        assert lst.connected and lst.link.csum_offload
         good.post_rx(2)
         good.transmit(discover())
         loop.run_once(0)

@@ -556,15 +556,9 @@ class StreamListener(ForwardingLink):
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
         self.link = StreamLink(loop, on_frames, pcap, on_disconnect=self._peer_gone)
-        try:
-            self._listener = UnixListener(
-                loop, path, lambda conn, _pid: self.link.attach(conn),
-                lambda: self.link.connected,
-                probe_pattern=probe_pattern, probe_count=probe_count,
-            )
-        except BaseException:
-            self.link.close()
-            raise
+        self._listener = listen_for(loop, path, lambda conn: self.link.attach(conn),
+                                    lambda: self.link.connected, probe_pattern, probe_count,
+                                    self.link.close)
         self.path: str = self._listener.path
 
     @staticmethod
@@ -580,6 +574,34 @@ class StreamListener(ForwardingLink):
         return stream_link_from_fd(loop, fd, on_frames, pcap, on_exit)
 
 
+def connected_socket(fd: int, unix_only: bool) -> socket.socket:
+    """`--fd N`: the caller's connected stream socket (a UNIX one if `unix_only`), not
+    inherited by anything we run; StreamSetupError, with the fd left open, if it is not one."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise StreamSetupError(f"--fd {fd}: not a socket: {e.strerror or e}") from e
+    if sock.type != socket.SOCK_STREAM or unix_only and sock.family != socket.AF_UNIX:
+        sock.detach()
+        kind = "a UNIX stream socket (vhost-user passes fds)" if unix_only else "a stream socket"
+        raise StreamSetupError(f"--fd {fd}: not {kind}")
+    sock.set_inheritable(False)
+    return sock
+
+
+def listen_for(loop: Loop, path: str | None, attach: Callable[[socket.socket], None],
+               busy: Callable[[], bool], probe_pattern: str, probe_count: int,
+               on_failure: Callable[[], None]) -> UnixListener:
+    """The UNIX listener of a ForwardingLink: each accepted connection goes to `attach`
+    (one at a time: `busy`); if the listener cannot be made, `on_failure` runs (closing the
+    link) before the error goes on."""
+    try:
+        return UnixListener(loop, path, lambda conn, _pid: attach(conn), busy,
+                            probe_pattern=probe_pattern, probe_count=probe_count)
+    except BaseException:
+        on_failure()
+        raise
+
 
 def stream_link_from_fd(
     loop: Loop,
@@ -590,14 +612,7 @@ def stream_link_from_fd(
 ) -> StreamLink:
     """`--fd N`: use an already connected stream socket; its disconnection calls `on_exit`
     (default: stop the loop), as --fd implies --one-off."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as e:
-        raise StreamSetupError(f"--fd {fd}: not a socket: {e.strerror or e}") from e
-    if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise StreamSetupError(f"--fd {fd}: not a stream socket")
-    os.set_inheritable(fd, False)
+    sock = connected_socket(fd, unix_only=False)
     link = StreamLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop)
     link.attach(sock)
     return link

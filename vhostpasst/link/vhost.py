@@ -42,8 +42,8 @@ from vhostpasst.link.stream import (
     DEFAULT_PROBE_PATTERN,
     ETH_HLEN,
     ExitCallback,
-    StreamSetupError,
-    UnixListener,
+    connected_socket,
+    listen_for,
 )
 from vhostpasst.link.vhost_rx import BOUNCE_SLOTS, VhostRx
 from vhostpasst.wire import eth, ip
@@ -404,20 +404,10 @@ class VhostUserListener(ForwardingLink):
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
         self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._peer_gone,
                                   frame_max=frame_max)
-        try:
-            self._listener = UnixListener(
-                loop, path, lambda conn, _pid: self.link.attach(conn),
-                lambda: self.link.backend is not None,
-                probe_pattern=probe_pattern, probe_count=probe_count,
-            )
-        except BaseException:
-            self.link.close()
-            raise
+        self._listener = listen_for(loop, path, lambda conn: self.link.attach(conn),
+                                    lambda: self.link.backend is not None, probe_pattern,
+                                    probe_count, self.link.close)
         self.path: str = self._listener.path
-
-    @property
-    def csum_offload(self) -> bool:
-        return self.link.csum_offload
 
 def vhost_link_from_fd(
     loop: Loop,
@@ -430,14 +420,7 @@ def vhost_link_from_fd(
 ) -> VhostUserLink:
     """`--vhost-user --fd N` (qemu's -netdev passt,vhost-user=on): a connected socket; the
     front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as e:
-        raise StreamSetupError(f"--fd {fd}: not a socket: {e.strerror or e}") from e
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise StreamSetupError(f"--fd {fd}: not a UNIX stream socket (vhost-user passes fds)")
-    sock.set_inheritable(False)
+    sock = connected_socket(fd, unix_only=True)
     link = VhostUserLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop,
                          frame_max=frame_max)
     link.attach(sock)

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config import fwd
+from vhostpasst.config.env import env_number
 from vhostpasst.core import nat
 from vhostpasst.core.flow import RX_BATCH, Flow
 from vhostpasst.core.log import RateLimitedLog
@@ -135,11 +136,7 @@ class Mmsg:
 
 
 def flow_timeout() -> float:
-    try:
-        value = float(os.environ.get(TIMEOUT_ENV, UDP_TIMEOUT))
-    except ValueError:
-        return UDP_TIMEOUT
-    return value if value > 0 else UDP_TIMEOUT
+    return env_number(TIMEOUT_ENV, UDP_TIMEOUT)
 
 
 class UdpFlow(Flow):

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import fcntl
 import mmap
-import os
 import socket
 import struct
 import sys
@@ -174,14 +173,6 @@ def seq_lt(a: int, b: int) -> bool:
 
 def seq_le(a: int, b: int) -> bool:
     return a == b or seq_lt(a, b)
-
-
-def env_number(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
 
 
 class ConnOwner(Protocol):

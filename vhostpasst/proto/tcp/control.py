@@ -21,6 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from vhostpasst.config.env import env_number
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from vhostpasst.proto.context import Context
@@ -45,7 +46,6 @@ from vhostpasst.proto.tcp.conn import (
     WS_TO_TAP,
     IPAddr,
     TcpConn,
-    env_number,
     seq_lt,
 )
 from vhostpasst.wire import tcp as wtcp
