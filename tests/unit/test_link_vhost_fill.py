@@ -17,21 +17,23 @@ import pytest
 from tests.unit.test_link_vhost import (
     ALL,
     BASE,
-    FPORT,
-    GPORT,
     GUEST_MAC,
     OUR_MAC,
-    PEEK,
     TSO,
+    Harness,
+    _payload,
+)
+from tests.unit.test_link_vhost_scatter import FADDR4 as FADDR
+from tests.unit.test_link_vhost_scatter import (
+    FPORT,
+    GPORT,
+    PEEK,
     WRITER,
     Fill,
-    Harness,
     _fill_run,
-    _payload,
     link_rx_fill,
 )
-from tests.unit.test_link_vhost import FADDR4 as FADDR
-from tests.unit.test_link_vhost import GADDR4 as GADDR
+from tests.unit.test_link_vhost_scatter import GADDR4 as GADDR
 from vhostpasst.link.base import Tso
 from vhostpasst.wire import checksum
 from vhostpasst.wire import tcp as wtcp
