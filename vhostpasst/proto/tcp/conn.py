@@ -339,9 +339,12 @@ class TcpConn(Flow):
             return self.tmpl
         six = self.six
         scratch = memoryview(bytearray(wtcp.TCP6_PAYLOAD_OFFSET))
-        write = wtcp.write_eth_ipv6_tcp_headers if six else wtcp.write_eth_ipv4_tcp_headers
-        write(scratch, mac, our_mac, self.faddr_b, self.gaddr_b, self.fport, self.gport,
-              0, 0, 0, 0, 0)
+        if six:
+            wtcp.write_eth_ipv6_tcp_headers(scratch, mac, our_mac, self.faddr_b, self.gaddr_b,
+                                            self.fport, self.gport, 0, 0, 0, 0, 0)
+        else:
+            wtcp.write_eth_ipv4_tcp_headers(scratch, mac, our_mac, self.faddr_b, self.gaddr_b,
+                                            self.fport, self.gport, 0, 0, 0, 0, 0)
         l3 = wtcp.TCP6_PAYLOAD_OFFSET - wtcp.TCP_HLEN if six else \
             wtcp.TCP4_PAYLOAD_OFFSET - wtcp.TCP_HLEN
         tmpl = bytearray(scratch[:l3 + wtcp.TCP_HLEN])
