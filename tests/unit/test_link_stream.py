@@ -489,6 +489,17 @@ def test_explicit_path_not_a_socket(h: Harness, tmp_path: Path) -> None:
 
 
 # --- --fd --------------------------------------------------------------------------------
+def test_from_fd_refuses_a_datagram_socket_and_leaves_it_open(h: Harness) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with pytest.raises(StreamSetupError, match="not a stream socket"):
+            stream_link_from_fd(h.loop, s.fileno(), h.on_frames, on_exit=h.on_exit)
+        assert s.type == socket.SOCK_DGRAM and s.fileno() >= 0
+        os.fstat(s.fileno())  # still open: the caller's to close
+    finally:
+        s.close()
+
+
 def test_from_fd(h: Harness) -> None:
     a, b = socket.socketpair()
     link = stream_link_from_fd(h.loop, a.detach(), h.on_frames, on_exit=h.on_exit)
