@@ -1,0 +1,101 @@
+"""Forwarding rules of passt 2026-07 applied end to end in pasta: a target address
+(`ADDR/N:TOADDR/P`: the connection goes to TOADDR in the namespace, through the tap, never
+spliced), `auto` limited to a range, and --splice-only (no tap: loopback only). Test-made
+namespaces and documentation addresses only."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+import pytest
+
+from tests.netns.pasta_sandbox import start_pasta
+from tests.netns.sandbox import Sandbox, wait_until
+
+AS_ROOT = ("--runas", "0")  # the commands are Python under /root (see test_pasta_forward.py)
+
+# In the namespace: optionally an extra local address on lo (the target), then a TCP server
+# on each ADDR:PORT given, each answering once with the peer's address; "ready" on stdout.
+SERVERS = """
+import socket, subprocess, sys, threading
+extra = sys.argv[1]
+if extra != "-":
+    subprocess.run(["ip", "addr", "add", extra + "/32", "dev", "lo"], check=True)
+def serve(addr, port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(4); s.settimeout(30)
+    try:
+        c, a = s.accept()
+    except OSError:
+        return
+    c.sendall(f"{addr}:{port} from {a[0]}".encode()); c.close()
+ts = []
+for spec in sys.argv[2:]:
+    addr, port = spec.rsplit(":", 1)
+    ts.append(threading.Thread(target=serve, args=(addr, int(port)), daemon=True))
+for t in ts:
+    t.start()
+print("ready", flush=True)
+for t in ts:
+    t.join(30)
+"""
+
+
+@pytest.fixture
+def box_(sandbox: Sandbox) -> Sandbox:
+    if shutil.which("nsenter") is None or shutil.which("ip") is None:
+        pytest.skip("needs nsenter and ip")
+    return sandbox
+
+
+def _get(box: Sandbox, addr: str, port: int) -> str:
+    r = box.host(sys.executable, "-c",
+                 "import socket\n"
+                 "try:\n"
+                 f"    c = socket.create_connection(({addr!r}, {port}), timeout=3)\n"
+                 "    print(c.recv(100).decode() or 'closed')\n"
+                 "except OSError as e:\n"
+                 "    print('error', e.errno)\n", timeout=10)
+    return r.stdout.strip()
+
+
+def test_tcp_forward_to_a_target_address(box_: Sandbox) -> None:
+    """-t 0.0.0.0/5105:192.0.2.77/5106: the host's port 5105 goes to 192.0.2.77 port 5106
+    in the namespace, not to its own address; from the host's loopback too (a target is
+    never spliced), the source then shown as the gateway."""
+    box = box_
+    p, err = start_pasta(box, *AS_ROOT, "--config-net", "-t", "0.0.0.0/5105:192.0.2.77/5106",
+                         "-T", "none", "-u", "none", "-U", "none", "--",
+                         sys.executable, "-c", SERVERS, "192.0.2.77", "192.0.2.77:5106",
+                         "192.0.2.2:5105")
+    try:
+        wait_until(lambda: "ready" in err.read_text() or p.poll() is not None, 10,
+                   "the namespace servers")
+        out = wait_until(lambda: (o := _get(box, "127.0.0.1", 5105)) != "error 111" and o, 5,
+                         "the forward", interval=0.2)
+        assert out == "192.0.2.77:5106 from 192.0.2.1", out + err.read_text()
+    finally:
+        p.kill()
+        p.wait(5)
+
+
+def test_auto_limited_to_a_range(box_: Sandbox) -> None:
+    """-t 8100-8110,auto: a namespace listener inside the range is forwarded, one outside
+    it is not (auto alone would forward both)."""
+    box = box_
+    p, err = start_pasta(box, *AS_ROOT, "--config-net", "-t", "8100-8110,auto", "-T", "none",
+                         "-u", "none", "-U", "none", "--", sys.executable, "-c", SERVERS, "-",
+                         "0.0.0.0:8105", "0.0.0.0:8123")
+    try:
+        wait_until(lambda: "ready" in err.read_text() or p.poll() is not None, 10,
+                   "the namespace servers")
+        out = wait_until(lambda: (o := _get(box, "127.0.0.1", 8105)) != "error 111" and o, 5,
+                         "the automatic forward", interval=0.2)
+        assert out == "0.0.0.0:8105 from 192.0.2.2", out + err.read_text()
+        time.sleep(1.5)  # more scans: 8123 stays unforwarded
+        assert _get(box, "127.0.0.1", 8123) == "error 111"
+    finally:
+        p.kill()
+        p.wait(5)
