@@ -99,3 +99,26 @@ def test_auto_limited_to_a_range(box_: Sandbox) -> None:
     finally:
         p.kill()
         p.wait(5)
+
+
+def test_splice_only_has_no_tap_and_forwards_loopback_only(box_: Sandbox) -> None:
+    """--splice-only: the namespace gets no tap (lo alone); a connection from the host's
+    loopback is spliced to the same loopback address (implied --host-lo-to-ns-lo), one from
+    another address is reset."""
+    box = box_
+    script = ("import socket, sys\n"
+              "print('ifs', ','.join(n for _, n in socket.if_nameindex()), flush=True)\n"
+              f"exec({SERVERS!r})\n")
+    p, err = start_pasta(box, *AS_ROOT, "--splice-only", "-t", "5107", "-T", "none", "-u",
+                         "none", "-U", "none", "--", sys.executable, "-c", script, "-",
+                         "0.0.0.0:5107")
+    try:
+        wait_until(lambda: "ready" in err.read_text() or p.poll() is not None, 10,
+                   "the namespace server")
+        assert "ifs lo\n" in err.read_text(), err.read_text()
+        assert _get(box, "192.0.2.2", 5107) in ("error 104", "closed")
+        out = _get(box, "127.0.0.1", 5107)
+        assert out == "0.0.0.0:5107 from 127.0.0.1", out + err.read_text()
+    finally:
+        p.kill()
+        p.wait(5)
