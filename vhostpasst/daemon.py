@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from vhostpasst import __version__
 from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
-from vhostpasst.core import flow
+from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
@@ -153,6 +153,7 @@ def run(config: Config) -> int:
         listener.close()
         return 1
 
+    stats.watch(loop, config.stats, dispatcher.stat_counters())
     try:
         process.run(loop)
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ import signal
 import socket
 
 from vhostpasst.config.conf import Config, summary
-from vhostpasst.core import flow
+from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
@@ -246,6 +246,8 @@ def run(config: Config) -> int:
         os.write(spawned.go_fd, b"g")  # the namespace is ready: run the command
         os.close(spawned.go_fd)
 
+    stats.watch(loop, config.stats, [*dispatcher.stat_counters(),
+                                     ("splice", lambda: len(splice.conns))])
     try:
         process.run(loop)
     finally:
