@@ -81,11 +81,13 @@ def test_tcp_forward_to_a_target_address(box_: Sandbox) -> None:
         p.wait(5)
 
 
-def test_auto_limited_to_a_range(box_: Sandbox) -> None:
-    """-t 8100-8110,auto: a namespace listener inside the range is forwarded, one outside
-    it is not (auto alone would forward both)."""
+def test_auto_limited_to_a_range_and_an_address(box_: Sandbox) -> None:
+    """-t 127.0.0.1/8100-8110,auto: a namespace listener inside the range is forwarded, on
+    127.0.0.1 only; one outside it is not (auto alone would forward both, on every
+    address)."""
     box = box_
-    p, err = start_pasta(box, *AS_ROOT, "--config-net", "-t", "8100-8110,auto", "-T", "none",
+    p, err = start_pasta(box, *AS_ROOT, "--config-net", "-t", "127.0.0.1/8100-8110,auto",
+                         "-T", "none",
                          "-u", "none", "-U", "none", "--", sys.executable, "-c", SERVERS, "-",
                          "0.0.0.0:8105", "0.0.0.0:8123")
     try:
@@ -94,6 +96,7 @@ def test_auto_limited_to_a_range(box_: Sandbox) -> None:
         out = wait_until(lambda: (o := _get(box, "127.0.0.1", 8105)) != "error 111" and o, 5,
                          "the automatic forward", interval=0.2)
         assert out == "0.0.0.0:8105 from 192.0.2.2", out + err.read_text()
+        assert _get(box, "192.0.2.2", 8105) == "error 111"  # not listening there
         time.sleep(1.5)  # more scans: 8123 stays unforwarded
         assert _get(box, "127.0.0.1", 8123) == "error 111"
     finally:
@@ -119,6 +122,38 @@ def test_splice_only_has_no_tap_and_forwards_loopback_only(box_: Sandbox) -> Non
         assert _get(box, "192.0.2.2", 5107) in ("error 104", "closed")
         out = _get(box, "127.0.0.1", 5107)
         assert out == "0.0.0.0:5107 from 127.0.0.1", out + err.read_text()
+    finally:
+        p.kill()
+        p.wait(5)
+
+
+UDP_ECHO = """
+import socket, subprocess, sys
+subprocess.run(["ip", "addr", "add", "192.0.2.77/32", "dev", "lo"], check=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.77", 5206)); s.settimeout(20)
+print("ready", flush=True)
+d, peer = s.recvfrom(100)
+s.sendto(b"echo " + d + b" to 192.0.2.77 from " + peer[0].encode(), peer)
+"""
+
+
+def test_udp_forward_to_a_target_address(box_: Sandbox) -> None:
+    """-u 0.0.0.0/5205:192.0.2.77/5206: a datagram to the host's port 5205 reaches
+    192.0.2.77 port 5206 in the namespace, and the answer comes back."""
+    box = box_
+    p, err = start_pasta(box, *AS_ROOT, "--config-net", "-u", "0.0.0.0/5205:192.0.2.77/5206",
+                         "-t", "none", "-T", "none", "-U", "none", "--", sys.executable, "-c",
+                         UDP_ECHO)
+    try:
+        wait_until(lambda: "ready" in err.read_text() or p.poll() is not None, 10,
+                   "the namespace server")
+        r = box.host(sys.executable, "-c",
+                     "import socket\n"
+                     "c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(5)\n"
+                     "c.sendto(b'x', ('127.0.0.1', 5205)); print(c.recvfrom(100)[0].decode())\n",
+                     timeout=15)
+        assert r.stdout.strip() == "echo x to 192.0.2.77 from 192.0.2.1", r.stderr + err.read_text()
     finally:
         p.kill()
         p.wait(5)
