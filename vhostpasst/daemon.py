@@ -69,6 +69,10 @@ def run(config: Config) -> int:
         log.warning("--repair-path %s ignored: a live migration moves the guest (dirty page "
                     "log), but not the TCP connections open through this daemon",
                     config.repair_path)
+    for flag, given in (("--migrate-exit", config.migrate_exit),
+                        ("--migrate-no-linger", config.migrate_no_linger)):
+        if given:  # they act on a completed migration's TCP sockets, which we do not move
+            log.warning("%s has no effect yet: TCP connections do not migrate", flag)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst.system import isolation
 

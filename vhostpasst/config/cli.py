@@ -681,7 +681,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
 
   -d, --debug               Print debugging messages
       --trace               Debugging plus per-packet traces
-      --stats DELAY         Event counters on stderr, DELAY s apart at most (needs -f)
+      --stats DELAY         Event counters on stderr, DELAY s apart at least (needs -f)
   -q, --quiet               Warnings and errors only
   -f, --foreground          Do not run in background
   -e, --stderr              Deprecated, no effect

@@ -313,9 +313,9 @@ def parse_forwards(
     return out
 
 
-def auto(mode: str = "pasta") -> PortForwards:
+def auto() -> PortForwards:
     """pasta's default for a direction not given: `auto`."""
-    return parse_spec("auto", option="-t", mode=mode)
+    return parse_spec("auto", mode="pasta")
 
 
 def check_families(fwd: PortForwards | None, ipv4: bool, ipv6: bool, option: str) -> None:
