@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from vhostpasst import __version__
 from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
-from vhostpasst.core import flow
+from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
@@ -69,6 +69,10 @@ def run(config: Config) -> int:
         log.warning("--repair-path %s ignored: a live migration moves the guest (dirty page "
                     "log), but not the TCP connections open through this daemon",
                     config.repair_path)
+    for flag, given in (("--migrate-exit", config.migrate_exit),
+                        ("--migrate-no-linger", config.migrate_no_linger)):
+        if given:  # they act on a completed migration's TCP sockets, which we do not move
+            log.warning("%s has no effect yet: TCP connections do not migrate", flag)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst.system import isolation
 
@@ -153,6 +157,7 @@ def run(config: Config) -> int:
         listener.close()
         return 1
 
+    stats.watch(loop, config.stats, dispatcher.stat_counters())
     try:
         process.run(loop)
     except KeyboardInterrupt:

@@ -1,15 +1,20 @@
 """Forwarding in pasta mode besides the tap: where host-loopback traffic lands in the
-namespace, and the port scanner for the directions given as `auto` (pasta's default)."""
+namespace, and the port scanner for the rules given with `auto` (pasta's default).
+
+A scanned rule (config/fwd.py) limits what the scanner may forward: its port range less its
+exclusions (and the ephemeral ports, for a rule without a range), its listening address, its
+port translation and its target address all apply to the ports found bound."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable
-from ipaddress import ip_address
+from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
 from typing import Any
 
 from vhostpasst.config.conf import Config
-from vhostpasst.config.fwd import PortForwards
+from vhostpasst.config.fwd import PortForwards, PortRule, ephemeral_range
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.dispatch import Dispatcher
@@ -46,25 +51,71 @@ def _is_loopback(text: str) -> bool:
         return False
 
 
+@dataclass
+class _Scanned(Direction):
+    """A direction served for its scanned rules only: ports no rule covers are left alone,
+    and a port is bound once per rule covering it, on that rule's terms."""
+
+    rules: tuple[PortRule, ...] = ()
+    ephemeral: tuple[int, int] = (0, -1)
+
+    def follow(self, want: set[int], families: Iterable[int]) -> None:
+        super().follow({p for p in want if any(r.covers(p, self.ephemeral)
+                                               for r in self.rules)}, families)
+
+
+BindRule = Callable[[int, int, PortRule], Any]  # (family, port, rule) -> handle
+
+
+def _scanned(name: str, spec: PortForwards | None, bind_rule: BindRule,
+             unbind_one: Callable[[Any], None]) -> _Scanned | None:
+    rules = spec.scanned if spec is not None else ()
+    if not rules:
+        return None
+    ephemeral = ephemeral_range()
+
+    def bind(family: int, port: int) -> list[Any]:
+        six = family == socket.AF_INET6
+        handles: list[Any] = []
+        try:
+            for rule in rules:
+                addr = rule.addr or rule.target
+                if rule.covers(port, ephemeral) and (
+                    addr is None or isinstance(addr, IPv6Address) == six
+                ):
+                    handles.append(bind_rule(family, port, rule))
+        except OSError:
+            unbind(handles)
+            raise
+        if not handles:
+            raise OSError(f"no {name} rule for port {port} in this family")
+        return handles
+
+    def unbind(handles: list[Any]) -> None:
+        for handle in handles:
+            unbind_one(handle)
+
+    return _Scanned(name, bind, unbind, rules=rules, ephemeral=ephemeral)
+
+
 def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher,
                splice: TcpSplice, usplice: UdpSplice, fams: Iterable[int]) -> AutoPorts | None:
-    """The port scanner for the directions given as `auto` (pasta's default), or None."""
-    def is_auto(spec: PortForwards | None) -> bool:
-        return spec is not None and spec.mode == "auto"
-
+    """The port scanner for the rules given with `auto` (pasta's default), or None."""
     tcp, udp = dispatcher.tcp, dispatcher.udp
     six = socket.AF_INET6
-    tcp_in = udp_in = tcp_out = udp_out = None
-    if is_auto(config.tcp_in) and tcp is not None:
-        tcp_in = Direction("-t auto", lambda f, p: tcp.add_listener(f == six, p, p),
-                           tcp.remove_listener)
-    if is_auto(config.udp_in) and udp is not None:
-        def bind_u(f: int, p: int) -> tuple[Any, Any]:
-            lst = udp.add_listener(f == six, p, p)
-            if config.no_splice:
+    tcp_in = udp_in = None
+    if tcp is not None:
+        tcp_in = _scanned("-t auto", config.tcp_in, lambda f, p, r: tcp.add_listener(
+            f == six, p, p + r.delta, r.addr, r.target), tcp.remove_listener)
+    if udp is not None:
+        def bind_u(f: int, p: int, r: PortRule) -> tuple[Any, Any]:
+            lst = udp.add_listener(f == six, p, p + r.delta, r.addr, r.target)
+            if config.no_splice or r.target is not None or (
+                r.addr is not None and not r.addr.is_loopback
+            ):
                 return lst, None
             try:
-                return lst, usplice.add_listener(f, p, p, to_ns=True)
+                return lst, usplice.add_listener(f, p, p + r.delta, to_ns=True)
             except OSError:
                 udp.remove_listener(lst)
                 raise
@@ -74,13 +125,11 @@ def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher
             if h[1] is not None:
                 usplice.remove_listener(h[1])
 
-        udp_in = Direction("-u auto", bind_u, unbind_u)
-    if is_auto(config.tcp_out):
-        tcp_out = Direction("-T auto", lambda f, p: splice.add_ns_listener(netns_fd, f, p, p),
-                            splice.remove_ns_listener)
-    if is_auto(config.udp_out):
-        udp_out = Direction("-U auto", lambda f, p: usplice.add_listener(f, p, p, to_ns=False),
-                            usplice.remove_listener)
+        udp_in = _scanned("-u auto", config.udp_in, bind_u, unbind_u)
+    tcp_out = _scanned("-T auto", config.tcp_out, lambda f, p, r: splice.add_ns_listener(
+        netns_fd, f, p, p + r.delta), splice.remove_ns_listener)
+    udp_out = _scanned("-U auto", config.udp_out, lambda f, p, r: usplice.add_listener(
+        f, p, p + r.delta, to_ns=False), usplice.remove_listener)
     if not (tcp_in or udp_in or tcp_out or udp_out):
         return None
 
