@@ -15,6 +15,10 @@ If the batch limit was hit, the rest is processed on the next loop iteration.
 
 RX (us -> guest): the link's RX half, vhost_rx.py.
 
+Live migration: the dirty log is the back end's (virtio/backend.py); given the guest's
+addresses (`guest`: the dispatcher's GuestAddrs), the device also offers DEVICE_STATE and
+moves them to the destination in vhostpasst's state stream (link/migrate.py).
+
 A front end that breaks the ring rules (descriptors outside its memory, loops...) is
 disconnected: the listener then serves the next one.
 """
@@ -29,7 +33,9 @@ from collections.abc import Callable
 
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import Loop
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.core.pcap import PcapWriter
+from vhostpasst.link import migrate
 from vhostpasst.link.base import (
     ETH_MAX_FRAME,
     NO_CAPS,
@@ -134,6 +140,16 @@ class _Device(net.NetDevice):
     def __init__(self, link: VhostUserLink) -> None:
         self.link = link
         self.acked = 0
+        # with the guest's addresses to move, DEVICE_STATE is offered (see save_state)
+        self.max_state_size = migrate.MAX_STATE_SIZE if link.guest is not None else 0
+
+    def save_state(self) -> bytes:
+        assert self.link.guest is not None  # offered only then
+        return migrate.save(self.link.guest)
+
+    def load_state(self, data: bytes) -> None:
+        assert self.link.guest is not None
+        migrate.load(self.link.guest, data)
 
     def features_set(self, features: int) -> None:
         self.acked = features
@@ -176,9 +192,11 @@ class VhostUserLink(VhostRx):
         frame_max: int = ETH_MAX_FRAME,
         tx_batch: int = TX_BATCH,
         bounce_slots: int = BOUNCE_SLOTS,
+        guest: GuestAddrs | None = None,
     ) -> None:
         super().__init__(loop, on_frames, pcap, frame_max, bounce_slots)
         self.on_disconnect = on_disconnect
+        self.guest = guest  # what a live migration moves (None: DEVICE_STATE not offered)
         self.tx_batch = tx_batch
         self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
         self.backend = None
@@ -397,13 +415,14 @@ class VhostUserListener(ForwardingLink):
         frame_max: int = ETH_MAX_FRAME,
         probe_pattern: str = DEFAULT_PROBE_PATTERN,
         probe_count: int = DEFAULT_PROBE_COUNT,
+        guest: GuestAddrs | None = None,
     ) -> None:
         super().__init__(on_frames, pcap)
         self.peer_name = "front end"
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
         self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._peer_gone,
-                                  frame_max=frame_max)
+                                  frame_max=frame_max, guest=guest)
         self._listener = listen_for(loop, path, lambda conn: self.link.attach(conn),
                                     lambda: self.link.backend is not None, probe_pattern,
                                     probe_count, self.link.close)
@@ -417,11 +436,12 @@ def vhost_link_from_fd(
     on_exit: ExitCallback | None = None,
     *,
     frame_max: int = ETH_MAX_FRAME,
+    guest: GuestAddrs | None = None,
 ) -> VhostUserLink:
     """`--vhost-user --fd N` (qemu's -netdev passt,vhost-user=on): a connected socket; the
     front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off."""
     sock = connected_socket(fd, unix_only=True)
     link = VhostUserLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop,
-                         frame_max=frame_max)
+                         frame_max=frame_max, guest=guest)
     link.attach(sock)
     return link

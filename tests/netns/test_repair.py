@@ -1,0 +1,74 @@
+"""Our TCP_REPAIR helper (vhostpasst-repair, a real process with root's CAP_NET_ADMIN) sets
+and clears TCP_REPAIR on real TCP sockets, connected inside the sandbox's host namespace,
+that the daemon's side of the protocol (vhostpasst/system/repair.py) hands it; the
+connection carries data again once repair mode is off."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.netns.sandbox import Sandbox
+from vhostpasst.core.loop import Loop
+from vhostpasst.system.netns import NsThread
+from vhostpasst.system.repair import TCP_REPAIR, Command, RepairServer
+
+ROOT = Path(__file__).resolve().parents[2]
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_SEND_QUEUE = 2
+
+
+def _connected_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection to ourselves on the sandbox host's address (run in its namespace)."""
+    with socket.create_server(("192.0.2.2", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        accepted, _ = listener.accept()
+    return client, accepted
+
+
+def _repair(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+
+
+def test_our_helper_sets_and_clears_tcp_repair_on_real_sockets(sandbox: Sandbox) -> None:
+    loop = Loop()
+    server = RepairServer(loop, str(sandbox.dir / "vm.socket.repair"))
+    helper = subprocess.Popen([sys.executable, "-m", "vhostpasst.repair_helper", server.path],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    ns_fd = os.open(f"/run/netns/{sandbox.host_ns}", os.O_RDONLY)
+    ns = NsThread(ns_fd)
+    try:
+        deadline = time.monotonic() + 10
+        while not server.connected:
+            assert time.monotonic() < deadline and helper.poll() is None, "no helper"
+            loop.run_once(0.05)
+        client, accepted = ns.call(_connected_pair)
+        with client, accepted:
+            assert (_repair(client), _repair(accepted)) == (0, 0)
+
+            server.set([client.fileno(), accepted.fileno()], Command.ON)
+            assert (_repair(client), _repair(accepted)) == (1, 1)
+            # what only repair mode allows: choosing a queue and reading its sequence
+            client.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            client.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+
+            server.set([client.fileno()], Command.OFF_NO_WP)
+            server.set([accepted.fileno()], Command.OFF)
+            assert (_repair(client), _repair(accepted)) == (0, 0)
+            client.sendall(b"still connected")
+            accepted.settimeout(5)
+            assert accepted.recv(100) == b"still connected"
+        server.close()
+        assert helper.wait(10) == 0, helper.stderr.read()  # type: ignore[union-attr]
+    finally:
+        helper.kill()
+        helper.wait()
+        ns.close()
+        os.close(ns_fd)
+        server.close()
+        loop.close()
