@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.netns.sandbox import Sandbox
+from tests.netns.sandbox import Sandbox, wait_until
+from tests.netns.vhost_sandbox import start_vhost_daemon
 from vhostpasst.core.loop import Loop
 from vhostpasst.system.netns import NsThread
 from vhostpasst.system.repair import TCP_REPAIR, Command, RepairServer
@@ -72,3 +73,29 @@ def test_our_helper_sets_and_clears_tcp_repair_on_real_sockets(sandbox: Sandbox)
         os.close(ns_fd)
         server.close()
         loop.close()
+
+
+def _helper_connected(box: Sandbox) -> bool:
+    return "TCP_REPAIR helper connected" in box.daemon_stderr_text()
+
+
+def test_the_daemon_listens_for_a_helper_next_to_its_socket(sandbox: Sandbox) -> None:
+    """`--vhost-user -s PATH`: the helper's socket is PATH.repair (passt's default); our
+    helper connects once the daemon is sandboxed and is logged; it exits 0 with the
+    daemon. `--repair-path none`: no socket."""
+    start_vhost_daemon(sandbox, command=[sys.executable, "-m", "vhostpasst"])
+    path = sandbox.socket_path + ".repair"
+    helper = subprocess.Popen([sys.executable, "-m", "vhostpasst.repair_helper", path],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _helper_connected(sandbox), 15, "the helper connected")
+        assert "not used for TCP connections yet" in sandbox.daemon_stderr_text()
+        assert sandbox.stop_daemon() == 0, sandbox.daemon_log()
+        assert helper.wait(10) == 0, helper.stderr.read()  # type: ignore[union-attr]
+    finally:
+        helper.kill()
+        helper.wait()
+    Path(path).unlink()  # the first daemon, in its empty root by then, left it behind
+    start_vhost_daemon(sandbox, "--repair-path", "none",
+                       command=[sys.executable, "-m", "vhostpasst"])
+    assert not Path(path).exists() and "TCP_REPAIR" not in sandbox.daemon_stderr_text()

@@ -87,7 +87,7 @@ class Config:
     socket_path: str | None = None  # None: probe /tmp/passt_N.socket
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
-    repair_path: str | None = None  # accepted, ignored: TCP connections do not migrate
+    repair_path: str | None = None  # TCP_REPAIR helper socket (None: next to the socket)
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link

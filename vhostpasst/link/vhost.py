@@ -17,7 +17,9 @@ RX (us -> guest): the link's RX half, vhost_rx.py.
 
 Live migration: the dirty log is the back end's (virtio/backend.py); given the guest's
 addresses (`guest`: the dispatcher's GuestAddrs), the device also offers DEVICE_STATE and
-moves them to the destination in vhostpasst's state stream (link/migrate.py).
+moves them to the destination in vhostpasst's state stream (link/migrate.py). The TCP_REPAIR
+helper's socket (`--repair-path`, by default the vhost-user socket's path + ".repair") is made
+here too (system/repair.py); a helper is accepted, but no connection uses it yet.
 
 A front end that breaks the ring rules (descriptors outside its memory, loops...) is
 disconnected: the listener then serves the next one.
@@ -52,6 +54,7 @@ from vhostpasst.link.stream import (
     listen_for,
 )
 from vhostpasst.link.vhost_rx import BOUNCE_SLOTS, VhostRx
+from vhostpasst.system.repair import RepairServer, default_path
 from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
@@ -197,6 +200,7 @@ class VhostUserLink(VhostRx):
         super().__init__(loop, on_frames, pcap, frame_max, bounce_slots)
         self.on_disconnect = on_disconnect
         self.guest = guest  # what a live migration moves (None: DEVICE_STATE not offered)
+        self.repair: RepairServer | None = None  # the TCP_REPAIR helper's (listen_repair)
         self.tx_batch = tx_batch
         self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
         self.backend = None
@@ -266,7 +270,16 @@ class VhostUserLink(VhostRx):
         self.on_disconnect = None
         if self.backend is not None:
             self.backend.close("link closed")
+        if self.repair is not None:
+            self.repair.close()
+            self.repair = None
         self._loop.remove_flush_hook(self.flush)
+
+    def listen_repair(self, path: str | None) -> None:
+        """Make the TCP_REPAIR helper's socket at `path` ("none" or None: no socket).
+        OSError if it cannot be made."""
+        if path is not None and path != "none":
+            self.repair = RepairServer(self._loop, path)
 
     def features_set(self, features: int) -> None:
         """The front end acked `features` (the device's features_set())."""
@@ -416,6 +429,7 @@ class VhostUserListener(ForwardingLink):
         probe_pattern: str = DEFAULT_PROBE_PATTERN,
         probe_count: int = DEFAULT_PROBE_COUNT,
         guest: GuestAddrs | None = None,
+        repair_path: str | None = None,
     ) -> None:
         super().__init__(on_frames, pcap)
         self.peer_name = "front end"
@@ -427,6 +441,18 @@ class VhostUserListener(ForwardingLink):
                                     lambda: self.link.backend is not None, probe_pattern,
                                     probe_count, self.link.close)
         self.path: str = self._listener.path
+        if repair_path is None:  # passt's default, next to the vhost-user socket: optional
+            try:
+                self.link.listen_repair(default_path(self.path))
+            except OSError as e:
+                log.warning("TCP_REPAIR helper socket %s not usable: %s",
+                            default_path(self.path), e)
+        else:
+            try:
+                self.link.listen_repair(repair_path)
+            except OSError:
+                self.close()
+                raise
 
 def vhost_link_from_fd(
     loop: Loop,
@@ -437,11 +463,19 @@ def vhost_link_from_fd(
     *,
     frame_max: int = ETH_MAX_FRAME,
     guest: GuestAddrs | None = None,
+    repair_path: str | None = None,
 ) -> VhostUserLink:
     """`--vhost-user --fd N` (qemu's -netdev passt,vhost-user=on): a connected socket; the
-    front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off."""
+    front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off.
+    No socket path to put the TCP_REPAIR helper's next to: only an explicit `repair_path`."""
     sock = connected_socket(fd, unix_only=True)
     link = VhostUserLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop,
                          frame_max=frame_max, guest=guest)
+    try:
+        link.listen_repair(repair_path)
+    except OSError:
+        sock.close()
+        link.close()
+        raise
     link.attach(sock)
     return link
