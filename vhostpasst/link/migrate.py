@@ -151,8 +151,7 @@ def load(guest: GuestAddrs, data: bytes) -> None:
         value = getattr(loaded, name)
         if value is not None:
             setattr(guest, name, value)
-    log.info("device state: guest %s, %s, %s, %s restored",
-             loaded.mac.hex(":") if loaded.mac else "MAC unknown",
-             loaded.addr4_seen or "no IPv4 address seen",
-             loaded.addr6_seen or "no IPv6 address seen",
-             loaded.addr6_ll_seen or "no link-local address seen")
+    log.info("device state restored: guest MAC %s, IPv4 %s, IPv6 %s, link-local %s",
+             loaded.mac.hex(":") if loaded.mac else "unknown",
+             *(addr or "not seen" for addr in (loaded.addr4_seen, loaded.addr6_seen,
+                                               loaded.addr6_ll_seen)))
