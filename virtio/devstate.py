@@ -83,9 +83,10 @@ class StateTransfer:
         self._data = bytearray()
         try:
             os.set_blocking(fd, False)
+            saving = direction == Direction.SAVE
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == (
-                    os.O_WRONLY if direction == Direction.LOAD else os.O_RDONLY):
-                raise StateError(f"the fd is not open for {'reading' if direction else 'writing'}")
+                    os.O_RDONLY if saving else os.O_WRONLY):
+                raise StateError(f"the fd is not open for {'writing' if saving else 'reading'}")
             if direction == Direction.SAVE:
                 data = device.save_state()
                 if len(data) > device.max_state_size:
