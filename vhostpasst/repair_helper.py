@@ -8,7 +8,9 @@ with ".repair" appended), or a directory: then the helper waits there for the fi
 socket created after it started (as KubeVirt runs passt-repair) and connects to it once it
 listens. The protocol is passt-repair's (vhostpasst/system/repair.py), so this helper serves
 passt too and passt-repair serves vhostpasst. It needs CAP_NET_ADMIN (TCP_REPAIR) and nothing
-else. Exit status: 0 when the daemon closes the connection, 1 on error, 2 on usage error.
+else; as passt-repair, it makes itself non-dumpable (no ptrace, no core with the sockets it
+holds) and sets no-new-privileges first. Exit status: 0 when the daemon closes the
+connection, 1 on error, 2 on usage error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import stat
 import sys
 import time
 
-from vhostpasst.system import netns
+from vhostpasst.system import isolation, netns
 from vhostpasst.system.repair import SUFFIX, HelperError, serve_one
 
 IN_CREATE = 0x00000100
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = args[0]
     try:
+        isolation.set_dumpable(False)
+        isolation.set_no_new_privs()
         waiting = stat.S_ISDIR(os.stat(path).st_mode)
         if waiting:
             path = _wait_for_socket(path)

@@ -125,10 +125,13 @@ def test_our_helper_refuses_a_socket_that_is_not_tcp(loop: Loop, server: RepairS
 
 
 def test_our_helper_exits_0_when_the_daemon_closes(loop: Loop, tmp_path: Path):
+    """...and, connected, it runs with no-new-privileges (as passt-repair)."""
     srv = RepairServer(loop, str(tmp_path / "x.repair"))
     helper = subprocess.Popen(helper_command(srv.path), cwd=ROOT)
     try:
         pump_until(loop, lambda: srv.connected)
+        status = Path(f"/proc/{helper.pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
     finally:
         srv.close()
     assert helper.wait(10) == 0
