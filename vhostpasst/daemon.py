@@ -51,12 +51,16 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
     from vhostpasst.link import vhost  # the virtio library only when asked for
 
     frame_max = ETH_HLEN + (config.mtu or DEFAULT_MTU)  # what an in-place guest RX buffer must hold
+    # a live migration moves the guest's addresses (DEVICE_STATE); a TCP_REPAIR helper may
+    # connect, but connections are not moved yet
     if config.fd is not None:
         return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
-                                        on_exit=on_exit, frame_max=frame_max)
+                                        on_exit=on_exit, frame_max=frame_max,
+                                        guest=dispatcher.guest, repair_path=config.repair_path)
     return vhost.VhostUserListener(loop, config.socket_path, dispatcher.on_frames, pcap=pcap,
                                    one_off=config.one_off, on_exit=on_exit,
-                                   frame_max=frame_max)
+                                   frame_max=frame_max, guest=dispatcher.guest,
+                                   repair_path=config.repair_path)
 
 
 def run(config: Config) -> int:
@@ -65,9 +69,8 @@ def run(config: Config) -> int:
     setup_logging("passt", config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
-    if config.repair_path:
-        log.warning("--repair-path %s ignored: a live migration moves the guest (dirty page "
-                    "log), but not the TCP connections open through this daemon",
+    if config.repair_path and not config.vhost_user:
+        log.warning("--repair-path %s ignored: it is for --vhost-user mode (live migration)",
                     config.repair_path)
     for flag, given in (("--migrate-exit", config.migrate_exit),
                         ("--migrate-no-linger", config.migrate_no_linger)):

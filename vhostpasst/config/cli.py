@@ -642,8 +642,7 @@ def parse_args(argv: list[str], mode: str) -> Options:
 
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
-    # --repair-path is accepted and ignored (the daemon logs so): a live migration moves the
-    # guest, but the TCP connections open through us end, as without passt-repair
+    # --repair-path outside --vhost-user is accepted and ignored (the daemon logs so)
     if o.conf_path:
         raise NotSupported("--conf-path")
 
@@ -728,8 +727,8 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -1, --one-off             Quit after the first client disconnects
       --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
-      --repair-path PATH    TCP_REPAIR helper socket (ignored: TCP connections do not
-                            move with a migrated guest)
+      --repair-path PATH    TCP_REPAIR helper socket (vhost-user; "none": no socket)
+                            default: the socket's PATH with '.repair' appended
       --migrate-exit, --migrate-no-linger   Deprecated (vhost-user only): parsed, no
                             effect yet (connections do not migrate)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains

@@ -88,7 +88,7 @@ class Config:
     socket_path: str | None = None  # None: probe /tmp/passt_N.socket
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
-    repair_path: str | None = None  # accepted, ignored: TCP connections do not migrate
+    repair_path: str | None = None  # TCP_REPAIR helper socket (None: next to the socket)
     migrate_exit: bool = False  # parsed and kept; the migration behaviour is not built yet
     migrate_no_linger: bool = False  # parsed and kept; the migration behaviour is not built yet
     # link and addresses
