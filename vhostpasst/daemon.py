@@ -51,16 +51,35 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
     from vhostpasst.link import vhost  # the virtio library only when asked for
 
     frame_max = ETH_HLEN + (config.mtu or DEFAULT_MTU)  # what an in-place guest RX buffer must hold
-    # a live migration moves the guest's addresses (DEVICE_STATE); a TCP_REPAIR helper may
-    # connect, but connections are not moved yet
+    # a live migration moves the guest's addresses and, through the TCP_REPAIR helper, its
+    # established TCP connections (DEVICE_STATE)
+    link: vhost.VhostUserLink
+    listener: Link
     if config.fd is not None:
-        return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
-                                        on_exit=on_exit, frame_max=frame_max,
-                                        guest=dispatcher.guest, repair_path=config.repair_path)
-    return vhost.VhostUserListener(loop, config.socket_path, dispatcher.on_frames, pcap=pcap,
-                                   one_off=config.one_off, on_exit=on_exit,
-                                   frame_max=frame_max, guest=dispatcher.guest,
-                                   repair_path=config.repair_path)
+        listener = link = vhost.vhost_link_from_fd(
+            loop, config.fd, dispatcher.on_frames, pcap=pcap, on_exit=on_exit,
+            frame_max=frame_max, guest=dispatcher.guest, repair_path=config.repair_path)
+    else:
+        listener = vhost.VhostUserListener(
+            loop, config.socket_path, dispatcher.on_frames, pcap=pcap, one_off=config.one_off,
+            on_exit=on_exit, frame_max=frame_max, guest=dispatcher.guest,
+            repair_path=config.repair_path)
+        link = listener.link
+    if dispatcher.tcp is not None:
+        from vhostpasst.proto.tcp.migrate import TcpMover
+
+        link.conns = TcpMover(dispatcher.tcp, lambda: link.repair, config.migrate_no_linger)
+    if config.migrate_no_linger:
+        log.info("--migrate-no-linger: TCP sockets moved in a migration close at once here")
+    if config.migrate_exit:
+        log.info("--migrate-exit: exiting once a migration from here completes")
+
+        def migrated() -> None:
+            log.info("migration complete, exiting (--migrate-exit)")
+            on_exit()
+
+        link.on_migrated = migrated
+    return listener
 
 
 def run(config: Config) -> int:
@@ -72,10 +91,6 @@ def run(config: Config) -> int:
     if config.repair_path and not config.vhost_user:
         log.warning("--repair-path %s ignored: it is for --vhost-user mode (live migration)",
                     config.repair_path)
-    for flag, given in (("--migrate-exit", config.migrate_exit),
-                        ("--migrate-no-linger", config.migrate_no_linger)):
-        if given:  # they act on a completed migration's TCP sockets, which we do not move
-            log.warning("%s has no effect yet: TCP connections do not migrate", flag)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst.system import isolation
 

@@ -102,6 +102,10 @@ class Device:
         """Take a whole saved state, or raise StateError and change nothing."""
         raise StateError("this device has no state to migrate")
 
+    def state_checked(self, direction: Direction, ok: bool) -> None:
+        """CHECK_DEVICE_STATE is being answered: how the transfer ended (the reply goes out
+        once this returns)."""
+
 
 def _close(fd: int | None) -> None:
     if fd is not None:
@@ -434,7 +438,9 @@ class VhostUserBackend:
         if transfer is None:
             log.warning("vhost-user CHECK_DEVICE_STATE without a transfer")
             return m.encode_u64(1)
-        return m.encode_u64(0 if transfer.result() is None else 1)
+        ok = transfer.result() is None
+        self.device.state_checked(transfer.direction, ok)
+        return m.encode_u64(0 if ok else 1)
 
     def _drop_transfer(self) -> None:
         transfer, self.transfer = self.transfer, None

@@ -729,8 +729,9 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --print-capabilities  Print vhost-user back-end capabilities
       --repair-path PATH    TCP_REPAIR helper socket (vhost-user; "none": no socket)
                             default: the socket's PATH with '.repair' appended
-      --migrate-exit, --migrate-no-linger   Deprecated (vhost-user only): parsed, no
-                            effect yet (connections do not migrate)
+      --migrate-exit        Deprecated (vhost-user): exit after migrating as source
+      --migrate-no-linger   Deprecated (vhost-user): close the moved TCP sockets at once
+                            on the source (default: kept until exit)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains
 """ + _SPEC_HELP
     return common + """\

@@ -89,8 +89,8 @@ class Config:
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
     repair_path: str | None = None  # TCP_REPAIR helper socket (None: next to the socket)
-    migrate_exit: bool = False  # parsed and kept; the migration behaviour is not built yet
-    migrate_no_linger: bool = False  # parsed and kept; the migration behaviour is not built yet
+    migrate_exit: bool = False  # exit after a completed migration as source
+    migrate_no_linger: bool = False  # close moved TCP sockets on the source at once
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link

@@ -43,8 +43,8 @@ class Options:
     one_off: bool = False
     vhost_user: bool = False
     repair_path: str | None = None
-    migrate_exit: bool = False  # parsed; the behaviour comes with migration
-    migrate_no_linger: bool = False  # parsed; the behaviour comes with migration
+    migrate_exit: bool = False
+    migrate_no_linger: bool = False
     conf_path: str | None = None
     # link and addresses
     mtu: int | None = None

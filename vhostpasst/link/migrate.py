@@ -7,12 +7,16 @@ passt (the repair helper protocol is what the two share, vhostpasst/system/repai
     header   "VHPS" magic, u16 version (1), u16 section count
     section  u16 type, u16 flags (0), u32 length, then `length` bytes of the type's body
 
-all in network byte order. Version 1 knows one section type, GUEST (the MAC and addresses the
-guest was seen using: core.nat.GuestAddrs), exactly once; connection sections (TCP_REPAIR
-state) are to come as new types, each once per connection, and MAX_SECTIONS bounds them.
+all in network byte order. Version 1 knows two section types: GUEST (the MAC and addresses
+the guest was seen using: core.nat.GuestAddrs), exactly once, first; and TCP, one per
+established connection (its TCP_REPAIR state and queues), at most MAX_CONNS. This layer
+knows a TCP section's body only as bytes: a `ConnMover` (proto/tcp/migrate.py's TcpMover,
+handed to the link by the daemon) makes them on the source and parses and restores them on
+the destination. A link without one neither sends nor accepts TCP sections.
 
 Loading is all or nothing: the whole stream is parsed and range-checked into a new value
-before anything is applied, and any fault refuses it whole (StateError, the migration
+(each TCP body by the mover's parse()) before anything is applied, and any fault refuses it
+whole (StateError, the migration
 fails): a wrong magic or version, a section count, type, flag or length out of range, a
 duplicate or missing section, trailing bytes, a field set without its presence bit or a
 value the dispatcher would never have learned (a multicast or zero MAC, a loopback,
@@ -24,7 +28,9 @@ from __future__ import annotations
 import enum
 import logging
 import struct
+from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
+from typing import Generic, Protocol, TypeVar
 
 from vhostpasst.core.nat import GuestAddrs
 from virtio.devstate import StateError
@@ -33,9 +39,11 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"VHPS"
 VERSION = 1
-MAX_SECTIONS = 1  # GUEST; connection sections will raise it
-# The device's cap on the stream (virtio reads no more); room for connection queues later.
-MAX_STATE_SIZE = 16 << 20
+MAX_CONNS = 4096  # TCP sections
+MAX_SECTIONS = 1 + MAX_CONNS
+# The device's cap on the stream (virtio reads no more): the connections' queues are most of
+# it (proto/tcp/migrate.py keeps them under 48 MiB in all)
+MAX_STATE_SIZE = 64 << 20
 
 HEADER = struct.Struct("!4sHH")  # magic, version, section count
 SECTION = struct.Struct("!HHI")  # type, flags, length
@@ -44,6 +52,24 @@ GUEST = struct.Struct("!B6s4s16s16s")  # present bits, MAC, IPv4, IPv6, IPv6 lin
 
 class Section(enum.IntEnum):
     GUEST = 1
+    TCP = 2
+
+
+Conn = TypeVar("Conn")
+
+
+class ConnMover(Protocol, Generic[Conn]):
+    """Moves connections: `save()` (the source) freezes them and gives one TCP section body
+    each; `parse()` checks one (StateError if it is wrong); `restore()` rebuilds them all."""
+
+    def save(self) -> list[bytes]: ...
+
+    def parse(self, body: bytes) -> Conn: ...
+
+    def restore(self, conns: list[Conn]) -> None: ...
+
+    def close(self) -> None:
+        """The link closes (the daemon exits)."""
 
 
 # GUEST's presence bits
@@ -54,8 +80,10 @@ HAS_ADDR6_LL = 8
 _ALL = HAS_MAC | HAS_ADDR4 | HAS_ADDR6 | HAS_ADDR6_LL
 
 
-def save(guest: GuestAddrs) -> bytes:
-    """The state stream of `guest`."""
+def save(guest: GuestAddrs, conns: Sequence[bytes] = ()) -> bytes:
+    """The state stream of `guest` and the TCP section bodies `conns`."""
+    if len(conns) > MAX_CONNS:
+        raise StateError(f"{len(conns)} connections to move, more than {MAX_CONNS}")
     present = 0
     for bit, value in ((HAS_MAC, guest.mac), (HAS_ADDR4, guest.addr4_seen),
                        (HAS_ADDR6, guest.addr6_seen), (HAS_ADDR6_LL, guest.addr6_ll_seen)):
@@ -65,13 +93,14 @@ def save(guest: GuestAddrs) -> bytes:
                       (guest.addr4_seen or IPv4Address(0)).packed,
                       (guest.addr6_seen or IPv6Address(0)).packed,
                       (guest.addr6_ll_seen or IPv6Address(0)).packed)
-    return (HEADER.pack(MAGIC, VERSION, 1) + SECTION.pack(Section.GUEST, 0, len(body))
-            + body)
+    return b"".join([HEADER.pack(MAGIC, VERSION, 1 + len(conns)),
+                     SECTION.pack(Section.GUEST, 0, len(body)), body,
+                     *(SECTION.pack(Section.TCP, 0, len(c)) + c for c in conns)])
 
 
-def parse(data: bytes) -> GuestAddrs:
-    """The guest addresses a state stream holds, every field checked; StateError if any
-    part of it is wrong."""
+def parse(data: bytes, mover: ConnMover[Conn] | None = None) -> tuple[GuestAddrs, list[Conn]]:
+    """The guest addresses and connections a state stream holds, every field checked
+    (connections by `mover`); StateError if any part of it is wrong."""
     if len(data) > MAX_STATE_SIZE:
         raise StateError(f"state of {len(data)} bytes, more than {MAX_STATE_SIZE}")
     if len(data) < HEADER.size:
@@ -85,6 +114,7 @@ def parse(data: bytes) -> GuestAddrs:
         raise StateError(f"{count} sections")
     offset = HEADER.size
     guest: GuestAddrs | None = None
+    conns: list[Conn] = []
     for _ in range(count):
         if len(data) - offset < SECTION.size:
             raise StateError("state truncated in a section header")
@@ -96,16 +126,23 @@ def parse(data: bytes) -> GuestAddrs:
         offset += length
         if flags:
             raise StateError(f"section flags {flags:#x}")
-        if kind != Section.GUEST:
+        if kind == Section.GUEST:
+            if guest is not None or conns:
+                raise StateError("a GUEST section not alone and first")
+            guest = _guest(body)
+        elif kind == Section.TCP:
+            if mover is None:
+                raise StateError("a TCP section, and no TCP here to take it")
+            if guest is None:
+                raise StateError("a TCP section before the GUEST section")
+            conns.append(mover.parse(body))
+        else:
             raise StateError(f"unknown section type {kind}")
-        if guest is not None:
-            raise StateError("two GUEST sections")
-        guest = _guest(body)
     if offset != len(data):
         raise StateError(f"{len(data) - offset} bytes after the last section")
     if guest is None:
         raise StateError("no GUEST section")
-    return guest
+    return guest, conns
 
 
 def _guest(body: bytes) -> GuestAddrs:
@@ -143,10 +180,11 @@ def _guest(body: bytes) -> GuestAddrs:
     return guest
 
 
-def load(guest: GuestAddrs, data: bytes) -> None:
+def load(guest: GuestAddrs, data: bytes, mover: ConnMover[Conn] | None = None) -> None:
     """Apply a whole state stream to `guest` (what the source saw replaces what we saw; a
-    field the source never saw leaves ours), or raise StateError and change nothing."""
-    loaded = parse(data)
+    field the source never saw leaves ours) and its connections through `mover`, or raise
+    StateError and change nothing."""
+    loaded, conns = parse(data, mover)
     for name in ("mac", "addr4_seen", "addr6_seen", "addr6_ll_seen"):
         value = getattr(loaded, name)
         if value is not None:
@@ -155,3 +193,5 @@ def load(guest: GuestAddrs, data: bytes) -> None:
              loaded.mac.hex(":") if loaded.mac else "unknown",
              *(addr or "not seen" for addr in (loaded.addr4_seen, loaded.addr6_seen,
                                                loaded.addr6_ll_seen)))
+    if mover is not None:
+        mover.restore(conns)

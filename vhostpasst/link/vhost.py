@@ -17,9 +17,11 @@ RX (us -> guest): the link's RX half, vhost_rx.py.
 
 Live migration: the dirty log is the back end's (virtio/backend.py); given the guest's
 addresses (`guest`: the dispatcher's GuestAddrs), the device also offers DEVICE_STATE and
-moves them to the destination in vhostpasst's state stream (link/migrate.py). The TCP_REPAIR
-helper's socket (`--repair-path`, by default the vhost-user socket's path + ".repair") is made
-here too (system/repair.py); a helper is accepted, but no connection uses it yet.
+moves them to the destination in vhostpasst's state stream (link/migrate.py), with the
+established TCP connections when the daemon gave the link a mover (`conns`:
+proto/tcp/migrate.py). The TCP_REPAIR helper's socket (`--repair-path`, by default the
+vhost-user socket's path + ".repair") is made here too (system/repair.py); the mover has the
+helper put the connections' sockets in repair mode.
 
 A front end that breaks the ring rules (descriptors outside its memory, loops...) is
 disconnected: the listener then serves the next one.
@@ -32,6 +34,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import Loop
@@ -59,6 +62,7 @@ from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
 from virtio.backend import VhostUserBackend
+from virtio.devstate import Direction
 from virtio.virtqueue import VirtQueue, VirtQueueError
 
 log = logging.getLogger(__name__)
@@ -148,11 +152,16 @@ class _Device(net.NetDevice):
 
     def save_state(self) -> bytes:
         assert self.link.guest is not None  # offered only then
-        return migrate.save(self.link.guest)
+        return migrate.save(self.link.guest,
+                            self.link.conns.save() if self.link.conns is not None else ())
 
     def load_state(self, data: bytes) -> None:
         assert self.link.guest is not None
-        migrate.load(self.link.guest, data)
+        migrate.load(self.link.guest, data, self.link.conns)
+
+    def state_checked(self, direction: Direction, ok: bool) -> None:
+        if ok and direction == Direction.SAVE and self.link.on_migrated is not None:
+            self.link._loop.call_later(0, self.link.on_migrated)  # after the reply
 
     def features_set(self, features: int) -> None:
         self.acked = features
@@ -201,6 +210,9 @@ class VhostUserLink(VhostRx):
         self.on_disconnect = on_disconnect
         self.guest = guest  # what a live migration moves (None: DEVICE_STATE not offered)
         self.repair: RepairServer | None = None  # the TCP_REPAIR helper's (listen_repair)
+        # what moves TCP connections in a migration (the daemon's; None: they do not move)
+        self.conns: migrate.ConnMover[Any] | None = None
+        self.on_migrated: Callable[[], None] | None = None  # the source's migration completed
         self.tx_batch = tx_batch
         self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
         self.backend = None
@@ -273,6 +285,9 @@ class VhostUserLink(VhostRx):
         if self.repair is not None:
             self.repair.close()
             self.repair = None
+        if self.conns is not None:
+            self.conns.close()
+            self.conns = None
         self._loop.remove_flush_hook(self.flush)
 
     def listen_repair(self, path: str | None) -> None:
