@@ -110,7 +110,7 @@ def test_the_daemon_listens_for_a_helper_next_to_its_socket(sandbox: Sandbox) ->
                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: _helper_connected(sandbox), 15, "the helper connected")
-        assert "not used for TCP connections yet" in sandbox.daemon_stderr_text()
+        assert f"TCP_REPAIR helper socket: {path}" in sandbox.daemon_stderr_text()
         assert sandbox.stop_daemon() == 0, sandbox.daemon_log()
         assert helper.wait(10) == 0, helper.stderr.read()  # type: ignore[union-attr]
     finally:

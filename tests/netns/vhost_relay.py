@@ -24,6 +24,12 @@ without qemu:
 Ring indices are read and written with struct on an mmap of the memfd; the fences come from
 the cffi ring helpers (virtio._ring), because the back end is another process on another CPU.
 
+With `--migrate-to PATH`, SIGUSR1 migrates the "guest" as qemu does: the rings stop on the
+first back end (GET_VRING_BASE), its device state is saved (SET_DEVICE_STATE_FD SAVE, read to
+EOF, CHECK_DEVICE_STATE), the connection closes (qemu's source quits), and the back end at
+PATH gets the same memory, the state (LOAD, CHECK) and the rings from the saved bases; the
+status then says `migrated=1` and `state_bytes`.
+
 State goes to `--status-file` as `key=value` lines, in the format of tests/netns/relay.py (`state`,
 `connections`, `pid`, frame counters `to_tap` / `to_guest`, of those the GSO frames `gso_to_tap`
 / `gso_to_guest`, and the notification counters), so the sandbox's wait_relay() works on it.
@@ -206,6 +212,9 @@ class VhostRelay:
         for i in range(q):  # the first TX_HDR bytes of each TX slot are rewritten by reads
             self.tx.bufs[i][:HDR_LEN] = bytes(HDR_LEN)
         self.tx_free = list(range(q))
+        self.migrate_due = False
+        self.migrated = 0
+        self.state_bytes = 0
 
     @staticmethod
     def _mem_size(q: int, rxb: int) -> int:
@@ -241,17 +250,21 @@ class VhostRelay:
                     f"gso_to_tap={self.gso_to_tap}\ngso_to_guest={self.gso_to_guest}\n"
                     f"tx_kicks={self.tx.kicks}\nrx_kicks={self.rx.kicks}\n"
                     f"tap_errors={self.tap_errors}\nidle_work={self.idle_work}\n"
+                    f"migrated={self.migrated}\nstate_bytes={self.state_bytes}\n"
                     f"cpu={sum(os.times()[:2]):.3f}\n")
         os.replace(tmp, self.args.status_file)
 
     # --- vhost-user set-up -----------------------------------------------------------------
 
-    def connect(self, deadline: float) -> bool:
+    def connect(self, deadline: float, path: str | None = None, state: bytes | None = None,
+                bases: tuple[int, int] = (0, 0)) -> bool:
+        """Connect to the back end at `path` (--socket) and start the rings; with `state`, as
+        a migration's destination: the state loaded before the rings start at `bases`."""
         delay = 0.02
         while not self.stopping:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                s.connect(self.args.socket)
+                s.connect(path or self.args.socket)
                 break
             except OSError as e:
                 s.close()
@@ -276,11 +289,14 @@ class VhostRelay:
         fe.request(R.SET_PROTOCOL_FEATURES, m.encode_u64(pf))  # REPLY_ACK: ack() needs it
         self._ack(R.SET_FEATURES, m.encode_u64(features))
         self._ack(R.SET_MEM_TABLE, m.encode_mem_table(self.mem.table()), self.mem.fds())
-        fe.setup_queue(net.RX_QUEUE, self.rx.dr)
-        fe.setup_queue(net.TX_QUEUE, self.tx.dr)
-        # every RX buffer to the device, and "call me" on both rings before enabling them
-        for i in range(self.rx.num):
-            self.rx.put(i)
+        if state is not None:
+            self._load(state)
+        fe.setup_queue(net.RX_QUEUE, self.rx.dr, bases[0])
+        fe.setup_queue(net.TX_QUEUE, self.tx.dr, bases[1])
+        if state is None:  # every RX buffer to the device (after a migration: posted already)
+            for i in range(self.rx.num):
+                self.rx.put(i)
+        # "call me" on both rings before enabling them
         self.rx.want_call(True)
         self.tx.want_call(False)
         fence()
@@ -288,12 +304,68 @@ class VhostRelay:
         for q in (net.RX_QUEUE, net.TX_QUEUE):
             self._ack(R.SET_VRING_ENABLE, m.encode_state(q, 1))
         os.eventfd_write(self.rx.dr.kick_fd, 1)  # the buffers are there
+        os.eventfd_write(self.tx.dr.kick_fd, 1)  # (frames the last back end left, if any)
         self.rx.kicked_at = self.rx.avail_idx
         self.connections += 1
         self.state = "connected"
         self.write_status()
         self.log(f"connected, features {features:#x}")
         return True
+
+    def _load(self, state: bytes) -> None:
+        assert self.fe is not None
+        r, w = os.pipe()
+        try:
+            reply = self.fe.request(R.SET_DEVICE_STATE_FD, m.DEVICE_STATE.pack(1, 0), [r])
+        finally:
+            os.close(r)
+        assert reply is not None and reply.u64() == 0x100, "LOAD refused"
+        with os.fdopen(w, "wb") as pipe:  # the back end reads as we write (its own loop)
+            pipe.write(state)
+        if self.fe.get_u64(R.CHECK_DEVICE_STATE) != 0:
+            raise RuntimeError("the destination refused the device state")
+
+    def _save(self) -> tuple[bytes, tuple[int, int]]:
+        """Stop the rings and take the device state, as qemu's source does."""
+        assert self.fe is not None
+        bases = []
+        for q in (net.RX_QUEUE, net.TX_QUEUE):
+            reply = self.fe.request(R.GET_VRING_BASE, m.encode_state(q, 0))
+            assert reply is not None, "no reply to GET_VRING_BASE"
+            bases.append(reply.state()[1])
+        r, w = os.pipe()
+        try:
+            reply = self.fe.request(R.SET_DEVICE_STATE_FD, m.DEVICE_STATE.pack(0, 0), [w])
+        finally:
+            os.close(w)
+        assert reply is not None and reply.u64() == 0x100, "SAVE refused"
+        chunks = []
+        deadline = time.monotonic() + 20
+        with os.fdopen(r, "rb") as pipe:
+            while time.monotonic() < deadline:
+                if not select.select([pipe], [], [], 1)[0]:
+                    continue
+                chunk = pipe.read1(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            else:
+                raise RuntimeError("the source's device state did not end in time")
+        if self.fe.get_u64(R.CHECK_DEVICE_STATE) != 0:
+            raise RuntimeError("the source failed its device state")
+        return b"".join(chunks), (bases[0], bases[1])
+
+    def migrate(self) -> None:
+        assert self.sock is not None
+        state, bases = self._save()
+        self.guest_to_tap()  # what the source wrote before its rings stopped
+        self.sock.close()
+        self.state_bytes = len(state)
+        self.log(f"saved {len(state)} bytes of device state, ring bases {bases}")
+        if not self.connect(time.monotonic() + 10, self.args.migrate_to, state, bases):
+            raise RuntimeError("cannot connect to the destination")
+        self.migrated = 1
+        self.write_status()
 
     def _ack(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
         assert self.fe is not None
@@ -395,6 +467,15 @@ class VhostRelay:
         last_status = 0.0
         more = False
         while not self.stopping:
+            if self.migrate_due:
+                self.migrate_due = False
+                ep.unregister(self.sock.fileno())
+                try:
+                    self.migrate()
+                except (RuntimeError, AssertionError, OSError) as e:
+                    self.log(f"migration failed: {e!r}")
+                    break
+                ep.register(self.sock.fileno(), select.EPOLLIN)
             events = ep.poll(0 if more else 0.1)
             fds = {fd for fd, _ in events}
             if self.sock.fileno() in fds:
@@ -436,6 +517,9 @@ class VhostRelay:
     def stop(self, *_: object) -> None:
         self.stopping = True
 
+    def migrate_soon(self, *_: object) -> None:
+        self.migrate_due = bool(self.args.migrate_to)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tso", action="store_true",
                    help="TCP segmentation offload both ways (TUN_F_TSO4/6, HOST_TSO4/6 and "
                         "GUEST_TSO4/6)")
+    p.add_argument("--migrate-to", help="on SIGUSR1, migrate to the back end at this socket")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.tso and args.no_csum:
@@ -462,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     relay = VhostRelay(args)
     signal.signal(signal.SIGTERM, relay.stop)
     signal.signal(signal.SIGINT, relay.stop)
+    signal.signal(signal.SIGUSR1, relay.migrate_soon)
     return relay.run()
 
 

@@ -118,6 +118,7 @@ def test_sequence_numbers_out_of_order_are_refused(state: ConnState) -> None:
                              & 0xFFFFFFFF).pack())
 
 
+@settings(max_examples=300)
 @given(conn_states(), st.lists(st.tuples(st.integers(0, 167), st.integers(0, 255)),
                                min_size=1, max_size=4))
 def test_corrupted_fields_are_refused_or_still_in_range(state: ConnState,

@@ -17,8 +17,8 @@ migration fails cleanly and the next helper may connect. Helper side (`serve`): 
 without fds, with a command outside the three, or with fds that are not TCP sockets ends the
 helper with status 1 and no echo (passt-repair's behaviour), which the daemon sees as EOF.
 
-Nothing uses it for TCP yet: the daemon accepts a helper and logs it; moving connections
-(issue 21's later step) will call `RepairServer.set()`.
+In a live migration the vhost-user link's TCP mover (proto/tcp/migrate.py) calls
+`RepairServer.set()`: ON for the sockets it freezes or rebuilds, OFF once rebuilt.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class RepairServer:
         except OSError:
             self.listener.close()
             raise
-        log.info("TCP_REPAIR helper socket: %s (not used for TCP connections yet)", path)
+        log.info("TCP_REPAIR helper socket: %s", path)
 
     def _bind(self, path: str) -> None:
         try:

@@ -59,15 +59,19 @@ REASONED_VHOST_USER: tuple[str, ...] = ()
 REASONED_PASTA = ("kill",)
 
 # calls allowed with some values of one argument only: name -> (argument, allowed values);
-# measured as well (doc/sandbox.md). ioctl: FIONBIO (Python's setblocking/settimeout) and
-# FIONREAD; nothing else (the tap and netlink are set up before). socket: AF_INET and
-# AF_INET6 only, so no netlink, packet or UNIX socket can be made once sandboxed.
+# measured as well (doc/sandbox.md). ioctl: FIONBIO (Python's setblocking/settimeout),
+# FIONREAD, and the send queue's lengths a migration moves (TIOCOUTQ alias SIOCOUTQ,
+# SIOCOUTQNSD: proto/tcp/migrate.py); nothing else (the tap and netlink are set up
+# before). socket: AF_INET and AF_INET6 only, so no netlink, packet or UNIX socket can be
+# made once sandboxed.
 FIONREAD = 0x541B
 FIONBIO = 0x5421
+TIOCOUTQ = 0x5411
+SIOCOUTQNSD = 0x894B
 AF_INET = 2
 AF_INET6 = 10
 ARGS: dict[str, tuple[int, tuple[int, ...]]] = {
-    "ioctl": (1, (FIONBIO, FIONREAD)),
+    "ioctl": (1, (FIONBIO, FIONREAD, TIOCOUTQ, SIOCOUTQNSD)),
     "socket": (0, (AF_INET, AF_INET6)),
 }
 

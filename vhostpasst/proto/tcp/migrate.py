@@ -65,6 +65,7 @@ from vhostpasst.proto.tcp.conn import (
 )
 from vhostpasst.proto.tcp.handler import TcpHandler
 from vhostpasst.system.repair import Command, RepairError, RepairServer
+from vhostpasst.system.syscalls import SIOCOUTQNSD, TIOCOUTQ
 from virtio.devstate import StateError
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ TCPOPT_TIMESTAMP = 8
 TCPI_OPT_TIMESTAMPS = 1
 TCPI_OPT_SACK = 2
 TCPI_OPT_ALL = 0x7F  # up to TCPI_OPT_USEC_TS
-SIOCOUTQ = termios.TIOCOUTQ
-SIOCOUTQNSD = 0x894B
 MAX_WSCALE = 14  # RFC 7323 §2.3
 KERNEL_MAX_WINDOW = 65535 << MAX_WSCALE
 
@@ -105,6 +104,7 @@ _TCPI = struct.Struct("=BxxxxBB")  # tcpi_state, (ca_state..backoff), options, w
 # timestamp, snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup, send queue start, receive queue
 # start, send queue length, of it not sent, receive queue length
 _FIXED = struct.Struct("!BBH16s16s16s16sHHHH9I5Bxxx12I")
+_PAD = struct.calcsize("!BBH16s16s16s16sHHHH9I5B")  # where its 3 zero bytes are
 
 LOCAL = 1  # TcpConn.local
 SNDBUF_FIXED = 2  # TcpConn.sndbuf_fixed
@@ -177,6 +177,8 @@ def parse(body: bytes) -> ConnState:
     state = ConnState._make((*fixed, b"", b""))
     if state.family not in (4, 6):
         raise StateError(f"TCP connection of family {state.family}")
+    if any(body[_PAD:_PAD + 3]):
+        raise StateError("TCP section padding not zero")
     if state.flags & ~_FLAGS:
         raise StateError(f"TCP connection flags {state.flags:#x}")
     for name in ("gaddr", "faddr", "laddr", "raddr"):
@@ -250,7 +252,7 @@ def dump(conn: TcpConn) -> ConnState:
     window = _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW,
                                             _WINDOW.size))
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-    sndq = _ioctl_int(conn.fd, SIOCOUTQ)
+    sndq = _ioctl_int(conn.fd, TIOCOUTQ)  # SIOCOUTQ
     notsent = _ioctl_int(conn.fd, SIOCOUTQNSD)
     if not 0 <= notsent <= sndq <= MAX_QUEUE:
         raise OSError(0, f"send queue of {sndq} bytes ({notsent} not sent)")
