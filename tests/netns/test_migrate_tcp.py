@@ -66,6 +66,50 @@ s.close()
 print(json.dumps({"before": before, "after": after}))
 """
 
+# Either end of a connection with full queues at the migration: sends SEND bytes (a thread,
+# from the start) and reads nothing until GO exists, then reads RECV bytes; writes its
+# sha256s as JSON to OUT. As the server: "serve ADDR PORT READY"; as the client: "connect
+# ADDR PORT READY" (READY made once listening, or 1 s after connecting: the queues filled).
+PEER = """
+import hashlib, json, os, socket, sys, threading, time
+role, addr, port, ready, send_n, recv_n, go, out = sys.argv[1:]
+block = bytes(range(251)) * 4177
+if role == "serve":
+    lst = socket.create_server((addr, int(port)))
+    open(ready, "w").close()
+    lst.settimeout(60)
+    s, _ = lst.accept()
+else:
+    s = socket.create_connection((addr, int(port)), timeout=60)
+s.settimeout(60)
+sent = hashlib.sha256()
+def sender():
+    left = int(send_n)
+    while left:
+        piece = block[:min(left, len(block))]
+        s.sendall(piece)
+        sent.update(piece)
+        left -= len(piece)
+th = threading.Thread(target=sender)
+th.start()
+if role == "connect":
+    time.sleep(1)
+    open(ready, "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.05)
+got, left = hashlib.sha256(), int(recv_n)
+while left:
+    data = s.recv(min(left, 1 << 16))
+    if not data:
+        break
+    got.update(data)
+    left -= len(data)
+th.join(60)
+with open(out, "w") as f:
+    json.dump({"sent": sent.hexdigest(), "got": got.hexdigest(), "missing": left}, f)
+"""
+
 
 def _helper(box: Sandbox, path: str) -> subprocess.Popen[bytes]:
     return box.popen_in(box.host_ns, sys.executable, "-m", "vhostpasst.repair_helper", path,
@@ -116,3 +160,76 @@ def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox) -> Non
     assert "1 TCP connections saved, their sockets closed" in source_log, logs
     assert "1 of 1 TCP connections restored" in dest_text, logs
     assert "reset" not in dest_text, logs
+
+
+def test_full_queues_move_both_ways_and_the_source_exits(sandbox: Sandbox) -> None:
+    """Neither end reads while the connection moves: the source socket's send queue (guest
+    data the far end has not taken) and its receive queue (far-end data the guest has not
+    taken) are full; on the destination both are delivered, whole and in order. The source,
+    with --migrate-exit, exits 0 once the migration completed."""
+    box = sandbox
+    daemon = start_vhost_daemon(box, "--no-map-gw", "--migrate-no-linger", "--migrate-exit")
+    dest_path, dest_log = _destination(box)
+    _helper(box, box.socket_path + ".repair")
+    _helper(box, dest_path + ".repair")
+    wait_until(lambda: "TCP_REPAIR helper connected" in box.daemon_stderr_text()
+               and "TCP_REPAIR helper connected" in dest_log.read_text(), 15,
+               "both helpers connected")
+    start_vhost_relay(box, "--migrate-to", dest_path)
+    configure_guest(box)
+    go = box.dir / "go"
+    size = 8 * MIB  # more than the windows on the way let through before GO
+    server = [str(box.dir / n) for n in ("srv-ready", "srv-out")]
+    box.popen_in(box.world_ns, sys.executable, "-c", PEER, "serve", GW4, "7002", server[0],
+                 str(size), str(size), str(go), server[1])
+    wait_until(Path(server[0]).exists, 10, "the server listening")
+    client = [str(box.dir / n) for n in ("cli-ready", "cli-out")]
+    box.popen_in(box.guest_ns, sys.executable, "-c", PEER, "connect", GW4, "7002", client[0],
+                 str(size), str(size), str(go), client[1])
+    wait_until(Path(client[0]).exists, 15, "the queues full")
+    assert box.relay is not None
+    box.relay.send_signal(signal.SIGUSR1)
+    status = box.wait_relay("connected", connections=2, timeout=20)
+    go.touch()
+    wait_until(lambda: all(Path(p).exists() for p in (server[1], client[1])), 60,
+               "both ends done")
+    srv, cli = (json.loads(Path(p[1]).read_text()) for p in (server, client))
+    source_log, dest_text = box.daemon_stderr_text(), dest_log.read_text()
+    logs = f"{srv} {cli}\n{source_log}\n--- destination ---\n{dest_text}\n{box.relay_log()}"
+    assert int(status["state_bytes"]) > 16 << 10, logs  # queued data went with the state
+    assert srv["missing"] == cli["missing"] == 0, logs
+    assert srv["got"] == cli["sent"] and cli["got"] == srv["sent"], logs
+    assert "1 of 1 TCP connections restored" in dest_text, logs
+    assert daemon.wait(10) == 0, logs
+    assert "migration complete, exiting (--migrate-exit)" in source_log, logs
+
+
+def test_without_a_helper_the_guest_moves_and_its_connection_resets(sandbox: Sandbox) -> None:
+    """No TCP_REPAIR helper: the migration completes, the source says once that it resets
+    the connections, and the guest's connection is reset (not left hanging)."""
+    box = sandbox
+    start_vhost_daemon(box, "--no-map-gw", "--migrate-no-linger")
+    dest_path, dest_log = _destination(box)
+    start_vhost_relay(box, "--migrate-to", dest_path)
+    configure_guest(box)
+    _serve(box, 7003, "echo")
+    ready, go = box.dir / "ready", box.dir / "go"
+    client = box.popen_in(box.guest_ns, sys.executable, "-c", CLIENT, GW4, "7003",
+                          str(MIB), str(MIB), str(ready), str(go),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(ready.exists, 30, "the first transfer done")
+    assert box.relay is not None
+    box.relay.send_signal(signal.SIGUSR1)
+    status = box.wait_relay("connected", connections=2, timeout=20)
+    go.touch()
+    out, err = client.communicate(timeout=60)
+    source_log = box.daemon_stderr_text()
+    logs = f"{out!r} {err!r}\n{source_log}\n{dest_log.read_text()}\n{box.relay_log()}"
+    assert status["migrated"] == "1", logs
+    # the reset reaches the reader thread (ECONNRESET) or the writer (EPIPE) first
+    assert b"Connection reset by peer" in err or b"Broken pipe" in err, logs
+    if client.returncode == 0:  # the writer had finished: the echo never came back
+        sent, echoed = json.loads(out)["after"]
+        assert sent != echoed, logs
+    assert source_log.count("no TCP_REPAIR helper connected, 1 TCP connections reset") == 1, \
+        logs

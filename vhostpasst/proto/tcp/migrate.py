@@ -371,6 +371,8 @@ class TcpMover:
                 log.warning("migration: %r not moved (closed): %s", conn,
                             e.strerror or e)
             else:
+                log.debug("migration: %r: send queue %d bytes (%d not sent), receive queue "
+                          "%d", conn, state.sndq, state.notsent, state.rcvq)
                 budget -= state.sndq + state.rcvq
                 bodies.append(state.pack())
                 if not self.no_linger:  # the flow closes its descriptor, this one stays
