@@ -3,7 +3,8 @@
 conn.py explains how (theory of operation); the handler the rest of vhostpasst uses is
 TcpHandler, built from one class per concern: control.py (segments without data, ACK and
 window), timers.py, from_guest.py, to_guest.py (socket events, data to the guest) with one
-output module per kind of link (out_buf.py, out_vu.py), handler.py (listening sockets).
+output module per kind of link (out_buf.py, out_vu.py), handler.py (listening sockets);
+migrate.py moves established connections in a live migration (TCP_REPAIR).
 """
 
 from vhostpasst.proto.tcp.conn import (
