@@ -233,3 +233,44 @@ def test_without_a_helper_the_guest_moves_and_its_connection_resets(sandbox: San
         assert sent != echoed, logs
     assert source_log.count("no TCP_REPAIR helper connected, 1 TCP connections reset") == 1, \
         logs
+
+
+def _established_to(box: Sandbox, port: int) -> int:
+    out = box.host("ss", "-Htn", "state", "established", f"dport = :{port}", check=True).stdout
+    return len(out.splitlines())
+
+
+def test_by_default_the_source_keeps_the_moved_sockets(sandbox: Sandbox) -> None:
+    """Without --migrate-no-linger the source keeps the moved socket open (in repair mode):
+    on one host the destination then cannot connect its copy (EADDRNOTAVAIL, logged), and
+    the source's socket is still there, established, after the migration."""
+    box = sandbox
+    start_vhost_daemon(box, "--no-map-gw")
+    dest_path, dest_log = _destination(box)
+    _helper(box, box.socket_path + ".repair")
+    _helper(box, dest_path + ".repair")
+    wait_until(lambda: "TCP_REPAIR helper connected" in box.daemon_stderr_text()
+               and "TCP_REPAIR helper connected" in dest_log.read_text(), 15,
+               "both helpers connected")
+    start_vhost_relay(box, "--migrate-to", dest_path)
+    configure_guest(box)
+    _serve(box, 7004, "echo")
+    ready, go = box.dir / "ready", box.dir / "go"
+    client = box.popen_in(box.guest_ns, sys.executable, "-c", CLIENT, GW4, "7004",
+                          str(MIB), str(MIB), str(ready), str(go),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(ready.exists, 30, "the first transfer done")
+    assert box.relay is not None
+    box.relay.send_signal(signal.SIGUSR1)
+    box.wait_relay("connected", connections=2, timeout=20)
+    source_log, dest_text = box.daemon_stderr_text(), dest_log.read_text()
+    logs = f"{source_log}\n--- destination ---\n{dest_text}\n{box.relay_log()}"
+    assert "1 TCP connections saved, their sockets kept until the daemon exits" in source_log, \
+        logs
+    assert "not restored: Cannot assign requested address" in dest_text, logs
+    assert _established_to(box, 7004) == 1, logs  # the source's, in repair mode
+    go.touch()
+    client.kill()
+    client.wait()
+    assert box.stop_daemon() == 0, logs
+    wait_until(lambda: _established_to(box, 7004) == 0, 10, "the kept socket gone with it")

@@ -361,26 +361,39 @@ class TcpMover:
             for conn in conns:
                 self.handler._reset(conn)
             raise StateError(f"TCP_REPAIR on the connections to move: {e}") from None
-        bodies, budget = [], MAX_QUEUES_TOTAL
+        bodies, failed, budget = [], [], MAX_QUEUES_TOTAL
         for conn in conns:
             try:
                 state = dump(conn)
                 if state.sndq + state.rcvq > budget:
                     raise OSError(0, "the stream has no room left for its queues")
             except OSError as e:
-                log.warning("migration: %r not moved (closed): %s", conn,
-                            e.strerror or e)
-            else:
-                log.debug("migration: %r: send queue %d bytes (%d not sent), receive queue "
-                          "%d", conn, state.sndq, state.notsent, state.rcvq)
-                budget -= state.sndq + state.rcvq
-                bodies.append(state.pack())
-                if not self.no_linger:  # the flow closes its descriptor, this one stays
-                    self.lingering.append(conn.sock.dup())
+                log.warning("migration: %r not moved (reset): %s", conn, e.strerror or e)
+                failed.append(conn)
+                continue
+            log.debug("migration: %r: send queue %d bytes (%d not sent), receive queue %d",
+                      conn, state.sndq, state.notsent, state.rcvq)
+            budget -= state.sndq + state.rcvq
+            bodies.append(state.pack())
+            if not self.no_linger:  # the flow closes its descriptor, this one stays
+                self.lingering.append(conn.sock.dup())
             conn.remove()  # in repair mode: no FIN, no RST
+        self._reset_failed(helper, failed)
         log.info("migration: %d TCP connections saved, their sockets %s", len(bodies),
                  "closed" if self.no_linger else "kept until the daemon exits")
         return bodies
+
+    def _reset_failed(self, helper: RepairServer, conns: list[TcpConn]) -> None:
+        """Connections that could not be saved: out of repair mode, then reset both ways
+        (in repair mode the RST would not go out)."""
+        if not conns:
+            return
+        try:
+            helper.set([c.fd for c in conns], Command.OFF_NO_WP)
+        except RepairError as e:
+            log.warning("migration: TCP_REPAIR off for the connections not moved: %s", e)
+        for conn in conns:
+            self.handler._reset(conn)
 
     # --- destination ------------------------------------------------------------------------
 
