@@ -2,6 +2,8 @@
 `python hostside.py MODE ...` (a separate process: the test process itself stays outside).
 
     serve-send  ADDR PORT FILE   accept one TCP connection, send FILE, close
+    serve-send-paused ADDR PORT FILE GO   the same, but after the first half of FILE print
+                                 "half" and wait (at most 120 s) until the path GO exists
     serve-recv  ADDR PORT        accept one TCP connection, read to EOF, print "size sha256"
     send        ADDR PORT FILE   connect, send FILE, close
     dns         ADDR NAME A AAAA a tiny DNS responder: NAME -> A / AAAA, NXDOMAIN otherwise;
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import socket
 import struct
 import sys
+import time
 
 
 def _family(addr: str) -> socket.AddressFamily:
@@ -37,6 +41,20 @@ def serve_send(addr: str, port: int, path: str) -> None:
     conn, _ = _listen(addr, port).accept()
     with open(path, "rb") as f:
         conn.sendfile(f)
+    conn.close()
+
+
+def serve_send_paused(addr: str, port: int, path: str, go: str) -> None:
+    conn, _ = _listen(addr, port).accept()
+    with open(path, "rb") as f:
+        data = f.read()
+    conn.sendall(data[:len(data) // 2])
+    print("half", flush=True)
+    for _ in range(1200):
+        if os.path.exists(go):
+            break
+        time.sleep(0.1)
+    conn.sendall(data[len(data) // 2:])
     conn.close()
 
 
@@ -93,6 +111,8 @@ def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "serve-send":
         serve_send(args[0], int(args[1]), args[2])
+    elif mode == "serve-send-paused":
+        serve_send_paused(args[0], int(args[1]), args[2], args[3])
     elif mode == "serve-recv":
         serve_recv(args[0], int(args[1]))
     elif mode == "send":

@@ -3,12 +3,16 @@ migrates it from one daemon to another while it pings through the first, with th
 marking what it writes into guest memory in qemu's dirty log (VHOST_F_LOG_ALL); on the
 destination the guest carries on through the second daemon (ping, a TCP download checked with
 sha256), and the addresses the first daemon saw it use reach the second through qemu's
-migration stream (DEVICE_STATE). Connections open through the first daemon do not move yet
-(that takes the TCP_REPAIR helper, issue 21's next step)."""
+migration stream (DEVICE_STATE). And a TCP download open through the first daemon moves with
+the guest, each daemon with our TCP_REPAIR helper (vhostpasst-repair), and finishes through
+the second one."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,12 +28,15 @@ from harness import (
     Qmp,
     dhcp_lease,
     download_checked,
+    hostside,
+    stop_proc,
 )
 from image import Image
 
 PORT = 10009
 SIZE = (1 << 20) + 77
 MIGRATE_TIMEOUT = 180
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _migrate(qmp: Qmp, uri: str) -> dict:
@@ -44,6 +51,22 @@ def _migrate(qmp: Qmp, uri: str) -> dict:
             return info
         time.sleep(0.5)
     raise AssertionError(f"migration did not end in {MIGRATE_TIMEOUT} s: {info}")
+
+
+def _move(qmps: list[Qmp], workdir: Path) -> None:
+    """Migrate from the guest of qmps[0] to the one of qmps[1] (started with -incoming
+    defer); returns once the destination runs."""
+    qmps[1].command("migrate-incoming", uri=f"unix:{workdir}/migrate.sock")  # listening
+    info = _migrate(qmps[0], f"unix:{workdir}/migrate.sock")
+    assert info["status"] == "completed", info
+    ram = info.get("ram", {})
+    print(f"migration: {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+          f"{ram.get('transferred', 0) >> 20} MiB sent, {ram.get('dirty-sync-count')} passes")
+    for _ in range(100):
+        if qmps[1].command("query-status")["status"] == "running":
+            break
+        time.sleep(0.1)
+    assert qmps[1].command("query-status")["status"] == "running"
 
 
 def test_guest_migrates_to_another_daemon_and_keeps_its_network(
@@ -71,17 +94,7 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
         # frames to and from the guest while its memory is copied
         source.run(f"(ping -q -i 0.05 -c 400 {HOST_GW4} > /dev/null 2>&1 &)")
         qmps += [Qmp(src / "qmp.sock"), Qmp(dst / "qmp.sock")]
-        qmps[1].command("migrate-incoming", uri=f"unix:{workdir}/migrate.sock")  # listening
-        info = _migrate(qmps[0], f"unix:{workdir}/migrate.sock")
-        assert info["status"] == "completed", info
-        ram = info.get("ram", {})
-        print(f"migration: {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
-              f"{ram.get('transferred', 0) >> 20} MiB sent, {ram.get('dirty-sync-count')} passes")
-        for _ in range(100):
-            if qmps[1].command("query-status")["status"] == "running":
-                break
-            time.sleep(0.1)
-        assert qmps[1].command("query-status")["status"] == "running"
+        _move(qmps, workdir)
         source.close()  # the first daemon's front end goes
 
         # The guest now runs behind the second daemon, with the lease it had.
@@ -110,3 +123,77 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
                 if "device state restored: guest MAC" in line]
     assert restored and lease["ip"] in restored[0], (dst / "daemon.log").read_text()[-3000:]
     print(f"second daemon: {restored[0]}")
+
+
+def _repair_helper(netns: HostNetns, daemon: Daemon) -> subprocess.Popen[bytes]:
+    """Our TCP_REPAIR helper on the daemon's .repair socket (root in the namespace: it has
+    CAP_NET_ADMIN), once the daemon logs it connected."""
+    helper = subprocess.Popen(netns.argv([sys.executable, "-m", "vhostpasst.repair_helper",
+                                          f"{daemon.socket}.repair"]), cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while "TCP_REPAIR helper connected" not in daemon.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline and helper.poll() is None, daemon.log_text()
+        time.sleep(0.1)
+    return helper
+
+
+def test_a_download_in_progress_moves_with_the_guest(
+    image: Image, host_netns: HostNetns, workdir: Path, request: pytest.FixtureRequest
+) -> None:
+    """The guest downloads a file; half-way (the server pausing, so that nothing is in flight
+    while the source has closed its socket and the destination has not yet rebuilt it, both
+    daemons being on one host) it migrates; the rest comes through the second daemon on the
+    same connection and the sha256 matches. The source has --migrate-no-linger, as two
+    daemons on one host need."""
+    if "vhostpasst" not in " ".join(DAEMON):
+        pytest.skip(f"{DAEMON[0]}: not vhostpasst")
+    src, dst = workdir / "src", workdir / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for side in (src, dst):
+        for log in ("daemon.log", "console.log", "qemu.log"):
+            _track(request, f"{side.name} {log}", side / log)
+    first = Daemon(src, host_netns, ("-d", "--migrate-no-linger"), vhost_user=True)
+    second = Daemon(dst, host_netns, ("-d",), vhost_user=True)
+    helpers = [_repair_helper(host_netns, daemon) for daemon in (first, second)]
+    source = target = server = None
+    qmps: list[Qmp] = []
+    data, go = workdir / "down", workdir / "go"
+    data.write_bytes(bytes(range(256)) * (16 << 10))  # 4 MiB
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    try:
+        source = Guest(image, src, GuestNet("vhost-user", first.socket), host_netns,
+                       qmp=src / "qmp.sock")
+        dhcp_lease(source)
+        target = Guest(image, dst, GuestNet("vhost-user", second.socket), host_netns,
+                       qmp=dst / "qmp.sock", incoming="defer")
+        server = hostside(host_netns, "serve-send-paused", "127.0.0.1", str(PORT + 1),
+                          str(data), str(go))
+        # nc's stdin a pipe that never ends (the console is the harness's); sha256sum writes
+        # /tmp/dl once nc ends
+        source.run(f"(sleep 900 | nc {HOST_GW4} {PORT + 1} 2>/dev/null | sha256sum > /tmp/dl &)")
+        assert server.stdout is not None and server.stdout.readline().strip() == "half"
+        time.sleep(1)  # the guest takes it in and acknowledges it
+        qmps += [Qmp(src / "qmp.sock"), Qmp(dst / "qmp.sock")]
+        _move(qmps, workdir)
+        source.close()
+        go.touch()
+        _, out = target.run("for i in $(seq 600); do grep -q ' -' /tmp/dl && break; "
+                            "sleep 0.2; done; cat /tmp/dl", timeout=150)
+        assert out.split()[:1] == [digest], out
+    finally:
+        if server is not None:
+            stop_proc(server)
+        for qmp in qmps:
+            qmp.close()
+        for guest in (source, target):
+            if guest is not None:
+                guest.close()
+        first.close()
+        second.close()
+        for helper in helpers:
+            helper.kill()
+            helper.wait()
+    assert "1 TCP connections saved, their sockets closed" in (src / "daemon.log").read_text()
+    assert "1 of 1 TCP connections restored" in (dst / "daemon.log").read_text()
