@@ -274,3 +274,50 @@ def test_by_default_the_source_keeps_the_moved_sockets(sandbox: Sandbox) -> None
     client.wait()
     assert box.stop_daemon() == 0, logs
     wait_until(lambda: _established_to(box, 7004) == 0, 10, "the kept socket gone with it")
+
+
+# A hostile TCP_REPAIR helper: takes each request and answers a byte that is not its echo.
+BAD_HELPER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.settimeout(60)
+while True:
+    data, anc, _, _ = s.recvmsg(1, socket.CMSG_SPACE(253 * 4))
+    if not data:
+        break
+    s.sendall(bytes([(data[0] + 7) & 0xFF]))
+"""
+
+
+def test_a_helper_that_answers_wrong_fails_the_migration_cleanly(sandbox: Sandbox) -> None:
+    """The helper answers another byte than the request's: the source's save fails (its
+    CHECK_DEVICE_STATE says so, qemu would cancel the migration), the helper is dropped, the
+    connection is reset rather than left frozen, and the daemon carries on."""
+    box = sandbox
+    start_vhost_daemon(box, "--no-map-gw", "--migrate-no-linger")
+    dest_path, _ = _destination(box)
+    box.popen_in(box.host_ns, sys.executable, "-c", BAD_HELPER, box.socket_path + ".repair")
+    wait_until(lambda: "TCP_REPAIR helper connected" in box.daemon_stderr_text(), 15,
+               "the helper connected")
+    start_vhost_relay(box, "--migrate-to", dest_path)
+    configure_guest(box)
+    _serve(box, 7005, "echo")
+    ready, go = box.dir / "ready", box.dir / "go"
+    client = box.popen_in(box.guest_ns, sys.executable, "-c", CLIENT, GW4, "7005",
+                          str(MIB), str(MIB), str(ready), str(go),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(ready.exists, 30, "the first transfer done")
+    assert box.relay is not None
+    box.relay.send_signal(signal.SIGUSR1)
+    box.relay.wait(30)  # the relay gives up when the source fails its state
+    go.touch()
+    client.kill()
+    client.wait()
+    text = box.daemon_stderr_text()
+    logs = f"{text}\n{box.relay_log()}"
+    assert "migration failed" in box.relay_log(), logs
+    assert "TCP_REPAIR helper dropped: it answered 8 to 1" in text, logs
+    assert "device state: " in text and "TCP_REPAIR on the connections to move" in text, logs
+    assert _established_to(box, 7005) == 0, logs  # reset, not left in repair mode
+    assert box.daemon_alive(), logs

@@ -246,6 +246,8 @@ def dump(conn: TcpConn) -> ConnState:
     if info is None:
         raise OSError(0, "no TCP_INFO")
     tcpi_state, options, wscales = _TCPI.unpack_from(info)
+    if tcpi_state != 1:  # TCP_ESTABLISHED
+        raise OSError(0, f"kernel state {tcpi_state}")
     sock_mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     timestamp = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & M32 \
         if options & TCPI_OPT_TIMESTAMPS else 0
@@ -265,8 +267,6 @@ def dump(conn: TcpConn) -> ConnState:
     rcvq_data = _peek(sock, rcvq)
     seq_rcv = (_queue_seq(sock, TCP_RECV_QUEUE) - rcvq) & M32
     local, remote = sock.getsockname(), sock.getpeername()
-    if tcpi_state != 1:  # TCP_ESTABLISHED
-        raise OSError(0, f"kernel state {tcpi_state}")
     return ConnState._make((
         6 if conn.six else 4, (LOCAL if conn.local else 0)
         | (SNDBUF_FIXED if conn.sndbuf_fixed else 0), conn.mss,
