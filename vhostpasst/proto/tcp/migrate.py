@@ -40,6 +40,7 @@ the receive queue's. `parse()` range-checks every field and refuses the section 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import socket
@@ -55,6 +56,7 @@ from vhostpasst.proto.tcp.conn import (
     M32,
     MAX_WINDOW,
     SO_PEEK_OFF,
+    TCP_ESTABLISHED,
     IPAddr,
     TcpConn,
     established,
@@ -246,7 +248,7 @@ def dump(conn: TcpConn) -> ConnState:
     if info is None:
         raise OSError(0, "no TCP_INFO")
     tcpi_state, options, wscales = _TCPI.unpack_from(info)
-    if tcpi_state != 1:  # TCP_ESTABLISHED
+    if tcpi_state != TCP_ESTABLISHED:
         raise OSError(0, f"kernel state {tcpi_state}")
     sock_mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     timestamp = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & M32 \
@@ -286,7 +288,7 @@ def _write_queue(sock: socket.socket, data: bytes) -> None:
         try:
             sent = sock.send(view[:chunk])
         except OSError as e:
-            if e.errno in (105, 12) and chunk > RESTORE_CHUNK_MIN:  # ENOBUFS, ENOMEM
+            if e.errno in (errno.ENOBUFS, errno.ENOMEM) and chunk > RESTORE_CHUNK_MIN:
                 chunk //= 2
                 continue
             raise
@@ -367,8 +369,10 @@ class TcpMover:
                 state = dump(conn)
                 if state.sndq + state.rcvq > budget:
                     raise OSError(0, "the stream has no room left for its queues")
-            except OSError as e:
-                log.warning("migration: %r not moved (reset): %s", conn, e.strerror or e)
+                parse(state.pack())  # what the destination would refuse fails this one only
+            except (OSError, StateError) as e:
+                log.warning("migration: %r not moved (reset): %s", conn,
+                            getattr(e, "strerror", None) or e)
                 failed.append(conn)
                 continue
             log.debug("migration: %r: send queue %d bytes (%d not sent), receive queue %d",
