@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from vhostpasst import __version__
+from vhostpasst import __version__, ctl
 from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
 from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
@@ -118,6 +118,15 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
+    control: ctl.ControlServer | None = None
+    if config.conf_path:
+        try:
+            control = ctl.start(config, loop, dispatcher, [ctl.host_side(config, dispatcher)])
+        except OSError as e:
+            log.error("cannot open the control socket %s: %s", config.conf_path, e.strerror or e)
+            dispatcher.close()
+            listener.close()
+            return 1
     box = Sandbox("vhost-user" if config.vhost_user else "stream", config.chroot_fallback)
     try:
         box.prepare()  # every import, while still root
@@ -158,6 +167,8 @@ def run(config: Config) -> int:
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
+        if control is not None:
+            control.close()
         dispatcher.close()
         listener.close()
         if pcap is not None:

@@ -88,6 +88,7 @@ class Config:
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
     repair_path: str | None = None  # accepted, ignored: TCP connections do not migrate
+    conf_path: str | None = None  # -c: the control socket (vhostpasst/ctl/)
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link
@@ -291,6 +292,7 @@ def build_config(
         fd=opts.fd,
         one_off=opts.one_off or opts.fd is not None,
         repair_path=opts.repair_path,
+        conf_path=opts.conf_path,
         mtu=opts.mtu if opts.mtu is not None else DEFAULT_MTU,
         our_mac=opts.mac or DEFAULT_MAC,
         ifname=template.ifname if template else None,

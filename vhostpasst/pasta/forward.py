@@ -1,5 +1,6 @@
 """Forwarding in pasta mode besides the tap: where host-loopback traffic lands in the
-namespace, and the port scanner for the directions given as `auto` (pasta's default)."""
+namespace, the port scanner for the directions given as `auto` (pasta's default), and the
+listeners of both tables as the control socket changes them (ctl/forwarder.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from typing import Any
 
+from vhostpasst import ctl
 from vhostpasst.config.conf import Config
 from vhostpasst.config.fwd import PortForwards
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.ctl.binders import UdpBinder
+from vhostpasst.ctl.forwarder import Binder, Place, Side
+from vhostpasst.ctl.protocol import PIF_NAMES, PIF_SPLICE
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
-from vhostpasst.pasta.udp_splice import UdpSplice
+from vhostpasst.pasta.udp_splice import SpliceListener, UdpSplice
 
 
 def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int, str], str]:
@@ -100,3 +105,123 @@ def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher
 
     return AutoPorts(loop, ProcNet.open("/proc/self/net"), ProcNet.open_in_netns(netns_fd),
                      fams, tcp_in, udp_in, tcp_out, udp_out, ours_host, ours_ns)
+
+
+class _UdpHostBinder:
+    """-u in pasta: the handler's listener and, for any or a loopback address, the splice
+    listener on the host's loopback that takes loopback traffic past the tap."""
+
+    def __init__(self, udp: UdpBinder, usplice: UdpSplice) -> None:
+        self.udp = udp
+        self.usplice = usplice
+
+    def bind(self, place: Place, to_port: int) -> object:
+        six, addr, _, port = place
+        handle = self.udp.bind(place, to_port)
+        if addr is not None and not addr.is_loopback:
+            return handle, None
+        try:
+            return handle, self.usplice.add_listener(_family(six), port, to_port, to_ns=True)
+        except OSError:
+            self.udp.unbind(handle)
+            raise
+
+    def unbind(self, handle: object) -> None:
+        udp_handle, spliced = _pair(handle)
+        self.udp.unbind(udp_handle)
+        if spliced is not None:
+            self.usplice.remove_listener(spliced)
+
+    def retarget(self, handle: object, to_port: int) -> None:
+        udp_handle, spliced = _pair(handle)
+        self.udp.retarget(udp_handle, to_port)
+        if spliced is not None:
+            spliced.to_port = to_port
+
+    def existing(self) -> Iterable[tuple[Place, int, object]]:
+        spliced = {(lst.sock.family == socket.AF_INET6, lst.port): lst
+                   for lst in self.usplice.listeners.values() if lst.to_ns}
+        out: list[tuple[Place, int, object]] = []
+        for place, to_port, handle in self.udp.existing():
+            six, addr, _, port = place
+            mate = (spliced.pop((six, port), None)
+                    if addr is None or addr.is_loopback else None)
+            out.append((place, to_port, (handle, mate)))
+        return out
+
+
+def _pair(handle: object) -> tuple[object, SpliceListener | None]:
+    assert isinstance(handle, tuple)
+    return handle[0], handle[1]
+
+
+def _family(six: bool) -> int:
+    return socket.AF_INET6 if six else socket.AF_INET
+
+
+class _TcpNsBinder:
+    """-T: listeners on the namespace's loopback (the address and interface of a rule do not
+    matter: they are "lo" there)."""
+
+    def __init__(self, splice: TcpSplice, netns_fd: int) -> None:
+        self.splice = splice
+        self.netns_fd = netns_fd
+
+    def bind(self, place: Place, to_port: int) -> object:
+        return self.splice.add_ns_listener(self.netns_fd, _family(place[0]), place[3], to_port)
+
+    def unbind(self, handle: object) -> None:
+        assert isinstance(handle, socket.socket)
+        self.splice.remove_ns_listener(handle)
+
+    def retarget(self, handle: object, to_port: int) -> None:
+        assert isinstance(handle, socket.socket)
+        self.splice.listeners[handle.fileno()] = (handle, to_port)
+
+    def existing(self) -> Iterable[tuple[Place, int, object]]:
+        return [(_ns_place(sock), to_port, sock) for sock, to_port in
+                self.splice.listeners.values()]
+
+
+class _UdpNsBinder:
+    """-U: splice listeners on the namespace's loopback."""
+
+    def __init__(self, usplice: UdpSplice) -> None:
+        self.usplice = usplice
+
+    def bind(self, place: Place, to_port: int) -> object:
+        return self.usplice.add_listener(_family(place[0]), place[3], to_port, to_ns=False)
+
+    def unbind(self, handle: object) -> None:
+        assert isinstance(handle, SpliceListener)
+        self.usplice.remove_listener(handle)
+
+    def retarget(self, handle: object, to_port: int) -> None:
+        assert isinstance(handle, SpliceListener)
+        handle.to_port = to_port
+
+    def existing(self) -> Iterable[tuple[Place, int, object]]:
+        return [(_ns_place(lst.sock), lst.to_port, lst)
+                for lst in self.usplice.listeners.values() if not lst.to_ns]
+
+
+def _ns_place(sock: socket.socket) -> Place:
+    """A namespace loopback listener as the SPLICE table names it: any address, on "lo"."""
+    return sock.family == socket.AF_INET6, None, "lo", int(sock.getsockname()[1])
+
+
+def control_sides(config: Config, netns_fd: int, dispatcher: Dispatcher, splice: TcpSplice,
+                  usplice: UdpSplice) -> list[Side]:
+    """The HOST and SPLICE tables of pasta's control socket, over its listeners (to be made
+    before the port scanner starts: its listeners are its own)."""
+    host = ctl.host_side(config, dispatcher)
+    if not config.no_splice and dispatcher.udp is not None:
+        host.binders[socket.IPPROTO_UDP] = _UdpHostBinder(UdpBinder(dispatcher.udp), usplice)
+    table_caps = ctl.caps(config)
+    binders: dict[int, Binder] = {}
+    if not config.no_tcp:
+        binders[socket.IPPROTO_TCP] = _TcpNsBinder(splice, netns_fd)
+    if not config.no_udp:
+        binders[socket.IPPROTO_UDP] = _UdpNsBinder(usplice)
+    rules = ctl.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
+    return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules)]

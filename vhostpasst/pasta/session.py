@@ -29,13 +29,14 @@ import os
 import signal
 import socket
 
+from vhostpasst import ctl
 from vhostpasst.config.conf import Config, summary
 from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
 from vhostpasst.pasta.config_net import host_snapshot, known_guest, setup_ns_link
-from vhostpasst.pasta.forward import auto_ports, ns_target
+from vhostpasst.pasta.forward import auto_ports, control_sides, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -152,6 +153,7 @@ def run(config: Config) -> int:
         loop.stop()
 
     watch: NetnsWatch | None = None
+    control: ctl.ControlServer | None = None
     loopback_target = ns_target(config, dispatcher.guest)
     splice = TcpSplice(loop, target.netns_fd, loopback_target)
     usplice = UdpSplice(loop, target.netns_fd, loopback_target)
@@ -164,6 +166,9 @@ def run(config: Config) -> int:
             if dispatcher.tcp is not None:
                 dispatcher.tcp.claim = splice.claim
             usplice.listen(config.udp_in, fams, to_ns=True)
+        if config.conf_path:  # before the scanner, whose listeners are not the tables'
+            control = ctl.start(config, loop, dispatcher, control_sides(
+                config, target.netns_fd, dispatcher, splice, usplice))
         auto = auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
         # the watch is set up while its directory is still readable to us
         watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
@@ -186,6 +191,8 @@ def run(config: Config) -> int:
             log.error("cannot drop privileges: %s", e)
             ok = False
     if not ok:
+        if control is not None:
+            control.close()
         if watch is not None:
             watch.close()
         usplice.close()
@@ -247,6 +254,8 @@ def run(config: Config) -> int:
             os.close(pidfd)
         if auto is not None:
             auto.close()
+        if control is not None:
+            control.close()
         usplice.close()
         splice.close()
         dispatcher.close()

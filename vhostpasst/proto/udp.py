@@ -465,10 +465,11 @@ class UdpHandler:
             self.listeners.append(lst)
             self.ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
 
-    def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
-        """One more listening port on any address (pasta's automatic ports); OSError if
-        it cannot be bound."""
-        lst = Listener(self._listen_one(six, None, None, port), six, guest_port)
+    def add_listener(self, six: bool, port: int, guest_port: int, addr: IPAddr | None = None,
+                     ifname: str | None = None) -> Listener:
+        """One more listening port (pasta's automatic ports, the control socket), on any
+        address unless given; OSError if it cannot be bound."""
+        lst = Listener(self._listen_one(six, addr, ifname, port), six, guest_port)
         self.listeners.append(lst)
         self.ctx.loop.add_fd(lst.sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
         return lst

@@ -1,0 +1,167 @@
+"""The live forwarding tables and their listening sockets, replaced whole or not at all.
+
+Each side that starts connections (a "pif": HOST for -t/-u, pasta's SPLICE for -T/-U) has a
+table of rules (rules.py) and, per protocol, a `Binder` that opens and closes the listening
+sockets (the protocol handlers and pasta's splice paths supply them). A socket is identified
+by where it listens (family, address, interface, port); it remembers the port it forwards to.
+
+`replace()` is a transaction:
+1. every new table is checked (rules.check_table) before anything changes;
+2. sockets for the listening places the new tables add are opened, old ones still open (a
+   connection to a port that stays forwarded is never refused during the switch);
+3. if a socket of a rule that is not best-effort fails to bind, the sockets opened in step 2
+   are closed and the error is raised: the old tables and sockets stay as they were;
+4. only then are the places no longer wanted closed, and a changed target port retargeted.
+
+The sockets bound at start-up from the command line are adopted (`Binder.existing()`), so the
+first replacement keeps or closes them like any others. "auto" rules (SCAN: pasta's port
+scanner owns those listeners) may stay as they are but cannot be added or removed at run time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vhostpasst.ctl.protocol import Table
+from vhostpasst.ctl.rules import (
+    CAP_IPV4,
+    CAP_IPV6,
+    SCAN,
+    WEAK,
+    IPAddr,
+    Rule,
+    RuleError,
+    check_table,
+)
+
+log = logging.getLogger(__name__)
+
+# where a socket listens: (is IPv6, address or None for any, interface or None, port)
+Place = tuple[bool, IPAddr | None, str | None, int]
+
+
+class Binder(Protocol):
+    """Listening sockets of one protocol on one side."""
+
+    def bind(self, place: Place, to_port: int) -> object:
+        """Listen at `place`, forwarding to `to_port`: a handle (OSError if it fails)."""
+        ...
+
+    def unbind(self, handle: object) -> None: ...
+
+    def retarget(self, handle: object, to_port: int) -> None: ...
+
+    def existing(self) -> Iterable[tuple[Place, int, object]]:
+        """The sockets already listening: (place, target port, handle) each."""
+        ...
+
+
+@dataclass
+class Side:
+    pif: int
+    name: str
+    caps: int
+    binders: dict[int, Binder]  # by IP protocol number
+    rules: tuple[Rule, ...] = ()
+    # (protocol, place) -> [handle, target port]
+    sockets: dict[tuple[int, Place], tuple[object, int]] = field(default_factory=dict)
+
+    def table(self) -> Table:
+        return Table(self.pif, self.name, self.caps, self.rules)
+
+    def places(self, rules: Iterable[Rule]) -> dict[tuple[int, Place], tuple[int, bool]]:
+        """(protocol, place) -> (target port, best effort) for the rules that listen here."""
+        out: dict[tuple[int, Place], tuple[int, bool]] = {}
+        for rule in rules:
+            if rule.flags & SCAN:
+                continue
+            if rule.six is None:
+                sixes = [six for six, cap in ((False, CAP_IPV4), (True, CAP_IPV6))
+                         if self.caps & cap]
+            else:
+                sixes = [rule.six]
+            for port in range(rule.first, rule.last + 1):
+                for six in sixes:
+                    place = (six, rule.listen_addr, rule.ifname or None, port)
+                    out[(rule.proto, place)] = (rule.to + port - rule.first,
+                                                bool(rule.flags & WEAK))
+        return out
+
+    def adopt(self) -> None:
+        for proto, binder in self.binders.items():
+            for place, to_port, handle in binder.existing():
+                self.sockets[(proto, place)] = (handle, to_port)
+
+
+class Forwarder:
+    def __init__(self, sides: list[Side]) -> None:
+        self.sides = {side.pif: side for side in sides}
+        for side in sides:
+            side.adopt()
+
+    def tables(self) -> list[Table]:
+        return [side.table() for side in self.sides.values()]
+
+    def replace(self, new: dict[int, tuple[Rule, ...]]) -> str:
+        """Replace the tables given (others stay); a summary line. RuleError for a table that
+        does not pass the checks, OSError for a socket that could not be bound: nothing
+        changed then."""
+        checked: dict[int, tuple[Rule, ...]] = {}
+        for pif, rules in new.items():
+            side = self.sides[pif]
+            try:
+                checked[pif] = check_table(rules, side.caps)
+            except RuleError as e:
+                raise RuleError(f"{side.name}: {e}") from None
+            if [r for r in checked[pif] if r.flags & SCAN] != [
+                    r for r in side.rules if r.flags & SCAN]:
+                raise RuleError(f"{side.name}: 'auto' (auto-scan) rules cannot be added or "
+                                "removed at run time by vhostpasst")
+        opened: list[tuple[Side, tuple[int, Place], object, int]] = []
+        try:
+            for pif, rules in checked.items():
+                side = self.sides[pif]
+                for key, (to_port, weak) in side.places(rules).items():
+                    if key in side.sockets or key[0] not in side.binders:
+                        continue
+                    try:
+                        handle = side.binders[key[0]].bind(key[1], to_port)
+                    except OSError as e:
+                        if weak and e.errno not in (errno.EMFILE, errno.ENFILE):
+                            continue
+                        raise OSError(e.errno, f"{side.name}: cannot listen at "
+                                               f"{_where(key)}: {e.strerror}") from None
+                    opened.append((side, key, handle, to_port))
+        except BaseException:
+            for side, key, handle, _ in opened:
+                side.binders[key[0]].unbind(handle)
+            raise
+        for side, key, handle, to_port in opened:
+            side.sockets[key] = (handle, to_port)
+        closed = retargeted = 0
+        for pif, rules in checked.items():
+            side = self.sides[pif]
+            wanted = side.places(rules)
+            for key, (handle, to_port) in list(side.sockets.items()):
+                if key not in wanted:
+                    side.binders[key[0]].unbind(handle)
+                    del side.sockets[key]
+                    closed += 1
+                elif wanted[key][0] != to_port:
+                    side.binders[key[0]].retarget(handle, wanted[key][0])
+                    side.sockets[key] = (handle, wanted[key][0])
+                    retargeted += 1
+            side.rules = rules
+        return (f"{sum(len(r) for r in checked.values())} rules, {len(opened)} sockets opened, "
+                f"{closed} closed, {retargeted} retargeted")
+
+
+def _where(key: tuple[int, Place]) -> str:
+    proto, (six, addr, ifname, port) = key
+    name = {6: "TCP", 17: "UDP"}.get(proto, str(proto))
+    host = str(addr) if addr is not None else ("[::]" if six else "0.0.0.0")
+    return f"{name} {host}{'%' + ifname if ifname else ''} port {port}"
