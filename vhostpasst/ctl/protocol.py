@@ -47,8 +47,10 @@ _RESULT = struct.Struct("!8sII")
 _U32 = struct.Struct("!I")
 HELLO_SIZE = _HELLO.size
 RESULT_SIZE = _RESULT.size
-# the largest update a client can send for `tables` tables: each full, then the end byte
+
+
 def update_max(tables: int) -> int:
+    """The largest update a client can send for `tables` tables: each full, then the end."""
     return tables * (1 + _U32.size + MAX_RULES * RULE_SIZE) + 1
 
 
