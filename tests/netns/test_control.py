@@ -82,6 +82,11 @@ def test_list_add_delete_and_listeners_follow(sandbox: Sandbox) -> None:
     assert listed(path) == ["HOST", "TCP [*]:6100  =>  5100"]
     assert reachable(sandbox, 6100)
     assert not reachable(sandbox, 5101)
+    # narrowed to one address: the wildcard listener gives its port up for it
+    r = pesto("-t", f"{HOST4}/6100:5100", path)
+    assert r.returncode == 0, r.stderr
+    assert listed(path) == ["HOST", f"TCP [{HOST4}]:6100  =>  5100"]
+    assert reachable(sandbox, 6100)
     assert "New forwarding rules for HOST" in sandbox.daemon_log()
 
 

@@ -178,7 +178,10 @@ class RecordingBinder:
             self.bind(place, to_port)
 
     def bind(self, place: Place, to_port: int) -> object:
-        if place[3] in self.busy:
+        # as the kernel: a listening socket holds its port on its address, a wildcard on all
+        held = any(p[0] == place[0] and p[3] == place[3] and None in (p[1], place[1], )
+                   for p, _ in self.open.values())
+        if place[3] in self.busy or held:
             raise OSError(errno.EADDRINUSE, "Address already in use")
         self.next += 1
         self.open[self.next] = (place, to_port)
@@ -226,6 +229,20 @@ def test_forwarder_rolls_back_when_a_port_cannot_be_bound() -> None:
     # best effort: a busy port is skipped, the rest is applied
     fwd.replace({PIF_HOST: (tcp(81, 82, flags=DUAL_STACK_ANY | WEAK),)})
     assert binder.ports() == {(False, 81, 81), (True, 81, 81)}
+
+
+def test_forwarder_frees_a_port_its_dropped_wildcard_holds() -> None:
+    binder = RecordingBinder(busy={99})
+    fwd = _forwarder(binder)
+    fwd.replace({PIF_HOST: (tcp(80),)})
+    one = Rule(TCP, 80, 80, 80, inany(IPv4Address("192.0.2.2")))
+    before = dict(binder.open)
+    with pytest.raises(OSError, match="port 99"):  # the wildcard comes back
+        fwd.replace({PIF_HOST: (one, tcp(99))})
+    assert binder.ports() == {(False, 80, 80), (True, 80, 80)}
+    assert set(binder.open.values()) == set(before.values())
+    fwd.replace({PIF_HOST: (one,)})
+    assert [p for p, _ in binder.open.values()] == [(False, IPv4Address("192.0.2.2"), None, 80)]
 
 
 def test_forwarder_refuses_an_invalid_table_and_changing_auto_rules() -> None:

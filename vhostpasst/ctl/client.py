@@ -31,7 +31,7 @@ from vhostpasst.ctl.rules import (
     rules_from_forwards,
 )
 
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # per step; a daemon serving another client first may take its 10 s
 
 HELP_EPILOG = """\
 SPEC is as for vhostpasst -t: none, [ADDR][%IFNAME]/PORTS or PORTS, where PORTS is 'all'

@@ -8,9 +8,12 @@ by where it listens (family, address, interface, port); it remembers the port it
 `replace()` is a transaction:
 1. every new table is checked (rules.check_table) before anything changes;
 2. sockets for the listening places the new tables add are opened, old ones still open (a
-   connection to a port that stays forwarded is never refused during the switch);
+   connection to a port that stays forwarded is never refused during the switch), except
+   where one of our sockets that the new tables drop holds the port (a wildcard rule
+   narrowed to one address): that one is closed first;
 3. if a socket of a rule that is not best-effort fails to bind, the sockets opened in step 2
-   are closed and the error is raised: the old tables and sockets stay as they were;
+   are closed (those freed early are opened again) and the error is raised: the old tables
+   and sockets stay as they were;
 4. only then are the places no longer wanted closed, and a changed target port retargeted.
 
 The sockets bound at start-up from the command line are adopted (`Binder.existing()`), so the
@@ -30,6 +33,7 @@ from vhostpasst.ctl.protocol import Table
 from vhostpasst.ctl.rules import (
     CAP_IPV4,
     CAP_IPV6,
+    PROTO_NAMES,
     SCAN,
     WEAK,
     IPAddr,
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # where a socket listens: (is IPv6, address or None for any, interface or None, port)
 Place = tuple[bool, IPAddr | None, str | None, int]
+Key = tuple[int, Place]  # (IP protocol, place)
 
 
 class Binder(Protocol):
@@ -67,15 +72,15 @@ class Side:
     caps: int
     binders: dict[int, Binder]  # by IP protocol number
     rules: tuple[Rule, ...] = ()
-    # (protocol, place) -> [handle, target port]
-    sockets: dict[tuple[int, Place], tuple[object, int]] = field(default_factory=dict)
+    # (protocol, place) -> (handle, target port)
+    sockets: dict[Key, tuple[object, int]] = field(default_factory=dict)
 
     def table(self) -> Table:
         return Table(self.pif, self.name, self.caps, self.rules)
 
-    def places(self, rules: Iterable[Rule]) -> dict[tuple[int, Place], tuple[int, bool]]:
+    def places(self, rules: Iterable[Rule]) -> dict[Key, tuple[int, bool]]:
         """(protocol, place) -> (target port, best effort) for the rules that listen here."""
-        out: dict[tuple[int, Place], tuple[int, bool]] = {}
+        out: dict[Key, tuple[int, bool]] = {}
         for rule in rules:
             if rule.flags & SCAN:
                 continue
@@ -97,6 +102,10 @@ class Side:
                 self.sockets[(proto, place)] = (handle, to_port)
 
 
+# a socket opened, or closed early, by a replacement in progress
+Change = tuple[Side, Key, object, int]
+
+
 class Forwarder:
     def __init__(self, sides: list[Side]) -> None:
         self.sides = {side.pif: side for side in sides}
@@ -110,58 +119,89 @@ class Forwarder:
         """Replace the tables given (others stay); a summary line. RuleError for a table that
         does not pass the checks, OSError for a socket that could not be bound: nothing
         changed then."""
-        checked: dict[int, tuple[Rule, ...]] = {}
-        for pif, rules in new.items():
-            side = self.sides[pif]
-            try:
-                checked[pif] = check_table(rules, side.caps)
-            except RuleError as e:
-                raise RuleError(f"{side.name}: {e}") from None
-            if [r for r in checked[pif] if r.flags & SCAN] != [
-                    r for r in side.rules if r.flags & SCAN]:
-                raise RuleError(f"{side.name}: 'auto' (auto-scan) rules cannot be added or "
-                                "removed at run time by vhostpasst")
-        opened: list[tuple[Side, tuple[int, Place], object, int]] = []
+        checked = {pif: self._check(self.sides[pif], rules) for pif, rules in new.items()}
+        wanted = {pif: self.sides[pif].places(rules) for pif, rules in checked.items()}
+        opened: list[Change] = []
+        evicted: list[Change] = []
         try:
-            for pif, rules in checked.items():
+            for pif, places in wanted.items():
                 side = self.sides[pif]
-                for key, (to_port, weak) in side.places(rules).items():
-                    if key in side.sockets or key[0] not in side.binders:
-                        continue
-                    try:
-                        handle = side.binders[key[0]].bind(key[1], to_port)
-                    except OSError as e:
-                        if weak and e.errno not in (errno.EMFILE, errno.ENFILE):
-                            continue
-                        raise OSError(e.errno, f"{side.name}: cannot listen at "
-                                               f"{_where(key)}: {e.strerror}") from None
-                    opened.append((side, key, handle, to_port))
+                for key, (to_port, weak) in places.items():
+                    if key not in side.sockets and key[0] in side.binders:
+                        self._open(side, key, to_port, weak, places, opened, evicted)
         except BaseException:
-            for side, key, handle, _ in opened:
-                side.binders[key[0]].unbind(handle)
+            self._roll_back(opened, evicted)
             raise
         for side, key, handle, to_port in opened:
             side.sockets[key] = (handle, to_port)
-        closed = retargeted = 0
-        for pif, rules in checked.items():
+        closed, retargeted = len(evicted), 0
+        for pif, places in wanted.items():
             side = self.sides[pif]
-            wanted = side.places(rules)
             for key, (handle, to_port) in list(side.sockets.items()):
-                if key not in wanted:
+                if key not in places:
                     side.binders[key[0]].unbind(handle)
                     del side.sockets[key]
                     closed += 1
-                elif wanted[key][0] != to_port:
-                    side.binders[key[0]].retarget(handle, wanted[key][0])
-                    side.sockets[key] = (handle, wanted[key][0])
+                elif places[key][0] != to_port:
+                    side.binders[key[0]].retarget(handle, places[key][0])
+                    side.sockets[key] = (handle, places[key][0])
                     retargeted += 1
-            side.rules = rules
+            side.rules = checked[pif]
         return (f"{sum(len(r) for r in checked.values())} rules, {len(opened)} sockets opened, "
                 f"{closed} closed, {retargeted} retargeted")
 
+    @staticmethod
+    def _check(side: Side, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        try:
+            out = check_table(rules, side.caps)
+        except RuleError as e:
+            raise RuleError(f"{side.name}: {e}") from None
+        if [r for r in out if r.flags & SCAN] != [r for r in side.rules if r.flags & SCAN]:
+            raise RuleError(f"{side.name}: 'auto' (auto-scan) rules cannot be added or removed "
+                            "at run time by vhostpasst")
+        return out
 
-def _where(key: tuple[int, Place]) -> str:
+    @staticmethod
+    def _open(side: Side, key: Key, to_port: int, weak: bool,
+              places: dict[Key, tuple[int, bool]], opened: list[Change],
+              evicted: list[Change]) -> None:
+        """Listen at `key`. A port held by a socket of ours that the new table drops (the same
+        port on a wildcard instead of one address, say) is made free first: those sockets
+        close early, and come back if the replacement is rolled back."""
+        binder = side.binders[key[0]]
+        for attempt in range(2):
+            try:
+                handle = binder.bind(key[1], to_port)
+            except OSError as e:
+                holders = [k for k in side.sockets if k not in places and k[0] == key[0]
+                           and k[1][0] == key[1][0] and k[1][3] == key[1][3]]
+                if e.errno == errno.EADDRINUSE and holders and not attempt:
+                    for k in holders:
+                        handle, old_to = side.sockets.pop(k)
+                        binder.unbind(handle)
+                        evicted.append((side, k, handle, old_to))
+                    continue
+                if weak and e.errno not in (errno.EMFILE, errno.ENFILE):
+                    return
+                raise OSError(e.errno, f"{side.name}: cannot listen at {_where(key)}: "
+                                       f"{e.strerror}") from None
+            opened.append((side, key, handle, to_port))
+            return
+
+    @staticmethod
+    def _roll_back(opened: list[Change], evicted: list[Change]) -> None:
+        for side, key, handle, _ in opened:
+            side.binders[key[0]].unbind(handle)
+        for side, key, _, to_port in evicted:
+            try:
+                side.sockets[key] = (side.binders[key[0]].bind(key[1], to_port), to_port)
+            except OSError as e:
+                log.error("control: could not restore %s after a failed update: %s",
+                          _where(key), e.strerror)
+
+
+def _where(key: Key) -> str:
     proto, (six, addr, ifname, port) = key
-    name = {6: "TCP", 17: "UDP"}.get(proto, str(proto))
+    name = PROTO_NAMES.get(proto, str(proto))
     host = str(addr) if addr is not None else ("[::]" if six else "0.0.0.0")
     return f"{name} {host}{'%' + ifname if ifname else ''} port {port}"

@@ -34,7 +34,7 @@ import stat
 from collections.abc import Callable
 
 from vhostpasst.core.log import RateLimitedLog
-from vhostpasst.core.loop import EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop, Timer
+from vhostpasst.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Loop, Timer
 from vhostpasst.ctl import protocol
 from vhostpasst.ctl.forwarder import Forwarder
 from vhostpasst.ctl.rules import RuleError
@@ -150,8 +150,9 @@ class _Client:
     def _on_event(self, mask: int) -> None:
         if mask & EPOLLOUT:
             self._write()
-        if not self.closed and not self.replied and mask & (EPOLLIN | EPOLLRDHUP):
-            self._read()
+        if not self.closed and not self.replied and mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP
+                                                            | EPOLLERR):
+            self._read()  # an error or hang-up shows there as one, or as the end of stream
         if not self.closed:
             if self.replied and not self.out:
                 self.close()
