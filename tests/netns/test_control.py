@@ -300,3 +300,74 @@ def test_update_message_is_bounded() -> None:
     assert len(full) <= protocol.update_max(1)
     assert protocol.update_max(1) == 1 + 4 + 255 * 56 + 1
     assert struct.calcsize("!16s16s16sHHHBB") == 56
+
+
+NS_PROBE = """
+import socket, sys
+print('ready', flush=True)
+for line in sys.stdin:
+    out = []
+    for port in (5180, 5181):
+        try:
+            c = socket.create_connection(('127.0.0.1', port), timeout=3)
+            out.append(c.recv(100).decode() or 'closed')
+        except OSError as e:
+            out.append(f'error {e.errno}')
+    print(' | '.join(out), flush=True)
+"""
+
+HOST_SERVE = """
+import socket, sys, time
+ss = []
+for port in (5180, 5181):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(('127.0.0.1', port)); s.listen(8); s.settimeout(0.1); ss.append(s)
+print('ready', flush=True)
+end = time.monotonic() + 90
+while time.monotonic() < end:
+    for s in ss:
+        try:
+            c, _ = s.accept()
+        except OSError:
+            continue
+        c.sendall(b'host %d' % s.getsockname()[1]); c.close()
+"""
+
+
+def test_pasta_auto_direction_stops_and_resumes(sandbox: Sandbox) -> None:
+    """pasta's default -T auto: replacing the SPLICE table stops that scanner direction (its
+    ports no longer forwarded), `-T auto` brings it back."""
+    path = ctl_path(sandbox)
+    host = sandbox.popen_in(sandbox.host_ns, sys.executable, "-c", HOST_SERVE,
+                            stdout=subprocess.PIPE)
+    assert host.stdout is not None and host.stdout.readline() == b"ready\n"
+    log_file = sandbox.dir / "pasta.log"
+    ns = sandbox.popen_in(sandbox.host_ns, *pasta_command(), "--runas", "0", "--config-net",
+                          "-c", path, "-t", "none", "-u", "none", "-d", "-l", str(log_file), "--",
+                          sys.executable, "-c", NS_PROBE, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert ns.stdin is not None and ns.stdout is not None
+
+    def probe() -> str:
+        ns.stdin.write(b"probe\n")  # type: ignore[union-attr]
+        ns.stdin.flush()  # type: ignore[union-attr]
+        return ns.stdout.readline().decode().strip()  # type: ignore[union-attr]
+
+    try:
+        assert ns.stdout.readline() == b"ready\n"
+        wait_until(lambda: probe() == "host 5180 | host 5181", 15, "-T auto to follow")
+        r = pesto("-T", "5181", path)
+        assert r.returncode == 0, r.stderr
+        assert listed(path)[-2:] == ["SPLICE", "TCP [*]%lo:5181  =>  5181"]
+        assert probe() == "error 111 | host 5181"  # the scanner's 5180 is gone
+        r = pesto("-T", "auto", "-U", "auto", path)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: probe() == "host 5180 | host 5181", 15, "-T auto to resume")
+        log = log_file.read_text()
+        assert "-T auto: stopped by the control socket" in log, log
+        assert "-T auto: resumed by the control socket" in log, log
+    finally:
+        ns.kill()
+        ns.wait(5)
+        host.kill()
+        host.wait(5)

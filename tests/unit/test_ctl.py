@@ -251,10 +251,48 @@ def test_forwarder_refuses_an_invalid_table_and_changing_auto_rules() -> None:
     fwd = Forwarder([Side(PIF_HOST, "HOST", PASTA_CAPS, {TCP: binder}, (auto,))])
     with pytest.raises(RuleError, match="HOST: .*conflict"):
         fwd.replace({PIF_HOST: (auto, tcp(80))})
-    with pytest.raises(RuleError, match="auto"):
+    with pytest.raises(RuleError, match="auto"):  # no scanner to stop
         fwd.replace({PIF_HOST: ()})
     fwd.replace({PIF_HOST: (auto, tcp(50000))})  # auto stays, its listeners are the scanner's
     assert binder.ports() == {(False, 50000, 50000), (True, 50000, 50000)}
+
+
+class RecordingScan:
+    """A scanner direction: its listeners live in `binder` while it runs."""
+
+    def __init__(self, rules: tuple[Rule, ...], binder: RecordingBinder, port: int) -> None:
+        self.rules = rules
+        self.binder, self.port = binder, port
+        self.handle: object | None = None
+        self.resume()
+
+    def stop(self) -> None:
+        assert self.handle is not None
+        self.binder.unbind(self.handle)
+        self.handle = None
+
+    def resume(self) -> None:
+        self.handle = self.binder.bind((False, None, None, self.port), self.port)
+
+
+def test_forwarder_stops_and_resumes_auto_directions() -> None:
+    binder = RecordingBinder(busy={99})
+    auto = tcp(1, 49151, flags=DUAL_STACK_ANY | WEAK | SCAN)
+    side = Side(PIF_HOST, "HOST", PASTA_CAPS, {TCP: binder}, (auto,))
+    scan = RecordingScan((auto,), binder, 8080)  # the scanner forwards 8080 now
+    side.scans[TCP] = scan
+    fwd = Forwarder([side])
+    side.sockets.clear()  # the scanner's listener is not the table's
+    # an explicit rule for the port the scanner holds: it stops first, and comes back on failure
+    with pytest.raises(OSError, match="port 99"):
+        fwd.replace({PIF_HOST: (tcp(8080), tcp(99))})
+    assert scan.handle is not None and fwd.tables()[0].rules == (auto,)
+    fwd.replace({PIF_HOST: (tcp(8080),)})
+    assert scan.handle is None and binder.ports() == {(False, 8080, 8080), (True, 8080, 8080)}
+    with pytest.raises(RuleError, match="restored to those given at start"):
+        fwd.replace({PIF_HOST: (tcp(1, 100, flags=DUAL_STACK_ANY | WEAK | SCAN),)})
+    fwd.replace({PIF_HOST: (auto,)})  # `-t auto` again
+    assert scan.handle is not None and fwd.tables()[0].rules == (auto,)
 
 
 # --- client --------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ by where it listens (family, address, interface, port); it remembers the port it
 4. only then are the places no longer wanted closed, and a changed target port retargeted.
 
 The sockets bound at start-up from the command line are adopted (`Binder.existing()`), so the
-first replacement keeps or closes them like any others. "auto" rules (SCAN: pasta's port
-scanner owns those listeners) may stay as they are but cannot be added or removed at run time.
+first replacement keeps or closes them like any others. "auto" rules (SCAN) are pasta's port
+scanner's: its listeners are its own. A table may keep a protocol's auto rules, drop them all
+(that direction of the scanner stops before the new sockets are bound, and resumes if the
+update rolls back) or bring back the ones it started with; other changes to them are refused.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ Place = tuple[bool, IPAddr | None, str | None, int]
 Key = tuple[int, Place]  # (IP protocol, place)
 
 
+class Scan(Protocol):
+    """One direction of pasta's port scanner: its rules at start, and a switch."""
+
+    rules: tuple[Rule, ...]
+
+    def stop(self) -> None:
+        """Close its listeners and scan no more."""
+        ...
+
+    def resume(self) -> None:
+        """Scan again (listeners follow at the next scan)."""
+        ...
+
+
 class Binder(Protocol):
     """Listening sockets of one protocol on one side."""
 
@@ -72,6 +88,7 @@ class Side:
     caps: int
     binders: dict[int, Binder]  # by IP protocol number
     rules: tuple[Rule, ...] = ()
+    scans: dict[int, Scan] = field(default_factory=dict)  # by IP protocol number
     # (protocol, place) -> (handle, target port)
     sockets: dict[Key, tuple[object, int]] = field(default_factory=dict)
 
@@ -121,8 +138,15 @@ class Forwarder:
         changed then."""
         checked = {pif: self._check(self.sides[pif], rules) for pif, rules in new.items()}
         wanted = {pif: self.sides[pif].places(rules) for pif, rules in checked.items()}
+        stopped: list[Scan] = []
+        resumed: list[Scan] = []
+        for pif, rules in checked.items():
+            for scan, on in _scan_changes(self.sides[pif], rules):
+                (resumed if on else stopped).append(scan)
         opened: list[Change] = []
         evicted: list[Change] = []
+        for scan in stopped:  # their listeners may hold ports the new rules want
+            scan.stop()
         try:
             for pif, places in wanted.items():
                 side = self.sides[pif]
@@ -131,6 +155,8 @@ class Forwarder:
                         self._open(side, key, to_port, weak, places, opened, evicted)
         except BaseException:
             self._roll_back(opened, evicted)
+            for scan in stopped:
+                scan.resume()
             raise
         for side, key, handle, to_port in opened:
             side.sockets[key] = (handle, to_port)
@@ -147,8 +173,12 @@ class Forwarder:
                     side.sockets[key] = (handle, places[key][0])
                     retargeted += 1
             side.rules = checked[pif]
+        for scan in resumed:
+            scan.resume()
+        scans = (f", {len(stopped)} auto directions stopped" if stopped else "") + (
+            f", {len(resumed)} resumed" if resumed else "")
         return (f"{sum(len(r) for r in checked.values())} rules, {len(opened)} sockets opened, "
-                f"{closed} closed, {retargeted} retargeted")
+                f"{closed} closed, {retargeted} retargeted{scans}")
 
     @staticmethod
     def _check(side: Side, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
@@ -156,9 +186,7 @@ class Forwarder:
             out = check_table(rules, side.caps)
         except RuleError as e:
             raise RuleError(f"{side.name}: {e}") from None
-        if [r for r in out if r.flags & SCAN] != [r for r in side.rules if r.flags & SCAN]:
-            raise RuleError(f"{side.name}: 'auto' (auto-scan) rules cannot be added or removed "
-                            "at run time by vhostpasst")
+        _scan_changes(side, out)  # RuleError for a change we cannot make
         return out
 
     @staticmethod
@@ -198,6 +226,29 @@ class Forwarder:
             except OSError as e:
                 log.error("control: could not restore %s after a failed update: %s",
                           _where(key), e.strerror)
+
+
+def _scan_rules(rules: Iterable[Rule], proto: int) -> list[Rule]:
+    return [r for r in rules if r.flags & SCAN and r.proto == proto]
+
+
+def _scan_changes(side: Side, rules: tuple[Rule, ...]) -> list[tuple[Scan, bool]]:
+    """The scanner directions `rules` stop (False) or resume (True); RuleError for auto rules
+    that are neither the current ones, none, nor those the side started with."""
+    out: list[tuple[Scan, bool]] = []
+    for proto in sorted({r.proto for r in (*side.rules, *rules) if r.flags & SCAN}):
+        old, new = _scan_rules(side.rules, proto), _scan_rules(rules, proto)
+        scan = side.scans.get(proto)
+        if new == old:
+            continue
+        if scan is not None and not new:
+            out.append((scan, False))
+        elif scan is not None and not old and new == list(scan.rules):
+            out.append((scan, True))
+        else:
+            raise RuleError(f"{side.name}: 'auto' rules can only be kept, removed or restored "
+                            "to those given at start")
+    return out
 
 
 def _where(key: Key) -> str:

@@ -4,6 +4,7 @@ listeners of both tables as the control socket changes them (ctl/forwarder.py)."
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address
@@ -16,11 +17,14 @@ from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.ctl.binders import UdpBinder
 from vhostpasst.ctl.forwarder import Binder, Place, Side
-from vhostpasst.ctl.protocol import PIF_NAMES, PIF_SPLICE
+from vhostpasst.ctl.protocol import PIF_HOST, PIF_NAMES, PIF_SPLICE
+from vhostpasst.ctl.rules import SCAN, Rule
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import SpliceListener, UdpSplice
+
+log = logging.getLogger("vhostpasst")
 
 
 def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int, str], str]:
@@ -225,3 +229,40 @@ def control_sides(config: Config, netns_fd: int, dispatcher: Dispatcher, splice:
         binders[socket.IPPROTO_UDP] = _UdpNsBinder(usplice)
     rules = ctl.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
     return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules)]
+
+
+class _ScanSwitch:
+    """One direction of the port scanner, as the control socket stops and resumes it."""
+
+    def __init__(self, auto: AutoPorts, attr: str, rules: tuple[Rule, ...]) -> None:
+        self.auto = auto
+        self.attr = attr  # the AutoPorts attribute holding the direction
+        self.direction: Direction = getattr(auto, attr)
+        self.rules = rules
+
+    def stop(self) -> None:
+        if getattr(self.auto, self.attr) is not None:
+            self.direction.close()
+            setattr(self.auto, self.attr, None)
+            log.info("%s: stopped by the control socket", self.direction.name)
+
+    def resume(self) -> None:
+        if getattr(self.auto, self.attr) is None:
+            setattr(self.auto, self.attr, self.direction)
+            log.info("%s: resumed by the control socket", self.direction.name)
+
+
+def attach_scans(sides: Iterable[Side], auto: AutoPorts | None) -> None:
+    """Let the control socket stop and resume the scanner's directions (the tables' auto
+    rules)."""
+    if auto is None:
+        return
+    attrs = {(PIF_HOST, socket.IPPROTO_TCP): "tcp_in", (PIF_HOST, socket.IPPROTO_UDP): "udp_in",
+             (PIF_SPLICE, socket.IPPROTO_TCP): "tcp_out",
+             (PIF_SPLICE, socket.IPPROTO_UDP): "udp_out"}
+    for side in sides:
+        for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            attr = attrs[(side.pif, proto)]
+            rules = tuple(r for r in side.rules if r.flags & SCAN and r.proto == proto)
+            if getattr(auto, attr) is not None and rules:
+                side.scans[proto] = _ScanSwitch(auto, attr, rules)

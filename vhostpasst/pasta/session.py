@@ -36,7 +36,7 @@ from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
 from vhostpasst.pasta.config_net import host_snapshot, known_guest, setup_ns_link
-from vhostpasst.pasta.forward import auto_ports, control_sides, ns_target
+from vhostpasst.pasta.forward import attach_scans, auto_ports, control_sides, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -167,9 +167,11 @@ def run(config: Config) -> int:
                 dispatcher.tcp.claim = splice.claim
             usplice.listen(config.udp_in, fams, to_ns=True)
         if config.conf_path:  # before the scanner, whose listeners are not the tables'
-            control = ctl.start(config, loop, dispatcher, control_sides(
-                config, target.netns_fd, dispatcher, splice, usplice))
+            sides = control_sides(config, target.netns_fd, dispatcher, splice, usplice)
+            control = ctl.start(config, loop, dispatcher, sides)
         auto = auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
+        if control is not None:
+            attach_scans(sides, auto)
         # the watch is set up while its directory is still readable to us
         watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
     except OSError as e:
