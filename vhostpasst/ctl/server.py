@@ -56,7 +56,7 @@ class ControlServer:
         self.forwarder = forwarder
         self.flows = flows
         self.timeout = timeout
-        self._log = RateLimitedLog(log)
+        self.ratelimited = RateLimitedLog(log)  # what clients can cause, once per interval
         self.client: _Client | None = None
         self.sock = _listening_socket(path)
         loop.add_fd(self.sock.fileno(), EPOLLIN, self._on_listen)
@@ -79,11 +79,12 @@ class ControlServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._log.warning(("accept", e.errno), "control socket: accept: %s", e.strerror)
+            self.ratelimited.warning(("accept", e.errno), "control socket: accept: %s", e.strerror)
             return
         sock.setblocking(False)
         pid = _peer_pid(sock)
-        log.info("control client connected (pid %s)", pid if pid is not None else "unknown")
+        self.ratelimited.log(logging.INFO, "connected", "control client connected (pid %s)",
+                             pid if pid is not None else "unknown")
         self.loop.modify_fd(self.sock.fileno(), 0)  # the next client waits in the backlog
         self.client = _Client(self, sock)
 
@@ -121,7 +122,8 @@ class ControlServer:
         return protocol.result(0, summary)
 
     def _refused(self, code: int, message: str) -> bytes:
-        log.warning("control: update refused, nothing changed: %s", message)
+        self.ratelimited.warning("refused", "control: update refused, nothing changed: %s",
+                                 message)
         return protocol.result(code, message)
 
 
@@ -196,7 +198,7 @@ class _Client:
                 return
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET):
-                    self.server._log.warning(("send", e.errno), "control socket: send: %s",
+                    self.server.ratelimited.warning(("send", e.errno), "control socket: send: %s",
                                              e.strerror)
                 self.out.clear()
                 if not self.replied:
@@ -205,7 +207,7 @@ class _Client:
             del self.out[:sent]
 
     def _end(self, why: str, reply: bytes = b"") -> None:
-        self.server._log.warning(("client", why), "control client dropped: %s", why)
+        self.server.ratelimited.warning(("client", why), "control client dropped: %s", why)
         if reply:
             self.out = bytearray(reply)
             self.replied = True
