@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from vhostpasst import __version__, ctl
+from vhostpasst import __version__
 from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
 from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
@@ -20,6 +20,8 @@ from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
 from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.core.process import Process
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
 from vhostpasst.link.stream import StreamListener
@@ -118,10 +120,11 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
-    control: ctl.ControlServer | None = None
+    control: ControlServer | None = None
     if config.conf_path:
         try:
-            control = ctl.start(config, loop, dispatcher, [ctl.host_side(config, dispatcher)])
+            control = wiring.start(config, loop, dispatcher,
+                                   [wiring.host_side(config, dispatcher)])
         except OSError as e:
             log.error("cannot open the control socket %s: %s", config.conf_path, e.strerror or e)
             dispatcher.close()

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from typing import Any
 
-from vhostpasst import ctl
 from vhostpasst.config.conf import Config
 from vhostpasst.config.fwd import PortForwards
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.ctl import wiring
 from vhostpasst.ctl.binders import UdpBinder
 from vhostpasst.ctl.forwarder import Binder, Place, Side
 from vhostpasst.ctl.protocol import PIF_HOST, PIF_NAMES, PIF_SPLICE
@@ -218,16 +218,16 @@ def control_sides(config: Config, netns_fd: int, dispatcher: Dispatcher, splice:
                   usplice: UdpSplice) -> list[Side]:
     """The HOST and SPLICE tables of pasta's control socket, over its listeners (to be made
     before the port scanner starts: its listeners are its own)."""
-    host = ctl.host_side(config, dispatcher)
+    host = wiring.host_side(config, dispatcher)
     if not config.no_splice and dispatcher.udp is not None:
         host.binders[socket.IPPROTO_UDP] = _UdpHostBinder(UdpBinder(dispatcher.udp), usplice)
-    table_caps = ctl.caps(config)
+    table_caps = wiring.caps(config)
     binders: dict[int, Binder] = {}
     if not config.no_tcp:
         binders[socket.IPPROTO_TCP] = _TcpNsBinder(splice, netns_fd)
     if not config.no_udp:
         binders[socket.IPPROTO_UDP] = _UdpNsBinder(usplice)
-    rules = ctl.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
+    rules = wiring.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
     return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules)]
 
 

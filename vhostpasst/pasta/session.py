@@ -29,12 +29,13 @@ import os
 import signal
 import socket
 
-from vhostpasst import ctl
 from vhostpasst.config.conf import Config, summary
 from vhostpasst.core import flow
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
 from vhostpasst.pasta.config_net import host_snapshot, known_guest, setup_ns_link
 from vhostpasst.pasta.forward import attach_scans, auto_ports, control_sides, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
@@ -153,7 +154,7 @@ def run(config: Config) -> int:
         loop.stop()
 
     watch: NetnsWatch | None = None
-    control: ctl.ControlServer | None = None
+    control: ControlServer | None = None
     loopback_target = ns_target(config, dispatcher.guest)
     splice = TcpSplice(loop, target.netns_fd, loopback_target)
     usplice = UdpSplice(loop, target.netns_fd, loopback_target)
@@ -168,7 +169,7 @@ def run(config: Config) -> int:
             usplice.listen(config.udp_in, fams, to_ns=True)
         if config.conf_path:  # before the scanner, whose listeners are not the tables'
             sides = control_sides(config, target.netns_fd, dispatcher, splice, usplice)
-            control = ctl.start(config, loop, dispatcher, sides)
+            control = wiring.start(config, loop, dispatcher, sides)
         auto = auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
         if control is not None:
             attach_scans(sides, auto)
