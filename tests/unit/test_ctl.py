@@ -123,6 +123,21 @@ def test_check_table_allows_the_same_ports_on_different_addresses() -> None:
     a = Rule(TCP, 80, 80, 80, inany(IPv4Address("192.0.2.2")))
     b = Rule(TCP, 80, 80, 80, IPv6Address("2001:db8::2"))
     assert check_table([a, b, Rule(UDP, 80, 80, 80, flags=DUAL_STACK_ANY)], CAPS)
+    # an unspecified address covers its own family only (passt: inany_matches)
+    any4 = Rule(TCP, 80, 80, 80, inany(IPv4Address("0.0.0.0")))
+    assert check_table([any4, b], CAPS)
+    with pytest.raises(RuleError, match="conflict"):
+        check_table([any4, a], CAPS)
+
+
+def test_an_ipv4_only_table_keeps_the_sockets_it_started_with() -> None:
+    """-t 80 with IPv4 only: the rule says 0.0.0.0, the socket is "any address"; the same
+    table sent back changes nothing."""
+    caps4 = CAP_IPV4 | CAP_TCP
+    rules = tuple(rules_from_forwards(parse_spec("80"), TCP, caps4, EPHEMERAL))
+    binder = RecordingBinder(existing=[((False, None, None, 80), 80)])
+    fwd = Forwarder([Side(PIF_HOST, "HOST", caps4, {TCP: binder}, rules)])
+    assert fwd.replace({PIF_HOST: rules}) == "1 rules, 0 sockets opened, 0 closed, 0 retargeted"
 
 
 # --- protocol ------------------------------------------------------------------------------

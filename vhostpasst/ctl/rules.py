@@ -82,10 +82,11 @@ class Rule:
 
     @property
     def listen_addr(self) -> IPAddr | None:
-        """The address to listen on: None for any (of each enabled family)."""
+        """The address to listen on: None for any (of its family, or of both: `six`)."""
         if self.flags & DUAL_STACK_ANY:
             return None
-        return v4_of(self.addr) or self.addr
+        addr = v4_of(self.addr) or self.addr
+        return None if addr.is_unspecified else addr
 
     @property
     def six(self) -> bool | None:
@@ -165,8 +166,11 @@ def check_rule(rule: Rule, caps: int) -> None:
 
 
 def conflicts(a: Rule, b: Rule) -> bool:
-    """Same protocol, overlapping addresses and overlapping port ranges."""
+    """Same protocol, overlapping addresses (an unspecified one covers its family) and
+    overlapping port ranges."""
     if a.proto != b.proto:
+        return False
+    if a.six is not None and b.six is not None and a.six != b.six:
         return False
     la, lb = a.listen_addr, b.listen_addr
     if la is not None and lb is not None and la != lb:
