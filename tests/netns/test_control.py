@@ -174,6 +174,8 @@ def test_silent_client_does_not_delay_traffic(sandbox: Sandbox) -> None:
         inbound = client(sandbox, sandbox.world_ns, HOST4, 5130, "both", 4 << 20, timeout=30)
         outbound = client(sandbox, sandbox.guest_ns, GW4, 5131, "both", 4 << 20, timeout=30)
         assert inbound["echo_sha"] == inbound["sha"] and outbound["echo_sha"] == outbound["sha"]
+        ping = sandbox.guest("busybox", "ping", "-c", "3", "-W", "3", GW4, timeout=30)
+        assert ping.returncode == 0 and "3 packets received" in ping.stdout, ping
         assert time.monotonic() - t0 < 25  # generous: well before the client's timeout ends
         # the silent client is dropped after its timeout; then the next one is served
         silent.settimeout(30)
