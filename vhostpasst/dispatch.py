@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.config.conf import Config
@@ -19,11 +19,13 @@ from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EventLoop
 from vhostpasst.core.loop import TimerHandle as Timer
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.core.stats import Counter
 from vhostpasst.link.base import Link
 from vhostpasst.proto.context import Context
-from vhostpasst.proto.icmp import IcmpHandler
+from vhostpasst.proto.icmp import IcmpHandler, PingFlow
 from vhostpasst.proto.tcp import TcpHandler
-from vhostpasst.proto.udp import UdpHandler
+from vhostpasst.proto.tcp.conn import TcpConn
+from vhostpasst.proto.udp import UdpFlow, UdpHandler
 from vhostpasst.services import arp, dhcp, dhcpv6
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
@@ -83,6 +85,23 @@ class Dispatcher:
         self._drops = RateLimitedLog(log)
         self.dropped = 0
         self.frames_in = 0  # frames the guest sent (the control socket's flow query)
+
+    def stat_counters(self) -> list[Counter]:
+        """--stats columns: frames from and to the guest, frames dropped here, and flows
+        open now per protocol (core/stats.py)."""
+        def frames(attr: str) -> Callable[[], int]:
+            def read() -> int:
+                link = self._link.buffers_link if self._link is not None else None
+                return int(getattr(link, attr, 0))
+            return read
+
+        def flows(kind: type) -> Callable[[], int]:
+            table = self.ctx.flows if self.ctx is not None else ()
+            return lambda: sum(isinstance(f, kind) for f in table)
+
+        return [("guest_rx", frames("rx_frames")), ("guest_tx", frames("tx_frames")),
+                ("dropped", lambda: self.dropped), ("tcp", flows(TcpConn)),
+                ("udp", flows(UdpFlow)), ("icmp", flows(PingFlow))]
 
     @property
     def link(self) -> Link | None:

@@ -23,7 +23,7 @@ from vhostpasst.config.fwd import parse_spec
 from vhostpasst.core.loop import Loop
 from vhostpasst.ctl import protocol
 from vhostpasst.ctl.client import ClientError, apply_options
-from vhostpasst.ctl.forwarder import Forwarder, Place, Side
+from vhostpasst.ctl.forwarder import Forwarder, Place, Side, To
 from vhostpasst.ctl.protocol import PIF_HOST, PIF_SPLICE, Table
 from vhostpasst.ctl.rules import (
     CAP_IFNAME,
@@ -111,12 +111,32 @@ def test_rules_from_forwards_split_as_passt_does() -> None:
     ([Rule(1, 80, 80, 80, flags=DUAL_STACK_ANY)], CAPS, "unsupported protocol"),
     ([tcp(80, flags=DUAL_STACK_ANY | SCAN)], CAPS, "only allowed for pasta"),
     ([tcp(80, addr=IPv6Address("2001:db8::2"))], CAPS, "non-wildcard"),
-    ([tcp(80, taddr=IPv6Address("2001:db8::9"), flags=0)], CAPS, "target addresses"),
+    ([tcp(80, taddr=IPv6Address("2001:db8::9"))], CAPS, "dual stack forward to IPv6"),
+    ([tcp(80, addr=inany(IPv4Address("0.0.0.0")), taddr=IPv6Address("2001:db8::9"), flags=0)],
+     CAPS, "families differ"),
+    ([tcp(80, taddr=IPv6Address("ff02::1"), flags=0)], CAPS, "multicast target"),
     ([tcp(p) for p in range(1, 257)], CAPS, "too many rules"),
 ])
 def test_check_table_refuses(rules: list[Rule], caps: int, message: str) -> None:
     with pytest.raises(RuleError, match=message):
         check_table(rules, caps)
+
+
+def test_a_target_address_travels_and_is_forwarded_to() -> None:
+    """-t 0.0.0.0/8080:192.0.2.9/80 (config/fwd.py) as passt's rule, and its listener's
+    target (an IPv4-only daemon: `8080:192.0.2.9/80` needs no listening address)."""
+    caps4 = CAP_IPV4 | CAP_TCP
+    rules = rules_from_forwards(parse_spec("8080:192.0.2.9/80"), TCP, caps4, EPHEMERAL)
+    assert [str(r) for r in rules] == ["TCP [0.0.0.0]:8080  =>  192.0.2.9:80"]
+    assert Rule.unpack(rules[0].pack()) == rules[0]
+    binder = RecordingBinder()
+    fwd = Forwarder([Side(PIF_HOST, "HOST", caps4, {TCP: binder}, ())])
+    fwd.replace({PIF_HOST: tuple(rules)})
+    assert list(binder.open.values()) == [((False, None, None, 8080),
+                                           (80, IPv4Address("192.0.2.9")))]
+    side = Side(PIF_SPLICE, "SPLICE", caps4, {TCP: RecordingBinder()}, (), targets=False)
+    with pytest.raises(RuleError, match="SPLICE: target addresses"):
+        Forwarder([side]).replace({PIF_SPLICE: tuple(rules)})
 
 
 def test_check_table_allows_the_same_ports_on_different_addresses() -> None:
@@ -183,38 +203,38 @@ def test_result_round_trip() -> None:
 
 
 class RecordingBinder:
-    """Hands out numbered handles; ports in `busy` fail with EADDRINUSE."""
+    """Hands out numbered handles; ports in `busy` fail with EADDRINUSE, and so does a port
+    one of its sockets holds (as the kernel: on its address, or on every one for a wildcard)."""
 
     def __init__(self, busy: Iterable[int] = (), existing: Iterable[tuple[Place, int]] = ()):
         self.busy = set(busy)
-        self.open: dict[int, tuple[Place, int]] = {}
+        self.open: dict[int, tuple[Place, To]] = {}
         self.next = 0
         for place, to_port in existing:
-            self.bind(place, to_port)
+            self.bind(place, (to_port, None))
 
-    def bind(self, place: Place, to_port: int) -> object:
-        # as the kernel: a listening socket holds its port on its address, a wildcard on all
-        held = any(p[0] == place[0] and p[3] == place[3] and None in (p[1], place[1], )
+    def bind(self, place: Place, to: To) -> object:
+        held = any(p[0] == place[0] and p[3] == place[3] and None in (p[1], place[1])
                    for p, _ in self.open.values())
         if place[3] in self.busy or held:
             raise OSError(errno.EADDRINUSE, "Address already in use")
         self.next += 1
-        self.open[self.next] = (place, to_port)
+        self.open[self.next] = (place, to)
         return self.next
 
     def unbind(self, handle: object) -> None:
         assert isinstance(handle, int)
         del self.open[handle]
 
-    def retarget(self, handle: object, to_port: int) -> None:
+    def retarget(self, handle: object, to: To) -> None:
         assert isinstance(handle, int)
-        self.open[handle] = (self.open[handle][0], to_port)
+        self.open[handle] = (self.open[handle][0], to)
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        return [(place, to_port, h) for h, (place, to_port) in self.open.items()]
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(place, to, h) for h, (place, to) in self.open.items()]
 
     def ports(self) -> set[tuple[bool, int, int]]:
-        return {(p[0], p[3], to) for p, to in self.open.values()}
+        return {(p[0], p[3], to[0]) for p, to in self.open.values()}
 
 
 def _forwarder(binder: RecordingBinder, rules: tuple[Rule, ...] = ()) -> Forwarder:
@@ -287,7 +307,7 @@ class RecordingScan:
         self.handle = None
 
     def resume(self) -> None:
-        self.handle = self.binder.bind((False, None, None, self.port), self.port)
+        self.handle = self.binder.bind((False, None, None, self.port), (self.port, None))
 
 
 def test_forwarder_stops_and_resumes_auto_directions() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from ipaddress import ip_address
 
 from vhostpasst.config.fwd import IFNAMSIZ
-from vhostpasst.ctl.forwarder import Place
+from vhostpasst.ctl.forwarder import Place, To
 from vhostpasst.proto.tcp.conn import Listener as TcpListener
 from vhostpasst.proto.tcp.handler import TcpHandler
 from vhostpasst.proto.udp import Listener as UdpListener
@@ -28,20 +28,20 @@ class TcpBinder:
     def __init__(self, tcp: TcpHandler) -> None:
         self.tcp = tcp
 
-    def bind(self, place: Place, to_port: int) -> object:
+    def bind(self, place: Place, to: To) -> object:
         six, addr, ifname, port = place
-        return self.tcp.add_listener(six, port, to_port, addr, ifname)
+        return self.tcp.add_listener(six, port, to[0], addr, to[1], ifname)
 
     def unbind(self, handle: object) -> None:
         assert isinstance(handle, TcpListener)
         self.tcp.remove_listener(handle)
 
-    def retarget(self, handle: object, to_port: int) -> None:
+    def retarget(self, handle: object, to: To) -> None:
         assert isinstance(handle, TcpListener)
-        handle.guest_port = to_port
+        handle.guest_port, handle.target = to
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        return [(socket_place(lst.sock, lst.six), lst.guest_port, lst)
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(socket_place(lst.sock, lst.six), (lst.guest_port, lst.target), lst)
                 for lst in self.tcp.listeners]
 
 
@@ -49,18 +49,18 @@ class UdpBinder:
     def __init__(self, udp: UdpHandler) -> None:
         self.udp = udp
 
-    def bind(self, place: Place, to_port: int) -> object:
+    def bind(self, place: Place, to: To) -> object:
         six, addr, ifname, port = place
-        return self.udp.add_listener(six, port, to_port, addr, ifname)
+        return self.udp.add_listener(six, port, to[0], addr, to[1], ifname)
 
     def unbind(self, handle: object) -> None:
         assert isinstance(handle, UdpListener)
         self.udp.remove_listener(handle)
 
-    def retarget(self, handle: object, to_port: int) -> None:
+    def retarget(self, handle: object, to: To) -> None:
         assert isinstance(handle, UdpListener)
-        handle.guest_port = to_port
+        handle.guest_port, handle.target = to
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        return [(socket_place(lst.sock, lst.six), lst.guest_port, lst)
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(socket_place(lst.sock, lst.six), (lst.guest_port, lst.target), lst)
                 for lst in self.udp.listeners]

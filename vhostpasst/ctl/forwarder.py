@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # where a socket listens: (is IPv6, address or None for any, interface or None, port)
 Place = tuple[bool, IPAddr | None, str | None, int]
 Key = tuple[int, Place]  # (IP protocol, place)
+# where a socket forwards to: (port, address or None for the usual one: the guest's, or the
+# host's loopback for pasta's SPLICE side)
+To = tuple[int, IPAddr | None]
 
 
 class Scan(Protocol):
@@ -68,16 +71,16 @@ class Scan(Protocol):
 class Binder(Protocol):
     """Listening sockets of one protocol on one side."""
 
-    def bind(self, place: Place, to_port: int) -> object:
-        """Listen at `place`, forwarding to `to_port`: a handle (OSError if it fails)."""
+    def bind(self, place: Place, to: To) -> object:
+        """Listen at `place`, forwarding to `to`: a handle (OSError if it fails)."""
         ...
 
     def unbind(self, handle: object) -> None: ...
 
-    def retarget(self, handle: object, to_port: int) -> None: ...
+    def retarget(self, handle: object, to: To) -> None: ...
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        """The sockets already listening: (place, target port, handle) each."""
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        """The sockets already listening: (place, where it forwards, handle) each."""
         ...
 
 
@@ -89,15 +92,16 @@ class Side:
     binders: dict[int, Binder]  # by IP protocol number
     rules: tuple[Rule, ...] = ()
     scans: dict[int, Scan] = field(default_factory=dict)  # by IP protocol number
-    # (protocol, place) -> (handle, target port)
-    sockets: dict[Key, tuple[object, int]] = field(default_factory=dict)
+    targets: bool = True  # whether rules may name a target address
+    # (protocol, place) -> (handle, where it forwards)
+    sockets: dict[Key, tuple[object, To]] = field(default_factory=dict)
 
     def table(self) -> Table:
         return Table(self.pif, self.name, self.caps, self.rules)
 
-    def places(self, rules: Iterable[Rule]) -> dict[Key, tuple[int, bool]]:
-        """(protocol, place) -> (target port, best effort) for the rules that listen here."""
-        out: dict[Key, tuple[int, bool]] = {}
+    def places(self, rules: Iterable[Rule]) -> dict[Key, tuple[To, bool]]:
+        """(protocol, place) -> (where to, best effort) for the rules that listen here."""
+        out: dict[Key, tuple[To, bool]] = {}
         for rule in rules:
             if rule.flags & SCAN:
                 continue
@@ -109,18 +113,18 @@ class Side:
             for port in range(rule.first, rule.last + 1):
                 for six in sixes:
                     place = (six, rule.listen_addr, rule.ifname or None, port)
-                    out[(rule.proto, place)] = (rule.to + port - rule.first,
+                    out[(rule.proto, place)] = ((rule.to + port - rule.first, rule.target),
                                                 bool(rule.flags & WEAK))
         return out
 
     def adopt(self) -> None:
         for proto, binder in self.binders.items():
-            for place, to_port, handle in binder.existing():
-                self.sockets[(proto, place)] = (handle, to_port)
+            for place, to, handle in binder.existing():
+                self.sockets[(proto, place)] = (handle, to)
 
 
 # a socket opened, or closed early, by a replacement in progress
-Change = tuple[Side, Key, object, int]
+Change = tuple[Side, Key, object, To]
 
 
 class Forwarder:
@@ -150,25 +154,25 @@ class Forwarder:
         try:
             for pif, places in wanted.items():
                 side = self.sides[pif]
-                for key, (to_port, weak) in places.items():
+                for key, (to, weak) in places.items():
                     if key not in side.sockets and key[0] in side.binders:
-                        self._open(side, key, to_port, weak, places, opened, evicted)
+                        self._open(side, key, to, weak, places, opened, evicted)
         except BaseException:
             self._roll_back(opened, evicted)
             for scan in stopped:
                 scan.resume()
             raise
-        for side, key, handle, to_port in opened:
-            side.sockets[key] = (handle, to_port)
+        for side, key, handle, to in opened:
+            side.sockets[key] = (handle, to)
         closed, retargeted = len(evicted), 0
         for pif, places in wanted.items():
             side = self.sides[pif]
-            for key, (handle, to_port) in list(side.sockets.items()):
+            for key, (handle, to) in list(side.sockets.items()):
                 if key not in places:
                     side.binders[key[0]].unbind(handle)
                     del side.sockets[key]
                     closed += 1
-                elif places[key][0] != to_port:
+                elif places[key][0] != to:
                     side.binders[key[0]].retarget(handle, places[key][0])
                     side.sockets[key] = (handle, places[key][0])
                     retargeted += 1
@@ -184,14 +188,16 @@ class Forwarder:
     def _check(side: Side, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
         try:
             out = check_table(rules, side.caps)
+            if not side.targets and any(r.target is not None for r in out):
+                raise RuleError("target addresses are not supported on this side by vhostpasst")
         except RuleError as e:
             raise RuleError(f"{side.name}: {e}") from None
         _scan_changes(side, out)  # RuleError for a change we cannot make
         return out
 
     @staticmethod
-    def _open(side: Side, key: Key, to_port: int, weak: bool,
-              places: dict[Key, tuple[int, bool]], opened: list[Change],
+    def _open(side: Side, key: Key, to: To, weak: bool,
+              places: dict[Key, tuple[To, bool]], opened: list[Change],
               evicted: list[Change]) -> None:
         """Listen at `key`. A port held by a socket of ours that the new table drops (the same
         port on a wildcard instead of one address, say) is made free first: those sockets
@@ -199,30 +205,30 @@ class Forwarder:
         binder = side.binders[key[0]]
         for attempt in range(2):
             try:
-                handle = binder.bind(key[1], to_port)
+                handle = binder.bind(key[1], to)
             except OSError as e:
                 holders = [k for k in side.sockets if k not in places and k[0] == key[0]
                            and k[1][0] == key[1][0] and k[1][3] == key[1][3]]
                 if e.errno == errno.EADDRINUSE and holders and not attempt:
                     for k in holders:
-                        handle, old_to = side.sockets.pop(k)
-                        binder.unbind(handle)
-                        evicted.append((side, k, handle, old_to))
+                        held, old_to = side.sockets.pop(k)
+                        binder.unbind(held)
+                        evicted.append((side, k, held, old_to))
                     continue
                 if weak and e.errno not in (errno.EMFILE, errno.ENFILE):
                     return
                 raise OSError(e.errno, f"{side.name}: cannot listen at {_where(key)}: "
                                        f"{e.strerror}") from None
-            opened.append((side, key, handle, to_port))
+            opened.append((side, key, handle, to))
             return
 
     @staticmethod
     def _roll_back(opened: list[Change], evicted: list[Change]) -> None:
         for side, key, handle, _ in opened:
             side.binders[key[0]].unbind(handle)
-        for side, key, _, to_port in evicted:
+        for side, key, _, to in evicted:
             try:
-                side.sockets[key] = (side.binders[key[0]].bind(key[1], to_port), to_port)
+                side.sockets[key] = (side.binders[key[0]].bind(key[1], to), to)
             except OSError as e:
                 log.error("control: could not restore %s after a failed update: %s",
                           _where(key), e.strerror)

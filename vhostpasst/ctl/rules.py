@@ -89,6 +89,11 @@ class Rule:
         return None if addr.is_unspecified else addr
 
     @property
+    def target(self) -> IPAddr | None:
+        """Where connections go instead of the guest's address (None: the usual place)."""
+        return None if self.taddr == ANY6 else (v4_of(self.taddr) or self.taddr)
+
+    @property
     def six(self) -> bool | None:
         """The family of the listening address: None for both."""
         if self.flags & DUAL_STACK_ANY:
@@ -161,8 +166,18 @@ def check_rule(rule: Rule, caps: int) -> None:
         raise RuleError("'auto' port forwarding is only allowed for pasta")
     if rule.ifname and not caps & CAP_IFNAME:
         raise RuleError("device binding unsupported (requires kernel 5.7+)")
-    if rule.taddr != ANY6:  # passt 2026-07 has them; our listeners forward to one target
-        raise RuleError(f"rule {rule}: target addresses are not supported by vhostpasst")
+    if rule.taddr != ANY6:
+        target = rule.target
+        assert target is not None
+        if target.is_multicast:
+            raise RuleError(f"multicast target address {target} for forwarding rule")
+        if rule.flags & DUAL_STACK_ANY:
+            hint = "0.0.0.0" if target.version == 4 else "[::]"
+            raise RuleError(f"dual stack forward to IPv{target.version} address {target} "
+                            f"unsupported (did you mean {hint}/... instead?)")
+        if rule.six != (target.version == 6):
+            raise RuleError(f"forward from {rule.listen_addr or 'any address'} to {target}: "
+                            "the families differ")
 
 
 def conflicts(a: Rule, b: Rule) -> bool:
@@ -207,9 +222,9 @@ def _runs(first: int, last: int, skip: frozenset[int] | set[int]) -> Iterator[tu
 def rules_from_forwards(forwards: PortForwards | None, proto: int, caps: int,
                         ephemeral: tuple[int, int], splice: bool = False) -> list[Rule]:
     """The rules of one parsed option (config/fwd.py), split as passt splits them: around
-    excluded ports, and around the ephemeral range for "all", exclusion-only and "auto".
+    excluded ports, and around the ephemeral range for rules without an include range.
     `splice`: -T/-U, which listen on the namespace's loopback (passt: interface "lo")."""
-    if forwards is None or forwards.mode == "none":
+    if forwards is None:
         return []
     ephemeral_ports = set(range(ephemeral[0], ephemeral[1] + 1))
     base = Rule(proto, 0, 0, 0)
@@ -219,10 +234,6 @@ def rules_from_forwards(forwards: PortForwards | None, proto: int, caps: int,
         base = replace(base, addr=inany(IPv4Address(0)))
     if splice and caps & CAP_IFNAME:
         base = replace(base, ifname="lo")
-    if forwards.mode == "auto":
-        auto = replace(base, flags=base.flags | WEAK | SCAN)
-        return [replace(auto, first=a, last=b, to=a) for a, b in _runs(1, PORT_MAX,
-                                                                          ephemeral_ports)]
     out: list[Rule] = []
     for pr in forwards.rules:
         rule = base
@@ -230,10 +241,14 @@ def rules_from_forwards(forwards: PortForwards | None, proto: int, caps: int,
             rule = replace(rule, addr=inany(pr.addr), flags=rule.flags & ~DUAL_STACK_ANY)
         if pr.ifname:
             rule = replace(rule, ifname=pr.ifname)
+        if pr.target is not None:
+            rule = replace(rule, taddr=inany(pr.target))
         skip = set(pr.excluded)
         if pr.tolerant:
             skip |= ephemeral_ports
             rule = replace(rule, flags=rule.flags | WEAK)
+        if pr.scan:
+            rule = replace(rule, flags=rule.flags | SCAN)
         for a, b in _runs(pr.first, pr.last, skip):
             out.append(replace(rule, first=a, last=b, to=a + pr.delta))
     return out

@@ -1,28 +1,34 @@
 """Forwarding in pasta mode besides the tap: where host-loopback traffic lands in the
-namespace, the port scanner for the directions given as `auto` (pasta's default), and the
-listeners of both tables as the control socket changes them (ctl/forwarder.py)."""
+namespace, the port scanner for the rules given with `auto` (pasta's default), and the
+listeners of both tables as the control socket changes them (ctl/forwarder.py).
+
+A scanned rule (config/fwd.py) limits what the scanner may forward: its port range less its
+exclusions (and the ephemeral ports, for a rule without a range), its listening address, its
+port translation and its target address all apply to the ports found bound."""
 
 from __future__ import annotations
 
 import logging
 import socket
 from collections.abc import Callable, Iterable
-from ipaddress import ip_address
+from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
 from typing import Any
 
 from vhostpasst.config.conf import Config
-from vhostpasst.config.fwd import PortForwards
+from vhostpasst.config.fwd import PortForwards, PortRule, ephemeral_range
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.ctl import wiring
-from vhostpasst.ctl.binders import UdpBinder
-from vhostpasst.ctl.forwarder import Binder, Place, Side
+from vhostpasst.ctl.binders import UdpBinder, socket_place
+from vhostpasst.ctl.forwarder import Binder, Place, Side, To
 from vhostpasst.ctl.protocol import PIF_HOST, PIF_NAMES, PIF_SPLICE
 from vhostpasst.ctl.rules import SCAN, Rule
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import SpliceListener, UdpSplice
+from vhostpasst.proto.udp import Listener as UdpListener
 
 log = logging.getLogger("vhostpasst")
 
@@ -55,25 +61,71 @@ def _is_loopback(text: str) -> bool:
         return False
 
 
+@dataclass
+class _Scanned(Direction):
+    """A direction served for its scanned rules only: ports no rule covers are left alone,
+    and a port is bound once per rule covering it, on that rule's terms."""
+
+    rules: tuple[PortRule, ...] = ()
+    ephemeral: tuple[int, int] = (0, -1)
+
+    def follow(self, want: set[int], families: Iterable[int]) -> None:
+        super().follow({p for p in want if any(r.covers(p, self.ephemeral)
+                                               for r in self.rules)}, families)
+
+
+BindRule = Callable[[int, int, PortRule], Any]  # (family, port, rule) -> handle
+
+
+def _scanned(name: str, spec: PortForwards | None, bind_rule: BindRule,
+             unbind_one: Callable[[Any], None]) -> _Scanned | None:
+    rules = spec.scanned if spec is not None else ()
+    if not rules:
+        return None
+    ephemeral = ephemeral_range()
+
+    def bind(family: int, port: int) -> list[Any]:
+        six = family == socket.AF_INET6
+        handles: list[Any] = []
+        try:
+            for rule in rules:
+                addr = rule.addr or rule.target
+                if rule.covers(port, ephemeral) and (
+                    addr is None or isinstance(addr, IPv6Address) == six
+                ):
+                    handles.append(bind_rule(family, port, rule))
+        except OSError:
+            unbind(handles)
+            raise
+        if not handles:
+            raise OSError(f"no {name} rule for port {port} in this family")
+        return handles
+
+    def unbind(handles: list[Any]) -> None:
+        for handle in handles:
+            unbind_one(handle)
+
+    return _Scanned(name, bind, unbind, rules=rules, ephemeral=ephemeral)
+
+
 def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher,
                splice: TcpSplice, usplice: UdpSplice, fams: Iterable[int]) -> AutoPorts | None:
-    """The port scanner for the directions given as `auto` (pasta's default), or None."""
-    def is_auto(spec: PortForwards | None) -> bool:
-        return spec is not None and spec.mode == "auto"
-
+    """The port scanner for the rules given with `auto` (pasta's default), or None."""
     tcp, udp = dispatcher.tcp, dispatcher.udp
     six = socket.AF_INET6
-    tcp_in = udp_in = tcp_out = udp_out = None
-    if is_auto(config.tcp_in) and tcp is not None:
-        tcp_in = Direction("-t auto", lambda f, p: tcp.add_listener(f == six, p, p),
-                           tcp.remove_listener)
-    if is_auto(config.udp_in) and udp is not None:
-        def bind_u(f: int, p: int) -> tuple[Any, Any]:
-            lst = udp.add_listener(f == six, p, p)
-            if config.no_splice:
+    tcp_in = udp_in = None
+    if tcp is not None:
+        tcp_in = _scanned("-t auto", config.tcp_in, lambda f, p, r: tcp.add_listener(
+            f == six, p, p + r.delta, r.addr, r.target), tcp.remove_listener)
+    if udp is not None:
+        def bind_u(f: int, p: int, r: PortRule) -> tuple[Any, Any]:
+            lst = udp.add_listener(f == six, p, p + r.delta, r.addr, r.target)
+            if config.no_splice or r.target is not None or (
+                r.addr is not None and not r.addr.is_loopback
+            ):
                 return lst, None
             try:
-                return lst, usplice.add_listener(f, p, p, to_ns=True)
+                return lst, usplice.add_listener(f, p, p + r.delta, to_ns=True)
             except OSError:
                 udp.remove_listener(lst)
                 raise
@@ -83,13 +135,11 @@ def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher
             if h[1] is not None:
                 usplice.remove_listener(h[1])
 
-        udp_in = Direction("-u auto", bind_u, unbind_u)
-    if is_auto(config.tcp_out):
-        tcp_out = Direction("-T auto", lambda f, p: splice.add_ns_listener(netns_fd, f, p, p),
-                            splice.remove_ns_listener)
-    if is_auto(config.udp_out):
-        udp_out = Direction("-U auto", lambda f, p: usplice.add_listener(f, p, p, to_ns=False),
-                            usplice.remove_listener)
+        udp_in = _scanned("-u auto", config.udp_in, bind_u, unbind_u)
+    tcp_out = _scanned("-T auto", config.tcp_out, lambda f, p, r: splice.add_ns_listener(
+        netns_fd, f, p, p + r.delta), splice.remove_ns_listener)
+    udp_out = _scanned("-U auto", config.udp_out, lambda f, p, r: usplice.add_listener(
+        f, p, p + r.delta, to_ns=False), usplice.remove_listener)
     if not (tcp_in or udp_in or tcp_out or udp_out):
         return None
 
@@ -111,52 +161,69 @@ def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher
                      fams, tcp_in, udp_in, tcp_out, udp_out, ours_host, ours_ns)
 
 
+@dataclass(eq=False)
+class _UdpPair:
+    handle: object  # the handler's listener
+    spliced: SpliceListener | None  # its mate on the host's loopback, if any
+
+
 class _UdpHostBinder:
-    """-u in pasta: the handler's listener and, for any or a loopback address, the splice
-    listener on the host's loopback that takes loopback traffic past the tap."""
+    """-u in pasta: the handler's listener and, for any or a loopback address without a
+    target address, the splice listener on the host's loopback that takes loopback traffic
+    past the tap (as auto_ports binds them)."""
 
     def __init__(self, udp: UdpBinder, usplice: UdpSplice) -> None:
         self.udp = udp
         self.usplice = usplice
 
-    def bind(self, place: Place, to_port: int) -> object:
-        six, addr, _, port = place
-        handle = self.udp.bind(place, to_port)
-        if addr is not None and not addr.is_loopback:
-            return handle, None
-        try:
-            return handle, self.usplice.add_listener(_family(six), port, to_port, to_ns=True)
-        except OSError:
-            self.udp.unbind(handle)
-            raise
+    @staticmethod
+    def _spliced(place: Place, to: To) -> bool:
+        addr = place[1]
+        return to[1] is None and (addr is None or addr.is_loopback)
+
+    def bind(self, place: Place, to: To) -> object:
+        pair = _UdpPair(self.udp.bind(place, to), None)
+        if self._spliced(place, to):
+            try:
+                pair.spliced = self.usplice.add_listener(_family(place[0]), place[3], to[0],
+                                                         to_ns=True)
+            except OSError:
+                self.udp.unbind(pair.handle)
+                raise
+        return pair
 
     def unbind(self, handle: object) -> None:
-        udp_handle, spliced = _pair(handle)
-        self.udp.unbind(udp_handle)
-        if spliced is not None:
-            self.usplice.remove_listener(spliced)
+        assert isinstance(handle, _UdpPair)
+        self.udp.unbind(handle.handle)
+        if handle.spliced is not None:
+            self.usplice.remove_listener(handle.spliced)
 
-    def retarget(self, handle: object, to_port: int) -> None:
-        udp_handle, spliced = _pair(handle)
-        self.udp.retarget(udp_handle, to_port)
-        if spliced is not None:
-            spliced.to_port = to_port
+    def retarget(self, handle: object, to: To) -> None:
+        assert isinstance(handle, _UdpPair)
+        self.udp.retarget(handle.handle, to)
+        assert isinstance(handle.handle, UdpListener)
+        place = socket_place(handle.handle.sock, handle.handle.six)
+        if handle.spliced is not None and not self._spliced(place, to):
+            self.usplice.remove_listener(handle.spliced)
+            handle.spliced = None
+        elif handle.spliced is not None:
+            handle.spliced.to_port = to[0]
+        elif self._spliced(place, to):
+            try:
+                handle.spliced = self.usplice.add_listener(_family(place[0]), place[3], to[0],
+                                                           to_ns=True)
+            except OSError as e:  # loopback datagrams then take the tap, as with --no-splice
+                log.warning("-u %d: no splice listener on the host's loopback: %s", place[3],
+                            e.strerror)
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
         spliced = {(lst.sock.family == socket.AF_INET6, lst.port): lst
                    for lst in self.usplice.listeners.values() if lst.to_ns}
-        out: list[tuple[Place, int, object]] = []
-        for place, to_port, handle in self.udp.existing():
-            six, addr, _, port = place
-            mate = (spliced.pop((six, port), None)
-                    if addr is None or addr.is_loopback else None)
-            out.append((place, to_port, (handle, mate)))
+        out: list[tuple[Place, To, object]] = []
+        for place, to, handle in self.udp.existing():
+            mate = spliced.pop((place[0], place[3]), None) if self._spliced(place, to) else None
+            out.append((place, to, _UdpPair(handle, mate)))
         return out
-
-
-def _pair(handle: object) -> tuple[object, SpliceListener | None]:
-    assert isinstance(handle, tuple)
-    return handle[0], handle[1]
 
 
 def _family(six: bool) -> int:
@@ -171,19 +238,19 @@ class _TcpNsBinder:
         self.splice = splice
         self.netns_fd = netns_fd
 
-    def bind(self, place: Place, to_port: int) -> object:
-        return self.splice.add_ns_listener(self.netns_fd, _family(place[0]), place[3], to_port)
+    def bind(self, place: Place, to: To) -> object:
+        return self.splice.add_ns_listener(self.netns_fd, _family(place[0]), place[3], to[0])
 
     def unbind(self, handle: object) -> None:
         assert isinstance(handle, socket.socket)
         self.splice.remove_ns_listener(handle)
 
-    def retarget(self, handle: object, to_port: int) -> None:
+    def retarget(self, handle: object, to: To) -> None:
         assert isinstance(handle, socket.socket)
-        self.splice.listeners[handle.fileno()] = (handle, to_port)
+        self.splice.listeners[handle.fileno()] = (handle, to[0])
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        return [(_ns_place(sock), to_port, sock) for sock, to_port in
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(_ns_place(sock), (to_port, None), sock) for sock, to_port in
                 self.splice.listeners.values()]
 
 
@@ -193,19 +260,19 @@ class _UdpNsBinder:
     def __init__(self, usplice: UdpSplice) -> None:
         self.usplice = usplice
 
-    def bind(self, place: Place, to_port: int) -> object:
-        return self.usplice.add_listener(_family(place[0]), place[3], to_port, to_ns=False)
+    def bind(self, place: Place, to: To) -> object:
+        return self.usplice.add_listener(_family(place[0]), place[3], to[0], to_ns=False)
 
     def unbind(self, handle: object) -> None:
         assert isinstance(handle, SpliceListener)
         self.usplice.remove_listener(handle)
 
-    def retarget(self, handle: object, to_port: int) -> None:
+    def retarget(self, handle: object, to: To) -> None:
         assert isinstance(handle, SpliceListener)
-        handle.to_port = to_port
+        handle.to_port = to[0]
 
-    def existing(self) -> Iterable[tuple[Place, int, object]]:
-        return [(_ns_place(lst.sock), lst.to_port, lst)
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(_ns_place(lst.sock), (lst.to_port, None), lst)
                 for lst in self.usplice.listeners.values() if not lst.to_ns]
 
 
@@ -228,7 +295,9 @@ def control_sides(config: Config, netns_fd: int, dispatcher: Dispatcher, splice:
     if not config.no_udp:
         binders[socket.IPPROTO_UDP] = _UdpNsBinder(usplice)
     rules = wiring.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
-    return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules)]
+    # -T/-U go to the host's loopback: no target address there
+    return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules,
+                       targets=False)]
 
 
 class _ScanSwitch:

@@ -396,13 +396,16 @@ def tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> 
 
 
 class Listener:
-    """One `-t` listening socket: host port -> guest port."""
+    """One `-t` listening socket: host port -> guest port (on `target`, if the rule names
+    one, instead of the guest's address)."""
 
-    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int) -> None:
+    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int,
+                 target: IPAddr | None = None) -> None:
         self.sock = sock
         self.six = six
         self.port = port
         self.guest_port = guest_port
+        self.target = target
 
 
 

@@ -64,17 +64,17 @@ class TcpHandler(ToGuest):
         config = self.ctx.config
         for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "TCP", self._listen_one):
-            self._add_listener(Listener(sock, six, m.host_port, m.guest_port))
+            self._add_listener(Listener(sock, six, m.host_port, m.guest_port, m.target))
 
     def _add_listener(self, lst: Listener) -> None:
         self.listeners.append(lst)
         self.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda _mask: self._on_listener(lst))
 
     def add_listener(self, six: bool, port: int, guest_port: int, addr: IPAddr | None = None,
-                     ifname: str | None = None) -> Listener:
-        """One more listening port (pasta's automatic ports, the control socket), on any
-        address unless given; OSError if it cannot be bound."""
-        lst = Listener(self._listen_one(six, addr, ifname, port), six, port, guest_port)
+                     target: IPAddr | None = None, ifname: str | None = None) -> Listener:
+        """One more listening port, on `addr` or any address (pasta's automatic ports, the
+        control socket); OSError if it cannot be bound."""
+        lst = Listener(self._listen_one(six, addr, ifname, port), six, port, guest_port, target)
         self._add_listener(lst)
         return lst
 
@@ -106,7 +106,11 @@ class TcpHandler(ToGuest):
                 self._log.warning(("tcp-accept", e.errno), "accept: %s", e)
                 return
             try:
-                if self.claim is not None and self.claim(lst, sock, peer):
+                # a rule with a target address never takes the splice path (passt neither)
+                if lst.target is None and self.claim is not None and self.claim(lst, sock, peer):
+                    continue
+                if self.ctx.config.splice_only:  # no tap: only the splice path forwards
+                    reset_close(sock)
                     continue
                 self._accepted(lst, sock, peer)
             except Exception:
@@ -123,7 +127,7 @@ class TcpHandler(ToGuest):
             return
         if isinstance(src, IPv6Address) and src.ipv4_mapped is not None:
             src = src.ipv4_mapped
-        sides = nat.from_host(ctx.config, ctx.guest, src)
+        sides = nat.from_host(ctx.config, ctx.guest, src, lst.target)
         if sides is None or self.half_open >= self.half_open_max or ctx.flows.full():
             self._log.debug(("tcp-in-drop", src), "connection from %s: no guest side", src)
             reset_close(sock)
