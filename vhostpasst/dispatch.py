@@ -84,7 +84,6 @@ class Dispatcher:
         self._learned6 = -1
         self._drops = RateLimitedLog(log)
         self.dropped = 0
-        self.frames_in = 0  # frames the guest sent (the control socket's flow query)
 
     def stat_counters(self) -> list[Counter]:
         """--stats columns: frames from and to the guest, frames dropped here, and flows
@@ -140,7 +139,6 @@ class Dispatcher:
 
     def on_frames(self, frames: Sequence[memoryview]) -> None:
         fast = self._tcp_fast if self.tcp is not None else None
-        self.frames_in += len(frames)
         for frame in frames:
             try:
                 if fast is None or not fast(frame):

@@ -202,7 +202,9 @@ def test_flow_query(sandbox: Sandbox) -> None:
     r = pesto("--flows", path)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["version"] == 1 and doc["counters"]["frames_from_guest"] > 0
+    counters = doc["counters"]
+    assert doc["version"] == 1 and counters["guest_rx"] > 0 and counters["guest_tx"] > 0
+    assert counters["tcp"] == sum(f["protocol"] == "tcp" for f in doc["flows"])
     assert doc["link"] == {"connected": True}
     tcp = [f for f in doc["flows"] if f["protocol"] == "tcp" and f["remote_port"] == 5141]
     assert len(tcp) == 1, doc

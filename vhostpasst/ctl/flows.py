@@ -2,21 +2,23 @@
 counters as one JSON document, read-only.
 
     {"version": 1, "uptime": s, "flow_count": n, "flow_limit": n,
-     "counters": {"frames_from_guest": n, "frames_dropped": n, "tcp": n, "udp": n, ...},
+     "counters": {"guest_rx": n, "guest_tx": n, "dropped": n, "tcp": n, "udp": n,
+                  "icmp": n},
      "link": {"connected": bool},
      "flows": [{"protocol": "tcp", "guest": "ADDR", "guest_port": n, "remote": "ADDR",
                 "remote_port": n, "state": "ESTABLISHED", "bytes_from_guest": n,
                 "bytes_to_guest": n, "age": s, "idle": s}, ...]}
 
-Addresses are as the guest sees them (the far end after NAT). TCP byte counts are sequence
-distances (they wrap at 4 GiB; null before the handshake completes); UDP and ICMP flows have
-no byte counts (null). Times are seconds.
+The counters are those of --stats (Dispatcher.stat_counters): frames from (guest_rx) and to
+(guest_tx) the guest, frames dropped, flows open by protocol. Addresses are as the guest sees
+them (the far end after NAT). TCP byte counts are sequence distances (they wrap at 4 GiB;
+null before the handshake completes); UDP and ICMP flows have no byte counts (null). Times
+are seconds.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any
 
 from vhostpasst.core.flow import Flow, FlowTable
@@ -59,15 +61,13 @@ def describe(flow: Flow, now: float) -> dict[str, Any]:
 def snapshot(dispatcher: Dispatcher, flows: FlowTable, now: float,
              started: float) -> dict[str, Any]:
     entries = [describe(flow, now) for flow in flows]
-    per_proto = Counter(str(e["protocol"]) for e in entries)
     link = dispatcher.link
     return {
         "version": VERSION,
         "uptime": round(now - started, 3),
         "flow_count": len(entries),
         "flow_limit": flows.max_flows,
-        "counters": {"frames_from_guest": dispatcher.frames_in,
-                     "frames_dropped": dispatcher.dropped, **per_proto},
+        "counters": {name: read() for name, read in dispatcher.stat_counters()},
         "link": {"connected": link is not None and link.connected},
         "flows": entries,
     }
