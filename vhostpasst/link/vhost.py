@@ -36,6 +36,7 @@ from vhostpasst.link.base import (
     ForwardingLink,
     FrameHandler,
     LinkCaps,
+    TxConsumer,
 )
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
@@ -189,6 +190,7 @@ class VhostUserLink(VhostRx):
         self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._was_connected = False
         self._tx_scheduled: set[int] = set()  # TX queues with a pass due
+        self._tx_consumer: TxConsumer | None = None  # offered the guest's frames first
         self._tx_bulk: set[int] = set()  # their last pass was a bulk one: coalesce the next kick
         # counters, for logs and tests (rx: from the guest, as StreamLink; tx_*: vhost_rx.py)
         self.rx_frames = 0
@@ -307,8 +309,14 @@ class VhostUserLink(VhostRx):
         vq = backend.queues[index]
         if not (vq.ready and vq.enabled):
             return
+        consumer = self._tx_consumer if self.pcap is None else None
         try:
-            heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
+            if consumer is not None:
+                consumer.begin()
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch, consumer.take,
+                                                       consumer.arg)
+            else:
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
             self._broken("TX queue", e)
             return
@@ -356,9 +364,14 @@ class VhostUserLink(VhostRx):
             if self.backend is backend and vq.ready:
                 vq.push_flat([x for head in heads for x in (head, 0)])
                 vq.flush()
+        if consumer is not None:
+            consumer.after()  # what the consumer's C left for Python, after the frames
         if (len(heads) == self.tx_batch or self._tx.full) and index not in self._tx_scheduled:
             self._tx_scheduled.add(index)  # the ring may hold more: no kick will say so
             self._loop.call_later(0, functools.partial(self._tx_again, index))
+
+    def set_tx_consumer(self, consumer: TxConsumer | None) -> None:
+        self._tx_consumer = consumer
 
     def tx_kicked(self, index: int = net.TX_QUEUE) -> None:
         """A TX kick: served now, or TX_COALESCE later after a bulk pass. Meanwhile the kick

@@ -57,6 +57,7 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import FOLLOW_ARM_RTO, FOLLOW_KICK
 from vhostpasst.proto.tcp.timers import TcpTimers
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import Ipv4, Ipv6
@@ -269,6 +270,8 @@ class FromGuest(TcpTimers):
             return
         self._update_events(conn)
         self._arm_idle(conn, self.idle_timeout)
+        if self.dataplane is not None:
+            self.dataplane.hand(conn)  # its pure ACKs from now on taken in C
 
     def _rst_acceptable(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
         """RFC 5961 §3.2: a RST is taken only if its seq is exactly the next expected one;
@@ -288,7 +291,9 @@ class FromGuest(TcpTimers):
         expected = conn.seq_from_tap
         ooo: list[wtcp.Tcp] = []
         fin = False
-        kick = False  # the guest's window opened: read the socket once at the end
+        # the guest's window opened: read the socket once at the end (also when the data
+        # plane's C took this batch's earlier ACKs: what it left is done here, as one batch)
+        kick = self._dataplane_followups(conn) if conn.r.followups else False
         answer = False  # something calls for an ACK now (keepalive, old data, hole)
         for seg in segs:
             flags = seg.flags
@@ -351,6 +356,15 @@ class FromGuest(TcpTimers):
         for _ in range(dups):
             self._send_ack(conn, force=True)
         conn.close_if_done()
+
+    def _dataplane_followups(self, conn: TcpConn) -> bool:
+        """The data plane's C took ACKs of this connection earlier in the batch, then left
+        it a frame: its followups are this batch's (dataplane.py). True: read the socket."""
+        r = conn.r
+        follow, r.followups = r.followups, 0
+        if follow & FOLLOW_ARM_RTO:
+            self._arm_rto(conn, restart=True)
+        return bool(follow & FOLLOW_KICK)
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
                      pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:

@@ -21,6 +21,7 @@ from vhostpasst.core.loop import (
     EPOLLIN,
     EPOLLRDHUP,
 )
+from vhostpasst.link.base import TxConsumer
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
@@ -49,8 +50,36 @@ class TcpHandler(ToGuest):
         # pasta: takes a just-accepted connection for the loopback splice path (True: taken),
         # so loopback-sourced connections never go through the tap (tcp_splice.py)
         self.claim: Callable[[Listener, socket.socket, tuple], bool] | None = None
+        dp = self.dataplane
+        # what a link that can offers the data plane's C first: the guest's TX frames
+        self.tx_consumer = None if dp is None else \
+            TxConsumer(dp.take, dp.arg, dp.pass_begin, self._dataplane_after)
+
+    # --- what the data plane's C left (dataplane.py) -------------------------------------
+
+    def _dataplane_after(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.after_pass(self._dataplane_arm_rto, self._dataplane_read)
+
+    def _dataplane_arm_rto(self, conn: TcpConn) -> None:
+        if not conn.closed:
+            self._arm_rto(conn, restart=True)
+
+    def _dataplane_read(self, conn: TcpConn, kick: bool) -> None:
+        """_tap_segments()'s end for the ACKs the C took: the discard, then the read."""
+        if conn.closed:
+            return
+        try:
+            conn.discard_acked()
+            if kick:
+                self._from_sock(conn)
+        except Exception:  # a bug must not stop the loop, nor spare the others
+            log.exception("error after guest ACKs for %r", conn)
+            self._reset(conn)
 
     def close(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.close()
         for lst in self.listeners:
             self.loop.remove_fd(lst.sock.fileno())
             lst.sock.close()

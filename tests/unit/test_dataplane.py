@@ -1,0 +1,173 @@
+"""The TCP data plane's C (cffi_build/vhostpasst/dataplane.c) held equal to the Python path.
+
+Two dispatchers over fake sockets and a fake link, one with the data plane (its consumer
+offered every guest frame first, as the vhost-user link does) and one with
+VHOSTPASST_DATAPLANE=python, get the same handshake and then the same hypothesis-drawn
+sequence of batches: the guest's pure ACKs (new, old, duplicate, beyond what was sent, with
+windows that open, close and stay), its data, host data arriving. After every batch both sent
+the guest the same frames and hold the same connection state and socket queues. The clock
+is fixed, so RTT samples and timer deadlines compare exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vhostpasst._dataplane import ffi as dp_ffi
+from vhostpasst._dataplane import lib as dp_lib
+
+from tests.fakes import FakeLoop
+from tests.unit.test_tcp import FakeLink, FakeSock, _handshake, feed, guest_frame, make_env
+from vhostpasst.core.loop import EPOLLIN
+from vhostpasst.dispatch import Dispatcher
+from vhostpasst.proto.tcp.conn import _SHARED, TcpConn
+from vhostpasst.proto.tcp.dataplane import ENV_DATAPLANE
+
+NOW = 5000.0
+ISN = 0x7FFFFF00  # near the wrap: sequence arithmetic is tested across it
+VNET_HDR = bytes(12)
+
+Env = tuple[Dispatcher, FakeLoop, FakeLink]
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, dataplane: str) -> Env:
+    monkeypatch.setenv(ENV_DATAPLANE, dataplane)
+    d, loop, link = make_env(monkeypatch)
+    assert d.tcp is not None
+    assert (d.tcp.dataplane is not None) == (dataplane == "c")
+    d.tcp._isn = lambda conn: ISN  # type: ignore[method-assign]
+    if d.tcp.dataplane is not None:
+        d.tcp.dataplane.table.now = NOW
+    return d, loop, link
+
+
+def _offer(d: Dispatcher, frames: list[bytes]) -> int:
+    """What the vhost-user link's tx_pass() does with a batch: the consumer first, the rest
+    to the dispatcher, then the consumer's followups. Returns the frames the C took."""
+    assert d.tcp is not None and d.tcp.dataplane is not None and d.tcp.tx_consumer is not None
+    consumer = d.tcp.tx_consumer
+    consumer.begin()
+    rest = []
+    hdr = dp_ffi.from_buffer(VNET_HDR)
+    for frame in frames:
+        buf = dp_ffi.from_buffer(frame)
+        if dp_lib.dp_take_tx(d.tcp.dataplane.table, buf, len(frame), hdr) != 1:
+            rest.append(frame)
+    if rest:
+        feed(d, *rest)
+    consumer.after()
+    return len(frames) - len(rest)
+
+
+def _state(conn: TcpConn) -> dict[str, object]:
+    names = (*_SHARED, "srtt", "rtt_seq", "fin_seq", "stalled", "drained", "peek_full",
+             "want_out", "tap_fin_acked", "sock_eof")
+    return {name: getattr(conn, name) for name in names}
+
+
+def _conn(d: Dispatcher) -> TcpConn:
+    assert d.ctx is not None
+    conns = [f for f in d.ctx.flows if isinstance(f, TcpConn)]
+    assert len(conns) == 1
+    return conns[0]
+
+
+# one step of a batch: ("ack", offset from the last ACK the guest sent, window) or
+# ("data", bytes from the guest) or ("host", bytes the far end sends)
+_step = st.one_of(
+    st.tuples(st.just("ack"), st.integers(-3, 6000), st.sampled_from([0, 1, 8, 300, 1000])),
+    st.tuples(st.just("dup"), st.just(0), st.sampled_from([0, 8, 1000])),
+    st.tuples(st.just("data"), st.integers(1, 300), st.just(0)),
+    st.tuples(st.just("host"), st.integers(1, 9000), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(_step, min_size=1, max_size=6), min_size=1, max_size=8))
+def test_the_c_takes_pure_acks_exactly_as_python_does(
+        monkeypatch: pytest.MonkeyPatch, batches: list[list[tuple[str, int, int]]]) -> None:
+    monkeypatch.setattr(time, "monotonic", lambda: NOW)
+    envs = {"c": _env(monkeypatch, "c"), "python": _env(monkeypatch, "python")}
+    socks: dict[str, FakeSock] = {}
+    for name, (d, loop, link) in envs.items():
+        socks[name], _synack = _handshake(d, loop, link)
+    acked = {name: ISN + 1 for name in envs}  # the last ACK number each guest sent
+    guest_seq = {name: 1001 for name in envs}
+    for batch in batches:
+        for name, (d, loop, _link) in envs.items():
+            sock = socks[name]
+            frames = []
+            for kind, n, window in batch:
+                if kind == "host":
+                    sock.rx += bytes(n)
+                    loop.fds[sock.fd][1](EPOLLIN)
+                elif kind == "data":
+                    frames.append(guest_frame("PA", guest_seq[name], ack=acked[name],
+                                              payload=b"d" * n, window=1000))
+                    guest_seq[name] += n
+                else:
+                    ack = (acked[name] + n) & 0xFFFFFFFF
+                    frames.append(guest_frame("A", guest_seq[name], ack=ack, window=window))
+                    if n > 0:
+                        acked[name] = ack
+            if name == "c":
+                _offer(d, frames)
+            elif frames:
+                feed(d, *frames)
+        (dc, _lc, link_c), (dp, _lp, link_p) = envs["c"], envs["python"]
+        assert link_c.frames == link_p.frames
+        if any(f.closed for f in (socks["c"], socks["python"])):
+            assert socks["c"].closed == socks["python"].closed
+            return
+        assert _state(_conn(dc)) == _state(_conn(dp))
+        assert (bytes(socks["c"].rx), socks["c"].peek_off, bytes(socks["c"].sent)) == \
+            (bytes(socks["python"].rx), socks["python"].peek_off, bytes(socks["python"].sent))
+
+
+def test_the_c_takes_the_guests_ack_and_leaves_data_syn_and_strangers_to_python(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "monotonic", lambda: NOW)
+    d, loop, link = _env(monkeypatch, "c")
+    sock, synack = _handshake(d, loop, link)
+    conn = _conn(d)
+    assert conn.r.in_table
+    sock.rx += bytes(3000)
+    loop.fds[sock.fd][1](EPOLLIN)
+    seq = conn.seq_to_tap
+    assert _offer(d, [guest_frame("A", 1001, ack=ISN + 1 + 1000, window=1000)]) == 1
+    assert conn.seq_ack_from_tap == (ISN + 1 + 1000) & 0xFFFFFFFF
+    assert len(sock.rx) == 2000  # discarded after the pass, as Python does
+    assert conn.seq_to_tap == seq  # nothing more to read: the window was already filled
+    # data, a SYN, a FIN, an unknown port, an option-carrying ACK: Python's
+    assert _offer(d, [guest_frame("PA", 1001, ack=ISN + 1 + 1000, payload=b"x")]) == 0
+    assert _offer(d, [guest_frame("A", 1002, ack=ISN + 1 + 1000, sport=40001)]) == 0
+    assert _offer(d, [guest_frame("A", 1002, ack=ISN + 1 + 2000,
+                                  options=[("NOP", None)] * 4)]) == 0
+    assert _offer(d, [guest_frame("FA", 1002, ack=ISN + 1 + 2000)]) == 0
+    # after a declined frame, the same connection's next ACK in the pass is Python's too
+    assert _offer(d, [guest_frame("PA", 1003, ack=ISN + 1 + 2000, payload=b"y"),
+                      guest_frame("A", 1004, ack=ISN + 1 + 3000)]) == 0
+    conn.close()
+    assert not conn.r.in_table
+
+
+def test_connections_leave_the_table_when_they_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    d, loop, link = _env(monkeypatch, "c")
+    assert d.tcp is not None and d.tcp.dataplane is not None
+    for port in range(40000, 40040):
+        _handshake(d, loop, link, sport=port)
+    table = d.tcp.dataplane.table
+    assert table.count == 40
+    assert d.ctx is not None
+    for conn in [f for f in d.ctx.flows if isinstance(f, TcpConn)][::2]:
+        conn.close()
+    assert table.count == 20
+    # every one left is still found (the table's deletions moved entries, not lost them)
+    for conn in [f for f in d.ctx.flows if isinstance(f, TcpConn) and not f.sock.closed]:
+        frame = guest_frame("A", conn.seq_from_tap, ack=conn.seq_ack_from_tap,
+                            sport=conn.gport, window=1000)
+        assert _offer(d, [frame]) == 1
