@@ -128,6 +128,7 @@ class TxGather:
         self._out_mv = memoryview(ffi.buffer(self._out)).cast("Q")
         self._res = ffi.new("uint32_t[]", 1)
         self.full = False  # the last call stopped for room: the ring may hold more
+        self.taken = 0  # frames the device's consumer took (tx_frames' `take`)
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
         self.max_frame = min(FRAME_MAX, bounce_size)
@@ -168,8 +169,9 @@ class TxGather:
         if not n:
             return [], [], {}
         if take:
-            lib.vr_tx_offer(take, take_arg, table.cdata, table.count, self._hdrs, HDR_LEN,
-                            self._bounce_c, len(self.bounce), self._out, n)
+            self.taken += lib.vr_tx_offer(take, take_arg, table.cdata, table.count, self._hdrs,
+                                          HDR_LEN, self._bounce_c, len(self.bounce), self._out,
+                                          n)
         heads: list[int] = ring.chains_mv[:3 * n:3].tolist()
         frames: list[memoryview | None] = []
         gso: dict[int, NetHeader] = {}
