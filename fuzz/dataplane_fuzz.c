@@ -198,7 +198,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			area.p = mem;
 			area.len = mem_len;
 			racing = racer_start(&area, 1, op);
-			vr_tx_offer((uintptr_t)dp_take_tx, (uintptr_t)&t, &region, 1, hdrs, 12,
+			vr_tx_offer((uintptr_t)dp_take_tx, (uintptr_t)dp_tx_end, (uintptr_t)&t,
+				    op & 0x80 ? F_HOST_TSO4 | F_HOST_TSO6 : 0, &region, 1, hdrs, 12,
 				    bounce, sizeof(bounce), out, n);
 			if (racing)
 				racer_stop();

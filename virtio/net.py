@@ -129,11 +129,13 @@ class TxGather:
         self._res = ffi.new("uint32_t[]", 1)
         self.full = False  # the last call stopped for room: the ring may hold more
         self.taken = 0  # frames the device's consumer took (tx_frames' `take`)
+        self.taken_bytes = 0  # and their bytes, in the last call
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
         self.max_frame = min(FRAME_MAX, bounce_size)
 
-    def tx_frames(self, vq: VirtQueue, count: int, take: int = 0, take_arg: int = 0
+    def tx_frames(self, vq: VirtQueue, count: int, take: int = 0, take_end: int = 0,
+                  take_arg: int = 0, offloads: int = 0
                   ) -> tuple[list[int], list[memoryview | None], dict[int, NetHeader]]:
         """Up to `count` (<= max_chains) chains: their heads; per chain its frame (a view
         past the virtio-net header), or None when it holds no more than a header or a frame
@@ -141,8 +143,10 @@ class TxGather:
         header of each frame whose header says GSO, by index. Fewer chains than `count`
         when the ring runs dry (the kick is re-armed) or the bounce buffer fills (the rest
         stay in the ring; `full` says so). A bad chain breaks the queue (VirtQueueError).
-        `take`, `take_arg`: a device's C consumer (vr_tx_offer(), net.c) offered each frame
-        first; the frames it takes are left out of the frames returned (their heads stay)."""
+        `take`, `take_end`, `take_arg`: a device's C consumer (vr_tx_offer(), net.c) offered
+        each frame first, told the negotiated `offloads`; the frames it takes are left out of
+        the frames returned (their heads stay)."""
+        self.taken_bytes = 0
         ring = vq.ring_access()
         table = vq.memory.table
         limit = min(count, self.max_chains, ring.num)
@@ -169,9 +173,9 @@ class TxGather:
         if not n:
             return [], [], {}
         if take:
-            self.taken += lib.vr_tx_offer(take, take_arg, table.cdata, table.count, self._hdrs,
-                                          HDR_LEN, self._bounce_c, len(self.bounce), self._out,
-                                          n)
+            self.taken += lib.vr_tx_offer(take, take_end, take_arg, offloads, table.cdata,
+                                          table.count, self._hdrs, HDR_LEN, self._bounce_c,
+                                          len(self.bounce), self._out, n)
         heads: list[int] = ring.chains_mv[:3 * n:3].tolist()
         frames: list[memoryview | None] = []
         gso: dict[int, NetHeader] = {}
@@ -186,6 +190,7 @@ class TxGather:
             elif kind == TX_COPY:
                 frame = bounce[offset:offset + length]
             elif kind == TX_TAKEN:
+                self.taken_bytes += length
                 continue
             else:
                 frame = None

@@ -8,13 +8,18 @@
 #include <stdint.h>
 
 /* followups: what the C left for Python, per connection, in the order Python does them */
-#define DP_DISCARD 1	/* the guest acknowledged data: drop it from the socket */
-#define DP_KICK 2	/* its window has room: read the socket (to_guest._from_sock) */
-#define DP_ARM_RTO 4	/* restart the retransmission timer with a new loop timer */
+#define DP_SEEN 1	/* a frame was taken (nothing else for Python, by itself) */
+#define DP_ARM_RTO 2	/* restart the retransmission timer with a new loop timer */
+#define DP_DISCARD 4	/* the guest acknowledged data: drop it from the socket */
+#define DP_RESET 8	/* the socket refused the guest's data (an error): reset */
+#define DP_WANT_OUT 16	/* the socket took part of it: a window update once writable */
+#define DP_KICK 32	/* its window has room: read the socket (to_guest._from_sock) */
+#define DP_SEND_ACK 64	/* the guest's data wants an ACK (from_guest._send_ack) */
 
 struct dp_flow {
 	/* identity, set once */
 	uint32_t id;
+	int32_t fd;		/* the host socket */
 	int32_t six;
 	uint8_t gaddr[16], faddr[16];	/* IPv4: the first four bytes */
 	uint16_t gport, fport;
@@ -36,6 +41,15 @@ struct dp_flow {
 	/* the C's own */
 	uint32_t followups;
 	uint32_t declined_pass;
+	uint32_t pending;	/* bytes of the guest's data taken this pass, not written yet */
+	int32_t write_errno;	/* with DP_RESET: why */
+};
+
+/* One taken payload, written at the end of the pass (one sendmsg per connection). */
+struct dp_payload {
+	struct dp_flow *f;
+	const uint8_t *p;
+	uint32_t len;
 };
 
 struct dp_table {
@@ -50,8 +64,11 @@ struct dp_table {
 	uint32_t seen4;		/* the guest's IPv4 source the dispatcher saw last (host order) */
 	uint8_t learned6[16];	/* and its IPv6 one */
 	uint32_t *touched;	/* ids of connections with followups, this pass */
+	struct dp_flow **touched_flows;	/* the same connections */
 	uint32_t ntouched, touched_cap;
-	uint64_t taken, declined;	/* counters */
+	struct dp_payload *payloads;	/* this pass's, in ring order */
+	uint32_t npayloads, payloads_cap;
+	uint64_t taken, declined, written;	/* counters: frames, frames, bytes */
 };
 
 #endif

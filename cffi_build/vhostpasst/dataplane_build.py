@@ -20,7 +20,9 @@ ffibuilder.cdef(
     int dp_insert(struct dp_table *t, struct dp_flow *f);
     void dp_remove(struct dp_table *t, struct dp_flow *f);
     void dp_pass_begin(struct dp_table *t);
-    int dp_take_tx(void *arg, const uint8_t *frame, uint32_t len, const uint8_t *vnet_hdr);
+    int dp_take_tx(void *arg, const uint8_t *frame, uint32_t len, const uint8_t *vnet_hdr,
+                   uint64_t offloads);
+    void dp_tx_end(void *arg);
     """
 )
 ffibuilder.set_source(

@@ -221,17 +221,22 @@ int vr_tx_gather(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, in
  *
  * vr_tx_offer() hands each frame vr_tx_gather() found (out[] as it wrote them, `n` chains)
  * to a device's consumer, in ring order: the frame's bytes (in guest memory, or in `bounce`
- * for a copied one) and its virtio-net header (`hdr` bytes in hdrs). A frame the consumer
- * takes (it returns 1) becomes VR_TX_TAKEN: the caller passes it over and only pushes its
- * chain. Guest memory is reached through the record's check (vr_rec_region) and the bounce
- * through its length; the consumer gets only those checked pointers, and must read each
- * guest value once (the guest may rewrite its buffers meanwhile). Returns the frames taken. */
+ * for a copied one), its virtio-net header (`hdr` bytes in hdrs) and the offloads the device
+ * negotiated (`offloads`: feature bits, HOST_TSO4/6 say which GSO frames the driver may
+ * send). A frame the consumer takes (it returns 1) becomes VR_TX_TAKEN: the caller passes it
+ * over and only pushes its chain. Then the consumer's `end` runs once (its frames are still
+ * valid: the chains are not pushed yet). Guest memory is reached through the record's check
+ * (vr_rec_region) and the bounce through its length; the consumer gets only those checked
+ * pointers, and must read each guest value once (the guest may rewrite its buffers
+ * meanwhile). Returns the frames taken. */
 typedef int (*vr_tx_consumer)(void *arg, const uint8_t *frame, uint32_t len,
-			      const uint8_t *vnet_hdr);
+			      const uint8_t *vnet_hdr, uint64_t offloads);
+typedef void (*vr_tx_consumer_end)(void *arg);
 
-int vr_tx_offer(uintptr_t consumer, uintptr_t arg, const struct vr_region *regions,
-		unsigned nregions, const uint8_t *hdrs, unsigned hdr, const uint8_t *bounce,
-		size_t bounce_len, uint64_t *out, unsigned n)
+int vr_tx_offer(uintptr_t consumer, uintptr_t consumer_end, uintptr_t arg, uint64_t offloads,
+		const struct vr_region *regions, unsigned nregions, const uint8_t *hdrs,
+		unsigned hdr, const uint8_t *bounce, size_t bounce_len, uint64_t *out,
+		unsigned n)
 {
 	vr_tx_consumer take = (vr_tx_consumer)consumer;
 	const struct vr_region *reg;
@@ -257,10 +262,13 @@ int vr_tx_offer(uintptr_t consumer, uintptr_t arg, const struct vr_region *regio
 		} else {
 			continue;
 		}
-		if (take((void *)arg, frame, (uint32_t)o[3], hdrs + (size_t)hdr * i) == 1) {
+		if (take((void *)arg, frame, (uint32_t)o[3], hdrs + (size_t)hdr * i,
+			 offloads) == 1) {
 			o[0] = VR_TX_TAKEN;
 			taken++;
 		}
 	}
+	if (consumer_end)
+		((vr_tx_consumer_end)consumer_end)((void *)arg);
 	return (int)taken;
 }

@@ -72,11 +72,13 @@ NO_CAPS = LinkCaps()  # a link without a peer, or one without any of these
 @dataclass(frozen=True, slots=True)
 class TxConsumer:
     """A protocol's C that takes some of the guest's frames before the dispatcher sees them
-    (the TCP data plane's pure ACKs): `take(arg, frame, len, vnet_hdr)` as the addresses of
-    a C function and its argument, virtio's vr_tx_offer() calling it per frame; `begin()`
-    before each batch; `after()` once the dispatcher had the rest."""
+    (the TCP data plane): virtio's vr_tx_offer() calls `take(arg, frame, len, vnet_hdr,
+    offloads)` per frame, then `end(arg)` while the frames are still valid (the addresses of
+    C functions and of their argument); `begin()` runs before each batch and `after()` once
+    the dispatcher had the rest."""
 
     take: int
+    end: int
     arg: int
     begin: Callable[[], None]
     after: Callable[[], None]

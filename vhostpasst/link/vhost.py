@@ -315,7 +315,8 @@ class VhostUserLink(VhostRx):
             if consumer is not None:
                 consumer.begin()
                 heads, found, gso = self._tx.tx_frames(vq, self.tx_batch, consumer.take,
-                                                       consumer.arg)
+                                                       consumer.end, consumer.arg,
+                                                       self._host_tso)
             else:
                 heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
@@ -344,7 +345,7 @@ class VhostUserLink(VhostRx):
                     continue
                 self.rx_gso += 1
             frames.append(frame)
-        if size >= TX_BULK_BYTES:
+        if size + self._tx.taken_bytes >= TX_BULK_BYTES:  # the data plane's frames count
             self._tx_bulk.add(index)
         else:
             self._tx_bulk.discard(index)

@@ -286,6 +286,7 @@ class TcpConn(Flow):
         r.gaddr = gaddr.packed.ljust(16, b"\0")
         r.faddr = faddr.packed.ljust(16, b"\0")
         r.gport, r.fport = gport, fport
+        r.fd = sock.fileno()
         self.h = handler
         self.sock = sock
         self.fd = sock.fileno()

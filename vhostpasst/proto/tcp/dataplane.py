@@ -30,10 +30,15 @@ log = logging.getLogger(__name__)
 
 ENV_DATAPLANE = "VHOSTPASST_DATAPLANE"
 TOUCHED_MAX = 1024  # connections with followups in one pass (more: the rest go to Python)
+PAYLOADS_MAX = 1024  # guest payloads taken in one pass (a TX batch has at most 256 frames)
 
-FOLLOW_DISCARD = lib.DP_DISCARD
-FOLLOW_KICK = lib.DP_KICK
+# what the C left for Python on a connection (dataplane.h), in the order Python does it
 FOLLOW_ARM_RTO = lib.DP_ARM_RTO
+FOLLOW_DISCARD = lib.DP_DISCARD
+FOLLOW_RESET = lib.DP_RESET
+FOLLOW_WANT_OUT = lib.DP_WANT_OUT
+FOLLOW_KICK = lib.DP_KICK
+FOLLOW_SEND_ACK = lib.DP_SEND_ACK
 
 
 def dataplane_enabled() -> bool:
@@ -60,20 +65,26 @@ class DataPlane:
             cap <<= 1
         self._slots = ffi.new("struct dp_flow *[]", cap)
         self._touched = ffi.new("uint32_t[]", TOUCHED_MAX)
+        self._touched_flows = ffi.new("struct dp_flow *[]", TOUCHED_MAX)
+        self._payloads = ffi.new("struct dp_payload[]", PAYLOADS_MAX)
         self.table: Any = ffi.new("struct dp_table *")
         t = self.table
         t.slots = self._slots
         t.cap = cap
         t.touched = self._touched
+        t.touched_flows = self._touched_flows
         t.touched_cap = TOUCHED_MAX
+        t.payloads = self._payloads
+        t.payloads_cap = PAYLOADS_MAX
         t.established = ESTABLISHED
         t.rto_min = RTO_MIN
         t.rto_max = rto_max
         self.conns: dict[int, TcpConn] = {}
         self._next_id = 0
         self._learned: tuple[bytes, int, int] | None = None
-        # the link's TxConsumer: dp_take_tx() and the table, as addresses
+        # the link's TxConsumer: dp_take_tx(), dp_tx_end() and the table, as addresses
         self.take = _address(ffi.addressof(lib, "dp_take_tx"))
+        self.end = _address(ffi.addressof(lib, "dp_tx_end"))
         self.arg = _address(t)
 
     def pass_begin(self) -> None:
@@ -105,9 +116,9 @@ class DataPlane:
         t.seen4 = seen4 if 0 <= seen4 <= 0xFFFFFFFF else 0
         t.learned6 = IPv6Address(learned6).packed if 0 <= learned6 < 1 << 128 else bytes(16)
 
-    def after_pass(self, arm_rto: Callable[[TcpConn], None],
-                   discard_and_kick: Callable[[TcpConn, bool], None]) -> None:
-        """What the C left for Python on the connections it touched this pass."""
+    def after_pass(self, followups: Callable[[TcpConn, int], None]) -> None:
+        """What the C left for Python on the connections it touched this pass:
+        `followups(conn, FOLLOW_* bits)` for each that has any left."""
         t = self.table
         n = t.ntouched
         if not n:
@@ -120,12 +131,9 @@ class DataPlane:
             if conn is None:
                 continue
             r = conn.r
-            follow = r.followups
-            r.followups = 0
-            if follow & FOLLOW_ARM_RTO:
-                arm_rto(conn)
-            if follow & (FOLLOW_DISCARD | FOLLOW_KICK):
-                discard_and_kick(conn, bool(follow & FOLLOW_KICK))
+            follow, r.followups = r.followups, 0
+            if follow & ~lib.DP_SEEN:
+                followups(conn, follow)
 
     def close(self) -> None:
         for conn in list(self.conns.values()):

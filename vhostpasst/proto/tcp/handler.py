@@ -38,6 +38,7 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import FOLLOW_KICK, FOLLOW_SEND_ACK
 from vhostpasst.proto.tcp.to_guest import ToGuest
 
 
@@ -53,28 +54,29 @@ class TcpHandler(ToGuest):
         dp = self.dataplane
         # what a link that can offers the data plane's C first: the guest's TX frames
         self.tx_consumer = None if dp is None else \
-            TxConsumer(dp.take, dp.arg, dp.pass_begin, self._dataplane_after)
+            TxConsumer(dp.take, dp.end, dp.arg, dp.pass_begin, self._dataplane_after)
 
     # --- what the data plane's C left (dataplane.py) -------------------------------------
 
     def _dataplane_after(self) -> None:
         if self.dataplane is not None:
-            self.dataplane.after_pass(self._dataplane_arm_rto, self._dataplane_read)
+            self.dataplane.after_pass(self._dataplane_done)
 
-    def _dataplane_arm_rto(self, conn: TcpConn) -> None:
-        if not conn.closed:
-            self._arm_rto(conn, restart=True)
-
-    def _dataplane_read(self, conn: TcpConn, kick: bool) -> None:
-        """_tap_segments()'s end for the ACKs the C took: the discard, then the read."""
+    def _dataplane_done(self, conn: TcpConn, follow: int) -> None:
+        """_tap_segments()'s end for the segments the C took: its timer, the discard, what
+        the socket made of the guest's data, the read, our ACK."""
         if conn.closed:
             return
         try:
+            if self._dataplane_write_result(conn, follow):
+                return
             conn.discard_acked()
-            if kick:
+            if follow & FOLLOW_KICK:
                 self._from_sock(conn)
+            if follow & FOLLOW_SEND_ACK and not conn.closed:
+                self._send_ack(conn)
         except Exception:  # a bug must not stop the loop, nor spare the others
-            log.exception("error after guest ACKs for %r", conn)
+            log.exception("error after guest segments for %r", conn)
             self._reset(conn)
 
     def close(self) -> None:
