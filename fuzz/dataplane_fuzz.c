@@ -127,6 +127,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct dp_flow *f = &flows[i];
 
 		f->id = i;
+		f->fd = -1;	/* writes fail (EBADF): a reset followup */
 		f->six = (int32_t)(take(&in, 1) & 1);
 		memcpy(f->gaddr, f->six ? t.learned6 : (const uint8_t *)"\xC0\0\x02\x02", f->six ? 16 : 4);
 		f->faddr[0] = 198, f->faddr[1] = 51, f->faddr[2] = 100, f->faddr[3] = (uint8_t)(i % 3);

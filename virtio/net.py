@@ -130,6 +130,7 @@ class TxGather:
         self.full = False  # the last call stopped for room: the ring may hold more
         self.taken = 0  # frames the device's consumer took (tx_frames' `take`)
         self.taken_bytes = 0  # and their bytes, in the last call
+        self.taken_gso = 0  # of them GSO frames, in all
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
         self.max_frame = min(FRAME_MAX, bounce_size)
@@ -191,6 +192,8 @@ class TxGather:
                 frame = bounce[offset:offset + length]
             elif kind == TX_TAKEN:
                 self.taken_bytes += length
+                if hdrs[HDR_LEN * i + 1]:  # gso_type
+                    self.taken_gso += 1
                 continue
             else:
                 frame = None

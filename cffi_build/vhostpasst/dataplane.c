@@ -332,6 +332,8 @@ int dp_take_tx(void *arg, const uint8_t *frame, uint32_t len, const uint8_t *vne
 	    (!f->followups && t->ntouched >= t->touched_cap) ||
 	    (payload && t->npayloads >= t->payloads_cap) ||
 	    !dp_guest_ack(t, f, ack, get16(tcp + 14), payload != 0)) {
+		if (f->pending && f->declined_pass != t->pass)
+			t->split++;	/* Python's part of the pass comes after our write */
 		f->declined_pass = t->pass;
 		goto no;
 	}

@@ -69,6 +69,7 @@ struct dp_table {
 	struct dp_payload *payloads;	/* this pass's, in ring order */
 	uint32_t npayloads, payloads_cap;
 	uint64_t taken, declined, written;	/* counters: frames, frames, bytes */
+	uint64_t split;	/* frames declined after the C took data of theirs in the pass */
 };
 
 #endif

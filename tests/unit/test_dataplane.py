@@ -18,7 +18,7 @@ import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from vhostpasst._dataplane import ffi as dp_ffi
 from vhostpasst._dataplane import lib as dp_lib
@@ -174,7 +174,7 @@ _step = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(st.lists(_step, min_size=1, max_size=6), min_size=1, max_size=8))
 def test_the_c_takes_acks_and_data_exactly_as_python_does(
@@ -208,6 +208,10 @@ def test_the_c_takes_acks_and_data_exactly_as_python_does(
             if name == "c":
                 taken = _offer(d, frames)
                 event(f"frames the C took in a batch: {min(taken, 3)}")
+                # a batch split between the C's write and Python's rest of it (dataplane.c's
+                # `split`): Python then acts after the write, not before it (doc/design.md)
+                assert d.tcp is not None and d.tcp.dataplane is not None
+                assume(d.tcp.dataplane.table.split == 0)
             elif frames:
                 feed(d, *frames)
         (dc, _lc, link_c), (dp, _lp, link_p) = envs["c"], envs["python"]

@@ -219,14 +219,16 @@ class VhostUserLink(VhostRx):
 
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
+        taken = self._tx  # frames the data plane's C took count as frames from the guest
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
                  "TSO frames %d from the guest, %d to it, %d data frames bounced, "
                  "%d TX kicks coalesced, %d frames read and committed in one call, "
                  "%d frames from the guest taken by the data plane's C",
-                 self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
-                 self.kicks_coalesced, self.tx_filled, self._tx.taken)
+                 self.rx_frames + taken.taken, self.tx_frames, self.tx_zero_copy,
+                 self.tx_dropped, self.tx_scattered, self.rx_gso + taken.taken_gso,
+                 self.tx_gso, self.tx_bounced, self.kicks_coalesced, self.tx_filled,
+                 taken.taken)
         if self.rx_frames_per_pair:
             log.info("vhost-user: of those, from queue pairs after the first: %s",
                      ", ".join(f"pair {pair}: {n}"

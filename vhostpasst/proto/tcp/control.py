@@ -75,7 +75,8 @@ class TcpControl(abc.ABC):
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
         # the C that takes the guest's pure ACKs on established connections (dataplane.py)
-        self.dataplane = DataPlane(self.rto_max) if dataplane_enabled() else None
+        self.dataplane = DataPlane(self.rto_max, ctx.flows.max_flows) if dataplane_enabled() \
+            else None
 
     def dp_drop(self, conn: TcpConn) -> None:
         """A connection leaves the data plane's table (TcpConn.close())."""
