@@ -365,11 +365,13 @@ class VhostUserLink(VhostRx):
                 self.on_frames(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
-            if self.backend is backend and vq.ready:
-                vq.push_flat([x for head in heads for x in (head, 0)])
-                vq.flush()
-        if consumer is not None:
-            consumer.after()  # what the consumer's C left for Python, after the frames
+            try:
+                if self.backend is backend and vq.ready:
+                    vq.push_flat([x for head in heads for x in (head, 0)])
+                    vq.flush()
+            finally:
+                if consumer is not None:
+                    consumer.after()  # what the consumer's C left for Python, whatever came
         if (len(heads) == self.tx_batch or self._tx.full) and index not in self._tx_scheduled:
             self._tx_scheduled.add(index)  # the ring may hold more: no kick will say so
             self._loop.call_later(0, functools.partial(self._tx_again, index))
