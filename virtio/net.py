@@ -129,7 +129,8 @@ class TxGather:
         self._res = ffi.new("uint32_t[]", 1)
         self.full = False  # the last call stopped for room: the ring may hold more
         self.taken = 0  # frames the device's consumer took (tx_frames' `take`)
-        self.taken_bytes = 0  # and their bytes, in the last call
+        self.taken_last = 0  # in the last call
+        self.taken_bytes = 0  # and their bytes
         self.taken_gso = 0  # of them GSO frames, in all
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
@@ -147,7 +148,7 @@ class TxGather:
         `take`, `take_end`, `take_arg`: a device's C consumer (vr_tx_offer(), net.c) offered
         each frame first, told the negotiated `offloads`; the frames it takes are left out of
         the frames returned (their heads stay)."""
-        self.taken_bytes = 0
+        self.taken_bytes = self.taken_last = 0
         ring = vq.ring_access()
         table = vq.memory.table
         limit = min(count, self.max_chains, ring.num)
@@ -174,9 +175,10 @@ class TxGather:
         if not n:
             return [], [], {}
         if take:
-            self.taken += lib.vr_tx_offer(take, take_end, take_arg, offloads, table.cdata,
-                                          table.count, self._hdrs, HDR_LEN, self._bounce_c,
-                                          len(self.bounce), self._out, n)
+            self.taken_last = lib.vr_tx_offer(take, take_end, take_arg, offloads, table.cdata,
+                                              table.count, self._hdrs, HDR_LEN, self._bounce_c,
+                                              len(self.bounce), self._out, n)
+            self.taken += self.taken_last
         heads: list[int] = ring.chains_mv[:3 * n:3].tolist()
         frames: list[memoryview | None] = []
         gso: dict[int, NetHeader] = {}

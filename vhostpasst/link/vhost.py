@@ -352,11 +352,13 @@ class VhostUserLink(VhostRx):
         else:
             self._tx_bulk.discard(index)
         try:
+            if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
+                seen = len(frames) + self._tx.taken_last  # the data plane's C took some
+                if seen:
+                    counts, pair = self.rx_frames_per_pair, index // 2
+                    counts[pair] = counts.get(pair, 0) + seen
             if frames:
                 self.rx_frames += len(frames)
-                if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
-                    counts, pair = self.rx_frames_per_pair, index // 2
-                    counts[pair] = counts.get(pair, 0) + len(frames)
                 # Link._deliver() spelled out: one Python call fewer per TX pass
                 pcap = self.pcap
                 if pcap is not None:
