@@ -115,6 +115,11 @@ class Dispatcher:
         out = link.buffers_link if link is not None else None
         if self.ctx is not None:
             self.ctx.link = out
+        consumer = self.tcp.tx_consumer if self.tcp is not None else None
+        if old is not None and consumer is not None:
+            old.set_tx_consumer(None)
+        if out is not None and consumer is not None:
+            out.set_tx_consumer(consumer)  # the data plane's C sees the guest's frames first
         if self.tcp is not None:  # TCP resumes at once when a short link has buffers again
             if old is not None:
                 old.remove_rx_ready_callback(self.tcp.rx_ready)
@@ -153,6 +158,10 @@ class Dispatcher:
                 self.tcp.end_batch()
             except Exception:
                 log.exception("error while handling guest TCP segments")
+            dataplane = self.tcp.dataplane
+            if dataplane is not None and self.guest.mac is not None:
+                # the C takes only frames that would teach the dispatcher nothing new
+                dataplane.learned(self.guest.mac, self._seen4, self._learned6)
         if self.udp is not None:  # queued datagrams, sent while the frames are still valid
             try:
                 self.udp.flush_tap()
