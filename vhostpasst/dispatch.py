@@ -41,6 +41,7 @@ _ETH_IP6_TCP = struct.Struct("!6s6sHIHBx16s16sHHIIBBHHH")
 _IP4_FRAG = ip.IP4_MF | ip.IP4_OFFMASK
 _FAST_TCP4_MIN = wtcp.TCP4_PAYLOAD_OFFSET
 _FAST_TCP6_MIN = wtcp.TCP6_PAYLOAD_OFFSET
+_NS_LEN = 24  # ICMPv6 header, 4 reserved bytes, the 16-byte target (RFC 4861 §4.3)
 
 
 class Dispatcher:
@@ -303,6 +304,8 @@ class Dispatcher:
             return
         if header.proto == ip.IPPROTO_ICMPV6:
             if len(header.l4) >= 1 and header.l4[0] in icmp.NDP_TYPES:
+                if header.src.is_unspecified:
+                    self._learn_dad(header.l4)
                 if self.ndp is not None:
                     for reply in self.ndp.handle(frame, time.monotonic()):
                         self._reply(reply)
@@ -326,6 +329,21 @@ class Dispatcher:
             return
         self._drop(f"proto6-{header.proto}",
                    f"IPv6 next header {header.proto} dropped: not supported yet")
+
+    def _learn_dad(self, l4: memoryview) -> None:
+        """Duplicate address detection (a Neighbour Solicitation from ::) names an address
+        the guest is about to use: a guest configured by SLAAC alone may send nothing from
+        it before an inbound connection must reach it, so it counts as seen (passt sends to
+        the address DHCPv6 assigned, which such a guest does not have). Link-local targets
+        are learned from the traffic that follows."""
+        if len(l4) < _NS_LEN or l4[0] != icmp.ND_NEIGHBOR_SOLICIT:
+            return
+        target = IPv6Address(bytes(l4[8:_NS_LEN]))
+        if target.is_link_local or target.is_multicast or target.is_unspecified \
+                or target.is_loopback:
+            return
+        self.guest.addr6_seen = target
+        self._learned6 = -1  # the next frame from another source is learned again
 
     def _learn6(self, src: IPv6Address) -> None:
         """Reference 4.2: a link-local source is the guest's link-local address (and its
