@@ -1,15 +1,26 @@
 """Behaviours of passt that a guest notices, end to end with the guest namespace's kernel.
 
 Each test is one behaviour found different from passt 2026-07 (issue 22): a guest configured
-only by our Router Advertisements (SLAAC) is reachable through `-t`; ...
+only by our Router Advertisements (SLAAC) is reachable through `-t`; a window below one guest
+segment is updated as it opens, so an upload does not wait for the guest's persist timer.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import sys
 
 from tests.netns.sandbox import Sandbox, wait_until
-from tests.netns.tcp_guest import GW6, HOST6, MIB, client, log_lines, serve
+from tests.netns.tcp_guest import (
+    GW4,
+    GW6,
+    HOST6,
+    MIB,
+    client,
+    configure_guest,
+    log_lines,
+    serve,
+)
 from tests.netns.test_e2e_ipv6 import PREFIX, guest_addrs6, start
 
 
@@ -37,3 +48,64 @@ def test_inbound_ipv6_reaches_a_guest_configured_by_slaac_alone(sandbox: Sandbox
     r = client(sandbox, sandbox.world_ns, HOST6, 10022, "send", MIB, timeout=30)
     assert r["answer"] == [str(MIB), r["sha"]], r
     assert log_lines(log)[0].split()[0] == GW6  # the remote, unchanged
+
+
+# A far end that reads slowly (4 KiB per 2 ms) for its first half second, then at full speed,
+# and answers with the byte count: its window to the host closes and reopens in steps.
+SLOW_THEN_FAST = r"""
+import socket, sys, time
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2])))
+ls.listen(1)
+open(sys.argv[3], "w").close()
+ls.settimeout(30)
+c, _ = ls.accept()
+c.settimeout(30)
+total, start = 0, time.monotonic()
+while time.monotonic() - start < 0.5:
+    data = c.recv(4096)
+    if not data:
+        break
+    total += len(data)
+    time.sleep(0.002)
+while data:
+    data = c.recv(1 << 20)
+    total += len(data)
+c.sendall(b"%d\n" % total)
+c.close()
+"""
+PERSIST_WAIT = 0.15  # the guest's persist timer starts at its RTO, 200 ms at least
+
+
+def test_window_below_one_guest_segment_is_updated_as_it_opens(sandbox: Sandbox) -> None:
+    """The guest (MTU 65520: 64 KiB segments) uploads to a far end that reads slowly, then
+    fast. Whenever the window we show is smaller than the guest's next segment, the guest
+    sends nothing more until it sees a larger one: our update must come when the far end's
+    window opens, not the guest's window probe after its persist timer."""
+    sandbox.start_daemon("--no-map-gw", pcap=True)
+    sandbox.start_relay()
+    configure_guest(sandbox)
+    server = sandbox.dir / "slow_then_fast.py"
+    server.write_text(SLOW_THEN_FAST)
+    ready = sandbox.dir / "slow_then_fast.ready"
+    sandbox.popen_in(sandbox.world_ns, sys.executable, str(server), GW4, "5100", str(ready))
+    wait_until(ready.exists, 10, "the slow-then-fast server")
+    r = client(sandbox, sandbox.guest_ns, GW4, 5100, "send", 64 * MIB, timeout=60)
+    assert r["answer"] == [str(64 * MIB)], r
+    sandbox.stop_daemon()  # flushes the capture
+    from scapy.all import TCP, rdpcap  # type: ignore[import-untyped]
+    last_ours = None
+    waits = []
+    for p in rdpcap(sandbox.pcap_path):
+        if TCP not in p:
+            continue
+        seg = p[TCP]
+        if seg.sport == 5100:
+            last_ours = p
+        elif seg.dport == 5100 and len(seg.payload) and last_ours is not None:
+            shown = last_ours[TCP].window << 8  # our window scale
+            gap = float(p.time - last_ours.time)
+            if shown < len(seg.payload) and gap > PERSIST_WAIT:
+                waits.append((round(gap, 3), shown, len(seg.payload)))
+    assert not waits, f"the guest waited for its persist timer (s, window, segment): {waits}"

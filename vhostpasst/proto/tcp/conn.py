@@ -22,9 +22,12 @@ ACK number and window: the guest's data is acknowledged once the far end acknowl
 host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
 end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
 took it. The window is what the far end's window and our send buffer leave once the bytes in
-flight are counted, never less than what we showed before moved on by the ACK. These, and the
-header template data frames are written from, are TcpConn methods: both directions' paths
-use them.
+flight are counted, never less than what we showed before moved on by the ACK. A window below
+one guest segment is, to the guest, a zero window (its sender avoids silly windows, RFC 813
+§4, and waits for its persist timer): while it will open (data in flight, or the far end's
+window below the largest it showed), the socket is polled as for a zero window and the update
+sent once it opens (wnd_short). These, and the header template data frames are written from,
+are TcpConn methods: both directions' paths use them.
 
 States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
 SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
@@ -217,6 +220,12 @@ class TcpConn(Flow):
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
+        self.seg_from_tap = 0  # the largest payload the guest sent in one segment
+        self.snd_wnd_max = 0  # the largest window the far end showed the host kernel
+        # the window shown is below one guest segment but will open (data in flight, or the
+        # far end's window below its largest): the guest waits for more (sender SWS
+        # avoidance), so the socket is polled as for a zero window
+        self.wnd_short = False
         # (seq_from_tap, ACK number, window, when) of the last ack_wnd() for data frames:
         # see data_ack_wnd()
         self.data_ack: tuple[int, int, int, float] | None = None
@@ -294,6 +303,10 @@ class TcpConn(Flow):
             unacked = (ack - remote) & M32
             wnd = min(snd_wnd, eff) - unacked
             self.poll_fast = unacked > eff // 4
+            if snd_wnd > self.snd_wnd_max:
+                self.snd_wnd_max = snd_wnd
+            self.wnd_short = wnd < self.seg_from_tap and \
+                (unacked > 0 or snd_wnd < self.snd_wnd_max)
         if seq_lt(ack, self.seq_ack_to_tap):
             ack = self.seq_ack_to_tap  # never backwards
         wnd = max(0, min(wnd, MAX_WINDOW))
@@ -318,7 +331,7 @@ class TcpConn(Flow):
         self.seq_ack_to_tap = ack
         self.wnd_to_tap = wnd << self.ws_to_tap
         self.ack_due = False
-        if ack != self.seq_from_tap or wnd == 0:
+        if ack != self.seq_from_tap or wnd == 0 or self.wnd_short:
             self.h._arm_ack(self)  # poll the socket for the far end's ACK or window
 
     def tso_params(self) -> Tso:

@@ -373,6 +373,7 @@ class FromGuest(TcpTimers):
     def _write(self, conn: TcpConn, pending: list[memoryview]) -> bool:
         """One sendmsg for the batch. True if everything went."""
         total = sum(map(len, pending))
+        conn.seg_from_tap = max(conn.seg_from_tap, max(map(len, pending)))
         sent = 0
         try:
             while pending:
@@ -463,7 +464,7 @@ class FromGuest(TcpTimers):
         ack, wnd = conn.ack_wnd()
         if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
                 conn.wnd_to_tap:
-            if ack != conn.seq_from_tap or wnd == 0:
+            if ack != conn.seq_from_tap or wnd == 0 or conn.wnd_short:
                 self._arm_ack(conn)
             return
         if self._pure_ack(conn, ack, wnd):
