@@ -2,7 +2,8 @@
 
 Each test is one behaviour found different from passt 2026-07 (issue 22): a guest configured
 only by our Router Advertisements (SLAAC) is reachable through `-t`; a window below one guest
-segment is updated as it opens, so an upload does not wait for the guest's persist timer.
+segment is updated as it opens, so an upload does not wait for the guest's persist timer;
+DHCPv6 gives the --fqdn name (option 39) to ISC dhclient.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from tests.netns.sandbox import Sandbox, wait_until
+from tests.netns.sandbox import CLEAN_ENV, Sandbox, wait_until
 from tests.netns.tcp_guest import (
     GW4,
     GW6,
@@ -21,7 +22,7 @@ from tests.netns.tcp_guest import (
     log_lines,
     serve,
 )
-from tests.netns.test_e2e_ipv6 import PREFIX, guest_addrs6, start
+from tests.netns.test_e2e_ipv6 import PREFIX, guest_addrs6, guest_ll_ready, parse_env, start
 
 
 def _slaac_address(sandbox: Sandbox) -> str:
@@ -109,3 +110,22 @@ def test_window_below_one_guest_segment_is_updated_as_it_opens(sandbox: Sandbox)
             if shown < len(seg.payload) and gap > PERSIST_WAIT:
                 waits.append((round(gap, 3), shown, len(seg.payload)))
     assert not waits, f"the guest waited for its persist timer (s, window, segment): {waits}"
+
+
+def test_dhcpv6_gives_the_fqdn(sandbox: Sandbox) -> None:
+    """ISC dhclient -6 asking for dhcp6.fqdn decodes the name we were given with --fqdn."""
+    start(sandbox, "--fqdn", "guest.example.org", accept_ra=False)
+    wait_until(lambda: guest_ll_ready(sandbox), 10, "the guest's link-local address")
+    out = sandbox.dir / "dhclient6.env"
+    script = sandbox.dir / "dhclient6-fqdn.sh"
+    script.write_text(f'#!/bin/sh\n[ "$reason" = BOUND6 ] && env > {out}\nexit 0\n')
+    script.chmod(0o755)
+    conf = sandbox.dir / "dhclient6-fqdn.conf"
+    conf.write_text("timeout 15;\nretry 1;\ninitial-interval 1;\nrequest dhcp6.fqdn;\n")
+    r = sandbox.guest(*CLEAN_ENV, "timeout", "20", "dhclient", "-6", "-1", "-cf", str(conf),
+                      "-sf", str(script), "-lf", str(sandbox.dir / "dhclient6-fqdn.leases"),
+                      "-pf", str(sandbox.dir / "dhclient6-fqdn.pid"), "tap0",
+                      timeout=25)
+    assert out.exists(), (r.stdout, r.stderr, sandbox.daemon_log())
+    lease = parse_env(out.read_text())
+    assert lease["new_fqdn_fqdn"] == "guest.example.org", lease
