@@ -3,13 +3,17 @@
 Each test is one behaviour found different from passt 2026-07 (issue 22): a guest configured
 only by our Router Advertisements (SLAAC) is reachable through `-t`; a window below one guest
 segment is updated as it opens, so an upload does not wait for the guest's persist timer;
-DHCPv6 gives the --fqdn name (option 39) to ISC dhclient.
+DHCPv6 gives the --fqdn name (option 39) to ISC dhclient; a UDP datagram keeps the guest's TTL
+(traceroute works).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
+
+import pytest
 
 from tests.netns.sandbox import CLEAN_ENV, Sandbox, wait_until
 from tests.netns.tcp_guest import (
@@ -22,6 +26,7 @@ from tests.netns.tcp_guest import (
     log_lines,
     serve,
 )
+from tests.netns.tcp_guest import start as start_tcp_guest
 from tests.netns.test_e2e_ipv6 import PREFIX, guest_addrs6, guest_ll_ready, parse_env, start
 
 
@@ -129,3 +134,53 @@ def test_dhcpv6_gives_the_fqdn(sandbox: Sandbox) -> None:
     assert out.exists(), (r.stdout, r.stderr, sandbox.daemon_log())
     lease = parse_env(out.read_text())
     assert lease["new_fqdn_fqdn"] == "guest.example.org", lease
+
+
+# The guest's traceroute probe: one UDP datagram with TTL (hop limit) 1, then the ICMP error
+# its socket is told of (IP_RECVERR), printed as JSON: origin, type, offender.
+TTL1_PROBE = r"""
+import json, select, socket, struct, sys
+six = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
+if six:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, 25, 1)  # IPV6_RECVERR
+else:
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+    s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR
+s.sendto(b"probe", (sys.argv[1], 33434))
+poller = select.poll()
+poller.register(s, select.POLLERR)
+if not poller.poll(5000):
+    print(json.dumps(None))
+    sys.exit()
+_, anc, _, _ = s.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+for _level, _type, data in anc:
+    _errno, origin, type_, code, _pad, _info, _data = struct.unpack_from("=IBBBBII", data)
+    off = data[16:]
+    who = socket.inet_ntop(socket.AF_INET6, off[8:24]) if six else socket.inet_ntoa(off[4:8])
+    print(json.dumps({"origin": origin, "type": type_, "offender": who}))
+"""
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_udp_keeps_the_guests_ttl_so_traceroute_works(sandbox: Sandbox, six: bool) -> None:
+    """The world namespace routes a further network on (a router, forwarding on): the guest's
+    datagram with TTL 1 must expire there, and the time exceeded reach the guest from it."""
+    if six:
+        sandbox.world("sysctl", "-w", "net.ipv6.conf.all.forwarding=1", check=True)
+        sandbox.world("ip", "-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8::3",
+                      check=True)
+    else:
+        sandbox.world("sysctl", "-w", "net.ipv4.ip_forward=1", check=True)
+        sandbox.world("ip", "route", "add", "198.51.100.0/24", "via", "192.0.2.3",
+                      check=True)
+    start_tcp_guest(sandbox, "--no-map-gw")
+    far = "2001:db8:1::7" if six else "198.51.100.7"
+    r = sandbox.guest(sys.executable, "-c", TTL1_PROBE, far, timeout=15)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    got = json.loads(r.stdout)
+    assert got is not None, "no ICMP error reached the guest\n" + sandbox.daemon_log()
+    # SO_EE_ORIGIN_ICMP6 3, ICMPV6_TIME_EXCEED 3; SO_EE_ORIGIN_ICMP 2, ICMP_TIME_EXCEEDED 11
+    assert (got["origin"], got["type"]) == ((3, 3) if six else (2, 11)), got
+    assert got["offender"] == (GW6 if six else GW4)

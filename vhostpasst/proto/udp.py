@@ -18,9 +18,13 @@ fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the
 the guest sent it, rate-limited. passt only logs these; a guest that is told gets
 ECONNREFUSED at once instead of waiting for a timeout.
 
+TTL and hop limit: the guest's go out with its datagrams (IP_TTL / IPV6_UNICAST_HOPS set on
+the socket when they change, as passt), so a datagram with TTL 1 expires at the first router
+and the time exceeded comes back as an error above: traceroute from a guest works.
+
 Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(), a run for
-one flow in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg` C helper
-when it is built, else one system call per datagram).
+one flow and TTL in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg`
+C helper when it is built, else one system call per datagram: mmsg.py).
 
 A flow ends after 180 s without a datagram either way (VHOSTPASST_UDP_TIMEOUT, for tests).
 
@@ -41,6 +45,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -52,6 +57,7 @@ from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
+from vhostpasst.proto.mmsg import MMSG_MAX, Mmsg, _mlib
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 
@@ -77,63 +83,6 @@ _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are dis
 # errors a socket reports once for an earlier ICMP error: reading may go on after them
 _SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                           errno.EMSGSIZE, errno.ETIMEDOUT, errno.EINTR})
-
-try:
-    from vhostpasst._mmsg import ffi as _mffi  # type: ignore[import-not-found,unused-ignore]
-    from vhostpasst._mmsg import lib as _mlib  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # not built (plain source tree): one system call per datagram
-    _mffi = _mlib = None
-
-MMSG_MAX = 64  # VP_MMSG_MAX in cffi_build/mmsg.c
-
-
-class Mmsg:
-    """Arrays for vp_recvmmsg/vp_sendmmsg, allocated once; buffers are passed per call."""
-
-    def __init__(self, size: int = max(RX_BATCH, 1)) -> None:
-        assert _mffi is not None
-        self.size = min(size, MMSG_MAX)
-        self._bufs = _mffi.new("uint8_t *[]", self.size)
-        self._lens = _mffi.new("size_t[]", self.size)
-        self._out_lens = _mffi.new("size_t[]", self.size)
-        self._flags = _mffi.new("int[]", self.size)
-        self._addrs = _mffi.new("struct vp_addr[]", self.size)
-
-    def _fill(self, views: list[memoryview], writable: bool) -> list[object]:
-        keep = []  # the cdata must outlive the call
-        for i, view in enumerate(views[:self.size]):
-            c = _mffi.from_buffer("uint8_t[]", view, require_writable=writable)
-            keep.append(c)
-            self._bufs[i] = c
-            self._lens[i] = len(view)
-        return keep
-
-    def recv(self, fd: int, views: list[memoryview], want_addr: bool) -> int:
-        """Datagrams received into `views` (their count), or -errno."""
-        _keep = self._fill(views, True)
-        n = min(len(views), self.size)
-        addrs = self._addrs if want_addr else _mffi.NULL
-        return int(_mlib.vp_recvmmsg(fd, self._bufs, self._lens, n, self._out_lens,
-                                     self._flags, addrs))
-
-    def result(self, i: int, want_addr: bool) -> tuple[int, int, tuple | None]:
-        """(length, msg_flags, (host, port) or None) of datagram i of the last recv()."""
-        addr: tuple | None = None
-        if want_addr:
-            a = self._addrs[i]
-            raw = bytes(_mffi.buffer(a.addr))
-            if a.family == socket.AF_INET:
-                addr = (str(IPv4Address(raw[:4])), a.port)
-            elif a.family == socket.AF_INET6:
-                addr = (str(IPv6Address(raw)), a.port, 0, a.scope_id)
-        return int(self._out_lens[i]), int(self._flags[i]), addr
-
-    def send(self, fd: int, payloads: list[memoryview]) -> int:
-        """Datagrams sent on connected socket `fd` (a prefix of `payloads`), or -errno."""
-        _keep = self._fill(payloads, False)
-        return int(_mlib.vp_sendmmsg(fd, self._bufs, self._lens, min(len(payloads),
-                                                                     self.size)))
-
 
 def flow_timeout() -> float:
     return env_number(TIMEOUT_ENV, UDP_TIMEOUT)
@@ -194,7 +143,10 @@ class UdpHandler:
         self.clock = clock
         self.timeout = flow_timeout()
         self.listeners: list[Listener] = []
-        self._pending: list[tuple[UdpFlow, memoryview]] = []
+        self._pending: list[tuple[UdpFlow, memoryview, int]] = []  # flow, payload, TTL
+        # the TTL / hop limit last set on each socket (a listener's is shared by its flows)
+        self._ttl_set: weakref.WeakKeyDictionary[socket.socket, int] = \
+            weakref.WeakKeyDictionary()
         # recvmmsg/sendmmsg when the C helper is built; tests with fake sockets set None
         self.mmsg: Mmsg | None = Mmsg() if _mlib is not None else None
         self._log = RateLimitedLog(log)
@@ -210,12 +162,12 @@ class UdpHandler:
     # --- guest -> host ----------------------------------------------------------------------
 
     def tap4(self, packet: ip.Ipv4) -> None:
-        self._tap(False, packet.src, packet.dst, udp.parse_udp(packet.payload))
+        self._tap(False, packet.src, packet.dst, packet.ttl, udp.parse_udp(packet.payload))
 
     def tap6(self, packet: ip.Ipv6) -> None:
-        self._tap(True, packet.src, packet.dst, udp.parse_udp(packet.l4))
+        self._tap(True, packet.src, packet.dst, packet.hop_limit, udp.parse_udp(packet.l4))
 
-    def _tap(self, six: bool, src: IPAddr, dst: IPAddr, dgram: udp.Udp) -> None:
+    def _tap(self, six: bool, src: IPAddr, dst: IPAddr, ttl: int, dgram: udp.Udp) -> None:
         if dgram.sport == 0 or dgram.dport == 0:
             self._log.debug("udp-port0", "UDP datagram with port 0 from the guest dropped")
             return
@@ -236,20 +188,36 @@ class UdpHandler:
         flow.touch()
         # Queued, not sent: the dispatcher calls flush_tap() once per batch of guest frames,
         # so a run of datagrams for one flow goes out in one sendmmsg().
-        self._pending.append((flow, dgram.payload))
+        self._pending.append((flow, dgram.payload, ttl))
 
     def flush_tap(self) -> None:
         """Send what the guest frames of this batch queued (before the frames go away)."""
         pending, self._pending = self._pending, []
         i = 0
         while i < len(pending):
-            flow = pending[i][0]
+            flow, _, ttl = pending[i]
             j = i + 1
-            while j < len(pending) and pending[j][0] is flow and j - i < MMSG_MAX:
+            while j < len(pending) and pending[j][0] is flow and pending[j][2] == ttl \
+                    and j - i < MMSG_MAX:
                 j += 1
             if not flow.closed:
-                self._send_run(flow, [payload for _, payload in pending[i:j]])
+                self._set_ttl(flow, ttl)
+                self._send_run(flow, [payload for _, payload, _ in pending[i:j]])
             i = j
+
+    def _set_ttl(self, flow: UdpFlow, ttl: int) -> None:
+        """The guest's TTL or hop limit on the socket the next datagrams of `flow` leave."""
+        sock = flow.sock
+        if self._ttl_set.get(sock) == ttl:
+            return
+        try:
+            if flow.six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        except OSError as e:  # TTL 0, which Linux refuses: the kernel's default stays
+            self._log.debug(("udp-ttl", e.errno), "UDP TTL %d for %r: %s", ttl, flow, e)
+        self._ttl_set[sock] = ttl
 
     def _send_run(self, flow: UdpFlow, payloads: list[memoryview]) -> None:
         if len(payloads) > 1 and flow.peer is None and self.mmsg is not None:
