@@ -4,14 +4,16 @@ Each test is one behaviour found different from passt 2026-07 (issue 22): a gues
 only by our Router Advertisements (SLAAC) is reachable through `-t`; a window below one guest
 segment is updated as it opens, so an upload does not wait for the guest's persist timer;
 DHCPv6 gives the --fqdn name (option 39) to ISC dhclient; a UDP datagram keeps the guest's TTL
-(traceroute works).
+(traceroute works); UDP flows time out after the host's conntrack timeouts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -28,6 +30,8 @@ from tests.netns.tcp_guest import (
 )
 from tests.netns.tcp_guest import start as start_tcp_guest
 from tests.netns.test_e2e_ipv6 import PREFIX, guest_addrs6, guest_ll_ready, parse_env, start
+from tests.netns.test_e2e_udp_icmp import host_udp_ports, run_client, start_server
+from tests.netns.test_e2e_udp_icmp import start as start_udp_guest
 
 
 def _slaac_address(sandbox: Sandbox) -> str:
@@ -184,3 +188,28 @@ def test_udp_keeps_the_guests_ttl_so_traceroute_works(sandbox: Sandbox, six: boo
     # SO_EE_ORIGIN_ICMP6 3, ICMPV6_TIME_EXCEED 3; SO_EE_ORIGIN_ICMP 2, ICMP_TIME_EXCEEDED 11
     assert (got["origin"], got["type"]) == ((3, 3) if six else (2, 11)), got
     assert got["offender"] == (GW6 if six else GW4)
+
+
+CONNTRACK_UDP = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
+
+
+def test_udp_flows_time_out_as_the_hosts_conntrack(sandbox: Sandbox) -> None:
+    """The host namespace's nf_conntrack_udp_timeout (2 s here) ends a flow with one datagram
+    each way; one with more, a stream, lives nf_conntrack_udp_timeout_stream (6 s)."""
+    if not os.path.exists(CONNTRACK_UDP):
+        pytest.skip("no nf_conntrack here: its UDP timeouts are not there to follow")
+    sandbox.host("sysctl", "-w", "net.netfilter.nf_conntrack_udp_timeout=2", check=True)
+    sandbox.host("sysctl", "-w", "net.netfilter.nf_conntrack_udp_timeout_stream=6",
+                 check=True)
+    start_udp_guest(sandbox)
+    start_server(sandbox, sandbox.host_ns, "4", "127.0.0.1", 5003, 1)
+    start_server(sandbox, sandbox.host_ns, "4", "127.0.0.1", 5004, 2)
+    single = run_client(sandbox, sandbox.guest_ns, "4", 40003, GW4, 5003, [10])
+    stream = run_client(sandbox, sandbox.guest_ns, "4", 40004, GW4, 5004, [10, 10])
+    last = time.monotonic()
+    assert single["got"] == single["sent"] and stream["got"] == stream["sent"]
+    assert {40003, 40004} <= host_udp_ports(sandbox)
+    wait_until(lambda: 40003 not in host_udp_ports(sandbox), 5, "the single exchange to end")
+    assert 40004 in host_udp_ports(sandbox), "the stream ended with the single exchange"
+    wait_until(lambda: 40004 not in host_udp_ports(sandbox), 10, "the stream to end")
+    assert time.monotonic() - last >= 5

@@ -26,7 +26,10 @@ Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(
 one flow and TTL in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg`
 C helper when it is built, else one system call per datagram: mmsg.py).
 
-A flow ends after 180 s without a datagram either way (VHOSTPASST_UDP_TIMEOUT, for tests).
+Timeouts, as passt and the host's connection tracking: a flow ends after
+nf_conntrack_udp_timeout (30 s) without a datagram either way, or, once it has seen an answer
+and more than one datagram in a direction, nf_conntrack_udp_timeout_stream (120 s); both read
+from the host's sysctls at start (VHOSTPASST_UDP_TIMEOUT sets both, for tests).
 
 Refused, silently but for a rate-limited debug line: guest datagrams with port 0 on either
 side, from an unspecified or multicast source, to an unspecified destination, or to one NAT
@@ -65,7 +68,9 @@ log = logging.getLogger(__name__)
 
 IPAddr = IPv4Address | IPv6Address
 
-UDP_TIMEOUT = 180.0
+UDP_TIMEOUT = 30.0  # without the conntrack sysctls (nf_conntrack not loaded), as passt
+UDP_TIMEOUT_STREAM = 120.0
+CONNTRACK_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
@@ -84,8 +89,26 @@ _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are dis
 _SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                           errno.EMSGSIZE, errno.ETIMEDOUT, errno.EINTR})
 
+def _sysctl_seconds(path: str, default: float) -> float:
+    try:
+        with open(path) as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+    return float(value) if value > 0 else default
+
+
+def flow_timeouts() -> tuple[float, float]:
+    """(timeout, stream timeout) of a UDP flow: the host's conntrack ones (module docstring).
+    Read before the sandbox empties the root."""
+    timeout = _sysctl_seconds(CONNTRACK_SYSCTL, UDP_TIMEOUT)
+    stream = _sysctl_seconds(CONNTRACK_SYSCTL + "_stream", UDP_TIMEOUT_STREAM)
+    return env_number(TIMEOUT_ENV, timeout), env_number(TIMEOUT_ENV, stream)
+
+
 def flow_timeout() -> float:
-    return env_number(TIMEOUT_ENV, UDP_TIMEOUT)
+    """The timeout of a flow that is a stream (pasta's spliced flows)."""
+    return flow_timeouts()[1]
 
 
 class UdpFlow(Flow):
@@ -95,7 +118,7 @@ class UdpFlow(Flow):
 
     def __init__(self, ctx: Context, six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr,
                  fport: int, sock: socket.socket, peer: tuple[object, ...] | None,
-                 timeout: float) -> None:
+                 timeout: float, stream_timeout: float | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.six = six
@@ -104,6 +127,24 @@ class UdpFlow(Flow):
         self.peer = peer  # None: `sock` is ours and connected
         self.target: IPAddr | None = None  # outbound: the translated destination
         self.timeout = timeout
+        self.stream_timeout = timeout if stream_timeout is None else stream_timeout
+        # datagrams each way until the flow counts as a stream (then no more counting)
+        self.from_guest = self.from_host = 0
+        self.stream = False
+
+    def seen(self, from_guest: bool) -> None:
+        """A datagram either way: activity, and the stream timeout once there was an answer
+        and more than one datagram in a direction (passt's rule)."""
+        self.touch()
+        if self.stream:
+            return
+        if from_guest:
+            self.from_guest += 1
+        else:
+            self.from_host += 1
+        if self.from_guest and self.from_host and self.from_guest + self.from_host > 2:
+            self.stream = True
+            self.timeout = self.stream_timeout
 
     def __repr__(self) -> str:
         kind = "out" if self.peer is None else "in"
@@ -141,7 +182,7 @@ class UdpHandler:
         # tests substitute fake sockets here, so fuzzing never touches a real network
         self.socket_factory: Callable[..., socket.socket] = socket.socket
         self.clock = clock
-        self.timeout = flow_timeout()
+        self.timeout, self.stream_timeout = flow_timeouts()
         self.listeners: list[Listener] = []
         self._pending: list[tuple[UdpFlow, memoryview, int]] = []  # flow, payload, TTL
         # the TTL / hop limit last set on each socket (a listener's is shared by its flows)
@@ -185,7 +226,7 @@ class UdpHandler:
             if not self.ctx.flows.add(flow, key):
                 flow.close()
                 return
-        flow.touch()
+        flow.seen(from_guest=True)
         # Queued, not sent: the dispatcher calls flush_tap() once per batch of guest frames,
         # so a run of datagrams for one flow goes out in one sendmmsg().
         self._pending.append((flow, dgram.payload, ttl))
@@ -285,7 +326,8 @@ class UdpHandler:
             sock.close()
             self._log.debug(("udp-sock", e.errno), "UDP flow to %s:%d: %s", target, dport, e)
             return None
-        flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout)
+        flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout,
+                       self.stream_timeout)
         flow.target = target
         # the loop's last resort (loop.py): a callback that raises ends its flow
         ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_flow_sock, flow),
@@ -359,7 +401,7 @@ class UdpHandler:
             flow = flow_for(addr)
             if flow is None:
                 continue
-            flow.touch()
+            flow.seen(from_guest=False)
             buf = bufs[i]
             if six:
                 length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr.packed,
@@ -415,7 +457,7 @@ class UdpHandler:
         if six != lst.six:
             return None
         flow = UdpFlow(self.ctx, six, gdst, lst.guest_port, shown, host_port, lst.sock,
-                       tuple(addr), self.timeout)
+                       tuple(addr), self.timeout, self.stream_timeout)
         if not self.ctx.flows.add(flow, key, _tap_key(six, gdst, lst.guest_port, shown,
                                                       host_port)):
             return None
