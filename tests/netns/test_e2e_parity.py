@@ -4,7 +4,8 @@ Each test is one behaviour found different from passt 2026-07 (issue 22): a gues
 only by our Router Advertisements (SLAAC) is reachable through `-t`; a window below one guest
 segment is updated as it opens, so an upload does not wait for the guest's persist timer;
 DHCPv6 gives the --fqdn name (option 39) to ISC dhclient; a UDP datagram keeps the guest's TTL
-(traceroute works); UDP flows time out after the host's conntrack timeouts.
+(traceroute works); UDP flows time out after the host's conntrack timeouts; an echo request
+leaves with the guest's identifier.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -213,3 +215,51 @@ def test_udp_flows_time_out_as_the_hosts_conntrack(sandbox: Sandbox) -> None:
     assert 40004 in host_udp_ports(sandbox), "the stream ended with the single exchange"
     wait_until(lambda: 40004 not in host_udp_ports(sandbox), 10, "the stream to end")
     assert time.monotonic() - last >= 5
+
+
+# The far end: a raw socket that prints the identifier of the first echo request it sees.
+ECHO_ID_SNIFFER = r"""
+import socket, sys
+six = ":" in sys.argv[1]
+if six:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(10)
+open(sys.argv[2], "w").close()
+while True:
+    data = s.recv(65536)
+    icmp = data if six else data[(data[0] & 15) * 4:]
+    if icmp[0] == (128 if six else 8):
+        print(int.from_bytes(icmp[4:6], "big"))
+        break
+"""
+# The guest: a ping socket bound to echo identifier 4242, one request, its reply's identifier.
+PING_WITH_ID = r"""
+import socket, sys
+six = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM,
+                  socket.IPPROTO_ICMPV6 if six else socket.IPPROTO_ICMP)
+s.bind(("", 4242))
+s.settimeout(5)
+s.sendto(bytes((128 if six else 8, 0, 0, 0, 0, 0, 0, 1)) + b"vhostpasst", (sys.argv[1], 0))
+reply = s.recv(1024)
+print(int.from_bytes(reply[4:6], "big"))
+"""
+
+
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_echo_request_leaves_with_the_guests_identifier(sandbox: Sandbox, six: bool) -> None:
+    """The ping socket is bound to the guest's echo identifier, as passt's: the far end sees
+    the identifier the guest chose, and the guest gets its reply."""
+    start_tcp_guest(sandbox, "--no-map-gw")
+    sandbox.guest("sysctl", "-w", "net.ipv4.ping_group_range=0 2147483647", check=True)
+    far = GW6 if six else GW4
+    ready = sandbox.dir / "sniffer.ready"
+    sniffer = sandbox.popen_in(sandbox.world_ns, sys.executable, "-c", ECHO_ID_SNIFFER, far,
+                               str(ready), stdout=subprocess.PIPE)
+    wait_until(ready.exists, 10, "the echo request sniffer")
+    r = sandbox.guest(sys.executable, "-c", PING_WITH_ID, far, timeout=15)
+    assert r.returncode == 0 and r.stdout.split() == ["4242"], (r.stdout, r.stderr)
+    out, _ = sniffer.communicate(timeout=15)
+    assert out.split() == [b"4242"], out
