@@ -5,7 +5,8 @@ only by our Router Advertisements (SLAAC) is reachable through `-t`; a window be
 segment is updated as it opens, so an upload does not wait for the guest's persist timer;
 DHCPv6 gives the --fqdn name (option 39) to ISC dhclient; a UDP datagram keeps the guest's TTL
 (traceroute works); UDP flows time out after the host's conntrack timeouts; an echo request
-leaves with the guest's identifier.
+leaves with the guest's identifier; TCP keepalives: the guest's turn SO_KEEPALIVE on, and ours
+end a connection the guest forgot.
 """
 
 from __future__ import annotations
@@ -263,3 +264,51 @@ def test_echo_request_leaves_with_the_guests_identifier(sandbox: Sandbox, six: b
     assert r.returncode == 0 and r.stdout.split() == ["4242"], (r.stdout, r.stderr)
     out, _ = sniffer.communicate(timeout=15)
     assert out.split() == [b"4242"], out
+
+
+# The guest's TCP client: connect, then "keepalive" (probe every second, for 3 s) or "forget"
+# (drop the connection silently: closed in repair mode, nothing is sent).
+GUEST_TCP_CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+if sys.argv[3] == "keepalive":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    time.sleep(3)
+else:
+    time.sleep(0.5)
+    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+s.close()
+"""
+
+
+def test_guest_keepalives_turn_so_keepalive_on(sandbox: Sandbox) -> None:
+    """The guest probes an idle connection: the daemon's host socket keeps it alive too (ss
+    shows its keepalive timer), as passt."""
+    start_tcp_guest(sandbox, "--no-map-gw")
+    serve(sandbox, sandbox.world_ns, GW4, 5200, "hold")
+    guest = sandbox.popen_in(sandbox.guest_ns, sys.executable, "-c", GUEST_TCP_CLIENT, GW4,
+                             "5200", "keepalive")
+
+    def daemon_timers() -> str | None:
+        r = sandbox.host("ss", "-tnoH", "state", "established", "dst", f"{GW4}:5200")
+        return r.stdout if "keepalive" in r.stdout else None
+
+    try:
+        wait_until(daemon_timers, 5, "a keepalive timer on the daemon's socket")
+    finally:
+        guest.wait(10)
+
+
+def test_our_keepalive_ends_a_connection_the_guest_forgot(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest drops a connection without a word (a reboot, say): our keepalive after an
+    interval of silence (1 s here) draws its RST, and the far end is reset."""
+    monkeypatch.setenv("VHOSTPASST_TCP_KEEPALIVE_INTERVAL", "1")
+    start_tcp_guest(sandbox, "--no-map-gw")
+    log = serve(sandbox, sandbox.world_ns, GW4, 5201, "hold")
+    r = sandbox.guest(sys.executable, "-c", GUEST_TCP_CLIENT, GW4, "5201", "forget",
+                      timeout=15)
+    assert r.returncode == 0, r.stderr
+    assert log_lines(log, timeout=10)[0].split()[1:] == ["error", "104"]  # ECONNRESET

@@ -40,7 +40,13 @@ connection goes once both have ended and the far end took everything
 Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
 retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
 coalesced ACK, and polling the socket for the far end's ACK when we hold back the guest's), and
-one connection timer (handshake timeout, FIN timeout, inactivity).
+one connection timer (handshake timeout, FIN timeout, inactivity); plus one for them all, the
+keepalive round.
+
+Keepalives, as passt: a keepalive probe from the guest is answered and turns SO_KEEPALIVE on
+for the host socket, so the far end is probed too; every KEEPALIVE_INTERVAL, a connection the
+guest sent nothing on for that long gets a keepalive probe (an ACK one below the guest's ACK
+point), so a guest that rebooted or forgot it answers with a RST and it ends.
 
 Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
 a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
@@ -101,10 +107,11 @@ SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve
 ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
 HANDSHAKE_TIMEOUT = 10.0
 FIN_TIMEOUT = 60.0
-# No inactivity reset by default: passt means to reset after 7200 s, yet in practice only
-# re-arms its timer (reference 4.4), so idle SSH sessions and connection pools live on;
-# VHOSTPASST_TCP_IDLE_TIMEOUT sets one.
-IDLE_TIMEOUT: float | None = None
+# As passt 2026: a connection with no activity either way for IDLE_TIMEOUT is reset, and one
+# quiet on the guest's side for KEEPALIVE_INTERVAL gets a keepalive, which a live guest answers
+# (so an idle SSH session lives on) and one that forgot the connection answers with a RST.
+IDLE_TIMEOUT = 7200.0
+KEEPALIVE_INTERVAL = 30.0
 RTO_INIT = 1.0  # RFC 6298 §2.1
 RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
 RTO_MAX = 60.0
@@ -123,6 +130,7 @@ ACCEPT_BATCH = 16
 ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
 ENV_RTO_MAX = "VHOSTPASST_TCP_RTO_MAX"
 ENV_IDLE = "VHOSTPASST_TCP_IDLE_TIMEOUT"
+ENV_KEEPALIVE = "VHOSTPASST_TCP_KEEPALIVE_INTERVAL"
 ENV_HALF_OPEN = "VHOSTPASST_TCP_HALF_OPEN_MAX"
 
 # states
@@ -218,6 +226,7 @@ class TcpConn(Flow):
         self.ws_to_tap = 0
         self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
+        self.so_keepalive = False  # the guest sent a keepalive: SO_KEEPALIVE is on, as passt
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
         self.seg_from_tap = 0  # the largest payload the guest sent in one segment

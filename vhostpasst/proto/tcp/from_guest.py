@@ -269,6 +269,7 @@ class FromGuest(TcpTimers):
             return
         self._update_events(conn)
         self._arm_idle(conn, self.idle_timeout)
+        self._arm_keepalive()
 
     def _rst_acceptable(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
         """RFC 5961 §3.2: a RST is taken only if its seq is exactly the next expected one;
@@ -311,10 +312,13 @@ class FromGuest(TcpTimers):
             if not length and not flags & wtcp.FIN:
                 if seq_lt(seg.seq, expected):
                     answer = True  # keep-alive probe
+                    self._mirror_keepalive(conn)
                 continue
             got = self._accept_data(conn, seg, expected, pending, ooo)
             if got is None:
                 answer = True
+                if length == 1:  # a keep-alive probe with one byte of old data
+                    self._mirror_keepalive(conn)
                 continue
             expected, fin = got
         while ooo and not fin:  # a later segment of this batch may have filled the hole
@@ -351,6 +355,16 @@ class FromGuest(TcpTimers):
         for _ in range(dups):
             self._send_ack(conn, force=True)
         conn.close_if_done()
+
+    def _mirror_keepalive(self, conn: TcpConn) -> None:
+        """The guest probes the connection: the host socket probes the far end too."""
+        if conn.so_keepalive:
+            return
+        conn.so_keepalive = True
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as e:
+            self._log.debug(("tcp-keepalive", e.errno), "%r: SO_KEEPALIVE: %s", conn, e)
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
                      pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:
