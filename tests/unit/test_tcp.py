@@ -393,7 +393,7 @@ def test_keepalive_is_answered(env: tuple) -> None:
 
 
 def test_idle_connection_gets_keepalives_and_is_reset_after_two_hours(env: tuple) -> None:
-    """As passt 2026: a connection the guest was quiet on for 30 s gets a keepalive probe (an
+    """As passt 2026: a connection without traffic for 30 s gets a keepalive probe (an
     ACK one below its ACK point, which a live guest answers); one with no activity at all for
     7200 s is reset."""
     d, loop, link = env

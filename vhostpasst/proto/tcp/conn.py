@@ -44,9 +44,10 @@ one connection timer (handshake timeout, FIN timeout, inactivity); plus one for 
 keepalive round.
 
 Keepalives, as passt: a keepalive probe from the guest is answered and turns SO_KEEPALIVE on
-for the host socket, so the far end is probed too; every KEEPALIVE_INTERVAL, a connection the
-guest sent nothing on for that long gets a keepalive probe (an ACK one below the guest's ACK
-point), so a guest that rebooted or forgot it answers with a RST and it ends.
+for the host socket, so the far end is probed too; every KEEPALIVE_INTERVAL, a connection
+with no traffic either way for that long (passt: from the guest; data we send the guest is
+answered) gets a keepalive probe (an ACK one below the guest's ACK point), so a guest that
+rebooted or forgot it answers with a RST and it ends.
 
 Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
 a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
@@ -108,7 +109,7 @@ ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 m
 HANDSHAKE_TIMEOUT = 10.0
 FIN_TIMEOUT = 60.0
 # As passt 2026: a connection with no activity either way for IDLE_TIMEOUT is reset, and one
-# quiet on the guest's side for KEEPALIVE_INTERVAL gets a keepalive, which a live guest answers
+# quiet for KEEPALIVE_INTERVAL gets a keepalive, which a live guest answers
 # (so an idle SSH session lives on) and one that forgot the connection answers with a RST.
 IDLE_TIMEOUT = 7200.0
 KEEPALIVE_INTERVAL = 30.0

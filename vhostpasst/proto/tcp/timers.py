@@ -17,7 +17,7 @@ All are loop timers (loop.call_at), at most three per connection:
 * Connection (_arm_idle): whichever of the handshake timeout, the FIN timeout or the
   inactivity timeout was armed last; inactivity re-arms itself for the time left.
 * Keepalive round (_arm_keepalive, one for all connections, while any is established): a
-  keepalive probe to each connection the guest has been quiet on for a whole interval.
+  keepalive probe to each connection with no traffic either way for a whole interval.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ class TcpTimers(TcpControl):
                 time.monotonic() + self.keepalive_interval, self._keepalive_round)
 
     def _keepalive_round(self) -> None:
-        """A keepalive probe to each established connection the guest was quiet on for a
-        whole interval; the round goes on while any connection is established."""
+        """A keepalive probe to each established connection with no traffic for a whole
+        interval; the round goes on while any connection is established."""
         self._keepalive_timer = None
         now = time.monotonic()
         established = False
