@@ -19,6 +19,15 @@ epoll counts as active: leave out the samples that end in `Loop.run_once`'s poll
 with `--profiler perf`, `perf record` (CPU time only; `perf report --sort dso` splits the
 interpreter from the kernel).
 
+`--udp` runs iperf3 -u instead: datagrams of `--length` bytes (iperf3 -l; at most the MTU
+less 28, as neither daemon reassembles IP fragments) at `--bitrate` (UDP_BITRATE unless
+given: iperf3's own default for -u is 1 Mbit/s). Mbit/s, bytes and so CPU per GiB are the
+receiver's (what the daemon delivered); the loss column is the receiver's share of datagrams
+that never arrived, wherever they were dropped (the daemon, a socket buffer, the guest).
+
+    cd /tmp && python /work/main/bench/vhost_ab.py passt:/tmp/passt-2607/passt /work/main \
+        --udp --length 1400 --mtu 1500 [--reverse]
+
 Each run boots a guest (qemu-tests/harness.py) with `python -m vhostpasst` from the tree
 (PYTHONPATH), takes a DHCP lease, runs iperf3 for --warmup seconds, then for --seconds, and
 reads the daemon's CPU (schedstat, ns), its user/sys split (/proc/PID/stat ticks) and its
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,6 +55,11 @@ import harness  # noqa: E402
 import profiler  # noqa: E402
 from image import build_image  # noqa: E402
 from vhost_throughput import GIB, GW4, IPERF_PORT, cpu_seconds, iperf_mbps, wait_listening  # noqa: E402
+
+# iperf3 -u -b when --bitrate is not given: a rate of the issue's equal-rate grid at both
+# MTUs, and more than a TCG guest moves in 1400-byte datagrams either way (full speed)
+UDP_BITRATE = "1G"
+UDP_IP4_OVERHEAD = 28  # IPv4 and UDP headers: a datagram fits one frame up to MTU - 28 bytes
 
 
 def ticks(pid: int) -> tuple[int, int]:
@@ -62,6 +77,26 @@ def sleeps(pid: int) -> int:
             if line.startswith("voluntary_ctxt_switches:"):
                 return int(line.split()[1])
     return 0
+
+
+def udp_loss_percent(text: str) -> float:
+    """The share of datagrams lost in iperf3 -u's receiver summary line ("lost/total (x%)")."""
+    for line in text.splitlines():
+        if "receiver" in line:
+            m = re.search(r"(\d+)/(\d+) \(", line)
+            if m:
+                lost, total = int(m.group(1)), int(m.group(2))
+                return 100.0 * lost / total if total else 0.0
+    raise RuntimeError(f"no iperf3 -u receiver line in:\n{text[-2000:]}")
+
+
+def iperf_options(args: argparse.Namespace) -> str:
+    """iperf3 client options after -t: direction, protocol, datagram size, rate."""
+    bitrate = args.bitrate or (UDP_BITRATE if args.udp else None)
+    return ((" -R" if args.reverse else "")
+            + (" -u" if args.udp else "")
+            + (f" -l {args.length}" if args.length else "")
+            + (f" -b {bitrate}" if bitrate else ""))
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -90,8 +125,8 @@ def imported_from(tree: Path) -> None:
 
 def one_run(side: str, image: Path, args: argparse.Namespace,
             profile_as: str = "") -> tuple[float, ...]:
-    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB, wake-ups per GiB) of one guest over the
-    daemon from the source tree `side`, or the passt binary `passt:PATH`."""
+    """(Mbit/s, CPU s/GiB, user s/GiB, sys s/GiB, wake-ups per GiB, UDP loss %) of one guest
+    over the daemon from the source tree `side`, or the passt binary `passt:PATH`."""
     workdir = harness.make_workdir()
     netns = harness.HostNetns()
     old_daemon, old_path = harness.DAEMON, os.environ.get("PYTHONPATH")
@@ -119,7 +154,7 @@ def one_run(side: str, image: Path, args: argparse.Namespace,
             assert guest.proc is not None
             pin(guest.proc.pid, 1)
             pin(pid, 0)
-        result: tuple[float, ...] = (0.0,) * 5
+        result: tuple[float, ...] = (0.0,) * 6
         for seconds in (args.warmup, args.seconds):
             server = subprocess.Popen(netns.argv([*(["taskset", "-c", "0"] if args.pin else []),
                                                   "iperf3", "-s", "-1", "-B", "127.0.0.1",
@@ -133,9 +168,7 @@ def one_run(side: str, image: Path, args: argparse.Namespace,
                    and (args.profiler == "perf" or not is_passt(side)) else None)
             cpu0, (user0, sys0), sleeps0 = cpu_seconds(pid), ticks(pid), sleeps(pid)
             _, out = guest.run(f"iperf3 -c {GW4} -p {IPERF_PORT} -t {seconds} -f m"
-                               + (" -R" if args.reverse else "")
-                               + (f" -b {args.bitrate}" if args.bitrate else ""),
-                               timeout=seconds + 60)
+                               + iperf_options(args), timeout=seconds + 60)
             cpu, (user1, sys1) = cpu_seconds(pid) - cpu0, ticks(pid)
             wakes = sleeps(pid) - sleeps0
             if spy is not None:
@@ -145,7 +178,7 @@ def one_run(side: str, image: Path, args: argparse.Namespace,
             gib = nbytes / GIB
             hz = os.sysconf("SC_CLK_TCK")
             result = (mbps, cpu / gib, (user1 - user0) / hz / gib, (sys1 - sys0) / hz / gib,
-                      wakes / gib)
+                      wakes / gib, udp_loss_percent(out) if args.udp else 0.0)
         return result
     finally:
         harness.DAEMON = old_daemon
@@ -170,7 +203,13 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=8, help="measured iperf3 -t")
     p.add_argument("--warmup", type=int, default=2, help="iperf3 -t before measuring")
     p.add_argument("--bitrate", metavar="RATE",
-                   help="iperf3 -b RATE (e.g. 2G): both sides move the same bytes per second")
+                   help="iperf3 -b RATE (e.g. 2G): both sides move the same bytes per second "
+                        f"(with --udp: {UDP_BITRATE} unless given)")
+    p.add_argument("--udp", action="store_true",
+                   help="iperf3 -u: UDP datagrams, the receiver's rate and loss")
+    p.add_argument("--length", type=int, metavar="BYTES",
+                   help="iperf3 -l: the datagram size with --udp (e.g. 1400, or 65000 at MTU "
+                        "65520), the write size for TCP")
     p.add_argument("--pin", action="store_true",
                    help="qemu on CPU 1, the daemon and the iperf3 server on CPU 0")
     p.add_argument("--profile", metavar="PREFIX",
@@ -187,8 +226,15 @@ def main() -> int:
         p.error(f"--profile needs {args.profiler}")
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
         p.error("--pin needs CPUs 0 and 1")
+    if args.length is not None and args.length < 1:
+        p.error(f"--length {args.length}: must be at least 1 byte")
+    if args.udp and args.length and args.length > args.mtu - UDP_IP4_OVERHEAD:
+        p.error(f"--length {args.length}: over {args.mtu - UDP_IP4_OVERHEAD} bytes (MTU "
+                f"{args.mtu} less {UDP_IP4_OVERHEAD}) a datagram becomes IP fragments, which "
+                "neither daemon reassembles")
     image = build_image()
-    direction = "host->guest" if args.reverse else "guest->host"
+    direction = ("host->guest" if args.reverse else "guest->host") + (
+        f" UDP -l {args.length or 'default'} -b {args.bitrate or UDP_BITRATE}" if args.udp else "")
     results: dict[int, list[tuple[float, ...]]] = {0: [], 1: []}
     names = [f"{side}" + (f" ({' '.join(args.first_env)})" if n == 0 and first_env else "")
              for n, side in enumerate(args.sides)]
@@ -198,22 +244,26 @@ def main() -> int:
             if side_no == 0:
                 os.environ.update(first_env)
             try:
-                mbps, cpu, user, sys_, wakes = one_run(side, image, args, f"{side_no}-{run_no}")
+                mbps, cpu, user, sys_, wakes, loss = one_run(side, image, args,
+                                                             f"{side_no}-{run_no}")
             finally:
                 for k, v in saved.items():
                     if v is None:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-            results[side_no].append((mbps, cpu, user, sys_, wakes))
+            results[side_no].append((mbps, cpu, user, sys_, wakes, loss))
             print(f"{names[side_no]}: {direction} MTU {args.mtu}: {mbps:.0f} Mbit/s, "
-                  f"{cpu:.3f} CPU s/GiB (user {user:.3f}, sys {sys_:.3f}), "
+                  + (f"loss {loss:.2f} %, " if args.udp else "")
+                  + f"{cpu:.3f} CPU s/GiB (user {user:.3f}, sys {sys_:.3f}), "
                   f"{wakes:.0f} wake-ups/GiB", flush=True)
-    medians = {n: [statistics.median(r[i] for r in runs) for i in range(5)]
+    medians = {n: [statistics.median(r[i] for r in runs) for i in range(6)]
                for n, runs in results.items()}
-    for n, (mbps, cpu, user, sys_, wakes) in medians.items():
-        print(f"median {names[n]}: {mbps:.0f} Mbit/s, {cpu:.3f} CPU s/GiB (user {user:.3f}, "
-              f"sys {sys_:.3f}), {wakes:.0f} wake-ups/GiB")
+    for n, (mbps, cpu, user, sys_, wakes, loss) in medians.items():
+        print(f"median {names[n]}: {mbps:.0f} Mbit/s, "
+              + (f"loss {loss:.2f} %, " if args.udp else "")
+              + f"{cpu:.3f} CPU s/GiB (user {user:.3f}, sys {sys_:.3f}), "
+              f"{wakes:.0f} wake-ups/GiB")
     first, second = medians[0], medians[1]
     if first[0] and first[1]:
         print(f"second / first: throughput {second[0] / first[0]:.2f}x, "

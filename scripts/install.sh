@@ -3,7 +3,7 @@
 #
 #   $PREFIX/lib/vhostpasst/          a venv of its own holding the package (Debian's python3
 #                                    refuses installs into the system: PEP 668)
-#   $PREFIX/bin/vhostpasst, vhostpasta
+#   $PREFIX/bin/vhostpasst, vhostpasta, vhostpasst-repair (the TCP_REPAIR helper)
 #   $PREFIX/bin/passt, pasta         links, so libvirt, podman and qemu's -netdev passt find us
 #                                    where they look (PATH); LINKS=no leaves them out
 #   $PREFIX/share/man/man1/vhostpasst.1 (and vhostpasta.1)
@@ -24,7 +24,7 @@ ours() {  # is $1 a link into our venv (so that uninstall removes nothing else)?
 }
 
 if [ "${1:-}" = --uninstall ]; then
-    for name in vhostpasst vhostpasta passt pasta; do
+    for name in vhostpasst vhostpasta vhostpasst-repair passt pasta; do
         if ours "$bin/$name"; then rm -f "$bin/$name"; fi
     done
     rm -f "$man/vhostpasst.1" "$man/vhostpasta.1"
@@ -38,6 +38,7 @@ fi
 mkdir -p "$bin" "$man"
 ln -sfn "$lib/bin/vhostpasst" "$bin/vhostpasst"
 ln -sfn "$lib/bin/vhostpasta" "$bin/vhostpasta"
+ln -sfn "$lib/bin/vhostpasst-repair" "$bin/vhostpasst-repair"
 if [ "$LINKS" = yes ]; then
     for name in passt pasta; do
         if [ -e "$bin/$name" ] && ! ours "$bin/$name"; then

@@ -14,12 +14,14 @@ from collections.abc import Callable
 
 from vhostpasst import __version__
 from vhostpasst.config.conf import DEFAULT_MTU, Config, summary
-from vhostpasst.core import flow
+from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
 from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.core.process import Process
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
 from vhostpasst.link.stream import StreamListener
@@ -51,12 +53,16 @@ def _vhost_link(config: Config, loop: Loop, dispatcher: Dispatcher, pcap: PcapWr
     from vhostpasst.link import vhost  # the virtio library only when asked for
 
     frame_max = ETH_HLEN + (config.mtu or DEFAULT_MTU)  # what an in-place guest RX buffer must hold
+    # a live migration moves the guest's addresses (DEVICE_STATE); a TCP_REPAIR helper may
+    # connect, but connections are not moved yet
     if config.fd is not None:
         return vhost.vhost_link_from_fd(loop, config.fd, dispatcher.on_frames, pcap=pcap,
-                                        on_exit=on_exit, frame_max=frame_max)
+                                        on_exit=on_exit, frame_max=frame_max,
+                                        guest=dispatcher.guest, repair_path=config.repair_path)
     return vhost.VhostUserListener(loop, config.socket_path, dispatcher.on_frames, pcap=pcap,
                                    one_off=config.one_off, on_exit=on_exit,
-                                   frame_max=frame_max)
+                                   frame_max=frame_max, guest=dispatcher.guest,
+                                   repair_path=config.repair_path)
 
 
 def run(config: Config) -> int:
@@ -65,10 +71,13 @@ def run(config: Config) -> int:
     setup_logging("passt", config.foreground, config.debug, config.trace, config.quiet,
                   config.log_file, config.log_size)
     log.debug("vhostpasst %s starting", __version__)
-    if config.repair_path:
-        log.warning("--repair-path %s ignored: a live migration moves the guest (dirty page "
-                    "log), but not the TCP connections open through this daemon",
+    if config.repair_path and not config.vhost_user:
+        log.warning("--repair-path %s ignored: it is for --vhost-user mode (live migration)",
                     config.repair_path)
+    for flag, given in (("--migrate-exit", config.migrate_exit),
+                        ("--migrate-no-linger", config.migrate_no_linger)):
+        if given:  # they act on a completed migration's TCP sockets, which we do not move
+            log.warning("%s has no effect yet: TCP connections do not migrate", flag)
     flow.raise_fd_limit()  # before the flow table sizes itself by it
     from vhostpasst.system import isolation
 
@@ -118,6 +127,16 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
+    control: ControlServer | None = None
+    if config.conf_path:
+        try:
+            control = wiring.start(config, loop, dispatcher,
+                                   [wiring.host_side(config, dispatcher)])
+        except OSError as e:
+            log.error("cannot open the control socket %s: %s", config.conf_path, e.strerror or e)
+            dispatcher.close()
+            listener.close()
+            return 1
     box = Sandbox("vhost-user" if config.vhost_user else "stream", config.chroot_fallback)
     try:
         box.prepare()  # every import, while still root
@@ -153,11 +172,14 @@ def run(config: Config) -> int:
         listener.close()
         return 1
 
+    stats.watch(loop, config.stats, dispatcher.stat_counters())
     try:
         process.run(loop)
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
+        if control is not None:
+            control.close()
         dispatcher.close()
         listener.close()
         if pcap is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from vhostpasst.config.conf import Config
@@ -19,11 +19,13 @@ from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EventLoop
 from vhostpasst.core.loop import TimerHandle as Timer
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.core.stats import Counter
 from vhostpasst.link.base import Link
 from vhostpasst.proto.context import Context
-from vhostpasst.proto.icmp import IcmpHandler
+from vhostpasst.proto.icmp import IcmpHandler, PingFlow
 from vhostpasst.proto.tcp import TcpHandler
-from vhostpasst.proto.udp import UdpHandler
+from vhostpasst.proto.tcp.conn import TcpConn
+from vhostpasst.proto.udp import UdpFlow, UdpHandler
 from vhostpasst.services import arp, dhcp, dhcpv6
 from vhostpasst.services.dhcp import DhcpServer
 from vhostpasst.services.dhcpv6 import Dhcpv6Server
@@ -87,6 +89,23 @@ class Dispatcher:
         self._drops = RateLimitedLog(log)
         self.dropped = 0
 
+    def stat_counters(self) -> list[Counter]:
+        """--stats columns: frames from and to the guest, frames dropped here, and flows
+        open now per protocol (core/stats.py)."""
+        def frames(attr: str) -> Callable[[], int]:
+            def read() -> int:
+                link = self._link.buffers_link if self._link is not None else None
+                return int(getattr(link, attr, 0))
+            return read
+
+        def flows(kind: type) -> Callable[[], int]:
+            table = self.ctx.flows if self.ctx is not None else ()
+            return lambda: sum(isinstance(f, kind) for f in table)
+
+        return [("guest_rx", frames("rx_frames")), ("guest_tx", frames("tx_frames")),
+                ("dropped", lambda: self.dropped), ("tcp", flows(TcpConn)),
+                ("udp", flows(UdpFlow)), ("icmp", flows(PingFlow))]
+
     @property
     def link(self) -> Link | None:
         return self._link
@@ -100,6 +119,11 @@ class Dispatcher:
         out = link.buffers_link if link is not None else None
         if self.ctx is not None:
             self.ctx.link = out
+        consumer = self.tcp.tx_consumer if self.tcp is not None else None
+        if old is not None and consumer is not None:
+            old.set_tx_consumer(None)
+        if out is not None and consumer is not None:
+            out.set_tx_consumer(consumer)  # the data plane's C sees the guest's frames first
         if self.tcp is not None:  # TCP resumes at once when a short link has buffers again
             if old is not None:
                 old.remove_rx_ready_callback(self.tcp.rx_ready)
@@ -138,6 +162,10 @@ class Dispatcher:
                 self.tcp.end_batch()
             except Exception:
                 log.exception("error while handling guest TCP segments")
+            dataplane = self.tcp.dataplane
+            if dataplane is not None and self.guest.mac is not None:
+                # the C takes only frames that would teach the dispatcher nothing new
+                dataplane.learned(self.guest.mac, self._seen4, self._learned6)
         if self.udp is not None:  # queued datagrams, sent while the frames are still valid
             try:
                 self.udp.flush_tap()

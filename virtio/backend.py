@@ -10,6 +10,8 @@ Error policy, in one place (`_dispatch`): a request that is malformed, unsupport
 gets a non-zero REPLY_ACK when the front end asked for one (NEED_REPLY), and otherwise closes
 the connection, since the front end would carry on believing it succeeded. A broken byte stream
 (bad header, oversized payload, too many fds) always closes. No exception reaches the loop.
+SET_DEVICE_STATE_FD is the exception: its reply carries its own error code, so a refused
+transfer is answered (and logged) and the connection stays (virtio/devstate.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Protocol
 
 from . import guard
 from . import message as m
+from .devstate import REPLY_NOFD, Direction, Phase, StateError, StateTransfer
 from .dirtylog import LOG_PAGE, DirtyLog, DirtyLogError
 from .memory import GuestMemory, GuestMemoryError
 from .message import Message, Request, RequestError
@@ -87,6 +90,18 @@ class Device:
     def queue_kicked(self, vq: VirtQueue) -> None:
         """The driver kicked: pop until empty (or come back later)."""
 
+    # Live migration of the device's own state (virtio/devstate.py): a device with
+    # max_state_size > 0 gets DEVICE_STATE offered and these two called, rings stopped.
+    max_state_size: int = 0  # the largest state it saves or accepts, in bytes
+
+    def save_state(self) -> bytes:
+        """The device's state, opaque to the library (at most max_state_size bytes)."""
+        raise StateError("this device has no state to migrate")
+
+    def load_state(self, data: bytes) -> None:
+        """Take a whole saved state, or raise StateError and change nothing."""
+        raise StateError("this device has no state to migrate")
+
 
 def _close(fd: int | None) -> None:
     if fd is not None:
@@ -110,6 +125,8 @@ class VhostUserBackend:
         self.protocol_features = PROTOCOL_FEATURES
         if device.config() is not None:
             self.protocol_features |= 1 << m.ProtocolFeature.CONFIG
+        if device.max_state_size > 0:
+            self.protocol_features |= 1 << m.ProtocolFeature.DEVICE_STATE
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -117,6 +134,8 @@ class VhostUserBackend:
         self.close_reason = ""
         self.memory = GuestMemory(max_mem_slots)
         self.dirty_log: DirtyLog | None = None  # SET_LOG_BASE's, used while LOG_ALL is on
+        # from SET_DEVICE_STATE_FD to the CHECK_DEVICE_STATE that takes its result
+        self.transfer: StateTransfer | None = None
         self.queues = [VirtQueue(i, self.memory, device.max_queue_size)
                        for i in range(device.num_queues)]
         self._reader = m.MessageReader(sock)
@@ -146,6 +165,8 @@ class VhostUserBackend:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self._check_device_state,
         }
         loop.add_fd(sock.fileno(), select.EPOLLIN, self._on_readable, on_error=self._loop_error)
 
@@ -246,7 +267,7 @@ class VhostUserBackend:
             # Each step whatever the one before did: a failing one (a bug) must not leave
             # the socket watched or the memory mapped.
             for step in (lambda: self.loop.remove_fd(self.sock.fileno()), self._reset_queues,
-                         self._drop_log,
+                         self._drop_log, self._drop_transfer,
                          self.memory.reset,  # a large guest takes a while: a signal may come
                          self._reader.close, self.sock.close):
                 try:
@@ -344,6 +365,7 @@ class VhostUserBackend:
     def _reset_device(self, msg: Message) -> None:
         self._reset_queues()
         self._drop_log()
+        self._drop_transfer()
         self.memory.reset()
         self.acked_features = 0
 
@@ -382,6 +404,44 @@ class VhostUserBackend:
             if dirty.marks:  # a migration's source: qemu stops without turning logging off
                 log.info("vhost-user: dirty log released: %d writes marked in it", dirty.marks)
             dirty.close()
+
+    # --- live migration: the device's state (virtio/devstate.py) ---------------------------
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        """Start a transfer; the reply's low byte is 0 or an error, and bit 8 always says we
+        keep the front end's fd (no fd of ours comes back). A refusal is logged and answered:
+        the front end fails its migration and the connection carries on."""
+        direction, phase = m.DEVICE_STATE.unpack_from(msg.payload)
+        error = None
+        if not self.acked_protocol_features & 1 << m.ProtocolFeature.DEVICE_STATE:
+            error = "DEVICE_STATE was not negotiated"
+        elif phase != Phase.STOPPED:
+            error = f"migration phase {phase} (only {Phase.STOPPED} is defined)"
+        elif direction not in (Direction.SAVE, Direction.LOAD):
+            error = f"transfer direction {direction}"
+        elif not msg.fds:
+            error = "no fd attached"
+        elif self.transfer is not None:
+            error = "a transfer is already under way"
+        if error is not None:
+            log.warning("vhost-user SET_DEVICE_STATE_FD refused: %s", error)
+            return m.encode_u64(REPLY_NOFD | 1)
+        self.transfer = StateTransfer(self.loop, msg.take_fd(), Direction(direction),
+                                      self.device)
+        return m.encode_u64(REPLY_NOFD | (1 if self.transfer.error is not None else 0))
+
+    def _check_device_state(self, msg: Message) -> bytes:
+        transfer, self.transfer = self.transfer, None
+        if transfer is None:
+            log.warning("vhost-user CHECK_DEVICE_STATE without a transfer")
+            return m.encode_u64(1)
+        return m.encode_u64(0 if transfer.result() is None else 1)
+
+    def _drop_transfer(self) -> None:
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None and not transfer.done:
+            log.info("device state: %s cut short (%d bytes moved)",
+                     transfer.direction.name.lower(), transfer.moved)
+            transfer.close()
 
     def _set_mem_table(self, msg: Message) -> None:
         descs = msg.mem_table()

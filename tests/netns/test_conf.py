@@ -151,7 +151,7 @@ def test_host_detection(netns: Callable[[], Netns]) -> None:
     assert c["search"] == ["example.org", "test.example"]
     assert c["mtu"] == 65520
     assert not c["no_dhcp"] and not c["no_dhcpv6"] and not c["no_ndp"]
-    assert c["tcp_in"]["mode"] == "none" and c["udp_in"]["mode"] == "none"
+    assert c["tcp_in"]["rules"] == [] and c["udp_in"]["rules"] == []
     s = c["summary"]
     assert s[0] == "Template interface: d0 (IPv4), d0 (IPv6)"
     assert s[1:3] == ["MAC:", "    host: 9a:55:9a:55:9a:55"]
@@ -330,9 +330,24 @@ def test_pasta_defaults(netns: Callable[[], Netns]) -> None:
     standard(ns)
     c = ns.conf(["--config-net", "--dns-forward", "169.254.1.1", "-t", "none"], RESOLV, "pasta")
     assert c["mode"] == "pasta" and c["no_dhcp_dns"] and c["no_dhcp_search"] and c["no_ra"]
-    assert c["tcp_in"]["mode"] == "none" and c["udp_in"]["mode"] == "auto"
-    assert c["tcp_out"]["mode"] == "auto" and c["ns_ifname"] == "d0"
+    assert c["tcp_in"]["rules"] == [] and c["udp_in"]["rules"][0]["scan"]
+    assert c["tcp_out"]["rules"][0]["scan"] and c["ns_ifname"] == "d0"
     assert c["ip4"]["dns_match"] == "169.254.1.1" and c["ip4"]["dns_host"] == "198.51.100.53"
+
+
+def test_implied_options_of_passt_2026(netns: Callable[[], Netns]) -> None:
+    """--no-icmp implies --no-ndp (passt.1, conf.c); --splice-only implies
+    --host-lo-to-ns-lo, --no-icmp and no DNS advertised; a target without a listening
+    address needs its family alone."""
+    ns = netns()
+    standard(ns)
+    c = ns.conf(["--no-icmp"], RESOLV)
+    assert c["no_icmp"] and c["no_ndp"] and not c["no_dhcpv6"]
+    c = ns.conf(["--splice-only", "--dhcp-dns"], RESOLV, "pasta")
+    assert c["splice_only"] and c["host_lo_to_ns_lo"] and c["no_icmp"] and c["no_dhcp_dns"]
+    c = ns.conf(["-4", "-t", "22:192.0.2.5"], RESOLV)
+    assert c["tcp_in"]["rules"][0]["target"] == "192.0.2.5"
+    assert "use 0.0.0.0/" in ns.conf(["-t", "22:192.0.2.5"], RESOLV)["error"]
 
 
 # -- without namespaces -------------------------------------------------------------------------

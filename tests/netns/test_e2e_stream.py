@@ -312,13 +312,14 @@ def test_sigterm_ends_the_daemon_with_status_0(sandbox: Sandbox) -> None:
 
 
 def test_repair_path_is_accepted_and_said_to_be_ignored(sandbox: Sandbox) -> None:
-    """libvirt and KubeVirt set-ups may pass passt's --repair-path: the daemon starts, serves,
-    and says the option does nothing here (the guest migrates, its TCP connections do not)."""
+    """--repair-path outside --vhost-user: the daemon starts, serves, and says the option
+    does nothing here (tests/netns/test_repair.py has it in vhost-user mode)."""
     sandbox.start_daemon("--repair-path", str(sandbox.dir / "passt.socket.repair"))
     sandbox.start_relay()
     assert sandbox.udhcpc()["ip"] == "192.0.2.2"
     log = sandbox.daemon_log()
-    assert "--repair-path" in log and "not the TCP connections" in log, log
+    assert "--repair-path" in log and "ignored" in log, log
+    assert not (sandbox.dir / "passt.socket.repair").exists()
 
 
 def test_sigterm_ends_an_idle_daemon_with_status_0(sandbox: Sandbox) -> None:

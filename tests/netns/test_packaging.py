@@ -87,6 +87,8 @@ def test_make_install_puts_commands_links_and_man_page_under_prefix(tmp_path: Pa
                         ("vhostpasst", "vhostpasst 0."), ("vhostpasta", "vhostpasta 0.")):
         out = _run(prefix / "bin" / name, "--version", cwd=tmp_path)
         assert out.returncode == 0 and out.stdout.startswith(shape), (name, out)
+    out = _run(prefix / "bin/vhostpasst-repair", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: vhostpasst-repair"), out
     assert (prefix / "share/man/man1/vhostpasst.1").is_file()
     assert (prefix / "share/man/man1/vhostpasta.1").resolve().name == "vhostpasst.1"
     r = subprocess.run(["make", "-s", "uninstall", f"PREFIX={prefix}"], cwd=ROOT,

@@ -147,14 +147,25 @@ def test_pasta_only_deprecated_copy_options() -> None:
 def test_port_options() -> None:
     o = parse_args(["-t", "22", "--tcp-ports=80:8080", "-u", "53", "--udp-ports", "54"], "passt")
     assert o.tcp_in is not None and [r.first for r in o.tcp_in.rules] == [22, 80]
-    with pytest.raises(ConfigError, match="mode conflict"):
+    with pytest.raises(ConfigError, match="conflicts with previous options"):
         parse_args(["-u", "53", "-u", "none"], "passt")
     o = parse_args(["-T", "auto", "--udp-ns", "5353", "-t", "auto", "-u", "none"], "pasta")
-    assert o.tcp_out is not None and o.tcp_out.mode == "auto"
+    assert o.tcp_out is not None and o.tcp_out.scanned == o.tcp_out.rules
     assert o.udp_out is not None and o.udp_out.rules[0].first == 5353
-    assert o.tcp_in is not None and o.tcp_in.mode == "auto"
+    assert o.tcp_in is not None and o.tcp_in.rules[0].scan
     o = parse_args(["--tcp-ns", "none", "-U", "none"], "pasta")
-    assert o.tcp_out is not None and o.tcp_out.mode == "none"
+    assert o.tcp_out is not None and not o.tcp_out.rules
+    # passt 2026-07: all in pasta, auto with ranges or an address, and the combinations
+    o = parse_args(["-t", "all", "-u", "127.0.0.1/8000-8010,auto", "-u", "::1/auto",
+                    "-T", "~22,auto"], "pasta")
+    assert o.tcp_in is not None and o.tcp_in.rules[0].tolerant
+    assert o.udp_in is not None and [(r.first, r.addr) for r in o.udp_in.scanned] == [
+        (8000, A4("127.0.0.1")), (1, A6("::1"))]
+    o = parse_args(["-t", "[::1]/5000:[2001:db8::5]/6000", "-t", "127.0.0.6/all:192.0.2.6"],
+                   "passt")
+    assert o.tcp_in is not None
+    assert [(r.to_first, r.target) for r in o.tcp_in.rules] == [
+        (6000, A6("2001:db8::5")), (1, A4("192.0.2.6"))]
 
 
 def test_getopt_forms() -> None:
@@ -275,10 +286,16 @@ BAD: list[tuple[str, list[str], str, str]] = [
     ("passt", ["-t", "0"], "--tcp-ports", "out of range"),
     ("passt", ["-t", "80-82:90-91"], "--tcp-ports", "same size"),
     ("passt", ["-t", "auto"], "--tcp-ports", "pasta mode"),
-    ("passt", ["-u", "22", "-u", "all"], "--udp-ports", "mode conflict"),
+    ("passt", ["-u", "22", "-u", "all"], "--udp-ports", "overlapping"),
+    ("passt", ["--migrate-exit"], "--migrate-exit", "vhost-user mode only"),
+    ("passt", ["--migrate-no-linger"], "--migrate-no-linger", "vhost-user mode only"),
+    ("passt", ["--stats", "1"], "--stats", "needs --foreground"),
+    ("passt", ["-f", "--stats", "x"], "--stats", "not a non-negative integer"),
+    ("pasta", ["--netns", "n", "--stats", "1"], "--stats", "needs --foreground"),
+    ("passt", ["--splice-only"], "--splice-only", "only valid in pasta mode"),
+    ("pasta", ["--splice-only", "--no-splice"], "--splice-only", "--no-splice"),
     ("passt", ["--no-tcp", "-t", "22"], "--tcp-ports", "--no-tcp"),
     ("passt", ["--no-udp", "-u", "all"], "--udp-ports", "--no-udp"),
-    ("pasta", ["-t", "all"], "--tcp-ports", "passt mode"),
     ("pasta", ["-T", "192.0.2.1/22"], "--tcp-ns", "only allowed for -t/-u"),
     ("pasta", ["--no-udp", "-U", "53"], "--udp-ns", "--no-udp"),
     ("passt", ["-I", "tap0"], "-I", "only valid in pasta mode"),
@@ -394,7 +411,7 @@ def test_libvirt_and_kubevirt() -> None:
     o = parse_args(LIBVIRT, "passt")
     assert o.addr4 == A4("192.0.2.1") and o.addr6 == A6("2001:db8::c000:201")
     assert o.hostname == "dom" and o.fqdn == "dom.example.org" and o.one_off
-    assert o.udp_in is not None and o.udp_in.excluded == frozenset(range(5010, 5016))
+    assert o.udp_in is not None and o.udp_in.rules[0].excluded == frozenset(range(5010, 5016))
     assert o.tcp_in is not None and [r.addr for r in o.tcp_in.rules] == [None, A4("192.0.2.1")]
     o = parse_args(["--vhost-user", *KUBEVIRT], "passt")
     assert o.mac == bytes.fromhex("525400f803a6") and o.tcp_in is not None
@@ -406,7 +423,7 @@ def test_libvirt_all_form() -> None:
     # a portForward element without ranges becomes ADDR[%DEV]/all
     o = parse_args(["--one-off", "--tcp-ports", "192.0.2.1%eth0/all", "--udp-ports", "all"],
                    "passt")
-    assert o.tcp_in is not None and o.tcp_in.mode == "all"
+    assert o.tcp_in is not None and o.tcp_in.rules[0].tolerant
     assert o.tcp_in.rules[0].ifname == "eth0"
 
 
@@ -418,7 +435,7 @@ def test_podman_and_rootlesskit() -> None:
         check_supported(o)  # pasta mode runs these; -t is served (tcp.py)
     o = parse_args([*ROOTLESSKIT, "4242"], "pasta")
     assert o.target_pid == 4242 and o.ns_ifname == "tap0" and o.stderr
-    assert o.tcp_in is not None and o.tcp_in.mode == "auto"
+    assert o.tcp_in is not None and o.tcp_in.rules[0].scan
     check_supported(o)  # 'auto' is accepted (it forwards nothing until the port scanner)
     o = parse_args([*ROOTLESSKIT[:-1], "--udp-ports=none", "--userns=/proc/42/ns/user",
                     "--netns=/proc/42/ns/net"], "pasta")
@@ -444,19 +461,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == version_line("vhostpasst") + "\n"
     assert main(["--print-capabilities"], prog="vhostpasst") == 0
     assert capsys.readouterr().out == '{"type": "net"}\n'
-
-
-@pytest.mark.parametrize(
-    "prog, argv, message",
-    [
-        ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
-    ],
-)
-def test_not_supported_yet(
-    prog: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv, prog=prog) == 1
-    assert capsys.readouterr().err == message + "\n"
 
 
 def test_main_runs_daemon(monkeypatch: pytest.MonkeyPatch) -> None:

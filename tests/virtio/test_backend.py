@@ -63,10 +63,11 @@ class EchoDevice(net.NetDevice):
 
 
 class Harness:
-    def __init__(self, queue_size: int = 16, loop: Loop | None = None) -> None:
+    def __init__(self, queue_size: int = 16, loop: Loop | None = None,
+                 device: EchoDevice | None = None) -> None:
         self.loop = Loop() if loop is None else loop
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.device = EchoDevice()
+        self.device = EchoDevice() if device is None else device
         self.closed: list[str] = []
         self.backend = VhostUserBackend(b, self.loop, self.device, self.closed.append)
         self.fe = Frontend(a, lambda: self.loop.run_once(0))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config import fwd
-from vhostpasst.config.errors import ConfigError, NotSupported
+from vhostpasst.config.errors import ConfigError
 from vhostpasst.config.fwd import IFNAMSIZ, PortForwards
 from vhostpasst.config.options import BOTH, MAXNS, PASST, PASTA, IPAddr, Options
 from vhostpasst.wire.ip import BROADCAST4
@@ -48,6 +48,7 @@ _OPTS = [
     _Opt("help", "h", False),
     _Opt("version", None, False),
     _Opt("trace", None, False),
+    _Opt("stats", None, True),
     _Opt("runas", None, True),
     _Opt("socket", "s", True, (PASST,)),
     _Opt("fd", "F", True),
@@ -96,6 +97,8 @@ _OPTS = [
     _Opt("vhost-user", None, False, (PASST,)),
     _Opt("print-capabilities", None, False, (PASST,)),
     _Opt("repair-path", None, True, (PASST,)),
+    _Opt("migrate-exit", None, False, (PASST,)),
+    _Opt("migrate-no-linger", None, False, (PASST,)),
     _Opt("conf-path", "c", True),
     _Opt("netns", None, True, (PASTA,)),
     _Opt("userns", None, True, (PASTA,)),
@@ -106,6 +109,7 @@ _OPTS = [
     _Opt("no-copy-routes", None, False, (PASTA,)),
     _Opt("no-copy-addrs", None, False, (PASTA,)),
     _Opt("no-splice", None, False, (PASTA,)),
+    _Opt("splice-only", None, False, (PASTA,)),
 ]
 _BY_NAME = {o.name: o for o in _OPTS}
 _BY_SHORT = {o.short: o for o in _OPTS if o.short}
@@ -362,6 +366,9 @@ class _Parser:
     def opt_trace(self, _n: str) -> None:
         self.o.trace = self.o.debug = True
 
+    def opt_stats(self, n: str, v: str) -> None:
+        self.o.stats = _int(n, v)
+
     def opt_log_file(self, n: str, v: str) -> None:
         self.o.log_file = _path(n, v)
 
@@ -588,13 +595,23 @@ class _Parser:
             ("udp_out", "--udp-ns", o.no_udp, "--no-udp"),
         ):
             spec: PortForwards | None = getattr(o, attr)
-            if off and spec is not None and spec.mode != "none":
+            if off and spec is not None and spec.rules:
                 raise ConfigError(flag, f"forwarding a protocol disabled by {off_flag}")
         if (o.no_copy_routes or o.no_copy_addrs) and not o.config_net:
             flag = "--no-copy-routes" if o.no_copy_routes else "--no-copy-addrs"
             raise ConfigError(flag, "needs --config-net")
         if o.host_lo_to_ns_lo and o.no_splice:  # only the splice path goes between loopbacks
             raise ConfigError("--host-lo-to-ns-lo", "incompatible with --no-splice")
+        if o.splice_only and o.no_splice:
+            raise ConfigError("--splice-only", "incompatible with --no-splice")
+        for flag, given in (("--migrate-exit", o.migrate_exit),
+                            ("--migrate-no-linger", o.migrate_no_linger)):
+            if given and not o.vhost_user:
+                raise ConfigError(flag, "is for vhost-user mode only")
+        spawn = self.mode == PASTA and not o.netns and o.target_pid is None
+        if o.stats is not None and not (o.foreground or spawn):
+            # the table goes to standard error, as passt's
+            raise ConfigError("--stats", "needs --foreground")
         if o.netns and (o.target_pid is not None or o.command):
             raise ConfigError("--netns", "cannot be combined with a PID or a command")
         if o.userns and not o.netns and o.target_pid is None:
@@ -625,10 +642,7 @@ def parse_args(argv: list[str], mode: str) -> Options:
 
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
-    # --repair-path is accepted and ignored (the daemon logs so): a live migration moves the
-    # guest, but the TCP connections open through us end, as without passt-repair
-    if o.conf_path:
-        raise NotSupported("--conf-path")
+    # --repair-path outside --vhost-user is accepted and ignored (the daemon logs so)
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -651,12 +665,20 @@ def display_name(prog: str, mode: str) -> str:
     return base
 
 
+_SPEC_HELP = """
+SPEC: none | [LISTEN/]CHUNK,...   LISTEN: ADDR[%IFNAME] | [*][%IFNAME]
+  N[-M][:[TOADDR/]P[-Q]] | N[-M]:TOADDR   ports (to TOADDR instead of the guest's)
+  ~N[-M]                    exclude     all[:TOADDR]   every non-ephemeral port
+"""
+
+
 def usage(name: str, mode: str) -> str:
     common = f"""\
 Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
 
   -d, --debug               Print debugging messages
       --trace               Debugging plus per-packet traces
+      --stats DELAY         Event counters on stderr, DELAY s apart at least (needs -f)
   -q, --quiet               Warnings and errors only
   -f, --foreground          Do not run in background
   -e, --stderr              Deprecated, no effect
@@ -668,7 +690,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -P, --pid FILE            Write our PID to FILE
   -F, --fd FD               Use this descriptor: a connected socket (passt, implies
                             --one-off) or a tap device (pasta)
-  -c, --conf-path PATH      Control socket (not supported yet)
+  -c, --conf-path PATH      Control socket for vhostpasst-pesto (pesto)
   -m, --mtu MTU             MTU for the guest, 0 or {MTU_MIN}..{MTU_MAX} (default 65520)
   -a, --address ADDR[/LEN]  Address assigned to the guest (default: the host's)
   -n, --netmask MASK        IPv4 netmask or prefix length
@@ -684,7 +706,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --dns-host ADDR       Where forwarded DNS queries go (default: first resolver)
   -H, --hostname NAME       Host name for the guest (DHCP option 12)
       --fqdn NAME           FQDN for the guest (DHCP option 81, DHCPv6 39)
-      --no-tcp, --no-udp, --no-icmp   Disable a protocol
+      --no-tcp, --no-udp, --no-icmp   Disable a protocol (--no-icmp implies --no-ndp)
       --no-dhcp, --no-ndp, --no-dhcpv6, --no-ra   Disable a service
       --freebind            Bind forwarded ports to non-local addresses
       --map-host-loopback ADDR|none   Guest address for the host's loopback (default: gateway)
@@ -703,12 +725,12 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -1, --one-off             Quit after the first client disconnects
       --vhost-user          Act as a vhost-user back end
       --print-capabilities  Print vhost-user back-end capabilities
-      --repair-path PATH    TCP_REPAIR helper socket (ignored: TCP connections do not
-                            move with a migrated guest)
+      --repair-path PATH    TCP_REPAIR helper socket (vhost-user; "none": no socket)
+                            default: the socket's PATH with '.repair' appended
+      --migrate-exit, --migrate-no-linger   Deprecated (vhost-user only): parsed, no
+                            effect yet (connections do not migrate)
       --no-dhcp-dns, --no-dhcp-search   Do not advertise DNS / search domains
-
-SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
-"""
+""" + _SPEC_HELP
     return common + """\
   -T, --tcp-ns SPEC         Forward TCP ports from the namespace to the host
   -U, --udp-ns SPEC         Forward UDP ports from the namespace to the host
@@ -720,8 +742,8 @@ SPEC: none | all | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
       --netns-only, --no-netns-quit, --no-splice, --dhcp-dns, --dhcp-search
       --host-lo-to-ns-lo    -t/-u connections to a host loopback address go to the same
                             loopback address in the namespace (default: its own address)
+      --splice-only         No tap: forward loopback traffic only
       --no-copy-routes, --no-copy-addrs   Deprecated
-
-SPEC: none | all | auto | [ADDR][%IFNAME]/PORTS | PORTS, PORTS := [~]N[-M][:P[-Q]],...
-(pasta's default is auto: ports bound in the namespace, or on the host for -T/-U, follow)
+""" + _SPEC_HELP + """\
+  auto                      (pasta) only while bound on the other side; pasta's default
 """

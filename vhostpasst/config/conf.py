@@ -78,6 +78,7 @@ class Config:
     debug: bool = False
     trace: bool = False
     quiet: bool = False
+    stats: int | None = None  # --stats DELAY: counters to stderr, DELAY s apart at least
     log_file: str | None = None
     log_size: int = 1024 * 1024
     pid_file: str | None = None
@@ -87,7 +88,10 @@ class Config:
     socket_path: str | None = None  # None: probe /tmp/passt_N.socket
     fd: int | None = None  # --fd: pre-connected socket (implies one_off)
     one_off: bool = False
-    repair_path: str | None = None  # accepted, ignored: TCP connections do not migrate
+    repair_path: str | None = None  # TCP_REPAIR helper socket (None: next to the socket)
+    migrate_exit: bool = False  # parsed and kept; the migration behaviour is not built yet
+    migrate_no_linger: bool = False  # parsed and kept; the migration behaviour is not built yet
+    conf_path: str | None = None  # -c: the control socket (vhostpasst/ctl/)
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link
@@ -126,6 +130,7 @@ class Config:
     netns_only: bool = False
     no_netns_quit: bool = False
     no_splice: bool = False
+    splice_only: bool = False  # no tap: only the loopback splice paths
     target_pid: int | None = None
     command: tuple[str, ...] = ()
     no_copy_routes: bool = False  # pasta, deprecated
@@ -274,7 +279,10 @@ def build_config(
         ip4, ip6 = _apply_dns(opts, ip4, ip6, rc)
 
     template = host4 or host6
-    default_fwd = fwd.AUTO if pasta else fwd.NONE
+    default_fwd = fwd.auto() if pasta else fwd.NONE
+    for spec, flag in ((opts.tcp_in, "--tcp-ports"), (opts.udp_in, "--udp-ports")):
+        fwd.check_families(spec, ip4 is not None, ip6 is not None, flag)
+    splice_only = pasta and opts.splice_only
     return Config(
         mode=opts.mode,
         vhost_user=opts.vhost_user,
@@ -282,6 +290,7 @@ def build_config(
         debug=opts.debug or opts.trace,
         trace=opts.trace,
         quiet=opts.quiet,
+        stats=opts.stats,
         log_file=opts.log_file,
         log_size=opts.log_size if opts.log_size is not None else Config.log_size,
         pid_file=opts.pid_file,
@@ -291,6 +300,9 @@ def build_config(
         fd=opts.fd,
         one_off=opts.one_off or opts.fd is not None,
         repair_path=opts.repair_path,
+        migrate_exit=opts.migrate_exit,
+        migrate_no_linger=opts.migrate_no_linger,
+        conf_path=opts.conf_path,
         mtu=opts.mtu if opts.mtu is not None else DEFAULT_MTU,
         our_mac=opts.mac or DEFAULT_MAC,
         ifname=template.ifname if template else None,
@@ -302,22 +314,22 @@ def build_config(
         hostname=opts.hostname,
         fqdn=opts.fqdn,
         no_dhcp=opts.no_dhcp or ip4 is None or ip4.gateway is None,
-        no_ndp=opts.no_ndp or ip6 is None,
+        no_ndp=opts.no_ndp or opts.no_icmp or ip6 is None,  # passt: --no-icmp implies it
         no_dhcpv6=opts.no_dhcpv6 or ip6 is None or ip6.addr is None,
         no_ra=opts.no_ra or ip6 is None or (pasta and opts.config_net),
         no_tcp=opts.no_tcp,
         no_udp=opts.no_udp,
-        no_icmp=opts.no_icmp,
+        no_icmp=opts.no_icmp or splice_only,
         # pasta does not advertise DNS unless asked to; passt does unless told not to
-        no_dhcp_dns=(not opts.dhcp_dns) if pasta else opts.no_dhcp_dns,
-        no_dhcp_search=(not opts.dhcp_search) if pasta else opts.no_dhcp_search,
+        no_dhcp_dns=(not opts.dhcp_dns or splice_only) if pasta else opts.no_dhcp_dns,
+        no_dhcp_search=(not opts.dhcp_search or splice_only) if pasta else opts.no_dhcp_search,
         no_map_gw=opts.no_map_gw,
         freebind=opts.freebind,
         chroot_fallback=opts.chroot_fallback,
         tcp_in=opts.tcp_in or default_fwd,
         udp_in=opts.udp_in or default_fwd,
-        tcp_out=(opts.tcp_out or fwd.AUTO) if pasta else None,
-        udp_out=(opts.udp_out or fwd.AUTO) if pasta else None,
+        tcp_out=(opts.tcp_out or fwd.auto()) if pasta else None,
+        udp_out=(opts.udp_out or fwd.auto()) if pasta else None,
         ns_ifname=(opts.ns_ifname or (template.ifname if template else "tap0")) if pasta else None,
         ns_mac=opts.ns_mac,
         config_net=opts.config_net,
@@ -326,11 +338,13 @@ def build_config(
         netns_only=opts.netns_only,
         no_netns_quit=opts.no_netns_quit,
         no_splice=opts.no_splice,
+        splice_only=splice_only,
         target_pid=opts.target_pid,
         command=opts.command,
         no_copy_routes=opts.no_copy_routes,
         no_copy_addrs=opts.no_copy_addrs,
-        host_lo_to_ns_lo=opts.host_lo_to_ns_lo,
+        # --splice-only: nothing but loopbacks, so loopback to the same loopback (passt)
+        host_lo_to_ns_lo=opts.host_lo_to_ns_lo or splice_only,
     )
 
 

@@ -30,6 +30,7 @@ class Options:
     debug: bool = False
     trace: bool = False
     quiet: bool = False
+    stats: int | None = None  # --stats DELAY: event counters every DELAY s (with events)
     stderr: bool = False  # -e: deprecated, no effect
     log_file: str | None = None
     log_size: int | None = None
@@ -42,6 +43,8 @@ class Options:
     one_off: bool = False
     vhost_user: bool = False
     repair_path: str | None = None
+    migrate_exit: bool = False  # parsed; the behaviour comes with migration
+    migrate_no_linger: bool = False  # parsed; the behaviour comes with migration
     conf_path: str | None = None
     # link and addresses
     mtu: int | None = None
@@ -109,5 +112,6 @@ class Options:
     netns_only: bool = False
     no_netns_quit: bool = False
     no_splice: bool = False
+    splice_only: bool = False  # pasta: no tap, only the loopback splice paths
     target_pid: int | None = None
     command: tuple[str, ...] = ()

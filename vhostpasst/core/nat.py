@@ -144,14 +144,15 @@ def guest_destination(config: Config, guest: GuestAddrs, family6: bool,
     return guest.addr6_claimed or guest.addr6_ll_seen
 
 
-def from_host(config: Config, guest: GuestAddrs,
-              src: IPAddr) -> tuple[IPAddr, IPAddr] | None:
-    """(source the guest sees, guest destination) for a host-initiated flow from `src`."""
+def from_host(config: Config, guest: GuestAddrs, src: IPAddr,
+              target: IPAddr | None = None) -> tuple[IPAddr, IPAddr] | None:
+    """(source the guest sees, guest destination) for a host-initiated flow from `src`;
+    `target` (a forwarding rule's target address) replaces the guest's own address."""
     shown = guest_source(config, guest, src)
     if shown is None:
         return None
     six = isinstance(shown, IPv6Address)
-    dst = guest_destination(config, guest, six, six and shown.is_link_local)
+    dst = target or guest_destination(config, guest, six, six and shown.is_link_local)
     if dst is None:
         return None
     return shown, dst

@@ -15,6 +15,12 @@ If the batch limit was hit, the rest is processed on the next loop iteration.
 
 RX (us -> guest): the link's RX half, vhost_rx.py.
 
+Live migration: the dirty log is the back end's (virtio/backend.py); given the guest's
+addresses (`guest`: the dispatcher's GuestAddrs), the device also offers DEVICE_STATE and
+moves them to the destination in vhostpasst's state stream (link/migrate.py). The TCP_REPAIR
+helper's socket (`--repair-path`, by default the vhost-user socket's path + ".repair") is made
+here too (system/repair.py); a helper is accepted, but no connection uses it yet.
+
 A front end that breaks the ring rules (descriptors outside its memory, loops...) is
 disconnected: the listener then serves the next one.
 """
@@ -29,13 +35,16 @@ from collections.abc import Callable
 
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import Loop
+from vhostpasst.core.nat import GuestAddrs
 from vhostpasst.core.pcap import PcapWriter
+from vhostpasst.link import migrate
 from vhostpasst.link.base import (
     ETH_MAX_FRAME,
     NO_CAPS,
     ForwardingLink,
     FrameHandler,
     LinkCaps,
+    TxConsumer,
 )
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
@@ -46,6 +55,7 @@ from vhostpasst.link.stream import (
     listen_for,
 )
 from vhostpasst.link.vhost_rx import BOUNCE_SLOTS, VhostRx
+from vhostpasst.system.repair import RepairServer, default_path
 from vhostpasst.wire import eth, ip
 from vhostpasst.wire.tcp import TCP_HLEN
 from virtio import net
@@ -134,6 +144,16 @@ class _Device(net.NetDevice):
     def __init__(self, link: VhostUserLink) -> None:
         self.link = link
         self.acked = 0
+        # with the guest's addresses to move, DEVICE_STATE is offered (see save_state)
+        self.max_state_size = migrate.MAX_STATE_SIZE if link.guest is not None else 0
+
+    def save_state(self) -> bytes:
+        assert self.link.guest is not None  # offered only then
+        return migrate.save(self.link.guest)
+
+    def load_state(self, data: bytes) -> None:
+        assert self.link.guest is not None
+        migrate.load(self.link.guest, data)
 
     def features_set(self, features: int) -> None:
         self.acked = features
@@ -176,9 +196,12 @@ class VhostUserLink(VhostRx):
         frame_max: int = ETH_MAX_FRAME,
         tx_batch: int = TX_BATCH,
         bounce_slots: int = BOUNCE_SLOTS,
+        guest: GuestAddrs | None = None,
     ) -> None:
         super().__init__(loop, on_frames, pcap, frame_max, bounce_slots)
         self.on_disconnect = on_disconnect
+        self.guest = guest  # what a live migration moves (None: DEVICE_STATE not offered)
+        self.repair: RepairServer | None = None  # the TCP_REPAIR helper's (listen_repair)
         self.tx_batch = tx_batch
         self._tx = net.TxGather(tx_batch)  # guest frames a batch at a time, found in C
         self.backend = None
@@ -189,6 +212,7 @@ class VhostUserLink(VhostRx):
         self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._was_connected = False
         self._tx_scheduled: set[int] = set()  # TX queues with a pass due
+        self._tx_consumer: TxConsumer | None = None  # offered the guest's frames first
         self._tx_bulk: set[int] = set()  # their last pass was a bulk one: coalesce the next kick
         # counters, for logs and tests (rx: from the guest, as StreamLink; tx_*: vhost_rx.py)
         self.rx_frames = 0
@@ -217,13 +241,16 @@ class VhostUserLink(VhostRx):
 
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
+        taken = self._tx  # frames the data plane's C took count as frames from the guest
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
                  "TSO frames %d from the guest, %d to it, %d data frames bounced, "
-                 "%d TX kicks coalesced, %d frames read and committed in one call",
-                 self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
-                 self.kicks_coalesced, self.tx_filled)
+                 "%d TX kicks coalesced, %d frames read and committed in one call, "
+                 "%d frames from the guest taken by the data plane's C",
+                 self.rx_frames + taken.taken, self.tx_frames, self.tx_zero_copy,
+                 self.tx_dropped, self.tx_scattered, self.rx_gso + taken.taken_gso,
+                 self.tx_gso, self.tx_bounced, self.kicks_coalesced, self.tx_filled,
+                 taken.taken)
         if self.rx_frames_per_pair:
             log.info("vhost-user: of those, from queue pairs after the first: %s",
                      ", ".join(f"pair {pair}: {n}"
@@ -248,7 +275,16 @@ class VhostUserLink(VhostRx):
         self.on_disconnect = None
         if self.backend is not None:
             self.backend.close("link closed")
+        if self.repair is not None:
+            self.repair.close()
+            self.repair = None
         self._loop.remove_flush_hook(self.flush)
+
+    def listen_repair(self, path: str | None) -> None:
+        """Make the TCP_REPAIR helper's socket at `path` ("none" or None: no socket).
+        OSError if it cannot be made."""
+        if path is not None and path != "none":
+            self.repair = RepairServer(self._loop, path)
 
     def features_set(self, features: int) -> None:
         """The front end acked `features` (the device's features_set())."""
@@ -307,8 +343,15 @@ class VhostUserLink(VhostRx):
         vq = backend.queues[index]
         if not (vq.ready and vq.enabled):
             return
+        consumer = self._tx_consumer if self.pcap is None else None
         try:
-            heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
+            if consumer is not None:
+                consumer.begin()
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch, consumer.take,
+                                                       consumer.end, consumer.arg,
+                                                       self._host_tso)
+            else:
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
             self._broken("TX queue", e)
             return
@@ -335,16 +378,18 @@ class VhostUserLink(VhostRx):
                     continue
                 self.rx_gso += 1
             frames.append(frame)
-        if size >= TX_BULK_BYTES:
+        if size + self._tx.taken_bytes >= TX_BULK_BYTES:  # the data plane's frames count
             self._tx_bulk.add(index)
         else:
             self._tx_bulk.discard(index)
         try:
+            if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
+                seen = len(frames) + self._tx.taken_last  # the data plane's C took some
+                if seen:
+                    counts, pair = self.rx_frames_per_pair, index // 2
+                    counts[pair] = counts.get(pair, 0) + seen
             if frames:
                 self.rx_frames += len(frames)
-                if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
-                    counts, pair = self.rx_frames_per_pair, index // 2
-                    counts[pair] = counts.get(pair, 0) + len(frames)
                 # Link._deliver() spelled out: one Python call fewer per TX pass
                 pcap = self.pcap
                 if pcap is not None:
@@ -353,12 +398,19 @@ class VhostUserLink(VhostRx):
                 self.on_frames(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
-            if self.backend is backend and vq.ready:
-                vq.push_flat([x for head in heads for x in (head, 0)])
-                vq.flush()
+            try:
+                if self.backend is backend and vq.ready:
+                    vq.push_flat([x for head in heads for x in (head, 0)])
+                    vq.flush()
+            finally:
+                if consumer is not None:
+                    consumer.after()  # what the consumer's C left for Python, whatever came
         if (len(heads) == self.tx_batch or self._tx.full) and index not in self._tx_scheduled:
             self._tx_scheduled.add(index)  # the ring may hold more: no kick will say so
             self._loop.call_later(0, functools.partial(self._tx_again, index))
+
+    def set_tx_consumer(self, consumer: TxConsumer | None) -> None:
+        self._tx_consumer = consumer
 
     def tx_kicked(self, index: int = net.TX_QUEUE) -> None:
         """A TX kick: served now, or TX_COALESCE later after a bulk pass. Meanwhile the kick
@@ -397,17 +449,31 @@ class VhostUserListener(ForwardingLink):
         frame_max: int = ETH_MAX_FRAME,
         probe_pattern: str = DEFAULT_PROBE_PATTERN,
         probe_count: int = DEFAULT_PROBE_COUNT,
+        guest: GuestAddrs | None = None,
+        repair_path: str | None = None,
     ) -> None:
         super().__init__(on_frames, pcap)
         self.peer_name = "front end"
         self.one_off = one_off
         self.on_exit: ExitCallback = on_exit if on_exit is not None else loop.stop
         self.link = VhostUserLink(loop, on_frames, pcap, on_disconnect=self._peer_gone,
-                                  frame_max=frame_max)
+                                  frame_max=frame_max, guest=guest)
         self._listener = listen_for(loop, path, lambda conn: self.link.attach(conn),
                                     lambda: self.link.backend is not None, probe_pattern,
                                     probe_count, self.link.close)
         self.path: str = self._listener.path
+        if repair_path is None:  # passt's default, next to the vhost-user socket: optional
+            try:
+                self.link.listen_repair(default_path(self.path))
+            except OSError as e:
+                log.warning("TCP_REPAIR helper socket %s not usable: %s",
+                            default_path(self.path), e)
+        else:
+            try:
+                self.link.listen_repair(repair_path)
+            except OSError:
+                self.close()
+                raise
 
 def vhost_link_from_fd(
     loop: Loop,
@@ -417,11 +483,20 @@ def vhost_link_from_fd(
     on_exit: ExitCallback | None = None,
     *,
     frame_max: int = ETH_MAX_FRAME,
+    guest: GuestAddrs | None = None,
+    repair_path: str | None = None,
 ) -> VhostUserLink:
     """`--vhost-user --fd N` (qemu's -netdev passt,vhost-user=on): a connected socket; the
-    front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off."""
+    front end's departure calls `on_exit` (default: stop the loop), as --fd implies one-off.
+    No socket path to put the TCP_REPAIR helper's next to: only an explicit `repair_path`."""
     sock = connected_socket(fd, unix_only=True)
     link = VhostUserLink(loop, on_frames, pcap, on_disconnect=on_exit or loop.stop,
-                         frame_max=frame_max)
+                         frame_max=frame_max, guest=guest)
+    try:
+        link.listen_repair(repair_path)
+    except OSError:
+        sock.close()
+        link.close()
+        raise
     link.attach(sock)
     return link

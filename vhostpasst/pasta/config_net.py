@@ -27,6 +27,7 @@ from vhostpasst.system.rtnl import (
     RT_SCOPE_LINK,
     RT_TABLE_MAIN,
     RTN_UNICAST,
+    IPRoute,
 )
 
 log = logging.getLogger("vhostpasst")
@@ -252,6 +253,18 @@ def tap_name(fd: int) -> str:
     return str(_IFREQ.unpack(ifr)[0].split(b"\0", 1)[0].decode())
 
 
+def _loopback_up(ipr: IPRoute) -> None:
+    lo = ipr.link_lookup(ifname="lo")
+    if lo:
+        ipr.link("set", index=lo[0], state="up")
+
+
+def setup_ns_loopback() -> None:
+    """Runs in the namespace: `lo` up and nothing else (--splice-only: no tap)."""
+    with IPRoute() as ipr:
+        _loopback_up(ipr)
+
+
 def setup_ns_link(config: Config, host: dict[int, HostSnapshot]) -> NsLink:
     """Runs in the namespace: the tap (opened, or --fd's), `lo` up, the MAC, --config-net."""
     from vhostpasst.link.tuntap import open_tap
@@ -266,9 +279,7 @@ def setup_ns_link(config: Config, host: dict[int, HostSnapshot]) -> NsLink:
         fd, name = open_tap(config.ns_ifname)
     try:
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            if lo:
-                ipr.link("set", index=lo[0], state="up")
+            _loopback_up(ipr)
             found = ipr.link_lookup(ifname=name)
             if not found:
                 raise PastaError(f"no interface {name} in the namespace")

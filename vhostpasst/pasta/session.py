@@ -30,12 +30,20 @@ import signal
 import socket
 
 from vhostpasst.config.conf import Config, summary
-from vhostpasst.core import flow
+from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
-from vhostpasst.pasta.config_net import host_snapshot, known_guest, setup_ns_link
-from vhostpasst.pasta.forward import auto_ports, ns_target
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
+from vhostpasst.pasta.config_net import (
+    NsLink,
+    host_snapshot,
+    known_guest,
+    setup_ns_link,
+    setup_ns_loopback,
+)
+from vhostpasst.pasta.forward import attach_scans, auto_ports, control_sides, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -135,15 +143,21 @@ def run(config: Config) -> int:
         log.error("cannot enter the namespace: %s", e.strerror)
         abandon()
         return 1
+    nslink: NsLink | None = None
     try:
-        nslink = netns.call_in_netns(target.netns_fd, setup_ns_link, config, host)
+        if config.splice_only:  # no tap: the splice paths alone
+            netns.call_in_netns(target.netns_fd, setup_ns_loopback)
+            log.info("--splice-only: no tap, loopback traffic only")
+        else:
+            nslink = netns.call_in_netns(target.netns_fd, setup_ns_link, config, host)
     except Exception as e:  # PastaError, OSError (rtnl's NetlinkError)
         log.error("cannot set up the namespace interface: %s", e)
         helper.close()
         abandon()
         return 1
-    log.debug("namespace interface %s (index %d), MAC %s", nslink.ifname, nslink.ifindex,
-              nslink.mac.hex(":"))
+    if nslink is not None:
+        log.debug("namespace interface %s (index %d), MAC %s", nslink.ifname, nslink.ifindex,
+                  nslink.mac.hex(":"))
 
     status = [0]
 
@@ -152,6 +166,7 @@ def run(config: Config) -> int:
         loop.stop()
 
     watch: NetnsWatch | None = None
+    control: ControlServer | None = None
     loopback_target = ns_target(config, dispatcher.guest)
     splice = TcpSplice(loop, target.netns_fd, loopback_target)
     usplice = UdpSplice(loop, target.netns_fd, loopback_target)
@@ -164,7 +179,12 @@ def run(config: Config) -> int:
             if dispatcher.tcp is not None:
                 dispatcher.tcp.claim = splice.claim
             usplice.listen(config.udp_in, fams, to_ns=True)
+        if config.conf_path:  # before the scanner, whose listeners are not the tables'
+            sides = control_sides(config, target.netns_fd, dispatcher, splice, usplice)
+            control = wiring.start(config, loop, dispatcher, sides)
         auto = auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
+        if control is not None:
+            attach_scans(sides, auto)
         # the watch is set up while its directory is still readable to us
         watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
     except OSError as e:
@@ -186,20 +206,26 @@ def run(config: Config) -> int:
             log.error("cannot drop privileges: %s", e)
             ok = False
     if not ok:
+        if control is not None:
+            control.close()
         if watch is not None:
             watch.close()
         usplice.close()
         splice.close()
-        os.close(nslink.fd)
+        if nslink is not None:
+            os.close(nslink.fd)
         helper.close()
         abandon()
         return 1
     if switching:
         assert ids is not None
         log.debug("now running as uid %d, gid %d", ids.uid, ids.gid)
-    link = TapLink(loop, nslink.fd, dispatcher.on_frames, pcap=pcap, on_exit=lambda: stop(1))
-    dispatcher.link = link
-    known_guest(dispatcher.guest, nslink)
+    link: TapLink | None = None
+    if nslink is not None:
+        link = TapLink(loop, nslink.fd, dispatcher.on_frames, pcap=pcap,
+                       on_exit=lambda: stop(1))
+        dispatcher.link = link
+        known_guest(dispatcher.guest, nslink)
 
     pidfd: int | None = None
     if spawned is not None:
@@ -230,6 +256,8 @@ def run(config: Config) -> int:
         os.write(spawned.go_fd, b"g")  # the namespace is ready: run the command
         os.close(spawned.go_fd)
 
+    stats.watch(loop, config.stats, [*dispatcher.stat_counters(),
+                                     ("splice", lambda: len(splice.conns))])
     try:
         process.run(loop)
     finally:
@@ -247,10 +275,13 @@ def run(config: Config) -> int:
             os.close(pidfd)
         if auto is not None:
             auto.close()
+        if control is not None:
+            control.close()
         usplice.close()
         splice.close()
         dispatcher.close()
-        link.close()
+        if link is not None:
+            link.close()
         if pcap is not None:
             pcap.close()
         helper.close()

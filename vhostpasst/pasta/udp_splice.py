@@ -115,8 +115,8 @@ class UdpSplice:
         """Loopback sockets for explicit -u (to_ns) or -U ports; OSError if one fails."""
         fams = list(families)
         for m in fwd.mappings(forwards, fwd.ephemeral_range()):
-            if m.addr is not None and not m.addr.is_loopback:
-                continue  # -u bound to another address: no loopback traffic to take
+            if (m.addr is not None and not m.addr.is_loopback) or m.target is not None:
+                continue  # another address, or a target (no splice): not for this path
             for family in fams:
                 try:
                     self.add_listener(family, m.host_port, m.guest_port, to_ns)

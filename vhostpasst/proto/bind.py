@@ -32,8 +32,8 @@ def bind_all(forwards: PortForwards | None, ipv4: bool, ipv6: bool, proto: str,
     bound: list[tuple[Mapping, bool, socket.socket]] = []
     tolerant_tried = tolerant_ok = 0
     for m in mappings(forwards, ephemeral_range()):
-        if m.addr is not None:
-            families = [isinstance(m.addr, IPv6Address)]
+        if m.addr is not None or m.target is not None:  # an address picks the family
+            families = [isinstance(m.addr or m.target, IPv6Address)]
         else:
             families = [six for six, on in ((False, ipv4), (True, ipv6)) if on]
         for six in families:

@@ -157,12 +157,15 @@ class UdpFlow(Flow):
 
 
 class Listener:
-    """One `-u` listening socket: host port -> guest port."""
+    """One `-u` listening socket: host port -> guest port (on `target`, if the rule names
+    one, instead of the guest's address)."""
 
-    def __init__(self, sock: socket.socket, six: bool, guest_port: int) -> None:
+    def __init__(self, sock: socket.socket, six: bool, guest_port: int,
+                 target: IPAddr | None = None) -> None:
         self.sock = sock
         self.six = six
         self.guest_port = guest_port
+        self.target = target
 
 
 def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
@@ -444,10 +447,12 @@ class UdpHandler:
             return flow if isinstance(flow, UdpFlow) else None
         if host_port == 0 or host_src.is_multicast or host_src.is_unspecified:
             return None
+        if self.ctx.config.splice_only:  # no tap: only the splice path forwards
+            return None
         if self.ctx.flows.full():
             self._log.warning("udp-full", "flow table full: inbound UDP datagram dropped")
             return None
-        sides = nat.from_host(self.ctx.config, self.ctx.guest, host_src)
+        sides = nat.from_host(self.ctx.config, self.ctx.guest, host_src, lst.target)
         if sides is None:
             self._log.debug(("udp-in-nat", host_src), "UDP from %s: no guest address to use",
                             host_src)
@@ -471,14 +476,15 @@ class UdpHandler:
         config = self.ctx.config
         for m, six, sock in bind.bind_all(forwards, config.ip4 is not None,
                                          config.ip6 is not None, "UDP", self._listen_one):
-            lst = Listener(sock, six, m.guest_port)
+            lst = Listener(sock, six, m.guest_port, m.target)
             self.listeners.append(lst)
             self.ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
 
-    def add_listener(self, six: bool, port: int, guest_port: int) -> Listener:
-        """One more listening port on any address (pasta's automatic ports); OSError if
-        it cannot be bound."""
-        lst = Listener(self._listen_one(six, None, None, port), six, guest_port)
+    def add_listener(self, six: bool, port: int, guest_port: int, addr: IPAddr | None = None,
+                     target: IPAddr | None = None, ifname: str | None = None) -> Listener:
+        """One more listening port, on `addr` or any address (pasta's automatic ports, the
+        control socket); OSError if it cannot be bound."""
+        lst = Listener(self._listen_one(six, addr, ifname, port), six, guest_port, target)
         self.listeners.append(lst)
         self.ctx.loop.add_fd(lst.sock.fileno(), EPOLLIN, functools.partial(self._on_listener, lst))
         return lst

@@ -75,14 +75,16 @@ from __future__ import annotations
 
 import fcntl
 import mmap
+import operator
 import socket
 import struct
 import sys
 import termios
 import time
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from vhostpasst._dataplane import ffi as _dp_ffi
 from vhostpasst.core.flow import Flow
 from vhostpasst.core.loop import EventLoop, TimerHandle
 from vhostpasst.link.base import Tso
@@ -196,6 +198,43 @@ class ConnOwner(Protocol):
     def _arm_ack(self, conn: TcpConn) -> None:
         """Poll the socket for the far end's ACK or window soon (timers.py)."""
 
+    def dp_drop(self, conn: TcpConn) -> None:
+        """Take the connection out of the data plane's table (dataplane.py)."""
+
+
+def _shared(name: str) -> Any:
+    """A TcpConn attribute stored in its data plane record (`r`, a struct dp_flow): read by
+    a C getter, so reading it costs about what reading a plain attribute does."""
+
+    def store(conn: TcpConn, value: object) -> None:
+        setattr(conn.r, name, value)
+
+    return property(operator.attrgetter("r." + name), store)
+
+
+def _optional(name: str, flag: str, none: object = None) -> Any:
+    """A shared attribute that may be None: `flag` in the record says whether it is set."""
+
+    def load(conn: TcpConn) -> object:
+        r = conn.r
+        return getattr(r, name) if getattr(r, flag) else none
+
+    def store(conn: TcpConn, value: object) -> None:
+        r = conn.r
+        setattr(r, flag, value is not None)
+        if value is not None:
+            setattr(r, name, value)
+
+    return property(load, store)
+
+
+# The fields the data plane's C (cffi_build/vhostpasst/dataplane.c) reads or writes: one
+# copy, in the connection's struct dp_flow, seen from Python as attributes.
+_SHARED = ("state", "tap_fin_rcvd", "seq_from_tap", "seq_ack_to_tap", "seq_to_tap", "seq_max",
+           "seq_ack_from_tap", "wnd_from_tap", "ws_from_tap", "recover", "retrans",
+           "dup_acks", "discard_due", "rtt_time", "rttvar", "rto", "rto_armed", "rto_when",
+           "rto_deadline", "last_seen")
+
 
 class TcpConn(Flow):
     """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
@@ -203,9 +242,63 @@ class TcpConn(Flow):
 
     timeout = None  # our own timers decide
 
+    if TYPE_CHECKING:
+        state: int
+        tap_fin_rcvd: bool | int
+        seq_from_tap: int
+        seq_ack_to_tap: int
+        seq_to_tap: int
+        seq_max: int
+        seq_ack_from_tap: int
+        wnd_from_tap: int
+        ws_from_tap: int
+        recover: int
+        retrans: int
+        dup_acks: int
+        discard_due: int
+        rtt_time: float
+        rttvar: float
+        rto: float
+        rto_armed: bool | int
+        rto_when: float
+        rto_deadline: float
+        last_seen: float
+        fin_seq: int | None
+        rtt_seq: int | None
+        srtt: float | None
+        rto_timer: TimerHandle | None
+    else:
+        fin_seq = _optional("fin_seq", "fin_sent")
+        rtt_seq = _optional("rtt_seq", "rtt_pending")
+
+        @property
+        def srtt(self) -> float | None:
+            srtt = self.r.srtt
+            return None if srtt < 0 else srtt
+
+        @srtt.setter
+        def srtt(self, value: float | None) -> None:
+            self.r.srtt = -1.0 if value is None else value
+
+        @property
+        def rto_timer(self) -> TimerHandle | None:
+            return self._rto_timer
+
+        @rto_timer.setter
+        def rto_timer(self, timer: TimerHandle | None) -> None:
+            self._rto_timer = timer
+            self.r.rto_timer_set = timer is not None
+
     def __init__(self, handler: ConnOwner, sock: socket.socket, six: bool, gaddr: IPAddr,
                  gport: int, faddr: IPAddr, fport: int, state: int) -> None:
         super().__init__()
+        self.r: Any = _dp_ffi.new("struct dp_flow *")  # the shared fields (see _SHARED)
+        r = self.r
+        r.six = six
+        r.gaddr = gaddr.packed.ljust(16, b"\0")
+        r.faddr = faddr.packed.ljust(16, b"\0")
+        r.gport, r.fport = gport, fport
+        r.fd = sock.fileno()
         self.h = handler
         self.sock = sock
         self.fd = sock.fileno()
@@ -397,6 +490,8 @@ class TcpConn(Flow):
         return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"
 
     def close(self) -> None:
+        if self.r.in_table:
+            self.h.dp_drop(self)
         for t in (self.rto_timer, self.ack_timer, self.idle_timer):
             if t is not None:
                 t.cancel()
@@ -411,6 +506,11 @@ class TcpConn(Flow):
 
 
 
+for _name in _SHARED:
+    setattr(TcpConn, _name, _shared(_name))
+del _name
+
+
 def tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:
     # addresses as ints: hashing and comparing ipaddress objects is Python code, and this
     # key is built and looked up for every guest segment
@@ -419,13 +519,16 @@ def tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> 
 
 
 class Listener:
-    """One `-t` listening socket: host port -> guest port."""
+    """One `-t` listening socket: host port -> guest port (on `target`, if the rule names
+    one, instead of the guest's address)."""
 
-    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int) -> None:
+    def __init__(self, sock: socket.socket, six: bool, port: int, guest_port: int,
+                 target: IPAddr | None = None) -> None:
         self.sock = sock
         self.six = six
         self.port = port
         self.guest_port = guest_port
+        self.target = target
 
 
 

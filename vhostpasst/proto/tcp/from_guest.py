@@ -57,6 +57,12 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import (
+    FOLLOW_ARM_RTO,
+    FOLLOW_KICK,
+    FOLLOW_RESET,
+    FOLLOW_WANT_OUT,
+)
 from vhostpasst.proto.tcp.timers import TcpTimers
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import Ipv4, Ipv6
@@ -270,6 +276,8 @@ class FromGuest(TcpTimers):
         self._update_events(conn)
         self._arm_idle(conn, self.idle_timeout)
         self._arm_keepalive()
+        if self.dataplane is not None:
+            self.dataplane.hand(conn)  # its pure ACKs from now on taken in C
 
     def _rst_acceptable(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
         """RFC 5961 §3.2: a RST is taken only if its seq is exactly the next expected one;
@@ -289,7 +297,11 @@ class FromGuest(TcpTimers):
         expected = conn.seq_from_tap
         ooo: list[wtcp.Tcp] = []
         fin = False
-        kick = False  # the guest's window opened: read the socket once at the end
+        # the guest's window opened: read the socket once at the end (also when the data
+        # plane's C took this batch's earlier ACKs: what it left is done here, as one batch)
+        kick = self._dataplane_followups(conn) if conn.r.followups else False
+        if conn.closed:
+            return
         answer = False  # something calls for an ACK now (keepalive, old data, hole)
         for seg in segs:
             flags = seg.flags
@@ -365,6 +377,31 @@ class FromGuest(TcpTimers):
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         except OSError as e:
             self._log.debug(("tcp-keepalive", e.errno), "%r: SO_KEEPALIVE: %s", conn, e)
+
+    def _dataplane_followups(self, conn: TcpConn) -> bool:
+        """The data plane's C took segments of this connection earlier in the batch (and
+        wrote their data), then left it a frame: its followups are this batch's
+        (dataplane.py). True: read the socket."""
+        r = conn.r
+        follow, r.followups = r.followups, 0
+        self._dataplane_write_result(conn, follow)
+        return bool(follow & FOLLOW_KICK)
+
+    def _dataplane_write_result(self, conn: TcpConn, follow: int) -> bool:
+        """A new retransmission timer, and what the socket made of the guest's data the C
+        wrote (as _write() would have: reset on an error, a window update after EPOLLOUT
+        when it took only part). True if the connection was reset."""
+        if follow & FOLLOW_ARM_RTO:
+            self._arm_rto(conn, restart=True)
+        if follow & FOLLOW_RESET:
+            self._log.debug(("tcp-send", conn.r.write_errno), "%r: send: %s", conn,
+                            os.strerror(conn.r.write_errno))
+            self._reset(conn)
+            return True
+        if follow & FOLLOW_WANT_OUT:
+            conn.want_out = True
+            self._update_events(conn)
+        return False
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
                      pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:
