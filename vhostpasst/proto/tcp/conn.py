@@ -24,10 +24,11 @@ end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon 
 took it. The window is what the far end's window and our send buffer leave once the bytes in
 flight are counted, never less than what we showed before moved on by the ACK. A window below
 one guest segment is, to the guest, a zero window (its sender avoids silly windows, RFC 813
-§4, and waits for its persist timer): while it will open (data in flight, or the far end's
-window below the largest it showed), the socket is polled as for a zero window and the update
-sent once it opens (wnd_short). These, and the header template data frames are written from,
-are TcpConn methods: both directions' paths use them.
+§4, and waits for its persist timer): while a window below the largest segment a guest can
+send will open (data in flight, or the far end's window below the largest it showed), the
+socket is polled as for a zero window and the update sent once it opens (wnd_short). These,
+and the header template data frames are written from, are TcpConn methods: both directions'
+paths use them.
 
 States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
 SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
@@ -120,6 +121,10 @@ RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losse
 RTO_MAX = 60.0
 MAX_RETRANS = 8
 PERSIST_MAX = 1.0  # longest interval between zero-window probes
+# No guest segment carries more (an IP packet's length field): a window below it may be
+# below the guest's next segment (64 KiB with TSO), see wnd_short. A bound, not the guest's
+# MSS: the data plane's C writes the guest's data without Python seeing its segments.
+GUEST_SEGMENT_MAX = 65535
 HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
@@ -323,7 +328,6 @@ class TcpConn(Flow):
         self.so_keepalive = False  # the guest sent a keepalive: SO_KEEPALIVE is on, as passt
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
-        self.seg_from_tap = 0  # the largest payload the guest sent in one segment
         self.snd_wnd_max = 0  # the largest window the far end showed the host kernel
         # the window shown is below one guest segment but will open (data in flight, or the
         # far end's window below its largest): the guest waits for more (sender SWS
@@ -408,7 +412,7 @@ class TcpConn(Flow):
             self.poll_fast = unacked > eff // 4
             if snd_wnd > self.snd_wnd_max:
                 self.snd_wnd_max = snd_wnd
-            self.wnd_short = wnd < self.seg_from_tap and \
+            self.wnd_short = wnd < GUEST_SEGMENT_MAX and \
                 (unacked > 0 or snd_wnd < self.snd_wnd_max)
         if seq_lt(ack, self.seq_ack_to_tap):
             ack = self.seq_ack_to_tap  # never backwards

@@ -424,7 +424,6 @@ class FromGuest(TcpTimers):
     def _write(self, conn: TcpConn, pending: list[memoryview]) -> bool:
         """One sendmsg for the batch. True if everything went."""
         total = sum(map(len, pending))
-        conn.seg_from_tap = max(conn.seg_from_tap, max(map(len, pending)))
         sent = 0
         try:
             while pending:
