@@ -55,6 +55,7 @@ setup(
         "cffi_build/vhostpasst/tcpseg_build.py:ffibuilder",
         "cffi_build/vhostpasst/tcpsg_build.py:ffibuilder",
         "cffi_build/vhostpasst/seccomp_build.py:ffibuilder",
+        "cffi_build/vhostpasst/dataplane_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithInfo, "sdist": SdistWithInfo},
     data_files=[("share/man/man1", ["doc/vhostpasst.1"])],

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vhostpasst.services", "vhostpasst.link"),
     ("vhostpasst.proto",),
     ("vhostpasst.dispatch",),
+    ("vhostpasst.ctl",),
     ("vhostpasst.pasta",),
     ("vhostpasst.daemon",),
     ("vhostpasst.main", "vhostpasst.__main__"),

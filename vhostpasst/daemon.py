@@ -20,6 +20,8 @@ from vhostpasst.core.loop import Loop
 from vhostpasst.core.looptrace import ENV_LOOP_TRACE
 from vhostpasst.core.pcap import PcapWriter
 from vhostpasst.core.process import Process
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import Link
 from vhostpasst.link.stream import StreamListener
@@ -140,6 +142,16 @@ def run(config: Config) -> int:
         dispatcher.close()
         return 1
     dispatcher.link = listener
+    control: ControlServer | None = None
+    if config.conf_path:
+        try:
+            control = wiring.start(config, loop, dispatcher,
+                                   [wiring.host_side(config, dispatcher)])
+        except OSError as e:
+            log.error("cannot open the control socket %s: %s", config.conf_path, e.strerror or e)
+            dispatcher.close()
+            listener.close()
+            return 1
     box = Sandbox("vhost-user" if config.vhost_user else "stream", config.chroot_fallback)
     try:
         box.prepare()  # every import, while still root
@@ -181,6 +193,8 @@ def run(config: Config) -> int:
     except KeyboardInterrupt:
         log.info("interrupted")
     finally:
+        if control is not None:
+            control.close()
         dispatcher.close()
         listener.close()
         if pcap is not None:

@@ -102,6 +102,7 @@ TX_GUEST = 0  # in one guest buffer: used where it is
 TX_COPY = 1  # over several: copied to the bounce buffer
 TX_SHORT = 2  # the chain holds no more than a header
 TX_BIG = 3  # the frame is longer than allowed: dropped, never copied
+TX_TAKEN = 4  # taken by the device's consumer (vr_tx_offer)
 
 # vr_tx_gather() outcomes, res[0] (cffi_build/virtio/net.c)
 TXG_DONE = 0  # as many chains as asked, or the ring ran dry (the kick re-armed)
@@ -127,18 +128,27 @@ class TxGather:
         self._out_mv = memoryview(ffi.buffer(self._out)).cast("Q")
         self._res = ffi.new("uint32_t[]", 1)
         self.full = False  # the last call stopped for room: the ring may hold more
+        self.taken = 0  # frames the device's consumer took (tx_frames' `take`)
+        self.taken_last = 0  # in the last call
+        self.taken_bytes = 0  # and their bytes
+        self.taken_gso = 0  # of them GSO frames, in all
         # longer frames are dropped: none is valid, and one the bounce can't hold would
         # otherwise stop the queue for good
         self.max_frame = min(FRAME_MAX, bounce_size)
 
-    def tx_frames(self, vq: VirtQueue, count: int
+    def tx_frames(self, vq: VirtQueue, count: int, take: int = 0, take_end: int = 0,
+                  take_arg: int = 0, offloads: int = 0
                   ) -> tuple[list[int], list[memoryview | None], dict[int, NetHeader]]:
         """Up to `count` (<= max_chains) chains: their heads; per chain its frame (a view
         past the virtio-net header), or None when it holds no more than a header or a frame
         longer than `max_frame` (dropped: never copied); and the
         header of each frame whose header says GSO, by index. Fewer chains than `count`
         when the ring runs dry (the kick is re-armed) or the bounce buffer fills (the rest
-        stay in the ring; `full` says so). A bad chain breaks the queue (VirtQueueError)."""
+        stay in the ring; `full` says so). A bad chain breaks the queue (VirtQueueError).
+        `take`, `take_end`, `take_arg`: a device's C consumer (vr_tx_offer(), net.c) offered
+        each frame first, told the negotiated `offloads`; the frames it takes are left out of
+        the frames returned (their heads stay)."""
+        self.taken_bytes = self.taken_last = 0
         ring = vq.ring_access()
         table = vq.memory.table
         limit = min(count, self.max_chains, ring.num)
@@ -164,6 +174,11 @@ class TxGather:
             self.full = True
         if not n:
             return [], [], {}
+        if take:
+            self.taken_last = lib.vr_tx_offer(take, take_end, take_arg, offloads, table.cdata,
+                                              table.count, self._hdrs, HDR_LEN, self._bounce_c,
+                                              len(self.bounce), self._out, n)
+            self.taken += self.taken_last
         heads: list[int] = ring.chains_mv[:3 * n:3].tolist()
         frames: list[memoryview | None] = []
         gso: dict[int, NetHeader] = {}
@@ -177,10 +192,15 @@ class TxGather:
                 frame: memoryview | None = views[region][offset:offset + length]
             elif kind == TX_COPY:
                 frame = bounce[offset:offset + length]
+            elif kind == TX_TAKEN:
+                self.taken_bytes += length
+                if hdrs[HDR_LEN * i + 1]:  # gso_type
+                    self.taken_gso += 1
+                continue
             else:
                 frame = None
             if frame is not None and hdrs[HDR_LEN * i + 1]:  # gso_type
-                gso[i] = NetHeader.unpack(hdrs[HDR_LEN * i:HDR_LEN * (i + 1)])
+                gso[len(frames)] = NetHeader.unpack(hdrs[HDR_LEN * i:HDR_LEN * (i + 1)])
             frames.append(frame)
         return heads, frames, gso
 

@@ -29,7 +29,7 @@
  * Writable buffers are skipped. Returns how many chains were done: fewer than `nchains` when
  * the next one's frame would not fit what is left of `bounce`; -1 if a record lies outside
  * its region. */
-enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT, VR_TX_BIG };
+enum { VR_TX_GUEST = 0, VR_TX_COPY, VR_TX_SHORT, VR_TX_BIG, VR_TX_TAKEN };
 
 int vr_tx_frames(const struct vr_region *regions, unsigned nregions, const uint32_t *chains,
 		 unsigned nchains, const uint64_t *bufs, unsigned nbufs, unsigned hdr,
@@ -215,4 +215,60 @@ int vr_tx_gather(struct vr_pop_ctx *ctx, unsigned last_avail, unsigned count, in
 	}
 	ctx->status[3] = nbufs;
 	return (int)have;
+}
+
+/* --- frames offered to the device's own C ----------------------------------------------
+ *
+ * vr_tx_offer() hands each frame vr_tx_gather() found (out[] as it wrote them, `n` chains)
+ * to a device's consumer, in ring order: the frame's bytes (in guest memory, or in `bounce`
+ * for a copied one), its virtio-net header (`hdr` bytes in hdrs) and the offloads the device
+ * negotiated (`offloads`: feature bits, HOST_TSO4/6 say which GSO frames the driver may
+ * send). A frame the consumer takes (it returns 1) becomes VR_TX_TAKEN: the caller passes it
+ * over and only pushes its chain. Then the consumer's `end` runs once (its frames are still
+ * valid: the chains are not pushed yet). Guest memory is reached through the record's check
+ * (vr_rec_region) and the bounce through its length; the consumer gets only those checked
+ * pointers, and must read each guest value once (the guest may rewrite its buffers
+ * meanwhile). Returns the frames taken. */
+typedef int (*vr_tx_consumer)(void *arg, const uint8_t *frame, uint32_t len,
+			      const uint8_t *vnet_hdr, uint64_t offloads);
+typedef void (*vr_tx_consumer_end)(void *arg);
+
+int vr_tx_offer(uintptr_t consumer, uintptr_t consumer_end, uintptr_t arg, uint64_t offloads,
+		const struct vr_region *regions, unsigned nregions, const uint8_t *hdrs,
+		unsigned hdr, const uint8_t *bounce, size_t bounce_len, uint64_t *out,
+		unsigned n)
+{
+	vr_tx_consumer take = (vr_tx_consumer)consumer;
+	const struct vr_region *reg;
+	const uint8_t *frame;
+	unsigned i, taken = 0;
+	uint64_t *o;
+
+	if (!take)
+		return 0;
+	for (i = 0; i < n; i++) {
+		o = out + 4 * (size_t)i;
+		if (o[3] > UINT32_MAX)
+			continue;
+		if (o[0] == VR_TX_GUEST) {
+			reg = vr_rec_region(regions, nregions, o + 1);
+			if (!reg)
+				continue;
+			frame = reg->host + o[2];
+		} else if (o[0] == VR_TX_COPY) {
+			if (o[2] > bounce_len || o[3] > bounce_len - o[2])
+				continue;
+			frame = bounce + o[2];
+		} else {
+			continue;
+		}
+		if (take((void *)arg, frame, (uint32_t)o[3], hdrs + (size_t)hdr * i,
+			 offloads) == 1) {
+			o[0] = VR_TX_TAKEN;
+			taken++;
+		}
+	}
+	if (consumer_end)
+		((vr_tx_consumer_end)consumer_end)((void *)arg);
+	return (int)taken;
 }

@@ -26,6 +26,10 @@ ffibuilder.cdef(
                      size_t used_len, int rearm, unsigned hdr, uint64_t max_frame,
                      uint8_t *hdrs, uint8_t *bounce, size_t bounce_len, uint64_t *out,
                      uint32_t *res);
+    int vr_tx_offer(uintptr_t consumer, uintptr_t consumer_end, uintptr_t arg,
+                    uint64_t offloads, const struct vr_region *regions, unsigned nregions,
+                    const uint8_t *hdrs, unsigned hdr, const uint8_t *bounce,
+                    size_t bounce_len, uint64_t *out, unsigned n);
     """
 )
 ffibuilder.set_source(

@@ -463,19 +463,6 @@ def test_main_actions(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == '{"type": "net"}\n'
 
 
-@pytest.mark.parametrize(
-    "prog, argv, message",
-    [
-        ("vhostpasst", ["-c", "/c"], "vhostpasst: --conf-path is not supported yet"),
-    ],
-)
-def test_not_supported_yet(
-    prog: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv, prog=prog) == 1
-    assert capsys.readouterr().err == message + "\n"
-
-
 def test_main_runs_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     import vhostpasst.config.conf
     import vhostpasst.daemon

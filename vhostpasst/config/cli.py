@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config import fwd
-from vhostpasst.config.errors import ConfigError, NotSupported
+from vhostpasst.config.errors import ConfigError
 from vhostpasst.config.fwd import IFNAMSIZ, PortForwards
 from vhostpasst.config.options import BOTH, MAXNS, PASST, PASTA, IPAddr, Options
 from vhostpasst.wire.ip import BROADCAST4
@@ -643,8 +643,6 @@ def parse_args(argv: list[str], mode: str) -> Options:
 def check_supported(o: Options) -> None:
     """Refuse, by name, what this version parses but does not implement yet."""
     # --repair-path outside --vhost-user is accepted and ignored (the daemon logs so)
-    if o.conf_path:
-        raise NotSupported("--conf-path")
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -692,7 +690,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
   -P, --pid FILE            Write our PID to FILE
   -F, --fd FD               Use this descriptor: a connected socket (passt, implies
                             --one-off) or a tap device (pasta)
-  -c, --conf-path PATH      Control socket (not supported yet)
+  -c, --conf-path PATH      Control socket for vhostpasst-pesto (pesto)
   -m, --mtu MTU             MTU for the guest, 0 or {MTU_MIN}..{MTU_MAX} (default 65520)
   -a, --address ADDR[/LEN]  Address assigned to the guest (default: the host's)
   -n, --netmask MASK        IPv4 netmask or prefix length
@@ -707,7 +705,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --dns-forward ADDR    Guest DNS queries to ADDR go to --dns-host
       --dns-host ADDR       Where forwarded DNS queries go (default: first resolver)
   -H, --hostname NAME       Host name for the guest (DHCP option 12)
-      --fqdn NAME           FQDN for the guest (DHCP option 81)
+      --fqdn NAME           FQDN for the guest (DHCP option 81, DHCPv6 39)
       --no-tcp, --no-udp, --no-icmp   Disable a protocol (--no-icmp implies --no-ndp)
       --no-dhcp, --no-ndp, --no-dhcpv6, --no-ra   Disable a service
       --freebind            Bind forwarded ports to non-local addresses

@@ -91,6 +91,7 @@ class Config:
     repair_path: str | None = None  # TCP_REPAIR helper socket (None: next to the socket)
     migrate_exit: bool = False  # exit after a completed migration as source
     migrate_no_linger: bool = False  # close moved TCP sockets on the source at once
+    conf_path: str | None = None  # -c: the control socket (vhostpasst/ctl/)
     # link and addresses
     mtu: int = DEFAULT_MTU  # 0: do not advertise an MTU
     our_mac: bytes = DEFAULT_MAC  # -M: our MAC on the guest link
@@ -301,6 +302,7 @@ def build_config(
         repair_path=opts.repair_path,
         migrate_exit=opts.migrate_exit,
         migrate_no_linger=opts.migrate_no_linger,
+        conf_path=opts.conf_path,
         mtu=opts.mtu if opts.mtu is not None else DEFAULT_MTU,
         our_mac=opts.mac or DEFAULT_MAC,
         ifname=template.ifname if template else None,

@@ -83,6 +83,7 @@ class Flow:
     def __init__(self) -> None:
         self.keys: list[Hashable] = []
         self.last_active = 0.0
+        self.created = 0.0  # set when added to a table (its clock)
         self.closed = False
         self._timer: TimerHandle | None = None
         self._table: FlowTable | None = None
@@ -131,7 +132,8 @@ class FlowTable:
         for k in keys:
             self._by_key[k] = flow
         self._flows.add(flow)
-        flow.touch(self.clock())
+        flow.created = self.clock()
+        flow.touch(flow.created)
         self._arm(flow)
         return True
 

@@ -69,6 +69,21 @@ class LinkCaps:
 NO_CAPS = LinkCaps()  # a link without a peer, or one without any of these
 
 
+@dataclass(frozen=True, slots=True)
+class TxConsumer:
+    """A protocol's C that takes some of the guest's frames before the dispatcher sees them
+    (the TCP data plane): virtio's vr_tx_offer() calls `take(arg, frame, len, vnet_hdr,
+    offloads)` per frame, then `end(arg)` while the frames are still valid (the addresses of
+    C functions and of their argument); `begin()` runs before each batch and `after()` once
+    the dispatcher had the rest."""
+
+    take: int
+    end: int
+    arg: int
+    begin: Callable[[], None]
+    after: Callable[[], None]
+
+
 class Link(abc.ABC):
     """Base class: keeps the frame handler and the pcap hook common to every link."""
 
@@ -98,6 +113,11 @@ class Link(abc.ABC):
     def remove_rx_ready_callback(self, callback: RxReadyCallback) -> None:
         if callback in self.on_rx_ready:
             self.on_rx_ready.remove(callback)
+
+    def set_tx_consumer(self, consumer: TxConsumer | None) -> None:
+        """Offer the guest's frames to `consumer` first, where the link can (vhost-user);
+        elsewhere every frame goes to the dispatcher, as with None."""
+        return None
 
     def _rx_ready(self) -> None:
         """Buffers are back: tell every waiter (one waiter's bug must not starve the rest)."""

@@ -47,6 +47,7 @@ from vhostpasst.link.base import (
     ForwardingLink,
     FrameHandler,
     LinkCaps,
+    TxConsumer,
 )
 from vhostpasst.link.stream import (
     DEFAULT_PROBE_COUNT,
@@ -223,6 +224,7 @@ class VhostUserLink(VhostRx):
         self._host_tso = 0  # HOST_TSO4/6 negotiated: the GSO frames the guest may send
         self._was_connected = False
         self._tx_scheduled: set[int] = set()  # TX queues with a pass due
+        self._tx_consumer: TxConsumer | None = None  # offered the guest's frames first
         self._tx_bulk: set[int] = set()  # their last pass was a bulk one: coalesce the next kick
         # counters, for logs and tests (rx: from the guest, as StreamLink; tx_*: vhost_rx.py)
         self.rx_frames = 0
@@ -251,13 +253,16 @@ class VhostUserLink(VhostRx):
 
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
+        taken = self._tx  # frames the data plane's C took count as frames from the guest
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
                  "TSO frames %d from the guest, %d to it, %d data frames bounced, "
-                 "%d TX kicks coalesced, %d frames read and committed in one call",
-                 self.rx_frames, self.tx_frames, self.tx_zero_copy, self.tx_dropped,
-                 self.tx_scattered, self.rx_gso, self.tx_gso, self.tx_bounced,
-                 self.kicks_coalesced, self.tx_filled)
+                 "%d TX kicks coalesced, %d frames read and committed in one call, "
+                 "%d frames from the guest taken by the data plane's C",
+                 self.rx_frames + taken.taken, self.tx_frames, self.tx_zero_copy,
+                 self.tx_dropped, self.tx_scattered, self.rx_gso + taken.taken_gso,
+                 self.tx_gso, self.tx_bounced, self.kicks_coalesced, self.tx_filled,
+                 taken.taken)
         if self.rx_frames_per_pair:
             log.info("vhost-user: of those, from queue pairs after the first: %s",
                      ", ".join(f"pair {pair}: {n}"
@@ -353,8 +358,15 @@ class VhostUserLink(VhostRx):
         vq = backend.queues[index]
         if not (vq.ready and vq.enabled):
             return
+        consumer = self._tx_consumer if self.pcap is None else None
         try:
-            heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
+            if consumer is not None:
+                consumer.begin()
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch, consumer.take,
+                                                       consumer.end, consumer.arg,
+                                                       self._host_tso)
+            else:
+                heads, found, gso = self._tx.tx_frames(vq, self.tx_batch)
         except VirtQueueError as e:
             self._broken("TX queue", e)
             return
@@ -381,16 +393,18 @@ class VhostUserLink(VhostRx):
                     continue
                 self.rx_gso += 1
             frames.append(frame)
-        if size >= TX_BULK_BYTES:
+        if size + self._tx.taken_bytes >= TX_BULK_BYTES:  # the data plane's frames count
             self._tx_bulk.add(index)
         else:
             self._tx_bulk.discard(index)
         try:
+            if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
+                seen = len(frames) + self._tx.taken_last  # the data plane's C took some
+                if seen:
+                    counts, pair = self.rx_frames_per_pair, index // 2
+                    counts[pair] = counts.get(pair, 0) + seen
             if frames:
                 self.rx_frames += len(frames)
-                if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
-                    counts, pair = self.rx_frames_per_pair, index // 2
-                    counts[pair] = counts.get(pair, 0) + len(frames)
                 # Link._deliver() spelled out: one Python call fewer per TX pass
                 pcap = self.pcap
                 if pcap is not None:
@@ -399,12 +413,19 @@ class VhostUserLink(VhostRx):
                 self.on_frames(frames)
         finally:
             # The frames were only valid during the call: now the buffers go back.
-            if self.backend is backend and vq.ready:
-                vq.push_flat([x for head in heads for x in (head, 0)])
-                vq.flush()
+            try:
+                if self.backend is backend and vq.ready:
+                    vq.push_flat([x for head in heads for x in (head, 0)])
+                    vq.flush()
+            finally:
+                if consumer is not None:
+                    consumer.after()  # what the consumer's C left for Python, whatever came
         if (len(heads) == self.tx_batch or self._tx.full) and index not in self._tx_scheduled:
             self._tx_scheduled.add(index)  # the ring may hold more: no kick will say so
             self._loop.call_later(0, functools.partial(self._tx_again, index))
+
+    def set_tx_consumer(self, consumer: TxConsumer | None) -> None:
+        self._tx_consumer = consumer
 
     def tx_kicked(self, index: int = net.TX_QUEUE) -> None:
         """A TX kick: served now, or TX_COALESCE later after a bulk pass. Meanwhile the kick

@@ -1,5 +1,6 @@
 """Forwarding in pasta mode besides the tap: where host-loopback traffic lands in the
-namespace, and the port scanner for the rules given with `auto` (pasta's default).
+namespace, the port scanner for the rules given with `auto` (pasta's default), and the
+listeners of both tables as the control socket changes them (ctl/forwarder.py).
 
 A scanned rule (config/fwd.py) limits what the scanner may forward: its port range less its
 exclusions (and the ephemeral ports, for a rule without a range), its listening address, its
@@ -7,6 +8,7 @@ port translation and its target address all apply to the ports found bound."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,10 +19,18 @@ from vhostpasst.config.conf import Config
 from vhostpasst.config.fwd import PortForwards, PortRule, ephemeral_range
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.nat import GuestAddrs
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.binders import UdpBinder, socket_place
+from vhostpasst.ctl.forwarder import Binder, Place, Side, To
+from vhostpasst.ctl.protocol import PIF_HOST, PIF_NAMES, PIF_SPLICE
+from vhostpasst.ctl.rules import SCAN, Rule
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.pasta.portscan import AutoPorts, Direction, ProcNet
 from vhostpasst.pasta.tcp_splice import TcpSplice
-from vhostpasst.pasta.udp_splice import UdpSplice
+from vhostpasst.pasta.udp_splice import SpliceListener, UdpSplice
+from vhostpasst.proto.udp import Listener as UdpListener
+
+log = logging.getLogger("vhostpasst")
 
 
 def ns_target(config: Config, guest: GuestAddrs) -> Callable[[int, str], str]:
@@ -149,3 +159,179 @@ def auto_ports(loop: Loop, config: Config, netns_fd: int, dispatcher: Dispatcher
 
     return AutoPorts(loop, ProcNet.open("/proc/self/net"), ProcNet.open_in_netns(netns_fd),
                      fams, tcp_in, udp_in, tcp_out, udp_out, ours_host, ours_ns)
+
+
+@dataclass(eq=False)
+class _UdpPair:
+    handle: object  # the handler's listener
+    spliced: SpliceListener | None  # its mate on the host's loopback, if any
+
+
+class _UdpHostBinder:
+    """-u in pasta: the handler's listener and, for any or a loopback address without a
+    target address, the splice listener on the host's loopback that takes loopback traffic
+    past the tap (as auto_ports binds them)."""
+
+    def __init__(self, udp: UdpBinder, usplice: UdpSplice) -> None:
+        self.udp = udp
+        self.usplice = usplice
+
+    @staticmethod
+    def _spliced(place: Place, to: To) -> bool:
+        addr = place[1]
+        return to[1] is None and (addr is None or addr.is_loopback)
+
+    def bind(self, place: Place, to: To) -> object:
+        pair = _UdpPair(self.udp.bind(place, to), None)
+        if self._spliced(place, to):
+            try:
+                pair.spliced = self.usplice.add_listener(_family(place[0]), place[3], to[0],
+                                                         to_ns=True)
+            except OSError:
+                self.udp.unbind(pair.handle)
+                raise
+        return pair
+
+    def unbind(self, handle: object) -> None:
+        assert isinstance(handle, _UdpPair)
+        self.udp.unbind(handle.handle)
+        if handle.spliced is not None:
+            self.usplice.remove_listener(handle.spliced)
+
+    def retarget(self, handle: object, to: To) -> None:
+        assert isinstance(handle, _UdpPair)
+        self.udp.retarget(handle.handle, to)
+        assert isinstance(handle.handle, UdpListener)
+        place = socket_place(handle.handle.sock, handle.handle.six)
+        if handle.spliced is not None and not self._spliced(place, to):
+            self.usplice.remove_listener(handle.spliced)
+            handle.spliced = None
+        elif handle.spliced is not None:
+            handle.spliced.to_port = to[0]
+        elif self._spliced(place, to):
+            try:
+                handle.spliced = self.usplice.add_listener(_family(place[0]), place[3], to[0],
+                                                           to_ns=True)
+            except OSError as e:  # loopback datagrams then take the tap, as with --no-splice
+                log.warning("-u %d: no splice listener on the host's loopback: %s", place[3],
+                            e.strerror)
+
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        spliced = {(lst.sock.family == socket.AF_INET6, lst.port): lst
+                   for lst in self.usplice.listeners.values() if lst.to_ns}
+        out: list[tuple[Place, To, object]] = []
+        for place, to, handle in self.udp.existing():
+            mate = spliced.pop((place[0], place[3]), None) if self._spliced(place, to) else None
+            out.append((place, to, _UdpPair(handle, mate)))
+        return out
+
+
+def _family(six: bool) -> int:
+    return socket.AF_INET6 if six else socket.AF_INET
+
+
+class _TcpNsBinder:
+    """-T: listeners on the namespace's loopback (the address and interface of a rule do not
+    matter: they are "lo" there)."""
+
+    def __init__(self, splice: TcpSplice, netns_fd: int) -> None:
+        self.splice = splice
+        self.netns_fd = netns_fd
+
+    def bind(self, place: Place, to: To) -> object:
+        return self.splice.add_ns_listener(self.netns_fd, _family(place[0]), place[3], to[0])
+
+    def unbind(self, handle: object) -> None:
+        assert isinstance(handle, socket.socket)
+        self.splice.remove_ns_listener(handle)
+
+    def retarget(self, handle: object, to: To) -> None:
+        assert isinstance(handle, socket.socket)
+        self.splice.listeners[handle.fileno()] = (handle, to[0])
+
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(_ns_place(sock), (to_port, None), sock) for sock, to_port in
+                self.splice.listeners.values()]
+
+
+class _UdpNsBinder:
+    """-U: splice listeners on the namespace's loopback."""
+
+    def __init__(self, usplice: UdpSplice) -> None:
+        self.usplice = usplice
+
+    def bind(self, place: Place, to: To) -> object:
+        return self.usplice.add_listener(_family(place[0]), place[3], to[0], to_ns=False)
+
+    def unbind(self, handle: object) -> None:
+        assert isinstance(handle, SpliceListener)
+        self.usplice.remove_listener(handle)
+
+    def retarget(self, handle: object, to: To) -> None:
+        assert isinstance(handle, SpliceListener)
+        handle.to_port = to[0]
+
+    def existing(self) -> Iterable[tuple[Place, To, object]]:
+        return [(_ns_place(lst.sock), (lst.to_port, None), lst)
+                for lst in self.usplice.listeners.values() if not lst.to_ns]
+
+
+def _ns_place(sock: socket.socket) -> Place:
+    """A namespace loopback listener as the SPLICE table names it: any address, on "lo"."""
+    return sock.family == socket.AF_INET6, None, "lo", int(sock.getsockname()[1])
+
+
+def control_sides(config: Config, netns_fd: int, dispatcher: Dispatcher, splice: TcpSplice,
+                  usplice: UdpSplice) -> list[Side]:
+    """The HOST and SPLICE tables of pasta's control socket, over its listeners (to be made
+    before the port scanner starts: its listeners are its own)."""
+    host = wiring.host_side(config, dispatcher)
+    if not config.no_splice and dispatcher.udp is not None:
+        host.binders[socket.IPPROTO_UDP] = _UdpHostBinder(UdpBinder(dispatcher.udp), usplice)
+    table_caps = wiring.caps(config)
+    binders: dict[int, Binder] = {}
+    if not config.no_tcp:
+        binders[socket.IPPROTO_TCP] = _TcpNsBinder(splice, netns_fd)
+    if not config.no_udp:
+        binders[socket.IPPROTO_UDP] = _UdpNsBinder(usplice)
+    rules = wiring.initial_rules(config.tcp_out, config.udp_out, table_caps, splice=True)
+    # -T/-U go to the host's loopback: no target address there
+    return [host, Side(PIF_SPLICE, PIF_NAMES[PIF_SPLICE], table_caps, binders, rules,
+                       targets=False)]
+
+
+class _ScanSwitch:
+    """One direction of the port scanner, as the control socket stops and resumes it."""
+
+    def __init__(self, auto: AutoPorts, attr: str, rules: tuple[Rule, ...]) -> None:
+        self.auto = auto
+        self.attr = attr  # the AutoPorts attribute holding the direction
+        self.direction: Direction = getattr(auto, attr)
+        self.rules = rules
+
+    def stop(self) -> None:
+        if getattr(self.auto, self.attr) is not None:
+            self.direction.close()
+            setattr(self.auto, self.attr, None)
+            log.info("%s: stopped by the control socket", self.direction.name)
+
+    def resume(self) -> None:
+        if getattr(self.auto, self.attr) is None:
+            setattr(self.auto, self.attr, self.direction)
+            log.info("%s: resumed by the control socket", self.direction.name)
+
+
+def attach_scans(sides: Iterable[Side], auto: AutoPorts | None) -> None:
+    """Let the control socket stop and resume the scanner's directions (the tables' auto
+    rules)."""
+    if auto is None:
+        return
+    attrs = {(PIF_HOST, socket.IPPROTO_TCP): "tcp_in", (PIF_HOST, socket.IPPROTO_UDP): "udp_in",
+             (PIF_SPLICE, socket.IPPROTO_TCP): "tcp_out",
+             (PIF_SPLICE, socket.IPPROTO_UDP): "udp_out"}
+    for side in sides:
+        for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            attr = attrs[(side.pif, proto)]
+            rules = tuple(r for r in side.rules if r.flags & SCAN and r.proto == proto)
+            if getattr(auto, attr) is not None and rules:
+                side.scans[proto] = _ScanSwitch(auto, attr, rules)

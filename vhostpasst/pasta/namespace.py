@@ -10,6 +10,7 @@ is. Attach mode: the network namespace of a PID (and its user namespace unless -
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -86,12 +87,28 @@ def _ns_init(command: tuple[str, ...], go_r: int) -> None:
         os._exit(1)
 
 
+def _close_cloexec(keep: tuple[int, ...]) -> None:
+    """Close what the command would not get anyway (close-on-exec): we outlive the fork and
+    must not hold pasta's sockets open (a port the control socket stops forwarding would
+    still accept connections that nobody serves). Inheritable fds stay for the command."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep or fd < 3:
+            continue
+        try:
+            if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                os.close(fd)
+        except OSError:
+            pass  # the listing's own fd, gone by now
+
+
 def _intermediate(command: tuple[str, ...], ready_w: int, go_r: int,
                   as_ids: isolation.Ids | None) -> None:
     """Our child: unshare the namespaces, fork PID 1 of the new PID namespace, tell the
     parent its pid, then wait for it and exit with its status. With `as_ids` (we are root),
     first become that user and create the user namespace too, mapping its root to them."""
     try:
+        _close_cloexec((ready_w, go_r))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command decides about ^C
         for sig in TERMINATE_SIGNALS:  # not our parent's handlers: a signal ends us
             signal.signal(sig, signal.SIG_DFL)

@@ -34,6 +34,8 @@ from vhostpasst.core import flow, stats
 from vhostpasst.core.log import setup_logging
 from vhostpasst.core.loop import EPOLLIN
 from vhostpasst.core.process import Process
+from vhostpasst.ctl import wiring
+from vhostpasst.ctl.server import ControlServer
 from vhostpasst.pasta.config_net import (
     NsLink,
     host_snapshot,
@@ -41,7 +43,7 @@ from vhostpasst.pasta.config_net import (
     setup_ns_link,
     setup_ns_loopback,
 )
-from vhostpasst.pasta.forward import auto_ports, ns_target
+from vhostpasst.pasta.forward import attach_scans, auto_ports, control_sides, ns_target
 from vhostpasst.pasta.namespace import PastaError, open_target
 from vhostpasst.pasta.tcp_splice import TcpSplice
 from vhostpasst.pasta.udp_splice import UdpSplice
@@ -164,6 +166,7 @@ def run(config: Config) -> int:
         loop.stop()
 
     watch: NetnsWatch | None = None
+    control: ControlServer | None = None
     loopback_target = ns_target(config, dispatcher.guest)
     splice = TcpSplice(loop, target.netns_fd, loopback_target)
     usplice = UdpSplice(loop, target.netns_fd, loopback_target)
@@ -176,7 +179,12 @@ def run(config: Config) -> int:
             if dispatcher.tcp is not None:
                 dispatcher.tcp.claim = splice.claim
             usplice.listen(config.udp_in, fams, to_ns=True)
+        if config.conf_path:  # before the scanner, whose listeners are not the tables'
+            sides = control_sides(config, target.netns_fd, dispatcher, splice, usplice)
+            control = wiring.start(config, loop, dispatcher, sides)
         auto = auto_ports(loop, config, target.netns_fd, dispatcher, splice, usplice, fams)
+        if control is not None:
+            attach_scans(sides, auto)
         # the watch is set up while its directory is still readable to us
         watch = NetnsWatch(loop, target.watch_path, stop) if target.watch_path else None
     except OSError as e:
@@ -198,6 +206,8 @@ def run(config: Config) -> int:
             log.error("cannot drop privileges: %s", e)
             ok = False
     if not ok:
+        if control is not None:
+            control.close()
         if watch is not None:
             watch.close()
         usplice.close()
@@ -265,6 +275,8 @@ def run(config: Config) -> int:
             os.close(pidfd)
         if auto is not None:
             auto.close()
+        if control is not None:
+            control.close()
         usplice.close()
         splice.close()
         dispatcher.close()

@@ -54,6 +54,9 @@ REASONED_COMMON = (
     "brk", "mmap", "munmap", "mremap", "madvise", "mprotect",
     "pwrite64", "pread64", "ftruncate", "clock_gettime", "rt_sigprocmask",
 )
+# the control socket (-c) binds -t/-u listeners at run time, which passt and vhost-user modes
+# otherwise only do before the sandbox (pasta mode measured listen through its port scanner)
+REASONED_CONTROL = ("listen",)
 REASONED_VHOST_USER: tuple[str, ...] = ()
 # pasta: on exit, the spawned command's PID namespace is taken down (kill of its PID 1)
 REASONED_PASTA = ("kill",)
@@ -75,9 +78,9 @@ ARGS: dict[str, tuple[int, tuple[int, ...]]] = {
     "socket": (0, (AF_INET, AF_INET6)),
 }
 
-STREAM = MEASURED_STREAM + MEASURED_DEBIAN13 + REASONED_COMMON
+STREAM = MEASURED_STREAM + MEASURED_DEBIAN13 + REASONED_COMMON + REASONED_CONTROL
 VHOST_USER = (MEASURED_VHOST_USER + MEASURED_MAIN_9516AC8_VHOST_USER + MEASURED_DEBIAN13
-              + REASONED_COMMON + REASONED_VHOST_USER)
+              + REASONED_COMMON + REASONED_CONTROL + REASONED_VHOST_USER)
 PASTA = (MEASURED_PASTA + MEASURED_MAIN_9516AC8_PASTA + MEASURED_DEBIAN13 + REASONED_COMMON
          + REASONED_PASTA)
 

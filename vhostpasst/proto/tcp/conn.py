@@ -22,9 +22,13 @@ ACK number and window: the guest's data is acknowledged once the far end acknowl
 host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
 end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
 took it. The window is what the far end's window and our send buffer leave once the bytes in
-flight are counted, never less than what we showed before moved on by the ACK. These, and the
-header template data frames are written from, are TcpConn methods: both directions' paths
-use them.
+flight are counted, never less than what we showed before moved on by the ACK. A window below
+one guest segment is, to the guest, a zero window (its sender avoids silly windows, RFC 813
+§4, and waits for its persist timer): while a window below the largest segment a guest can
+send will open (data in flight, or the far end's window below the largest it showed), the
+socket is polled as for a zero window and the update sent once it opens (wnd_short). These,
+and the header template data frames are written from, are TcpConn methods: both directions'
+paths use them.
 
 States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
 SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
@@ -37,7 +41,14 @@ connection goes once both have ended and the far end took everything
 Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
 retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
 coalesced ACK, and polling the socket for the far end's ACK when we hold back the guest's), and
-one connection timer (handshake timeout, FIN timeout, inactivity).
+one connection timer (handshake timeout, FIN timeout, inactivity); plus one for them all, the
+keepalive round.
+
+Keepalives, as passt: a keepalive probe from the guest is answered and turns SO_KEEPALIVE on
+for the host socket, so the far end is probed too; every KEEPALIVE_INTERVAL, a connection
+with no traffic either way for that long (passt: from the guest; data we send the guest is
+answered) gets a keepalive probe (an ACK one below the guest's ACK point), so a guest that
+rebooted or forgot it answers with a RST and it ends.
 
 Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
 a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
@@ -65,14 +76,16 @@ from __future__ import annotations
 
 import fcntl
 import mmap
+import operator
 import socket
 import struct
 import sys
 import termios
 import time
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from vhostpasst._dataplane import ffi as _dp_ffi
 from vhostpasst.core.flow import Flow
 from vhostpasst.core.loop import EventLoop, TimerHandle
 from vhostpasst.link.base import Tso
@@ -98,15 +111,20 @@ SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve
 ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
 HANDSHAKE_TIMEOUT = 10.0
 FIN_TIMEOUT = 60.0
-# No inactivity reset by default: passt means to reset after 7200 s, yet in practice only
-# re-arms its timer (reference 4.4), so idle SSH sessions and connection pools live on;
-# VHOSTPASST_TCP_IDLE_TIMEOUT sets one.
-IDLE_TIMEOUT: float | None = None
+# As passt 2026: a connection with no activity either way for IDLE_TIMEOUT is reset, and one
+# quiet for KEEPALIVE_INTERVAL gets a keepalive, which a live guest answers
+# (so an idle SSH session lives on) and one that forgot the connection answers with a RST.
+IDLE_TIMEOUT = 7200.0
+KEEPALIVE_INTERVAL = 30.0
 RTO_INIT = 1.0  # RFC 6298 §2.1
 RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
 RTO_MAX = 60.0
 MAX_RETRANS = 8
 PERSIST_MAX = 1.0  # longest interval between zero-window probes
+# No guest segment carries more (an IP packet's length field): a window below it may be
+# below the guest's next segment (64 KiB with TSO), see wnd_short. A bound, not the guest's
+# MSS: the data plane's C writes the guest's data without Python seeing its segments.
+GUEST_SEGMENT_MAX = 65535
 HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
@@ -120,6 +138,7 @@ ACCEPT_BATCH = 16
 ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
 ENV_RTO_MAX = "VHOSTPASST_TCP_RTO_MAX"
 ENV_IDLE = "VHOSTPASST_TCP_IDLE_TIMEOUT"
+ENV_KEEPALIVE = "VHOSTPASST_TCP_KEEPALIVE_INTERVAL"
 ENV_HALF_OPEN = "VHOSTPASST_TCP_HALF_OPEN_MAX"
 
 # states
@@ -184,6 +203,43 @@ class ConnOwner(Protocol):
     def _arm_ack(self, conn: TcpConn) -> None:
         """Poll the socket for the far end's ACK or window soon (timers.py)."""
 
+    def dp_drop(self, conn: TcpConn) -> None:
+        """Take the connection out of the data plane's table (dataplane.py)."""
+
+
+def _shared(name: str) -> Any:
+    """A TcpConn attribute stored in its data plane record (`r`, a struct dp_flow): read by
+    a C getter, so reading it costs about what reading a plain attribute does."""
+
+    def store(conn: TcpConn, value: object) -> None:
+        setattr(conn.r, name, value)
+
+    return property(operator.attrgetter("r." + name), store)
+
+
+def _optional(name: str, flag: str, none: object = None) -> Any:
+    """A shared attribute that may be None: `flag` in the record says whether it is set."""
+
+    def load(conn: TcpConn) -> object:
+        r = conn.r
+        return getattr(r, name) if getattr(r, flag) else none
+
+    def store(conn: TcpConn, value: object) -> None:
+        r = conn.r
+        setattr(r, flag, value is not None)
+        if value is not None:
+            setattr(r, name, value)
+
+    return property(load, store)
+
+
+# The fields the data plane's C (cffi_build/vhostpasst/dataplane.c) reads or writes: one
+# copy, in the connection's struct dp_flow, seen from Python as attributes.
+_SHARED = ("state", "tap_fin_rcvd", "seq_from_tap", "seq_ack_to_tap", "seq_to_tap", "seq_max",
+           "seq_ack_from_tap", "wnd_from_tap", "ws_from_tap", "recover", "retrans",
+           "dup_acks", "discard_due", "rtt_time", "rttvar", "rto", "rto_armed", "rto_when",
+           "rto_deadline", "last_seen")
+
 
 class TcpConn(Flow):
     """One translated connection. Guest side: the guest at (gaddr, gport) talks to the far
@@ -191,9 +247,63 @@ class TcpConn(Flow):
 
     timeout = None  # our own timers decide
 
+    if TYPE_CHECKING:
+        state: int
+        tap_fin_rcvd: bool | int
+        seq_from_tap: int
+        seq_ack_to_tap: int
+        seq_to_tap: int
+        seq_max: int
+        seq_ack_from_tap: int
+        wnd_from_tap: int
+        ws_from_tap: int
+        recover: int
+        retrans: int
+        dup_acks: int
+        discard_due: int
+        rtt_time: float
+        rttvar: float
+        rto: float
+        rto_armed: bool | int
+        rto_when: float
+        rto_deadline: float
+        last_seen: float
+        fin_seq: int | None
+        rtt_seq: int | None
+        srtt: float | None
+        rto_timer: TimerHandle | None
+    else:
+        fin_seq = _optional("fin_seq", "fin_sent")
+        rtt_seq = _optional("rtt_seq", "rtt_pending")
+
+        @property
+        def srtt(self) -> float | None:
+            srtt = self.r.srtt
+            return None if srtt < 0 else srtt
+
+        @srtt.setter
+        def srtt(self, value: float | None) -> None:
+            self.r.srtt = -1.0 if value is None else value
+
+        @property
+        def rto_timer(self) -> TimerHandle | None:
+            return self._rto_timer
+
+        @rto_timer.setter
+        def rto_timer(self, timer: TimerHandle | None) -> None:
+            self._rto_timer = timer
+            self.r.rto_timer_set = timer is not None
+
     def __init__(self, handler: ConnOwner, sock: socket.socket, six: bool, gaddr: IPAddr,
                  gport: int, faddr: IPAddr, fport: int, state: int) -> None:
         super().__init__()
+        self.r: Any = _dp_ffi.new("struct dp_flow *")  # the shared fields (see _SHARED)
+        r = self.r
+        r.six = six
+        r.gaddr = gaddr.packed.ljust(16, b"\0")
+        r.faddr = faddr.packed.ljust(16, b"\0")
+        r.gport, r.fport = gport, fport
+        r.fd = sock.fileno()
         self.h = handler
         self.sock = sock
         self.fd = sock.fileno()
@@ -215,8 +325,14 @@ class TcpConn(Flow):
         self.ws_to_tap = 0
         self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
+        self.so_keepalive = False  # the guest sent a keepalive: SO_KEEPALIVE is on, as passt
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
+        self.snd_wnd_max = 0  # the largest window the far end showed the host kernel
+        # the window shown is below one guest segment but will open (data in flight, or the
+        # far end's window below its largest): the guest waits for more (sender SWS
+        # avoidance), so the socket is polled as for a zero window
+        self.wnd_short = False
         # (seq_from_tap, ACK number, window, when) of the last ack_wnd() for data frames:
         # see data_ack_wnd()
         self.data_ack: tuple[int, int, int, float] | None = None
@@ -294,6 +410,10 @@ class TcpConn(Flow):
             unacked = (ack - remote) & M32
             wnd = min(snd_wnd, eff) - unacked
             self.poll_fast = unacked > eff // 4
+            if snd_wnd > self.snd_wnd_max:
+                self.snd_wnd_max = snd_wnd
+            self.wnd_short = wnd < GUEST_SEGMENT_MAX and \
+                (unacked > 0 or snd_wnd < self.snd_wnd_max)
         if seq_lt(ack, self.seq_ack_to_tap):
             ack = self.seq_ack_to_tap  # never backwards
         wnd = max(0, min(wnd, MAX_WINDOW))
@@ -318,7 +438,7 @@ class TcpConn(Flow):
         self.seq_ack_to_tap = ack
         self.wnd_to_tap = wnd << self.ws_to_tap
         self.ack_due = False
-        if ack != self.seq_from_tap or wnd == 0:
+        if ack != self.seq_from_tap or wnd == 0 or self.wnd_short:
             self.h._arm_ack(self)  # poll the socket for the far end's ACK or window
 
     def tso_params(self) -> Tso:
@@ -374,6 +494,8 @@ class TcpConn(Flow):
         return f"<tcp {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport} s{self.state}>"
 
     def close(self) -> None:
+        if self.r.in_table:
+            self.h.dp_drop(self)
         for t in (self.rto_timer, self.ack_timer, self.idle_timer):
             if t is not None:
                 t.cancel()
@@ -386,6 +508,11 @@ class TcpConn(Flow):
             self.state = ESTABLISHED  # counted once
         self.sock.close()
 
+
+
+for _name in _SHARED:
+    setattr(TcpConn, _name, _shared(_name))
+del _name
 
 
 def tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) -> tuple:

@@ -48,6 +48,7 @@ from vhostpasst.proto.tcp.conn import (
     TcpConn,
     seq_lt,
 )
+from vhostpasst.proto.tcp.dataplane import DataPlane, dataplane_enabled
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import IPV4_HLEN, IPV6_HLEN
 
@@ -73,6 +74,14 @@ class TcpControl(abc.ABC):
         self._waiting: dict[TcpConn, None] = {}
         self._log = RateLimitedLog(log)
         self.resets_sent = 0  # RSTs for segments of no connection (tests read it)
+        # the C that takes the guest's pure ACKs on established connections (dataplane.py)
+        self.dataplane = DataPlane(self.rto_max, ctx.flows.max_flows) if dataplane_enabled() \
+            else None
+
+    def dp_drop(self, conn: TcpConn) -> None:
+        """A connection leaves the data plane's table (TcpConn.close())."""
+        if self.dataplane is not None:
+            self.dataplane.drop(conn)
 
     # --- what the layers above do -----------------------------------------------------------
 

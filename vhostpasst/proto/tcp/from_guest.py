@@ -57,6 +57,12 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import (
+    FOLLOW_ARM_RTO,
+    FOLLOW_KICK,
+    FOLLOW_RESET,
+    FOLLOW_WANT_OUT,
+)
 from vhostpasst.proto.tcp.timers import TcpTimers
 from vhostpasst.wire import tcp as wtcp
 from vhostpasst.wire.ip import Ipv4, Ipv6
@@ -269,6 +275,9 @@ class FromGuest(TcpTimers):
             return
         self._update_events(conn)
         self._arm_idle(conn, self.idle_timeout)
+        self._arm_keepalive()
+        if self.dataplane is not None:
+            self.dataplane.hand(conn)  # its pure ACKs from now on taken in C
 
     def _rst_acceptable(self, conn: TcpConn, seg: wtcp.Tcp) -> bool:
         """RFC 5961 §3.2: a RST is taken only if its seq is exactly the next expected one;
@@ -288,7 +297,11 @@ class FromGuest(TcpTimers):
         expected = conn.seq_from_tap
         ooo: list[wtcp.Tcp] = []
         fin = False
-        kick = False  # the guest's window opened: read the socket once at the end
+        # the guest's window opened: read the socket once at the end (also when the data
+        # plane's C took this batch's earlier ACKs: what it left is done here, as one batch)
+        kick = self._dataplane_followups(conn) if conn.r.followups else False
+        if conn.closed:
+            return
         answer = False  # something calls for an ACK now (keepalive, old data, hole)
         for seg in segs:
             flags = seg.flags
@@ -311,10 +324,13 @@ class FromGuest(TcpTimers):
             if not length and not flags & wtcp.FIN:
                 if seq_lt(seg.seq, expected):
                     answer = True  # keep-alive probe
+                    self._mirror_keepalive(conn)
                 continue
             got = self._accept_data(conn, seg, expected, pending, ooo)
             if got is None:
                 answer = True
+                if length == 1:  # a keep-alive probe with one byte of old data
+                    self._mirror_keepalive(conn)
                 continue
             expected, fin = got
         while ooo and not fin:  # a later segment of this batch may have filled the hole
@@ -351,6 +367,41 @@ class FromGuest(TcpTimers):
         for _ in range(dups):
             self._send_ack(conn, force=True)
         conn.close_if_done()
+
+    def _mirror_keepalive(self, conn: TcpConn) -> None:
+        """The guest probes the connection: the host socket probes the far end too."""
+        if conn.so_keepalive:
+            return
+        conn.so_keepalive = True
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as e:
+            self._log.debug(("tcp-keepalive", e.errno), "%r: SO_KEEPALIVE: %s", conn, e)
+
+    def _dataplane_followups(self, conn: TcpConn) -> bool:
+        """The data plane's C took segments of this connection earlier in the batch (and
+        wrote their data), then left it a frame: its followups are this batch's
+        (dataplane.py). True: read the socket."""
+        r = conn.r
+        follow, r.followups = r.followups, 0
+        self._dataplane_write_result(conn, follow)
+        return bool(follow & FOLLOW_KICK)
+
+    def _dataplane_write_result(self, conn: TcpConn, follow: int) -> bool:
+        """A new retransmission timer, and what the socket made of the guest's data the C
+        wrote (as _write() would have: reset on an error, a window update after EPOLLOUT
+        when it took only part). True if the connection was reset."""
+        if follow & FOLLOW_ARM_RTO:
+            self._arm_rto(conn, restart=True)
+        if follow & FOLLOW_RESET:
+            self._log.debug(("tcp-send", conn.r.write_errno), "%r: send: %s", conn,
+                            os.strerror(conn.r.write_errno))
+            self._reset(conn)
+            return True
+        if follow & FOLLOW_WANT_OUT:
+            conn.want_out = True
+            self._update_events(conn)
+        return False
 
     def _accept_data(self, conn: TcpConn, seg: wtcp.Tcp, expected: int,
                      pending: list[memoryview], ooo: list[wtcp.Tcp]) -> tuple[int, bool] | None:
@@ -463,7 +514,7 @@ class FromGuest(TcpTimers):
         ack, wnd = conn.ack_wnd()
         if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
                 conn.wnd_to_tap:
-            if ack != conn.seq_from_tap or wnd == 0:
+            if ack != conn.seq_from_tap or wnd == 0 or conn.wnd_short:
                 self._arm_ack(conn)
             return
         if self._pure_ack(conn, ack, wnd):

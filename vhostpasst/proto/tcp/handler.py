@@ -21,6 +21,7 @@ from vhostpasst.core.loop import (
     EPOLLIN,
     EPOLLRDHUP,
 )
+from vhostpasst.link.base import TxConsumer
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
@@ -37,6 +38,7 @@ from vhostpasst.proto.tcp.conn import (
     tune,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import FOLLOW_KICK, FOLLOW_SEND_ACK
 from vhostpasst.proto.tcp.to_guest import ToGuest
 
 
@@ -49,8 +51,37 @@ class TcpHandler(ToGuest):
         # pasta: takes a just-accepted connection for the loopback splice path (True: taken),
         # so loopback-sourced connections never go through the tap (tcp_splice.py)
         self.claim: Callable[[Listener, socket.socket, tuple], bool] | None = None
+        dp = self.dataplane
+        # what a link that can offers the data plane's C first: the guest's TX frames
+        self.tx_consumer = None if dp is None else \
+            TxConsumer(dp.take, dp.end, dp.arg, dp.pass_begin, self._dataplane_after)
+
+    # --- what the data plane's C left (dataplane.py) -------------------------------------
+
+    def _dataplane_after(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.after_pass(self._dataplane_done)
+
+    def _dataplane_done(self, conn: TcpConn, follow: int) -> None:
+        """_tap_segments()'s end for the segments the C took: its timer, the discard, what
+        the socket made of the guest's data, the read, our ACK."""
+        if conn.closed:
+            return
+        try:
+            if self._dataplane_write_result(conn, follow):
+                return
+            conn.discard_acked()
+            if follow & FOLLOW_KICK:
+                self._from_sock(conn)
+            if follow & FOLLOW_SEND_ACK and not conn.closed:
+                self._send_ack(conn)
+        except Exception:  # a bug must not stop the loop, nor spare the others
+            log.exception("error after guest segments for %r", conn)
+            self._reset(conn)
 
     def close(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.close()
         for lst in self.listeners:
             self.loop.remove_fd(lst.sock.fileno())
             lst.sock.close()
@@ -71,10 +102,10 @@ class TcpHandler(ToGuest):
         self.loop.add_fd(lst.sock.fileno(), EPOLLIN, lambda _mask: self._on_listener(lst))
 
     def add_listener(self, six: bool, port: int, guest_port: int, addr: IPAddr | None = None,
-                     target: IPAddr | None = None) -> Listener:
-        """One more listening port, on `addr` or any address (pasta's automatic ports);
-        OSError if it cannot be bound."""
-        lst = Listener(self._listen_one(six, addr, None, port), six, port, guest_port, target)
+                     target: IPAddr | None = None, ifname: str | None = None) -> Listener:
+        """One more listening port, on `addr` or any address (pasta's automatic ports, the
+        control socket); OSError if it cannot be bound."""
+        lst = Listener(self._listen_one(six, addr, ifname, port), six, port, guest_port, target)
         self._add_listener(lst)
         return lst
 

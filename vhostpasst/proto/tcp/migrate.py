@@ -56,6 +56,7 @@ from vhostpasst.proto.tcp.conn import (
     M32,
     MAX_WINDOW,
     SO_PEEK_OFF,
+    SYN_ACK_SENT,
     TCP_ESTABLISHED,
     IPAddr,
     TcpConn,
@@ -448,11 +449,13 @@ class TcpMover:
         return sock
 
     def _conn(self, state: ConnState, sock: socket.socket) -> bool:
-        """The guest half, on a socket out of repair mode; False if it failed (reset)."""
+        """The guest half, on a socket out of repair mode; False if it failed (reset). Built
+        as a connection whose handshake just ended, so that it is established the one way
+        every connection is (from_guest.py's _establish: epoll, timers, the data plane)."""
         h = self.handler
         gaddr, faddr = state.addr(state.gaddr), state.addr(state.faddr)
         six = state.family == 6
-        conn = TcpConn(h, sock, six, gaddr, state.gport, faddr, state.fport, ESTABLISHED)
+        conn = TcpConn(h, sock, six, gaddr, state.gport, faddr, state.fport, SYN_ACK_SENT)
         conn.local = bool(state.flags & LOCAL)
         conn.sndbuf_fixed = bool(state.flags & SNDBUF_FIXED)
         conn.mss = state.mss
@@ -465,20 +468,27 @@ class TcpMover:
         conn.ack_base = (state.seq_from_tap - state.sndq) & M32
         if not h.ctx.flows.add(conn, tap_key(six, gaddr, state.gport, faddr, state.fport)):
             log.warning("migration: %r not restored: the flow table is full or has it", state)
-            conn.sock.close()
+            sock.close()
             return False
+        h.half_open += 1  # as for any handshake: _establish() (or the close) counts it out
         try:
             sock.setblocking(True)
             _write_queue(sock, state.sndq_data[state.sndq - state.notsent:])
             sock.setblocking(False)
+        except OSError as e:
+            log.warning("migration: %r reset: %s", state, e.strerror or e)
+            h._reset(conn)
+            return False
+        h._establish(conn)
+        if conn.closed:
+            return False
+        try:  # what was in flight to the guest stays peeked (_establish() set 0)
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF,
                             (state.seq_to_tap - state.seq_ack_from_tap) & M32)
         except OSError as e:
             log.warning("migration: %r reset: %s", state, e.strerror or e)
             h._reset(conn)
             return False
-        h._update_events(conn)
-        h._arm_idle(conn, h.idle_timeout)
         if conn.seq_to_tap != conn.seq_ack_from_tap:
             h._arm_rto(conn)
         h._send_ack(conn, force=True)
