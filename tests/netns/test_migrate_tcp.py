@@ -23,7 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.netns.sandbox import Sandbox, vhostpasst_command, wait_until
+from tests.netns.tcp_guest import GW6
+from tests.netns.tcp_guest import configure_guest as configure_both
 from tests.netns.test_e2e_vhost import GW4, _serve, configure_guest
 from tests.netns.vhost_sandbox import REPO_ROOT, start_vhost_daemon, start_vhost_relay
 
@@ -111,6 +115,19 @@ with open(out, "w") as f:
 """
 
 
+def _migrate(box: Sandbox) -> dict[str, str]:
+    """Have the relay move the guest to the destination; its status once it has."""
+    assert box.relay is not None
+    box.relay.send_signal(signal.SIGUSR1)
+
+    def moved() -> dict[str, str] | None:
+        status = box.relay_status()
+        assert box.relay is not None and box.relay.poll() is None, box.relay_log()
+        return status if status.get("migrated") == "1" else None
+
+    return wait_until(moved, 20, "the relay migrated")  # type: ignore[no-any-return]
+
+
 def _helper(box: Sandbox, path: str) -> subprocess.Popen[bytes]:
     return box.popen_in(box.host_ns, sys.executable, "-m", "vhostpasst.repair_helper", path,
                         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,7 +144,8 @@ def _destination(box: Sandbox) -> tuple[str, Path]:
     return path, log
 
 
-def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("far", [GW4, GW6], ids=["ipv4", "ipv6"])
+def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox, far: str) -> None:
     box = sandbox
     start_vhost_daemon(box, "--no-map-gw", "--migrate-no-linger")
     dest_path, dest_log = _destination(box)
@@ -137,22 +155,19 @@ def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox) -> Non
                and "TCP_REPAIR helper connected" in dest_log.read_text(), 15,
                "both helpers connected")
     start_vhost_relay(box, "--migrate-to", dest_path)
-    configure_guest(box)
-    _serve(box, 7001, "echo")
+    configure_both(box)  # IPv4 and IPv6
+    _serve(box, 7001, "echo", addr=far)
     ready, go = box.dir / "ready", box.dir / "go"
-    client = box.popen_in(box.guest_ns, sys.executable, "-c", CLIENT, GW4, "7001",
+    client = box.popen_in(box.guest_ns, sys.executable, "-c", CLIENT, far, "7001",
                           str(4 * MIB), str(32 * MIB), str(ready), str(go),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(ready.exists, 30, "the first transfer done")
     time.sleep(0.3)  # the last ACKs on their way
-    assert box.relay is not None
-    box.relay.send_signal(signal.SIGUSR1)
-    status = box.wait_relay("connected", connections=2, timeout=20)
+    _migrate(box)
     go.touch()
     out, err = client.communicate(timeout=120)
     source_log, dest_text = box.daemon_stderr_text(), dest_log.read_text()
     logs = f"{out!r} {err!r}\n{source_log}\n--- destination ---\n{dest_text}\n{box.relay_log()}"
-    assert status["migrated"] == "1", logs
     assert client.returncode == 0, logs
     report = json.loads(out)
     for sent, echoed in (report["before"], report["after"]):
@@ -187,9 +202,7 @@ def test_full_queues_move_both_ways_and_the_source_exits(sandbox: Sandbox) -> No
     box.popen_in(box.guest_ns, sys.executable, "-c", PEER, "connect", GW4, "7002", client[0],
                  str(size), str(size), str(go), client[1])
     wait_until(Path(client[0]).exists, 15, "the queues full")
-    assert box.relay is not None
-    box.relay.send_signal(signal.SIGUSR1)
-    status = box.wait_relay("connected", connections=2, timeout=20)
+    status = _migrate(box)
     go.touch()
     wait_until(lambda: all(Path(p).exists() for p in (server[1], client[1])), 60,
                "both ends done")
@@ -218,14 +231,11 @@ def test_without_a_helper_the_guest_moves_and_its_connection_resets(sandbox: San
                           str(MIB), str(MIB), str(ready), str(go),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until(ready.exists, 30, "the first transfer done")
-    assert box.relay is not None
-    box.relay.send_signal(signal.SIGUSR1)
-    status = box.wait_relay("connected", connections=2, timeout=20)
+    _migrate(box)
     go.touch()
     out, err = client.communicate(timeout=60)
     source_log = box.daemon_stderr_text()
     logs = f"{out!r} {err!r}\n{source_log}\n{dest_log.read_text()}\n{box.relay_log()}"
-    assert status["migrated"] == "1", logs
     # the reset reaches the reader thread (ECONNRESET) or the writer (EPIPE) first
     assert b"Connection reset by peer" in err or b"Broken pipe" in err, logs
     if client.returncode == 0:  # the writer had finished: the echo never came back
@@ -260,9 +270,7 @@ def test_by_default_the_source_keeps_the_moved_sockets(sandbox: Sandbox) -> None
                           str(MIB), str(MIB), str(ready), str(go),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(ready.exists, 30, "the first transfer done")
-    assert box.relay is not None
-    box.relay.send_signal(signal.SIGUSR1)
-    box.wait_relay("connected", connections=2, timeout=20)
+    _migrate(box)
     source_log, dest_text = box.daemon_stderr_text(), dest_log.read_text()
     logs = f"{source_log}\n--- destination ---\n{dest_text}\n{box.relay_log()}"
     assert "1 TCP connections saved, their sockets kept until the daemon exits" in source_log, \
