@@ -29,6 +29,7 @@ from tests.netns.sandbox import Sandbox, vhostpasst_command, wait_until
 from tests.netns.tcp_guest import GW6
 from tests.netns.tcp_guest import configure_guest as configure_both
 from tests.netns.test_e2e_vhost import GW4, _serve, configure_guest
+from tests.netns.test_repair import _passt_repair
 from tests.netns.vhost_sandbox import REPO_ROOT, start_vhost_daemon, start_vhost_relay
 
 MIB = 1 << 20
@@ -128,9 +129,23 @@ def _migrate(box: Sandbox) -> dict[str, str]:
     return wait_until(moved, 20, "the relay migrated")  # type: ignore[no-any-return]
 
 
-def _helper(box: Sandbox, path: str) -> subprocess.Popen[bytes]:
-    return box.popen_in(box.host_ns, sys.executable, "-m", "vhostpasst.repair_helper", path,
-                        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _helper(box: Sandbox, path: str, command: list[str] | None = None
+            ) -> subprocess.Popen[bytes]:
+    """A TCP_REPAIR helper (ours unless `command`) for the daemon socket's `path`."""
+    argv = command or [sys.executable, "-m", "vhostpasst.repair_helper"]
+    return box.popen_in(box.host_ns, *argv, path, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(params=["vhostpasst-repair", "passt-repair"])
+def helper_command(request: pytest.FixtureRequest) -> list[str]:
+    """Our helper, and passt's where installed (the same protocol serves either daemon)."""
+    if request.param == "vhostpasst-repair":
+        return [sys.executable, "-m", "vhostpasst.repair_helper"]
+    found = _passt_repair()
+    if found is None:
+        pytest.skip("passt-repair not installed (or VPT_PASST_REPAIR not set)")
+    return [found]
 
 
 def _destination(box: Sandbox) -> tuple[str, Path]:
@@ -145,12 +160,13 @@ def _destination(box: Sandbox) -> tuple[str, Path]:
 
 
 @pytest.mark.parametrize("far", [GW4, GW6], ids=["ipv4", "ipv6"])
-def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox, far: str) -> None:
+def test_an_established_connection_moves_with_the_guest(sandbox: Sandbox, far: str,
+                                                        helper_command: list[str]) -> None:
     box = sandbox
     start_vhost_daemon(box, "--no-map-gw", "--migrate-no-linger")
     dest_path, dest_log = _destination(box)
-    _helper(box, box.socket_path + ".repair")
-    _helper(box, dest_path + ".repair")
+    _helper(box, box.socket_path + ".repair", helper_command)
+    _helper(box, dest_path + ".repair", helper_command)
     wait_until(lambda: "TCP_REPAIR helper connected" in box.daemon_stderr_text()
                and "TCP_REPAIR helper connected" in dest_log.read_text(), 15,
                "both helpers connected")
