@@ -4,13 +4,15 @@ marking what it writes into guest memory in qemu's dirty log (VHOST_F_LOG_ALL); 
 destination the guest carries on through the second daemon (ping, a TCP download checked with
 sha256), and the addresses the first daemon saw it use reach the second through qemu's
 migration stream (DEVICE_STATE). And a TCP download open through the first daemon moves with
-the guest, each daemon with our TCP_REPAIR helper (vhostpasst-repair), and finishes through
-the second one."""
+the guest, each daemon with a TCP_REPAIR helper (ours, vhostpasst-repair, and passt's
+passt-repair where installed), and finishes through the second one."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -125,12 +127,28 @@ def test_guest_migrates_to_another_daemon_and_keeps_its_network(
     print(f"second daemon: {restored[0]}")
 
 
-def _repair_helper(netns: HostNetns, daemon: Daemon) -> subprocess.Popen[bytes]:
-    """Our TCP_REPAIR helper on the daemon's .repair socket (root in the namespace: it has
+def _passt_repair() -> str | None:
+    """passt's helper (Debian 13's passt package has it), from VPT_PASST_REPAIR or PATH."""
+    return os.environ.get("VPT_PASST_REPAIR") or shutil.which("passt-repair")
+
+
+@pytest.fixture(params=["vhostpasst-repair", "passt-repair"])
+def helper_command(request: pytest.FixtureRequest) -> list[str]:
+    if request.param == "vhostpasst-repair":
+        return [sys.executable, "-m", "vhostpasst.repair_helper"]
+    found = _passt_repair()
+    if found is None:
+        pytest.skip("passt-repair not installed (or VPT_PASST_REPAIR not set)")
+    return [found]
+
+
+def _repair_helper(netns: HostNetns, daemon: Daemon, command: list[str]
+                   ) -> subprocess.Popen[bytes]:
+    """A TCP_REPAIR helper on the daemon's .repair socket (root in the namespace: it has
     CAP_NET_ADMIN), once the daemon logs it connected."""
-    helper = subprocess.Popen(netns.argv([sys.executable, "-m", "vhostpasst.repair_helper",
-                                          f"{daemon.socket}.repair"]), cwd=REPO_ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    helper = subprocess.Popen(netns.argv([*command, f"{daemon.socket}.repair"]),
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while "TCP_REPAIR helper connected" not in daemon.log.read_text(errors="replace"):
         assert time.monotonic() < deadline and helper.poll() is None, daemon.log_text()
@@ -139,13 +157,14 @@ def _repair_helper(netns: HostNetns, daemon: Daemon) -> subprocess.Popen[bytes]:
 
 
 def test_a_download_in_progress_moves_with_the_guest(
-    image: Image, host_netns: HostNetns, workdir: Path, request: pytest.FixtureRequest
+    image: Image, host_netns: HostNetns, workdir: Path, request: pytest.FixtureRequest,
+    helper_command: list[str]
 ) -> None:
     """The guest downloads a file; half-way (the server pausing, so that nothing is in flight
     while the source has closed its socket and the destination has not yet rebuilt it, both
     daemons being on one host) it migrates; the rest comes through the second daemon on the
     same connection and the sha256 matches. The source has --migrate-no-linger, as two
-    daemons on one host need."""
+    daemons on one host need. With our helper, and with passt's where installed."""
     if "vhostpasst" not in " ".join(DAEMON):
         pytest.skip(f"{DAEMON[0]}: not vhostpasst")
     src, dst = workdir / "src", workdir / "dst"
@@ -156,7 +175,8 @@ def test_a_download_in_progress_moves_with_the_guest(
             _track(request, f"{side.name} {log}", side / log)
     first = Daemon(src, host_netns, ("-d", "--migrate-no-linger"), vhost_user=True)
     second = Daemon(dst, host_netns, ("-d",), vhost_user=True)
-    helpers = [_repair_helper(host_netns, daemon) for daemon in (first, second)]
+    helpers = [_repair_helper(host_netns, daemon, helper_command)
+               for daemon in (first, second)]
     source = target = server = None
     qmps: list[Qmp] = []
     data, go = workdir / "down", workdir / "go"
