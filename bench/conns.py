@@ -170,12 +170,16 @@ def one_round(tool: str, mtu: int, direction: str, count: int, size: int) -> dic
         rep["accepted"] = int(held.read_text() or 0)
         time.sleep(1)  # the daemon settles (its last ACKs, timers re-armed)
         after = smaps(pid)
-        loaded = bulk(setup, direction, size)
         n = max(1, rep["accepted"])
-        return {**rep, "alone MB/s": round(alone, 1), "with N MB/s": round(loaded, 1),
-                "ratio": round(loaded / alone, 3),
-                **{f"{k} B/conn": round((after[k] - before[k]) / n) for k in SMAPS_KEYS},
-                "Rss before MiB": round(before["Rss"] / MIB, 1)}
+        row = {**rep, "daemon fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
+               **{f"{k} B/conn": round((after[k] - before[k]) / n) for k in SMAPS_KEYS},
+               "Rss before MiB": round(before["Rss"] / MIB, 1), "alone MB/s": round(alone, 1)}
+        try:
+            loaded = bulk(setup, direction, size)
+        except SetupError as e:  # the figures so far still count
+            log = (box.dir / "tool.stderr").read_text(errors="replace")[-200:]
+            return {**row, "error": f"with N: {str(e)[-200:]}; the daemon's log: {log}"}
+        return {**row, "with N MB/s": round(loaded, 1), "ratio": round(loaded / alone, 3)}
     finally:
         stop.touch()
         setup.stop()
@@ -211,9 +215,10 @@ def main() -> None:
           f"{args.rounds} rounds\n\n| tool | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for tool in tools:
-        good = [r for r in rows[tool] if "error" not in r]
-        cells = [str(statistics.median(r[c] for r in good)) if good else "error"
-                 for c in cols]
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in rows[tool] if c in r]
+            cells.append(str(statistics.median(vals)) if vals else "error")
         print(f"| {tool} | " + " | ".join(cells) + " |")
 
 
