@@ -144,7 +144,8 @@ def bulk(setup: Setup, direction: str, size: int) -> float:
     return size / rep["seconds"] / 1e6
 
 
-def one_round(tool: str, mtu: int, direction: str, count: int, size: int) -> dict:
+def one_round(tool: str, mtu: int, direction: str, count: int, size: int,
+              settle: float) -> dict:
     setup = start(tool, mtu)
     box = setup.box
     sink_ready, held, opened, stop = (box.dir / n for n in ("sink", "held", "opened", "stop"))
@@ -168,7 +169,7 @@ def one_round(tool: str, mtu: int, direction: str, count: int, size: int) -> dic
         rep = json.loads(opened.read_text())
         wait(lambda: int(held.read_text() or 0) >= rep["established"], 30, interval=0.2)
         rep["accepted"] = int(held.read_text() or 0)
-        time.sleep(1)  # the daemon settles (its last ACKs, timers re-armed)
+        time.sleep(settle)  # handshake timers fire (cancelled ones leave the heap then)
         after = smaps(pid)
         n = max(1, rep["accepted"])
         row = {**rep, "daemon fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
@@ -195,6 +196,9 @@ def main() -> None:
     ap.add_argument("--mtu", type=int, default=65520, help="the namespace's MTU")
     ap.add_argument("--direction", choices=("host->ns", "ns->host"), default="host->ns",
                     help="of the bulk transfer")
+    ap.add_argument("--settle", type=float, default=12.0,
+                    help="seconds from the last connection to the memory reading (default "
+                         "12: past the handshake timeout of 10 s)")
     ap.add_argument("--tool", action="append",
                     help="vhostpasta or a pasta binary (repeatable; default: vhostpasta)")
     args = ap.parse_args()
@@ -204,7 +208,8 @@ def main() -> None:
     for rnd in range(args.rounds):
         for tool in tools:
             try:
-                row = one_round(tool, args.mtu, args.direction, args.conns, args.size * MIB)
+                row = one_round(tool, args.mtu, args.direction, args.conns, args.size * MIB,
+                                args.settle)
             except (SetupError, OSError, ValueError) as e:
                 row = {"error": str(e)[-300:]}
             rows[tool].append(row)
