@@ -11,7 +11,7 @@ to the gateway address are mapped to the host's loopback, so they take the tap p
 splice. Per round, after a warm-up transfer (64 MiB, not measured):
   1. bulk alone: SIZE MiB to a sink (tests/netns/tcp_tool.py), by default from the host to
      the namespace through -t from the host's own address (the tap path; --direction
-     ns->host: to the gateway address, mapped to a sink on the host's loopback);
+     to-host: to the gateway address, mapped to a sink on the host's loopback);
   2. memory before: the daemon's /proc/PID/smaps_rollup (Rss, Pss, Private_Dirty);
   3. the namespace opens N connections to a holder on the host, which accepts and keeps them;
      all N established on both ends and idle, memory after (per connection = delta / N; the
@@ -125,7 +125,7 @@ def smaps(pid: int) -> dict[str, int]:
 
 def bulk_ends(setup: Setup, direction: str) -> tuple[str, str, str, str, int]:
     """(sink namespace, sink address, client namespace, client destination, port)."""
-    if direction == "ns->host":
+    if direction == "to-host":
         return setup.box.host_ns, "127.0.0.1", setup.ns, setup.gw, PORT_BULK
     # host -> namespace through -t, from the host's own address: the tap path, not the splice
     return setup.ns, "0.0.0.0", setup.box.host_ns, HOST_ADDR, PORT_IN
@@ -194,8 +194,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per tool, alternated")
     ap.add_argument("--size", type=int, default=400, help="MiB per bulk transfer")
     ap.add_argument("--mtu", type=int, default=65520, help="the namespace's MTU")
-    ap.add_argument("--direction", choices=("host->ns", "ns->host"), default="host->ns",
-                    help="of the bulk transfer")
+    ap.add_argument("--direction", choices=("to-ns", "to-host"), default="to-ns",
+                    help="of the bulk transfer: host -> namespace (default) or back")
     ap.add_argument("--settle", type=float, default=12.0,
                     help="seconds from the last connection to the memory reading (default "
                          "12: past the handshake timeout of 10 s)")
