@@ -21,6 +21,8 @@
 static struct dp_flow flows[NFLOWS];
 static struct dp_flow *slots[CAP];
 static uint32_t touched[NFLOWS];
+static struct dp_flow *touched_flows[NFLOWS];
+static struct dp_payload payloads[MAX_RECS];
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -49,6 +51,7 @@ static void check_table(const struct dp_table *t)
 	CHECK(t->ntouched <= t->touched_cap);
 	for (i = 0; i < t->ntouched; i++) {
 		CHECK(touched[i] < NFLOWS);
+		CHECK(touched_flows[i] == &flows[touched[i]]);
 		CHECK(flows[touched[i]].followups != 0);
 		for (k = 0; k < i; k++)
 			CHECK(touched[k] != touched[i]);
@@ -115,7 +118,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	t.slots = slots;
 	t.cap = CAP;
 	t.touched = touched;
+	t.touched_flows = touched_flows;
 	t.touched_cap = NFLOWS;
+	t.payloads = payloads;
+	t.payloads_cap = MAX_RECS;
 	t.established = 3;
 	t.rto_min = 0.2;
 	t.rto_max = 60;

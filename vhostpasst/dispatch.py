@@ -43,6 +43,10 @@ _ETH_IP6_TCP = struct.Struct("!6s6sHIHBx16s16sHHIIBBHHH")
 _IP4_FRAG = ip.IP4_MF | ip.IP4_OFFMASK
 _FAST_TCP4_MIN = wtcp.TCP4_PAYLOAD_OFFSET
 _FAST_TCP6_MIN = wtcp.TCP6_PAYLOAD_OFFSET
+_NS_LEN = 24  # ICMPv6 header, 4 reserved bytes, the 16-byte target (RFC 4861 §4.3)
+_SOLICITED_NODE = int(IPv6Address("ff02::1:ff00:0"))  # RFC 4291 §2.7.1, + the low 24 bits
+_MLD_REPORT, _MLD2_REPORT = 131, 143  # ICMPv6 types (RFC 2710, RFC 3810)
+_MLD2_JOINS = frozenset({2, 4})  # MODE_IS_EXCLUDE, CHANGE_TO_EXCLUDE_MODE (RFC 3810 §5.2.12)
 
 
 class Dispatcher:
@@ -331,11 +335,15 @@ class Dispatcher:
             return
         if header.proto == ip.IPPROTO_ICMPV6:
             if len(header.l4) >= 1 and header.l4[0] in icmp.NDP_TYPES:
+                if header.src.is_unspecified:
+                    self._learn_dad(header.l4)
                 if self.ndp is not None:
                     for reply in self.ndp.handle(frame, time.monotonic()):
                         self._reply(reply)
                     self._schedule_ra()
                 return
+            if len(header.l4) >= 1 and header.l4[0] in (_MLD_REPORT, _MLD2_REPORT):
+                self._learn_mld(header.l4)
             if self.icmp is not None:
                 self.icmp.tap6(header)
             return
@@ -354,6 +362,47 @@ class Dispatcher:
             return
         self._drop(f"proto6-{header.proto}",
                    f"IPv6 next header {header.proto} dropped: not supported yet")
+
+    def _learn_dad(self, l4: memoryview) -> None:
+        """Duplicate address detection (a Neighbour Solicitation from ::) names an address
+        the guest is about to use: a guest configured by SLAAC alone may send nothing from
+        it before an inbound connection must reach it, and never takes the assigned address
+        (where passt sends). Which one inbound traffic uses: core/nat.py. Link-local targets
+        are learned from the traffic that follows."""
+        if len(l4) < _NS_LEN or l4[0] != icmp.ND_NEIGHBOR_SOLICIT:
+            return
+        target = IPv6Address(bytes(l4[8:_NS_LEN]))
+        if target.is_link_local or target.is_multicast or target.is_unspecified \
+                or target.is_loopback:
+            return
+        ip6 = self.config.ip6
+        if ip6 is not None and target == ip6.addr:
+            self.guest.holds_assigned6 = True
+        else:
+            self.guest.addr6_claimed = target
+
+    def _learn_mld(self, l4: memoryview) -> None:
+        """A multicast listener report (MLDv1, or MLDv2 joining: RFC 3810 §5.2) for the
+        solicited-node group of the assigned address: the guest holds that address, even if
+        it skipped duplicate address detection for it."""
+        ip6 = self.config.ip6
+        if ip6 is None or ip6.addr is None or self.guest.holds_assigned6:
+            return
+        group = (_SOLICITED_NODE | int(ip6.addr) & 0xFFFFFF).to_bytes(16, "big")
+        if l4[0] == _MLD_REPORT:
+            joined = len(l4) >= 24 and l4[8:24] == group
+        else:
+            joined = False
+            off, records = 8, int.from_bytes(l4[6:8], "big") if len(l4) >= 8 else 0
+            for _ in range(records):
+                if off + 20 > len(l4):
+                    break
+                sources = int.from_bytes(l4[off + 2:off + 4], "big")
+                if l4[off] in _MLD2_JOINS and l4[off + 4:off + 20] == group:
+                    joined = True
+                off += 20 + 16 * sources + 4 * l4[off + 1]
+        if joined:
+            self.guest.holds_assigned6 = True
 
     def _learn6(self, src: IPv6Address) -> None:
         """Reference 4.2: a link-local source is the guest's link-local address (and its

@@ -444,6 +444,7 @@ void dp_tx_end(void *arg)
 #define SNDBUF_SMALL (128 * 1024)
 #define LOW_RTT_US 1000
 #define TCP_INFO_LEN 232
+#define GUEST_SEGMENT_MAX 65535	/* conn.py */
 #define GSO_HDR_TCPV4 1
 #define GSO_HDR_TCPV6 4
 
@@ -528,6 +529,10 @@ static void dp_ack_wnd(struct dp_flow *f, uint32_t *ack_out, uint16_t *wnd_out)
 		unacked = ack - remote;
 		wnd = (snd_wnd < eff ? (int64_t)snd_wnd : eff) - unacked;
 		f->poll_fast = unacked > eff / 4;
+		if (snd_wnd > f->snd_wnd_max)
+			f->snd_wnd_max = snd_wnd;
+		f->wnd_short = wnd < GUEST_SEGMENT_MAX &&
+			       (unacked > 0 || snd_wnd < f->snd_wnd_max);
 	}
 	if (seq_lt(ack, f->seq_ack_to_tap))
 		ack = f->seq_ack_to_tap;
@@ -688,7 +693,7 @@ int dp_fill(struct dp_table *t, struct dp_rx *rx, struct dp_flow *f, uint64_t *r
 		f->seq_ack_to_tap = ack;
 		f->wnd_to_tap = (uint32_t)wnd << (f->ws_to_tap & 31);
 		f->ack_due = 0;
-		if (ack != f->seq_from_tap || wnd == 0)
+		if (ack != f->seq_from_tap || wnd == 0 || f->wnd_short)
 			res[0] |= DP_FILL_ARM_ACK;
 		if (!f->rtt_pending && seq_le(f->seq_max, f->seq_to_tap)) {
 			f->rtt_pending = 1;

@@ -41,6 +41,8 @@ struct dp_flow {
 	/* host -> guest (dp_fill) */
 	int32_t stalled, drained, peek_full, peer_closed, local, sndbuf_fixed, poll_fast, ack_due;
 	uint32_t mss, ws_to_tap, wnd_to_tap, ack_base, sndbuf;	/* sndbuf 0: ask the socket */
+	uint32_t snd_wnd_max;	/* the largest window the far end showed the host kernel */
+	int32_t wnd_short;	/* the window shown is below a guest segment and will open */
 	int32_t data_ack_valid;	/* the last data frames' ACK number and window (data_ack_wnd) */
 	uint32_t data_ack_seq, data_ack_ack, data_ack_wnd;
 	double data_ack_time;

@@ -392,16 +392,33 @@ def test_keepalive_is_answered(env: tuple) -> None:
     assert not sock.closed
 
 
-def test_no_inactivity_reset_by_default(env: tuple) -> None:
-    """As passt in practice: an idle established connection (an SSH session left open for a
-    day) is never reset; the handshake timer is gone once it is established."""
+def test_idle_connection_gets_keepalives_and_is_reset_after_two_hours(env: tuple) -> None:
+    """As passt 2026: a connection without traffic for 30 s gets a keepalive probe (an
+    ACK one below its ACK point, which a live guest answers); one with no activity at all for
+    7200 s is reset."""
     d, loop, link = env
     sock, synack = _handshake(d, loop, link)
     conn = d.ctx.flows.lookup(("tcp", False, int(GUEST), 40000, int(REMOTE), 80))
-    assert d.tcp.idle_timeout is None and conn.idle_timer is None
-    conn.last_seen -= 86400
+    assert d.tcp.idle_timeout == 7200.0 and d.tcp.keepalive_interval == 30.0
     loop.fire_timers()
+    n = len(link.frames)
+    conn.last_seen -= 31
+    loop.fire_timers()
+    assert len(link.frames) == n + 1
+    probe = parse(link.frames[-1])
+    assert probe.flags == "A" and probe.seq == synack.seq and probe.ack == 1001
     assert not sock.closed
+    conn.last_seen -= 7200
+    loop.fire_timers()
+    assert sock.closed and parse(link.frames[-1]).flags == "RA"
+
+
+def test_a_guest_keepalive_turns_so_keepalive_on(env: tuple) -> None:
+    d, loop, link = env
+    sock, synack = _handshake(d, loop, link)
+    assert not sock.opts.get((socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+    feed(d, guest_frame("A", 1000, ack=synack.seq + 1))  # a keep-alive probe
+    assert sock.opts.get((socket.SOL_SOCKET, socket.SO_KEEPALIVE)) == 1
 
 
 def test_inactivity_timeout_resets_when_set(env: tuple,

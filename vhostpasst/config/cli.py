@@ -705,7 +705,7 @@ Usage: {name} [OPTION]...{" [COMMAND [ARG]... | PID]" if mode == PASTA else ""}
       --dns-forward ADDR    Guest DNS queries to ADDR go to --dns-host
       --dns-host ADDR       Where forwarded DNS queries go (default: first resolver)
   -H, --hostname NAME       Host name for the guest (DHCP option 12)
-      --fqdn NAME           FQDN for the guest (DHCP option 81)
+      --fqdn NAME           FQDN for the guest (DHCP option 81, DHCPv6 39)
       --no-tcp, --no-udp, --no-icmp   Disable a protocol (--no-icmp implies --no-ndp)
       --no-dhcp, --no-ndp, --no-dhcpv6, --no-ra   Disable a service
       --freebind            Bind forwarded ports to non-local addresses

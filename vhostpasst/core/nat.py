@@ -9,7 +9,11 @@ well-known destinations are rewritten. Guest to host (`from_tap`), first match w
   4. anything else                                   -> unchanged
 
 Host to guest (`from_host`): the source the guest sees is the reverse of the above, and the
-destination is the address the guest was last seen using. TCP will reuse both functions.
+destination is the address the guest was last seen using. Before it used one, IPv6 goes to the
+assigned address if the guest showed it holds it (duplicate address detection for it, or a
+multicast listener report joining its solicited-node group), else to the last address the guest
+announced by duplicate address detection (a guest configured by SLAAC alone never takes the
+assigned one), else still to the assigned one. TCP will reuse both functions.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class GuestAddrs:
     addr4_seen: IPv4Address | None = None
     addr6_seen: IPv6Address | None = None
     addr6_ll_seen: IPv6Address | None = None
+    addr6_claimed: IPv6Address | None = None  # announced by DAD, not seen in use yet
+    holds_assigned6: bool = False  # DAD or an MLD join showed it holds config.ip6.addr
 
 
 def from_tap(config: Config, proto_is_stream_or_dgram: bool, dst: IPAddr,
@@ -130,7 +136,12 @@ def guest_destination(config: Config, guest: GuestAddrs, family6: bool,
         return None
     if source_is_ll:
         return guest.addr6_ll_seen
-    return guest.addr6_seen or config.ip6.addr or guest.addr6_ll_seen
+    if guest.addr6_seen is not None:
+        return guest.addr6_seen
+    assigned = config.ip6.addr
+    if assigned is not None and (guest.holds_assigned6 or guest.addr6_claimed is None):
+        return assigned
+    return guest.addr6_claimed or guest.addr6_ll_seen
 
 
 def from_host(config: Config, guest: GuestAddrs, src: IPAddr,

@@ -2,9 +2,11 @@
 
 A guest Echo Request opens (or reuses) a `socket(AF, SOCK_DGRAM, IPPROTO_ICMP[V6])` per
 (guest source, guest destination, echo identifier) and is sent whole with sendto() to the
-destination as NAT translates it (-o / --outbound-if bind the socket where they apply); the
-kernel picks the echo identifier, so replies get the guest's identifier back before they are
-written, in place, into a link buffer, from the address the guest pinged. Flows expire after
+destination as NAT translates it (-o / --outbound-if bind the socket where they apply). The
+socket is bound to the guest's echo identifier, as passt does, so requests leave with it; if
+another ping socket holds it the kernel picks one, and replies get the guest's identifier back
+(always written, a no-op when bound) before they are written, in place, into a link buffer,
+from the address the guest pinged. Flows expire after
 60 s without a request.
 
 Only Echo Requests (code 0) are relayed: every other ICMP and ICMPv6 type from the guest is
@@ -132,7 +134,7 @@ class IcmpHandler:
             else:
                 self._log.warning(("ping-socket", e.errno), "ping socket: %s", e)
             return None
-        _bind_outbound(ctx, sock, six)
+        self._bind(sock, six, ident)
         flow = PingFlow(ctx, sock, six, src, dst, ident)
         flow.target = target
         ctx.loop.add_fd(sock.fileno(), EPOLLIN, lambda _mask: self._on_reply(flow),
@@ -189,20 +191,27 @@ class IcmpHandler:
             ctx.commit([length])
 
 
-def _bind_outbound(ctx: Context, sock: socket.socket, six: bool) -> None:
-    """-o / --outbound-if: pick the source address or interface of host-side sockets.
-    Failures are tolerated (passt does the same for ping sockets)."""
-    conf = ctx.config.ip6 if six else ctx.config.ip4
-    if conf is None:
-        return
-    try:
-        if conf.outbound_if:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
-                            conf.outbound_if.encode())
-        if conf.outbound is not None:
-            sock.bind((str(conf.outbound), 0))
-    except OSError as e:
-        log.debug("binding a ping socket to the outbound address/interface: %s", e)
+    def _bind(self, sock: socket.socket, six: bool, ident: int) -> None:
+        """The guest's echo identifier (a ping socket's port), and -o / --outbound-if where
+        they apply. Failures are tolerated: an identifier another ping socket holds leaves
+        the kernel's choice (rewritten on replies), a bad -o address or interface the
+        defaults (passt tolerates those too)."""
+        conf = self.ctx.config.ip6 if six else self.ctx.config.ip4
+        if conf is not None and conf.outbound_if:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                conf.outbound_if.encode())
+            except OSError as e:
+                log.debug("binding a ping socket to %s: %s", conf.outbound_if, e)
+        local = str(conf.outbound) if conf is not None and conf.outbound is not None \
+            else "::" if six else "0.0.0.0"
+        for port in (ident, 0):
+            try:
+                sock.bind((local, port))
+                return
+            except OSError as e:
+                self._log.debug(("ping-bind", e.errno), "ping socket on %s id %d: %s",
+                                local, port, e)
 
 
 def _from_target(addr: object, target: IPv4Address | IPv6Address | None) -> bool:

@@ -18,11 +18,18 @@ fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the
 the guest sent it, rate-limited. passt only logs these; a guest that is told gets
 ECONNREFUSED at once instead of waiting for a timeout.
 
-Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(), a run for
-one flow in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg` C helper
-when it is built, else one system call per datagram).
+TTL and hop limit: the guest's go out with its datagrams (IP_TTL / IPV6_UNICAST_HOPS set on
+the socket when they change, as passt), so a datagram with TTL 1 expires at the first router
+and the time exceeded comes back as an error above: traceroute from a guest works.
 
-A flow ends after 180 s without a datagram either way (VHOSTPASST_UDP_TIMEOUT, for tests).
+Batching: the guest's datagrams of one wake-up are queued and sent at flush_tap(), a run for
+one flow and TTL in one sendmmsg(); replies come in with recvmmsg() (both through the `_mmsg`
+C helper when it is built, else one system call per datagram: mmsg.py).
+
+Timeouts, as passt and the host's connection tracking: a flow ends after
+nf_conntrack_udp_timeout (30 s) without a datagram either way, or, once it has seen an answer
+and more than one datagram in a direction, nf_conntrack_udp_timeout_stream (120 s); both read
+from the host's sysctls at start (VHOSTPASST_UDP_TIMEOUT sets both, for tests).
 
 Refused, silently but for a rate-limited debug line: guest datagrams with port 0 on either
 side, from an unspecified or multicast source, to an unspecified destination, or to one NAT
@@ -41,6 +48,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -52,6 +60,7 @@ from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
+from vhostpasst.proto.mmsg import MMSG_MAX, Mmsg, _mlib
 from vhostpasst.wire import checksum, eth, icmp, ip, udp
 from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
 
@@ -59,7 +68,9 @@ log = logging.getLogger(__name__)
 
 IPAddr = IPv4Address | IPv6Address
 
-UDP_TIMEOUT = 180.0
+UDP_TIMEOUT = 30.0  # without the conntrack sysctls (nf_conntrack not loaded), as passt
+UDP_TIMEOUT_STREAM = 120.0
+CONNTRACK_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
@@ -78,65 +89,26 @@ _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are dis
 _SOFT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                           errno.EMSGSIZE, errno.ETIMEDOUT, errno.EINTR})
 
-try:
-    from vhostpasst._mmsg import ffi as _mffi  # type: ignore[import-not-found,unused-ignore]
-    from vhostpasst._mmsg import lib as _mlib  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # not built (plain source tree): one system call per datagram
-    _mffi = _mlib = None
+def _sysctl_seconds(path: str, default: float) -> float:
+    try:
+        with open(path) as f:
+            value = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+    return float(value) if value > 0 else default
 
-MMSG_MAX = 64  # VP_MMSG_MAX in cffi_build/mmsg.c
 
-
-class Mmsg:
-    """Arrays for vp_recvmmsg/vp_sendmmsg, allocated once; buffers are passed per call."""
-
-    def __init__(self, size: int = max(RX_BATCH, 1)) -> None:
-        assert _mffi is not None
-        self.size = min(size, MMSG_MAX)
-        self._bufs = _mffi.new("uint8_t *[]", self.size)
-        self._lens = _mffi.new("size_t[]", self.size)
-        self._out_lens = _mffi.new("size_t[]", self.size)
-        self._flags = _mffi.new("int[]", self.size)
-        self._addrs = _mffi.new("struct vp_addr[]", self.size)
-
-    def _fill(self, views: list[memoryview], writable: bool) -> list[object]:
-        keep = []  # the cdata must outlive the call
-        for i, view in enumerate(views[:self.size]):
-            c = _mffi.from_buffer("uint8_t[]", view, require_writable=writable)
-            keep.append(c)
-            self._bufs[i] = c
-            self._lens[i] = len(view)
-        return keep
-
-    def recv(self, fd: int, views: list[memoryview], want_addr: bool) -> int:
-        """Datagrams received into `views` (their count), or -errno."""
-        _keep = self._fill(views, True)
-        n = min(len(views), self.size)
-        addrs = self._addrs if want_addr else _mffi.NULL
-        return int(_mlib.vp_recvmmsg(fd, self._bufs, self._lens, n, self._out_lens,
-                                     self._flags, addrs))
-
-    def result(self, i: int, want_addr: bool) -> tuple[int, int, tuple | None]:
-        """(length, msg_flags, (host, port) or None) of datagram i of the last recv()."""
-        addr: tuple | None = None
-        if want_addr:
-            a = self._addrs[i]
-            raw = bytes(_mffi.buffer(a.addr))
-            if a.family == socket.AF_INET:
-                addr = (str(IPv4Address(raw[:4])), a.port)
-            elif a.family == socket.AF_INET6:
-                addr = (str(IPv6Address(raw)), a.port, 0, a.scope_id)
-        return int(self._out_lens[i]), int(self._flags[i]), addr
-
-    def send(self, fd: int, payloads: list[memoryview]) -> int:
-        """Datagrams sent on connected socket `fd` (a prefix of `payloads`), or -errno."""
-        _keep = self._fill(payloads, False)
-        return int(_mlib.vp_sendmmsg(fd, self._bufs, self._lens, min(len(payloads),
-                                                                     self.size)))
+def flow_timeouts() -> tuple[float, float]:
+    """(timeout, stream timeout) of a UDP flow: the host's conntrack ones (module docstring).
+    Read before the sandbox empties the root."""
+    timeout = _sysctl_seconds(CONNTRACK_SYSCTL, UDP_TIMEOUT)
+    stream = _sysctl_seconds(CONNTRACK_SYSCTL + "_stream", UDP_TIMEOUT_STREAM)
+    return env_number(TIMEOUT_ENV, timeout), env_number(TIMEOUT_ENV, stream)
 
 
 def flow_timeout() -> float:
-    return env_number(TIMEOUT_ENV, UDP_TIMEOUT)
+    """The timeout of a flow that is a stream (pasta's spliced flows)."""
+    return flow_timeouts()[1]
 
 
 class UdpFlow(Flow):
@@ -146,7 +118,7 @@ class UdpFlow(Flow):
 
     def __init__(self, ctx: Context, six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr,
                  fport: int, sock: socket.socket, peer: tuple[object, ...] | None,
-                 timeout: float) -> None:
+                 timeout: float, stream_timeout: float | None = None) -> None:
         super().__init__()
         self.ctx = ctx
         self.six = six
@@ -155,6 +127,24 @@ class UdpFlow(Flow):
         self.peer = peer  # None: `sock` is ours and connected
         self.target: IPAddr | None = None  # outbound: the translated destination
         self.timeout = timeout
+        self.stream_timeout = timeout if stream_timeout is None else stream_timeout
+        # datagrams each way until the flow counts as a stream (then no more counting)
+        self.from_guest = self.from_host = 0
+        self.stream = False
+
+    def seen(self, from_guest: bool) -> None:
+        """A datagram either way: activity, and the stream timeout once there was an answer
+        and more than one datagram in a direction (passt's rule)."""
+        self.touch()
+        if self.stream:
+            return
+        if from_guest:
+            self.from_guest += 1
+        else:
+            self.from_host += 1
+        if self.from_guest and self.from_host and self.from_guest + self.from_host > 2:
+            self.stream = True
+            self.timeout = self.stream_timeout
 
     def __repr__(self) -> str:
         kind = "out" if self.peer is None else "in"
@@ -195,9 +185,12 @@ class UdpHandler:
         # tests substitute fake sockets here, so fuzzing never touches a real network
         self.socket_factory: Callable[..., socket.socket] = socket.socket
         self.clock = clock
-        self.timeout = flow_timeout()
+        self.timeout, self.stream_timeout = flow_timeouts()
         self.listeners: list[Listener] = []
-        self._pending: list[tuple[UdpFlow, memoryview]] = []
+        self._pending: list[tuple[UdpFlow, memoryview, int]] = []  # flow, payload, TTL
+        # the TTL / hop limit last set on each socket (a listener's is shared by its flows)
+        self._ttl_set: weakref.WeakKeyDictionary[socket.socket, int] = \
+            weakref.WeakKeyDictionary()
         # recvmmsg/sendmmsg when the C helper is built; tests with fake sockets set None
         self.mmsg: Mmsg | None = Mmsg() if _mlib is not None else None
         self._log = RateLimitedLog(log)
@@ -213,12 +206,12 @@ class UdpHandler:
     # --- guest -> host ----------------------------------------------------------------------
 
     def tap4(self, packet: ip.Ipv4) -> None:
-        self._tap(False, packet.src, packet.dst, udp.parse_udp(packet.payload))
+        self._tap(False, packet.src, packet.dst, packet.ttl, udp.parse_udp(packet.payload))
 
     def tap6(self, packet: ip.Ipv6) -> None:
-        self._tap(True, packet.src, packet.dst, udp.parse_udp(packet.l4))
+        self._tap(True, packet.src, packet.dst, packet.hop_limit, udp.parse_udp(packet.l4))
 
-    def _tap(self, six: bool, src: IPAddr, dst: IPAddr, dgram: udp.Udp) -> None:
+    def _tap(self, six: bool, src: IPAddr, dst: IPAddr, ttl: int, dgram: udp.Udp) -> None:
         if dgram.sport == 0 or dgram.dport == 0:
             self._log.debug("udp-port0", "UDP datagram with port 0 from the guest dropped")
             return
@@ -236,23 +229,39 @@ class UdpHandler:
             if not self.ctx.flows.add(flow, key):
                 flow.close()
                 return
-        flow.touch()
+        flow.seen(from_guest=True)
         # Queued, not sent: the dispatcher calls flush_tap() once per batch of guest frames,
         # so a run of datagrams for one flow goes out in one sendmmsg().
-        self._pending.append((flow, dgram.payload))
+        self._pending.append((flow, dgram.payload, ttl))
 
     def flush_tap(self) -> None:
         """Send what the guest frames of this batch queued (before the frames go away)."""
         pending, self._pending = self._pending, []
         i = 0
         while i < len(pending):
-            flow = pending[i][0]
+            flow, _, ttl = pending[i]
             j = i + 1
-            while j < len(pending) and pending[j][0] is flow and j - i < MMSG_MAX:
+            while j < len(pending) and pending[j][0] is flow and pending[j][2] == ttl \
+                    and j - i < MMSG_MAX:
                 j += 1
             if not flow.closed:
-                self._send_run(flow, [payload for _, payload in pending[i:j]])
+                self._set_ttl(flow, ttl)
+                self._send_run(flow, [payload for _, payload, _ in pending[i:j]])
             i = j
+
+    def _set_ttl(self, flow: UdpFlow, ttl: int) -> None:
+        """The guest's TTL or hop limit on the socket the next datagrams of `flow` leave."""
+        sock = flow.sock
+        if self._ttl_set.get(sock) == ttl:
+            return
+        try:
+            if flow.six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        except OSError as e:  # TTL 0, which Linux refuses: the kernel's default stays
+            self._log.debug(("udp-ttl", e.errno), "UDP TTL %d for %r: %s", ttl, flow, e)
+        self._ttl_set[sock] = ttl
 
     def _send_run(self, flow: UdpFlow, payloads: list[memoryview]) -> None:
         if len(payloads) > 1 and flow.peer is None and self.mmsg is not None:
@@ -320,7 +329,8 @@ class UdpHandler:
             sock.close()
             self._log.debug(("udp-sock", e.errno), "UDP flow to %s:%d: %s", target, dport, e)
             return None
-        flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout)
+        flow = UdpFlow(ctx, six, src, sport, dst, dport, sock, None, self.timeout,
+                       self.stream_timeout)
         flow.target = target
         # the loop's last resort (loop.py): a callback that raises ends its flow
         ctx.loop.add_fd(sock.fileno(), EPOLLIN, functools.partial(self._on_flow_sock, flow),
@@ -394,7 +404,7 @@ class UdpHandler:
             flow = flow_for(addr)
             if flow is None:
                 continue
-            flow.touch()
+            flow.seen(from_guest=False)
             buf = bufs[i]
             if six:
                 length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr.packed,
@@ -452,7 +462,7 @@ class UdpHandler:
         if six != lst.six:
             return None
         flow = UdpFlow(self.ctx, six, gdst, lst.guest_port, shown, host_port, lst.sock,
-                       tuple(addr), self.timeout)
+                       tuple(addr), self.timeout, self.stream_timeout)
         if not self.ctx.flows.add(flow, key, _tap_key(six, gdst, lst.guest_port, shown,
                                                       host_port)):
             return None

@@ -8,14 +8,16 @@ an IA_NA with infinite lifetimes (the guest uses it as a /128; the /64 comes fro
     REQUEST, RENEW               -> REPLY   (our Server ID required)
     REBIND                       -> REPLY   (no Server ID, or ours)
     CONFIRM                      -> REPLY   Success, or NotOnLink if an address is not ours
-    INFORMATION-REQUEST          -> REPLY   DNS and search only
+    INFORMATION-REQUEST          -> REPLY   DNS, search and FQDN only
     RELEASE, DECLINE             -> REPLY   Success (RFC 8415 §18.3.7/8; passt ignores them)
     anything else                -> nothing
 
 Every reply carries our Server ID (a DUID-LL of our MAC: the same across restarts, so a guest
 renewing after one still finds its server), the client's Client ID, DNS servers (23) and the
-domain search list (24) unless disabled. Replies go from our_tap_ll:547 to the client's
-source address:546, and to its MAC. Guest input never makes `handle()` raise.
+domain search list (24) unless disabled, and with --fqdn the Client FQDN (39, RFC 4704: flag
+N, as we never update DNS, where passt leaves it clear; O too if the client asked for updates
+with S). Replies go from our_tap_ll:547 to the client's source address:546, and to its MAC.
+Guest input never makes `handle()` raise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ipaddress import IPv6Address
 
 from vhostpasst.config.conf import Config
 from vhostpasst.services.common import INFINITE, Ignored, guarded, whole_ipv6
-from vhostpasst.services.dnsname import search_list
+from vhostpasst.services.dnsname import dns_name, search_list
 from vhostpasst.wire.errors import Buffer, Malformed, as_view
 from vhostpasst.wire.eth import ETH_P_IPV6, build_eth
 from vhostpasst.wire.ip import IPPROTO_UDP, build_ipv6
@@ -61,6 +63,12 @@ OPT_RAPID_COMMIT = 14
 OPT_DNS_SERVERS = 23
 OPT_DOMAIN_LIST = 24
 OPT_IA_PD = 25
+OPT_CLIENT_FQDN = 39  # RFC 4704
+
+# Client FQDN flags (RFC 4704 §4.1)
+FQDN_S = 0x01  # the server should update the AAAA record
+FQDN_O = 0x02  # the server overrides the client's S
+FQDN_N = 0x04  # no update at all
 
 # Status codes (RFC 8415 §21.13)
 STATUS_SUCCESS = 0
@@ -112,6 +120,7 @@ class Dhcpv6Server:
             if names and len(names) <= 0xFFFF:
                 info += _opt(OPT_DOMAIN_LIST, names)
         self._info = bytes(info)
+        self._fqdn = dns_name(config.fqdn) if config.fqdn else None
 
     def handle(self, frame: Buffer) -> bytes | None:
         """The reply frame for the DHCPv6 message in `frame`, or None (see `last_error`)."""
@@ -146,6 +155,7 @@ class Dhcpv6Server:
         ia_nas: list[memoryview] = []
         ia_pds: list[memoryview] = []
         rapid = False
+        client_fqdn_flags = 0
         for code, value in iter_options(msg[4:]):
             if code == OPT_CLIENTID and client_id is None:
                 client_id = bytes(value)
@@ -157,6 +167,8 @@ class Dhcpv6Server:
                 (ia_nas if code == OPT_IA_NA else ia_pds).append(value)
             elif code == OPT_RAPID_COMMIT:
                 rapid = True
+            elif code == OPT_CLIENT_FQDN and value:
+                client_fqdn_flags = value[0]
 
         ours = server_id == self.server_id
         # RFC 8415 §16: which messages must (not) carry a Client/Server ID
@@ -200,18 +212,25 @@ class Dhcpv6Server:
         elif mtype in (RELEASE, DECLINE):
             body += _status(STATUS_SUCCESS, "released" if mtype == RELEASE else "declined")
         elif mtype == INFORMATION_REQUEST:
-            body += self._info
+            body += self._info + self._client_fqdn(client_fqdn_flags)
         else:
             if reply_type == ADVERTISE:
                 body += _opt(OPT_PREFERENCE, bytes((MAX_PREFERENCE,)))
             if rapid and mtype == SOLICIT:
                 body += _opt(OPT_RAPID_COMMIT)
             body += self._ias(ia_nas, ia_pds, addr, renewing=mtype in (RENEW, REBIND))
-            body += self._info
+            body += self._info + self._client_fqdn(client_fqdn_flags)
 
         udp = build_udp6(ip6.our_tap_ll, packet.src, SERVER_PORT, CLIENT_PORT, body)
         return build_eth(eth.src, config.our_mac, ETH_P_IPV6,
                          build_ipv6(ip6.our_tap_ll, packet.src, IPPROTO_UDP, udp))
+
+    def _client_fqdn(self, client_flags: int) -> bytes:
+        """Option 39 with the --fqdn name, or nothing without one."""
+        if self._fqdn is None:
+            return b""
+        flags = FQDN_N | (FQDN_O if client_flags & FQDN_S else 0)
+        return _opt(OPT_CLIENT_FQDN, bytes((flags,)) + self._fqdn)
 
     def _ias(self, ia_nas: list[memoryview], ia_pds: list[memoryview],
              addr: IPv6Address | None, renewing: bool) -> bytes:

@@ -22,9 +22,13 @@ ACK number and window: the guest's data is acknowledged once the far end acknowl
 host kernel (tcpi_bytes_acked since establishment), except where waiting buys nothing (a far
 end on this host, a tiny send buffer, a path faster than LOW_RTT): then as soon as the socket
 took it. The window is what the far end's window and our send buffer leave once the bytes in
-flight are counted, never less than what we showed before moved on by the ACK. These, and the
-header template data frames are written from, are TcpConn methods: both directions' paths
-use them.
+flight are counted, never less than what we showed before moved on by the ACK. A window below
+one guest segment is, to the guest, a zero window (its sender avoids silly windows, RFC 813
+§4, and waits for its persist timer): while a window below the largest segment a guest can
+send will open (data in flight, or the far end's window below the largest it showed), the
+socket is polled as for a zero window and the update sent once it opens (wnd_short). These,
+and the header template data frames are written from, are TcpConn methods: both directions'
+paths use them.
 
 States (TcpConn.state): CONNECTING (guest SYN seen, host connect() in progress) ->
 SYN_ACK_SENT (connected, SYN-ACK sent, waiting for the guest's ACK) -> ESTABLISHED; or, for a
@@ -37,7 +41,14 @@ connection goes once both have ended and the far end took everything
 Timers (timers.py), all loop timers (loop.call_at), at most three per connection: the
 retransmission timer (also the handshake's and the zero-window probe's), the ACK timer (a
 coalesced ACK, and polling the socket for the far end's ACK when we hold back the guest's), and
-one connection timer (handshake timeout, FIN timeout, inactivity).
+one connection timer (handshake timeout, FIN timeout, inactivity); plus one for them all, the
+keepalive round.
+
+Keepalives, as passt: a keepalive probe from the guest is answered and turns SO_KEEPALIVE on
+for the host socket, so the far end is probed too; every KEEPALIVE_INTERVAL, a connection
+with no traffic either way for that long (passt: from the guest; data we send the guest is
+answered) gets a keepalive probe (an ACK one below the guest's ACK point), so a guest that
+rebooted or forgot it answers with a RST and it ends.
 
 Better than passt: a segment for no connection is answered with a RST (RFC 9293 §3.10.7.1);
 a guest RST resets the host socket (SO_LINGER 0) instead of closing it gracefully; the
@@ -100,15 +111,20 @@ SEG_BATCH = 64  # frames peeked per socket wake-up: one busy socket can't starve
 ACK_INTERVAL = 0.01  # coalesced ACKs, and polling the far end's ACKs (ref: 10 ms)
 HANDSHAKE_TIMEOUT = 10.0
 FIN_TIMEOUT = 60.0
-# No inactivity reset by default: passt means to reset after 7200 s, yet in practice only
-# re-arms its timer (reference 4.4), so idle SSH sessions and connection pools live on;
-# VHOSTPASST_TCP_IDLE_TIMEOUT sets one.
-IDLE_TIMEOUT: float | None = None
+# As passt 2026: a connection with no activity either way for IDLE_TIMEOUT is reset, and one
+# quiet for KEEPALIVE_INTERVAL gets a keepalive, which a live guest answers
+# (so an idle SSH session lives on) and one that forgot the connection answers with a RST.
+IDLE_TIMEOUT = 7200.0
+KEEPALIVE_INTERVAL = 30.0
 RTO_INIT = 1.0  # RFC 6298 §2.1
 RTO_MIN = 0.2  # Linux's floor; the guest link is local, a 1 s floor makes losses expensive
 RTO_MAX = 60.0
 MAX_RETRANS = 8
 PERSIST_MAX = 1.0  # longest interval between zero-window probes
+# No guest segment carries more (an IP packet's length field): a window below it may be
+# below the guest's next segment (64 KiB with TSO), see wnd_short. A bound, not the guest's
+# MSS: the data plane's C writes the guest's data without Python seeing its segments.
+GUEST_SEGMENT_MAX = 65535
 HALF_OPEN_MAX = 1024  # connections in the handshake at once (SYN flood cap)
 LOW_RTT = 0.001  # far ends closer than this: acknowledge data once written (no ACK polling)
 SNDBUF_SMALL = 128 * 1024
@@ -122,6 +138,7 @@ ACCEPT_BATCH = 16
 ENV_MAX_RETRANS = "VHOSTPASST_TCP_MAX_RETRANS"
 ENV_RTO_MAX = "VHOSTPASST_TCP_RTO_MAX"
 ENV_IDLE = "VHOSTPASST_TCP_IDLE_TIMEOUT"
+ENV_KEEPALIVE = "VHOSTPASST_TCP_KEEPALIVE_INTERVAL"
 ENV_HALF_OPEN = "VHOSTPASST_TCP_HALF_OPEN_MAX"
 
 # states
@@ -224,7 +241,7 @@ _SHARED = ("state", "tap_fin_rcvd", "seq_from_tap", "seq_ack_to_tap", "seq_to_ta
            "dup_acks", "discard_due", "rtt_time", "rttvar", "rto", "rto_armed", "rto_when",
            "rto_deadline", "last_seen", "stalled", "drained", "peek_full", "peer_closed",
            "local", "sndbuf_fixed", "poll_fast", "ack_due", "mss", "ws_to_tap", "wnd_to_tap",
-           "ack_base")
+           "ack_base", "snd_wnd_max", "wnd_short")
 
 
 class TcpConn(Flow):
@@ -266,6 +283,8 @@ class TcpConn(Flow):
         ws_to_tap: int
         wnd_to_tap: int
         ack_base: int
+        snd_wnd_max: int
+        wnd_short: bool | int
         sndbuf: int | None
         fin_seq: int | None
         rtt_seq: int | None
@@ -325,8 +344,14 @@ class TcpConn(Flow):
         self.ws_to_tap = 0
         self.tap_fin_rcvd = False  # and shutdown(SHUT_WR) done
         self.want_out = False  # the socket was full: EPOLLOUT then a window update
+        self.so_keepalive = False  # the guest sent a keepalive: SO_KEEPALIVE is on, as passt
         self.ack_due = False
         self.poll_fast = False  # the far end holds much of what we acknowledged: poll soon
+        self.snd_wnd_max = 0  # the largest window the far end showed the host kernel
+        # the window shown is below one guest segment but will open (data in flight, or the
+        # far end's window below its largest): the guest waits for more (sender SWS
+        # avoidance), so the socket is polled as for a zero window
+        self.wnd_short = False
         # the last ack_wnd() for data frames (r.data_ack_*: seq_from_tap, ACK number, window,
         # when), see data_ack_wnd()
         # host -> guest
@@ -403,6 +428,10 @@ class TcpConn(Flow):
             unacked = (ack - remote) & M32
             wnd = min(snd_wnd, eff) - unacked
             self.poll_fast = unacked > eff // 4
+            if snd_wnd > self.snd_wnd_max:
+                self.snd_wnd_max = snd_wnd
+            self.wnd_short = wnd < GUEST_SEGMENT_MAX and \
+                (unacked > 0 or snd_wnd < self.snd_wnd_max)
         if seq_lt(ack, self.seq_ack_to_tap):
             ack = self.seq_ack_to_tap  # never backwards
         wnd = max(0, min(wnd, MAX_WINDOW))
@@ -429,7 +458,7 @@ class TcpConn(Flow):
         self.seq_ack_to_tap = ack
         self.wnd_to_tap = wnd << self.ws_to_tap
         self.ack_due = False
-        if ack != self.seq_from_tap or wnd == 0:
+        if ack != self.seq_from_tap or wnd == 0 or self.wnd_short:
             self.h._arm_ack(self)  # poll the socket for the far end's ACK or window
 
     def tso_params(self) -> Tso:

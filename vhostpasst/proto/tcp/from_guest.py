@@ -275,6 +275,7 @@ class FromGuest(TcpTimers):
             return
         self._update_events(conn)
         self._arm_idle(conn, self.idle_timeout)
+        self._arm_keepalive()
         if self.dataplane is not None:
             self.dataplane.hand(conn)  # its pure ACKs from now on taken in C
 
@@ -323,10 +324,13 @@ class FromGuest(TcpTimers):
             if not length and not flags & wtcp.FIN:
                 if seq_lt(seg.seq, expected):
                     answer = True  # keep-alive probe
+                    self._mirror_keepalive(conn)
                 continue
             got = self._accept_data(conn, seg, expected, pending, ooo)
             if got is None:
                 answer = True
+                if length == 1:  # a keep-alive probe with one byte of old data
+                    self._mirror_keepalive(conn)
                 continue
             expected, fin = got
         while ooo and not fin:  # a later segment of this batch may have filled the hole
@@ -363,6 +367,16 @@ class FromGuest(TcpTimers):
         for _ in range(dups):
             self._send_ack(conn, force=True)
         conn.close_if_done()
+
+    def _mirror_keepalive(self, conn: TcpConn) -> None:
+        """The guest probes the connection: the host socket probes the far end too."""
+        if conn.so_keepalive:
+            return
+        conn.so_keepalive = True
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as e:
+            self._log.debug(("tcp-keepalive", e.errno), "%r: SO_KEEPALIVE: %s", conn, e)
 
     def _dataplane_followups(self, conn: TcpConn) -> bool:
         """The data plane's C took segments of this connection earlier in the batch (and
@@ -500,7 +514,7 @@ class FromGuest(TcpTimers):
         ack, wnd = conn.ack_wnd()
         if not force and ack == conn.seq_ack_to_tap and wnd << conn.ws_to_tap == \
                 conn.wnd_to_tap:
-            if ack != conn.seq_from_tap or wnd == 0:
+            if ack != conn.seq_from_tap or wnd == 0 or conn.wnd_short:
                 self._arm_ack(conn)
             return
         if self._pure_ack(conn, ack, wnd):

@@ -16,18 +16,25 @@ All are loop timers (loop.call_at), at most three per connection:
   changed (_ack_timer).
 * Connection (_arm_idle): whichever of the handshake timeout, the FIN timeout or the
   inactivity timeout was armed last; inactivity re-arms itself for the time left.
+* Keepalive round (_arm_keepalive, one for all connections, while any is established): a
+  keepalive probe to each connection with no traffic either way for a whole interval.
 """
 
 from __future__ import annotations
 
 import time
 
+from vhostpasst.config.env import env_number
+from vhostpasst.core.loop import TimerHandle
+from vhostpasst.proto.context import Context
 from vhostpasst.proto.tcp.conn import (
     ACK_INTERVAL,
     ACK_POLL_FAST,
     CONNECTING,
+    ENV_KEEPALIVE,
     ESTABLISHED,
     FIN_TIMEOUT,
+    KEEPALIVE_INTERVAL,
     M32,
     PERSIST_MAX,
     RTO_MIN,
@@ -41,6 +48,11 @@ from vhostpasst.wire import tcp as wtcp
 
 class TcpTimers(TcpControl):
     """The timers of every connection (see the module docstring)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.keepalive_interval = env_number(ENV_KEEPALIVE, KEEPALIVE_INTERVAL)
+        self._keepalive_timer: TimerHandle | None = None
 
     def _rtt_sample(self, conn: TcpConn, r: float) -> None:
         """RFC 6298 §2."""
@@ -109,9 +121,7 @@ class TcpTimers(TcpControl):
         elif conn.wnd_from_tap == 0 or conn.stalled:
             # zero window (persist) or no link buffers: probe with an old sequence
             # number, which makes the guest answer with its current window
-            ack, wnd = conn.ack_wnd()
-            self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
-                        (conn.seq_ack_from_tap - 1) & M32, ack, wtcp.ACK, wnd)
+            self._probe(conn)
             # a guest that answers probes is alive (retrans is reset then): keep probing
             # often, its window may reopen without it telling us (small buffer, large MSS)
             conn.rto = min(conn.rto, PERSIST_MAX)
@@ -121,6 +131,37 @@ class TcpTimers(TcpControl):
             return
         if not conn.rto_armed:
             self._arm_rto(conn)
+
+    def _probe(self, conn: TcpConn) -> None:
+        """An ACK with an old sequence number (a window or keepalive probe): the guest
+        answers with its ACK point and window, or a RST if it has no such connection."""
+        ack, wnd = conn.ack_wnd()
+        self._frame(conn.six, conn.faddr_b, conn.gaddr_b, conn.fport, conn.gport,
+                    (conn.seq_ack_from_tap - 1) & M32, ack, wtcp.ACK, wnd)
+
+    def _arm_keepalive(self) -> None:
+        if self._keepalive_timer is None:
+            self._keepalive_timer = self.loop.call_at(
+                time.monotonic() + self.keepalive_interval, self._keepalive_round)
+
+    def _keepalive_round(self) -> None:
+        """A keepalive probe to each established connection with no traffic for a whole
+        interval; the round goes on while any connection is established."""
+        self._keepalive_timer = None
+        now = time.monotonic()
+        established = False
+        for conn in list(self.ctx.flows):
+            if not isinstance(conn, TcpConn) or conn.closed or conn.state != ESTABLISHED:
+                continue
+            established = True
+            if now - conn.last_seen >= self.keepalive_interval:
+                try:
+                    self._probe(conn)
+                except Exception:  # a timer callback must not stop the loop
+                    log.exception("keepalive to %r", conn)
+                    self._reset(conn)
+        if established:
+            self._arm_keepalive()
 
     def _arm_idle(self, conn: TcpConn, timeout: float | None) -> None:
         """The one connection timer (handshake, FIN, inactivity); None: no timer."""
