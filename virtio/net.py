@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from ._net import ffi, lib
 from .backend import Device
@@ -414,13 +415,20 @@ def fill_rx_frames(vq: VirtQueue, count: int, need: int, hdr: int, head: int, ma
     n, out, elems = ring.rx_fill(vq.last_avail_idx, vq.indirect, vq.memory.table,
                                  vq.rearms_on_empty, count, need, hdr, head, max_views, hint,
                                  filler, room, plain, gso, gso_from)
+    return n, fill_taken(vq, out, elems)
+
+
+def fill_taken(vq: VirtQueue, out: RxFill, elems: Any) -> RxFill:
+    """The queue's side of a vr_rx_fill() (ours above, or a device's C through
+    RingAccess.fill_site()): the chains it kept taken and pushed, those it did not need
+    given back. A bad chain breaks the queue (VirtQueueError)."""
     if out.outcome == Fill.ERROR:
         raise vq.bad_records(out.popped)
     if out.outcome == Fill.OK and out.sent:
         vq.took_records(out.kept)
         vq.push_written(elems, out.pairs)
         vq.rewind(out.give_back)
-    return n, out
+    return out
 
 
 def rx_frames(vq: VirtQueue, count: int, frame_len: int, head: int = 0,

@@ -42,6 +42,10 @@ class RingError(Exception):
     """A ring helper refused an access (area too small or misaligned)."""
 
 
+def _cdata_address(cdata: Any) -> int:
+    return int(ffi.cast("uintptr_t", cdata))
+
+
 def _address(view: memoryview) -> int:
     """The host address of a view's first byte (its export released at once)."""
     p = ffi.from_buffer("uint8_t[]", view)
@@ -196,6 +200,26 @@ class RxFill(NamedTuple):
 
 
 _FILL_OUT_LEN = len(RxFill._fields)
+
+
+class FillSite(NamedTuple):
+    """RingAccess.fill_site(): vr_rx_fill() and its fixed arguments on one ring, as addresses
+    (for a device's C: cffi_build/vhostpasst/dataplane.c), and the region table they were
+    taken from (the site is good while the ring and that table are)."""
+
+    fill: int
+    ctx: int
+    regions: int
+    nregions: int
+    used: int
+    used_len: int
+    recs: int
+    chrecs: int
+    num: int
+    elems: int
+    spare: int
+    out: int
+    table: RegionTable
 
 
 def rx_layout(records: bytearray, start: int, need: int, hdr: int, head: int, count: int,
@@ -435,6 +459,21 @@ class RingAccess:
                            self._felems, self._fspare, out)
         # (tuple.__new__: RxFill(...) would be one more Python call per fill)
         return n, tuple.__new__(RxFill, ffi.unpack(out, _FILL_OUT_LEN)), self._felems
+
+    def fill_site(self, regions: RegionTable) -> FillSite:
+        """What a device's own C needs to call vr_rx_fill() on this ring with `regions`, as
+        addresses (rx_fill()'s fixed arguments and its output arrays): the caller passes
+        last_avail, indirect, rearm and hint per call, and reads the outcome with
+        fill_result() after it."""
+        a = _cdata_address
+        return FillSite(a(ffi.addressof(lib, "vr_rx_fill")), a(self.ctx), a(regions.cdata),
+                        regions.count, a(self.used), self.used_len, a(self._grecs),
+                        a(self._gchains), self.num, a(self._felems), a(self._fspare),
+                        a(self._fout), regions)
+
+    def fill_result(self) -> tuple[RxFill, Any]:
+        """What the last vr_rx_fill() on this ring did, and its (head, length) pairs."""
+        return tuple.__new__(RxFill, ffi.unpack(self._fout, _FILL_OUT_LEN)), self._felems
 
     def used_put_many(self, idx: int, elems: list[int]) -> None:
         """Used elements at idx, idx + 1, ...: `elems` is [head, length, head, length, ...]

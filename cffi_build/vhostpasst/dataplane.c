@@ -428,3 +428,283 @@ void dp_tx_end(void *arg)
 			f->followups |= DP_SEND_ACK;
 	}
 }
+
+/* --- host -> guest: the read that fills the guest's window (to_guest._from_sock) --------- */
+
+#include <sys/ioctl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#include "tcp_vu.h"
+
+#define SEG_BATCH 64		/* conn.py */
+#define TSO_MAX_L3 65535	/* link/base.py */
+#define VNET_HDR_LEN 12
+#define DATA_ACK_TTL 0.001
+#define SNDBUF_SMALL (128 * 1024)
+#define LOW_RTT_US 1000
+#define TCP_INFO_LEN 232
+#define GUEST_SEGMENT_MAX 65535	/* conn.py */
+#define GSO_HDR_TCPV4 1
+#define GSO_HDR_TCPV6 4
+
+typedef long (*vr_rx_fill_fn)(void *ctx, unsigned last_avail, int indirect,
+			      const void *regions, unsigned nregions, uint8_t *used,
+			      size_t used_len, int rearm, unsigned count, unsigned need,
+			      unsigned hdr, unsigned head, unsigned max_views, unsigned hint,
+			      uint64_t *recs, uint32_t *chrecs, unsigned cap, uintptr_t reader,
+			      uintptr_t reader_arg, uint64_t room, uintptr_t writer,
+			      uintptr_t writer_arg, const uint8_t *plain, const uint8_t *gso,
+			      uint32_t gso_from, uint32_t *elems, uint32_t *spare, uint64_t *out);
+
+static const uint8_t data_valid_hdr[VNET_HDR_LEN] = { 2 };	/* VIRTIO_NET_HDR_F_DATA_VALID */
+
+static inline void put_le16(uint8_t *p, uint16_t v)
+{
+	p[0] = v & 0xff;
+	p[1] = v >> 8;
+}
+
+/* The bytes the guest acknowledged, dropped without a copy (conn.discard_acked). */
+static void dp_discard(struct dp_flow *f)
+{
+	uint64_t left = f->discard_due;
+	ssize_t n;
+
+	f->discard_due = 0;
+	while (left) {
+		n = recv(f->fd, NULL, left < (1u << 24) ? left : (1u << 24),
+			 MSG_TRUNC | MSG_DONTWAIT);
+		if (n <= 0) {
+			if (n < 0 && errno == EINTR)
+				continue;
+			break;
+		}
+		left -= (uint64_t)n;
+	}
+}
+
+/* The ACK number and window field for the guest (TcpConn.ack_wnd, ESTABLISHED). */
+static void dp_ack_wnd(struct dp_flow *f, uint32_t *ack_out, uint16_t *wnd_out)
+{
+	uint8_t info[TCP_INFO_LEN];
+	socklen_t len = sizeof(info);
+	int64_t wnd, eff;
+	uint32_t sndbuf = f->sndbuf, ack, remote;
+	int have_info;
+
+	have_info = !getsockopt(f->fd, IPPROTO_TCP, TCP_INFO, info, &len) &&
+		    len >= TCP_INFO_LEN;
+	if (!sndbuf) {
+		int v;
+		socklen_t vl = sizeof(v);
+
+		if (getsockopt(f->fd, SOL_SOCKET, SO_SNDBUF, &v, &vl) || v < 0) {
+			sndbuf = SNDBUF_SMALL;
+		} else {
+			sndbuf = (uint32_t)v;
+			if (f->sndbuf_fixed)
+				f->sndbuf = sndbuf;
+		}
+	}
+	eff = sndbuf < (4u << 20) ? (int64_t)sndbuf * 3 / 4 : sndbuf / 2;
+	if (!have_info) {
+		ack = f->seq_from_tap;
+		wnd = eff;
+	} else {
+		uint64_t bytes_acked;
+		uint32_t min_rtt, snd_wnd, unacked;
+		int immediate;
+
+		memcpy(&bytes_acked, info + 120, 8);
+		memcpy(&min_rtt, info + 148, 4);
+		memcpy(&snd_wnd, info + 228, 4);
+		remote = f->ack_base + (uint32_t)bytes_acked;
+		if (seq_lt(f->seq_from_tap, remote))
+			remote = f->seq_from_tap;
+		if (f->tap_fin_rcvd && (uint32_t)(f->seq_from_tap - remote) <= 1)
+			remote = f->seq_from_tap;
+		immediate = f->local || sndbuf < SNDBUF_SMALL || (min_rtt > 0 && min_rtt < LOW_RTT_US);
+		ack = immediate ? f->seq_from_tap : remote;
+		unacked = ack - remote;
+		wnd = (snd_wnd < eff ? (int64_t)snd_wnd : eff) - unacked;
+		f->poll_fast = unacked > eff / 4;
+		if (snd_wnd > f->snd_wnd_max)
+			f->snd_wnd_max = snd_wnd;
+		f->wnd_short = wnd < GUEST_SEGMENT_MAX &&
+			       (unacked > 0 || snd_wnd < f->snd_wnd_max);
+	}
+	if (seq_lt(ack, f->seq_ack_to_tap))
+		ack = f->seq_ack_to_tap;
+	if (wnd > MAX_WINDOW)
+		wnd = MAX_WINDOW;
+	if (wnd < 0)
+		wnd = 0;
+	wnd >>= f->ws_to_tap & 31;
+	*ack_out = ack;
+	*wnd_out = (uint16_t)(wnd > 65535 ? 65535 : wnd);
+}
+
+/* The last answer again for data frames while nothing came (TcpConn.data_ack_wnd). */
+static void dp_data_ack_wnd(struct dp_flow *f, double now, uint32_t *ack, uint16_t *wnd)
+{
+	if (f->data_ack_valid && f->data_ack_seq == f->seq_from_tap &&
+	    f->data_ack_ack == f->seq_ack_to_tap && now - f->data_ack_time < DATA_ACK_TTL) {
+		*ack = f->data_ack_ack;
+		*wnd = (uint16_t)f->data_ack_wnd;
+		return;
+	}
+	dp_ack_wnd(f, ack, wnd);
+	f->data_ack_valid = 1;
+	f->data_ack_seq = f->seq_from_tap;
+	f->data_ack_ack = *ack;
+	f->data_ack_wnd = *wnd;
+	f->data_ack_time = now;
+}
+
+static void dp_stall(struct dp_flow *f, int stalled, int drained, uint64_t *res)
+{
+	if (f->stalled != stalled || f->drained != drained) {
+		f->stalled = stalled;
+		f->drained = drained;
+		res[0] |= DP_FILL_EVENTS;
+	}
+}
+
+/* timers._arm_rto() without restart: the running loop timer's deadline if it fires soon
+ * enough, else a new one from Python. */
+static void dp_arm_rto(struct dp_flow *f, double now, uint64_t *res)
+{
+	double when;
+
+	if (f->rto_armed)
+		return;
+	when = now + f->rto;
+	if (f->rto_timer_set && when >= f->rto_when) {
+		f->rto_deadline = when;
+		f->rto_armed = 1;
+		return;
+	}
+	res[0] |= DP_FILL_ARM_RTO;
+}
+
+/* to_guest._from_sock() for a connection in the table, on a vhost-user link whose C fills
+ * the guest's buffers (out_vu.py), up to the fill and, when it read data, after it.
+ * res[0]: DP_FILL_* followups; res[1]: 1 if vr_rx_fill() ran (rx->out, rx->read say how:
+ * the queue's bookkeeping is the caller's), res[2], res[3]: the frame length and the room
+ * asked, res[4], res[5]: the ACK number and window the frames carry. Returns DP_FILL_DONE,
+ * or DP_FILL_PYTHON to let Python finish (or do all of) it. */
+int dp_fill(struct dp_table *t, struct dp_rx *rx, struct dp_flow *f, uint64_t *res)
+{
+	struct vp_tcp_fill *fill = (struct vp_tcp_fill *)rx->writer_arg;
+	struct vp_tcp_read *rd = (struct vp_tcp_read *)rx->reader_arg;
+	uint32_t in_flight, seg, count, off, size, frame_len, ack, hdr_len, mss;
+	int64_t room, fresh = 0, caps, n;
+	uint8_t gso[VNET_HDR_LEN];
+	const uint64_t *out = (const uint64_t *)rx->out;
+	int known = 0, tso, queued;
+	uint16_t wnd;
+	double now;
+
+	memset(res, 0, 6 * sizeof(*res));
+	if (f->state != (int32_t)t->established || !f->in_table)
+		return DP_FILL_PYTHON;
+	if (f->discard_due)
+		dp_discard(f);
+	if (f->fin_sent)
+		return DP_FILL_DONE;
+	in_flight = f->seq_to_tap - f->seq_ack_from_tap;
+	room = (int64_t)f->wnd_from_tap - in_flight;
+	if (room <= 0 || !f->mss)
+		return DP_FILL_PYTHON;	/* the persist timer's business */
+	tso = f->six ? rx->tso6 : rx->tso4;
+	mss = f->mss;
+	seg = mss;
+	if (tso) {
+		uint32_t l3 = (f->six ? IP6_HLEN : IP4_HLEN) + TCP_HLEN;
+		uint32_t whole = (TSO_MAX_L3 - l3) / mss * mss;
+
+		seg = whole > mss ? whole : mss;
+	}
+	count = (uint32_t)((room + seg - 1) / seg);
+	if (count > SEG_BATCH)
+		count = SEG_BATCH;
+	if (!f->peek_full && !ioctl(f->fd, FIONREAD, &queued)) {
+		known = 1;
+		fresh = (int64_t)queued - in_flight;
+		if (fresh <= 0 && f->drained && !f->peer_closed)
+			return DP_FILL_DONE;	/* an edge comes with new data */
+		if ((fresh + seg - 1) / seg < count)
+			count = fresh <= 0 ? 1 : (uint32_t)((fresh + seg - 1) / seg);
+	}
+	off = ETH_HLEN + (f->six ? IP6_HLEN : IP4_HLEN) + TCP_HLEN;
+	size = seg;
+	if (count == 1 && known && fresh > 0 && fresh < seg)
+		size = (uint32_t)fresh + 1;
+	if (!f->tmpl_valid || memcmp(f->tmpl_mac, t->guest_mac, 6))
+		return DP_FILL_PYTHON;	/* a template for another MAC: TcpConn.template() */
+	now = dp_now(t);
+	dp_data_ack_wnd(f, now, &ack, &wnd);
+	memcpy(fill->tmpl, f->tmpl, sizeof(fill->tmpl));
+	fill->six = f->six;
+	fill->pseudo = f->pseudo;
+	fill->seq = f->seq_to_tap;
+	fill->ack = ack;
+	fill->wnd = wnd;
+	fill->tso_mss = tso ? mss : 0;
+	rd->fd = f->fd;
+	memset(gso, 0, sizeof(gso));
+	hdr_len = off;
+	if (tso) {
+		gso[0] = 1;	/* NEEDS_CSUM */
+		gso[1] = f->six ? GSO_HDR_TCPV6 : GSO_HDR_TCPV4;
+		put_le16(gso + 2, (uint16_t)hdr_len);
+		put_le16(gso + 4, (uint16_t)mss);
+		put_le16(gso + 6, (uint16_t)(off - TCP_HLEN));
+		put_le16(gso + 8, 16);	/* the TCP checksum's offset */
+	}
+	frame_len = off + size;
+	res[1] = 1;
+	res[2] = frame_len;
+	res[3] = (uint64_t)room;
+	res[4] = ack;
+	res[5] = wnd;
+	n = ((vr_rx_fill_fn)rx->fill)((void *)rx->ctx, rx->last_avail & 0xFFFF, rx->indirect,
+				      (const void *)rx->regions, rx->nregions,
+				      (uint8_t *)rx->used, rx->used_len, rx->rearm, count,
+				      VNET_HDR_LEN + frame_len, VNET_HDR_LEN, off, rx->max_views,
+				      rx->hint, (uint64_t *)rx->recs, (uint32_t *)rx->chrecs,
+				      rx->num, rx->reader, rx->reader_arg, (uint64_t)room,
+				      rx->writer, rx->writer_arg, data_valid_hdr,
+				      tso ? gso : data_valid_hdr, tso ? hdr_len + mss : 65535 + 14,
+				      (uint32_t *)rx->elems, (uint32_t *)rx->spare,
+				      (uint64_t *)rx->out);
+	rx->read = n;
+	/* out[0] the outcome (0: OK), out[5] frames sent, out[11] their payload room */
+	if (out[0] != 0 || n <= 0)
+		return DP_FILL_PYTHON;	/* no room, the end, an error, a shape for Python */
+	caps = (int64_t)out[11];
+	f->last_seen = now;
+	/* _peeked(): frames not filled mean nothing more to peek until new data (an edge) */
+	f->peek_full = n >= caps;
+	dp_stall(f, n >= room, !f->peek_full, res);
+	if (out[5]) {
+		/* _data_sent(): acked_to_tap(), the RTT sample's start (Karn), the RTO */
+		f->seq_ack_to_tap = ack;
+		f->wnd_to_tap = (uint32_t)wnd << (f->ws_to_tap & 31);
+		f->ack_due = 0;
+		if (ack != f->seq_from_tap || wnd == 0 || f->wnd_short)
+			res[0] |= DP_FILL_ARM_ACK;
+		if (!f->rtt_pending && seq_le(f->seq_max, f->seq_to_tap)) {
+			f->rtt_pending = 1;
+			f->rtt_seq = fill->seq;
+			f->rtt_time = now;
+		}
+		f->seq_to_tap = fill->seq;
+		if (seq_lt(f->seq_max, fill->seq))
+			f->seq_max = fill->seq;
+	}
+	dp_arm_rto(f, now, res);
+	t->fills++;
+	return DP_FILL_DONE;
+}

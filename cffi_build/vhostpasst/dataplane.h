@@ -38,11 +38,45 @@ struct dp_flow {
 	double rtt_time, srtt, rttvar, rto;	/* srtt < 0: no sample yet */
 	int32_t rto_armed, rto_timer_set;
 	double rto_when, rto_deadline, last_seen;
+	/* host -> guest (dp_fill) */
+	int32_t stalled, drained, peek_full, peer_closed, local, sndbuf_fixed, poll_fast, ack_due;
+	uint32_t mss, ws_to_tap, wnd_to_tap, ack_base, sndbuf;	/* sndbuf 0: ask the socket */
+	uint32_t snd_wnd_max;	/* the largest window the far end showed the host kernel */
+	int32_t wnd_short;	/* the window shown is below a guest segment and will open */
+	int32_t data_ack_valid;	/* the last data frames' ACK number and window (data_ack_wnd) */
+	uint32_t data_ack_seq, data_ack_ack, data_ack_wnd;
+	double data_ack_time;
+	int32_t tmpl_valid;	/* the header template for data frames (TcpConn.template) */
+	uint8_t tmpl[74], tmpl_mac[6];
+	uint32_t pseudo;
 	/* the C's own */
 	uint32_t followups;
 	uint32_t declined_pass;
 	uint32_t pending;	/* bytes of the guest's data taken this pass, not written yet */
 	int32_t write_errno;	/* with DP_RESET: why */
+};
+
+/* What dp_fill() left for Python (its res[0]), beside the queue's bookkeeping */
+#define DP_FILL_EVENTS 1	/* stalled or drained changed: the socket's epoll mask */
+#define DP_FILL_ARM_ACK 2	/* the ACK timer (polling the far end's ACK or window) */
+#define DP_FILL_ARM_RTO 4	/* a new loop timer for the retransmission timeout */
+
+/* dp_fill()'s outcomes */
+#define DP_FILL_PYTHON 0	/* nothing done (but the discard): Python's _from_sock() */
+#define DP_FILL_DONE 1		/* handled: the queue's bookkeeping from out[], res[0] */
+
+/* The link's RX queue as vhost_rx.py keeps it, for dp_fill()'s call of virtio's vr_rx_fill()
+ * (ring.c; its arguments: see there). Addresses of virtio's and tcp_vu.c's objects are kept
+ * as integers (they belong to other cffi modules). Per call: last_avail, hint, indirect,
+ * rearm, tso4/tso6; the rest when the queue is (re)mapped. */
+struct dp_rx {
+	uintptr_t fill, reader, writer;	/* vr_rx_fill, vp_tcp_read, vp_tcp_fill_writer */
+	uintptr_t reader_arg, writer_arg;	/* struct vp_tcp_read *, struct vp_tcp_fill * */
+	uintptr_t ctx, regions, used, recs, chrecs, elems, spare, out;
+	uint32_t nregions, num, last_avail, hint, max_views;
+	uint64_t used_len;
+	int32_t indirect, rearm, tso4, tso6;
+	int64_t read;		/* out: bytes read (or -errno) */
 };
 
 /* One taken payload, written at the end of the pass (one sendmsg per connection). */
@@ -70,6 +104,7 @@ struct dp_table {
 	uint32_t npayloads, payloads_cap;
 	uint64_t taken, declined, written;	/* counters: frames, frames, bytes */
 	uint64_t split;	/* frames declined after the C took data of theirs in the pass */
+	uint64_t fills;	/* dp_fill() calls that sent frames and needed no Python after */
 };
 
 #endif

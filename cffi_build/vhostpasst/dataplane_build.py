@@ -23,6 +23,7 @@ ffibuilder.cdef(
     int dp_take_tx(void *arg, const uint8_t *frame, uint32_t len, const uint8_t *vnet_hdr,
                    uint64_t offloads);
     void dp_tx_end(void *arg);
+    int dp_fill(struct dp_table *t, struct dp_rx *rx, struct dp_flow *f, uint64_t *res);
     """
 )
 ffibuilder.set_source(

@@ -16,12 +16,8 @@
 #include <sys/uio.h>
 
 #include "tcp_frame.h"
+#include "tcp_vu.h"
 
-/* The reader's argument: the socket and the recvmsg() flags. */
-struct vp_tcp_read {
-	int32_t fd;
-	int32_t flags;
-};
 
 /* A vr_frame_reader: returns the bytes read (0: the end of the stream) or -errno. */
 long vp_tcp_read(void *arg, const struct iovec *iov, unsigned int niov)
@@ -44,14 +40,6 @@ long vp_tcp_read(void *arg, const struct iovec *iov, unsigned int niov)
  * them in the guest's buffers, unsummed (GUEST_CSUM: DATA_VALID). The connection's fields
  * come in `arg`; its seq moves on past the frames. Returns 0, or -1 as that call. */
 #define VP_FILL_MAX 256
-
-struct vp_tcp_fill {
-	uint8_t tmpl[ETH_HLEN + IP6_HLEN + TCP_HLEN];
-	int32_t six;
-	uint32_t pseudo, seq, ack, tso_mss;
-	uint16_t wnd;
-	uint8_t flags, last_flags;
-};
 
 int64_t vp_tcp_fill_writer(void *arg, uint8_t *const *firsts, const uint32_t *first_lens,
 			   const uint32_t *sizes, unsigned int n, uint32_t *lens)

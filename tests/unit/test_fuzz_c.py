@@ -49,7 +49,7 @@ def clang(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.timeout(SECONDS + 240)
-@pytest.mark.parametrize("name", ["ring", "frames", "dataplane"])
+@pytest.mark.parametrize("name", ["ring", "frames", "dataplane", "fill"])
 def test_fuzz_harness(name: str, clang: str, tmp_path: Path) -> None:
     build = subprocess.run(
         ["make", "-s", "-C", str(FUZZ), f"CC={clang}", f"OUT={tmp_path}",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostpasst.core.pcap import PcapWriter
-from virtio.ring import RxFiller
+from virtio.ring import FillSite, RxFiller
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class LinkCaps:
 
 
 NO_CAPS = LinkCaps()  # a link without a peer, or one without any of these
+
+FillArgs = tuple[int, bool, bool, int]  # Link.c_fill_site(): last_avail, indirect, rearm, hint
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,18 @@ class Link(abc.ABC):
         rx_scatter() (this default). The reader's failure comes up as OSError."""
         return None
 
+    def c_fill_site(self) -> tuple[FillSite, FillArgs] | None:
+        """For a caller whose own C makes rx_fill()'s call (the TCP data plane): where, as
+        addresses (virtio.ring.FillSite), and the call's own arguments (last_avail, indirect,
+        rearm, hint), when the one-call fill applies now; None (this default): rx_fill() or
+        rx_scatter()."""
+        return None
+
+    def c_fill_finish(self, frame_len: int, read: int) -> tuple[int, int, int] | None:
+        """After that call: the queue's and the link's side of it, and what rx_fill() would
+        have returned (`read`: the call's return value)."""
+        raise NotImplementedError
+
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         """`commit()` for the frames of the last `rx_scatter()`: the first len(lengths) frames,
         each `lengths[i]` bytes written from the start of its first view onwards. `tso`
@@ -272,6 +286,12 @@ class ForwardingLink(Link):
     def rx_fill(self, count: int, frame_len: int, off: int, room: int, filler: RxFiller,
                 tso: Tso | None) -> tuple[int, int, int] | None:
         return self.link.rx_fill(count, frame_len, off, room, filler, tso)
+
+    def c_fill_site(self) -> tuple[FillSite, FillArgs] | None:
+        return self.link.c_fill_site()
+
+    def c_fill_finish(self, frame_len: int, read: int) -> tuple[int, int, int] | None:
+        return self.link.c_fill_finish(frame_len, read)
 
     def commit_scatter(self, lengths: Sequence[int], tso: Tso | None = None) -> None:
         self.link.commit_scatter(lengths, tso)

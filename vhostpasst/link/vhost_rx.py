@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 from vhostpasst.core.log import RateLimitedLog
 from vhostpasst.core.loop import Loop
 from vhostpasst.core.pcap import PcapWriter
-from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, FrameHandler, Link, Tso
+from vhostpasst.link.base import ETH_MAX_FRAME, IOV_MAX, FillArgs, FrameHandler, Link, Tso
 from virtio import net
 from virtio.backend import VhostUserBackend
-from virtio.ring import Fill, RxFiller, rx_commit
+from virtio.ring import Fill, FillSite, RingAccess, RxFill, RxFiller, rx_commit
 from virtio.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger("vhostpasst.link.vhost")
@@ -76,6 +76,11 @@ class VhostRx(Link):
         # (frame_len, last_avail_idx, chains available) of an rx_scatter() that found too few
         # chains for one frame: the same ring can't do better until the guest posts more
         self._short: tuple[int, int, int] | None = None
+        # c_fill_site()'s: the site of the ring and region table it was taken from, and the
+        # queue of the call in progress
+        self._fill_site: FillSite | None = None
+        self._fill_ring: RingAccess | None = None
+        self._fill_vq: VirtQueue | None = None
         # rx_fill()'s virtio-net headers (plain, GSO, GSO from) for the last Tso seen
         self._fill_tso: Tso | None = None
         self._fill_hdrs = (b"", b"", 0)
@@ -341,6 +346,40 @@ class VhostRx(Link):
         except VirtQueueError as e:
             self._broken("RX queue", e)
             return 0, 0, 0
+        return self._filled(vq, frame_len, n, out)
+
+    def c_fill_site(self) -> tuple[FillSite, FillArgs] | None:
+        """rx_fill()'s checks, then its ring's fill site and the call's own arguments; None
+        when rx_fill() must decide (a ring found short, frames waiting, no queue...)."""
+        if not self._mergeable or not self.csum_offload or self.pcap is not None or \
+                self._short is not None:
+            return None
+        vq = self._rx_queue(1)
+        if vq is None:
+            return None
+        ring = vq.ring_access()
+        table = vq.memory.table
+        site = self._fill_site
+        if site is None or self._fill_ring is not ring or site.table is not table:
+            site = self._fill_site = ring.fill_site(table)
+            self._fill_ring = ring
+        self._fill_vq = vq
+        return site, (vq.last_avail_idx, vq.indirect, vq.rearms_on_empty, self._rx_hint)
+
+    def c_fill_finish(self, frame_len: int, read: int) -> tuple[int, int, int] | None:
+        vq = self._fill_vq
+        assert vq is not None
+        out, elems = vq.ring_access().fill_result()
+        try:
+            out = net.fill_taken(vq, out, elems)
+        except VirtQueueError as e:
+            self._broken("RX queue", e)
+            return 0, 0, 0
+        return self._filled(vq, frame_len, read, out)
+
+    def _filled(self, vq: VirtQueue, frame_len: int, n: int,
+                out: RxFill) -> tuple[int, int, int] | None:
+        """rx_fill()'s outcome, whoever made the call (see rx_fill())."""
         outcome = out.outcome
         if outcome == Fill.GENERAL:
             return None

@@ -217,12 +217,13 @@ def _shared(name: str) -> Any:
     return property(operator.attrgetter("r." + name), store)
 
 
-def _optional(name: str, flag: str, none: object = None) -> Any:
-    """A shared attribute that may be None: `flag` in the record says whether it is set."""
+def _optional(name: str, flag: str) -> Any:
+    """A shared attribute that may be None: `flag` in the record says whether it is set
+    (`flag` may be the field itself where 0 never is a value)."""
 
     def load(conn: TcpConn) -> object:
         r = conn.r
-        return getattr(r, name) if getattr(r, flag) else none
+        return getattr(r, name) if getattr(r, flag) else None
 
     def store(conn: TcpConn, value: object) -> None:
         r = conn.r
@@ -238,7 +239,9 @@ def _optional(name: str, flag: str, none: object = None) -> Any:
 _SHARED = ("state", "tap_fin_rcvd", "seq_from_tap", "seq_ack_to_tap", "seq_to_tap", "seq_max",
            "seq_ack_from_tap", "wnd_from_tap", "ws_from_tap", "recover", "retrans",
            "dup_acks", "discard_due", "rtt_time", "rttvar", "rto", "rto_armed", "rto_when",
-           "rto_deadline", "last_seen")
+           "rto_deadline", "last_seen", "stalled", "drained", "peek_full", "peer_closed",
+           "local", "sndbuf_fixed", "poll_fast", "ack_due", "mss", "ws_to_tap", "wnd_to_tap",
+           "ack_base", "snd_wnd_max", "wnd_short")
 
 
 class TcpConn(Flow):
@@ -268,12 +271,28 @@ class TcpConn(Flow):
         rto_when: float
         rto_deadline: float
         last_seen: float
+        stalled: bool | int
+        drained: bool | int
+        peek_full: bool | int
+        peer_closed: bool | int
+        local: bool | int
+        sndbuf_fixed: bool | int
+        poll_fast: bool | int
+        ack_due: bool | int
+        mss: int
+        ws_to_tap: int
+        wnd_to_tap: int
+        ack_base: int
+        snd_wnd_max: int
+        wnd_short: bool | int
+        sndbuf: int | None
         fin_seq: int | None
         rtt_seq: int | None
         srtt: float | None
         rto_timer: TimerHandle | None
     else:
         fin_seq = _optional("fin_seq", "fin_sent")
+        sndbuf = _optional("sndbuf", "sndbuf")  # 0: not known (a send buffer is never 0)
         rtt_seq = _optional("rtt_seq", "rtt_pending")
 
         @property
@@ -315,7 +334,7 @@ class TcpConn(Flow):
         self.local = False  # the far end is on this host: no point waiting for its ACKs
         # SO_SNDBUF was set (_tune): the kernel no longer autotunes it, read it once
         self.sndbuf_fixed = False
-        self.sndbuf: int | None = None
+        self.sndbuf = None
         # guest -> host
         self.isn_tap = 0  # the guest's ISN
         self.seq_from_tap = 0  # next byte expected from the guest
@@ -333,9 +352,8 @@ class TcpConn(Flow):
         # far end's window below its largest): the guest waits for more (sender SWS
         # avoidance), so the socket is polled as for a zero window
         self.wnd_short = False
-        # (seq_from_tap, ACK number, window, when) of the last ack_wnd() for data frames:
-        # see data_ack_wnd()
-        self.data_ack: tuple[int, int, int, float] | None = None
+        # the last ack_wnd() for data frames (r.data_ack_*: seq_from_tap, ACK number, window,
+        # when), see data_ack_wnd()
         # host -> guest
         self.isn = 0
         self.seq_to_tap = 0  # next byte we send
@@ -424,13 +442,15 @@ class TcpConn(Flow):
         while nothing came from the guest and no ACK went out since: a host->guest transfer
         peeks at every guest ACK, and TCP_INFO each time was a system call and its parsing
         for the same answer. ACKs and window updates (_send_ack) always ask the socket."""
-        memo = self.data_ack
+        r = self.r
         # its ACK number is still the last one sent (the data carried it, no ACK since)
-        if memo is not None and memo[0] == self.seq_from_tap and \
-                memo[1] == self.seq_ack_to_tap and now - memo[3] < DATA_ACK_TTL:
-            return memo[1], memo[2]
+        if r.data_ack_valid and r.data_ack_seq == r.seq_from_tap and \
+                r.data_ack_ack == r.seq_ack_to_tap and now - r.data_ack_time < DATA_ACK_TTL:
+            return r.data_ack_ack, r.data_ack_wnd
         ack, wnd = self.ack_wnd()
-        self.data_ack = (self.seq_from_tap, ack, wnd, now)
+        r.data_ack_valid = True
+        r.data_ack_seq, r.data_ack_ack, r.data_ack_wnd, r.data_ack_time = \
+            r.seq_from_tap, ack, wnd, now
         return ack, wnd
 
     def acked_to_tap(self, ack: int, wnd: int) -> None:
@@ -473,6 +493,11 @@ class TcpConn(Flow):
         tmpl[l3 + 16:l3 + 18] = b"\0\0"
         self.tmpl, self.tmpl_mac = bytes(tmpl), mac
         self.pseudo = checksum.partial(self.faddr_b + self.gaddr_b) + socket.IPPROTO_TCP
+        r = self.r  # the data plane's C fills data frames from the same template
+        r.tmpl = self.tmpl.ljust(len(r.tmpl), b"\0")
+        r.tmpl_mac = mac[:6].ljust(6, b"\0")
+        r.pseudo = self.pseudo
+        r.tmpl_valid = True
         return self.tmpl
 
     def discard_acked(self) -> None:

@@ -39,6 +39,10 @@ FOLLOW_RESET = lib.DP_RESET
 FOLLOW_WANT_OUT = lib.DP_WANT_OUT
 FOLLOW_KICK = lib.DP_KICK
 FOLLOW_SEND_ACK = lib.DP_SEND_ACK
+# what dp_fill() left (out_vu.GuestFillOutput.send_c())
+FILL_EVENTS = lib.DP_FILL_EVENTS
+FILL_ARM_ACK = lib.DP_FILL_ARM_ACK
+FILL_ARM_RTO = lib.DP_FILL_ARM_RTO
 
 
 def dataplane_enabled() -> bool:

@@ -28,6 +28,9 @@ from vhostpasst.wire import tcp as wtcp
 # what they carried. (A plain tuple: a NamedTuple's constructor is one more Python call per
 # wake-up on the hot path.)
 Peeked = tuple[int, int, int | None, int, int]
+# send_c(): what the C left (dataplane.h's DP_FILL_* bits), and, where it left the fill's
+# outcome to Python, rx_fill()'s answer and the room the guest's window had
+CFilled = tuple[int, tuple[int, int, int] | None, int]
 
 
 def scatter_iov(frames: list[list[memoryview]], off: int,
@@ -63,6 +66,11 @@ class BufOutput:
         self.h = handler
         self.l4_csum = caps.l4_csum
         self._our_mac = handler.ctx.config.our_mac  # the frames' source (TcpConn.template())
+
+    def send_c(self, conn: TcpConn, link: Link) -> CFilled | None:
+        """to_guest._from_sock() in the data plane's C, where the output can (out_vu.py's
+        GuestFillOutput); None: not here, Python's path."""
+        return None
 
     def send(self, conn: TcpConn, link: Link, count: int, seg: int, size: int, off: int,
              room: int, tso: Tso | None,

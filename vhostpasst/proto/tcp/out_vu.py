@@ -18,14 +18,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from vhostpasst._dataplane import ffi as _dp_ffi
+from vhostpasst._dataplane import lib as _dp_lib
 from vhostpasst._tcpsg import ffi as _sg_ffi
 from vhostpasst._tcpsg import lib as _sg_lib
-from vhostpasst.link.base import Link, LinkCaps, Tso
+from vhostpasst.link.base import IOV_MAX, Link, LinkCaps, Tso
 from vhostpasst.proto.tcp.conn import _PEEK_FLAGS, TcpConn
 from vhostpasst.proto.tcp.control import TcpControl
-from vhostpasst.proto.tcp.out_buf import BufOutput, Peeked
+from vhostpasst.proto.tcp.out_buf import BufOutput, CFilled, Peeked
 from vhostpasst.wire import tcp as wtcp
-from virtio.ring import RxFiller
+from virtio.ring import FillSite, RxFiller
 
 
 def _address(cdata: Any) -> int:
@@ -51,6 +53,50 @@ class GuestFillOutput(BufOutput):
                                 _address(self._read),
                                 _address(_sg_ffi.addressof(_sg_lib, "vp_tcp_fill_writer")),
                                 _address(self._fill))
+        # the data plane's fill (send_c): its view of the link's RX queue, and its results
+        rx = self._rx = _dp_ffi.new("struct dp_rx *")
+        filler = self._filler
+        rx.reader, rx.reader_arg = filler.reader, filler.reader_arg
+        rx.writer, rx.writer_arg = filler.writer, filler.writer_arg
+        rx.max_views = IOV_MAX
+        self._res = _dp_ffi.new("uint64_t[]", 6)
+        self._site: FillSite | None = None
+        self._tso4, self._tso6 = caps.tso4, caps.tso6
+
+    def send_c(self, conn: TcpConn, link: Link) -> CFilled | None:
+        """to_guest._from_sock() for a connection in the data plane's table: the sizing, the
+        ACK number and window, the read into the guest's buffers and what follows, in one C
+        call (dataplane.c's dp_fill(), which calls the ring's vr_rx_fill() itself); the
+        queue's bookkeeping stays the link's (c_fill_finish()). None: Python's path (nothing
+        done but the discard). OSError: the read failed, as send()."""
+        dataplane = self.h.dataplane
+        if dataplane is None:
+            return None
+        got_site = link.c_fill_site()
+        if got_site is None:
+            return None
+        site, args = got_site
+        rx = self._rx
+        if site is not self._site:
+            self._site = site
+            rx.fill, rx.ctx, rx.regions, rx.nregions = site.fill, site.ctx, site.regions, \
+                site.nregions
+            rx.used, rx.used_len, rx.recs, rx.chrecs = site.used, site.used_len, site.recs, \
+                site.chrecs
+            rx.num, rx.elems, rx.spare, rx.out = site.num, site.elems, site.spare, site.out
+        rx.last_avail, rx.indirect, rx.rearm, rx.hint = args
+        rx.tso4, rx.tso6 = self._tso4, self._tso6
+        self._fill_for = None  # the C writes its template into the writer's argument
+        res = self._res
+        done = _dp_lib.dp_fill(dataplane.table, rx, conn.r, res)
+        if not res[1]:  # no fill made
+            return (0, None, 0) if done else None
+        got = link.c_fill_finish(res[2], rx.read)
+        if done:
+            return res[0], None, 0
+        if got is None:  # a ring shape for the general path: nothing was taken
+            return None
+        return 0, got, res[3]
 
     def send(self, conn: TcpConn, link: Link, count: int, seg: int, size: int, off: int,
              room: int, tso: Tso | None,

@@ -35,6 +35,7 @@ from vhostpasst.proto.tcp.conn import (
     unread,
 )
 from vhostpasst.proto.tcp.control import log
+from vhostpasst.proto.tcp.dataplane import FILL_ARM_ACK, FILL_ARM_RTO, FILL_EVENTS
 from vhostpasst.proto.tcp.from_guest import FromGuest
 from vhostpasst.proto.tcp.out_buf import BufOutput
 from vhostpasst.proto.tcp.out_vu import GuestFillOutput
@@ -71,6 +72,8 @@ class ToGuest(FromGuest):
     def _from_sock(self, conn: TcpConn) -> None:
         """Peek what the guest's window allows into link buffers, headers in place."""
         if conn.state != ESTABLISHED or conn.closed:
+            return
+        if conn.r.in_table and self._from_sock_c(conn):
             return
         conn.discard_acked()
         if conn.fin_seq is not None:
@@ -140,6 +143,46 @@ class ToGuest(FromGuest):
             self._data_sent(conn, seq, ack, wnd)
         elif not conn.rto_armed:  # the link's buffers broke their promises: resend later
             self._arm_rto(conn)
+
+    def _from_sock_c(self, conn: TcpConn) -> bool:
+        """_from_sock() by the data plane's C (out_vu.GuestFillOutput.send_c()), and what it
+        left: the socket's epoll mask, the ACK and retransmission timers, or the fill's
+        outcome. False: nothing done, Python's path."""
+        link = self.ctx.link
+        if link is None:
+            return False
+        caps = link.caps
+        if not caps.guest_fill:
+            return False
+        out = self._out if caps is self._caps else self._select_output(caps)
+        try:
+            filled = out.send_c(conn, link)
+        except OSError as e:
+            self._peek_failed(conn, e)
+            return True
+        if filled is None:
+            return False
+        follow, got, room = filled
+        if follow:
+            if follow & FILL_EVENTS:
+                self._update_events(conn)
+            if follow & FILL_ARM_ACK:
+                self._arm_ack(conn)
+            if follow & FILL_ARM_RTO:
+                self._arm_rto(conn)
+        if got is not None:
+            n, _sent, caps_room = got  # the C took the rest when frames went
+            if n == 0:
+                if caps_room == 0:
+                    self._no_room(conn)
+                else:
+                    self._peeked_eof(conn)
+                return True
+            conn.last_seen = time.monotonic()
+            self._peeked(conn, n, caps_room, room)
+            if not conn.rto_armed:  # read, not sent: resend later
+                self._arm_rto(conn)
+        return True
 
     def _stall(self, conn: TcpConn, stalled: bool, drained: bool = False) -> None:
         """The connection waits for the guest (its window or its RX ring is full), or not;
