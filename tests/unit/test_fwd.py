@@ -172,8 +172,13 @@ def test_all_with_a_target() -> None:
     (rule,) = fwd.parse_spec("127.0.0.6/all:192.0.2.6").rules
     assert (rule.addr, rule.target, rule.tolerant) == (
         IPv4Address("127.0.0.6"), IPv4Address("192.0.2.6"), True)
-    with pytest.raises(ConfigError, match="only allowed for -t/-u"):
-        fwd.parse_spec("22:192.0.2.5", option="-T", mode="pasta", allow_prefix=False)
+    # -T/-U: passt parses a target and never uses it; so do we, with a warning
+    (rule,) = fwd.parse_spec("22:192.0.2.5", option="-T", mode="pasta",
+                             allow_prefix=False).rules
+    assert (rule.first, rule.target) == (22, None)
+    (rule,) = fwd.parse_spec("all:192.0.2.6", option="-U", mode="pasta",
+                             allow_prefix=False).rules
+    assert rule.target is None and rule.tolerant
 
 
 def test_auto_with_ranges_and_an_address() -> None:

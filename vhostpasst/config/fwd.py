@@ -24,12 +24,15 @@ validates; proto/bind.py binds the sockets.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from vhostpasst.config.errors import ConfigError
 from vhostpasst.wire.ip import BROADCAST4
+
+log = logging.getLogger(__name__)
 
 PORT_MIN = 1
 PORT_MAX = 65535
@@ -240,7 +243,12 @@ def parse_spec(
             includes.append(_parse_include(option, item))
 
     if not allow_prefix and (all_target or any(inc.target for inc in includes)):
-        raise ConfigError(option, "a target address is only allowed for -t/-u")
+        # passt parses a target here and never uses it: parsed, ignored, and said so
+        log.warning("%s %s: a target address has no effect on the namespace side: ignored",
+                    option, spec)
+        all_target = None
+        includes = [_Include(inc.first, inc.last, inc.to_first, None, inc.text)
+                    for inc in includes]
     frozen = frozenset(excluded)
     if not includes:
         # only all/auto/exclusions: every other (non-ephemeral) port, failures tolerated
