@@ -79,6 +79,9 @@ class Flow:
     and override `close()` to release their sockets."""
 
     timeout: float | None = None
+    # no per-instance dict: with ten thousand connections it was most of their memory
+    # (subclasses that declare no __slots__ of their own still get one)
+    __slots__ = ("keys", "last_active", "created", "closed", "_timer", "_table")
 
     def __init__(self) -> None:
         self.keys: list[Hashable] = []

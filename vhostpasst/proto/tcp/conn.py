@@ -206,6 +206,12 @@ class ConnOwner(Protocol):
     def dp_drop(self, conn: TcpConn) -> None:
         """Take the connection out of the data plane's table (dataplane.py)."""
 
+    def _on_sock(self, conn: TcpConn, mask: int) -> None:
+        """An epoll event on the connection's socket (to_guest.py)."""
+
+    def _reset(self, conn: TcpConn) -> None:
+        """Reset the connection both ways (control.py)."""
+
 
 def _shared(name: str) -> Any:
     """A TcpConn attribute stored in its data plane record (`r`, a struct dp_flow): read by
@@ -249,6 +255,12 @@ class TcpConn(Flow):
     end it sees at (faddr, fport); host side: `sock`."""
 
     timeout = None  # our own timers decide
+    if not TYPE_CHECKING:  # (the checker sees the shared fields below as attributes)
+        # the Python-only fields; those the data plane's C shares are properties over `r`
+        __slots__ = ("h", "sock", "fd", "six", "gaddr", "gport", "faddr", "fport", "gaddr_b",
+                     "faddr_b", "events", "isn_tap", "want_out", "so_keepalive", "isn",
+                     "sock_eof", "tap_fin_acked", "tso", "tmpl", "tmpl_mac", "pseudo",
+                     "_rto_timer", "ack_timer", "idle_timer", "r")
 
     if TYPE_CHECKING:
         state: int
@@ -505,6 +517,14 @@ class TcpConn(Flow):
         if self.discard_due:
             discard(self.sock, self.discard_due)
             self.discard_due = 0
+
+    def on_sock_event(self, mask: int) -> None:
+        """The loop's callback for the socket (a bound method: lighter than a closure)."""
+        self.h._on_sock(self, mask)
+
+    def on_sock_error(self, _e: Exception) -> None:
+        """The loop's last resort for that callback: the connection is reset (loop.py)."""
+        self.h._reset(self)
 
     def close_if_done(self) -> None:
         """Remove the connection once both directions finished: the guest's FIN passed on

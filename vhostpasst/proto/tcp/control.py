@@ -12,7 +12,6 @@ events) is declared here as abstract methods.
 from __future__ import annotations
 
 import abc
-import functools
 import hashlib
 import logging
 import os
@@ -202,8 +201,7 @@ class TcpControl(abc.ABC):
             self.loop.modify_fd(conn.fd, events)
         else:
             # the loop's last resort (loop.py): a callback that raises resets its connection
-            self.loop.add_fd(conn.fd, events, functools.partial(self._on_sock, conn),
-                             on_error=lambda _e: self._reset(conn))
+            self.loop.add_fd(conn.fd, events, conn.on_sock_event, on_error=conn.on_sock_error)
         conn.events = events
 
     def _update_events(self, conn: TcpConn) -> None:
