@@ -207,9 +207,9 @@ class _Transfers:
 
     def check_finished(self, guest: Guest) -> None:
         """Each transfer completed on its connection, sha256 as sent."""
-        _, out = guest.run("for i in $(seq 600); do grep -q ' -' /tmp/dl && "
+        _, out = guest.run("for i in $(seq 300); do grep -q ' -' /tmp/dl && "
                            "grep -q ' -' /tmp/in && break; sleep 0.2; done; cat /tmp/dl /tmp/in",
-                           timeout=150)
+                           timeout=90)
         digests = [line.split()[0] for line in out.splitlines() if line.endswith(" -")]
         assert digests == [hashlib.sha256(self.down.read_bytes()).hexdigest(),
                            hashlib.sha256(self.inbound.read_bytes()).hexdigest()], out
