@@ -4,8 +4,10 @@
     serve-send  ADDR PORT FILE   accept one TCP connection, send FILE, close
     serve-send-paused ADDR PORT FILE GO   the same, but after the first half of FILE print
                                  "half" and wait (at most 120 s) until the path GO exists
-    serve-recv  ADDR PORT        accept one TCP connection, read to EOF, print "size sha256"
+    serve-recv  ADDR PORT [HALF] accept one TCP connection, read to EOF, print "size sha256"
+                                 (and "half" once HALF bytes are in, if given)
     send        ADDR PORT FILE   connect, send FILE, close
+    send-paused ADDR PORT FILE GO   connect, then as serve-send-paused
     dns         ADDR NAME A AAAA a tiny DNS responder: NAME -> A / AAAA, NXDOMAIN otherwise;
                                  prints "query NAME TYPE" for every question it gets
 
@@ -44,8 +46,8 @@ def serve_send(addr: str, port: int, path: str) -> None:
     conn.close()
 
 
-def serve_send_paused(addr: str, port: int, path: str, go: str) -> None:
-    conn, _ = _listen(addr, port).accept()
+def _send_paused(conn: socket.socket, path: str, go: str) -> None:
+    """Half of the file at `path`, "half", a wait (bounded) for the path `go`, the rest."""
     with open(path, "rb") as f:
         data = f.read()
     conn.sendall(data[:len(data) // 2])
@@ -58,12 +60,23 @@ def serve_send_paused(addr: str, port: int, path: str, go: str) -> None:
     conn.close()
 
 
-def serve_recv(addr: str, port: int) -> None:
+def serve_send_paused(addr: str, port: int, path: str, go: str) -> None:
+    conn, _ = _listen(addr, port).accept()
+    _send_paused(conn, path, go)
+
+
+def send_paused(addr: str, port: int, path: str, go: str) -> None:
+    _send_paused(socket.create_connection((addr, port), timeout=30), path, go)
+
+
+def serve_recv(addr: str, port: int, half: int | None = None) -> None:
     conn, _ = _listen(addr, port).accept()
     conn.settimeout(120)
     h, got = hashlib.sha256(), 0
     while data := conn.recv(1 << 20):
         h.update(data)
+        if half is not None and got < half <= got + len(data):
+            print("half", flush=True)
         got += len(data)
     print(got, h.hexdigest(), flush=True)
     conn.close()
@@ -114,9 +127,11 @@ def main() -> None:
     elif mode == "serve-send-paused":
         serve_send_paused(args[0], int(args[1]), args[2], args[3])
     elif mode == "serve-recv":
-        serve_recv(args[0], int(args[1]))
+        serve_recv(args[0], int(args[1]), *(int(a) for a in args[2:3]))
     elif mode == "send":
         send(args[0], int(args[1]), args[2])
+    elif mode == "send-paused":
+        send_paused(args[0], int(args[1]), args[2], args[3])
     elif mode == "dns":
         dns(*args)
     else:
