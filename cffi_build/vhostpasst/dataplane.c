@@ -242,10 +242,13 @@ static int dp_guest_ack(struct dp_table *t, struct dp_flow *f, uint32_t ack, uin
 		f->retrans = 0;
 		f->dup_acks = 0;
 		f->wnd_from_tap = wnd;
-		if (f->seq_to_tap == ack)
+		if (f->seq_to_tap == ack) {
 			f->rto_armed = 0;
-		else
+			/* a new timer an earlier ACK of the pass asked for is not wanted now */
+			f->followups &= ~DP_ARM_RTO;
+		} else {
 			dp_restart_rto(t, f, now);
+		}
 		dp_followup(t, f, DP_DISCARD | DP_KICK);
 	} else if (ack == f->seq_ack_from_tap) {
 		int changed = wnd != f->wnd_from_tap;

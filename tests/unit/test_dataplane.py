@@ -18,7 +18,7 @@ import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from vhostpasst._dataplane import ffi as dp_ffi
 from vhostpasst._dataplane import lib as dp_lib
@@ -154,7 +154,13 @@ def _offer(d: Dispatcher, frames: list[bytes]) -> int:
 def _state(conn: TcpConn) -> dict[str, object]:
     names = (*_SHARED, "srtt", "rtt_seq", "fin_seq", "stalled", "drained", "peek_full",
              "want_out", "tap_fin_acked", "sock_eof")
-    return {name: getattr(conn, name) for name in names}
+    state = {name: getattr(conn, name) for name in names}
+    if not conn.rto_armed:
+        # a stopped retransmission timer's loop timer may be parked at another time (Python
+        # made one for an ACK of the pass a later ACK stopped, the C asked for none): no
+        # deadline comes of it either way
+        del state["rto_when"], state["rto_deadline"]
+    return state
 
 
 def _conn(d: Dispatcher) -> TcpConn:
@@ -177,6 +183,7 @@ _step = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(batches=st.lists(st.lists(_step, min_size=1, max_size=6), min_size=1, max_size=8))
+@example(batches=[[("host", 1, 0), ("ack", 1, 0), ("host", 1, 0), ("ack", 1, 1)]])
 def test_the_c_takes_acks_and_data_exactly_as_python_does(
         monkeypatch: pytest.MonkeyPatch, batches: list[list[tuple[str, int, int]]]) -> None:
     monkeypatch.setattr(time, "monotonic", lambda: NOW)
