@@ -31,7 +31,8 @@ from vhostpasst.core.flow import FlowTable
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import ETH_MAX_FRAME, Link
 from vhostpasst.proto import udp as udp_mod
-from vhostpasst.proto.udp import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, UdpFlow
+from vhostpasst.proto.udp import UdpFlow
+from vhostpasst.proto.udp_errors import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6
 from vhostpasst.system import netns
 from vhostpasst.wire import eth, ip, udp
 from vhostpasst.wire.errors import Malformed

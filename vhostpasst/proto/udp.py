@@ -26,10 +26,8 @@ wildcard address while the host is a member) reaches the guest with the group as
 (and the group's Ethernet address), in a flow of its own per group; it has no reply socket (a
 group is no source address) and its errors are not relayed.
 
-Errors: every socket has IP_RECVERR / IPV6_RECVERR. What the kernel queues (port unreachable,
-fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the datagram as
-the guest sent it, rate-limited. passt only logs these; a guest that is told gets
-ECONNREFUSED at once instead of waiting for a timeout.
+Errors: every socket has IP_RECVERR / IPV6_RECVERR; what the kernel queues becomes an
+ICMP/ICMPv6 error to the guest (udp_errors.py).
 
 TTL and hop limit: the guest's go out with its datagrams (IP_TTL / IPV6_UNICAST_HOPS set on
 the socket when they change, as passt), so a datagram with TTL 1 expires at the first router
@@ -74,8 +72,9 @@ from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
 from vhostpasst.proto.mmsg import MMSG_MAX, Mmsg, _mlib
-from vhostpasst.wire import checksum, eth, icmp, ip, udp
-from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
+from vhostpasst.proto.udp_errors import ErrorRelay, set_recverr
+from vhostpasst.wire import ip, udp
+from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +86,10 @@ CONNTRACK_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
-IP_RECVERR = 11
-IPV6_RECVERR = 25
 IP_PKTINFO = 8  # (Python has IPV6_RECVPKTINFO and IPV6_PKTINFO, not always this one)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16si")  # struct in6_pktinfo: addr, ifindex
 PKTINFO_ROOM = socket.CMSG_SPACE(_IN6_PKTINFO.size)
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
-_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
-ICMP4_ERR_MAX = 576  # RFC 1812 4.3.2.3: an ICMP error packet stays within 576 bytes
-ICMP6_ERR_MAX = IPV6_MIN_MTU  # RFC 4443 2.4(c): within the minimum IPv6 MTU
-ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
-ICMP_ERR_BURST = 20.0
 
 _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are discarded here
 # errors a socket reports once for an earlier ICMP error: reading may go on after them
@@ -191,16 +181,9 @@ def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) ->
     return ("udp", six, gaddr, gport, faddr, fport)
 
 
-def _set_recverr(sock: socket.socket, six: bool) -> None:
-    if six:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-
-
 def _prepare_listener(sock: socket.socket, six: bool) -> None:
     """Errors, and the destination of each datagram (module docstring)."""
-    _set_recverr(sock, six)
+    set_recverr(sock, six)
     if six:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     else:
@@ -233,7 +216,6 @@ class UdpHandler:
         self.ctx = ctx
         # tests substitute fake sockets here, so fuzzing never touches a real network
         self.socket_factory: Callable[..., socket.socket] = socket.socket
-        self.clock = clock
         self.timeout, self.stream_timeout = flow_timeouts()
         self.listeners: list[Listener] = []
         self._pending: list[tuple[UdpFlow, memoryview, int]] = []  # flow, payload, TTL
@@ -243,8 +225,7 @@ class UdpHandler:
         # recvmmsg/sendmmsg when the C helper is built; tests with fake sockets set None
         self.mmsg: Mmsg | None = Mmsg() if _mlib is not None else None
         self._log = RateLimitedLog(log)
-        self._tokens = ICMP_ERR_BURST
-        self._tokens_at = clock()
+        self.errors = ErrorRelay(ctx, clock, self._log)
 
     def close(self) -> None:
         for lst in self.listeners:
@@ -348,7 +329,7 @@ class UdpHandler:
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _set_recverr(sock, six)
+            set_recverr(sock, six)
             if conf is not None and conf.outbound_if:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                                 conf.outbound_if.encode())
@@ -391,7 +372,7 @@ class UdpHandler:
     def _on_flow_sock(self, flow: UdpFlow, mask: int) -> None:
         try:
             if mask & EPOLLERR:
-                self._drain_errors(flow.sock, flow.six, lambda _addr: flow)
+                self.errors.drain(flow.sock, flow.six, lambda _addr: flow)
             if not flow.closed:
                 self._read(flow.sock, flow.six, lambda _addr, _dst: flow)  # one peer
         except Exception:  # a bug must not stop the loop
@@ -400,7 +381,7 @@ class UdpHandler:
     def _on_listener(self, lst: Listener, mask: int) -> None:
         try:
             if mask & EPOLLERR:
-                self._drain_errors(lst.sock, lst.six, lambda addr: self._inbound_flow(
+                self.errors.drain(lst.sock, lst.six, lambda addr: self._inbound_flow(
                     lst, addr, None, create=False))
             self._read(lst.sock, lst.six,
                        lambda addr, dst: self._inbound_flow(lst, addr, dst), need_addr=True)
@@ -549,7 +530,7 @@ class UdpHandler:
                                    | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _set_recverr(sock, lst.six)
+            set_recverr(sock, lst.six)
             port = lst.sock.getsockname()[1]
             if lst.six:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -602,104 +583,3 @@ class UdpHandler:
         return bind.bound_socket(self.socket_factory, socket.SOCK_DGRAM, six, addr, ifname,
                                  port, self.ctx.config.freebind,
                                  lambda sock: _prepare_listener(sock, six))
-
-    # --- ICMP errors to the guest -------------------------------------------------------------
-
-    def _allow_error(self) -> bool:
-        now = self.clock()
-        self._tokens = min(ICMP_ERR_BURST, self._tokens + (now - self._tokens_at) * ICMP_ERR_RATE)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    def _drain_errors(self, sock: socket.socket, six: bool,
-                      flow_for: Callable[[tuple], UdpFlow | None]) -> None:
-        for _ in range(RX_BATCH):
-            try:
-                data, anc, _flags, addr = sock.recvmsg(ICMP6_ERR_MAX, 512, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._log.debug(("udp-errq", e.errno), "UDP error queue: %s", e)
-                return
-            for level, ctype, cdata in anc:
-                if (level, ctype) not in ((socket.IPPROTO_IP, IP_RECVERR),
-                                          (socket.IPPROTO_IPV6, IPV6_RECVERR)):
-                    continue
-                flow = flow_for(addr)
-                if flow is None or flow.closed:
-                    continue
-                self.relay_error(flow, cdata, data)
-
-    def relay_error(self, flow: UdpFlow, ee_data: bytes, payload: bytes) -> None:
-        """Turn one `struct sock_extended_err` (+ offender) about a datagram of `flow` into
-        an ICMP error for the guest, quoting the datagram as the guest sent it."""
-        if len(ee_data) < _EE.size:
-            return
-        _errno, origin, type_, code, _pad, info, _data = _EE.unpack_from(ee_data)
-        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
-            return  # a local error (e.g. EMSGSIZE): nothing was received from the network
-        if (origin == SO_EE_ORIGIN_ICMP6) != flow.six:
-            return
-        src = self._error_source(flow, ee_data[_EE.size:])
-        if src is None or not self._allow_error():
-            if src is not None:
-                self._log.debug("icmp-err-rate", "ICMP error to the guest rate-limited")
-            return
-        frame = build_error_frame(self.ctx, flow, type_, code, info, payload, src)
-        if frame is not None and self.ctx.link is not None:
-            self.ctx.link.send(frame)
-
-    def _error_source(self, flow: UdpFlow, offender: bytes) -> IPAddr | None:
-        """Who the guest is told sent the error: the far end itself if it was the
-        destination we talked to, else the offender as the guest may see it."""
-        off: IPAddr | None = None
-        try:
-            if not flow.six and len(offender) >= 8 and offender[0:2] == \
-                    struct.pack("=H", socket.AF_INET):
-                off = IPv4Address(offender[4:8])
-            elif flow.six and len(offender) >= 24 and offender[0:2] == \
-                    struct.pack("=H", socket.AF_INET6):
-                off = IPv6Address(offender[8:24])
-        except ValueError:
-            off = None
-        if off is None:
-            return flow.faddr
-        if off == flow.target:  # the host address the flow talks to
-            return flow.faddr
-        shown = nat.guest_source(self.ctx.config, self.ctx.guest, off)
-        if shown is None or isinstance(shown, IPv6Address) != flow.six:
-            return flow.faddr  # (an IPv4-mapped offender on an IPv6 flow, say)
-        return shown
-
-
-def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: int,
-                      payload: bytes, src: IPAddr) -> bytes | None:
-    """An Ethernet frame carrying an ICMP(v6) error about the guest's datagram of `flow`."""
-    mac, our = ctx.guest_mac(), ctx.config.our_mac
-    ulen = udp.UDP_HLEN + len(payload)
-    g, f, s = flow.gaddr.packed, flow.faddr.packed, src.packed  # one family, checked by caller
-    # the datagram as the guest sent it (its checksum is not known any more: 0, "none")
-    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
-    if flow.six:
-        limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
-        quoted = ip.build_ipv6(g, f, ip.IPPROTO_UDP, b"")
-        quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
-        quoted = quoted[:limit]
-        rest = struct.pack("!I", info if type_ == icmp.ICMPV6_PKT_TOOBIG else 0)
-        msg = icmp.build_icmpv6(s, g, type_, code, rest + quoted)
-        return eth.build_eth(mac, our, eth.ETH_P_IPV6,
-                             ip.build_ipv6(s, g, ip.IPPROTO_ICMPV6, msg))
-    limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
-    inner = bytearray(ip.build_ipv4(g, f, ip.IPPROTO_UDP, b"", ttl=64))
-    struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
-    struct.pack_into("!H", inner, 10, 0)
-    struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
-    quoted = (bytes(inner) + quoted_udp)[:limit]
-    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == icmp.ICMP_FRAG_NEEDED
-    rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
-    msg = icmp.build_icmp(type_, code, rest + quoted)
-    return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(s, g, ip.IPPROTO_ICMP,
-                                                               msg))
