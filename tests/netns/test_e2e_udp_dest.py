@@ -22,22 +22,33 @@ from tests.netns.test_e2e_udp_icmp import GW4, GW6, HOST4, HOST6, run_client, st
 SECOND4 = "192.0.2.3"
 SECOND6 = "2001:db8::3"
 GROUP4 = "239.1.2.3"
+GROUP6 = "ff0e::1:2:3"  # global scope: routed out of the sender's interface
 
-# mode "join IFADDR GROUP": be a member of GROUP on the interface with IFADDR until killed
-# mode "recv IFADDR GROUP PORT": join, bind to the group, print the first datagram's source
-# mode "send IFADDR GROUP PORT": send to the group out of IFADDR's interface until killed
+# mode "join IF GROUP": be a member of GROUP on interface IF until killed
+# mode "recv IF GROUP PORT": join, bind to the group, print the first datagram's source
+# mode "send IF GROUP PORT": send to the group out of interface IF until killed
 MCAST_TOOL = r'''
-import socket, sys, time
-mode, ifaddr, group = sys.argv[1], sys.argv[2], sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+import socket, struct, sys, time
+mode, ifname, group = sys.argv[1], sys.argv[2], sys.argv[3]
+six = ":" in group
+s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
+index = socket.if_nametoindex(ifname)
 if mode == "send":
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(ifaddr))
+    if six:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+    else:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                     struct.pack("=4s4si", socket.inet_aton(group), bytes(4), index))
     for _ in range(200):  # until the receiver is up: 20 s at most
         s.sendto(b"to the group", (group, int(sys.argv[4])))
         time.sleep(0.1)
     sys.exit(0)
-s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-             socket.inet_aton(group) + socket.inet_aton(ifaddr))
+if six:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+                 socket.inet_pton(socket.AF_INET6, group) + struct.pack("=I", index))
+else:
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                 struct.pack("=4s4si", socket.inet_aton(group), bytes(4), index))
 if mode == "join":
     print("joined", flush=True)
     time.sleep(30)
@@ -51,7 +62,6 @@ try:
 except OSError as e:
     print("nothing:", e, flush=True)
 '''
-
 
 @pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
 def test_udp_replies_leave_from_the_address_the_peer_contacted(sandbox: Sandbox,
@@ -76,21 +86,23 @@ def test_udp_replies_leave_from_the_address_the_peer_contacted(sandbox: Sandbox,
     assert {line.split()[0] for line in lines} == {GW6 if six else GW4}
 
 
-def test_udp_inbound_multicast_keeps_its_group(sandbox: Sandbox) -> None:
-    """The host is a member of 239.1.2.3 on its uplink and listens with `-u 5041` on the
+@pytest.mark.parametrize("six", [False, True], ids=["ipv4", "ipv6"])
+def test_udp_inbound_multicast_keeps_its_group(sandbox: Sandbox, six: bool) -> None:
+    """The host is a member of a group on its uplink and listens with `-u 5041` on the
     wildcard; a remote sender's datagrams to the group reach a guest socket bound to the group
     (so the guest saw the group as destination, not its own address)."""
+    group, sender = (GROUP6, GW6) if six else (GROUP4, GW4)
     tool = sandbox.dir / "mcast_tool.py"
     tool.write_text(MCAST_TOOL)
-    member = sandbox.popen_in(sandbox.host_ns, sys.executable, str(tool), "join", HOST4,
-                              GROUP4, stdout=subprocess.PIPE)
+    member = sandbox.popen_in(sandbox.host_ns, sys.executable, str(tool), "join", "up0",
+                              group, stdout=subprocess.PIPE)
     assert member.stdout is not None and member.stdout.readline().strip() == b"joined"
-    start(sandbox, "-u", "5041")
-    receiver = sandbox.popen_in(sandbox.guest_ns, sys.executable, str(tool), "recv", HOST4,
-                                GROUP4, "5041", stdout=subprocess.PIPE)
+    start(sandbox, "-u", "5041", ipv6=six)
+    receiver = sandbox.popen_in(sandbox.guest_ns, sys.executable, str(tool), "recv", "tap0",
+                                group, "5041", stdout=subprocess.PIPE)
     assert receiver.stdout is not None and receiver.stdout.readline().strip() == b"ready"
-    sandbox.popen_in(sandbox.world_ns, sys.executable, str(tool), "send", GW4, GROUP4,
+    sandbox.popen_in(sandbox.world_ns, sys.executable, str(tool), "send", "upw0", group,
                      "5041", stdout=subprocess.DEVNULL)
     line = receiver.stdout.readline().decode().strip()
     wait_until(lambda: receiver.poll() is not None, 15, "the guest's receiver")
-    assert line == f"{GW4} to the group", line + sandbox.daemon_log()
+    assert line == f"{sender} to the group", line + sandbox.daemon_log()
