@@ -257,7 +257,7 @@ static void op_mmsg(struct in *in, int race, uint64_t seed)
 	uint8_t *bufs[VP_MMSG_MAX + 8];
 	size_t lens[VP_MMSG_MAX + 8], out_lens[VP_MMSG_MAX];
 	int flags[VP_MMSG_MAX], sent, got;
-	struct vp_addr addrs[VP_MMSG_MAX];
+	struct vp_addr addrs[VP_MMSG_MAX], dsts[VP_MMSG_MAX];
 	struct racer_area areas[RACER_MAX_AREAS];
 	uint8_t drainbuf[2048];
 
@@ -272,7 +272,9 @@ static void op_mmsg(struct in *in, int race, uint64_t seed)
 	}
 	race = race && racer_start(areas, RACER_AREAS(n), seed);
 	sent = vp_sendmmsg(dgram[1], bufs, lens, n);
-	got = vp_recvmmsg(dgram[0], bufs, lens, n, out_lens, flags, take(in, 1) & 1 ? addrs : NULL);
+	k = take(in, 1);
+	got = vp_recvmmsg(dgram[0], bufs, lens, n, out_lens, flags, k & 1 ? addrs : NULL,
+			  k & 2 ? dsts : NULL);
 	if (race)
 		racer_stop();
 	CHECK(sent <= VP_MMSG_MAX && got <= VP_MMSG_MAX);

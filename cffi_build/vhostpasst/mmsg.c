@@ -3,8 +3,10 @@
  *
  * The caller passes arrays of `n` buffer pointers and lengths; n is capped at VP_MMSG_MAX
  * and every length is used as given (the kernel never writes past it). Source addresses
- * come back as a flat struct so Python needs no sockaddr parsing. Errors are returned as
- * -errno; nothing here allocates. */
+ * come back as a flat struct so Python needs no sockaddr parsing; so do destinations (the
+ * IP_PKTINFO / IPV6_PKTINFO control message, when the socket asked for it: a listener bound to
+ * a wildcard learns which local or multicast address a datagram was sent to). Errors are
+ * returned as -errno; nothing here allocates. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>
@@ -13,6 +15,7 @@
 #include <sys/socket.h>
 
 #define VP_MMSG_MAX 64
+#define VP_CMSG_ROOM 64	/* one in6_pktinfo (or in_pktinfo) control message, with room */
 
 struct vp_addr {
 	uint16_t family;	/* AF_INET, AF_INET6, or 0 if none */
@@ -40,14 +43,50 @@ static void to_vp_addr(const struct sockaddr_storage *ss, socklen_t len, struct 
 	}
 }
 
+/* The destination of a received datagram from its packet-info control message (family 0
+ * if there is none); the port is left 0: the socket's own. */
+static void to_vp_dst(struct msghdr *mh, struct vp_addr *out)
+{
+	struct cmsghdr *c;
+
+	memset(out, 0, sizeof(*out));
+	for (c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+		if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO &&
+		    c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+			struct in_pktinfo pi;
+
+			memcpy(&pi, CMSG_DATA(c), sizeof(pi));
+			out->family = AF_INET;
+			memcpy(out->addr, &pi.ipi_addr, 4);
+			out->scope_id = pi.ipi_ifindex;
+			return;
+		}
+		if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO &&
+		    c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+			struct in6_pktinfo pi6;
+
+			memcpy(&pi6, CMSG_DATA(c), sizeof(pi6));
+			out->family = AF_INET6;
+			memcpy(out->addr, &pi6.ipi6_addr, 16);
+			out->scope_id = pi6.ipi6_ifindex;
+			return;
+		}
+	}
+}
+
 /* Receive up to n datagrams: lengths in out_lens, msg_flags (MSG_TRUNC...) in out_flags,
- * sources in addrs (may be NULL). Returns the count, or -errno (-EAGAIN: nothing there). */
+ * sources in addrs and destinations in dsts (either may be NULL). Returns the count, or
+ * -errno (-EAGAIN: nothing there). */
 int vp_recvmmsg(int fd, uint8_t *const *bufs, const size_t *lens, unsigned int n,
-		size_t *out_lens, int *out_flags, struct vp_addr *addrs)
+		size_t *out_lens, int *out_flags, struct vp_addr *addrs, struct vp_addr *dsts)
 {
 	struct mmsghdr msgs[VP_MMSG_MAX];
 	struct iovec iov[VP_MMSG_MAX];
 	struct sockaddr_storage ss[VP_MMSG_MAX];
+	union {
+		char buf[VP_CMSG_ROOM];
+		struct cmsghdr align;
+	} cmsg[VP_MMSG_MAX];
 	unsigned int i;
 	int ret;
 
@@ -63,6 +102,8 @@ int vp_recvmmsg(int fd, uint8_t *const *bufs, const size_t *lens, unsigned int n
 		msgs[i].msg_hdr.msg_iovlen = 1;
 		msgs[i].msg_hdr.msg_name = addrs ? &ss[i] : NULL;
 		msgs[i].msg_hdr.msg_namelen = addrs ? sizeof(ss[i]) : 0;
+		msgs[i].msg_hdr.msg_control = dsts ? cmsg[i].buf : NULL;
+		msgs[i].msg_hdr.msg_controllen = dsts ? sizeof(cmsg[i].buf) : 0;
 	}
 	ret = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
 	if (ret < 0)
@@ -72,6 +113,8 @@ int vp_recvmmsg(int fd, uint8_t *const *bufs, const size_t *lens, unsigned int n
 		out_flags[i] = msgs[i].msg_hdr.msg_flags;
 		if (addrs)
 			to_vp_addr(&ss[i], msgs[i].msg_hdr.msg_namelen, &addrs[i]);
+		if (dsts)
+			to_vp_dst(&msgs[i].msg_hdr, &dsts[i]);
 	}
 	return ret;
 }

@@ -15,7 +15,8 @@ ffibuilder.cdef(
         uint8_t addr[16];
     };
     int vp_recvmmsg(int fd, uint8_t *const *bufs, const size_t *lens, unsigned int n,
-                    size_t *out_lens, int *out_flags, struct vp_addr *addrs);
+                    size_t *out_lens, int *out_flags, struct vp_addr *addrs,
+                    struct vp_addr *dsts);
     int vp_sendmmsg(int fd, uint8_t *const *bufs, const size_t *lens, unsigned int n);
     """
 )

@@ -31,7 +31,8 @@ from vhostpasst.core.flow import FlowTable
 from vhostpasst.dispatch import Dispatcher
 from vhostpasst.link.base import ETH_MAX_FRAME, Link
 from vhostpasst.proto import udp as udp_mod
-from vhostpasst.proto.udp import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, UdpFlow
+from vhostpasst.proto.udp import UdpFlow
+from vhostpasst.proto.udp_errors import IP_RECVERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6
 from vhostpasst.system import netns
 from vhostpasst.wire import eth, ip, udp
 from vhostpasst.wire.errors import Malformed
@@ -94,7 +95,8 @@ class FakeSocket:
         self.sent.append((bytes(data), addr))
         return len(data)
 
-    def recvmsg_into(self, bufs: Sequence[memoryview]) -> tuple[int, list[Any], int, Any]:
+    def recvmsg_into(self, bufs: Sequence[memoryview],
+                     ancbufsize: int = 0) -> tuple[int, list[Any], int, Any]:
         if not self.rx:
             raise BlockingIOError
         data, addr, flags = self.rx.pop(0)
@@ -533,7 +535,7 @@ def test_batched_read_closes_the_gap_left_by_a_dropped_datagram() -> None:
         flow = UdpFlow(h.d.ctx, False, HOST4, 40001, GW4, 5001, b, None, 10)  # type: ignore
         for data in (b"first", b"y" * 1473, b"third"):  # the middle one exceeds the MTU
             a.send(data)
-        h.d.udp._read(b, False, lambda _addr: flow)  # type: ignore[arg-type]
+        h.d.udp._read(b, False, lambda _addr, _dst: flow)  # type: ignore[arg-type]
     payloads = [bytes(scapy.Ether(f)["UDP"].payload) for f in h.link.frames]
     assert payloads == [b"first", b"third"]
     assert all(_checksums_ok(f) for f in h.link.frames)

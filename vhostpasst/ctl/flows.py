@@ -49,7 +49,7 @@ def describe(flow: Flow, now: float) -> dict[str, Any]:
     if isinstance(flow, UdpFlow):
         return {"protocol": "udp", "guest": str(flow.gaddr), "guest_port": flow.gport,
                 "remote": str(flow.faddr), "remote_port": flow.fport,
-                "state": "inbound" if flow.peer is not None else "outbound",
+                "state": "inbound" if flow.listener is not None else "outbound",
                 "bytes_from_guest": None, "bytes_to_guest": None, **times}
     if isinstance(flow, PingFlow):
         return {"protocol": "icmp", "guest": str(flow.gsrc), "guest_port": flow.ident,

@@ -30,6 +30,7 @@ class Mmsg:
         self._out_lens = _mffi.new("size_t[]", self.size)
         self._flags = _mffi.new("int[]", self.size)
         self._addrs = _mffi.new("struct vp_addr[]", self.size)
+        self._dsts = _mffi.new("struct vp_addr[]", self.size)
 
     def _fill(self, views: list[memoryview], writable: bool) -> list[object]:
         keep = []  # the cdata must outlive the call
@@ -40,13 +41,28 @@ class Mmsg:
             self._lens[i] = len(view)
         return keep
 
-    def recv(self, fd: int, views: list[memoryview], want_addr: bool) -> int:
-        """Datagrams received into `views` (their count), or -errno."""
+    def recv(self, fd: int, views: list[memoryview], want_addr: bool,
+             want_dst: bool = False) -> int:
+        """Datagrams received into `views` (their count), or -errno. `want_dst`: keep each
+        datagram's destination (the socket has IP_PKTINFO / IPV6_RECVPKTINFO) for
+        destination()."""
         _keep = self._fill(views, True)
         n = min(len(views), self.size)
         addrs = self._addrs if want_addr else _mffi.NULL
+        dsts = self._dsts if want_dst else _mffi.NULL
         return int(_mlib.vp_recvmmsg(fd, self._bufs, self._lens, n, self._out_lens,
-                                     self._flags, addrs))
+                                     self._flags, addrs, dsts))
+
+    def destination(self, i: int) -> tuple[IPv4Address | IPv6Address, int] | None:
+        """(address, interface index) datagram i of the last recv(want_dst=True) was sent
+        to, or None if the kernel did not say."""
+        d = self._dsts[i]
+        raw = bytes(_mffi.buffer(d.addr))
+        if d.family == socket.AF_INET:
+            return IPv4Address(raw[:4]), int(d.scope_id)
+        if d.family == socket.AF_INET6:
+            return IPv6Address(raw), int(d.scope_id)
+        return None
 
     def result(self, i: int, want_addr: bool) -> tuple[int, int, tuple | None]:
         """(length, msg_flags, (host, port) or None) of datagram i of the last recv()."""

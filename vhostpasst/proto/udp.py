@@ -9,14 +9,25 @@ written in place: one copy from the socket to the guest. Broadcast and multicast
 go out too (with SO_BROADCAST where the host's routes call for it); as the socket is connected
 to that address, the kernel filters out unicast answers, as with passt.
 
-Host -> guest (`-u`): listening sockets per forwarded port. A datagram from a new host source
-makes a flow towards the guest's address and the mapped port; what the guest answers goes back
-out of the listening socket, so the source port is the one the host peer talked to.
+Host -> guest (`-u`): listening sockets per forwarded port, with IP_PKTINFO /
+IPV6_RECVPKTINFO so that each datagram read (in recvmmsg batches) comes with the address it was
+sent to. A datagram from a new host source makes a flow towards the guest's address and the
+mapped port, and a reply socket for it, as passt: bound to the local address and port the
+datagram was sent to (SO_REUSEADDR, beside the listener) and connected to the peer. The
+kernel prefers a connected socket, so only a flow's first datagrams come through the listener;
+the rest, and the guest's answers, use the reply socket like an outbound flow's, and answers
+leave from the address the peer contacted even on a wildcard listener with several local
+addresses. A flow per listener and peer: datagrams to another local address of the same
+listener join it. If the reply socket cannot be made, answers go out of the listener (the
+kernel picks the source address).
 
-Errors: every socket has IP_RECVERR / IPV6_RECVERR. What the kernel queues (port unreachable,
-fragmentation needed, ...) becomes an ICMP/ICMPv6 error to the guest quoting the datagram as
-the guest sent it, rate-limited. passt only logs these; a guest that is told gets
-ECONNREFUSED at once instead of waiting for a timeout.
+Multicast: a datagram the host received for a group (a listener bound to it, or one on a
+wildcard address while the host is a member) reaches the guest with the group as destination
+(and the group's Ethernet address), in a flow of its own per group; it has no reply socket (a
+group is no source address) and its errors are not relayed.
+
+Errors: every socket has IP_RECVERR / IPV6_RECVERR; what the kernel queues becomes an
+ICMP/ICMPv6 error to the guest (udp_errors.py).
 
 TTL and hop limit: the guest's go out with its datagrams (IP_TTL / IPV6_UNICAST_HOPS set on
 the socket when they change, as passt), so a datagram with TTL 1 expires at the first router
@@ -61,8 +72,9 @@ from vhostpasst.core.loop import EPOLLERR, EPOLLIN
 from vhostpasst.proto import bind
 from vhostpasst.proto.context import Context
 from vhostpasst.proto.mmsg import MMSG_MAX, Mmsg, _mlib
-from vhostpasst.wire import checksum, eth, icmp, ip, udp
-from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN, IPV6_MIN_MTU
+from vhostpasst.proto.udp_errors import ErrorRelay, set_recverr
+from vhostpasst.wire import ip, udp
+from vhostpasst.wire.ip import BROADCAST4, IPV4_HLEN, IPV6_HLEN
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +86,10 @@ CONNTRACK_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 # Test hook: a short flow timeout so an end-to-end test can watch a flow expire.
 TIMEOUT_ENV = "VHOSTPASST_UDP_TIMEOUT"
 
-IP_RECVERR = 11
-IPV6_RECVERR = 25
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
-_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
-ICMP4_ERR_MAX = 576  # RFC 1812 4.3.2.3: an ICMP error packet stays within 576 bytes
-ICMP6_ERR_MAX = IPV6_MIN_MTU  # RFC 4443 2.4(c): within the minimum IPv6 MTU
-ICMP_ERR_RATE = 10.0  # errors per second to the guest (token bucket)
-ICMP_ERR_BURST = 20.0
+IP_PKTINFO = 8  # (Python has IPV6_RECVPKTINFO and IPV6_PKTINFO, not always this one)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16si")  # struct in6_pktinfo: addr, ifindex
+PKTINFO_ROOM = socket.CMSG_SPACE(_IN6_PKTINFO.size)
 
 _SCRATCH = bytearray(65536)  # datagrams read while no guest is attached are discarded here
 # errors a socket reports once for an earlier ICMP error: reading may go on after them
@@ -125,7 +132,9 @@ class UdpFlow(Flow):
         self.gaddr, self.gport, self.faddr, self.fport = gaddr, gport, faddr, fport
         self.sock = sock
         self.peer = peer  # None: `sock` is ours and connected
-        self.target: IPAddr | None = None  # outbound: the translated destination
+        self.target: IPAddr | None = None  # the host address `sock` is connected to
+        self.listener: Listener | None = None  # inbound: the `-u` socket it came through
+        self.group: IPAddr | None = None  # inbound multicast: the group, frames' destination
         self.timeout = timeout
         self.stream_timeout = timeout if stream_timeout is None else stream_timeout
         # datagrams each way until the flow counts as a stream (then no more counting)
@@ -147,11 +156,11 @@ class UdpFlow(Flow):
             self.timeout = self.stream_timeout
 
     def __repr__(self) -> str:
-        kind = "out" if self.peer is None else "in"
+        kind = "out" if self.listener is None else "in"
         return f"<udp {kind} {self.gaddr}:{self.gport} <-> {self.faddr}:{self.fport}>"
 
     def close(self) -> None:
-        if self.peer is None:
+        if self.peer is None:  # our own socket (outbound, or an inbound flow's reply socket)
             self.ctx.loop.remove_fd(self.sock.fileno())
             self.sock.close()
 
@@ -172,11 +181,34 @@ def _tap_key(six: bool, gaddr: IPAddr, gport: int, faddr: IPAddr, fport: int) ->
     return ("udp", six, gaddr, gport, faddr, fport)
 
 
-def _set_recverr(sock: socket.socket, six: bool) -> None:
+def _prepare_listener(sock: socket.socket, six: bool) -> None:
+    """Errors, and the destination of each datagram (module docstring)."""
+    set_recverr(sock, six)
     if six:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def _pktinfo_destination(anc: list[tuple[int, int, bytes]]) -> tuple[IPAddr, int] | None:
+    """(destination, interface index) from recvmsg's ancillary data, as mmsg.destination()."""
+    for level, ctype, data in anc:
+        if (level, ctype) == (socket.IPPROTO_IP, IP_PKTINFO) and \
+                len(data) >= _IN_PKTINFO.size:
+            ifindex, _spec, addr = _IN_PKTINFO.unpack_from(data)
+            return IPv4Address(addr), ifindex
+        if (level, ctype) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO) and \
+                len(data) >= _IN6_PKTINFO.size:
+            addr6, ifindex = _IN6_PKTINFO.unpack_from(data)
+            return IPv6Address(addr6), ifindex
+    return None
+
+
+def multicast_mac(group: IPAddr) -> bytes:
+    """The Ethernet address a multicast group maps to (RFC 1112 6.4, RFC 2464 7)."""
+    if isinstance(group, IPv4Address):
+        return b"\x01\x00\x5e" + bytes([group.packed[1] & 0x7F]) + group.packed[2:]
+    return b"\x33\x33" + group.packed[12:]
 
 
 class UdpHandler:
@@ -184,7 +216,6 @@ class UdpHandler:
         self.ctx = ctx
         # tests substitute fake sockets here, so fuzzing never touches a real network
         self.socket_factory: Callable[..., socket.socket] = socket.socket
-        self.clock = clock
         self.timeout, self.stream_timeout = flow_timeouts()
         self.listeners: list[Listener] = []
         self._pending: list[tuple[UdpFlow, memoryview, int]] = []  # flow, payload, TTL
@@ -194,8 +225,7 @@ class UdpHandler:
         # recvmmsg/sendmmsg when the C helper is built; tests with fake sockets set None
         self.mmsg: Mmsg | None = Mmsg() if _mlib is not None else None
         self._log = RateLimitedLog(log)
-        self._tokens = ICMP_ERR_BURST
-        self._tokens_at = clock()
+        self.errors = ErrorRelay(ctx, clock, self._log)
 
     def close(self) -> None:
         for lst in self.listeners:
@@ -299,7 +329,7 @@ class UdpHandler:
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _set_recverr(sock, six)
+            set_recverr(sock, six)
             if conf is not None and conf.outbound_if:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                                 conf.outbound_if.encode())
@@ -342,27 +372,28 @@ class UdpHandler:
     def _on_flow_sock(self, flow: UdpFlow, mask: int) -> None:
         try:
             if mask & EPOLLERR:
-                self._drain_errors(flow.sock, flow.six, lambda _addr: flow)
+                self.errors.drain(flow.sock, flow.six, lambda _addr: flow)
             if not flow.closed:
-                self._read(flow.sock, flow.six, lambda _addr: flow)  # connected: one peer
+                self._read(flow.sock, flow.six, lambda _addr, _dst: flow)  # one peer
         except Exception:  # a bug must not stop the loop
             log.exception("error reading a UDP flow socket")
 
     def _on_listener(self, lst: Listener, mask: int) -> None:
         try:
             if mask & EPOLLERR:
-                self._drain_errors(lst.sock, lst.six, lambda addr: self._inbound_flow(
-                    lst, addr, create=False))
-            self._read(lst.sock, lst.six, lambda addr: self._inbound_flow(lst, addr),
-                       need_addr=True)
+                self.errors.drain(lst.sock, lst.six, lambda addr: self._inbound_flow(
+                    lst, addr, None, create=False))
+            self._read(lst.sock, lst.six,
+                       lambda addr, dst: self._inbound_flow(lst, addr, dst), need_addr=True)
         except Exception:
             log.exception("error reading a UDP listening socket")
 
     def _read(self, sock: socket.socket, six: bool,
-              flow_for: Callable[[tuple | None], UdpFlow | None],
+              flow_for: Callable[[tuple | None, tuple[IPAddr, int] | None], UdpFlow | None],
               need_addr: bool = False) -> None:
         """Up to RX_BATCH datagrams, each straight into a link buffer after the header room;
-        headers are written in place and all frames committed at once."""
+        headers are written in place and all frames committed at once. `need_addr` (a
+        listener): `flow_for` gets each datagram's source and destination."""
         ctx = self.ctx
         off = udp.UDP6_PAYLOAD_OFFSET if six else udp.UDP4_PAYLOAD_OFFSET
         room = ctx.max_l3 - (IPV6_HLEN if six else IPV4_HLEN) - udp.UDP_HLEN
@@ -371,10 +402,11 @@ class UdpHandler:
             self._discard(sock)
             return
         views = [b[off:off + room] for b in bufs]
-        got: list[tuple[int, int, tuple | None]] = []  # (length, msg flags, source)
+        # (length, msg flags, source, destination)
+        got: list[tuple[int, int, tuple | None, tuple[IPAddr, int] | None]] = []
         if self.mmsg is not None:
             for _ in range(2):  # a pending socket error (ECONNREFUSED) fails one call
-                count = self.mmsg.recv(sock.fileno(), views, need_addr)
+                count = self.mmsg.recv(sock.fileno(), views, need_addr, need_addr)
                 if count >= 0 or -count not in _SOFT_ERRNOS:
                     break
             if count < 0:
@@ -382,11 +414,13 @@ class UdpHandler:
                     self._log.debug(("udp-recv", -count), "UDP recvmmsg: %s",
                                     os.strerror(-count))
                 return
-            got = [self.mmsg.result(i, need_addr) for i in range(count)]
+            got = [(*self.mmsg.result(i, need_addr),
+                    self.mmsg.destination(i) if need_addr else None) for i in range(count)]
         else:
+            anc_room = PKTINFO_ROOM if need_addr else 0
             for view in views:
                 try:
-                    n, _anc, flags, addr = sock.recvmsg_into([view])
+                    n, anc, flags, addr = sock.recvmsg_into([view], anc_room)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
@@ -394,26 +428,27 @@ class UdpHandler:
                     if e.errno in _SOFT_ERRNOS:
                         continue
                     break
-                got.append((n, flags, addr))
+                got.append((n, flags, addr, _pktinfo_destination(anc) if need_addr else None))
         lengths: list[int] = []
-        mac, our = ctx.guest_mac(), ctx.config.our_mac
-        for i, (n, flags, addr) in enumerate(got):
+        guest_mac, our = ctx.guest_mac(), ctx.config.our_mac
+        for i, (n, flags, addr, dst) in enumerate(got):
             if flags & socket.MSG_TRUNC:
                 self._log.debug("udp-trunc", "UDP datagram larger than the guest MTU dropped")
                 continue
-            flow = flow_for(addr)
+            flow = flow_for(addr, dst)
             if flow is None:
                 continue
             flow.seen(from_guest=False)
             buf = bufs[i]
+            to, mac = flow.gaddr, guest_mac
+            if flow.group is not None:
+                to, mac = flow.group, multicast_mac(flow.group)
             if six:
                 length = udp.write_eth_ipv6_udp_headers(buf, mac, our, flow.faddr.packed,
-                                                        flow.gaddr.packed,
-                                                        flow.fport, flow.gport, n)
+                                                        to.packed, flow.fport, flow.gport, n)
             else:
                 length = udp.write_eth_ipv4_udp_headers(buf, mac, our, flow.faddr.packed,
-                                                        flow.gaddr.packed,
-                                                        flow.fport, flow.gport, n)
+                                                        to.packed, flow.fport, flow.gport, n)
             j = len(lengths)
             if j != i:  # an earlier datagram was dropped: close the gap (rare, so a copy)
                 bufs[j][:length] = buf[:length]
@@ -432,8 +467,10 @@ class UdpHandler:
                 if e.errno not in _SOFT_ERRNOS:
                     return
 
-    def _inbound_flow(self, lst: Listener, addr: tuple | None,
+    def _inbound_flow(self, lst: Listener, addr: tuple | None, dst: tuple[IPAddr, int] | None,
                       create: bool = True) -> UdpFlow | None:
+        """The flow of a datagram from `addr` to `dst` (address, interface index; None if
+        unknown) through `lst`: found, or made if `create`."""
         if addr is None:
             return None
         try:
@@ -441,7 +478,8 @@ class UdpHandler:
             host_port = int(addr[1])
         except (ValueError, IndexError, TypeError, AttributeError):
             return None
-        key = ("udpin", lst.sock.fileno(), host_src, host_port)
+        group = dst[0] if dst is not None and dst[0].is_multicast else None
+        key = ("udpin", lst.sock.fileno(), group, host_src, host_port)
         flow = self.ctx.flows.lookup(key)
         if isinstance(flow, UdpFlow) or not create:
             return flow if isinstance(flow, UdpFlow) else None
@@ -461,12 +499,52 @@ class UdpHandler:
         six = isinstance(gdst, IPv6Address)
         if six != lst.six:
             return None
-        flow = UdpFlow(self.ctx, six, gdst, lst.guest_port, shown, host_port, lst.sock,
-                       tuple(addr), self.timeout, self.stream_timeout)
-        if not self.ctx.flows.add(flow, key, _tap_key(six, gdst, lst.guest_port, shown,
-                                                      host_port)):
+        reply = None
+        if group is None and dst is not None and dst[0] != BROADCAST4:
+            reply = self._reply_socket(lst, dst, tuple(addr))
+        flow = UdpFlow(self.ctx, six, gdst, lst.guest_port, shown, host_port,
+                       lst.sock if reply is None else reply,
+                       tuple(addr) if reply is None else None, self.timeout,
+                       self.stream_timeout)
+        flow.listener, flow.group, flow.target = lst, group, host_src
+        tap_key = _tap_key(six, gdst, lst.guest_port, shown, host_port)
+        # a group's flow answers through the peer's unicast flow if there is one
+        if not self.ctx.flows.add(flow, key, tap_key) and \
+                (group is None or not self.ctx.flows.add(flow, key)):
+            if reply is not None:
+                reply.close()
             return None
+        if reply is not None:
+            self.ctx.loop.add_fd(reply.fileno(), EPOLLIN,
+                                 functools.partial(self._on_flow_sock, flow),
+                                 on_error=lambda _e: flow.remove())
         return flow
+
+    def _reply_socket(self, lst: Listener, dst: tuple[IPAddr, int],
+                      peer: tuple) -> socket.socket | None:
+        """A socket bound to the address and port a peer sent to through `lst`, connected to
+        the peer (module docstring); None if the kernel refuses it."""
+        address, ifindex = dst
+        sock = self.socket_factory(socket.AF_INET6 if lst.six else socket.AF_INET,
+                                   socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                   | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_recverr(sock, lst.six)
+            port = lst.sock.getsockname()[1]
+            if lst.six:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                scope = ifindex if address.is_link_local else 0
+                sock.bind((str(address), port, 0, scope))
+            else:
+                sock.bind((str(address), port))
+            sock.connect(peer)
+        except OSError as e:
+            sock.close()
+            self._log.debug(("udp-reply", e.errno), "UDP reply socket on %s:%s: %s",
+                            address, peer, e)
+            return None
+        return sock
 
     # --- -u: listening sockets ----------------------------------------------------------------
 
@@ -493,8 +571,8 @@ class UdpHandler:
         """Stop listening, and end the inbound flows that answer through this socket."""
         if lst not in self.listeners:
             return
-        for flow in self.ctx.flows:
-            if isinstance(flow, UdpFlow) and flow.peer is not None and flow.sock is lst.sock:
+        for flow in list(self.ctx.flows):
+            if isinstance(flow, UdpFlow) and flow.listener is lst:
                 flow.remove()
         self.listeners.remove(lst)
         self.ctx.loop.remove_fd(lst.sock.fileno())
@@ -504,107 +582,4 @@ class UdpHandler:
                     port: int) -> socket.socket:
         return bind.bound_socket(self.socket_factory, socket.SOCK_DGRAM, six, addr, ifname,
                                  port, self.ctx.config.freebind,
-                                 lambda sock: _set_recverr(sock, six))
-
-    # --- ICMP errors to the guest -------------------------------------------------------------
-
-    def _allow_error(self) -> bool:
-        now = self.clock()
-        self._tokens = min(ICMP_ERR_BURST, self._tokens + (now - self._tokens_at) * ICMP_ERR_RATE)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    def _drain_errors(self, sock: socket.socket, six: bool,
-                      flow_for: Callable[[tuple], UdpFlow | None]) -> None:
-        for _ in range(RX_BATCH):
-            try:
-                data, anc, _flags, addr = sock.recvmsg(ICMP6_ERR_MAX, 512, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._log.debug(("udp-errq", e.errno), "UDP error queue: %s", e)
-                return
-            for level, ctype, cdata in anc:
-                if (level, ctype) not in ((socket.IPPROTO_IP, IP_RECVERR),
-                                          (socket.IPPROTO_IPV6, IPV6_RECVERR)):
-                    continue
-                flow = flow_for(addr)
-                if flow is None or flow.closed:
-                    continue
-                self.relay_error(flow, cdata, data)
-
-    def relay_error(self, flow: UdpFlow, ee_data: bytes, payload: bytes) -> None:
-        """Turn one `struct sock_extended_err` (+ offender) about a datagram of `flow` into
-        an ICMP error for the guest, quoting the datagram as the guest sent it."""
-        if len(ee_data) < _EE.size:
-            return
-        _errno, origin, type_, code, _pad, info, _data = _EE.unpack_from(ee_data)
-        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
-            return  # a local error (e.g. EMSGSIZE): nothing was received from the network
-        if (origin == SO_EE_ORIGIN_ICMP6) != flow.six:
-            return
-        src = self._error_source(flow, ee_data[_EE.size:])
-        if src is None or not self._allow_error():
-            if src is not None:
-                self._log.debug("icmp-err-rate", "ICMP error to the guest rate-limited")
-            return
-        frame = build_error_frame(self.ctx, flow, type_, code, info, payload, src)
-        if frame is not None and self.ctx.link is not None:
-            self.ctx.link.send(frame)
-
-    def _error_source(self, flow: UdpFlow, offender: bytes) -> IPAddr | None:
-        """Who the guest is told sent the error: the far end itself if it was the
-        destination we talked to, else the offender as the guest may see it."""
-        off: IPAddr | None = None
-        try:
-            if not flow.six and len(offender) >= 8 and offender[0:2] == \
-                    struct.pack("=H", socket.AF_INET):
-                off = IPv4Address(offender[4:8])
-            elif flow.six and len(offender) >= 24 and offender[0:2] == \
-                    struct.pack("=H", socket.AF_INET6):
-                off = IPv6Address(offender[8:24])
-        except ValueError:
-            off = None
-        if off is None:
-            return flow.faddr
-        if flow.peer is None and off == flow.target:
-            return flow.faddr
-        if flow.peer is not None and off == ip_address(str(flow.peer[0]).split("%")[0]):
-            return flow.faddr
-        shown = nat.guest_source(self.ctx.config, self.ctx.guest, off)
-        if shown is None or isinstance(shown, IPv6Address) != flow.six:
-            return flow.faddr  # (an IPv4-mapped offender on an IPv6 flow, say)
-        return shown
-
-
-def build_error_frame(ctx: Context, flow: UdpFlow, type_: int, code: int, info: int,
-                      payload: bytes, src: IPAddr) -> bytes | None:
-    """An Ethernet frame carrying an ICMP(v6) error about the guest's datagram of `flow`."""
-    mac, our = ctx.guest_mac(), ctx.config.our_mac
-    ulen = udp.UDP_HLEN + len(payload)
-    g, f, s = flow.gaddr.packed, flow.faddr.packed, src.packed  # one family, checked by caller
-    # the datagram as the guest sent it (its checksum is not known any more: 0, "none")
-    quoted_udp = struct.pack("!HHHH", flow.gport, flow.fport, ulen & 0xFFFF, 0) + payload
-    if flow.six:
-        limit = min(ICMP6_ERR_MAX, ctx.max_l3) - IPV6_HLEN - icmp.ICMP_HLEN
-        quoted = ip.build_ipv6(g, f, ip.IPPROTO_UDP, b"")
-        quoted = quoted[:4] + struct.pack("!H", min(ulen, 0xFFFF)) + quoted[6:] + quoted_udp
-        quoted = quoted[:limit]
-        rest = struct.pack("!I", info if type_ == icmp.ICMPV6_PKT_TOOBIG else 0)
-        msg = icmp.build_icmpv6(s, g, type_, code, rest + quoted)
-        return eth.build_eth(mac, our, eth.ETH_P_IPV6,
-                             ip.build_ipv6(s, g, ip.IPPROTO_ICMPV6, msg))
-    limit = min(ICMP4_ERR_MAX, ctx.max_l3) - IPV4_HLEN - icmp.ICMP_HLEN
-    inner = bytearray(ip.build_ipv4(g, f, ip.IPPROTO_UDP, b"", ttl=64))
-    struct.pack_into("!H", inner, 2, min(IPV4_HLEN + ulen, 0xFFFF))  # the original length
-    struct.pack_into("!H", inner, 10, 0)
-    struct.pack_into("!H", inner, 10, checksum.ipv4_header(bytes(inner)))
-    quoted = (bytes(inner) + quoted_udp)[:limit]
-    frag_needed = type_ == icmp.ICMP_DEST_UNREACH and code == icmp.ICMP_FRAG_NEEDED
-    rest = struct.pack("!HH", 0, info & 0xFFFF if frag_needed else 0)
-    msg = icmp.build_icmp(type_, code, rest + quoted)
-    return eth.build_eth(mac, our, eth.ETH_P_IP, ip.build_ipv4(s, g, ip.IPPROTO_ICMP,
-                                                               msg))
+                                 lambda sock: _prepare_listener(sock, six))
