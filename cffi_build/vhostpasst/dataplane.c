@@ -1,6 +1,7 @@
-/* The TCP data plane, first part: the guest's ACKs and in-sequence data on established
- * connections, taken in C from vhost-user's TX frames (virtio's vr_tx_offer() calls
- * dp_take_tx() per frame, then dp_tx_end() once).
+/* The TCP data plane: the guest's ACKs and in-sequence data on established connections,
+ * taken in C from vhost-user's TX frames (virtio's vr_tx_offer() calls dp_take_tx() per frame,
+ * then dp_tx_end() once); and, further down, the read that fills the guest's buffers from such
+ * a connection's socket (dp_fill(), see there).
  *
  * Python (vhostpasst/proto/tcp/) stays the authority: it puts a connection in the table when
  * it is established and takes it out when it closes; the connection's fields both sides use
