@@ -1,17 +1,21 @@
-"""The TCP data plane's table: established connections whose guest ACKs the C takes.
+"""The TCP data plane's table: established connections whose guest segments, and whose reads
+into the guest's buffers, the C makes.
 
 cffi_build/vhostpasst/dataplane.c (its header says what it takes and what it leaves) reads
 and writes each connection's fields in the connection's own record (TcpConn.r, a struct
 dp_flow: there is no second copy to keep in step). This wrapper is all Python sees of the
 table: a connection goes in when it is established (hand()) and out when it closes (drop());
-the link offers it the guest's TX frames (link.base.TxConsumer, between its gather and the
-dispatcher)
-and, once the dispatcher had the rest, after_pass() does what the C left for Python, in the
-order FromGuest._tap_segments() does it: a new loop timer for the retransmission timeout,
-the discard of what the guest acknowledged, the read that fills the window the ACK opened.
+the link offers the C the guest's TX frames (link.base.TxConsumer, between its gather and the
+dispatcher) and, once the dispatcher had the rest, after_pass() hands what the C left to the
+handler (FOLLOW_*: a new loop timer for the retransmission timeout, the discard of what the
+guest acknowledged, a reset or an EPOLLOUT wait after the C's write of the guest's data, the
+read that fills the window an ACK opened, our ACK; in FromGuest._tap_segments()'s order).
+The read itself, dp_fill(), is called by out_vu.GuestFillOutput.send_c() (FILL_*: what it
+left).
 
-VHOSTPASST_DATAPLANE=python leaves the table empty and every frame to Python (the path the
-C is held equal to by tests/unit/test_dataplane.py).
+VHOSTPASST_DATAPLANE=python leaves the table empty and every frame and read to Python (the
+path the C is held equal to by tests/unit/test_dataplane.py and
+tests/netns/test_dataplane_fill.py).
 """
 
 from __future__ import annotations
