@@ -8,10 +8,14 @@ any user; a machine that cannot reach one skips this test rather than fail it.""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,16 @@ from tests.netns.sandbox import Sandbox
 ROOT = Path(__file__).resolve().parents[2]
 # a git checkout builds its commit into the version; an unpacked archive has none to tell
 FROM_GIT = (ROOT / ".git").exists()
+
+
+@contextlib.contextmanager
+def _building() -> Iterator[None]:
+    """One build from the checkout at a time: the sdist and `make install` both write the
+    checkout's egg-info and build folders, and under `-n 2` they ran at once (a file one listed
+    was gone when the other copied it: "No such file or directory")."""
+    with open(Path(tempfile.gettempdir()) / "vhostpasst-tests-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _run(*cmd: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -33,7 +47,9 @@ def _run(*cmd: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Comple
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv (outside the checkout) with the sdist of this checkout installed into it."""
     work = tmp_path_factory.mktemp("sdist")
-    r = _run(sys.executable, "-m", "build", "--sdist", "--outdir", work / "dist", ROOT, cwd=work)
+    with _building():
+        r = _run(sys.executable, "-m", "build", "--sdist", "--outdir", work / "dist", ROOT,
+                 cwd=work)
     if r.returncode != 0 and "No module named build" in r.stderr:
         pytest.skip("the `build` package is not installed (the test extra has it)")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -76,9 +92,11 @@ def test_installed_copy_serves_a_dhcp_lease(installed: Path, sandbox: Sandbox) -
 
 def test_make_install_puts_commands_links_and_man_page_under_prefix(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
-    r = subprocess.run(["make", "-s", "install", f"PREFIX={prefix}", f"PYTHON={sys.executable}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    with _building():
+        r = subprocess.run(["make", "-s", "install", f"PREFIX={prefix}",
+                            f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     if r.returncode != 0 and "Could not find a version" in r.stderr:
         pytest.skip("pip cannot fetch the build requirements here")
     assert r.returncode == 0, r.stdout + r.stderr
