@@ -341,14 +341,8 @@ class PodmanRoot:
         in one cloned from it (rootless podman's, pasta's), which has the same root."""
         if self.mnt_ns is None or self.root_id is None:
             return []
-        # never the machine's own mount namespace or root: read at a bad moment they would
-        # make every process of the other xdist worker's tests "in the root" (and killed)
-        own_mnt, own_root = _mnt_ns("self"), _root_id("self")
-        mnt_ns = self.mnt_ns if self.mnt_ns != own_mnt else None
-        root_id = self.root_id if self.root_id != own_root else None
         pids = {int(p) for p in os.listdir("/proc")
-                if p.isdigit() and ((mnt_ns is not None and _mnt_ns(p) == mnt_ns)
-                                    or (root_id is not None and _root_id(p) == root_id))}
+                if p.isdigit() and (_mnt_ns(p) == self.mnt_ns or _root_id(p) == self.root_id)}
         # and what runs in their user namespace (rootless podman's, not ours): a sandboxed
         # pasta (as passt's) has a mount namespace and an empty root of its own, and once in
         # the background it is nobody's child
