@@ -13,7 +13,6 @@ import pytest
 
 from tests.netns.pasta_sandbox import start_pasta
 from tests.netns.sandbox import Sandbox, wait_until
-from tests.netns.test_pasta_forward import _host_tcp_get as _get
 
 AS_ROOT = ("--runas", "0")  # the commands are Python under /root (see test_pasta_forward.py)
 
@@ -49,6 +48,17 @@ def box_(sandbox: Sandbox) -> Sandbox:
     if shutil.which("nsenter") is None or shutil.which("ip") is None:
         pytest.skip("needs nsenter and ip")
     return sandbox
+
+
+def _get(box: Sandbox, addr: str, port: int) -> str:
+    r = box.host(sys.executable, "-c",
+                 "import socket\n"
+                 "try:\n"
+                 f"    c = socket.create_connection(({addr!r}, {port}), timeout=3)\n"
+                 "    print(c.recv(100).decode() or 'closed')\n"
+                 "except OSError as e:\n"
+                 "    print('error', e.errno)\n", timeout=10)
+    return r.stdout.strip()
 
 
 def test_tcp_forward_to_a_target_address(box_: Sandbox) -> None:
