@@ -113,14 +113,6 @@ def test_tcp_transfer_both_ways(
         m = re.search(r"TSO frames (\d+) from the guest, (\d+) to it", log)
         assert m and int(m.group(1)) > SIZE // 65536 // 4 and \
             int(m.group(2)) > SIZE // 65536 // 4, log
-        # the guest's ACKs and data went through the data plane's C (unless it is off), and
-        # count among the frames from the guest
-        m = re.search(r"(\d+) frames from the guest, .* (\d+) frames from the guest taken by "
-                      r"the data plane's C", log)
-        assert m, log
-        seen, taken = int(m.group(1)), int(m.group(2))
-        python_only = os.environ.get("VHOSTPASST_DATAPLANE") == "python"
-        assert (taken == 0) if python_only else (seen >= taken > SIZE // 65536), m.group(0)
     print(f"{kind} mtu {mtu or 65520}: {SIZE >> 20} MiB host->guest {SIZE / down / 1e6:.1f} MB/s, "
           f"guest->host {SIZE / up / 1e6:.1f} MB/s")
 

@@ -99,11 +99,8 @@ class Dispatcher:
             return read
 
         def flows(kind: type) -> Callable[[], int]:
-            def count() -> int:
-                if self.ctx is None:
-                    return 0
-                return sum(isinstance(f, kind) for f in self.ctx.flows)
-            return count
+            table = self.ctx.flows if self.ctx is not None else ()
+            return lambda: sum(isinstance(f, kind) for f in table)
 
         return [("guest_rx", frames("rx_frames")), ("guest_tx", frames("tx_frames")),
                 ("dropped", lambda: self.dropped), ("tcp", flows(TcpConn)),

@@ -250,7 +250,7 @@ static int dp_guest_ack(struct dp_table *t, struct dp_flow *f, uint32_t ack, uin
 		} else {
 			dp_restart_rto(t, f, now);
 		}
-		dp_followup(t, f, DP_KICK);	/* the discard (discard_due), then the read */
+		dp_followup(t, f, DP_DISCARD | DP_KICK);
 	} else if (ack == f->seq_ack_from_tap) {
 		int changed = wnd != f->wnd_from_tap;
 
@@ -350,8 +350,10 @@ int dp_take_tx(void *arg, const uint8_t *frame, uint32_t len, const uint8_t *vne
 		p->len = payload;
 		f->pending += payload;
 	}
+	t->taken++;
 	return 1;
 no:
+	t->declined++;
 	return 0;
 }
 
@@ -406,6 +408,7 @@ static void dp_write(struct dp_table *t, struct dp_flow *f)
 		n = chunk = 0;
 	}
 	f->seq_from_tap += sent;
+	t->written += sent;
 	f->pending = 0;
 }
 

@@ -10,6 +10,7 @@
 /* followups: what the C left for Python, per connection, in the order Python does them */
 #define DP_SEEN 1	/* a frame was taken (nothing else for Python, by itself) */
 #define DP_ARM_RTO 2	/* restart the retransmission timer with a new loop timer */
+#define DP_DISCARD 4	/* the guest acknowledged data: drop it from the socket */
 #define DP_RESET 8	/* the socket refused the guest's data (an error): reset */
 #define DP_WANT_OUT 16	/* the socket took part of it: a window update once writable */
 #define DP_KICK 32	/* its window has room: read the socket (to_guest._from_sock) */
@@ -101,6 +102,7 @@ struct dp_table {
 	uint32_t ntouched, touched_cap;
 	struct dp_payload *payloads;	/* this pass's, in ring order */
 	uint32_t npayloads, payloads_cap;
+	uint64_t taken, declined, written;	/* counters: frames, frames, bytes */
 	uint64_t split;	/* frames declined after the C took data of theirs in the pass */
 	uint64_t fills;	/* dp_fill() calls that sent frames and needed no Python after */
 };

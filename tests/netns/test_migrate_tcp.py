@@ -29,6 +29,7 @@ from tests.netns.sandbox import Sandbox, vhostpasst_command, wait_until
 from tests.netns.tcp_guest import GW6
 from tests.netns.tcp_guest import configure_guest as configure_both
 from tests.netns.test_e2e_vhost import GW4, _serve, configure_guest
+from tests.netns.test_repair import _passt_repair
 from tests.netns.vhost_sandbox import REPO_ROOT, start_vhost_daemon, start_vhost_relay
 
 MIB = 1 << 20
@@ -134,6 +135,17 @@ def _helper(box: Sandbox, path: str, command: list[str] | None = None
     argv = command or [sys.executable, "-m", "vhostpasst.repair_helper"]
     return box.popen_in(box.host_ns, *argv, path, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(params=["vhostpasst-repair", "passt-repair"])
+def helper_command(request: pytest.FixtureRequest) -> list[str]:
+    """Our helper, and passt's where installed (the same protocol serves either daemon)."""
+    if request.param == "vhostpasst-repair":
+        return [sys.executable, "-m", "vhostpasst.repair_helper"]
+    found = _passt_repair()
+    if found is None:
+        pytest.skip("passt-repair not installed (or VPT_PASST_REPAIR not set)")
+    return [found]
 
 
 def _destination(box: Sandbox) -> tuple[str, Path]:

@@ -7,6 +7,7 @@ is off. And the daemon listens for a helper next to its vhost-user socket."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def _connected_pair() -> tuple[socket.socket, socket.socket]:
 
 def _repair(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+
+
+def _passt_repair() -> str | None:
+    """passt's helper (Debian 13's passt package has it), from VPT_PASST_REPAIR or PATH."""
+    return os.environ.get("VPT_PASST_REPAIR") or shutil.which("passt-repair")
+
+
+@pytest.fixture(params=["vhostpasst-repair", "passt-repair"])
+def helper_command(request: pytest.FixtureRequest) -> list[str]:
+    if request.param == "vhostpasst-repair":
+        return [sys.executable, "-m", "vhostpasst.repair_helper"]
+    found = _passt_repair()
+    if found is None:
+        pytest.skip("passt-repair not installed (or VPT_PASST_REPAIR not set)")
+    return [found]
 
 
 def test_a_helper_sets_and_clears_tcp_repair_on_real_sockets(

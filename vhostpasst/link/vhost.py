@@ -253,13 +253,13 @@ class VhostUserLink(VhostRx):
 
     def _closed(self, reason: str) -> None:
         # VhostUserBackend.close() ran: rings stopped, memory unmapped, fds closed.
-        taken = self._tx  # (rx_frames counts the frames the data plane's C took, too)
+        taken = self._tx  # frames the data plane's C took count as frames from the guest
         log.info("vhost-user front end gone: %d frames from the guest, %d to it "
                  "(%d written in place, %d dropped), %d in place over several buffers, "
                  "TSO frames %d from the guest, %d to it, %d data frames bounced, "
                  "%d TX kicks coalesced, %d frames read and committed in one call, "
                  "%d frames from the guest taken by the data plane's C",
-                 self.rx_frames, self.tx_frames, self.tx_zero_copy,
+                 self.rx_frames + taken.taken, self.tx_frames, self.tx_zero_copy,
                  self.tx_dropped, self.tx_scattered, self.rx_gso + taken.taken_gso,
                  self.tx_gso, self.tx_bounced, self.kicks_coalesced, self.tx_filled,
                  taken.taken)
@@ -398,12 +398,13 @@ class VhostUserLink(VhostRx):
         else:
             self._tx_bulk.discard(index)
         try:
-            seen = len(frames) + self._tx.taken_last  # the data plane's C took some
-            self.rx_frames += seen  # (--stats and the log count them all)
-            if seen and index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
-                counts, pair = self.rx_frames_per_pair, index // 2
-                counts[pair] = counts.get(pair, 0) + seen
+            if index != net.TX_QUEUE:  # a multiqueue guest's other pairs, for the log
+                seen = len(frames) + self._tx.taken_last  # the data plane's C took some
+                if seen:
+                    counts, pair = self.rx_frames_per_pair, index // 2
+                    counts[pair] = counts.get(pair, 0) + seen
             if frames:
+                self.rx_frames += len(frames)
                 # Link._deliver() spelled out: one Python call fewer per TX pass
                 pcap = self.pcap
                 if pcap is not None:

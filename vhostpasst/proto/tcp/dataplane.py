@@ -7,9 +7,9 @@ dp_flow: there is no second copy to keep in step). This wrapper is all Python se
 table: a connection goes in when it is established (hand()) and out when it closes (drop());
 the link offers the C the guest's TX frames (link.base.TxConsumer, between its gather and the
 dispatcher) and, once the dispatcher had the rest, after_pass() hands what the C left to the
-handler (FOLLOW_*: a new loop timer for the retransmission timeout, a reset or an EPOLLOUT
-wait after the C's write of the guest's data, the discard of what the guest acknowledged and
-the read that fills the window its ACK opened, our ACK; in FromGuest._tap_segments()'s order).
+handler (FOLLOW_*: a new loop timer for the retransmission timeout, the discard of what the
+guest acknowledged, a reset or an EPOLLOUT wait after the C's write of the guest's data, the
+read that fills the window an ACK opened, our ACK; in FromGuest._tap_segments()'s order).
 The read itself, dp_fill(), is called by out_vu.GuestFillOutput.send_c() (FILL_*: what it
 left).
 
@@ -38,6 +38,7 @@ PAYLOADS_MAX = 1024  # guest payloads taken in one pass (a TX batch has at most 
 
 # what the C left for Python on a connection (dataplane.h), in the order Python does it
 FOLLOW_ARM_RTO = lib.DP_ARM_RTO
+FOLLOW_DISCARD = lib.DP_DISCARD
 FOLLOW_RESET = lib.DP_RESET
 FOLLOW_WANT_OUT = lib.DP_WANT_OUT
 FOLLOW_KICK = lib.DP_KICK
