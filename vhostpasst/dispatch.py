@@ -99,8 +99,11 @@ class Dispatcher:
             return read
 
         def flows(kind: type) -> Callable[[], int]:
-            table = self.ctx.flows if self.ctx is not None else ()
-            return lambda: sum(isinstance(f, kind) for f in table)
+            def count() -> int:
+                if self.ctx is None:
+                    return 0
+                return sum(isinstance(f, kind) for f in self.ctx.flows)
+            return count
 
         return [("guest_rx", frames("rx_frames")), ("guest_tx", frames("tx_frames")),
                 ("dropped", lambda: self.dropped), ("tcp", flows(TcpConn)),
